@@ -1,0 +1,84 @@
+/* Structures shared by the classifier (bpf/mirror.c) and user space (mirror/bpfprog.py).
+ * Any change here must be mirrored in the ctypes layouts of mirror/bpfprog.py. */
+#ifndef MIRROR_H
+#define MIRROR_H
+
+/* Length of the prefix "HTTP/1.x NNN " (or "HTTP/1.x NNN\r") that identifies a status line. */
+#define STATUS_LINE_LEN 13
+/* Status codes are three digits: the trigger array is indexed by code, 0..999. */
+#define STATUS_CODES 1000
+/* IPv6 extension headers skipped before giving up (hop-by-hop, routing, fragment, dest opts). */
+#define MAX_IPV6_EXT_HDRS 6
+
+enum direction {
+    DIR_INGRESS = 0,
+    DIR_EGRESS = 1,
+};
+
+/* Indices of the per-CPU counters array. User space sums over CPUs. */
+enum counter {
+    C_PACKETS = 0,      /* every packet the classifier saw */
+    C_IPV4,             /* IPv4 packets (after at most one VLAN tag) */
+    C_IPV6,             /* IPv6 packets */
+    C_TCP,              /* TCP segments whose headers parsed */
+    C_OTHER,            /* not IP, not TCP, or a non-first fragment: passed after counting */
+    C_MALFORMED,        /* truncated or bogus headers (IHL, data offset, ext header lengths) */
+    C_NONLINEAR,        /* headers valid but not in the linear part of the skb: skipped */
+    C_RESPONSES,        /* HTTP/1.x status lines seen */
+    C_RESP_1XX,         /* ... by class; C_RESP_1XX + (code / 100 - 1) */
+    C_RESP_2XX,
+    C_RESP_3XX,
+    C_RESP_4XX,
+    C_RESP_5XX,
+    C_RESP_OTHER,       /* a status code outside 100-599 */
+    C_FLOWS_MARKED,     /* flows newly marked by a trigger code */
+    C_MIRRORED_PACKETS, /* clones sent to the debug interface */
+    C_MIRRORED_BYTES,
+    C_CLONE_FAILURES,   /* bpf_clone_redirect() failed; the original packet is unaffected */
+    C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
+    NR_COUNTERS,
+};
+
+/* Normalised flow: the lower (address, port) endpoint first, so both directions of a
+ * connection share one key. Addresses and ports in network byte order; IPv4 uses
+ * addr_*[0] with the rest zero. */
+struct flow_key {
+    __u32 addr_lo[4];
+    __u32 addr_hi[4];
+    __u16 port_lo;
+    __u16 port_hi;
+    __u8 family;        /* 4 or 6 */
+    __u8 pad[3];
+};
+
+/* Per-CPU value of a marked flow. "Marked" means the key exists; the slot of a CPU that
+ * has not seen the flow since it was marked is all zero. */
+struct flow_value {
+    __u64 packets;      /* packets mirrored on this CPU */
+    __u64 bytes;
+    __u64 first_ns;     /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the first one on this CPU */
+    __u64 last_ns;
+    __u32 ifindex;      /* interface of the last packet on this CPU */
+    __u16 status;       /* last trigger status code seen on this CPU, 0 if none */
+    __u16 pad;
+};
+
+struct mirror_config {
+    __u32 debug_ifindex;    /* 0: nowhere to mirror (counted in C_NO_DEBUG_IF) */
+    __u32 pad;
+};
+
+struct iface_key {
+    __u32 ifindex;
+    __u32 direction;    /* enum direction */
+};
+
+/* Per-CPU statistics of one interface and direction: touched only by responses and
+ * mirrored packets, so plain packets pay no lookup for it. */
+struct iface_stats {
+    __u64 responses[6];     /* 1xx..5xx, then other */
+    __u64 mirrored_packets;
+    __u64 mirrored_bytes;
+};
+
+#endif

@@ -1,0 +1,216 @@
+"""Compiles and loads the classifier with bcc, and reads and writes its maps.
+
+The C sources live in bpf/ at the top of the repository (MIRROR_BPF_DIR overrides).
+Everything here is the user-space half of the contract in bpf/mirror.h."""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .flowkey import FlowKey
+
+TC_ACT_UNSPEC = -1
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+STATUS_CODES = 1000
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+DIRECTIONS = ("ingress", "egress")
+
+
+def bpf_dir() -> Path:
+    env = os.environ.get("MIRROR_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "bpf"
+
+
+def _counter_names() -> list[str]:
+    """Counter names in index order, read from enum counter in bpf/mirror.h so that the
+    header stays the one place that defines them."""
+    text = (bpf_dir() / "mirror.h").read_text()
+    body = re.search(r"enum counter \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"^\s*C_([A-Z0-9_]+)", body, re.M)
+    return [n.lower() for n in names]
+
+
+COUNTERS = _counter_names()
+
+
+def check_environment() -> None:
+    """Raises UsageError unless bcc imports and kernel headers are where bcc looks."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            f"cannot import bcc ({exc}): install Debian's python3-bpfcc and run from a "
+            "virtualenv made with --system-site-packages (scripts/setup does both)") from None
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise UsageError(
+            f"kernel headers missing: {build} does not exist; install linux-headers-amd64 and "
+            "link it there (scripts/setup does this), or mount the host's /lib/modules and "
+            "/usr/src into the container")
+    if not (bpf_dir() / "mirror.c").is_file():
+        raise UsageError(f"classifier source not found in {bpf_dir()}; set MIRROR_BPF_DIR")
+
+
+class _TestRunAttr(ctypes.Structure):
+    """The prog test-run part of union bpf_attr (include/uapi/linux/bpf.h)."""
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+    ]
+
+
+_SYS_BPF = 321  # x86_64
+_BPF_PROG_TEST_RUN = 10
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class TestRun:
+    retval: int         # as the signed int a tc program returns
+    duration_ns: int    # kernel-timed mean per repetition
+    data_out: bytes
+
+
+def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
+    """Runs a loaded sched_cls program on one frame with BPF_PROG_TEST_RUN, on the CPU
+    the calling thread is on."""
+    if len(frame) < 14:
+        raise ValueError("BPF_PROG_TEST_RUN needs a full Ethernet header (14 bytes)")
+    data_in = ctypes.create_string_buffer(bytes(frame), len(frame))
+    data_out = ctypes.create_string_buffer(len(frame) + 256)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
+                        data_size_out=ctypes.sizeof(data_out),
+                        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
+                        repeat=repeat)
+    if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    retval = ctypes.c_int32(attr.retval).value
+    return TestRun(retval, attr.duration, data_out.raw[:attr.data_size_out])
+
+
+class Classifier:
+    """The compiled classifier: two entry points (ingress, egress) over one set of maps."""
+
+    PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
+
+    def __init__(self, max_flows: int = 65536, max_ifaces: int = 1024):
+        from bcc import BPF
+        src = bpf_dir() / "mirror.c"
+        self.bpf = BPF(src_file=str(src).encode(),
+                       cflags=[f"-I{bpf_dir()}", f"-DMAX_FLOWS={max_flows}",
+                               f"-DMAX_IFACES={max_ifaces}", "-Wno-unused-function"])
+        self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
+                      for d, n in self.PROG_NAMES.items()}
+        self.max_flows = max_flows
+        self._flows = self.bpf.get_table("flows")
+        self._trigger = self.bpf.get_table("trigger")
+        self._config = self.bpf.get_table("config")
+        self._counters = self.bpf.get_table("counters")
+        self._iface_stats = self.bpf.get_table("iface_stats")
+
+    def fd(self, direction: str) -> int:
+        return self.progs[direction].fd
+
+    # --- writing ---------------------------------------------------------------------
+    def set_trigger(self, codes: frozenset[int]) -> None:
+        """Makes the trigger array hold exactly `codes`; takes effect on the next packet."""
+        for code in range(STATUS_CODES):
+            want = 1 if code in codes else 0
+            key = self._trigger.Key(code)
+            if self._trigger[key].value != want:
+                self._trigger[key] = ctypes.c_uint8(want)
+
+    def trigger_codes(self) -> frozenset[int]:
+        return frozenset(k.value for k, v in self._trigger.items() if v.value)
+
+    def set_debug_ifindex(self, ifindex: int) -> None:
+        cfg = self._config.Leaf()
+        cfg.debug_ifindex = ifindex
+        self._config[self._config.Key(0)] = cfg
+
+    def delete_flow(self, key: FlowKey) -> bool:
+        try:
+            del self._flows[self._flows.Key.from_buffer_copy(key.to_bytes())]
+            return True
+        except KeyError:
+            return False
+
+    def clear(self) -> None:
+        """Empties flows and counters (tests reset state between cases this way)."""
+        self._flows.clear()
+        self._iface_stats.clear()
+        zero = self._counters.Leaf(*([0] * len(self._counters.Leaf())))
+        for i in range(len(COUNTERS)):
+            self._counters[self._counters.Key(i)] = zero
+
+    # --- reading ---------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {name: int(self._counters.sum(self._counters.Key(i)).value)
+                for i, name in enumerate(COUNTERS)}
+
+    def flows(self) -> dict[FlowKey, dict]:
+        """Marked flows with their per-CPU values summed (timestamps: min first, max last)."""
+        out = {}
+        for k, per_cpu in self._flows.items():
+            cpus = [v for v in per_cpu if v.first_ns or v.status]
+            out[FlowKey.from_bytes(bytes(k))] = {
+                "packets": sum(v.packets for v in per_cpu),
+                "bytes": sum(v.bytes for v in per_cpu),
+                "first_ns": min((v.first_ns for v in cpus if v.first_ns), default=0),
+                "last_ns": max((v.last_ns for v in per_cpu), default=0),
+                "status": max(cpus, key=lambda v: v.last_ns).status if cpus else 0,
+                "cpus": [i for i, v in enumerate(per_cpu) if v.packets],
+            }
+        return out
+
+    def flow_count(self) -> int:
+        return sum(1 for _ in self._flows.keys())
+
+    def iface_stats(self) -> dict[tuple[int, str], dict]:
+        out = {}
+        for k, per_cpu in self._iface_stats.items():
+            stats = {cls: sum(v.responses[i] for v in per_cpu)
+                     for i, cls in enumerate(STATUS_CLASSES)}
+            stats["mirrored_packets"] = sum(v.mirrored_packets for v in per_cpu)
+            stats["mirrored_bytes"] = sum(v.mirrored_bytes for v in per_cpu)
+            out[(k.ifindex, DIRECTIONS[k.direction])] = stats
+        return out
+
+    def forget_iface(self, ifindex: int) -> None:
+        for direction in range(len(DIRECTIONS)):
+            key = self._iface_stats.Key(ifindex, direction)
+            try:
+                del self._iface_stats[key]
+            except KeyError:
+                pass
+
+    def test_run(self, direction: str, frame: bytes, repeat: int = 1) -> TestRun:
+        return test_run(self.fd(direction), frame, repeat)
+
+
+class Sink:
+    """The drop-everything ingress program for the far end of a debug veth."""
+
+    def __init__(self):
+        from bcc import BPF
+        self.bpf = BPF(src_file=str(bpf_dir() / "sink.c").encode())
+        self.prog = self.bpf.load_func(b"sink_drop", BPF.SCHED_CLS)
+
+    @property
+    def fd(self) -> int:
+        return self.prog.fd

@@ -1,0 +1,207 @@
+"""Command line: `mirror run|status|flows|detach|lab`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+from . import __version__
+from .errors import UsageError
+
+log = logging.getLogger("mirror")
+
+EPILOG_RUN = """\
+examples:
+  mirror run --iface veth1a2b3c                 # mirror 5xx connections to mirror0
+  mirror run --iface eth0 --trigger 429,5xx --metrics-addr 127.0.0.1:9464
+  mirror run --iface eth0 --iface eth1 --hook htb --debug-iface dbg0
+  tcpdump -ni mirror0 -w errors.pcap            # in another shell: record the mirror
+
+environment (for containers; flags win): MIRROR_IFACE (comma-separated), MIRROR_DEBUG_IFACE,
+MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT, MIRROR_MAX_FLOWS, MIRROR_METRICS_ADDR,
+MIRROR_CONFIG.
+
+signals: SIGINT/SIGTERM detach cleanly and exit; SIGHUP re-reads trigger and idle_timeout
+from --config (a bad file is rejected and the running set kept).
+
+overhead: every packet on a monitored interface runs the classifier (a few tens of ns:
+header parsing and one hash lookup per TCP segment, one bpf_skb_load_bytes per data
+segment). Packets of marked connections are also cloned, which costs far more; keep the
+trigger set narrow on busy hosts. See bench/ for measured numbers.
+"""
+
+DESCRIPTION = """\
+HTTP-aware selective traffic mirror. A tc BPF classifier reads every packet on the
+monitored interfaces; when an HTTP/1.x response carries a status code in the trigger set,
+that connection is marked and every packet of it from then on, both directions, is cloned
+to a debug interface, where tcpdump or Wireshark can record it. All other traffic passes
+untouched."""
+
+
+def _env(name: str, default=None):
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mirror", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mirror {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="attach and mirror until stopped",
+                         description="Load the classifier, attach it to the ingress and egress "
+                         "of each --iface, and mirror error connections to --debug-iface until "
+                         "SIGINT or SIGTERM.", epilog=EPILOG_RUN,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    env_ifaces = [i for i in _env("MIRROR_IFACE", "").replace(" ", ",").split(",") if i]
+    run.add_argument("--iface", action="append", metavar="IF",
+                     help="interface to monitor (repeatable; env MIRROR_IFACE)")
+    run.add_argument("--debug-iface", default=_env("MIRROR_DEBUG_IFACE", "mirror0"),
+                     metavar="NAME", help="where clones go; created if missing and removed "
+                     "at exit only if created here (default %(default)s)")
+    run.add_argument("--trigger", default=_env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
+                     help="status codes that mark a connection: codes, ranges, classes, "
+                     "e.g. 5xx, 500-504, 429,5xx, or none (default %(default)s)")
+    run.add_argument("--hook", choices=["clsact", "htb"], default=_env("MIRROR_HOOK", "clsact"),
+                     help="clsact: lockless, leaves the root qdisc alone (default); htb: "
+                     "ingress qdisc + htb root qdisc, the original design's layout")
+    run.add_argument("--idle-timeout", type=_positive_float, metavar="SECONDS",
+                     default=_env("MIRROR_IDLE_TIMEOUT", "30"),
+                     help="stop mirroring a connection idle this long (default %(default)g)")
+    run.add_argument("--max-flows", type=_int, default=_env("MIRROR_MAX_FLOWS", "65536"),
+                     metavar="N", help="flow map size; the least recently used flow is evicted "
+                     "beyond it (default %(default)s)")
+    run.add_argument("--metrics-addr", default=_env("MIRROR_METRICS_ADDR"), metavar="HOST:PORT",
+                     help="serve Prometheus metrics here (default: off)")
+    run.add_argument("--config", default=_env("MIRROR_CONFIG"), metavar="FILE",
+                     help="file with 'trigger = SPEC' and/or 'idle_timeout = SECONDS' lines, "
+                     "applied at start (over the flags) and re-read on SIGHUP")
+    run.set_defaults(func=cmd_run, env_ifaces=env_ifaces)
+
+    st = sub.add_parser("status", help="what is attached where, by a live or a stale controller")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    fl = sub.add_parser("flows", help="marked flows now in the map of running controllers")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    fl.set_defaults(func=cmd_flows)
+
+    de = sub.add_parser("detach", help="remove this tool's hooks (only those) from an interface",
+                        description="Remove this tool's filters from IF, and the qdiscs a "
+                        "stopped controller recorded as its own. Other tools' qdiscs and "
+                        "filters are never touched. Refuses while a live controller owns IF.")
+    de.add_argument("--iface", action="append", required=True, metavar="IF")
+    de.set_defaults(func=cmd_detach)
+
+    from .lab import add_parser as add_lab
+    add_lab(sub)
+    return p
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise UsageError("must run as root: reading tc state and BPF maps needs CAP_NET_ADMIN "
+                         "and CAP_BPF")
+
+
+def cmd_run(args) -> int:
+    from .controller import Controller, Options, read_config
+    opts = Options(ifaces=args.iface or args.env_ifaces, debug_iface=args.debug_iface,
+                   trigger=args.trigger, hook=args.hook, idle_timeout=args.idle_timeout,
+                   max_flows=args.max_flows, metrics_addr=args.metrics_addr,
+                   config=args.config)
+    if opts.config:
+        _require_root()
+        cfg = read_config(opts.config)
+        opts.trigger = cfg.get("trigger", opts.trigger)
+        opts.idle_timeout = cfg.get("idle_timeout", opts.idle_timeout)
+    ctl = Controller(opts)
+    indexes = ctl.preflight()
+    server = None
+    if opts.metrics_addr:
+        from .metrics import serve
+        server = serve(ctl, opts.metrics_addr)
+
+    def on_stop(signum, frame):
+        ctl.stop_event.set()
+
+    def on_hup(signum, frame):
+        ctl.reload_event.set()
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        ctl.start(indexes)
+        print(f"mirror: ready, pid {os.getpid()}", flush=True)
+        ctl.run()
+    finally:
+        ctl.shutdown()
+        if server:
+            server[0].shutdown()
+    log.info("stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    _require_root()
+    from .status import collect, render
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def cmd_flows(args) -> int:
+    _require_root()
+    from .status import collect_flows, render_flows
+    flows = collect_flows()
+    print(json.dumps(flows, indent=2) if args.json else render_flows(flows))
+    return 0
+
+
+def cmd_detach(args) -> int:
+    _require_root()
+    from .status import detach
+    return detach(args.iface)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="mirror: %(message)s", stream=sys.stderr)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Lifecycle of one mirror: compile, attach, keep fed (sweep idle flows, watch
+interfaces), reload, detach. The only module that changes kernel state; everything it
+adds is recorded (mirror.state) before or as it is added, so it can be rolled back."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import debugif, state, tc
+from .errors import UsageError
+from .trigger import describe, parse_trigger
+
+log = logging.getLogger("mirror")
+
+
+@dataclass
+class Options:
+    ifaces: list[str]
+    debug_iface: str = "mirror0"
+    trigger: str = "5xx"
+    hook: str = "clsact"
+    idle_timeout: float = 30.0
+    max_flows: int = 65536
+    metrics_addr: str | None = None
+    config: str | None = None
+
+
+@dataclass
+class Attached:
+    ifname: str
+    ifindex: int
+    hook: str
+    parents: dict[str, int]
+    created: list[str] = field(default_factory=list)
+    lock: state.Lock | None = None
+
+    def record(self) -> dict:
+        return {"ifname": self.ifname, "ifindex": self.ifindex, "hook": self.hook,
+                "parents": self.parents, "created": self.created, "pid": os.getpid(),
+                "started": time.time()}
+
+
+def read_config(path: str) -> dict:
+    """The reloadable settings file: `key = value` lines (trigger, idle_timeout)."""
+    out = {}
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = (s.strip() for s in line.partition("="))
+        value = value.strip("'\"")
+        if not sep or key not in ("trigger", "idle_timeout"):
+            raise UsageError(f"{path}:{n}: expected 'trigger = SPEC' or "
+                             f"'idle_timeout = SECONDS', got {line!r}")
+        if key == "trigger":
+            parse_trigger(value)
+            out[key] = value
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise UsageError(f"{path}:{n}: idle_timeout must be seconds, got {value!r}") \
+                    from None
+            if out[key] <= 0:
+                raise UsageError(f"{path}:{n}: idle_timeout must be positive")
+    return out
+
+
+def detach_record(ipr, record: dict, ifindex: int) -> list[str]:
+    """Removes what a (possibly dead) controller's record says it added to one interface:
+    its filters, and the qdiscs it created unless someone else's filters now use them.
+    Returns what was done, for the log."""
+    done = []
+    for direction, parent in record.get("parents", {}).items():
+        if tc.del_filter(ipr, ifindex, parent):
+            done.append(f"filter {direction}")
+    for kind in reversed(record.get("created", [])):
+        if tc.qdisc_has_foreign_filters(ipr, ifindex, kind):
+            done.append(f"kept {kind} qdisc (other filters use it)")
+        elif tc.del_qdisc(ipr, ifindex, kind):
+            done.append(f"qdisc {kind}")
+    return done
+
+
+def detach_unrecorded(ipr, ifindex: int) -> list[str]:
+    """Removes filters of this tool that no record describes (qdiscs are left alone: with
+    no record, nothing says this tool created them)."""
+    done = []
+    for f in tc.our_filters(ipr, ifindex):
+        if tc.del_filter(ipr, ifindex, f.parent):
+            done.append(f"filter at {tc.fmt_handle(f.parent)}")
+    return done
+
+
+class Controller:
+    def __init__(self, opts: Options, classifier_factory=None, sink_factory=None):
+        self.opts = opts
+        self.codes = parse_trigger(opts.trigger)
+        self.idle_timeout = opts.idle_timeout
+        self.ipr = IPRoute()
+        self.attached: dict[str, Attached] = {}
+        self.debug: debugif.DebugIface | None = None
+        self.classifier = None
+        self._classifier_factory = classifier_factory
+        self._sink_factory = sink_factory
+        self._sink = None
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.expired_total = 0
+        self.debug_recreated_total = 0
+        self.sweep_seconds = 0.0
+        self._server = None
+        self._debug_missing_logged = False
+
+    # --- start ---------------------------------------------------------------------
+    def preflight(self) -> dict[str, int]:
+        """Checks everything that can be checked without touching the kernel."""
+        if os.geteuid() != 0:
+            raise UsageError("must run as root (or with CAP_BPF, CAP_NET_ADMIN and "
+                             "CAP_PERFMON): loading BPF and changing qdiscs needs them")
+        if self.opts.hook not in tc.HOOKS:
+            raise UsageError(f"unknown hook {self.opts.hook!r}: use clsact or htb")
+        if not self.opts.ifaces:
+            raise UsageError("no interface to monitor: give --iface IF (or MIRROR_IFACE)")
+        debugif.check_name(self.opts.debug_iface)
+        if self.opts.debug_iface in self.opts.ifaces:
+            raise UsageError(f"debug interface {self.opts.debug_iface} is also monitored: "
+                             "mirroring onto a monitored interface would loop; pick another "
+                             "--debug-iface")
+        if self.opts.idle_timeout <= 0:
+            raise UsageError("--idle-timeout must be a positive number of seconds")
+        if not 16 <= self.opts.max_flows <= 1 << 24:
+            raise UsageError("--max-flows must be between 16 and 16777216")
+        indexes = {}
+        for name in self.opts.ifaces:
+            idx = debugif.lookup(self.ipr, name)
+            if idx is None:
+                raise UsageError(f"unknown interface {name!r}: see `ip link` for the names "
+                                 "in this network namespace")
+            indexes[name] = idx
+        dbg = debugif.lookup(self.ipr, self.opts.debug_iface)
+        if dbg is not None and dbg in indexes.values():
+            raise UsageError(f"debug interface {self.opts.debug_iface} is a monitored "
+                             "interface; pick another --debug-iface")
+        for name in self.opts.ifaces:
+            if state.is_held(state.iface_lock_name(name)):
+                rec = state.read("iface", name) or {}
+                raise UsageError(f"{name} is already monitored by another mirror controller "
+                                 f"(pid {rec.get('pid', '?')}); stop it first")
+        if self.opts.config:
+            read_config(self.opts.config)
+        if self.opts.metrics_addr:
+            from .metrics import parse_addr
+            parse_addr(self.opts.metrics_addr)
+        from .bpfprog import check_environment
+        check_environment()
+        return indexes
+
+    def start(self, indexes: dict[str, int] | None = None) -> None:
+        """Loads and attaches; `indexes` from preflight(), which runs here if not given."""
+        if indexes is None:
+            indexes = self.preflight()
+        t0 = time.monotonic()
+        self.classifier = (self._classifier_factory or self._default_classifier)()
+        log.info("classifier compiled and loaded in %.1f s (max %d flows)",
+                 time.monotonic() - t0, self.opts.max_flows)
+        self.classifier.set_trigger(self.codes)
+        try:
+            self._setup_debug()
+            for name, idx in indexes.items():
+                self._attach(name, idx)
+        except BaseException:
+            log.error("attach failed: rolling back what was added")
+            self.shutdown()
+            raise
+        self._write_controller_record()
+        self._start_control_socket()
+        log.info("mirroring HTTP %s responses on %s (%s hook) to %s",
+                 describe(self.codes), ", ".join(self.attached), self.opts.hook,
+                 self.debug.name)
+
+    def _default_classifier(self):
+        from .bpfprog import Classifier
+        return Classifier(max_flows=self.opts.max_flows)
+
+    def _sink_fd(self) -> int:
+        if self._sink is None:
+            from .bpfprog import Sink
+            self._sink = (self._sink_factory or Sink)()
+        return self._sink.fd
+
+    def _setup_debug(self) -> None:
+        name = self.opts.debug_iface
+        rec = state.read("debug", name)
+        self.debug = debugif.ensure(self.ipr, name, self._sink_fd)
+        stale_owner = (rec and rec.get("ifindex") == self.debug.ifindex and
+                       not state.is_held(f"debug-{name}"))
+        if stale_owner and not self.debug.created:
+            self.debug.created = True       # adopted from a controller that died
+            log.info("adopted debug interface %s from a stopped controller", name)
+        self._debug_lock = state.Lock(f"debug-{name}")
+        self._debug_lock.acquire()
+        state.write("debug", name, {"name": name, "ifindex": self.debug.ifindex,
+                                    "kind": self.debug.kind, "peer": self.debug.peer,
+                                    "created": self.debug.created, "pid": os.getpid()})
+        self.classifier.set_debug_ifindex(self.debug.ifindex)
+        log.info("debug interface %s (ifindex %d, %s%s)", name, self.debug.ifindex,
+                 self.debug.kind, ", created" if self.debug.created else "")
+
+    def _attach(self, name: str, ifindex: int) -> None:
+        lock = state.Lock(state.iface_lock_name(name))
+        if not lock.acquire():
+            raise UsageError(f"{name} is already monitored by another mirror controller")
+        att = Attached(name, ifindex, self.opts.hook, {}, lock=lock)
+        self.attached[name] = att
+        stale = state.read("iface", name)
+        if stale and stale.get("ifindex") != ifindex:
+            state.remove("iface", name)     # the interface was recreated: nothing is left
+            stale = None
+        adopt = False
+        if stale and stale.get("hook") == self.opts.hook:
+            adopt = True
+            att.created = list(stale.get("created", []))
+            log.info("%s: replacing the hooks of a stopped controller (pid %s) in place",
+                     name, stale.get("pid"))
+        elif stale:
+            log.info("%s: removing a stopped controller's %s hooks: %s", name,
+                     stale.get("hook"), ", ".join(detach_record(self.ipr, stale, ifindex)))
+            state.remove("iface", name)
+        elif tc.our_filters(self.ipr, ifindex):
+            # Our filters without a record (the state directory was lost): take them over.
+            adopt = True
+            log.info("%s: found this tool's filters with no record; replacing them", name)
+        plan = tc.plan(self.ipr, ifindex, name, self.opts.hook, adopt_htb=adopt)
+        att.parents = plan.parents
+        for kind in plan.create:
+            tc.add_qdisc(self.ipr, ifindex, kind)
+            att.created.append(kind)
+            state.write("iface", name, att.record())
+        for direction, parent in plan.parents.items():
+            tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
+                              direction)
+        state.write("iface", name, att.record())
+        log.info("%s: attached (%s: %s)", name, self.opts.hook,
+                 ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
+
+    # --- run -----------------------------------------------------------------------
+    def run(self) -> None:
+        interval = max(0.2, min(1.0, self.idle_timeout / 4))
+        while not self.stop_event.is_set():
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+            self.sweep()
+            self.watch_interfaces()
+            self.stop_event.wait(interval)
+
+    def sweep(self) -> int:
+        """Deletes flows idle for longer than the idle timeout; returns how many."""
+        t0 = time.monotonic()
+        now = time.monotonic_ns()
+        limit = int(self.idle_timeout * 1e9)
+        expired = 0
+        for key, val in self.classifier.flows().items():
+            if val["last_ns"] and now - val["last_ns"] > limit:
+                expired += self.classifier.delete_flow(key)
+        self.expired_total += expired
+        self.sweep_seconds = time.monotonic() - t0
+        return expired
+
+    def watch_interfaces(self) -> None:
+        for name, att in list(self.attached.items()):
+            if debugif.lookup(self.ipr, name) != att.ifindex:
+                log.warning("%s: interface is gone; forgetting it (the kernel removed its "
+                            "hooks with it)", name)
+                self.classifier.forget_iface(att.ifindex)
+                state.remove("iface", name)
+                att.lock.release()
+                del self.attached[name]
+        if debugif.lookup(self.ipr, self.debug.name) != self.debug.ifindex:
+            if not self._debug_missing_logged:
+                log.warning("debug interface %s disappeared; recreating it", self.debug.name)
+                self._debug_missing_logged = True
+            try:
+                created = debugif.ensure(self.ipr, self.debug.name, self._sink_fd)
+            except (NetlinkError, OSError) as exc:
+                log.warning("cannot recreate %s yet: %s", self.debug.name, exc)
+                return
+            created.created = True
+            self.debug = created
+            self.classifier.set_debug_ifindex(created.ifindex)
+            state.write("debug", created.name, {"name": created.name,
+                                                "ifindex": created.ifindex,
+                                                "kind": created.kind, "peer": created.peer,
+                                                "created": True, "pid": os.getpid()})
+            self.debug_recreated_total += 1
+            self._debug_missing_logged = False
+            log.info("debug interface %s recreated (ifindex %d)", created.name,
+                     created.ifindex)
+
+    def reload(self) -> None:
+        """SIGHUP: re-reads the trigger spec (and idle timeout) from --config; a bad
+        config is reported and the running settings are kept."""
+        if not self.opts.config:
+            log.info("SIGHUP: no --config file; trigger set unchanged (%s)",
+                     describe(self.codes))
+            return
+        try:
+            cfg = read_config(self.opts.config)
+        except UsageError as exc:
+            log.error("SIGHUP: config rejected, keeping trigger %s: %s",
+                      describe(self.codes), exc)
+            return
+        if "trigger" in cfg:
+            self.codes = parse_trigger(cfg["trigger"])
+            self.classifier.set_trigger(self.codes)
+        if "idle_timeout" in cfg:
+            self.idle_timeout = cfg["idle_timeout"]
+        self._write_controller_record()
+        log.info("SIGHUP: trigger set is now %s, idle timeout %g s", describe(self.codes),
+                 self.idle_timeout)
+
+    # --- stop ----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Removes everything this controller added; safe to call more than once."""
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for name, att in list(self.attached.items()):
+            if debugif.lookup(self.ipr, name) == att.ifindex:
+                done = detach_record(self.ipr, att.record(), att.ifindex)
+                log.info("%s: detached (%s)", name, ", ".join(done) or "nothing left")
+            state.remove("iface", name)
+            att.lock.release()
+            del self.attached[name]
+        if self.debug:
+            if self.debug.created and debugif.remove(self.ipr, self.debug.name):
+                log.info("removed debug interface %s", self.debug.name)
+            state.remove("debug", self.debug.name)
+            self._debug_lock.release()
+            self.debug = None
+        state.remove("controller", str(os.getpid()))
+        try:
+            os.unlink(self.socket_path)
+        except (FileNotFoundError, AttributeError):
+            pass
+
+    # --- introspection -------------------------------------------------------------
+    def _write_controller_record(self) -> None:
+        state.write("controller", str(os.getpid()), {
+            "pid": os.getpid(), "ifaces": list(self.attached), "hook": self.opts.hook,
+            "debug_iface": self.debug.name if self.debug else None,
+            "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
+            "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
+            "socket": str(state.netns_dir() / f"controller-{os.getpid()}.sock"),
+        })
+
+    def flows_json(self) -> list[dict]:
+        now = time.monotonic_ns()
+        out = []
+        for key, v in sorted(self.classifier.flows().items()):
+            out.append({"family": key.family, "a": key.addr_lo, "a_port": key.port_lo,
+                        "b": key.addr_hi, "b_port": key.port_hi, "status": v["status"],
+                        "packets": v["packets"], "bytes": v["bytes"],
+                        "age_s": round((now - v["first_ns"]) / 1e9, 3) if v["first_ns"] else None,
+                        "idle_s": round((now - v["last_ns"]) / 1e9, 3) if v["last_ns"] else None,
+                        "cpus": v["cpus"]})
+        return out
+
+    def _start_control_socket(self) -> None:
+        """A unix socket in the state directory answering `flows` and `counters` with
+        JSON, so `mirror flows` can read the maps this process owns."""
+        self.socket_path = str(state.netns_dir() / f"controller-{os.getpid()}.sock")
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        ctl = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                what = self.rfile.readline().decode().strip()
+                if what == "flows":
+                    body = ctl.flows_json()
+                elif what == "counters":
+                    body = ctl.classifier.counters()
+                else:
+                    body = {"error": f"unknown request {what!r}"}
+                self.wfile.write(json.dumps(body).encode())
+
+        self._server = socketserver.ThreadingUnixStreamServer(self.socket_path, Handler)
+        os.chmod(self.socket_path, 0o600)
+        threading.Thread(target=self._server.serve_forever, name="control",
+                         daemon=True).start()
+
+
+def ask(socket_path: str, what: str, timeout: float = 5.0):
+    """Sends one request to a controller's control socket and returns the JSON answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path)
+        s.sendall(what.encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))

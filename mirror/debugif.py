@@ -1,0 +1,100 @@
+"""The debug interface that mirrored clones are sent to.
+
+`dummy` where the kernel has it. Otherwise a veth pair: clones leave through the near end
+(where tcpdump records them) and the far end drops each one at its tc ingress with a
+direct-action program returning TC_ACT_SHOT, so no clone ever enters a network stack.
+The far end stays up: without carrier the clone would be dropped before packet taps run.
+IPv6 is disabled on both ends so their own router solicitations and MLD reports never
+show up in the capture."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import tc
+from .errors import UsageError
+
+IFNAMSIZ = 15
+
+
+@dataclass
+class DebugIface:
+    name: str
+    ifindex: int
+    kind: str           # dummy, veth or existing
+    peer: str | None    # the sink end of a veth pair
+    created: bool
+
+
+def sink_name(name: str) -> str:
+    return f"{name[:IFNAMSIZ - 5]}-sink"
+
+
+def check_name(name: str) -> None:
+    if not name or len(name) > IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
+        raise UsageError(f"bad debug interface name {name!r}: use 1-{IFNAMSIZ} characters "
+                         "without spaces or '/'")
+
+
+def _disable_ipv6(name: str) -> None:
+    p = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+    if p.exists():
+        p.write_text("1")
+
+
+def lookup(ipr, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
+    """Returns the debug interface, creating it when missing. `sink_fd_factory()` yields
+    the fd of the drop program, loaded only when a veth pair is needed."""
+    check_name(name)
+    idx = lookup(ipr, name)
+    if idx is not None:
+        return DebugIface(name, idx, "existing", None, created=False)
+    try:
+        ipr.link("add", ifname=name, kind="dummy")
+        kind, peer = "dummy", None
+    except NetlinkError as exc:
+        if exc.code not in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
+            raise
+        peer = sink_name(name)
+        ipr.link("add", ifname=name, kind="veth", peer=peer)
+        kind = "veth"
+    idx = lookup(ipr, name)
+    try:
+        for n in filter(None, (name, peer)):
+            _disable_ipv6(n)
+        if peer:
+            peer_idx = lookup(ipr, peer)
+            tc.add_qdisc(ipr, peer_idx, "clsact")
+            ipr.tc("add-filter", "bpf", peer_idx, handle=tc.FILTER_HANDLE,
+                   fd=sink_fd_factory(), name=f"{tc.FILTER_NAME_PREFIX}sink",
+                   parent=tc.CLSACT_INGRESS, prio=tc.FILTER_PRIO, protocol=tc.ETH_P_ALL,
+                   direct_action=True)
+            ipr.link("set", index=peer_idx, state="up")
+        # Large MTU: a GSO super-packet clone is forwarded whole.
+        ipr.link("set", index=idx, state="up", mtu=65535)
+    except Exception:
+        ipr.link("del", index=idx)
+        raise
+    return DebugIface(name, idx, kind, peer, created=True)
+
+
+def remove(ipr, name: str) -> bool:
+    """Deletes the debug interface (a veth's peer goes with it); False if already gone."""
+    idx = lookup(ipr, name)
+    if idx is None:
+        return False
+    try:
+        ipr.link("del", index=idx)
+    except NetlinkError as exc:
+        if exc.code != errno.ENODEV:
+            raise
+        return False
+    return True

@@ -1,0 +1,51 @@
+"""The normalised flow key shared with the classifier (struct flow_key in bpf/mirror.h).
+
+Both directions of a connection map to one key: the endpoint that sorts lower (address
+bytes, then port) comes first."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+KEY_SIZE = 40
+_LAYOUT = struct.Struct("!16s16sHHB3x")
+
+
+@dataclass(frozen=True, order=True)
+class FlowKey:
+    family: int     # 4 or 6
+    addr_lo: str
+    port_lo: int
+    addr_hi: str
+    port_hi: int
+
+    @classmethod
+    def from_endpoints(cls, src: str, sport: int, dst: str, dport: int) -> "FlowKey":
+        a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        if a.version != b.version:
+            raise ValueError(f"mixed address families: {src} and {dst}")
+        if (a.packed, sport) <= (b.packed, dport):
+            lo, hi = (a, sport), (b, dport)
+        else:
+            lo, hi = (b, dport), (a, sport)
+        return cls(a.version, str(lo[0]), lo[1], str(hi[0]), hi[1])
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "FlowKey":
+        lo, hi, port_lo, port_hi, family = _LAYOUT.unpack(bytes(raw)[:KEY_SIZE])
+        if family == 4:
+            addr_lo, addr_hi = ipaddress.IPv4Address(lo[:4]), ipaddress.IPv4Address(hi[:4])
+        else:
+            addr_lo, addr_hi = ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)
+        return cls(family, str(addr_lo), port_lo, str(addr_hi), port_hi)
+
+    def to_bytes(self) -> bytes:
+        lo = ipaddress.ip_address(self.addr_lo).packed.ljust(16, b"\0")
+        hi = ipaddress.ip_address(self.addr_hi).packed.ljust(16, b"\0")
+        return _LAYOUT.pack(lo, hi, self.port_lo, self.port_hi, self.family)
+
+    def __str__(self) -> str:
+        def ep(addr: str, port: int) -> str:
+            return f"[{addr}]:{port}" if self.family == 6 else f"{addr}:{port}"
+        return f"{ep(self.addr_lo, self.port_lo)} <-> {ep(self.addr_hi, self.port_hi)}"

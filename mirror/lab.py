@@ -1,0 +1,154 @@
+"""`mirror lab`: the built-in demo. Builds a server host in a network namespace (nginx
+answering 200, 404 and 500), mirrors its host-side veth, records the debug interface
+with tcpdump, sends a mix of requests over IPv4 and IPv6, and reports what was captured.
+Leaves the pcap behind and the kernel as it found it."""
+from __future__ import annotations
+
+import argparse
+import http.client
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger("mirror")
+
+EPILOG = """\
+examples:
+  mirror lab                          # clsact hooks, trigger 5xx, pcap in ./lab-output
+  mirror lab --hook htb --trigger 404,5xx
+  tcpdump -nr lab-output/mirror.pcap  # read what was mirrored
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lab", help="run the built-in demo in network namespaces",
+                       description=__doc__.split("\n\n")[0].replace("\n", " "),
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hook", choices=["clsact", "htb"], default="clsact")
+    p.add_argument("--trigger", default="5xx", metavar="SPEC")
+    p.add_argument("--rounds", type=int, default=3, metavar="N",
+                   help="how many times to send the request mix (default %(default)s)")
+    p.add_argument("--output", default="lab-output", metavar="DIR",
+                   help="where the pcap is left (default %(default)s)")
+    p.set_defaults(func=cmd_lab)
+
+
+# (label, paths sent on one keep-alive connection)
+MIX = [
+    ("200 only", ["/ok", "/ok"]),
+    ("404", ["/missing"]),
+    ("500", ["/error"]),
+    ("200, 200, 500, 200 on one connection", ["/ok", "/ok", "/error", "/ok"]),
+    ("multi-segment 200 then 500", ["/big", "/error"]),
+]
+
+
+def send(server: str, source: str, paths: list[str]) -> tuple[tuple[str, int, str, int], list[int]]:
+    """Sends `paths` over one keep-alive connection; returns (5-tuple, status codes)."""
+    conn = http.client.HTTPConnection(server, 80, timeout=10, source_address=(source, 0))
+    statuses = []
+    try:
+        for path in paths:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        local = conn.sock.getsockname()
+        return (local[0], local[1], server, 80), statuses
+    finally:
+        conn.close()
+
+
+def cmd_lab(args) -> int:
+    from .controller import Controller, Options
+    from .netns import Host, cleanup_stale
+    from .nginx import Nginx
+    from .pcap import Tcpdump, read_flows
+    from .flowkey import FlowKey
+
+    if os.geteuid() != 0:
+        raise UsageError("the lab builds network namespaces and loads BPF: run it as root")
+    cleanup_stale()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    pcap_path = out / "mirror.pcap"
+    steps = 6
+    step = iter(range(1, steps + 1))
+
+    def progress(msg):
+        print(f"[{next(step)}/{steps}] {msg}", flush=True)
+
+    progress("building a server host in a network namespace (nginx: /ok 200, /missing 404, "
+             "/error 500)")
+    host = Host.create()
+    nginx = ctl = dump = None
+    try:
+        nginx = Nginx(host).start()
+        print(f"      server {host.ns_v4} / {host.ns_v6} in netns {host.ns}; "
+              f"host-side veth {host.host_if}")
+        progress(f"compiling the classifier and attaching it to {host.host_if} "
+                 f"({args.hook} hooks, trigger {args.trigger})")
+        debug = f"mlabd{os.getpid() % 100000}"
+        ctl = Controller(Options(ifaces=[host.host_if], debug_iface=debug, trigger=args.trigger,
+                                 hook=args.hook, idle_timeout=60))
+        ctl.start()
+        runner = threading.Thread(target=ctl.run, daemon=True)
+        runner.start()
+        progress(f"recording the debug interface {debug} with tcpdump")
+        dump = Tcpdump(debug, str(pcap_path)).start()
+        progress(f"sending {args.rounds} rounds of the request mix over IPv4 and IPv6")
+        sent = []
+        for _ in range(args.rounds):
+            for server, source in ((host.ns_v4, host.host_v4), (host.ns_v6, host.host_v6)):
+                for label, paths in MIX:
+                    tuple5, statuses = send(server, source, paths)
+                    sent.append((label, FlowKey.from_endpoints(*tuple5), statuses))
+        time.sleep(0.2)
+        progress("stopping tcpdump and reading the pcap")
+        summary = dump.stop().strip().splitlines()
+        dump = None
+        counters = ctl.classifier.counters()
+        flows = read_flows(str(pcap_path))
+        progress("report")
+        _report(sent, flows, counters, summary, pcap_path, ctl.codes)
+    finally:
+        if dump:
+            dump.stop()
+        if ctl:
+            ctl.stop_event.set()
+            ctl.shutdown()
+        if nginx:
+            nginx.stop()
+        host.destroy()
+    print("kernel state cleaned up: namespace, veths, qdiscs, filters and debug interface "
+          "removed")
+    return 0
+
+
+def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> None:
+    print()
+    print(f"{'connection (client side first)':58} {'statuses':22} {'mirrored':>8}")
+    mirrored_conns = 0
+    for label, key, statuses in sent:
+        got = flows.get(key)
+        n = len(got.packets) if got else 0
+        mirrored_conns += bool(got)
+        should = any(s in codes for s in statuses)
+        mark = "ok" if bool(got) == should else "UNEXPECTED"
+        print(f"{str(key):58} {','.join(map(str, statuses)):22} {n:>5} pk  {mark}")
+    print()
+    resp = Counter({cls: counters[f"resp_{cls}"] for cls in ("1xx", "2xx", "3xx", "4xx", "5xx")})
+    print(f"classifier: {counters['packets']} packets seen, {counters['tcp']} TCP, "
+          f"{counters['responses']} HTTP responses ({', '.join(f'{k}: {v}' for k, v in resp.items() if v)})")
+    print(f"            {counters['flows_marked']} connections marked, "
+          f"{counters['mirrored_packets']} packets mirrored, "
+          f"{counters['clone_failures']} clone failures")
+    print(f"capture:    {sum(len(f.packets) for f in flows.values())} packets in "
+          f"{len(flows)} connections, {mirrored_conns} of them matching a sent request; "
+          + "; ".join(l.strip() for l in tcpdump_summary if "packets" in l))
+    print(f"pcap left at {pcap_path} (tcpdump -nr {pcap_path} -A | less)")

@@ -1,0 +1,81 @@
+"""Prometheus metrics, read from the BPF maps at scrape time (no polling loop)."""
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .errors import UsageError
+
+# counter name in bpf/mirror.h -> (metric name, help)
+_SIMPLE = {
+    "packets": ("mirror_classifier_packets", "Packets the classifier saw, all interfaces"),
+    "tcp": ("mirror_tcp_packets", "TCP segments whose headers parsed"),
+    "other": ("mirror_other_packets", "Non-IP, non-TCP or non-first-fragment packets passed"),
+    "malformed": ("mirror_malformed_packets", "Packets with truncated or bogus headers"),
+    "nonlinear": ("mirror_nonlinear_packets",
+                  "Packets whose headers were not in the skb's linear part (skipped)"),
+    "flows_marked": ("mirror_flows_marked", "Connections marked by a trigger status code"),
+    "mirrored_packets": ("mirror_mirrored_packets", "Clones sent to the debug interface"),
+    "mirrored_bytes": ("mirror_mirrored_bytes", "Bytes cloned to the debug interface"),
+    "clone_failures": ("mirror_clone_failures",
+                       "bpf_clone_redirect() failures (originals unaffected)"),
+    "no_debug_if": ("mirror_no_debug_iface", "Packets not mirrored: no debug interface set"),
+}
+
+
+class MapCollector:
+    def __init__(self, controller):
+        self.ctl = controller
+
+    def collect(self):
+        ctl = self.ctl
+        if ctl.classifier is None:
+            return
+        counters = ctl.classifier.counters()
+        for key, (name, doc) in _SIMPLE.items():
+            yield CounterMetricFamily(name, doc, value=counters[key])
+        names = {att.ifindex: att.ifname for att in ctl.attached.values()}
+        resp = CounterMetricFamily("mirror_http_responses",
+                                   "HTTP/1.x responses seen, by interface, direction and "
+                                   "status class", labels=["iface", "direction", "class"])
+        mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
+                                       "Packets mirrored, by interface and direction",
+                                       labels=["iface", "direction"])
+        for (ifindex, direction), stats in sorted(ctl.classifier.iface_stats().items()):
+            iface = names.get(ifindex, f"ifindex{ifindex}")
+            for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other"):
+                resp.add_metric([iface, direction, cls], stats[cls])
+            mirrored.add_metric([iface, direction], stats["mirrored_packets"])
+        yield resp
+        yield mirrored
+        yield GaugeMetricFamily("mirror_flows_active", "Marked flows now in the map",
+                                value=ctl.classifier.flow_count())
+        yield GaugeMetricFamily("mirror_flows_capacity", "Size of the flow map (--max-flows)",
+                                value=ctl.opts.max_flows)
+        yield CounterMetricFamily("mirror_flows_expired",
+                                  "Flows removed by the idle sweep", value=ctl.expired_total)
+        yield CounterMetricFamily("mirror_debug_iface_recreated",
+                                  "Times the debug interface was found missing and recreated",
+                                  value=ctl.debug_recreated_total)
+        yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
+                                value=len(ctl.attached))
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad --metrics-addr {text!r}: use HOST:PORT, e.g. 127.0.0.1:9464 "
+                         "or [::]:9464")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(controller, addr: str):
+    host, port = parse_addr(addr)
+    registry = CollectorRegistry()
+    registry.register(MapCollector(controller))
+    try:
+        return start_http_server(port, addr=host, registry=registry)
+    except (OSError, socket.gaierror) as exc:
+        raise UsageError(f"cannot serve metrics on {addr}: {exc}") from None

@@ -1,0 +1,107 @@
+"""Test hosts in network namespaces: a namespace joined to the root namespace by a veth
+pair, addressed from the benchmarking ranges 198.18.0.0/15 and 2001:db8::/32 only.
+
+Names carry the creating process's pid, so concurrent runs never collide and the
+leftovers of a crashed run are removed by the next one (cleanup_stale)."""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+PREFIX = "mlab"
+_seq = itertools.count(1)
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def cleanup_stale() -> list[str]:
+    """Deletes namespaces and links made by test-host processes that no longer run."""
+    removed = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.match(rf"{PREFIX}-(\d+)-\d+$", name)
+        if m and not _alive(int(m.group(1))):
+            sh("ip", "netns", "del", name, check=False)
+            removed.append(name)
+    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        m = re.match(rf"\d+: ({PREFIX[:1]}([0-9a-f]{{6}})[0-9a-f]{{2}}[a-z])[@:]", line)
+        if m and not _alive(int(m.group(2), 16)):
+            sh("ip", "link", "del", m.group(1), check=False)
+            removed.append(m.group(1))
+    return removed
+
+
+@dataclass
+class Host:
+    """One namespace with `eth0` inside and `host_if` (its peer) in the root namespace."""
+    ns: str
+    host_if: str
+    subnet: int           # third octet of 198.18.N.0/24 and the N of 2001:db8:N::/64
+
+    @property
+    def host_v4(self) -> str:
+        return f"198.18.{self.subnet}.1"
+
+    @property
+    def ns_v4(self) -> str:
+        return f"198.18.{self.subnet}.2"
+
+    @property
+    def host_v6(self) -> str:
+        return f"2001:db8:{self.subnet:x}::1"
+
+    @property
+    def ns_v6(self) -> str:
+        return f"2001:db8:{self.subnet:x}::2"
+
+    @classmethod
+    def create(cls) -> "Host":
+        n = next(_seq)
+        pid = os.getpid()
+        ns = f"{PREFIX}-{pid}-{n}"
+        host_if = f"m{pid:06x}{n % 256:02x}h"
+        subnet = (pid * 7 + n) % 250 + 1
+        host = cls(ns, host_if, subnet)
+        try:
+            host._build()
+        except BaseException:
+            host.destroy()
+            raise
+        return host
+
+    def _build(self) -> None:
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "eth0",
+           "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.host_v4}/24", "dev", self.host_if)
+        sh("ip", "-6", "addr", "add", f"{self.host_v6}/64", "dev", self.host_if, "nodad")
+        sh("ip", "link", "set", self.host_if, "up")
+        self.exec("ip", "addr", "add", f"{self.ns_v4}/24", "dev", "eth0")
+        self.exec("ip", "-6", "addr", "add", f"{self.ns_v6}/64", "dev", "eth0", "nodad")
+        self.exec("ip", "link", "set", "eth0", "up")
+        self.exec("ip", "link", "set", "lo", "up")
+
+    def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns, *cmd, check=check)
+
+    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], **kw)
+
+    def destroy(self) -> None:
+        sh("ip", "netns", "del", self.ns, check=False)      # takes eth0 and its peer along
+        sh("ip", "link", "del", self.host_if, check=False)  # in case the netns never got it

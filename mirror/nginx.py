@@ -1,0 +1,81 @@
+"""nginx inside a test namespace, with the endpoints the demo, tests and bench use.
+
+/ok answers 200 and /error 500 with bodies chosen so both responses have the same
+length on the wire (the thesis's method: 'OK' is 18 bytes shorter than 'Internal Server
+Error'); /missing answers 404; /big answers 200 with 256 KiB, for multi-segment flows."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .netns import Host
+
+BODY_500 = "error"
+BODY_200 = BODY_500 + "x" * 18
+
+CONFIG = """\
+daemon off;
+user root;
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000;
+    default_type text/plain;
+    server {{
+        listen {port} reuseport;
+        listen [::]:{port} reuseport;
+        location = /ok      {{ return 200 '{body200}'; }}
+        location = /error   {{ return 500 '{body500}'; }}
+        location = /missing {{ return 404 'missing'; }}
+        location = /big     {{ alias {dir}/big.bin; }}
+        location / {{ return 200 'ok'; }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    def __init__(self, host: Host, port: int = 80, workers: int = 1):
+        self.host, self.port, self.workers = host, port, workers
+        self.dir = Path(tempfile.mkdtemp(prefix="mirror-nginx-"))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "Nginx":
+        (self.dir / "big.bin").write_bytes(os.urandom(256 * 1024))
+        conf = self.dir / "nginx.conf"
+        conf.write_text(CONFIG.format(dir=self.dir, port=self.port, workers=self.workers,
+                                      body200=BODY_200, body500=BODY_500))
+        self.proc = self.host.popen("nginx", "-c", str(conf), "-e", str(self.dir / "error.log"),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self.proc.stderr.read().decode()}")
+            try:
+                socket.create_connection((self.host.ns_v4, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)

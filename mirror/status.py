@@ -1,0 +1,118 @@
+"""`mirror status`, `mirror flows` and `mirror detach`: read the ownership records and
+the kernel, and talk to live controllers over their control sockets."""
+from __future__ import annotations
+
+import sys
+
+from pyroute2 import IPRoute
+
+from . import state, tc
+from .controller import ask, detach_record, detach_unrecorded
+from .errors import UsageError
+
+
+def collect() -> dict:
+    ipr = IPRoute()
+    try:
+        links = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        ifaces = []
+        recorded = set()
+        for rec in state.records("iface"):
+            name = rec["ifname"]
+            recorded.add(name)
+            live = state.is_held(state.iface_lock_name(name))
+            present = links.get(rec["ifindex"]) == name
+            filters = tc.our_filters(ipr, rec["ifindex"]) if present else []
+            ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec["pid"],
+                           "owner": "live" if live else "stale",
+                           "present": present, "qdiscs_created": rec["created"],
+                           "filters": [tc.fmt_handle(f.parent) for f in filters]})
+        for idx, name in sorted(links.items()):
+            if name in recorded:
+                continue
+            filters = tc.our_filters(ipr, idx)
+            if filters:
+                ifaces.append({"iface": name, "hook": "?", "pid": None, "owner": "unrecorded",
+                               "present": True, "qdiscs_created": [],
+                               "filters": [tc.fmt_handle(f.parent) for f in filters]})
+        controllers = [dict(rec, live=state.is_held(state.iface_lock_name(rec["ifaces"][0]))
+                            if rec.get("ifaces") else False)
+                       for rec in state.records("controller")]
+        return {"interfaces": ifaces, "controllers": controllers,
+                "debug_ifaces": state.records("debug")}
+    finally:
+        ipr.close()
+
+
+def render(report: dict) -> str:
+    if not report["interfaces"]:
+        return "no interface has mirror hooks in this network namespace"
+    rows = [("IFACE", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
+    for i in report["interfaces"]:
+        owner = i["owner"] + ("" if i["present"] else " (interface gone)")
+        rows.append((i["iface"], i["hook"], owner, str(i["pid"] or "-"),
+                     ",".join(i["filters"]) or "-", ",".join(i["qdiscs_created"]) or "-"))
+    lines = _table(rows)
+    for c in report["controllers"]:
+        if c["live"]:
+            lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
+                         f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
+                         f"metrics {c['metrics_addr'] or 'off'}")
+    if any(i["owner"] != "live" for i in report["interfaces"]):
+        lines.append("stale hooks: remove with `mirror detach --iface IF`, or start "
+                     "`mirror run` again to replace them")
+    return "\n".join(lines)
+
+
+def _table(rows) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def collect_flows() -> list[dict]:
+    flows = []
+    for rec in state.records("controller"):
+        if not rec.get("ifaces") or not state.is_held(state.iface_lock_name(rec["ifaces"][0])):
+            continue
+        try:
+            for f in ask(rec["socket"], "flows"):
+                flows.append(dict(f, controller=rec["pid"]))
+        except OSError as exc:
+            print(f"mirror: controller {rec['pid']} did not answer: {exc}", file=sys.stderr)
+    return flows
+
+
+def render_flows(flows: list[dict]) -> str:
+    if not flows:
+        return "no marked flows"
+    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s")]
+    for f in flows:
+        a = f"[{f['a']}]" if f["family"] == 6 else f["a"]
+        b = f"[{f['b']}]" if f["family"] == 6 else f["b"]
+        rows.append((f"{a}:{f['a_port']} <-> {b}:{f['b_port']}", str(f["status"] or "-"),
+                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"])))
+    return "\n".join(_table(rows))
+
+
+def detach(ifaces: list[str]) -> int:
+    ipr = IPRoute()
+    try:
+        for name in ifaces:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise UsageError(f"unknown interface {name!r}: see `ip link`")
+            if state.is_held(state.iface_lock_name(name)):
+                rec = state.read("iface", name) or {}
+                raise UsageError(f"{name} is owned by a running controller (pid "
+                                 f"{rec.get('pid', '?')}); stop it with SIGTERM instead")
+        for name in ifaces:
+            idx = ipr.link_lookup(ifname=name)[0]
+            rec = state.read("iface", name)
+            done = detach_record(ipr, rec, idx) if rec and rec.get("ifindex") == idx else []
+            done += detach_unrecorded(ipr, idx)
+            state.remove("iface", name)
+            print(f"{name}: " + (", ".join(f"removed {d}" if not d.startswith("kept") else d
+                                            for d in done) or "no mirror hooks found"))
+        return 0
+    finally:
+        ipr.close()

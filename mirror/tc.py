@@ -1,0 +1,201 @@
+"""qdiscs and filters through pyroute2, with ownership: this module adds and removes only
+what the caller says it owns, and recognises this tool's filters by handle and name.
+
+Hook layouts:
+  clsact  one clsact qdisc, filters on its ingress and egress hooks (lockless; leaves the
+          root qdisc alone);
+  htb     the design card's layout: an `ingress` qdisc and an `htb` root qdisc (handle 1:,
+          no classes, so every packet takes htb's unshaped direct queue), filters on ffff:
+          and 1:.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import UsageError
+
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1       # parent of the ingress or clsact qdisc
+INGRESS_HANDLE = 0xFFFF0000     # ffff:
+CLSACT_INGRESS = 0xFFFFFFF2     # ffff:fff2
+CLSACT_EGRESS = 0xFFFFFFF3      # ffff:fff3
+HTB_HANDLE = 0x00010000         # 1:
+
+FILTER_PRIO = 1                 # run before other tools' filters: ours always passes on
+FILTER_HANDLE = 0x4D49          # "MI"
+FILTER_NAME_PREFIX = "tc-mirror:"
+ETH_P_ALL = 0x0003
+
+HOOKS = ("clsact", "htb")
+
+
+def fmt_handle(h: int) -> str:
+    major, minor = h >> 16, h & 0xFFFF
+    return f"{major:x}:" if not minor else f"{major:x}:{minor:x}"
+
+
+@dataclass
+class Filter:
+    parent: int
+    prio: int
+    handle: int
+    kind: str
+    name: str
+
+    @property
+    def ours(self) -> bool:
+        return (self.kind == "bpf" and self.handle == FILTER_HANDLE
+                and self.name.startswith(FILTER_NAME_PREFIX))
+
+
+@dataclass
+class Plan:
+    """Where the filters go on one interface and which qdiscs must be created first."""
+    hook: str
+    parents: dict[str, int]                      # direction -> parent handle
+    create: list[str] = field(default_factory=list)   # qdisc kinds to add, in order
+
+
+def ingress_qdisc(ipr, ifindex: int) -> str | None:
+    for q in ipr.get_qdiscs(index=ifindex):
+        if q["parent"] == TC_H_INGRESS:
+            return q.get_attr("TCA_KIND")
+    return None
+
+
+def root_qdisc(ipr, ifindex: int) -> tuple[str, int] | None:
+    """(kind, handle) of the root qdisc, None when the kernel lists none (a down link)."""
+    for q in ipr.get_qdiscs(index=ifindex):
+        if q["parent"] == TC_H_ROOT:
+            return q.get_attr("TCA_KIND"), q["handle"]
+    return None
+
+
+def list_filters(ipr, ifindex: int, parent: int) -> list[Filter]:
+    out = []
+    try:
+        msgs = ipr.get_filters(index=ifindex, parent=parent)
+    except NetlinkError as exc:
+        if exc.code in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+            return []
+        raise
+    for f in msgs:
+        if not f["handle"]:
+            continue    # the per-priority chain header, not a filter
+        opts = f.get_attr("TCA_OPTIONS")
+        name = (opts.get_attr("TCA_BPF_NAME") if opts is not None and
+                hasattr(opts, "get_attr") else None) or ""
+        out.append(Filter(f["parent"], f["info"] >> 16, f["handle"],
+                          f.get_attr("TCA_KIND") or "", name))
+    return out
+
+
+def parents_in_use(ipr, ifindex: int) -> list[int]:
+    """Every filter parent of this tool's layouts that exists on the interface now."""
+    parents = []
+    ing = ingress_qdisc(ipr, ifindex)
+    if ing == "clsact":
+        parents += [CLSACT_INGRESS, CLSACT_EGRESS]
+    elif ing == "ingress":
+        parents.append(INGRESS_HANDLE)
+    root = root_qdisc(ipr, ifindex)
+    if root and root[0] == "htb":
+        parents.append(root[1])
+    return parents
+
+
+def our_filters(ipr, ifindex: int) -> list[Filter]:
+    return [f for p in parents_in_use(ipr, ifindex)
+            for f in list_filters(ipr, ifindex, p) if f.ours]
+
+
+def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> Plan:
+    """Decides where the filters go without changing anything; UsageError if the
+    interface's existing qdiscs leave no place that is safe to use."""
+    ing = ingress_qdisc(ipr, ifindex)
+    if hook == "clsact":
+        if ing == "ingress":
+            raise UsageError(
+                f"{ifname} has an 'ingress' qdisc, which excludes clsact; use --hook htb, "
+                f"or remove it (tc qdisc del dev {ifname} ingress) if nothing needs it")
+        return Plan(hook, {"ingress": CLSACT_INGRESS, "egress": CLSACT_EGRESS},
+                    [] if ing == "clsact" else ["clsact"])
+    create = []
+    if ing == "clsact":
+        ingress_parent = CLSACT_INGRESS     # share the existing clsact's ingress hook
+    else:
+        ingress_parent = INGRESS_HANDLE
+        if ing is None:
+            create.append("ingress")
+    root = root_qdisc(ipr, ifindex)
+    if root is None or root[1] >> 16 == 0:
+        create.append("htb")                # the kernel's default root qdisc: replaceable
+    elif not (root[0] == "htb" and root[1] == HTB_HANDLE and adopt_htb):
+        kind, handle = root
+        raise UsageError(
+            f"{ifname} already has a root qdisc ({kind} {fmt_handle(handle)}) that this tool "
+            f"did not create; --hook htb would replace it. Use --hook clsact (leaves the root "
+            f"qdisc alone), or remove it yourself (tc qdisc del dev {ifname} root)")
+    return Plan(hook, {"ingress": ingress_parent, "egress": HTB_HANDLE}, create)
+
+
+def add_qdisc(ipr, ifindex: int, kind: str) -> None:
+    if kind == "clsact":
+        ipr.tc("add", "clsact", ifindex)
+    elif kind == "ingress":
+        ipr.tc("add", "ingress", ifindex, INGRESS_HANDLE)
+    elif kind == "htb":
+        # No classes and default class 0: every packet takes the direct queue, unshaped.
+        ipr.tc("add", "htb", ifindex, HTB_HANDLE, default=0)
+    else:
+        raise ValueError(kind)
+
+
+def del_qdisc(ipr, ifindex: int, kind: str) -> bool:
+    """Removes a qdisc this tool created; False when it is already gone."""
+    try:
+        if kind in ("clsact", "ingress"):
+            ipr.tc("del", kind, ifindex, INGRESS_HANDLE if kind == "ingress" else 0)
+        elif kind == "htb":
+            ipr.tc("del", "htb", ifindex, HTB_HANDLE)
+        return True
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return False
+        raise
+
+
+def qdisc_has_foreign_filters(ipr, ifindex: int, kind: str) -> bool:
+    parents = {"clsact": [CLSACT_INGRESS, CLSACT_EGRESS], "ingress": [INGRESS_HANDLE],
+               "htb": [HTB_HANDLE]}[kind]
+    return any(not f.ours for p in parents for f in list_filters(ipr, ifindex, p))
+
+
+def replace_filter(ipr, ifindex: int, parent: int, fd: int, direction: str) -> None:
+    """Adds this tool's filter at `parent`, replacing a stale one of ours in place."""
+    ipr.tc("replace-filter", "bpf", ifindex, handle=FILTER_HANDLE, fd=fd,
+           name=f"{FILTER_NAME_PREFIX}{direction}", parent=parent, prio=FILTER_PRIO,
+           protocol=ETH_P_ALL, direct_action=True)
+
+
+def del_filter(ipr, ifindex: int, parent: int) -> bool:
+    try:
+        ipr.tc("del-filter", "bpf", ifindex, handle=FILTER_HANDLE, parent=parent,
+               prio=FILTER_PRIO, protocol=ETH_P_ALL)
+        return True
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return False
+        raise
+
+
+def snapshot(ipr, ifindex: int) -> list[tuple]:
+    """qdiscs and filters of an interface, comparable before and after (tests, status)."""
+    qd = sorted((q.get_attr("TCA_KIND"), q["handle"], q["parent"])
+                for q in ipr.get_qdiscs(index=ifindex))
+    fl = sorted((f.parent, f.prio, f.handle, f.kind, f.name)
+                for p in parents_in_use(ipr, ifindex) for f in list_filters(ipr, ifindex, p))
+    return qd + fl
