@@ -49,12 +49,14 @@ def check_environment() -> None:
         raise UsageError(
             f"cannot import bcc ({exc}): install Debian's python3-bpfcc and run from a "
             "virtualenv made with --system-site-packages (scripts/setup does both)") from None
-    build = Path("/lib/modules") / platform.release() / "build"
+    # bcc reads BCC_KERNEL_SOURCE first, then /lib/modules/$(uname -r)/build.
+    build = Path(os.environ.get("BCC_KERNEL_SOURCE") or
+                 Path("/lib/modules") / platform.release() / "build")
     if not (build / "include").is_dir():
         raise UsageError(
-            f"kernel headers missing: {build} does not exist; install linux-headers-amd64 and "
-            "link it there (scripts/setup does this), or mount the host's /lib/modules and "
-            "/usr/src into the container")
+            f"kernel headers missing: {build}/include does not exist; install "
+            "linux-headers-amd64 and link it there (scripts/setup does this), or mount the "
+            "host's /lib/modules and /usr/src into the container")
     if not (bpf_dir() / "mirror.c").is_file():
         raise UsageError(f"classifier source not found in {bpf_dir()}; set MIRROR_BPF_DIR")
 

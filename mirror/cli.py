@@ -9,6 +9,8 @@ import signal
 import sys
 
 from . import __version__
+from pyroute2.netlink.exceptions import NetlinkError
+
 from .errors import UsageError
 
 log = logging.getLogger("mirror")
@@ -199,6 +201,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return 2
+    except NetlinkError as exc:
+        print(f"mirror: error: the kernel refused a netlink request: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

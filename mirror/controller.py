@@ -161,6 +161,9 @@ class Controller:
                 rec = state.read("iface", name) or {}
                 raise UsageError(f"{name} is already monitored by another mirror controller "
                                  f"(pid {rec.get('pid', '?')}); stop it first")
+            stale = self._stale_record(name, indexes[name])
+            tc.plan(self.ipr, indexes[name], name, self.opts.hook,
+                    adopt_htb=self._adoptable(stale, indexes[name]))
         if self.opts.config:
             read_config(self.opts.config)
         if self.opts.metrics_addr:
@@ -227,13 +230,11 @@ class Controller:
             raise UsageError(f"{name} is already monitored by another mirror controller")
         att = Attached(name, ifindex, self.opts.hook, {}, lock=lock)
         self.attached[name] = att
-        stale = state.read("iface", name)
-        if stale and stale.get("ifindex") != ifindex:
-            state.remove("iface", name)     # the interface was recreated: nothing is left
-            stale = None
-        adopt = False
+        stale = self._stale_record(name, ifindex)
+        if stale is None:
+            state.remove("iface", name)     # none, or of an earlier interface of that name
+        adopt = self._adoptable(stale, ifindex)
         if stale and stale.get("hook") == self.opts.hook:
-            adopt = True
             att.created = list(stale.get("created", []))
             log.info("%s: replacing the hooks of a stopped controller (pid %s) in place",
                      name, stale.get("pid"))
@@ -241,9 +242,8 @@ class Controller:
             log.info("%s: removing a stopped controller's %s hooks: %s", name,
                      stale.get("hook"), ", ".join(detach_record(self.ipr, stale, ifindex)))
             state.remove("iface", name)
-        elif tc.our_filters(self.ipr, ifindex):
+        elif adopt:
             # Our filters without a record (the state directory was lost): take them over.
-            adopt = True
             log.info("%s: found this tool's filters with no record; replacing them", name)
         plan = tc.plan(self.ipr, ifindex, name, self.opts.hook, adopt_htb=adopt)
         att.parents = plan.parents
@@ -257,6 +257,17 @@ class Controller:
         state.write("iface", name, att.record())
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
+
+    def _stale_record(self, name: str, ifindex: int) -> dict | None:
+        """The record a stopped controller left for this interface, if it still applies."""
+        rec = state.read("iface", name)
+        return rec if rec and rec.get("ifindex") == ifindex else None
+
+    def _adoptable(self, stale: dict | None, ifindex: int) -> bool:
+        """Whether hooks found on the interface are this tool's to replace in place."""
+        if stale:
+            return stale.get("hook") == self.opts.hook
+        return bool(tc.our_filters(self.ipr, ifindex))
 
     # --- run -----------------------------------------------------------------------
     def run(self) -> None:

@@ -74,7 +74,7 @@ def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
             peer_idx = lookup(ipr, peer)
             tc.add_qdisc(ipr, peer_idx, "clsact")
             ipr.tc("add-filter", "bpf", peer_idx, handle=tc.FILTER_HANDLE,
-                   fd=sink_fd_factory(), name=f"{tc.FILTER_NAME_PREFIX}sink",
+                   fd=sink_fd_factory(), name=tc.SINK_FILTER_NAME,
                    parent=tc.CLSACT_INGRESS, prio=tc.FILTER_PRIO, protocol=tc.ETH_P_ALL,
                    direct_action=True)
             ipr.link("set", index=peer_idx, state="up")

@@ -66,7 +66,7 @@ def send(server: str, source: str, paths: list[str]) -> tuple[tuple[str, int, st
 
 def cmd_lab(args) -> int:
     from .controller import Controller, Options
-    from .netns import Host, cleanup_stale
+    from .netns import Host, cleanup_stale, unique_name
     from .nginx import Nginx
     from .pcap import Tcpdump, read_flows
     from .flowkey import FlowKey
@@ -93,7 +93,7 @@ def cmd_lab(args) -> int:
               f"host-side veth {host.host_if}")
         progress(f"compiling the classifier and attaching it to {host.host_if} "
                  f"({args.hook} hooks, trigger {args.trigger})")
-        debug = f"mlabd{os.getpid() % 100000}"
+        debug = unique_name("d")
         ctl = Controller(Options(ifaces=[host.host_if], debug_iface=debug, trigger=args.trigger,
                                  hook=args.hook, idle_timeout=60))
         ctl.start()

@@ -46,6 +46,13 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+def unique_name(tag: str) -> str:
+    """An interface name unique to this process and call, that cleanup_stale() removes
+    once this process is gone: m + pid (6 hex) + sequence (2 hex) + a one-letter tag."""
+    assert len(tag) == 1 and tag.isalpha() and tag.islower()
+    return f"m{os.getpid():06x}{next(_seq) % 256:02x}{tag}"
+
+
 @dataclass
 class Host:
     """One namespace with `eth0` inside and `host_if` (its peer) in the root namespace."""
@@ -74,7 +81,7 @@ class Host:
         n = next(_seq)
         pid = os.getpid()
         ns = f"{PREFIX}-{pid}-{n}"
-        host_if = f"m{pid:06x}{n % 256:02x}h"
+        host_if = f"m{pid:06x}{n % 256:02x}h"    # the form unique_name() makes
         subnet = (pid * 7 + n) % 250 + 1
         host = cls(ns, host_if, subnet)
         try:

@@ -26,7 +26,8 @@ HTB_HANDLE = 0x00010000         # 1:
 
 FILTER_PRIO = 1                 # run before other tools' filters: ours always passes on
 FILTER_HANDLE = 0x4D49          # "MI"
-FILTER_NAME_PREFIX = "tc-mirror:"
+FILTER_NAME_PREFIX = "tc-mirror:"     # + direction: the classifier's filters
+SINK_FILTER_NAME = "tc-mirror-sink"    # the debug veth's drop filter (not a hook)
 ETH_P_ALL = 0x0003
 
 HOOKS = ("clsact", "htb")
@@ -116,6 +117,19 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
     """Decides where the filters go without changing anything; UsageError if the
     interface's existing qdiscs leave no place that is safe to use."""
     ing = ingress_qdisc(ipr, ifindex)
+    p = _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb)
+    for direction, parent in p.parents.items():
+        for f in list_filters(ipr, ifindex, parent):
+            if f.prio == FILTER_PRIO and not f.ours and f.kind != "bpf":
+                raise UsageError(
+                    f"{ifname}: priority {FILTER_PRIO} of the {direction} hook "
+                    f"({fmt_handle(parent)}) holds another tool's {f.kind} filter, and tc "
+                    f"allows one filter kind per priority; move that filter to another "
+                    f"priority first")
+    return p
+
+
+def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
     if hook == "clsact":
         if ing == "ingress":
             raise UsageError(

@@ -1,0 +1,94 @@
+"""Shared fixtures. Everything runs against the real kernel: tests need root, bcc and
+kernel headers (scripts/setup installs them), and build their own hosts in network
+namespaces, removed again even when a test fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from mirror import debugif  # noqa: E402
+from mirror.netns import Host, cleanup_stale, unique_name  # noqa: E402
+from mirror.nginx import Nginx  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() != 0:
+        pytest.exit("the tests load BPF programs and build network namespaces: run them as "
+                    "root (scripts/test does the setup and runs them)", returncode=2)
+    cleanup_stale()
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    """The classifier, compiled once per session (bcc takes about a second)."""
+    from mirror.bpfprog import Classifier
+    return Classifier(max_flows=4096)
+
+
+@pytest.fixture(scope="session")
+def sink():
+    from mirror.bpfprog import Sink
+    return Sink()
+
+
+@pytest.fixture(scope="session")
+def debug_iface(sink):
+    """A debug veth pair (far end dropping) that test frames can be cloned to."""
+    from pyroute2 import IPRoute
+    name = unique_name("d")
+    with IPRoute() as ipr:
+        dbg = debugif.ensure(ipr, name, lambda: sink.fd)
+    try:
+        yield dbg
+    finally:
+        with IPRoute() as ipr:
+            debugif.remove(ipr, name)
+
+
+@pytest.fixture
+def clf(classifier, debug_iface):
+    """The session classifier with empty maps, trigger 5xx, mirroring to debug_iface."""
+    classifier.clear()
+    classifier.set_trigger(frozenset(range(500, 600)))
+    classifier.set_debug_ifindex(debug_iface.ifindex)
+    yield classifier
+    classifier.clear()
+
+
+@pytest.fixture
+def host():
+    """A server host in a fresh network namespace, joined to the root namespace by a veth."""
+    h = Host.create()
+    try:
+        yield h
+    finally:
+        h.destroy()
+
+
+@pytest.fixture
+def nginx(host):
+    srv = Nginx(host).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """A private ownership-record directory, so tests never see each other's records."""
+    d = tmp_path / "state"
+    monkeypatch.setenv("MIRROR_STATE_DIR", str(d))
+    return d
+
+
+def tc_show(ifname: str) -> str:
+    out = subprocess.run(["tc", "qdisc", "show", "dev", ifname], capture_output=True, text=True)
+    return out.stdout

@@ -1,0 +1,127 @@
+"""End to end in network namespaces: real nginx, the real classifier attached by a real
+`mirror run` process, tcpdump on the debug interface and on the monitored interface, and
+dpkt reading both pcaps."""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import pytest
+
+from helpers import MirrorProcess, env_with, from_first_status, same_packets, signature
+from mirror.flowkey import FlowKey
+from mirror.lab import send
+from mirror.netns import unique_name
+from mirror.pcap import Tcpdump, read_flows
+
+pytestmark = pytest.mark.integration
+
+
+_seq = itertools.count()
+
+
+class Session:
+    """One `mirror run` on the host's veth plus two captures: the debug interface (what
+    the mirror produced) and the monitored interface itself (the reference)."""
+
+    def __init__(self, host, tmp_path, hook, trigger="5xx", extra=()):
+        self.host = host
+        self.debug = unique_name("d")
+        self.tmp = tmp_path
+        self.mirror = MirrorProcess("--iface", host.host_if, "--debug-iface", self.debug,
+                                    "--hook", hook, "--trigger", trigger, *extra,
+                                    env=env_with(MIRROR_STATE_DIR=tmp_path / "state"))
+        self.dumps = []
+
+    def __enter__(self):
+        self.mirror.start()
+        self.mirror_dump = Tcpdump(self.debug, str(self.tmp / "mirror.pcap")).start()
+        self.ref_dump = Tcpdump(self.host.host_if, str(self.tmp / "ref.pcap")).start()
+        return self
+
+    def finish(self):
+        """Stops both captures (after the connections' last ACKs) and reads them."""
+        time.sleep(0.3)
+        self.mirror_dump.stop()
+        self.ref_dump.stop()
+        return read_flows(str(self.tmp / "mirror.pcap")), read_flows(str(self.tmp / "ref.pcap"))
+
+    def __exit__(self, *exc):
+        for d in (getattr(self, "mirror_dump", None), getattr(self, "ref_dump", None)):
+            if d:
+                d.stop()
+        rc = self.mirror.stop()
+        assert rc == 0, self.mirror.output
+
+
+def addresses(host, family):
+    return (host.ns_v4, host.host_v4) if family == 4 else (host.ns_v6, host.host_v6)
+
+
+def connect(host, family, paths):
+    server, source = addresses(host, family)
+    tuple5, statuses = send(server, source, paths)
+    return FlowKey.from_endpoints(*tuple5), statuses
+
+
+@pytest.mark.parametrize("hook", ["clsact", "htb"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_error_connections_mirrored_whole_and_nothing_else(host, nginx, tmp_path, hook, family):
+    with Session(host, tmp_path, hook) as s:
+        err, st_err = connect(host, family, ["/error"])
+        ok, st_ok = connect(host, family, ["/ok", "/ok"])
+        keep, st_keep = connect(host, family, ["/ok", "/ok", "/error", "/ok"])
+        big, st_big = connect(host, family, ["/big", "/error", "/big"])
+        mirrored, ref = s.finish()
+    assert st_err == [500] and st_ok == [200, 200] and st_keep == [200, 200, 500, 200]
+    assert st_big == [200, 500, 200]
+    # Exactly the error connections, nothing of the 200-only one.
+    assert set(mirrored) == {err, keep, big}
+    for key in (err, keep, big):
+        expected = from_first_status(ref[key].packets, 500)
+        assert same_packets(mirrored[key].packets, expected), (
+            f"{key}: mirrored {[signature(p) for p in mirrored[key].packets]}\n"
+            f"expected {[signature(p) for p in expected]}")
+        # Both directions, and the response that triggered it comes first.
+        assert {p.sport for p in mirrored[key].packets} == {key.port_lo, key.port_hi}
+        assert mirrored[key].packets[0].payload.startswith(b"HTTP/1.1 500 ")
+    # On the keep-alive connection nothing before the 500: the 2 earlier responses and
+    # their requests are absent, the request after it is present.
+    assert mirrored[keep].statuses == [500, 200]
+    assert mirrored[keep].requests == ["GET /ok HTTP/1.1"]
+    assert len(ref[keep].packets) > len(mirrored[keep].packets)
+
+
+@pytest.mark.parametrize("trigger,mirrored_404", [("5xx", False), ("404,5xx", True)])
+def test_404_mirrors_only_when_in_trigger(host, nginx, tmp_path, trigger, mirrored_404):
+    with Session(host, tmp_path, "clsact", trigger=trigger) as s:
+        missing, st = connect(host, 4, ["/missing"])
+        err, _ = connect(host, 6, ["/error"])
+        mirrored, ref = s.finish()
+    assert st == [404]
+    assert (missing in mirrored) == mirrored_404
+    assert err in mirrored
+    if mirrored_404:
+        assert same_packets(mirrored[missing].packets,
+                            from_first_status(ref[missing].packets, 404))
+
+
+def test_flows_command_lists_marked_flows(host, nginx, tmp_path):
+    from helpers import run_cli
+    import json
+    with Session(host, tmp_path, "clsact") as s:
+        err, _ = connect(host, 4, ["/error", "/ok"])
+        connect(host, 4, ["/ok"])
+        out = run_cli("flows", "--json", env=env_with(MIRROR_STATE_DIR=tmp_path / "state"))
+        table = run_cli("flows", env=env_with(MIRROR_STATE_DIR=tmp_path / "state"))
+        mirrored, _ = s.finish()
+    assert out.returncode == 0, out.stderr
+    flows = json.loads(out.stdout)
+    assert [(f["a"], f["a_port"], f["b"], f["b_port"]) for f in flows] == [
+        (err.addr_lo, err.port_lo, err.addr_hi, err.port_hi)]
+    assert flows[0]["status"] == 500
+    # Every packet mirrored so far is counted in the flow's per-CPU values.
+    assert flows[0]["packets"] <= len(mirrored[err].packets)
+    assert flows[0]["packets"] >= 3
+    assert str(err.port_lo) in table.stdout and "500" in table.stdout

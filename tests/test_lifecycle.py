@@ -1,0 +1,287 @@
+"""Attach, detach, crash and restart, bad input: the controller changes exactly what it
+owns, and nothing when the input is bad."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from pyroute2 import IPRoute
+
+from helpers import MirrorProcess, env_with, run_cli
+from mirror import tc
+from mirror.lab import send
+from mirror.netns import unique_name
+
+pytestmark = pytest.mark.integration
+
+
+def snapshot(ifname: str):
+    with IPRoute() as ipr:
+        return tc.snapshot(ipr, ipr.link_lookup(ifname=ifname)[0])
+
+
+def our_filter_lines(ifname: str) -> list[str]:
+    """This tool's filters as the tc command shows them, one line each (tc itself is the
+    independent reader here, not our pyroute2 code)."""
+    lines = set()
+    for where in (["ingress"], ["egress"], ["parent", "1:"]):
+        out = subprocess.run(["tc", "filter", "show", "dev", ifname, *where],
+                             capture_output=True, text=True).stdout
+        lines |= {l for l in out.splitlines() if "tc-mirror:" in l}
+    return sorted(lines)
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def debug_name() -> str:
+    return unique_name("d")
+
+
+@pytest.fixture
+def env(state_dir):
+    return env_with(MIRROR_STATE_DIR=state_dir)
+
+
+@pytest.mark.parametrize("hook", ["clsact", "htb"])
+def test_detach_restores_qdiscs_exactly(host, env, hook):
+    before = snapshot(host.host_if)
+    dbg = debug_name()
+    m = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
+                      env=env).start()
+    try:
+        during = snapshot(host.host_if)
+        assert during != before
+        assert len(our_filter_lines(host.host_if)) == 2
+        assert link_exists(dbg)
+    finally:
+        assert m.stop() == 0, m.output
+    assert snapshot(host.host_if) == before
+    assert not link_exists(dbg)
+
+
+def test_htb_layout_is_ingress_plus_htb_root(host, env):
+    m = MirrorProcess("--iface", host.host_if, "--hook", "htb", "--debug-iface",
+                      debug_name(), env=env).start()
+    try:
+        qd = subprocess.run(["tc", "qdisc", "show", "dev", host.host_if], capture_output=True,
+                            text=True).stdout
+        assert "qdisc htb 1: root" in qd and "qdisc ingress ffff:" in qd
+        flt = subprocess.run(["tc", "filter", "show", "dev", host.host_if, "parent", "1:"],
+                             capture_output=True, text=True).stdout
+        assert "tc-mirror:egress" in flt and "direct-action" in flt
+    finally:
+        assert m.stop() == 0, m.output
+
+
+COUNTER_PROG = r"""
+#include <uapi/linux/pkt_cls.h>
+BPF_ARRAY(seen, u64, 1);
+int count_all(struct __sk_buff *skb) {
+    int k = 0;
+    u64 *v = seen.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1);
+    return TC_ACT_OK;
+}
+"""
+
+
+def test_foreign_clsact_filter_survives_and_keeps_running(host, nginx, env):
+    """Someone else's clsact and filter (lower priority than ours) stay in place through
+    attach and detach, and keep seeing every packet while the mirror is attached."""
+    from bcc import BPF
+    counter = BPF(text=COUNTER_PROG)
+    fn = counter.load_func(b"count_all", BPF.SCHED_CLS)
+    seen = counter.get_table("seen")
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=host.host_if)[0]
+        ipr.tc("add", "clsact", idx)
+        ipr.tc("add-filter", "bpf", idx, handle=7, fd=fn.fd, name="someone-else", prio=5,
+               parent=tc.CLSACT_INGRESS, protocol=tc.ETH_P_ALL, direct_action=True)
+    before = snapshot(host.host_if)
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
+    try:
+        base = seen[seen.Key(0)].value
+        _, statuses = send(host.ns_v4, host.host_v4, ["/ok", "/error"])
+        assert statuses == [200, 500]
+        # Server-to-client segments arrive on the host side's ingress: at least the two
+        # responses and the FIN went through both filters.
+        assert seen[seen.Key(0)].value - base >= 3
+        assert "someone-else" in subprocess.run(
+            ["tc", "filter", "show", "dev", host.host_if, "ingress"],
+            capture_output=True, text=True).stdout
+    finally:
+        assert m.stop() == 0, m.output
+    after = snapshot(host.host_if)
+    assert after == before
+    assert any(f[-1] == "someone-else" for f in after if len(f) == 5)
+
+
+def test_sigkill_then_restart_replaces_not_stacks(host, nginx, env, tmp_path):
+    before = snapshot(host.host_if)
+    dbg = debug_name()
+    first = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    # The kernel keeps the filters of a killed controller (they hold the program).
+    assert len(our_filter_lines(host.host_if)) == 2
+    status = run_cli("status", "--json", env=env)
+    rows = json.loads(status.stdout)["interfaces"]
+    assert [(r["iface"], r["owner"]) for r in rows] == [(host.host_if, "stale")]
+
+    second = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    try:
+        assert len(our_filter_lines(host.host_if)) == 2
+        assert "replacing the hooks of a stopped controller" in second.output
+        live = json.loads(run_cli("status", "--json", env=env).stdout)["interfaces"]
+        assert [(r["iface"], r["owner"]) for r in live] == [(host.host_if, "live")]
+        # The replacement mirrors: an error connection shows up in its flow map.
+        send(host.ns_v4, host.host_v4, ["/error"])
+        flows = json.loads(run_cli("flows", "--json", env=env).stdout)
+        assert [f["status"] for f in flows] == [500]
+    finally:
+        assert second.stop() == 0, second.output
+    # It adopted what the killed one created: qdisc and debug interface are gone too.
+    assert snapshot(host.host_if) == before
+    assert not link_exists(dbg)
+
+
+def test_detach_command_cleans_up_after_sigkill(host, env):
+    before = snapshot(host.host_if)
+    for hook in ("clsact", "htb"):
+        dbg = debug_name()
+        m = MirrorProcess("--iface", host.host_if, "--hook", hook,
+                          "--debug-iface", dbg, env=env).start()
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        assert snapshot(host.host_if) != before
+        out = run_cli("detach", "--iface", host.host_if, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "removed filter" in out.stdout
+        assert snapshot(host.host_if) == before, hook
+        with IPRoute() as ipr:
+            ipr.link("del", ifname=dbg)
+
+
+def test_detach_refuses_while_a_controller_runs(host, env):
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
+    try:
+        out = run_cli("detach", "--iface", host.host_if, env=env)
+        assert out.returncode == 2
+        assert "owned by a running controller" in out.stderr
+        assert len(our_filter_lines(host.host_if)) == 2
+        second = run_cli("run", "--iface", host.host_if, "--debug-iface", debug_name(),
+                         env=env)
+        assert second.returncode == 2
+        assert "already monitored by another mirror controller" in second.stderr
+    finally:
+        assert m.stop() == 0, m.output
+
+
+def _bad(args, env, expect, host):
+    before = snapshot(host.host_if)
+    links_before = set(l for l in os.listdir("/sys/class/net"))
+    out = run_cli(*args, env=env)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mirror: error:"), out.stderr
+    assert expect in lines[0]
+    assert snapshot(host.host_if) == before
+    assert set(os.listdir("/sys/class/net")) == links_before
+
+
+def test_bad_input_exits_2_and_touches_nothing(host, env, tmp_path):
+    i = host.host_if
+    _bad(["run", "--iface", "nosuch0"], env, "unknown interface 'nosuch0'", host)
+    _bad(["run", "--iface", i, "--trigger", "6xx"], env, "bad trigger spec", host)
+    _bad(["run", "--iface", i, "--trigger", "504-500"], env, "runs backwards", host)
+    _bad(["run", "--iface", i, "--debug-iface", i], env, "is also monitored", host)
+    _bad(["run", "--iface", i, "--metrics-addr", "nope"], env, "bad --metrics-addr", host)
+    _bad(["run", "--iface", i, "--debug-iface", "x" * 16], env, "bad debug interface name", host)
+    _bad(["run"], env, "no interface to monitor", host)
+    _bad(["run", "--iface", i], dict(env, BCC_KERNEL_SOURCE=str(tmp_path / "none")),
+         "kernel headers missing", host)
+    fake = tmp_path / "fakebcc" / "bcc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libbcc.so.0: cannot open')\n")
+    _bad(["run", "--iface", i], dict(env, PYTHONPATH=str(fake.parent)), "cannot import bcc",
+         host)
+    cfg = tmp_path / "bad.conf"
+    cfg.write_text("trigger = 5xy\n")
+    _bad(["run", "--iface", i, "--config", str(cfg)], env, "bad trigger spec", host)
+
+
+def test_not_root_exits_2(host, env):
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          *__import__("helpers").mirror_cmd("run", "--iface", host.host_if)],
+                         capture_output=True, text=True, env=env,
+                         cwd=__import__("helpers").ROOT)
+    assert out.returncode == 2, out.stderr
+    assert "must run as root" in out.stderr
+
+
+def test_htb_refused_on_foreign_root_qdisc(host, env):
+    subprocess.run(["tc", "qdisc", "add", "dev", host.host_if, "root", "handle", "5:", "tbf",
+                    "rate", "1gbit", "burst", "100k", "latency", "50ms"], check=True)
+    _bad(["run", "--iface", host.host_if, "--hook", "htb"], env,
+         "already has a root qdisc (tbf 5:)", host)
+
+
+def test_prio_taken_by_foreign_filter_kind_is_refused(host, env):
+    subprocess.run(["tc", "qdisc", "add", "dev", host.host_if, "clsact"], check=True)
+    subprocess.run(["tc", "filter", "add", "dev", host.host_if, "ingress", "prio", "1",
+                    "protocol", "all", "u32", "match", "u32", "0", "0"], check=True)
+    _bad(["run", "--iface", host.host_if], env, "holds another tool's u32 filter", host)
+
+
+def test_failure_half_way_rolls_back(host, state_dir):
+    """The second interface vanishes between the checks and the attach (a container
+    stopping): the kernel refuses, and the first interface is put back as it was and the
+    debug interface removed."""
+    from mirror.controller import Controller, Options
+    from mirror.netns import Host
+    other = Host.create()
+    try:
+        before = snapshot(host.host_if)
+        dbg = debug_name()
+        ctl = Controller(Options(ifaces=[host.host_if, other.host_if], debug_iface=dbg))
+        indexes = ctl.preflight()
+        other.destroy()
+        with pytest.raises(Exception) as err:
+            ctl.start(indexes)
+        assert getattr(err.value, "code", None) == 19 or "No such device" in str(err.value)
+        assert snapshot(host.host_if) == before
+        assert not link_exists(dbg)
+        assert list(state_dir.rglob("iface-*.json")) == []
+    finally:
+        other.destroy()
+
+
+def test_sighup_reloads_trigger_and_rejects_bad_config(host, nginx, env, tmp_path):
+    cfg = tmp_path / "mirror.conf"
+    cfg.write_text("trigger = 5xx\n")
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(),
+                      "--config", str(cfg), env=env).start()
+    try:
+        send(host.ns_v4, host.host_v4, ["/missing"])
+        assert json.loads(run_cli("flows", "--json", env=env).stdout) == []
+        cfg.write_text("trigger = 404\n")
+        m.signal(signal.SIGHUP)
+        assert m.wait_for("trigger set is now 404")
+        send(host.ns_v4, host.host_v4, ["/missing"])
+        send(host.ns_v4, host.host_v4, ["/error"])
+        flows = json.loads(run_cli("flows", "--json", env=env).stdout)
+        assert [f["status"] for f in flows] == [404]
+        cfg.write_text("trigger = 4x4\n")
+        m.signal(signal.SIGHUP)
+        assert m.wait_for("config rejected, keeping trigger 404")
+        send(host.ns_v4, host.host_v4, ["/missing"])
+        assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 2
+    finally:
+        assert m.stop() == 0, m.output
