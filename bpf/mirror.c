@@ -119,7 +119,11 @@ static __always_inline __u32 read_status(struct __sk_buff *skb, __u32 payload_of
     return (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
 }
 
-static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_stats *st)
+/* Clones the packet to the debug interface. `st` is the interface's stats when the
+ * caller already looked them up; the lookup is done here otherwise (cheap next to the
+ * clone itself). */
+static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_stats *st,
+                                          __u32 direction)
 {
     __u32 zero = 0;
     __u32 len = skb->len;
@@ -135,6 +139,8 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
     }
     count(C_MIRRORED_PACKETS, 1);
     count(C_MIRRORED_BYTES, len);
+    if (!st)
+        st = stats_of(skb->ifindex, direction);
     if (st) {
         st->mirrored_packets++;
         st->mirrored_bytes += len;
@@ -259,7 +265,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         status = read_status(skb, payload_off);
     if (!status) {
         if (fv)
-            mirror_packet(skb, 0);
+            mirror_packet(skb, 0, direction);
         return PASS;
     }
 
@@ -284,9 +290,9 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
             flows.update(&key, &nv);
             count(C_FLOWS_MARKED, 1);
         }
-        mirror_packet(skb, st);
+        mirror_packet(skb, st, direction);
     } else if (fv) {
-        mirror_packet(skb, st);
+        mirror_packet(skb, st, direction);
     }
     return PASS;
 

@@ -25,6 +25,10 @@ _SIMPLE = {
 }
 
 
+_ZERO_STATS = dict.fromkeys(("1xx", "2xx", "3xx", "4xx", "5xx", "other", "mirrored_packets",
+                             "mirrored_bytes"), 0)
+
+
 class MapCollector:
     def __init__(self, controller):
         self.ctl = controller
@@ -43,7 +47,11 @@ class MapCollector:
         mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
                                        "Packets mirrored, by interface and direction",
                                        labels=["iface", "direction"])
-        for (ifindex, direction), stats in sorted(ctl.classifier.iface_stats().items()):
+        stats_by_key = ctl.classifier.iface_stats()
+        for ifindex in names:       # attached interfaces show zeros before any traffic
+            for direction in ("ingress", "egress"):
+                stats_by_key.setdefault((ifindex, direction), _ZERO_STATS)
+        for (ifindex, direction), stats in sorted(stats_by_key.items()):
             iface = names.get(ifindex, f"ifindex{ifindex}")
             for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other"):
                 resp.add_metric([iface, direction, cls], stats[cls])

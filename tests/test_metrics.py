@@ -1,0 +1,73 @@
+"""The Prometheus endpoint reports what the traffic was: responses by class, flows
+marked and packets mirrored, matching the requests sent and the capture."""
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import MirrorProcess, env_with
+from mirror.lab import send
+from mirror.netns import unique_name
+from mirror.pcap import Tcpdump, read_packets
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
+    port = free_port()
+    dbg = unique_name("d")
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg,
+                      "--metrics-addr", f"127.0.0.1:{port}",
+                      env=env_with(MIRROR_STATE_DIR=state_dir)).start()
+    dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+    try:
+        sent = {"/ok": 3, "/missing": 2, "/error": 4}
+        for path, n in sent.items():
+            for i in range(n):
+                server, source = ((host.ns_v4, host.host_v4) if i % 2 else
+                                  (host.ns_v6, host.host_v6))
+                send(server, source, [path])
+        time.sleep(0.3)
+        dump.stop()
+        metrics = scrape(port)
+    finally:
+        dump.stop()
+        assert m.stop() == 0, m.output
+
+    def resp(direction, cls):
+        labels = (("class", cls), ("direction", direction), ("iface", host.host_if))
+        return metrics[("mirror_http_responses_total", labels)]
+
+    # Responses travel server -> client: they reach the host side's ingress hook.
+    assert [resp("ingress", c) for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")] == \
+        [0, 3, 0, 2, 4, 0]
+    assert all(resp("egress", c) == 0 for c in ("2xx", "4xx", "5xx"))
+    assert metrics[("mirror_flows_marked_total", ())] == 4
+    captured = len(read_packets(str(tmp_path / "m.pcap")))
+    assert captured > 0
+    assert metrics[("mirror_mirrored_packets_total", ())] == captured
+    by_iface = sum(v for (name, labels), v in metrics.items()
+                   if name == "mirror_iface_mirrored_packets_total")
+    assert by_iface == captured
+    assert metrics[("mirror_clone_failures_total", ())] == 0
+    assert metrics[("mirror_flows_active", ())] == 4
+    assert metrics[("mirror_interfaces_attached", ())] == 1

@@ -1,0 +1,76 @@
+"""Pure Python: trigger specs, flow keys, the config file."""
+from __future__ import annotations
+
+import pytest
+
+from mirror.controller import read_config
+from mirror.errors import UsageError
+from mirror.flowkey import FlowKey
+from mirror.trigger import describe, parse_trigger
+
+
+@pytest.mark.parametrize("spec,codes", [
+    ("5xx", set(range(500, 600))),
+    ("500", {500}),
+    ("500-504", {500, 501, 502, 503, 504}),
+    ("429,5xx", {429} | set(range(500, 600))),
+    (" 404 , 503 ", {404, 503}),
+    ("4XX", set(range(400, 500))),
+    ("none", set()),
+    ("100-101,599", {100, 101, 599}),
+])
+def test_trigger_specs(spec, codes):
+    assert parse_trigger(spec) == codes
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("", "empty trigger spec"),
+    ("6xx", "cannot read '6xx'"),
+    ("5x", "cannot read '5x'"),
+    ("600", "outside 100-599"),
+    ("099", "outside 100-599"),
+    ("504-500", "runs backwards"),
+    ("500,,", "cannot read ''"),
+    ("abc", "cannot read 'abc'"),
+])
+def test_bad_trigger_specs_name_the_problem(spec, msg):
+    with pytest.raises(UsageError, match=msg):
+        parse_trigger(spec)
+
+
+def test_describe_round_trips():
+    for spec in ("5xx", "404", "429,5xx", "500-504", "none", "1xx,3xx,404-406"):
+        assert parse_trigger(describe(parse_trigger(spec))) == parse_trigger(spec)
+    assert describe(parse_trigger("429,5xx")) == "429,5xx"
+    assert describe(parse_trigger("500-502,404")) == "404,500-502"
+
+
+def test_flow_key_is_direction_free_and_round_trips():
+    a = FlowKey.from_endpoints("198.18.0.2", 80, "198.18.0.1", 40000)
+    b = FlowKey.from_endpoints("198.18.0.1", 40000, "198.18.0.2", 80)
+    assert a == b and a.addr_lo == "198.18.0.1" and a.port_lo == 40000
+    assert FlowKey.from_bytes(a.to_bytes()) == a
+    assert len(a.to_bytes()) == 40
+    # Same address on both ends (loopback): the port decides.
+    c = FlowKey.from_endpoints("198.18.0.1", 9000, "198.18.0.1", 80)
+    assert (c.port_lo, c.port_hi) == (80, 9000)
+    v6 = FlowKey.from_endpoints("2001:db8::2", 80, "2001:db8::1", 5555)
+    assert v6.family == 6 and v6.addr_lo == "2001:db8::1"
+    assert FlowKey.from_bytes(v6.to_bytes()) == v6
+    assert str(v6) == "[2001:db8::1]:5555 <-> [2001:db8::2]:80"
+    with pytest.raises(ValueError):
+        FlowKey.from_endpoints("198.18.0.1", 1, "2001:db8::1", 2)
+
+
+def test_config_file(tmp_path):
+    cfg = tmp_path / "m.conf"
+    cfg.write_text("# comment\ntrigger = '429,5xx'\nidle_timeout = 12.5\n")
+    assert read_config(str(cfg)) == {"trigger": "429,5xx", "idle_timeout": 12.5}
+    cfg.write_text("triger = 5xx\n")
+    with pytest.raises(UsageError, match="m.conf:1: expected"):
+        read_config(str(cfg))
+    cfg.write_text("idle_timeout = -1\n")
+    with pytest.raises(UsageError, match="must be positive"):
+        read_config(str(cfg))
+    with pytest.raises(UsageError, match="cannot read config"):
+        read_config(str(tmp_path / "missing.conf"))
