@@ -125,3 +125,65 @@ def test_flows_command_lists_marked_flows(host, nginx, tmp_path):
     assert flows[0]["packets"] <= len(mirrored[err].packets)
     assert flows[0]["packets"] >= 3
     assert str(err.port_lo) in table.stdout and "500" in table.stdout
+
+
+def test_capture_holds_mirrored_packets_only(host, nginx, tmp_path):
+    """No router solicitation, MLD report or anything else of the debug interface's own:
+    every frame in the pcap is a mirrored TCP segment."""
+    import dpkt
+    with Session(host, tmp_path, "clsact") as s:
+        connect(host, 6, ["/error"])
+        time.sleep(1.0)     # long enough for a fresh interface's RS/MLD, were IPv6 on
+        connect(host, 4, ["/error"])
+        mirrored, _ = s.finish()
+    with open(tmp_path / "mirror.pcap", "rb") as f:
+        frames = [buf for _, buf in dpkt.pcap.Reader(f)]
+    assert len(frames) == sum(len(fl.packets) for fl in mirrored.values()) > 0
+
+
+def test_idle_flow_expires_and_stops_mirroring(host, nginx, tmp_path):
+    import http.client
+    from helpers import run_cli
+    import json
+    with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "1")) as s:
+        conn = http.client.HTTPConnection(host.ns_v4, 80, timeout=10,
+                                          source_address=(host.host_v4, 0))
+        conn.request("GET", "/error")
+        conn.getresponse().read()
+        env = env_with(MIRROR_STATE_DIR=tmp_path / "state")
+        assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 1
+        deadline = time.monotonic() + 30
+        while json.loads(run_cli("flows", "--json", env=env).stdout):
+            assert time.monotonic() < deadline, "flow never expired"
+            time.sleep(0.3)
+        conn.request("GET", "/ok")      # same connection, after expiry
+        conn.getresponse().read()
+        local = conn.sock.getsockname()
+        conn.close()
+        mirrored, ref = s.finish()
+    key = FlowKey.from_endpoints(local[0], local[1], host.ns_v4, 80)
+    assert mirrored[key].statuses == [500]
+    assert "GET /ok HTTP/1.1" not in mirrored[key].requests
+    assert ref[key].statuses == [500, 200]
+
+
+def test_existing_debug_iface_is_used_and_kept(host, nginx, tmp_path):
+    """A debug interface that was there before the controller is used, and left there."""
+    from mirror import debugif
+    from mirror.bpfprog import Sink
+    from pyroute2 import IPRoute
+    sink = Sink()
+    s = Session(host, tmp_path, "clsact")
+    with IPRoute() as ipr:
+        debugif.ensure(ipr, s.debug, lambda: sink.fd)
+    try:
+        with s:
+            assert "created" not in [l for l in s.mirror.lines if "debug interface" in l][0]
+            err, _ = connect(host, 4, ["/error"])
+            mirrored, _ = s.finish()
+        assert err in mirrored
+        with IPRoute() as ipr:
+            assert ipr.link_lookup(ifname=s.debug)
+    finally:
+        with IPRoute() as ipr:
+            debugif.remove(ipr, s.debug)
