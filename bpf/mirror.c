@@ -132,8 +132,10 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
         count(C_NO_DEBUG_IF, 1);
         return;
     }
-    /* Invalidates packet pointers: nothing below touches packet data. */
-    if (bpf_clone_redirect(skb, cfg->debug_ifindex, 0) < 0) {
+    /* Invalidates packet pointers: nothing below touches packet data. Negative: the
+     * clone was not sent (no such device, no memory); positive: a NET_XMIT_* drop or
+     * congestion code from the debug interface's qdisc (a down device drops there). */
+    if (bpf_clone_redirect(skb, cfg->debug_ifindex, 0) != 0) {
         count(C_CLONE_FAILURES, 1);
         return;
     }

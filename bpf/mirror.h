@@ -34,7 +34,7 @@ enum counter {
     C_FLOWS_MARKED,     /* flows newly marked by a trigger code */
     C_MIRRORED_PACKETS, /* clones sent to the debug interface */
     C_MIRRORED_BYTES,
-    C_CLONE_FAILURES,   /* bpf_clone_redirect() failed; the original packet is unaffected */
+    C_CLONE_FAILURES,   /* clone not sent or dropped by the debug interface; original unaffected */
     C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
     NR_COUNTERS,
 };
