@@ -101,21 +101,21 @@ static __always_inline void set_key(struct flow_key *key, const __u32 *src, __u1
     key->port_hi = src_low ? dport : sport;
 }
 
-/* Returns the status code of an HTTP/1.0 or HTTP/1.1 status line at the start of the
- * payload, or 0. The line must read "HTTP/1.x NNN" followed by a space (or a CR when
- * the reason phrase is absent). */
-static __always_inline __u32 read_status(struct __sk_buff *skb, __u32 payload_off)
+/* Returns the status code (0-999) of an HTTP/1.0 or HTTP/1.1 status line at the start
+ * of the payload, or -1 when there is none. The line must read "HTTP/1.x NNN" followed
+ * by a space (or a CR when the reason phrase is absent). */
+static __always_inline int read_status(struct __sk_buff *skb, __u32 payload_off)
 {
     char b[STATUS_LINE_LEN];
     if (bpf_skb_load_bytes(skb, payload_off, b, sizeof(b)) < 0)
-        return 0;
+        return -1;
     if (b[0] != 'H' || b[1] != 'T' || b[2] != 'T' || b[3] != 'P' || b[4] != '/' ||
         b[5] != '1' || b[6] != '.' || (b[7] != '0' && b[7] != '1') || b[8] != ' ')
-        return 0;
+        return -1;
     if (b[9] < '0' || b[9] > '9' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9')
-        return 0;
+        return -1;
     if (b[12] != ' ' && b[12] != '\r')
-        return 0;
+        return -1;
     return (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
 }
 
@@ -262,15 +262,16 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         fv->ifindex = skb->ifindex;
     }
 
-    __u32 status = 0;
+    int code = -1;
     if (payload_end - payload_off >= STATUS_LINE_LEN)
-        status = read_status(skb, payload_off);
-    if (!status) {
+        code = read_status(skb, payload_off);
+    if (code < 0) {
         if (fv)
             mirror_packet(skb, 0, direction);
         return PASS;
     }
 
+    __u32 status = code;
     count(C_RESPONSES, 1);
     __u32 cls = (status >= 100 && status < 600) ? status / 100 - 1 : 5;
     count(C_RESP_1XX + cls, 1);

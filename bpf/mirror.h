@@ -54,7 +54,8 @@ struct flow_key {
 /* Per-CPU value of a marked flow. "Marked" means the key exists; the slot of a CPU that
  * has not seen the flow since it was marked is all zero. */
 struct flow_value {
-    __u64 packets;      /* packets mirrored on this CPU */
+    __u64 packets;      /* packets of the flow seen on this CPU since it was marked (each
+                         * one cloned, or counted as a clone failure / no_debug_if) */
     __u64 bytes;
     __u64 first_ns;     /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the first one on this CPU */
     __u64 last_ns;

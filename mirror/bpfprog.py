@@ -119,11 +119,11 @@ class Classifier:
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}
         self.max_flows = max_flows
-        self._flows = self.bpf.get_table("flows")
-        self._trigger = self.bpf.get_table("trigger")
-        self._config = self.bpf.get_table("config")
-        self._counters = self.bpf.get_table("counters")
-        self._iface_stats = self.bpf.get_table("iface_stats")
+        self._flows = self.bpf.get_table(b"flows")
+        self._trigger = self.bpf.get_table(b"trigger")
+        self._config = self.bpf.get_table(b"config")
+        self._counters = self.bpf.get_table(b"counters")
+        self._iface_stats = self.bpf.get_table(b"iface_stats")
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -175,7 +175,11 @@ class Classifier:
                 "bytes": sum(v.bytes for v in per_cpu),
                 "first_ns": min((v.first_ns for v in cpus if v.first_ns), default=0),
                 "last_ns": max((v.last_ns for v in per_cpu), default=0),
-                "status": max(cpus, key=lambda v: v.last_ns).status if cpus else 0,
+                # The trigger status lives in the slots of the CPUs that saw a trigger
+                # response; the others carry later packets only.
+                "status": max((v for v in per_cpu if v.status),
+                              key=lambda v: v.last_ns, default=None).status
+                          if any(v.status for v in per_cpu) else 0,
                 "cpus": [i for i, v in enumerate(per_cpu) if v.packets],
             }
         return out
