@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trigger", default=_env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
                      help="status codes that mark a connection: codes, ranges, classes, "
                      "e.g. 5xx, 500-504, 429,5xx, or none (default %(default)s)")
-    run.add_argument("--hook", choices=["clsact", "htb"], default=_env("MIRROR_HOOK", "clsact"),
+    run.add_argument("--hook", choices=["clsact", "htb", "tcx"],
+                     default=_env("MIRROR_HOOK", "clsact"),
                      help="clsact: lockless, leaves the root qdisc alone (default); htb: "
-                     "ingress qdisc + htb root qdisc, the original design's layout")
+                     "ingress qdisc + htb root qdisc, the original design's layout; tcx "
+                     "(Linux 6.6+): BPF links, no qdisc at all, released when the controller "
+                     "exits, so attaching and detaching never disturbs the device's queues")
     run.add_argument("--idle-timeout", type=_positive_float, metavar="SECONDS",
                      default=_env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)g)")

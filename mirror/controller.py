@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import debugif, state, tc
+from . import debugif, state, tc, tcx
 from .errors import UsageError
 from .trigger import describe, parse_trigger
 
 log = logging.getLogger("mirror")
+
+HOOKS = ("clsact", "htb", "tcx")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Attached:
     parents: dict[str, int]
     created: list[str] = field(default_factory=list)
     lock: state.Lock | None = None
+    links: dict[str, int] = field(default_factory=dict)     # tcx: direction -> link fd
 
     def record(self) -> dict:
         return {"ifname": self.ifname, "ifindex": self.ifindex, "hook": self.hook,
@@ -132,8 +135,10 @@ class Controller:
         if os.geteuid() != 0:
             raise UsageError("must run as root (or with CAP_BPF, CAP_NET_ADMIN and "
                              "CAP_PERFMON): loading BPF and changing qdiscs needs them")
-        if self.opts.hook not in tc.HOOKS:
-            raise UsageError(f"unknown hook {self.opts.hook!r}: use clsact or htb")
+        if self.opts.hook not in HOOKS:
+            raise UsageError(f"unknown hook {self.opts.hook!r}: use {', '.join(HOOKS)}")
+        if self.opts.hook == "tcx":
+            tcx.check_supported()
         if not self.opts.ifaces:
             raise UsageError("no interface to monitor: give --iface IF (or MIRROR_IFACE)")
         debugif.check_name(self.opts.debug_iface)
@@ -162,6 +167,8 @@ class Controller:
                 raise UsageError(f"{name} is already monitored by another mirror controller "
                                  f"(pid {rec.get('pid', '?')}); stop it first")
             stale = self._stale_record(name, indexes[name])
+            if self.opts.hook == "tcx":
+                continue
             tc.plan(self.ipr, indexes[name], name, self.opts.hook,
                     adopt_htb=self._adoptable(stale, indexes[name]))
         if self.opts.config:
@@ -233,6 +240,8 @@ class Controller:
         stale = self._stale_record(name, ifindex)
         if stale is None:
             state.remove("iface", name)     # none, or of an earlier interface of that name
+        if self.opts.hook == "tcx":
+            return self._attach_tcx(att, stale)
         adopt = self._adoptable(stale, ifindex)
         if stale and stale.get("hook") == self.opts.hook:
             att.created = list(stale.get("created", []))
@@ -257,6 +266,19 @@ class Controller:
         state.write("iface", name, att.record())
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
+
+    def _attach_tcx(self, att: Attached, stale: dict | None) -> None:
+        if stale and stale.get("hook") != "tcx":
+            log.info("%s: removing a stopped controller's %s hooks: %s", att.ifname,
+                     stale.get("hook"), ", ".join(detach_record(self.ipr, stale, att.ifindex)))
+        elif tc.our_filters(self.ipr, att.ifindex):
+            log.info("%s: removing this tool's tc filters found with no record: %s", att.ifname,
+                     ", ".join(detach_unrecorded(self.ipr, att.ifindex)))
+        state.write("iface", att.ifname, att.record())
+        for direction in ("ingress", "egress"):
+            att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
+                                              direction)
+        log.info("%s: attached (tcx links: ingress, egress)", att.ifname)
 
     def _stale_record(self, name: str, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if it still applies."""
@@ -299,6 +321,8 @@ class Controller:
                 log.warning("%s: interface is gone; forgetting it (the kernel removed its "
                             "hooks with it)", name)
                 self.classifier.forget_iface(att.ifindex)
+                for fd in att.links.values():
+                    os.close(fd)
                 state.remove("iface", name)
                 att.lock.release()
                 del self.attached[name]
@@ -353,7 +377,11 @@ class Controller:
             self._server.server_close()
             self._server = None
         for name, att in list(self.attached.items()):
-            if debugif.lookup(self.ipr, name) == att.ifindex:
+            for fd in att.links.values():
+                os.close(fd)            # releases the tcx link: detached
+            if att.links:
+                log.info("%s: detached (tcx links released)", name)
+            elif debugif.lookup(self.ipr, name) == att.ifindex:
                 done = detach_record(self.ipr, att.record(), att.ifindex)
                 log.info("%s: detached (%s)", name, ", ".join(done) or "nothing left")
             state.remove("iface", name)

@@ -6,9 +6,11 @@ import sys
 
 from pyroute2 import IPRoute
 
-from . import state, tc
+from . import state, tc, tcx
 from .controller import ask, detach_record, detach_unrecorded
 from .errors import UsageError
+
+PROG_NAMES = ("mirror_ingress", "mirror_egress")
 
 
 def collect() -> dict:
@@ -22,19 +24,18 @@ def collect() -> dict:
             recorded.add(name)
             live = state.is_held(state.iface_lock_name(name))
             present = links.get(rec["ifindex"]) == name
-            filters = tc.our_filters(ipr, rec["ifindex"]) if present else []
+            hooks = _hooks_of(ipr, rec["ifindex"]) if present else []
             ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec["pid"],
                            "owner": "live" if live else "stale",
                            "present": present, "qdiscs_created": rec["created"],
-                           "filters": [tc.fmt_handle(f.parent) for f in filters]})
+                           "filters": hooks})
         for idx, name in sorted(links.items()):
             if name in recorded:
                 continue
-            filters = tc.our_filters(ipr, idx)
-            if filters:
+            hooks = _hooks_of(ipr, idx)
+            if hooks:
                 ifaces.append({"iface": name, "hook": "?", "pid": None, "owner": "unrecorded",
-                               "present": True, "qdiscs_created": [],
-                               "filters": [tc.fmt_handle(f.parent) for f in filters]})
+                               "present": True, "qdiscs_created": [], "filters": hooks})
         controllers = [dict(rec, live=state.is_held(state.iface_lock_name(rec["ifaces"][0]))
                             if rec.get("ifaces") else False)
                        for rec in state.records("controller")]
@@ -42,6 +43,14 @@ def collect() -> dict:
                 "debug_ifaces": state.records("debug")}
     finally:
         ipr.close()
+
+
+def _hooks_of(ipr, ifindex: int) -> list[str]:
+    """This tool's hooks on an interface: tc filters by parent, tcx links by direction."""
+    hooks = [tc.fmt_handle(f.parent) for f in tc.our_filters(ipr, ifindex)]
+    names = set(PROG_NAMES)
+    hooks += [f"tcx:{l.direction}" for l in tcx.links(ifindex) if l.prog_name in names]
+    return hooks
 
 
 def render(report: dict) -> str:

@@ -65,7 +65,7 @@ def connect(host, family, paths):
     return FlowKey.from_endpoints(*tuple5), statuses
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb"])
+@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
 @pytest.mark.parametrize("family", [4, 6])
 def test_error_connections_mirrored_whole_and_nothing_else(host, nginx, tmp_path, hook, family):
     with Session(host, tmp_path, hook) as s:

@@ -49,20 +49,30 @@ def env(state_dir):
     return env_with(MIRROR_STATE_DIR=state_dir)
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb"])
+@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
 def test_detach_restores_qdiscs_exactly(host, env, hook):
+    from mirror import tcx
     before = snapshot(host.host_if)
     dbg = debug_name()
+    idx = int(open(f"/sys/class/net/{host.host_if}/ifindex").read())
     m = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
                       env=env).start()
     try:
         during = snapshot(host.host_if)
-        assert during != before
-        assert len(our_filter_lines(host.host_if)) == 2
+        if hook == "tcx":
+            assert during == before     # no qdisc, no filter: links only
+            assert sorted((l.direction, l.prog_name) for l in tcx.links(idx)) == [
+                ("egress", "mirror_egress"), ("ingress", "mirror_ingress")]
+            status = json.loads(run_cli("status", "--json", env=env).stdout)["interfaces"]
+            assert status[0]["filters"] == ["tcx:ingress", "tcx:egress"]
+        else:
+            assert during != before
+            assert len(our_filter_lines(host.host_if)) == 2
         assert link_exists(dbg)
     finally:
         assert m.stop() == 0, m.output
     assert snapshot(host.host_if) == before
+    assert tcx.links(idx) == []
     assert not link_exists(dbg)
 
 
@@ -96,9 +106,9 @@ def test_foreign_clsact_filter_survives_and_keeps_running(host, nginx, env):
     """Someone else's clsact and filter (lower priority than ours) stay in place through
     attach and detach, and keep seeing every packet while the mirror is attached."""
     from bcc import BPF
-    counter = BPF(text=COUNTER_PROG)
+    counter = BPF(text=COUNTER_PROG.encode())
     fn = counter.load_func(b"count_all", BPF.SCHED_CLS)
-    seen = counter.get_table("seen")
+    seen = counter.get_table(b"seen")
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=host.host_if)[0]
         ipr.tc("add", "clsact", idx)

@@ -1,0 +1,180 @@
+"""Faults while running: the debug interface deleted or down, a monitored interface
+removed, the controller killed under load. Production traffic must not notice."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from pyroute2 import IPRoute
+
+from helpers import MirrorProcess, env_with, run_cli
+from mirror.flowkey import FlowKey
+from mirror.lab import send
+from mirror.netns import Host, unique_name
+from mirror.pcap import Tcpdump, read_flows
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def counters(env) -> dict:
+    """The running controller's counters, through its control socket."""
+    from mirror import state
+    from mirror.controller import ask
+    import os
+    os.environ["MIRROR_STATE_DIR"] = env["MIRROR_STATE_DIR"]
+    try:
+        rec = state.records("controller")[0]
+        return ask(rec["socket"], "counters")
+    finally:
+        del os.environ["MIRROR_STATE_DIR"]
+
+
+def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = unique_name("d")
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    try:
+        send(host.ns_v4, host.host_v4, ["/error"])
+        with IPRoute() as ipr:
+            ipr.link("del", ifname=dbg)
+        # Production traffic is untouched while the mirror has nowhere to go.
+        for _ in range(5):
+            assert send(host.ns_v4, host.host_v4, ["/ok", "/error"])[1] == [200, 500]
+        assert m.wait_for(f"debug interface {dbg} recreated", timeout=30), m.output
+        assert m.output.count("disappeared") == 1
+        dump = Tcpdump(dbg, str(tmp_path / "after.pcap")).start()
+        tuple5, _ = send(host.ns_v4, host.host_v4, ["/error"])
+        time.sleep(0.3)
+        dump.stop()
+        assert FlowKey.from_endpoints(*tuple5) in read_flows(str(tmp_path / "after.pcap"))
+    finally:
+        assert m.stop() == 0, m.output
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname=dbg)      # the recreated one is removed too
+
+
+def test_debug_iface_down_counts_clone_failures(host, nginx, state_dir):
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = unique_name("d")
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    try:
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname=dbg)[0], state="down")
+        for _ in range(10):
+            assert send(host.ns_v4, host.host_v4, ["/error", "/ok"])[1] == [500, 200]
+        c = counters(env)
+        assert c["clone_failures"] > 0
+        assert c["flows_marked"] == 10
+        assert m.proc.poll() is None
+    finally:
+        assert m.stop() == 0, m.output
+
+
+def test_monitored_iface_removed_others_continue(host, nginx, state_dir, tmp_path):
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    other = Host.create()
+    dbg = unique_name("d")
+    try:
+        m = MirrorProcess("--iface", other.host_if, "--iface", host.host_if,
+                          "--debug-iface", dbg, env=env).start()
+        try:
+            other.destroy()
+            assert m.wait_for(f"{other.host_if}: interface is gone", timeout=30), m.output
+            dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+            tuple5, _ = send(host.ns_v4, host.host_v4, ["/error"])
+            time.sleep(0.3)
+            dump.stop()
+            assert FlowKey.from_endpoints(*tuple5) in read_flows(str(tmp_path / "m.pcap"))
+            ifaces = json.loads(run_cli("status", "--json", env=env).stdout)["interfaces"]
+            assert [i["iface"] for i in ifaces] == [host.host_if]
+        finally:
+            assert m.stop() == 0, m.output
+    finally:
+        other.destroy()
+
+
+def _iperf_udp(host, seconds: float, rate: str = "5M") -> subprocess.Popen:
+    return subprocess.Popen(["iperf3", "-c", host.ns_v4, "-B", host.host_v4, "-u", "-b", rate,
+                             "-l", "600", "-t", str(seconds), "-J"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _udp_server(host) -> subprocess.Popen:
+    server = host.popen("iperf3", "-s", "-1", "-B", host.ns_v4, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return server
+
+
+def _no_loss(stdout: bytes) -> None:
+    end = json.loads(stdout)["end"]["sum"]
+    assert end["packets"] > 1000
+    assert end["lost_packets"] == 0, end
+
+
+@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
+    """UDP at a fixed rate crosses the monitored interface while the controller is killed
+    with SIGKILL and started again (adopting, or for tcx re-creating, the hooks): the
+    server counts every datagram. For clsact and htb the qdiscs are added before and
+    removed after the load: adding or deleting a qdisc deactivates the device's queues
+    for a moment (see test_tcx_attach_detach_under_load_lose_nothing)."""
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = unique_name("d")
+    server = _udp_server(host)
+    try:
+        m = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
+                          env=env).start()
+        client = _iperf_udp(host, 8)
+        time.sleep(2)
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        time.sleep(1)
+        m2 = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
+                           env=env).start()
+        time.sleep(1)
+        m2.proc.send_signal(signal.SIGKILL)
+        m2.proc.wait()
+        stdout, _ = client.communicate(timeout=60)
+        out = run_cli("detach", "--iface", host.host_if, env=env)
+        assert out.returncode == 0, out.stderr
+    finally:
+        server.kill()
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=dbg):
+                ipr.link("del", ifname=dbg)
+    _no_loss(stdout)
+
+
+def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
+    """With tcx the whole lifecycle (attach, SIGTERM detach, attach, SIGKILL) happens
+    under load: no qdisc is touched, so nothing is lost."""
+    from mirror import tcx
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = unique_name("d")
+    server = _udp_server(host)
+    try:
+        client = _iperf_udp(host, 8)
+        time.sleep(1)
+        m = MirrorProcess("--iface", host.host_if, "--hook", "tcx", "--debug-iface", dbg,
+                          env=env).start()
+        time.sleep(1)
+        assert m.stop() == 0, m.output
+        m2 = MirrorProcess("--iface", host.host_if, "--hook", "tcx", "--debug-iface", dbg,
+                           env=env).start()
+        idx = int(open(f"/sys/class/net/{host.host_if}/ifindex").read())
+        assert sorted(l.direction for l in tcx.links(idx)) == ["egress", "ingress"]
+        time.sleep(1)
+        m2.proc.send_signal(signal.SIGKILL)
+        m2.proc.wait()
+        stdout, _ = client.communicate(timeout=60)
+        assert tcx.links(idx) == []     # the kernel released the killed one's links
+    finally:
+        server.kill()
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=dbg):
+                ipr.link("del", ifname=dbg)
+    _no_loss(stdout)
