@@ -58,8 +58,14 @@ class MapCollector:
             mirrored.add_metric([iface, direction], stats["mirrored_packets"])
         yield resp
         yield mirrored
+        active = ctl.classifier.flow_count()
         yield GaugeMetricFamily("mirror_flows_active", "Marked flows now in the map",
-                                value=ctl.classifier.flow_count())
+                                value=active)
+        # The LRU map evicts silently; what left the map and was not expired by the sweep
+        # was evicted (or, rarely, re-marked after an expiry).
+        yield CounterMetricFamily(
+            "mirror_flows_evicted", "Marked flows pushed out of the full map (LRU)",
+            value=max(0, counters["flows_marked"] - active - ctl.expired_total))
         yield GaugeMetricFamily("mirror_flows_capacity", "Size of the flow map (--max-flows)",
                                 value=ctl.opts.max_flows)
         yield CounterMetricFamily("mirror_flows_expired",
