@@ -33,11 +33,15 @@ def counters(env) -> dict:
 
 
 def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
+    from test_metrics import free_port, scrape
     env = env_with(MIRROR_STATE_DIR=state_dir)
     dbg = unique_name("d")
-    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    port = free_port()
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg,
+                      "--metrics-addr", f"127.0.0.1:{port}", env=env).start()
     try:
         send(host.ns_v4, host.host_v4, ["/error"])
+        assert scrape(port)[("mirror_debug_iface_recreated_total", ())] == 0
         with IPRoute() as ipr:
             ipr.link("del", ifname=dbg)
         # Production traffic is untouched while the mirror has nowhere to go.
@@ -50,6 +54,7 @@ def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
         time.sleep(0.3)
         dump.stop()
         assert FlowKey.from_endpoints(*tuple5) in read_flows(str(tmp_path / "after.pcap"))
+        assert scrape(port)[("mirror_debug_iface_recreated_total", ())] == 1
     finally:
         assert m.stop() == 0, m.output
     with IPRoute() as ipr:
