@@ -251,9 +251,12 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         goto malformed;
     count(C_TCP, 1);
 
-    __u64 now = bpf_ktime_get_ns();
+    /* The hot path: every TCP segment pays this one lookup (normalised key, so one
+     * lookup covers both directions). The clock is read only when a flow is touched. */
+    __u64 now = 0;
     struct flow_value *fv = flows.lookup(&key);
     if (fv) {
+        now = bpf_ktime_get_ns();
         fv->packets++;
         fv->bytes += skb->len;
         if (!fv->first_ns)
@@ -286,6 +289,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         if (fv) {
             fv->status = status;
         } else {
+            if (!now)
+                now = bpf_ktime_get_ns();
             struct flow_value nv = {
                 .packets = 1, .bytes = skb->len, .first_ns = now, .last_ns = now,
                 .ifindex = skb->ifindex, .status = status,
