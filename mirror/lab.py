@@ -8,6 +8,7 @@ import argparse
 import http.client
 import logging
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("lab", help="run the built-in demo in network namespaces",
                        description=__doc__.split("\n\n")[0].replace("\n", " "),
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hook", choices=["clsact", "htb"], default="clsact")
+    p.add_argument("--hook", choices=["clsact", "htb", "tcx"], default="clsact")
     p.add_argument("--trigger", default="5xx", metavar="SPEC")
     p.add_argument("--rounds", type=int, default=3, metavar="N",
                    help="how many times to send the request mix (default %(default)s)")
@@ -115,7 +116,7 @@ def cmd_lab(args) -> int:
         counters = ctl.classifier.counters()
         flows = read_flows(str(pcap_path))
         progress("report")
-        _report(sent, flows, counters, summary, pcap_path, ctl.codes)
+        unexpected = _report(sent, flows, counters, summary, pcap_path, ctl.codes)
     finally:
         if dump:
             dump.stop()
@@ -127,19 +128,26 @@ def cmd_lab(args) -> int:
         host.destroy()
     print("kernel state cleaned up: namespace, veths, qdiscs, filters and debug interface "
           "removed")
+    if unexpected:
+        print(f"{unexpected} connection(s) were not mirrored as the trigger set says: "
+              "see the UNEXPECTED lines above", file=sys.stderr)
+        return 1
     return 0
 
 
-def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> None:
+def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> int:
+    """Prints what was sent and captured; returns how many connections were mirrored
+    when they should not have been, or not when they should."""
     print()
     print(f"{'connection (client side first)':58} {'statuses':22} {'mirrored':>8}")
-    mirrored_conns = 0
+    mirrored_conns = unexpected = 0
     for label, key, statuses in sent:
         got = flows.get(key)
         n = len(got.packets) if got else 0
         mirrored_conns += bool(got)
         should = any(s in codes for s in statuses)
         mark = "ok" if bool(got) == should else "UNEXPECTED"
+        unexpected += mark != "ok"
         print(f"{str(key):58} {','.join(map(str, statuses)):22} {n:>5} pk  {mark}")
     print()
     resp = Counter({cls: counters[f"resp_{cls}"] for cls in ("1xx", "2xx", "3xx", "4xx", "5xx")})
@@ -152,3 +160,4 @@ def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> None:
           f"{len(flows)} connections, {mirrored_conns} of them matching a sent request; "
           + "; ".join(l.strip() for l in tcpdump_summary if "packets" in l))
     print(f"pcap left at {pcap_path} (tcpdump -nr {pcap_path} -A | less)")
+    return unexpected

@@ -187,3 +187,14 @@ def test_existing_debug_iface_is_used_and_kept(host, nginx, tmp_path):
     finally:
         with IPRoute() as ipr:
             debugif.remove(ipr, s.debug)
+
+
+def test_lab_demo(tmp_path):
+    """The README's demo command: builds its own host, reports, cleans up, exits 0."""
+    from helpers import run_cli
+    out = run_cli("lab", "--rounds", "1", "--output", str(tmp_path / "lab"), timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "UNEXPECTED" not in out.stdout
+    assert "6 connections marked" in out.stdout      # 3 error connections x IPv4, IPv6
+    assert (tmp_path / "lab" / "mirror.pcap").stat().st_size > 24
+    assert "kernel state cleaned up" in out.stdout
