@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .lab import add_parser as add_lab
     add_lab(sub)
+    from .capture import add_parser as add_capture
+    add_capture(sub)
     return p
 
 
