@@ -103,3 +103,18 @@ def env_with(**kw) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in kw.items()})
     return env
+
+
+def controller_ask(state_dir, what: str = "counters"):
+    """Asks the one controller recorded in `state_dir` over its control socket."""
+    from mirror import state
+    from mirror.controller import ask
+    old = os.environ.get("MIRROR_STATE_DIR")
+    os.environ["MIRROR_STATE_DIR"] = str(state_dir)
+    try:
+        return ask(state.records("controller")[0]["socket"], what)
+    finally:
+        if old is None:
+            del os.environ["MIRROR_STATE_DIR"]
+        else:
+            os.environ["MIRROR_STATE_DIR"] = old

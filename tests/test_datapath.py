@@ -2,7 +2,6 @@
 fragments, and a capture side that stops reading."""
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -10,24 +9,13 @@ import time
 
 import pytest
 
-from helpers import MirrorProcess, env_with
+from helpers import MirrorProcess, controller_ask, env_with
 from mirror.flowkey import FlowKey
 from mirror.lab import send
 from mirror.netns import unique_name
 from mirror.pcap import Tcpdump, read_flows
 
 pytestmark = pytest.mark.integration
-
-
-def controller_counters(state_dir) -> dict:
-    from mirror import state
-    from mirror.controller import ask
-    import os
-    os.environ["MIRROR_STATE_DIR"] = str(state_dir)
-    try:
-        return ask(state.records("controller")[0]["socket"], "counters")
-    finally:
-        del os.environ["MIRROR_STATE_DIR"]
 
 
 def test_status_line_in_page_fragments_of_gso_packets(host, nginx, state_dir, tmp_path):
@@ -44,7 +32,7 @@ def test_status_line_in_page_fragments_of_gso_packets(host, nginx, state_dir, tm
         tuple5, statuses = send(host.ns_v4, host.host_v4, ["/big"])
         time.sleep(0.3)
         dump.stop()
-        c = controller_counters(state_dir)
+        c = controller_ask(state_dir)
     finally:
         dump.stop()
         assert m.stop() == 0, m.output
@@ -75,7 +63,7 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
                              timeout=300)
         dump.proc.send_signal(signal.SIGCONT)
         summary = dump.stop()
-        c = controller_counters(state_dir)
+        c = controller_ask(state_dir)
         assert m.proc.poll() is None
     finally:
         dump.proc.send_signal(signal.SIGCONT)

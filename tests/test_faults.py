@@ -10,26 +10,13 @@ import time
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import MirrorProcess, env_with, run_cli
+from helpers import MirrorProcess, controller_ask, env_with, run_cli
 from mirror.flowkey import FlowKey
 from mirror.lab import send
 from mirror.netns import Host, unique_name
 from mirror.pcap import Tcpdump, read_flows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def counters(env) -> dict:
-    """The running controller's counters, through its control socket."""
-    from mirror import state
-    from mirror.controller import ask
-    import os
-    os.environ["MIRROR_STATE_DIR"] = env["MIRROR_STATE_DIR"]
-    try:
-        rec = state.records("controller")[0]
-        return ask(rec["socket"], "counters")
-    finally:
-        del os.environ["MIRROR_STATE_DIR"]
 
 
 def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
@@ -70,7 +57,7 @@ def test_debug_iface_down_counts_clone_failures(host, nginx, state_dir):
             ipr.link("set", index=ipr.link_lookup(ifname=dbg)[0], state="down")
         for _ in range(10):
             assert send(host.ns_v4, host.host_v4, ["/error", "/ok"])[1] == [500, 200]
-        c = counters(env)
+        c = controller_ask(state_dir)
         assert c["clone_failures"] > 0
         assert c["flows_marked"] == 10
         assert m.proc.poll() is None
