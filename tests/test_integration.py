@@ -198,3 +198,28 @@ def test_lab_demo(tmp_path):
     assert "6 connections marked" in out.stdout      # 3 error connections x IPv4, IPv6
     assert (tmp_path / "lab" / "mirror.pcap").stat().st_size > 24
     assert "kernel state cleaned up" in out.stdout
+
+
+def test_active_flow_never_expires(host, nginx, tmp_path):
+    """A marked connection that keeps sending (one request every 0.3 s for 4 s, idle
+    timeout 1 s) stays marked and every one of its packets is mirrored."""
+    import http.client
+    from helpers import run_cli
+    import json
+    with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "1")) as s:
+        conn = http.client.HTTPConnection(host.ns_v4, 80, timeout=10,
+                                          source_address=(host.host_v4, 0))
+        conn.request("GET", "/error")
+        conn.getresponse().read()
+        env = env_with(MIRROR_STATE_DIR=tmp_path / "state")
+        for _ in range(13):
+            time.sleep(0.3)
+            conn.request("GET", "/ok")
+            conn.getresponse().read()
+            assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 1
+        local = conn.sock.getsockname()
+        conn.close()
+        mirrored, ref = s.finish()
+    key = FlowKey.from_endpoints(local[0], local[1], host.ns_v4, 80)
+    assert same_packets(mirrored[key].packets, from_first_status(ref[key].packets, 500))
+    assert mirrored[key].statuses == [500] + [200] * 13
