@@ -1,0 +1,20 @@
+# Entry points; each script installs what it needs first (scripts/setup, idempotent).
+PYTHON := .venv/bin/python
+
+.PHONY: test demo bench bench-quick
+
+test:
+	scripts/test
+
+demo:
+	scripts/demo
+
+# Full bench (about 25 minutes, both CPUs busy): bench/results/<timestamp>.* and latest.*
+bench:
+	scripts/setup
+	$(PYTHON) -m bench
+
+# One short round (about a minute): bench/results/quick/
+bench-quick:
+	scripts/setup
+	$(PYTHON) -m bench --quick

@@ -1,0 +1,111 @@
+"""python -m bench: what the mirror costs, side by side with no monitor and with the
+thesis monitor. See bench/__init__.py for what it measures and docs/bench.md for results."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import plots, report, runner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+EPILOG = """\
+examples:
+  python -m bench                  # full run (about 20 minutes): bench/results/
+  python -m bench --quick          # about 90 s, one round: bench/results/quick/
+  python -m bench --rounds 5       # more rounds on a quiet machine
+  python -m bench --report bench/results/latest.json   # redo table and plots from a JSON
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n\n")[0],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="one round, about a second per run (CI uses it so the bench never rots)")
+    p.add_argument("--rounds", type=int, help="rounds (default: 3 full, 1 quick)")
+    p.add_argument("--seconds", type=float,
+                   help="h2load and iperf3 seconds per run (default: 8 full, 1 quick)")
+    p.add_argument("--configs", help="comma-separated subset of: untraced, qdiscs, "
+                   "mirror-htb, mirror-clsact, thesis (untraced is always included)")
+    p.add_argument("--out", type=Path,
+                   help="results directory (default bench/results, quick: bench/results/quick)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="only rewrite the Markdown and plots of an earlier run's JSON")
+    return p.parse_args(argv)
+
+
+def settings_from(args) -> runner.Settings:
+    st = runner.QUICK if args.quick else runner.FULL
+    if args.rounds:
+        st = replace(st, rounds=args.rounds)
+    if args.seconds:
+        st = replace(st, h2load_seconds=args.seconds, iperf_seconds=max(1, round(args.seconds)))
+    return st
+
+
+def write_outputs(result: dict, outdir: Path, stem: str, make_plots: bool) -> Path:
+    outdir.mkdir(parents=True, exist_ok=True)
+    summary = report.summarize(result)
+    result["summary"] = summary
+    labels = {c["key"]: c["label"] for c in result["configs"]}
+    pngs = {}
+    if make_plots and plots.available():
+        pngs = plots.make_all(summary, labels, outdir, stem)
+    elif make_plots:
+        print("bench: matplotlib missing (pip install '.[bench]'): no plots", file=sys.stderr)
+    md = report.markdown(result, summary, pngs)
+    json_path = outdir / f"{stem}.json"
+    json_path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    (outdir / f"{stem}.md").write_text(md)
+    if stem != "latest":
+        shutil.copyfile(json_path, outdir / "latest.json")
+        (outdir / "latest.md").write_text(md)
+    return json_path
+
+
+def _interrupt(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, through every cleanup."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        result = json.loads(args.report.read_text())
+        stem = args.report.stem
+        if stem == "latest":
+            stem = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(result["started"]))
+        path = write_outputs(result, args.out or args.report.parent, stem, not args.no_plots)
+        report.print_targets(result["summary"])
+        print(f"bench: rewrote {path.with_suffix('.md')}")
+        return 0
+    st = settings_from(args)
+    only = None
+    if args.configs:
+        only = {"untraced", *(c.strip() for c in args.configs.split(",") if c.strip())}
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = runner.run(st, sorted(only) if only else None)
+    except KeyboardInterrupt:
+        print("bench: interrupted; namespaces, qdiscs, filters and debug interfaces removed",
+              file=sys.stderr)
+        return 130
+    outdir = args.out or (RESULTS / "quick" if st.mode == "quick" else RESULTS)
+    stem = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(result["started"]))
+    path = write_outputs(result, outdir, stem, not args.no_plots)
+    report.print_targets(result["summary"])
+    print(f"\nbench: results in {path} and {path.with_suffix('.md')} (also latest.*)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Per-packet cost: BPF_PROG_TEST_RUN over crafted frames, kernel-timed.
+
+Every program runs every frame class, interleaved (class by class, program by program,
+`rounds` times), on one pinned CPU; the figure kept is the median over rounds. Two
+timing methods, each also applied to the empty classifier so that ratios compare like
+with like:
+  - repeat: one BPF_PROG_TEST_RUN call with a large `repeat`; `duration` is the kernel's
+    mean ns per repetition. Used for every frame class whose state does not change between
+    repetitions (a marked flow stays marked).
+  - single: `repeat=1` calls, the flow unmarked again between calls, for the packet that
+    marks a flow; the median of the per-call durations.
+
+Programs: the empty classifier, the thesis reproduction, the mirror deciding only (its
+debug ifindex 0, so a packet to mirror is counted and not cloned: the thesis's clone is
+an act_mirred action outside its program, which BPF_PROG_TEST_RUN never runs), and the
+mirror with its clone to a real debug interface (the full in-program cost)."""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mirror.bpfprog import test_run
+from mirror.flowkey import FlowKey
+
+from . import frames as fr
+
+
+@dataclass
+class Subject:
+    name: str
+    fd_for: Callable[[str], int]                  # direction -> prog fd
+    handles: Callable[[fr.FrameClass], bool]      # whether it parses this frame class
+    unmark: Callable[[fr.FrameClass], None]
+    prepare: Callable[[], None] = lambda: None    # called before each measurement
+
+
+@dataclass
+class Result:
+    frame: str
+    method: str
+    ns: dict[str, list[int]] = field(default_factory=dict)   # subject -> per round
+
+    def median(self, subject: str) -> float:
+        return statistics.median(self.ns[subject])
+
+
+def _flow_key(fc: fr.FrameClass) -> FlowKey:
+    return FlowKey.from_endpoints(fr.CLIENT[fc.family], fr.CLIENT_PORT, fr.SERVER[fc.family],
+                                  fr.SERVER_PORT)
+
+
+def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
+    def mirror_unmark(fc):
+        classifier.delete_flow(_flow_key(fc))
+
+    def decide_only():
+        classifier.set_debug_ifindex(0)
+
+    def with_clone():
+        classifier.set_debug_ifindex(debug_ifindex)
+
+    return [
+        Subject("empty", lambda d: empty.fd, lambda fc: True, lambda fc: None),
+        Subject("thesis", lambda d: thesis.fd, lambda fc: fc.family == 4,
+                lambda fc: thesis.clear()),
+        Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, decide_only),
+        Subject("mirror+clone", classifier.fd, lambda fc: True, mirror_unmark, with_clone),
+    ]
+
+
+def _measure(subject: Subject, fc: fr.FrameClass, repeat: int, singles: int) -> int:
+    fd = subject.fd_for(fc.direction)
+    subject.prepare()
+    subject.unmark(fc)
+    if fc.fresh:
+        samples = []
+        for _ in range(singles):
+            subject.unmark(fc)
+            samples.append(test_run(fd, fc.frame, 1).duration_ns)
+        subject.unmark(fc)
+        return int(statistics.median(samples))
+    if fc.marked:
+        test_run(subject.fd_for("ingress"), fr.marking_frame(fc.family), 1)
+    test_run(fd, fc.frame, max(1, repeat // 100))      # warm caches and branch predictors
+    ns = test_run(fd, fc.frame, repeat).duration_ns
+    subject.unmark(fc)
+    return ns
+
+
+def run(subjs: list[Subject], rounds: int, repeat: int, singles: int, cpu: int,
+        progress: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """Measures every subject on every frame class; BPF_PROG_TEST_RUN runs on the CPU the
+    calling thread is on, so the thread is pinned to `cpu` meanwhile."""
+    classes = fr.frame_classes()
+    results = {fc.key: Result(fc.key, "single" if fc.fresh else "repeat") for fc in classes}
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for r in range(rounds):
+            progress(f"per-packet cost: round {r + 1}/{rounds}")
+            for fc in classes:
+                for s in subjs:
+                    ns = _measure(s, fc, repeat, singles)
+                    results[fc.key].ns.setdefault(s.name, []).append(ns)
+    finally:
+        os.sched_setaffinity(0, old)
+    handled = {fc.key: [s.name for s in subjs if s.handles(fc)] for fc in classes}
+    for fc in classes:
+        results[fc.key].handled = handled[fc.key]
+    return [results[fc.key] for fc in classes]
+
+
+def summarize(results: list[Result]) -> list[dict]:
+    """Rows for the report: median ns per subject, and the ratio to the empty classifier
+    measured the same way."""
+    rows = []
+    for res in results:
+        base = res.median("empty")
+        row = {"frame": res.frame, "method": res.method, "handled_by": res.handled,
+               "ns": {}, "ratio_to_empty": {}, "raw_ns": res.ns}
+        for name in res.ns:
+            m = res.median(name)
+            row["ns"][name] = m
+            row["ratio_to_empty"][name] = round(m / base, 3) if base else None
+        rows.append(row)
+    return rows

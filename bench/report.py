@@ -1,0 +1,313 @@
+"""From raw runs to what an operator reads: medians over rounds, ratios to untraced,
+targets met or not, a Markdown report.
+
+Ratios are paired: each round's value divided by the untraced value of the same round
+(configurations run back to back within a round, so slow drift of the machine cancels),
+then the median over rounds. Medians of the raw values are reported next to them."""
+from __future__ import annotations
+
+import statistics
+import time
+
+BASE = "untraced"
+CLSACT = "mirror-clsact"
+THESIS = "thesis"
+
+TARGETS = (
+    ("http-0", "HTTP throughput at 0 % errors, mirror (clsact) / untraced", 0.98),
+    ("http-100", "HTTP throughput at 100 % errors, mirror (clsact) / untraced", 0.97),
+    ("iperf-off", "iperf3 throughput, offloads off, mirror (clsact) / untraced", 0.98),
+)
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _stat(by_round: dict, base_by_round: dict | None) -> dict:
+    out = {"values": [by_round[r] for r in sorted(by_round)], "median": _median(by_round.values())}
+    if base_by_round is not None:
+        ratios = [by_round[r] / base_by_round[r] for r in by_round
+                  if r in base_by_round and base_by_round[r]]
+        out["ratio"] = round(_median(ratios), 4) if ratios else None
+    return out
+
+
+def _series(runs, config, metric, **match) -> dict:
+    out = {}
+    for r in runs:
+        if r["config"] != config or any(r.get(k) != v for k, v in match.items()):
+            continue
+        v = metric(r)
+        if v is not None:
+            out[r["round"]] = v
+    return out
+
+
+HTTP_METRICS = {
+    "req_per_s": lambda r: r["req_per_s"],
+    "mean_us": lambda r: r["latency"].get("mean_us"),
+    "p50_us": lambda r: r["latency"].get("p50_us"),
+    "p90_us": lambda r: r["latency"].get("p90_us"),
+    "p99_us": lambda r: r["latency"].get("p99_us"),
+    "error_share": lambda r: r["error_share"],
+}
+
+
+def summarize(result: dict) -> dict:
+    configs = [c["key"] for c in result["configs"]]
+    runs = [r for r in result["runs"] if "error" not in r]
+    failed = [r for r in result["runs"] if "error" in r]
+    iperf = {}
+    for off in ("on", "off"):
+        base = _series(runs, BASE, lambda r: r["bits_per_second"], workload="iperf3",
+                       offloads=off)
+        iperf[off] = {c: _stat(_series(runs, c, lambda r: r["bits_per_second"],
+                                       workload="iperf3", offloads=off),
+                               base if base else None) for c in configs}
+    http = {}
+    for pct in result["settings"]["error_levels"]:
+        http[pct] = {}
+        for c in configs:
+            row = {}
+            for name, fn in HTTP_METRICS.items():
+                base = _series(runs, BASE, fn, workload="h2load", error_pct=pct)
+                row[name] = _stat(_series(runs, c, fn, workload="h2load", error_pct=pct),
+                                  base if base and name != "error_share" else None)
+            row["completeness"] = _completeness(
+                [r for r in runs if r["config"] == c and r["workload"] == "h2load"
+                 and r["error_pct"] == pct])
+            row["log2_hist"] = _sum_hists(
+                [r["latency"].get("log2_hist") for r in runs if r["config"] == c
+                 and r["workload"] == "h2load" and r["error_pct"] == pct])
+            http[pct][c] = row
+    summary = {"iperf3": iperf, "http": http, "failed_runs": len(failed),
+               "in_traffic": _in_traffic(result.get("in_traffic", [])),
+               "microbench": result.get("microbench", [])}
+    summary["completeness"] = _completeness_verdict(result, http)
+    summary["targets"] = targets(summary)
+    return summary
+
+
+def _completeness(runs: list[dict]) -> dict | None:
+    comps = [r["completeness"] for r in runs if "completeness" in r]
+    if not comps:
+        return None
+    keys = ("responses_5xx", "error_connections", "error_flows_mirrored", "ok_flows_mirrored",
+            "mirrored_packets", "min_packets_expected")
+    out = {k: sum(c[k] for c in comps) for k in keys}
+    out["runs"] = len(comps)
+    out["complete_runs"] = sum(c["complete"] for c in comps)
+    out["complete"] = out["complete_runs"] == len(comps)
+    out["problems"] = sorted({p for c in comps for p in c["problems"]})
+    return out
+
+
+def _completeness_verdict(result: dict, http: dict) -> dict:
+    mirroring = [c["key"] for c in result["configs"] if c["mirrors"]]
+    verdict = {}
+    for c in mirroring:
+        comps = [http[p][c]["completeness"] for p in http if http[p][c]["completeness"]]
+        verdict[c] = bool(comps) and all(x["complete"] for x in comps)
+    return verdict
+
+
+def _sum_hists(hists: list) -> list[int] | None:
+    hists = [h for h in hists if h]
+    if not hists:
+        return None
+    return [sum(col) for col in zip(*hists)]
+
+
+def _in_traffic(recs: list[dict]) -> dict:
+    out = {}
+    for r in recs:
+        if "error" in r:
+            continue
+        out.setdefault(r["config"], {})[r["error_pct"]] = {
+            k: r.get(k) for k in ("ns_per_run", "runs_per_request", "sink_ns_per_clone",
+                                  "req_per_s")}
+    return out
+
+
+def targets(summary: dict) -> list[dict]:
+    out = []
+    comp = summary["completeness"]
+    ok_baseline = comp.get(CLSACT, False) and comp.get(THESIS, False)
+    out.append({
+        "id": "completeness",
+        "text": "every mirroring configuration mirrored every error connection and no "
+                "success connection, in every h2load run",
+        "measured": ", ".join(f"{k}: {'complete' if v else 'INCOMPLETE'}"
+                              for k, v in comp.items()),
+        "threshold": None, "met": all(comp.values()) if comp else False})
+    for tid, text, threshold in TARGETS:
+        if tid.startswith("http"):
+            pct = 0 if tid == "http-0" else 100
+            cell = summary["http"].get(pct, {}).get(CLSACT)
+            ratio = cell["req_per_s"].get("ratio") if cell else None
+        else:
+            ratio = summary["iperf3"]["off"].get(CLSACT, {}).get("ratio")
+        out.append({"id": tid, "text": f"{text} >= {threshold:.0%}",
+                    "measured": ratio, "threshold": threshold,
+                    "met": ratio is not None and ratio >= threshold and comp.get(CLSACT, False)})
+    rows = [r for r in summary["microbench"] if THESIS in r["handled_by"]]
+    worse = [(r["frame"], r["ns"]["mirror"] / r["ns"][THESIS]) for r in rows]
+    worst = max(worse, key=lambda x: x[1]) if worse else (None, None)
+    out.append({
+        "id": "per-packet",
+        "text": "mirror's per-packet cost below the thesis reproduction's on every frame "
+                "class the thesis parses (IPv4), BPF_PROG_TEST_RUN",
+        "measured": worst[1] and round(worst[1], 3), "worst_frame": worst[0],
+        "slower_on": [f for f, x in worse if x >= 1], "threshold": 1.0,
+        "met": bool(worse) and all(x < 1 for _, x in worse) and ok_baseline})
+    for t in out:
+        if t["id"] != "completeness" and not ok_baseline:
+            t["note"] = ("not a fair comparison: the mirror or the thesis reproduction missed "
+                         "error connections")
+    return out
+
+
+# --- Markdown ---------------------------------------------------------------------------
+
+def _pct(x, digits=1):
+    return "-" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _num(x, fmt="{:,.0f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
+    st, m = result["settings"], result["machine"]
+    labels = {c["key"]: c["label"] for c in result["configs"]}
+    cfgs = [c["key"] for c in result["configs"]]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result["started"]))
+    mins = (result["finished"] - result["started"]) / 60
+    L = [f"# mirror bench: {st['mode']} run of {when}", ""]
+    L += [f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average "
+          f"{' '.join(m['loadavg'])} before, {' '.join(m.get('loadavg_after', []))} after; "
+          f"{mins:.0f} minutes. {m['h2load']}, {m['iperf3']}, {m['nginx']}.",
+          "",
+          f"{st['rounds']} round(s), configurations interleaved within each workload "
+          f"(A B C D E, A B C D E, ...); h2load {st['h2load_seconds']} s per run, iperf3 "
+          f"{st['iperf_seconds']} s (+{st['iperf_omit']} s omitted). Clients pinned to CPU "
+          f"{m['client_cpu']}, nginx (1 worker) and iperf3 -s to CPU {m['server_cpu']}. "
+          "Numbers are medians over rounds; ratios are to untraced, paired round by round, "
+          "from this one run: compare ratios, not absolute numbers, across machines.", ""]
+    L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t in summary["targets"]:
+        if t["id"] == "completeness":
+            meas = t["measured"]
+        elif t["id"] == "per-packet":
+            meas = (f"worst mirror/thesis {t['measured']:.2f}x ({t['worst_frame']})"
+                    if t["measured"] else "-")
+        else:
+            meas = _pct(t["measured"])
+        met = "met" if t["met"] else "**not met**"
+        if t.get("note"):
+            met += f" ({t['note']})"
+        L.append(f"| {t['text']} | {meas} | {met} |")
+    L += ["", "## HTTP throughput (h2load, requests/s)", ""]
+    L += _http_table(summary, cfgs, labels, "req_per_s", "{:,.0f}")
+    L += ["", "## Mean request latency (us)", ""]
+    L += _http_table(summary, cfgs, labels, "mean_us", "{:,.0f}")
+    L += ["", "## Latency percentiles (us, median over rounds)", "",
+          "| errors | configuration | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+    for pct, row in summary["http"].items():
+        for c in cfgs:
+            cell = row[c]
+            L.append(f"| {pct} % | {labels[c]} | " + " | ".join(
+                _num(cell[k]["median"]) for k in ("p50_us", "p90_us", "p99_us")) + " |")
+    L += ["", "## iperf3 TCP throughput (Gbit/s)", "",
+          "| offloads | " + " | ".join(labels[c] for c in cfgs) + " |",
+          "|---" * (len(cfgs) + 1) + "|"]
+    for off, row in summary["iperf3"].items():
+        L.append(f"| {off} | " + " | ".join(
+            f"{_num(row[c]['median'] and row[c]['median'] / 1e9, '{:.2f}')} "
+            f"({_pct(row[c].get('ratio'))})" for c in cfgs) + " |")
+    L += ["", "## Mirror completeness during the h2load runs (all rounds summed)", "",
+          "| errors | configuration | 5xx responses | error connections mirrored | "
+          "success connections mirrored | packets mirrored (expected at least) | complete |",
+          "|---|---|---|---|---|---|---|"]
+    for pct, row in summary["http"].items():
+        for c in cfgs:
+            comp = row[c]["completeness"]
+            if not comp:
+                continue
+            L.append(f"| {pct} % | {labels[c]} | {comp['responses_5xx']:,} | "
+                     f"{comp['error_flows_mirrored']}/{comp['error_connections']} | "
+                     f"{comp['ok_flows_mirrored']} | {comp['mirrored_packets']:,} "
+                     f"({comp['min_packets_expected']:,}) | "
+                     f"{'yes' if comp['complete'] else 'NO: ' + '; '.join(comp['problems'])} |")
+    L += ["", "## Per-packet cost (BPF_PROG_TEST_RUN, ns per packet, median of "
+          f"{st['micro_rounds']} rounds; x = ratio to the empty classifier)", "",
+          "`mirror` decides only (its clone is off, as the thesis's clone is an act_mirred "
+          "action that BPF_PROG_TEST_RUN never runs); `mirror+clone` includes "
+          "bpf_clone_redirect to a debug veth. The thesis program does not parse IPv6 "
+          "(it passes such frames at the EtherType check).", "",
+          "| frame | empty | thesis | mirror | mirror+clone | mirror / thesis |",
+          "|---|---|---|---|---|---|"]
+    for r in summary["microbench"]:
+        ns, x = r["ns"], r["ratio_to_empty"]
+        vs = (f"{ns['mirror'] / ns['thesis']:.2f}" if "thesis" in r["handled_by"]
+              else "(not parsed)")
+        L.append(f"| {r['frame']}{' (single runs)' if r['method'] == 'single' else ''} | "
+                 f"{ns['empty']:.0f} | {ns['thesis']:.0f} ({x['thesis']:.1f}x) | "
+                 f"{ns['mirror']:.0f} ({x['mirror']:.1f}x) | "
+                 f"{ns['mirror+clone']:.0f} ({x['mirror+clone']:.1f}x) | {vs} |")
+    L += ["", "## In-traffic cost (program run-time statistics during h2load runs)", "",
+          "ns per invocation of the classifier(s), invocations per request, and the debug "
+          "sink's ns per clone. For the thesis the clone happens in act_mirred, outside its "
+          "program; for the mirror bpf_clone_redirect runs inside it.", "",
+          "| errors | " + " | ".join(labels[c] for c in summary["in_traffic"]) + " |",
+          "|---" * (len(summary["in_traffic"]) + 1) + "|"]
+    levels = sorted({p for v in summary["in_traffic"].values() for p in v})
+    for pct in levels:
+        cells = []
+        for c, per in summary["in_traffic"].items():
+            v = per.get(pct)
+            if not v or v["ns_per_run"] is None:
+                cells.append("-")
+                continue
+            text = f"{v['ns_per_run']:.0f} ns x {v['runs_per_request']:.2f}/req"
+            if v.get("sink_ns_per_clone"):
+                text += f", sink {v['sink_ns_per_clone']:.0f} ns/clone"
+            cells.append(text)
+        L.append(f"| {pct} % | " + " | ".join(cells) + " |")
+    if plots:
+        L += ["", "## Plots", ""]
+        L += [f"![{name}]({path})" for name, path in plots.items()]
+    if summary["failed_runs"]:
+        L += ["", f"{summary['failed_runs']} run(s) failed; see `runs` in the JSON."]
+    return "\n".join(L) + "\n"
+
+
+def _http_table(summary, cfgs, labels, metric, fmt) -> list[str]:
+    out = ["| errors | " + " | ".join(labels[c] for c in cfgs) + " |",
+           "|---" * (len(cfgs) + 1) + "|"]
+    for pct, row in summary["http"].items():
+        cells = []
+        for c in cfgs:
+            s = row[c][metric]
+            text = _num(s["median"], fmt)
+            if c != BASE and s.get("ratio") is not None:
+                text += f" ({_pct(s['ratio'])})"
+            cells.append(text)
+        out.append(f"| {pct} % | " + " | ".join(cells) + " |")
+    return out
+
+
+def print_targets(summary: dict) -> None:
+    print("\nTargets:")
+    for t in summary["targets"]:
+        if t["id"] == "per-packet":
+            meas = (f"worst mirror/thesis {t['measured']:.2f}x on {t['worst_frame']}"
+                    if t["measured"] else "-")
+        elif t["id"] == "completeness":
+            meas = t["measured"]
+        else:
+            meas = _pct(t["measured"])
+        print(f"  {'MET    ' if t['met'] else 'NOT MET'}  {t['text']}: {meas}"
+              + (f" [{t['note']}]" if t.get("note") else ""))
