@@ -1,0 +1,189 @@
+"""Raw bpf(2) calls for the differential fuzz (tests/test_fuzz.py), where bcc's per-call
+overhead would dominate: one BPF_PROG_TEST_RUN with preallocated buffers, the whole
+per-CPU counters array in a single BPF_MAP_LOOKUP_BATCH, and plain lookups, key walks
+and deletes on the flows map.
+
+Test code only: the product reads its maps through mirror/bpfprog.py. x86_64 syscall
+numbers and the bpf_attr layouts of include/uapi/linux/bpf.h."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+_SYS_BPF = 321  # x86_64
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_TEST_RUN = 10
+BPF_MAP_LOOKUP_BATCH = 24
+
+# Largest frame this kernel's BPF_PROG_TEST_RUN accepts for a tc program: one page less
+# the skb headroom (NET_SKB_PAD + NET_IP_ALIGN) and the tail room of skb_shared_info.
+# Measured on this machine's kernel (6.18, 4 KiB pages) by bisection; frames built by the
+# fuzz stay far below it, and tests/test_fuzz.py checks the limit itself.
+TEST_RUN_MAX_FRAME = 3712
+_BUF = 4096 + 256
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """The syscall's result, or -errno (no exception: ENOENT is an answer here)."""
+    ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return ret if ret >= 0 else -ctypes.get_errno()
+
+
+def possible_cpus() -> int:
+    """The number of slots of a per-CPU map value: the kernel's possible CPUs."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+class TestRunner:
+    """BPF_PROG_TEST_RUN of one tc program with buffers allocated once. `run()` goes
+    straight to the kernel (no 14-byte check in user space), so what the kernel refuses
+    is seen as the kernel's errno."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, prog_fd: int):
+        self._in = ctypes.create_string_buffer(_BUF)
+        self._out = ctypes.create_string_buffer(_BUF)
+        self._attr = _TestRunAttr(prog_fd=prog_fd, data_in=ctypes.addressof(self._in),
+                                  data_out=ctypes.addressof(self._out), repeat=1)
+        self._ref = ctypes.byref(self._attr)
+        self._size = ctypes.sizeof(self._attr)
+
+    def run(self, frame: bytes) -> tuple[int, int | None, bytes]:
+        """(errno, retval, data_out): errno 0 when the program ran, else retval None."""
+        n = len(frame)
+        if n > _BUF:
+            return errno.EINVAL, None, b""
+        ctypes.memmove(self._in, frame, n)
+        a = self._attr
+        a.data_size_in = n
+        a.data_size_out = _BUF
+        a.retval = 0
+        if _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, self._ref, self._size) < 0:
+            return ctypes.get_errno(), None, b""
+        return 0, ctypes.c_int32(a.retval).value, self._out.raw[:a.data_size_out]
+
+
+class PerCpuArray:
+    """A BPF_MAP_TYPE_PERCPU_ARRAY of u64 read whole with one BPF_MAP_LOOKUP_BATCH."""
+
+    def __init__(self, map_fd: int, entries: int):
+        self.entries = entries
+        self.ncpus = possible_cpus()
+        self._keys = (ctypes.c_uint32 * entries)()
+        self._values = (ctypes.c_uint64 * (entries * self.ncpus))()
+        self._out_batch = ctypes.c_uint32()
+        self._attr = _BatchAttr(map_fd=map_fd, keys=ctypes.addressof(self._keys),
+                                values=ctypes.addressof(self._values),
+                                out_batch=ctypes.addressof(self._out_batch))
+        self._ref = ctypes.byref(self._attr)
+        self._size = ctypes.sizeof(self._attr)
+        self._unpack = struct.Struct(f"={entries * self.ncpus}Q").unpack_from
+
+    def raw(self) -> bytes:
+        """The values of every entry on every CPU, entry-major, as the kernel copied them."""
+        self._attr.in_batch = 0
+        self._attr.count = self.entries
+        ret = _libc.syscall(_SYS_BPF, BPF_MAP_LOOKUP_BATCH, self._ref, self._size)
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err != errno.ENOENT:
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        if self._attr.count != self.entries:
+            raise OSError(errno.EIO, f"BPF_MAP_LOOKUP_BATCH returned {self._attr.count} of "
+                                     f"{self.entries} entries")
+        return bytes(self._values)
+
+    def sums(self, raw: bytes | None = None) -> list[int]:
+        """Each entry summed over the CPUs (what user space reports)."""
+        vals = self._unpack(self.raw() if raw is None else raw)
+        n = self.ncpus
+        return [sum(vals[i * n:(i + 1) * n]) for i in range(self.entries)]
+
+
+class Hash:
+    """Lookups, key walks and deletes on a hash map by raw key bytes."""
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int, percpu: bool):
+        self.map_fd = map_fd
+        self.key_size = key_size
+        slot = (value_size + 7) // 8 * 8
+        self.value_len = slot * possible_cpus() if percpu else value_size
+        self._key = ctypes.create_string_buffer(key_size)
+        self._next = ctypes.create_string_buffer(key_size)
+        self._value = ctypes.create_string_buffer(self.value_len)
+        self._attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(self._key),
+                                  value=ctypes.addressof(self._value))
+
+    def lookup(self, key: bytes) -> bytes | None:
+        ctypes.memmove(self._key, key, self.key_size)
+        self._attr.key = ctypes.addressof(self._key)
+        self._attr.value = ctypes.addressof(self._value)
+        ret = _bpf(BPF_MAP_LOOKUP_ELEM, self._attr)
+        if ret == -errno.ENOENT:
+            return None
+        if ret < 0:
+            raise OSError(-ret, f"BPF_MAP_LOOKUP_ELEM: {os.strerror(-ret)}")
+        return self._value.raw
+
+    def contains(self, key: bytes) -> bool:
+        return self.lookup(key) is not None
+
+    def keys(self) -> list[bytes]:
+        out = []
+        attr = _MapElemAttr(map_fd=self.map_fd, key=0, value=ctypes.addressof(self._next))
+        while True:
+            ret = _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            if ret == -errno.ENOENT:
+                return out
+            if ret < 0:
+                raise OSError(-ret, f"BPF_MAP_GET_NEXT_KEY: {os.strerror(-ret)}")
+            out.append(self._next.raw)
+            ctypes.memmove(self._key, self._next, self.key_size)
+            attr.key = ctypes.addressof(self._key)
+
+    def delete(self, key: bytes) -> bool:
+        ctypes.memmove(self._key, key, self.key_size)
+        attr = _MapElemAttr(map_fd=self.map_fd, key=ctypes.addressof(self._key))
+        ret = _bpf(BPF_MAP_DELETE_ELEM, attr)
+        if ret == -errno.ENOENT:
+            return False
+        if ret < 0:
+            raise OSError(-ret, f"BPF_MAP_DELETE_ELEM: {os.strerror(-ret)}")
+        return True

@@ -1,0 +1,345 @@
+"""Reference model of the classifier (bpf/mirror.c): for any frame, what the classifier
+must decide.
+
+Written from the protocol specifications (IEEE 802.1Q, RFC 791, RFC 8200, RFC 9293,
+RFC 9112) and the contract stated in bpf/mirror.h and bpf/mirror.c's comments, not by
+translating the C: tests/test_fuzz.py feeds the same frames to both and any difference
+is a finding. Plain byte indexing rather than dpkt: dpkt repairs or rejects exactly the
+frames (lying lengths, truncation) whose handling is being specified.
+
+The rules, in the order a frame meets them:
+
+Run at all. BPF_PROG_TEST_RUN (the harness, not the classifier) refuses with EINVAL,
+before the program runs, a frame shorter than an Ethernet header, longer than
+fastmaps.TEST_RUN_MAX_FRAME, or whose outer ethertype is IPv4 (IPv6) and which is
+shorter than 14 + 20 (14 + 40) bytes: it reads the network header to set up the test
+socket. No counter moves.
+
+Link layer. Every frame the program sees counts `packets`. At most one 802.1Q (0x8100)
+or 802.1ad (0x88A8) tag is skipped; a frame too short for the tag is `malformed`. The
+(inner) ethertype must then be IPv4 or IPv6, otherwise `other` (ARP, LLDP, 802.3 length
+fields, a second VLAN tag, 0x9100 QinQ).
+
+IPv4 (RFC 791). A frame too short for the 20-byte fixed header is `malformed` and not
+counted as IPv4. Otherwise `ipv4` counts, then: version not 4, or IHL under 5 words ->
+`malformed`. A non-first fragment (offset != 0; the MF flag alone marks the first
+fragment, which carries the TCP header) or a protocol other than TCP -> `other`, without
+looking further at lengths: a packet the classifier does not parse is not judged.
+Total length 0 means "trust the frame" (BIG TCP super-packets); a non-zero total length
+shorter than the IHL -> `malformed`. The IP packet ends at the total length or at the
+end of the frame, whichever is first (Ethernet padding is not payload; a capture may be
+cut short).
+
+IPv6 (RFC 8200). A frame too short for the 40-byte header is `malformed`, not counted as
+IPv6. Otherwise `ipv6` counts; version not 6 -> `malformed`. Payload length 0 means
+"trust the frame" (jumbograms, BIG TCP). Up to MAX_IPV6_EXT_HDRS (6) hop-by-hop (0),
+routing (43), destination options (60) and fragment (44) headers are walked; any other
+next header ends the walk (AH, ESP, mobility, ... are not walked: TCP behind them is
+"other"), and a seventh walkable header is given up on as `other`. Of each walked
+header the first 4 bytes (Next Header, Hdr Ext Len, and the fragment header's offset)
+must be in the frame, else `malformed`. A fragment header with a non-zero offset is a
+non-first fragment -> `other`. A next header that is not TCP -> `other`. The rest of a
+header, and whether it stays inside the payload length, is judged only by what has to be
+read after it: the next header's first bytes, or the TCP header, which must end inside
+the packet.
+
+Reconciled with the C: the first version of this model called an extension header that
+runs past the frame or the payload length `malformed` whatever followed it (the
+contract's "bogus ... ext header lengths"); the classifier counts such a packet `other`
+when what follows is not TCP, or when it is a non-first fragment. The classifier is the
+consistent one: IPv4 packets it does not parse (other protocols, non-first fragments) are
+`other` whatever their IHL or total length say (tests/test_classifier.py,
+ipv4-nonfirst-fragment-bogus-tot-len), and IPv6 gets the same rule: lengths are judged
+only on the way to a TCP header. No marking or mirroring decision depends on it.
+
+TCP (RFC 9293). The 20-byte fixed header must be in the frame, and the data offset must
+be at least 5 words and the header with its options must end inside the IP packet;
+otherwise `malformed`. Then `tcp` counts and the flow key is the two endpoints, lower
+(address bytes, then port) first. TCP flags, window, sequence numbers and checksums play
+no part: the classifier is a passive observer, not a TCP stack.
+
+HTTP (RFC 9112, narrowed by the contract). The TCP payload is what lies between the end
+of the TCP header and the end of the IP packet. When it is at least 13 bytes long and
+starts with "HTTP/1.0 " or "HTTP/1.1 ", three ASCII digits, and then a space or a CR,
+the segment is a response with that status code (000-999): `responses` counts and the
+class counter, `resp_1xx` .. `resp_5xx` for 100-599, `resp_other` for the rest. The
+check is case-sensitive (RFC 9112: HTTP-name is "HTTP", %x48.54.54.50).
+
+Marking and mirroring. A response whose code is in the trigger set marks the flow when
+it is not marked yet (`flows_marked`). Every TCP packet of a marked flow (marked before,
+or by this very packet) is mirrored: `mirrored_packets` and `mirrored_bytes` (the whole
+frame) when the debug interface takes the clone, else `clone_failures`, or
+`no_debug_if` when no debug interface is configured. A packet that is not TCP, or whose
+TCP headers are malformed, is never mirrored, even if its addresses belong to a marked
+flow (a non-first fragment has no ports to tell).
+
+Per-interface statistics: a response counts in its class under (ifindex, direction);
+a mirrored packet counts there too.
+
+The classifier's "nonlinear" path (headers outside the skb's linear data) cannot occur
+in BPF_PROG_TEST_RUN, which puts the whole frame in the linear part; the model never
+predicts it.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import AbstractSet, Mapping
+
+from fastmaps import TEST_RUN_MAX_FRAME
+from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC
+from mirror.flowkey import FlowKey
+
+ETH_LEN = 14
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+VLAN_TPIDS = (0x8100, 0x88A8)
+IPPROTO_TCP = 6
+IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_DSTOPTS = 0, 43, 44, 60
+WALKED_EXT = (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT)
+MAX_IPV6_EXT_HDRS = 6
+# Bytes of an extension header that are read: Next Header, Hdr Ext Len, and the fragment
+# header's offset. Every extension header is at least 8 bytes long.
+EXT_READ = 4
+STATUS_LINE_LEN = 13
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+DIGITS = b"0123456789"
+
+DEBUG_OK, DEBUG_NONE, DEBUG_FAIL = "ok", "none", "fail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the classifier must do with one frame.
+
+    ran: the program ran (False: BPF_PROG_TEST_RUN refused the frame, nothing moved).
+    verdict: the tc verdict, TC_ACT_UNSPEC whenever it ran.
+    counters: the exact counter deltas, zero ones left out.
+    path: the counter path taken (see PATHS), for statistics and messages.
+    reason: a few words saying why.
+    status: the status code of an HTTP/1.x status line, else None.
+    key: the normalised flow key of a TCP segment whose headers parsed, else None.
+    marks: this packet marks its flow (it was not marked before).
+    mirrored: the packet is (to be) cloned to the debug interface; counters say whether
+        the clone went out.
+    marked_after: whether `key` is marked once the packet has been seen.
+    iface: per-interface statistics deltas under (direction): class or
+        "mirrored_packets"/"mirrored_bytes" -> delta.
+    """
+    ran: bool
+    verdict: int | None
+    counters: Mapping[str, int]
+    path: str
+    reason: str
+    status: int | None = None
+    key: FlowKey | None = None
+    marks: bool = False
+    mirrored: bool = False
+    marked_after: bool = False
+    iface: Mapping[str, int] = field(default_factory=dict)
+
+
+PATHS = ("rejected", "malformed", "other", "tcp", "response", "marked", "mirrored")
+
+
+def _u16(b: bytes, off: int) -> int:
+    return (b[off] << 8) | b[off + 1]
+
+
+def test_run_refuses(frame: bytes) -> str | None:
+    """Why BPF_PROG_TEST_RUN refuses `frame` with EINVAL before the program runs, or
+    None when it runs it."""
+    n = len(frame)
+    if n < ETH_LEN:
+        return f"{n} bytes: shorter than an Ethernet header"
+    if n > TEST_RUN_MAX_FRAME:
+        return f"{n} bytes: longer than the test run's {TEST_RUN_MAX_FRAME}-byte limit"
+    ethertype = _u16(frame, 12)
+    if ethertype == ETH_P_IP and n < ETH_LEN + 20:
+        return "untagged IPv4 frame shorter than the IPv4 header"
+    if ethertype == ETH_P_IPV6 and n < ETH_LEN + 40:
+        return "untagged IPv6 frame shorter than the IPv6 header"
+    return None
+
+
+class _Path(Exception):
+    """Ends parsing on a counter path ('malformed' or 'other')."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class _Parsed:
+    family: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    payload: bytes
+
+
+def _parse(frame: bytes, seen: dict) -> _Parsed:
+    """Walks the headers; raises _Path for the 'malformed'/'other' outcomes. `seen`
+    collects the counters that move on the way ('ipv4'/'ipv6')."""
+    n = len(frame)
+    ethertype = _u16(frame, 12)
+    off = ETH_LEN
+    if ethertype in VLAN_TPIDS:
+        if n < off + 4:
+            raise _Path("malformed", "VLAN tag cut")
+        ethertype = _u16(frame, off + 2)
+        off += 4
+
+    if ethertype == ETH_P_IP:
+        if n < off + 20:
+            raise _Path("malformed", "IPv4 header cut")
+        seen["ipv4"] = 1
+        vihl = frame[off]
+        version, ihl = vihl >> 4, (vihl & 0x0F) * 4
+        if version != 4:
+            raise _Path("malformed", f"IPv4 version {version}")
+        if ihl < 20:
+            raise _Path("malformed", f"IPv4 IHL {ihl // 4}")
+        frag = _u16(frame, off + 6)
+        if frag & 0x1FFF:
+            raise _Path("other", "IPv4 non-first fragment")
+        proto = frame[off + 9]
+        if proto != IPPROTO_TCP:
+            raise _Path("other", f"IPv4 protocol {proto}")
+        tot_len = _u16(frame, off + 2)
+        if tot_len == 0:
+            ip_end = n
+        elif tot_len < ihl:
+            raise _Path("malformed", f"IPv4 total length {tot_len} < IHL {ihl}")
+        else:
+            ip_end = min(off + tot_len, n)
+        src, dst = frame[off + 12:off + 16], frame[off + 16:off + 20]
+        l4 = off + ihl
+        family = 4
+    elif ethertype == ETH_P_IPV6:
+        if n < off + 40:
+            raise _Path("malformed", "IPv6 header cut")
+        seen["ipv6"] = 1
+        version = frame[off] >> 4
+        if version != 6:
+            raise _Path("malformed", f"IPv6 version {version}")
+        plen = _u16(frame, off + 4)
+        ip_end = n if plen == 0 else min(off + 40 + plen, n)
+        nexthdr = frame[off + 6]
+        src, dst = frame[off + 8:off + 24], frame[off + 24:off + 40]
+        l4 = off + 40
+        walked = 0
+        while nexthdr in WALKED_EXT:
+            if walked == MAX_IPV6_EXT_HDRS:
+                raise _Path("other", f"more than {MAX_IPV6_EXT_HDRS} extension headers")
+            walked += 1
+            if l4 + EXT_READ > n:
+                raise _Path("malformed", "extension header cut")
+            if nexthdr == IPPROTO_FRAGMENT:
+                if _u16(frame, l4 + 2) & 0xFFF8:
+                    raise _Path("other", "IPv6 non-first fragment")
+                size = 8
+            else:
+                size = (frame[l4 + 1] + 1) * 8
+            nexthdr = frame[l4]
+            l4 += size
+        if nexthdr != IPPROTO_TCP:
+            raise _Path("other", f"IPv6 next header {nexthdr}")
+        family = 6
+    else:
+        raise _Path("other", f"ethertype {ethertype:#06x}")
+
+    # TCP
+    if l4 + 20 > n:
+        raise _Path("malformed", "TCP header cut")
+    doff = (frame[l4 + 12] >> 4) * 4
+    if doff < 20:
+        raise _Path("malformed", f"TCP data offset {doff // 4}")
+    payload_off = l4 + doff
+    if payload_off > ip_end:
+        raise _Path("malformed", "TCP header past the end of the IP packet")
+    return _Parsed(family, src, dst, _u16(frame, l4), _u16(frame, l4 + 2),
+                   frame[payload_off:ip_end])
+
+
+def status_code(payload: bytes) -> int | None:
+    """The code of an HTTP/1.0 or HTTP/1.1 status line at the start of `payload`."""
+    if len(payload) < STATUS_LINE_LEN:
+        return None
+    if payload[:7] != b"HTTP/1." or payload[7] not in b"01" or payload[8] != 0x20:
+        return None
+    d = payload[9:12]
+    if not all(c in DIGITS for c in d):
+        return None
+    if payload[12] not in (0x20, 0x0D):
+        return None
+    return int(d)
+
+
+def status_class(code: int) -> str:
+    return STATUS_CLASSES[code // 100 - 1] if 100 <= code < 600 else "other"
+
+
+def flow_key(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:
+    """Endpoints ordered on (address bytes, port); both directions give one key."""
+    a, b = (src, sport), (dst, dport)
+    lo, hi = (a, b) if a <= b else (b, a)
+    ip = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    return FlowKey(family, str(ip(lo[0])), lo[1], str(ip(hi[0])), hi[1])
+
+
+def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
+           marked: AbstractSet[FlowKey], debug: str = DEBUG_OK) -> Decision:
+    """The classifier's decision for `frame` seen on hook `direction` ('ingress' or
+    'egress'), with trigger codes `triggers`, flows `marked` before it, and a debug
+    interface that takes clones (DEBUG_OK), is not configured (DEBUG_NONE), or fails
+    them (DEBUG_FAIL)."""
+    why = test_run_refuses(frame)
+    if why:
+        return Decision(False, None, {}, "rejected", why)
+    seen = {"packets": 1}
+    try:
+        p = _parse(frame, seen)
+    except _Path as end:
+        seen[end.path] = 1
+        return Decision(True, TC_ACT_UNSPEC, seen, end.path, end.reason)
+
+    seen["tcp"] = 1
+    key = flow_key(p.family, p.src, p.sport, p.dst, p.dport)
+    was_marked = key in marked
+    code = status_code(p.payload)
+    iface: dict[str, int] = {}
+    marks = False
+    path, reason = "tcp", "TCP segment"
+    if code is not None:
+        cls = status_class(code)
+        seen["responses"] = 1
+        seen[f"resp_{cls}"] = 1
+        iface[cls] = 1
+        path, reason = "response", f"status {code:03d}"
+        if code in triggers and not was_marked:
+            marks = True
+            seen["flows_marked"] = 1
+            path, reason = "marked", f"trigger status {code:03d}"
+    mirrored = was_marked or marks
+    if mirrored:
+        if path != "marked":
+            path = "mirrored"
+        if debug == DEBUG_OK:
+            seen["mirrored_packets"] = 1
+            seen["mirrored_bytes"] = len(frame)
+            iface["mirrored_packets"] = 1
+            iface["mirrored_bytes"] = len(frame)
+        elif debug == DEBUG_NONE:
+            seen["no_debug_if"] = 1
+        elif debug == DEBUG_FAIL:
+            seen["clone_failures"] = 1
+        else:
+            raise ValueError(f"debug must be ok, none or fail, not {debug!r}")
+    unknown = set(seen) - set(COUNTERS)
+    assert not unknown, f"reference uses unknown counters {unknown}"
+    return Decision(True, TC_ACT_UNSPEC, seen, path, reason, status=code, key=key,
+                    marks=marks, mirrored=mirrored, marked_after=mirrored, iface=iface)

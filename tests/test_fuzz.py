@@ -1,0 +1,979 @@
+"""Differential tests: the classifier (bpf/mirror.c, through BPF_PROG_TEST_RUN on the real
+kernel) against the reference model (tests/reference.py), frame by frame.
+
+For every frame both must agree on: whether the program runs at all (this kernel's test
+run refuses some frames with EINVAL), the verdict (TC_ACT_UNSPEC), the packet coming back
+unchanged, the exact delta of every counter, and the flow map (the frame's flow marked or
+not, looked up by the key the reference computes); the whole flow set and the
+per-interface statistics are compared at checkpoints. The model keeps its own set of
+marked flows across frames, so sequences (a trigger, then later packets of the flow in
+both directions and on both hooks) are checked too.
+
+test_fuzz generates MIRROR_FUZZ_FRAMES frames (default 100000) from a seeded random
+generator: seed from MIRROR_FUZZ_SEED, else random, printed, and quoted in every failure.
+The same seed and frame count replay the same frames in the same order.
+
+    MIRROR_FUZZ_SEED=1234 .venv/bin/python -m pytest tests/test_fuzz.py -k fuzz -s
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import random
+import re
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+import fastmaps
+import frames as F
+import reference as R
+from frames import (TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, cut, dest_opts, eth,
+                    fragment, hop_by_hop, ipv4, ipv4_options, ipv6, routing, tcp,
+                    tcp_options)
+from mirror.bpfprog import COUNTERS, DIRECTIONS, TC_ACT_UNSPEC
+from mirror.flowkey import KEY_SIZE, FlowKey
+
+LO_IFINDEX = 1          # skb->ifindex in BPF_PROG_TEST_RUN
+BOGUS_IFINDEX = 999999
+FLOW_VALUE_SIZE = 40    # struct flow_value
+TRIGGER_5XX = frozenset(range(500, 600))
+# The fuzz's last tenth runs with this trigger set: codes outside 100-599, a 1xx, a 2xx.
+TRIGGER_ODD = frozenset({0, 100, 204, 404, 599, 600, 999})
+# A checkpoint compares the whole flow map and the per-interface statistics with the model
+# and empties the map: after this many frames, or sooner when this many flows are marked
+# (the session classifier holds 4096 and is an LRU: it must never evict one).
+CHECKPOINT_FRAMES = 1000
+CHECKPOINT_FLOWS = 200
+
+
+# --- the harness -----------------------------------------------------------------------
+
+@dataclass
+class Disagreement:
+    index: int
+    direction: str
+    frame: bytes
+    was_marked: bool | None
+    expected: R.Decision
+    problems: list
+
+    def describe(self, seed=None) -> str:
+        head = f"frame #{self.index}" + (f" (seed {seed})" if seed is not None else "")
+        key = self.expected.key
+        return (f"{head} on {self.direction}: {'; '.join(self.problems)}\n"
+                f"  reference: path={self.expected.path} ({self.expected.reason}) "
+                f"counters={dict(self.expected.counters)} key={key} "
+                f"marked before={self.was_marked}\n"
+                f"  replay: reference.decide(bytes.fromhex('{self.frame.hex()}'), "
+                f"'{self.direction}', triggers, marked)")
+
+
+class Harness:
+    """Runs frames through the classifier and the reference and compares them."""
+
+    def __init__(self, clf, triggers=TRIGGER_5XX, debug=R.DEBUG_OK, debug_iface=None):
+        self.clf = clf
+        # With the debug interface: checkpoints also count the clones that left it.
+        self.tx_path = (f"/sys/class/net/{debug_iface.name}/statistics/tx_packets"
+                        if debug_iface is not None else None)
+        self.tx_base = self.tx_packets()
+        self.mirrored = 0
+        self.runners = {d: fastmaps.TestRunner(clf.fd(d)) for d in DIRECTIONS}
+        self.counters = fastmaps.PerCpuArray(clf._counters.map_fd, len(COUNTERS))
+        self.flows = fastmaps.Hash(clf._flows.map_fd, KEY_SIZE, FLOW_VALUE_SIZE, percpu=True)
+        self.triggers = frozenset(triggers)
+        self.debug = debug
+        self.marked: set[FlowKey] = set(FlowKey.from_bytes(k) for k in self.flows.keys())
+        self.iface: dict[str, Counter] = {d: Counter() for d in DIRECTIONS}
+        self.iface_base = {d: Counter(v) for (i, d), v in clf.iface_stats().items()
+                           if i == LO_IFINDEX}
+        self.sums = self.counters.sums()
+        self.paths = Counter()
+        self.reasons = Counter()
+        self.disagreements: list[Disagreement] = []
+        self.frames = 0
+        self.checkpoints = 0
+
+    def tx_packets(self) -> int:
+        return int(open(self.tx_path).read()) if self.tx_path else 0
+
+    def set_triggers(self, codes) -> None:
+        self.clf.set_trigger(frozenset(codes))
+        self.triggers = frozenset(codes)
+
+    def feed(self, frame: bytes, direction: str) -> R.Decision:
+        exp = R.decide(frame, direction, self.triggers, self.marked, self.debug)
+        was_marked = exp.key in self.marked if exp.key is not None else None
+        err, retval, out = self.runners[direction].run(frame)
+        sums = self.counters.sums()
+        deltas = {name: a - b for name, a, b in zip(COUNTERS, sums, self.sums) if a != b}
+        self.sums = sums
+        problems = []
+        if exp.ran:
+            if err:
+                problems.append(f"kernel refused it: {errno.errorcode.get(err, err)}")
+            else:
+                if retval != exp.verdict:
+                    problems.append(f"verdict {retval}, expected {exp.verdict}")
+                if out != frame:
+                    problems.append("the packet came back changed")
+        elif err != errno.EINVAL:
+            problems.append(f"expected EINVAL ({exp.reason}), got "
+                            f"{errno.errorcode.get(err, err) if err else 'a run'}")
+        if deltas != dict(exp.counters):
+            problems.append(f"counters {deltas}, expected {dict(exp.counters)}")
+        if exp.key is not None:
+            present = self.flows.contains(exp.key.to_bytes())
+            if present != exp.marked_after:
+                problems.append(f"flow {exp.key} {'marked' if present else 'not marked'} "
+                                f"in the map, expected {'marked' if exp.marked_after else 'not'}")
+            # Follow the kernel from here on, so one disagreement does not cascade.
+            (self.marked.add if present else self.marked.discard)(exp.key)
+        for k, v in exp.iface.items():
+            self.iface[direction][k] += v
+        self.mirrored += exp.counters.get("mirrored_packets", 0)
+        self.frames += 1
+        self.paths[exp.path] += 1
+        self.reasons[re.sub(r"0x[0-9a-f]+|\d+", "N", exp.reason)] += 1
+        if problems:
+            self.disagreements.append(
+                Disagreement(self.frames - 1, direction, frame, was_marked, exp, problems))
+        return exp
+
+    def checkpoint(self, empty: bool) -> None:
+        """Compares the whole flow set and the per-interface statistics with the model;
+        with `empty`, deletes every flow from the map and the model."""
+        self.checkpoints += 1
+        keys = self.flows.keys()
+        kernel = {FlowKey.from_bytes(k) for k in keys}
+        problems = []
+        if kernel != self.marked:
+            problems.append(f"flow map differs: only in the kernel {sorted(kernel - self.marked)}"
+                            f", only in the model {sorted(self.marked - kernel)}")
+        got = {d: {k: v for k, v in s.items() if v} for (i, d), s in
+               self.clf.iface_stats().items() if i == LO_IFINDEX}
+        want = {}
+        for d in DIRECTIONS:
+            total = self.iface_base.get(d, Counter()) + self.iface[d]
+            if +total:
+                want[d] = dict(+total)
+        if got != want:
+            problems.append(f"iface_stats {got}, expected {want}")
+        if self.tx_path and self.tx_packets() - self.tx_base != self.mirrored:
+            problems.append(f"{self.tx_packets() - self.tx_base} clones left the debug "
+                            f"interface, expected {self.mirrored}")
+        if problems:
+            dummy = R.Decision(True, None, {}, "checkpoint", "checkpoint")
+            self.disagreements.append(
+                Disagreement(self.frames, "-", b"", None, dummy, problems))
+        self.marked = kernel
+        if empty:
+            for k in keys:
+                self.flows.delete(k)
+            self.marked = set()
+
+
+def report(h: Harness, seed=None, limit: int = 20) -> str:
+    lines = [d.describe(seed) for d in h.disagreements[:limit]]
+    more = len(h.disagreements) - limit
+    if more > 0:
+        lines.append(f"... and {more} more")
+    return "\n".join(lines)
+
+
+# --- realistic frames ------------------------------------------------------------------
+
+SRV4 = ["198.18.0.80", "198.18.0.81", "198.19.200.1"]
+SRV6 = ["2001:db8::80", "2001:db8::81", "2001:db8:ffff::1"]
+SYN_OPTS = (struct.pack("!BBH", 2, 4, 1460) + b"\x04\x02" + struct.pack("!BBII", 8, 10, 1, 0)
+            + b"\x01" + b"\x03\x03\x07")
+TS_OPTS = b"\x01\x01" + struct.pack("!BBII", 8, 10, 1234567, 7654321)
+REASONS = {100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
+           204: b"No Content", 206: b"Partial Content", 301: b"Moved Permanently",
+           302: b"Found", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized",
+           403: b"Forbidden", 404: b"Not Found", 418: b"I'm a teapot",
+           429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
+           503: b"Service Unavailable", 504: b"Gateway Timeout", 599: b"Network Timeout"}
+CODE_WEIGHTS = [(200, 40), (404, 10), (500, 10), (503, 6), (502, 5), (301, 4), (304, 4),
+                (204, 3), (100, 2), (401, 2), (403, 2), (429, 2), (504, 2), (599, 1),
+                (201, 2), (206, 1), (101, 1), (418, 1), (0, 1), (99, 1), (600, 1), (999, 1)]
+PATHS_REQ = [b"/", b"/index.html", b"/api/v1/items?id=42", b"/static/app.js", b"/health",
+             b"/login", b"/images/logo.png"]
+
+
+def request(rng: random.Random, host: str) -> bytes:
+    method = rng.choice([b"GET", b"GET", b"GET", b"POST", b"HEAD", b"PUT"])
+    body = b'{"name":"x","qty":3}' if method in (b"POST", b"PUT") else b""
+    head = (method + b" " + rng.choice(PATHS_REQ) + b" HTTP/1.1\r\nHost: " + host.encode()
+            + b"\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n")
+    if body:
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
+
+
+def response(code: int, version: bytes = b"1.1", body_len: int = 60, reason=True) -> bytes:
+    body = (b"<html><head><title>%03d</title></head><body>" % code
+            + b"x" * max(0, body_len - 60) + b"</body></html>\n")[:body_len]
+    line = b"HTTP/%s %03d" % (version, code)
+    line += (b" " + REASONS.get(code, b"Unknown")) if reason else b""
+    return (line + b"\r\nServer: nginx/1.22.1\r\nDate: Mon, 02 Jun 2025 10:00:00 GMT\r\n"
+            b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
+            % len(body) + body)
+
+
+@dataclass(frozen=True)
+class Conn:
+    family: int
+    cli: str
+    cport: int
+    srv: str
+    sport: int
+    vlans: tuple = ()
+    ext: tuple = ()         # IPv6 extension headers on every packet
+    ipopts: bytes = b""     # IPv4 options on every packet
+
+
+def random_addr(rng: random.Random, family: int) -> str:
+    """An address of 198.18.0.0/15 or 2001:db8::/32; a third of them share all but the
+    last bits with the servers, so the flow key's order is decided late in the address."""
+    near = rng.random() < 0.33
+    if family == 4:
+        if near:
+            return f"198.18.0.{rng.randrange(1, 255)}"
+        return f"198.{rng.choice((18, 19))}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    if near:
+        return f"2001:db8::{rng.randrange(0x10000):x}"
+    words = ["2001", "db8"] + [f"{rng.randrange(0x10000):x}" for _ in range(6)]
+    return ":".join(words)
+
+
+def random_conn(rng: random.Random) -> Conn:
+    family = 4 if rng.random() < 0.6 else 6
+    srv = rng.choice(SRV4 if family == 4 else SRV6)
+    r = rng.random()
+    vlans = () if r < 0.7 else ((rng.randrange(1, 4095),) if r < 0.9
+                                else ((F.ETH_P_8021AD, rng.randrange(1, 4095)),))
+    ext, opts = (), b""
+    if family == 6 and rng.random() < 0.1:
+        ext = tuple(rng.choice([[hop_by_hop()], [dest_opts(1)], [fragment(0, False)],
+                                [hop_by_hop(), routing(1)]]))
+    if family == 4 and rng.random() < 0.05:
+        opts = ipv4_options(4 * rng.randrange(1, 11))
+    cli, cport, sport = random_addr(rng, family), rng.randrange(32768, 61000), 80
+    if rng.random() < 0.08:
+        # A host talking to itself: only the ports order the key, in network byte order
+        # (256 < 511 < 512, although 0x0002 < 0x0001 when the bytes are swapped).
+        cli = srv
+        sport, cport = rng.choice([(511, 512), (512, 511), (256, 1), (1, 256), (8080, 80),
+                                   (80, 8080), (rng.randrange(1, 65536), rng.randrange(65536))])
+    else:
+        sport = rng.choice((80, 80, 8080))
+    return Conn(family, cli, cport, srv, sport, vlans, ext, opts)
+
+
+def tcp_spec(conn: Conn, from_client: bool, payload: bytes = b"", flags: int = TCP_ACK,
+             options: bytes = TS_OPTS, seq: int = 1000, ack: int = 2000,
+             window: int = 502) -> dict:
+    src, sport, dst, dport = ((conn.cli, conn.cport, conn.srv, conn.sport) if from_client
+                              else (conn.srv, conn.sport, conn.cli, conn.cport))
+    ip = {"ext": list(conn.ext)} if conn.family == 6 else {"options": conn.ipopts, "df": True}
+    return {"family": conn.family, "l4": "tcp", "src": src, "sport": sport, "dst": dst,
+            "dport": dport, "payload": payload, "flags": flags, "options": options,
+            "seq": seq, "ack": ack, "window": window, "doff": None, "vlans": list(conn.vlans),
+            "ip": ip, "trailer": b""}
+
+
+def conversation(rng: random.Random, conn: Conn, codes=None) -> list:
+    """(spec, from_client) for a whole HTTP/1.1 connection: handshake, 1-3 exchanges,
+    close (FIN or RST)."""
+    out = []
+    cseq, sseq = rng.randrange(1 << 32), rng.randrange(1 << 32)
+
+    def c(payload=b"", flags=TCP_ACK, **kw):
+        nonlocal cseq
+        s = tcp_spec(conn, True, payload, flags, seq=cseq, ack=sseq, **kw)
+        cseq = (cseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
+        out.append((s, True))
+
+    def s(payload=b"", flags=TCP_ACK, **kw):
+        nonlocal sseq
+        sp = tcp_spec(conn, False, payload, flags, seq=sseq, ack=cseq, **kw)
+        sseq = (sseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
+        out.append((sp, False))
+
+    c(flags=TCP_SYN, options=SYN_OPTS, window=64240)
+    s(flags=TCP_SYN | TCP_ACK, options=SYN_OPTS, window=65160)
+    c(flags=TCP_ACK)
+    codes = list(codes) if codes else [
+        rng.choices([x for x, _ in CODE_WEIGHTS], [w for _, w in CODE_WEIGHTS])[0]
+        for _ in range(rng.randrange(1, 4))]
+    for code in codes:
+        c(request(rng, conn.srv), TCP_PSH | TCP_ACK)
+        if rng.random() < 0.3:
+            s(flags=TCP_ACK)
+        if code == 100:
+            s(b"HTTP/1.1 100 Continue\r\n\r\n", TCP_PSH | TCP_ACK)
+            code = 200
+        version = b"1.0" if rng.random() < 0.1 else b"1.1"
+        body = response(code, version, rng.choice((0, 60, 120, 300)), rng.random() < 0.95)
+        if len(body) > 400 and rng.random() < 0.5:
+            s(body[:300], TCP_ACK)
+            s(body[300:], TCP_PSH | TCP_ACK)
+        else:
+            s(body, TCP_PSH | TCP_ACK)
+        c(flags=TCP_ACK)
+    if rng.random() < 0.8:
+        c(flags=TCP_FIN | TCP_ACK)
+        s(flags=TCP_FIN | TCP_ACK)
+        c(flags=TCP_ACK)
+    else:
+        s(flags=TCP_RST | TCP_ACK, options=b"")
+    return out
+
+
+def non_tcp_specs(rng: random.Random) -> list:
+    """Realistic frames of other protocols."""
+    a4, b4 = random_addr(rng, 4), rng.choice(SRV4)
+    a6, b6 = random_addr(rng, 6), rng.choice(SRV6)
+    dns = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01"
+    base = {"vlans": [], "trailer": b"", "ip": {}}
+    return [
+        dict(base, family=4, l4="udp", src=a4, sport=53000, dst=b4, dport=53, payload=dns),
+        dict(base, family=6, l4="udp", src=a6, sport=53000, dst=b6, dport=53, payload=dns),
+        dict(base, family=4, l4="udp", src=b4, sport=80, dst=a4, dport=40000,
+             payload=b"HTTP/1.1 500 Internal Server Error\r\n\r\n"),
+        dict(base, family=4, l4="raw", proto=F.IPPROTO_ICMP, src=a4, dst=b4,
+             payload=b"\x08\x00\xf7\xfe\x00\x01\x00\x01" + b"abcdefgh" * 4),
+        dict(base, family=6, l4="raw", proto=F.IPPROTO_ICMPV6, src=a6, dst=b6,
+             payload=b"\x80\x00\x00\x00\x00\x01\x00\x01" + b"abcdefgh" * 4),
+        dict(base, family=6, l4="raw", proto=F.IPPROTO_ICMPV6, src=a6, dst=b6,
+             ip={"ext": [hop_by_hop()]},
+             payload=b"\x87\x00\x00\x00\x00\x00\x00\x00" + ipaddress.IPv6Address(b6).packed),
+        dict(base, family=0, ethertype=F.ETH_P_ARP, payload=F.arp(a4, b4, 1)),
+        dict(base, family=0, ethertype=F.ETH_P_ARP, payload=F.arp(b4, a4, 2), vlans=[10]),
+        dict(base, family=0, ethertype=F.ETH_P_LLDP, payload=b"\x02\x07\x04" + b"\x02" * 6
+             + b"\x04\x03\x05\x65\x30\x06\x02\x00\x78\x00\x00"),
+    ]
+
+
+def build(s: dict) -> tuple[bytes, int | None]:
+    """The frame a spec describes, and the offset of its TCP header (None if none)."""
+    fam = s["family"]
+    l4 = s.get("l4")
+    if l4 == "tcp":
+        seg = tcp(s["sport"], s["dport"], s["payload"], flags=s["flags"], seq=s["seq"],
+                  ack=s["ack"], options=s["options"], doff=s["doff"], window=s["window"],
+                  pseudo=F._pseudo(s["src"], s["dst"], F.IPPROTO_TCP))
+        proto = F.IPPROTO_TCP
+    elif l4 == "udp":
+        seg = F.udp(s["sport"], s["dport"], s["payload"],
+                    pseudo=F._pseudo(s["src"], s["dst"], F.IPPROTO_UDP))
+        proto = F.IPPROTO_UDP
+    else:
+        seg = s["payload"]
+        proto = s.get("proto", 0)
+    prefix = s.get("l4_prefix", b"")
+    proto = s.get("proto_override", proto)
+    if fam == 4:
+        body, et = ipv4(prefix + seg, s["src"], s["dst"], proto, **s["ip"]), F.ETH_P_IP
+    elif fam == 6:
+        body, et = ipv6(prefix + seg, s["src"], s["dst"], proto, **s["ip"]), F.ETH_P_IPV6
+    else:
+        body, et = seg, s["ethertype"]
+    frame = eth(body, s.get("ethertype_override", et), vlans=s["vlans"], trailer=s["trailer"])
+    l4off = len(frame) - len(s["trailer"]) - len(seg) if l4 == "tcp" else None
+    return frame, l4off
+
+
+def copy_spec(s: dict) -> dict:
+    c = dict(s)
+    c["ip"] = dict(s["ip"])
+    if "ext" in c["ip"]:
+        c["ip"]["ext"] = list(c["ip"]["ext"])
+    c["vlans"] = list(s["vlans"])
+    return c
+
+
+def addresses_allowed(frame: bytes) -> bool:
+    """Whatever the classifier could read as an IP address lies in 198.18.0.0/15 or
+    2001:db8::/32 (a mutated ethertype or VLAN tag makes it read other bytes)."""
+    off, et = 14, int.from_bytes(frame[12:14], "big")
+    if et in R.VLAN_TPIDS and len(frame) >= 18:
+        off, et = 18, int.from_bytes(frame[16:18], "big")
+    if et == F.ETH_P_IP and len(frame) >= off + 20:
+        return all(frame[a] == 198 and frame[a + 1] in (18, 19) for a in (off + 12, off + 16))
+    if et == F.ETH_P_IPV6 and len(frame) >= off + 40:
+        return all(frame[a:a + 4] == b"\x20\x01\x0d\xb8" for a in (off + 8, off + 24))
+    if et == F.ETH_P_ARP and len(frame) >= off + 28:
+        return all(frame[a] == 198 and frame[a + 1] in (18, 19) for a in (off + 14, off + 24))
+    return True
+
+
+# --- status lines ----------------------------------------------------------------------
+
+STATUS_BASES = [b"HTTP/1.1 500 Internal Server Error\r\n", b"HTTP/1.0 503 Service Unavailable\r\n",
+                b"HTTP/1.1 502\r\n", b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.1 200 OK\r\n",
+                b"HTTP/1.1 599 \r\n"]
+NEAR_MISSES = [
+    b"HTTP/1.1 50", b"HTTP/1.1 500", b"HTTP/2 500 ", b"HTTP/2 500 Internal Server Error\r\n",
+    b"HTTP/2.0 500 Internal\r\n", b"HTTP/3 500 x\r\n", b"HTTP/1.1 5000", b"HTTP/1.1 5000 x\r\n",
+    b"http/1.1 500 ", b"Http/1.1 500 Internal\r\n", b"HTTP/1.2 500 ", b"HTTP/1.  500 ",
+    b"HTTP/0.9 500 ", b"HTTP/11 500 x\r\n", b"HTTP/1,1 500 ", b"HTTPS/1.1 500 ",
+    b" HTTP/1.1 500 ", b"\r\nHTTP/1.1 500 x", b"\0HTTP/1.1 500 ", b"HTTP/1.1 5x0 ",
+    b"HTTP/1.1 50x ", b"HTTP/1.1 x00 ", b"HTTP/1.1 5 0 ", b"HTTP/1.1 -50 ", b"HTTP/1.1 5\xb00 ",
+    b"HTTP/1.1 500\n", b"HTTP/1.1 500\t", b"HTTP/1.1 500-", b"HTTP/1.1 500:", b"HTTP/1.1  500 ",
+    b"HTTP/1.1\t500 ", b"HTTP/1.1\r500 ", b"HTTP/1.1 500\0", b"GET /500 HTTP/1.1\r\n\r\n",
+    b"HTTP/1.1 \xd9\xd0\xd0 ", b"HTTP/1.1 500\r", b"HTTP/1.0 500 ", b"HTTP/1.1 000 x\r\n",
+    b"HTTP/1.1 \xd9\xa1\xd9\xa2\xd9\xa3 ", b"HTTP/1.1 +50 ", b"HTTP/1.1 5.0 ", b"HTTP/1.1 50\r\n\r\n",
+]
+ALPHABET = b"0123456789 \r\n\t./HTPhtp12x\x00\xff\xb0-:;"
+
+
+def status_payload(rng: random.Random) -> bytes:
+    """A valid status line, or a near miss of one, with or without headers after it."""
+    op = rng.randrange(8)
+    line = bytearray(rng.choice(STATUS_BASES))
+    if op == 0:
+        line[rng.randrange(13)] = rng.choice(ALPHABET)
+    elif op == 1:
+        del line[rng.randrange(13)]
+    elif op == 2:
+        line.insert(rng.randrange(14), rng.choice(ALPHABET))
+    elif op == 3:
+        i = rng.randrange(13)
+        line[i:i + 1] = bytes(line[i:i + 1]).swapcase()
+    elif op == 4:
+        line = line[:rng.randrange(9, 16)]
+    elif op == 5:
+        line = bytearray(rng.choice(NEAR_MISSES))
+    else:
+        line = bytearray(b"HTTP/1.%c %03d%c" % (rng.choice(b"01"), rng.randrange(1000),
+                                                rng.choice(b"   \r\r\n\t\0x")))
+    tail = rng.choice([b"", b"", b"\r\n", b"Reason\r\nServer: nginx\r\n\r\n",
+                       response(404)[12:]])
+    return bytes(line) + tail
+
+
+# --- mutations -------------------------------------------------------------------------
+
+def _ext_kinds(rng):
+    return rng.choice([hop_by_hop, routing, dest_opts])(rng.randrange(4))
+
+
+def tcp_header_len(s: dict) -> int:
+    """The real length of the spec's TCP header (whatever its data offset says)."""
+    if s.get("l4") != "tcp":
+        return 8 if s.get("l4") == "udp" else 0
+    return 20 + len(s["options"]) + (-len(s["options"]) % 4)
+
+
+def mutate_spec(rng: random.Random, s: dict) -> str:
+    """Applies one random structural mutation to `s` (in place); returns its name."""
+    fam, is_tcp = s["family"], s.get("l4") == "tcp"
+    choices = ["vlans", "ethertype", "trailer"]
+    if fam in (4, 6):
+        choices += ["version", "proto"]
+    if fam == 4:
+        choices += ["ihl", "ihl", "tot_len", "tot_len", "frag4", "frag4", "ipopts"]
+    if fam == 6:
+        choices += ["plen", "plen", "ext_lie", "ext_lie", "frag6", "frag6", "ext_chain",
+                    "ext_chain", "ah"]
+    if is_tcp:
+        choices += ["doff", "doff", "window0", "flags", "flags", "status", "status", "status",
+                    "topts", "ports", "swap"]
+    m = rng.choice(choices)
+    ip = s["ip"]
+    if m == "vlans":
+        tpids = (F.ETH_P_8021Q, F.ETH_P_8021AD, 0x9100, F.ETH_P_8021Q)
+        s["vlans"] = [(rng.choice(tpids), rng.randrange(4096)) for _ in range(rng.randrange(4))]
+    elif m == "ethertype":
+        s["ethertype_override"] = rng.choice([F.ETH_P_IP, F.ETH_P_IPV6, F.ETH_P_ARP,
+                                              F.ETH_P_LLDP, F.ETH_P_8021Q, F.ETH_P_8021AD,
+                                              0x0600, 0x05DC, 0x0000, 0xFFFF,
+                                              rng.randrange(0x10000)])
+    elif m == "trailer":
+        s["trailer"] = rng.choice([b"\0" * rng.randrange(1, 40), b" OK\r\n",
+                                   bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20))),
+                                   b"HTTP/1.1 500 Internal Server Error\r\n"])
+    elif m == "version":
+        ip["version"] = rng.randrange(16)
+    elif m == "proto":
+        s["proto_override"] = rng.choice([F.IPPROTO_UDP, F.IPPROTO_ICMP, F.IPPROTO_ICMPV6, 51,
+                                          50, 59, 0, 43, 44, 60, 132, rng.randrange(256)])
+    elif m == "ihl":
+        ip["ihl"] = rng.randrange(16)
+        if rng.random() < 0.3:
+            ip["options"] = ipv4_options(4 * rng.randrange(11))
+    elif m == "tot_len":
+        opts = ip.get("options", b"")
+        ihl = 20 + len(opts) + (-len(opts) % 4)
+        real = len(build(s)[0]) - 14 - 4 * len(s["vlans"]) - len(s["trailer"])
+        th = tcp_header_len(s)
+        ip["tot_len"] = rng.choice([0, 1, 19, 20, ihl - 1, ihl, ihl + 19, ihl + 20, ihl + th - 1,
+                                    ihl + th, ihl + th + 12, ihl + th + 13, real - 1, real + 1,
+                                    real + 100, 65535, rng.randrange(65536)])
+    elif m == "frag4":
+        ip["frag_offset"] = rng.choice([0, 0, 1, 2, 185, 0x1000, 0x1FFF, rng.randrange(8192)])
+        ip["mf"] = rng.random() < 0.5
+        ip["df"] = rng.random() < 0.5
+    elif m == "ipopts":
+        ip["options"] = ipv4_options(4 * rng.randrange(11))
+    elif m == "plen":
+        body = len(build(s)[0]) - 14 - 4 * len(s["vlans"]) - 40 - len(s["trailer"])
+        chain = sum(len(e.pack(0)) for e in ip.get("ext", [])) + len(s.get("l4_prefix", b""))
+        th = tcp_header_len(s)
+        ip["payload_len"] = rng.choice([0, 1, 7, 8, 19, 20, chain, chain + th - 1, chain + th,
+                                        chain + th + 12, chain + th + 13, body - 1, body + 1,
+                                        body + 100, 65535, rng.randrange(65536)])
+    elif m == "ext_lie":
+        ext = ip.setdefault("ext", [])
+        if not ext or rng.random() < 0.3:
+            ext.insert(rng.randrange(len(ext) + 1), _ext_kinds(rng))
+        i = rng.randrange(len(ext))
+        if ext[i].kind == F.IPPROTO_FRAGMENT:
+            ext[i] = _ext_kinds(rng)
+        e = ext[i]
+        ext[i] = F.Ext(e.kind, units=e.units, hdrlen=rng.choice(
+            [0, 1, 2, e.units + 1, max(0, e.units - 1), 255, rng.randrange(256)]))
+    elif m == "frag6":
+        ext = ip.setdefault("ext", [])
+        ext.insert(rng.randrange(len(ext) + 1),
+                   fragment(rng.choice([0, 0, 1, 2, 0x1FFF, rng.randrange(8192)]),
+                            rng.random() < 0.5))
+    elif m == "ext_chain":
+        ip["ext"] = [rng.choice([hop_by_hop, routing, dest_opts, lambda u: fragment(0, True),
+                                 lambda u: fragment(rng.randrange(3), False)])(rng.randrange(3))
+                     for _ in range(rng.randrange(9))]
+    elif m == "ah":
+        nh = F.IPPROTO_TCP if is_tcp else rng.randrange(256)
+        s["l4_prefix"] = bytes([nh, 4, 0, 0]) + b"\0" * 20
+        s["proto_override"] = 51
+    elif m == "doff":
+        s["doff"] = rng.randrange(16)
+    elif m == "window0":
+        s["window"] = 0
+    elif m == "flags":
+        s["flags"] = rng.randrange(256)
+    elif m == "status":
+        s["payload"] = status_payload(rng)
+    elif m == "topts":
+        s["options"] = tcp_options(4 * rng.randrange(11))
+    elif m == "ports":
+        s["sport"], s["dport"] = rng.choice([(s["dport"], s["sport"]), (80, 80),
+                                             (rng.randrange(65536), rng.randrange(65536)),
+                                             (0, 0), (65535, 0), (511, 512), (512, 511)])
+        if rng.random() < 0.3:
+            s["dst"] = s["src"]  # one host talking to itself: the ports decide the order
+    elif m == "swap":
+        s["src"], s["dst"] = s["dst"], s["src"]
+        s["sport"], s["dport"] = s["dport"], s["sport"]
+    return m
+
+
+INTERESTING = [0x00, 0xFF, 0x45, 0x4F, 0x60, 0x06, 0x11, 0x2C, 0x3C, 0x2B, 0x81, 0x88, 0x86,
+               0xDD, 0x08, 0x50, 0xF0, 0x48]
+
+
+def mutate_bytes(rng: random.Random, frame: bytes, l4: int | None) -> tuple[bytes, str]:
+    m = rng.choice(["cut", "cut", "flip", "flip", "set", "append", "tcpres"])
+    b = bytearray(frame)
+    if not b and m in ("flip", "set"):
+        m = "append"
+    if m == "cut":
+        return frame[:rng.randrange(len(frame) + 1)], m
+    if m == "flip":
+        for _ in range(rng.randrange(1, 5)):
+            i = rng.randrange(min(len(b), 120) if rng.random() < 0.8 else len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif m == "set":
+        b[rng.randrange(min(len(b), 120))] = rng.choice(INTERESTING)
+    elif m == "append":
+        b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30)))
+    elif m == "tcpres" and l4 is not None and l4 + 12 < len(b):
+        b[l4 + 12] = (b[l4 + 12] & 0xF0) | rng.randrange(16)  # reserved bits and AE/NS
+    return bytes(b), m
+
+
+# --- the generator ---------------------------------------------------------------------
+
+# Shares of the frames that are not truncation sweeps.
+SHARES = {"mutation": 0.6, "conversation": 0.3, "flag": 0.1}
+
+
+class Generator:
+    """The seeded stream of (frame, direction, what) tuples."""
+
+    def __init__(self, seed: int, total: int):
+        self.rng = rng = random.Random(seed)
+        self.total = total
+        self.conns = [random_conn(rng) for _ in range(400)]
+        # The realistic set that every offset of is tried: the same exchanges over each
+        # kind of link and network layer.
+        kinds = [Conn(4, "198.19.7.10", 40000, "198.18.0.80", 80),
+                 Conn(4, "198.19.7.11", 40001, "198.18.0.80", 80, vlans=(100,)),
+                 Conn(4, "198.19.7.12", 40002, "198.18.0.80", 80, ipopts=ipv4_options(12)),
+                 Conn(6, "2001:db8:7::10", 40000, "2001:db8::80", 80),
+                 Conn(6, "2001:db8:7::11", 40001, "2001:db8::80", 8080,
+                      vlans=((F.ETH_P_8021AD, 200),)),
+                 Conn(6, "2001:db8:7::12", 40002, "2001:db8::80", 80,
+                      ext=(hop_by_hop(), dest_opts(1), fragment(0, True)))]
+        self.sweep_base = []
+        for i, conn in enumerate(kinds):
+            codes = [(200, 404, 500)[i % 3], (503, 200, 301)[i % 3]]
+            self.sweep_base += [build(s)[0] for s, _ in conversation(rng, conn, codes)]
+        self.sweep_base += [build(s)[0] for s in non_tcp_specs(rng)]
+        self.templates = [s for c in self.conns for s, _ in conversation(rng, c)]
+        self.non_tcp = [s for _ in range(20) for s in non_tcp_specs(rng)]
+
+    def frames_of_sweeps(self) -> int:
+        return sum(len(f) + 1 for f in self.sweep_base)
+
+    def __iter__(self):
+        rng = self.rng
+        sweeps = list(self.sweep_base)
+        rng.shuffle(sweeps)
+        sweep_left = self.frames_of_sweeps()
+        made = 0
+        made_by = Counter()
+        while made < self.total:
+            left = self.total - made
+            if sweeps and rng.random() < sweep_left / max(left, 1):
+                frame = sweeps.pop()
+                sweep_left -= len(frame) + 1
+                direction = rng.choice(DIRECTIONS)
+                offsets = list(range(len(frame) + 1))
+                if rng.random() < 0.5:
+                    offsets.reverse()
+                episode = [(frame[:n], direction, "sweep") for n in offsets]
+            else:
+                # The kind furthest behind its share of the frames made so far.
+                kind = max(SHARES, key=lambda k: SHARES[k] * (made_by[""] + 1) - made_by[k])
+                episode = getattr(self, f"{kind}_episode")()
+                made_by[""] += len(episode)
+                made_by[kind] += len(episode)
+            for item in episode:
+                if made >= self.total:
+                    return
+                yield item
+                made += 1
+            yield None  # episode boundary: a checkpoint may run here
+
+    def direction(self, from_client: bool) -> str:
+        d = "ingress" if from_client else "egress"
+        if self.rng.random() < 0.15:
+            d = "egress" if from_client else "ingress"
+        return d
+
+    def mutated(self, spec: dict, structural: int, byte_level: int) -> tuple[bytes, str]:
+        rng = self.rng
+        for _ in range(20):
+            s = copy_spec(spec)
+            names = [mutate_spec(rng, s) for _ in range(structural)]
+            frame, l4 = build(s)
+            for _ in range(byte_level):
+                frame, m = mutate_bytes(rng, frame, l4)
+                names.append(m)
+            if addresses_allowed(frame):
+                return frame, "+".join(names) or "plain"
+        return build(spec)[0], "plain"
+
+    def conversation_episode(self) -> list:
+        rng = self.rng
+        conn = rng.choice(self.conns)
+        out = []
+        for spec, from_client in conversation(rng, conn):
+            if rng.random() < 0.1:
+                frame, what = self.mutated(spec, 1, rng.randrange(2))
+            else:
+                frame, what = build(spec)[0], "conversation"
+            out.append((frame, self.direction(from_client), what))
+        return out
+
+    def flag_episode(self) -> list:
+        """Every TCP flag byte on a response and on a bare segment of one flow."""
+        rng = self.rng
+        conn = rng.choice(self.conns)
+        out = []
+        flags = list(range(256))
+        rng.shuffle(flags)
+        for fl in flags[:rng.randrange(16, 65)]:
+            payload = rng.choice([b"", response(rng.choice((200, 500, 503, 404)))])
+            spec = tcp_spec(conn, rng.random() < 0.5, payload, fl,
+                            window=rng.choice((0, 0, 502, 65535)))
+            out.append((build(spec)[0], rng.choice(DIRECTIONS), "flags"))
+        return out
+
+    def mutation_episode(self) -> list:
+        rng = self.rng
+        spec = rng.choice(self.non_tcp if rng.random() < 0.15 else self.templates)
+        structural = rng.choice((0, 1, 1, 1, 2, 2, 3))
+        byte_level = rng.choice((0, 0, 1, 1, 2)) if structural else rng.randrange(1, 4)
+        frame, what = self.mutated(spec, structural, byte_level)
+        out = [(frame, rng.choice(DIRECTIONS), what)]
+        if spec.get("l4") == "tcp" and rng.random() < 0.5:
+            # A later packet of the same flow, the other way: was the flow marked?
+            back = tcp_spec(Conn(spec["family"], spec["dst"], spec["dport"], spec["src"],
+                                 spec["sport"], tuple(spec["vlans"])), True, b"")
+            out.append((build(back)[0], rng.choice(DIRECTIONS), "follow-up"))
+        return out
+
+
+# --- tests -----------------------------------------------------------------------------
+
+@pytest.fixture
+def pinned():
+    """Runs the test on one CPU, so every per-CPU slot the program touches is one."""
+    original = os.sched_getaffinity(0)
+    cpu = min(original)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, original)
+
+
+def test_generator_is_deterministic():
+    a = [x for x, _ in zip(Generator(42, 3000), range(3000))]
+    b = [x for x, _ in zip(Generator(42, 3000), range(3000))]
+    assert a == b
+    assert a != [x for x, _ in zip(Generator(43, 3000), range(3000))]
+
+
+def test_generated_addresses_allowed():
+    frames = [x[0] for x in Generator(7, 20000) if x is not None]
+    assert len(frames) == 20000
+    assert all(addresses_allowed(f) for f in frames)
+
+
+def test_reference_reads_realistic_frames_like_dpkt():
+    """On well-formed frames the reference sees what dpkt sees: the same flow key and
+    the same status line."""
+    dpkt = pytest.importorskip("dpkt")
+    rng = random.Random(5)
+    checked = 0
+    for conn in [random_conn(rng) for _ in range(60)]:
+        for spec, _ in conversation(rng, conn):
+            frame = build(spec)[0]
+            d = R.decide(frame, "egress", TRIGGER_5XX, set())
+            e = dpkt.ethernet.Ethernet(frame)
+            ip = e.data
+            seg = ip.data
+            if isinstance(ip, dpkt.ip6.IP6) and not isinstance(seg, dpkt.tcp.TCP):
+                seg = dpkt.tcp.TCP(seg)  # dpkt leaves TCP behind a fragment header raw
+            assert isinstance(seg, dpkt.tcp.TCP)
+            fam = 4 if isinstance(ip, dpkt.ip.IP) else 6
+            src = ipaddress.ip_address(ip.src)
+            dst = ipaddress.ip_address(ip.dst)
+            assert d.key == FlowKey.from_endpoints(str(src), seg.sport, str(dst), seg.dport)
+            assert d.key.family == fam
+            code = None
+            if seg.data[:5] == b"HTTP/":
+                # The status line and a header end: the body may be in later segments.
+                head = seg.data.split(b"\r\n", 1)[0] + b"\r\n\r\n"
+                code = int(dpkt.http.Response(head).status)
+            assert d.status == code
+            checked += 1
+    assert checked > 500
+
+
+def test_test_run_limits(clf):
+    """The harness limits the reference models: frames this kernel's test run refuses."""
+    h = Harness(clf)
+    big = eth(b"\0" * (fastmaps.TEST_RUN_MAX_FRAME - 14), 0x1234)
+    cases = [b"", b"\0" * 13, eth(b"", 0x1234), eth(b"\x45" + b"\0" * 18),
+             eth(b"\x45" + b"\0" * 19), eth(b"\x60" + b"\0" * 38, F.ETH_P_IPV6),
+             eth(b"\x60" + b"\0" * 39, F.ETH_P_IPV6),
+             eth(b"\x45", vlans=[1]), big, big + b"\0"]
+    for frame in cases:
+        for d in DIRECTIONS:
+            h.feed(frame, d)
+    assert [h.feed(f, "egress").ran for f in cases] == [
+        False, False, True, False, True, False, True, True, True, False]
+    assert not h.disagreements, report(h)
+
+
+# --- crafted edge cases ----------------------------------------------------------------
+
+C4, S4, C6, S6 = "198.19.7.10", "198.18.0.80", "2001:db8:7::10", "2001:db8::80"
+ERR500 = response(500)
+
+
+def r4(payload=ERR500, **kw):
+    return F.tcp4(S4, 80, C4, 40000, payload, **kw)
+
+
+def r6(payload=ERR500, **kw):
+    return F.tcp6(S6, 80, C6, 40000, payload, **kw)
+
+
+def ack4(**kw):
+    return F.tcp4(C4, 40000, S4, 80, **{"flags": TCP_ACK, **kw})
+
+
+def ack6(**kw):
+    return F.tcp6(C6, 40000, S6, 80, **{"flags": TCP_ACK, **kw})
+
+
+def _crafted():
+    """(id, [frames]): each list runs in order on both hooks, from empty maps."""
+    c = []
+
+    def add(name, *frames_):
+        c.append(pytest.param(list(frames_), id=name))
+
+    # Sequences: trigger, then the flow both ways; a non-trigger first.
+    add("v4-trigger-then-flow", ack4(), r4(), ack4(), r4(response(200)), ack4(flags=TCP_FIN | TCP_ACK))
+    add("v6-trigger-then-flow", ack6(), r6(), ack6(), r6(b"body"), ack6(flags=TCP_RST))
+    add("v4-non-trigger-then-trigger", r4(response(404)), ack4(), r4(response(503)), ack4())
+    add("vlan-trigger-then-untagged", r4(vlans=[7]), ack4(), ack4(vlans=[(F.ETH_P_8021AD, 9)]))
+    add("v6-ext-trigger-then-plain",
+        r6(ip={"ext": [hop_by_hop(), fragment(0, True)]}), ack6())
+    add("trigger-in-first-ipv4-fragment", r4(ip={"mf": True}), r4(b"rest", ip={"frag_offset": 8}),
+        ack4())
+    add("trigger-in-first-ipv6-fragment", r6(ip={"ext": [fragment(0, True)]}),
+        r6(b"rest", ip={"ext": [fragment(8, False)]}), ack6())
+    add("malformed-segment-of-marked-flow", r4(), ack4(doff=4), ack4(ip={"ihl": 4}), ack4())
+    add("trigger-with-rst-flag", r4(flags=TCP_RST | TCP_ACK), ack4())
+    add("trigger-with-syn-flag", r4(flags=TCP_SYN), ack4())
+    add("trigger-with-no-flags", r4(flags=0), ack4())
+    add("trigger-zero-window", r4(window=0), ack4(window=0))
+    # Status lines: every near miss, both families.
+    for i, p in enumerate(NEAR_MISSES):
+        add(f"near-miss-{i}", r4(p), r6(p), ack4(), ack6())
+    for code in (0, 1, 99, 100, 199, 200, 499, 500, 599, 600, 999):
+        add(f"status-{code:03d}", r4(b"HTTP/1.1 %03d x\r\n" % code), ack4())
+    # Link layer.
+    add("qinq-two-tags", r4(vlans=[1, 2]), ack4())
+    add("tag-9100", r4(vlans=[(0x9100, 5)]))
+    add("ethertype-802.3-length", eth(b"\0" * 46, 46))
+    # IPv4 lengths.
+    add("ipv4-tot-len-0", r4(ip={"tot_len": 0}), ack4())
+    add("ipv4-tot-len-short-of-status", r4(ip={"tot_len": 40 + 12}))
+    add("ipv4-tot-len-exact-status", r4(ip={"tot_len": 40 + 13}), ack4())
+    add("ipv4-udp-ihl-past-frame", cut(F.udp4(S4, 53, C4, 5353, b""), 14 + 20),
+        eth(ipv4(b"", S4, C4, F.IPPROTO_UDP, ihl=15)))
+    add("ipv4-udp-tot-len-below-ihl", eth(ipv4(b"\0" * 8, S4, C4, F.IPPROTO_UDP, tot_len=10)))
+    add("ipv4-fragment-tot-len-below-ihl", r4(ip={"frag_offset": 1, "tot_len": 3}))
+    add("ipv4-ihl-past-frame-tcp", cut(r4(ip={"ihl": 15}), 14 + 40))
+    # IPv6 extension headers: lengths and truncation.
+    udp_body = F.udp(53, 5353, b"x")
+    add("ipv6-hbh-cut-then-udp",
+        cut(eth(ipv6(udp_body, S6, C6, F.IPPROTO_UDP, ext=[hop_by_hop(3)]), F.ETH_P_IPV6),
+            14 + 40 + 4))
+    add("ipv6-hbh-len-past-frame-then-udp",
+        eth(ipv6(udp_body, S6, C6, F.IPPROTO_UDP, ext=[hop_by_hop(hdrlen=200)]), F.ETH_P_IPV6))
+    add("ipv6-hbh-past-payload-len-then-udp",
+        eth(ipv6(udp_body, S6, C6, F.IPPROTO_UDP, ext=[hop_by_hop(1)], payload_len=8),
+            F.ETH_P_IPV6))
+    add("ipv6-nonfirst-fragment-header-cut",
+        cut(r6(ip={"ext": [fragment(5, True)]}), 14 + 40 + 4))
+    add("ipv6-nonfirst-fragment-header-cut-3",
+        cut(r6(ip={"ext": [fragment(5, True)]}), 14 + 40 + 3))
+    add("ipv6-first-fragment-header-cut", cut(r6(ip={"ext": [fragment(0, True)]}), 14 + 40 + 4))
+    add("ipv6-nonfirst-fragment-past-payload-len",
+        r6(ip={"ext": [fragment(5, True)], "payload_len": 4}))
+    add("ipv6-ext-past-payload-len-tcp", r6(ip={"ext": [dest_opts(2)], "payload_len": 16}))
+    add("ipv6-hbh-not-first", r6(ip={"ext": [dest_opts(), hop_by_hop()]}), ack6())
+    add("ipv6-7-ext-headers", r6(ip={"ext": [dest_opts()] * 7}))
+    add("ipv6-6-ext-then-udp",
+        eth(ipv6(udp_body, S6, C6, F.IPPROTO_UDP, ext=[dest_opts()] * 6), F.ETH_P_IPV6))
+    add("ipv6-plen-0", r6(ip={"payload_len": 0}), ack6())
+    # TCP header lengths.
+    add("tcp-doff-15-options", r4(options=tcp_options(40)), ack4())
+    add("tcp-doff-past-ip-end", r4(doff=15, ip={"tot_len": 20 + 40}))
+    # Flow key order: addresses byte by byte, then ports in network byte order.
+    for a, pa, b, pb in [(S4, 512, S4, 511), (S4, 511, S4, 512), (S4, 1, S4, 256),
+                         ("198.18.0.255", 80, "198.18.1.0", 80), ("198.18.1.0", 80, "198.18.0.255", 80),
+                         (S6, 512, S6, 511), (S6, 1, S6, 256),
+                         ("2001:db8::1:0", 80, "2001:db8::ff", 80),
+                         ("2001:db8:1::", 80, "2001:db8::ffff:ffff", 80)]:
+        tcpx = F.tcp6 if ":" in a else F.tcp4
+        add(f"key-{a}-{pa}-{b}-{pb}", tcpx(a, pa, b, pb, ERR500),
+            tcpx(b, pb, a, pa, flags=TCP_ACK), tcpx(a, pa, b, pb, flags=TCP_ACK))
+    return c
+
+
+@pytest.mark.parametrize("frames_", _crafted())
+def test_crafted(clf, pinned, debug_iface, frames_):
+    for d in DIRECTIONS:
+        h = Harness(clf, debug_iface=debug_iface)
+        for frame in frames_:
+            h.feed(frame, d)
+        h.checkpoint(empty=True)
+        assert not h.disagreements, report(h)
+
+
+@pytest.mark.parametrize("debug, ifindex", [(R.DEBUG_NONE, 0), (R.DEBUG_NONE, LO_IFINDEX),
+                                            (R.DEBUG_FAIL, BOGUS_IFINDEX)])
+def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
+    clf.set_debug_ifindex(ifindex)
+    h = Harness(clf, debug=debug)
+    for frame, d in [(r4(), "egress"), (ack4(), "ingress"), (r6(response(502)), "egress"),
+                     (ack6(), "egress"), (r4(response(200)), "ingress"), (ack4(doff=3), "egress")]:
+        h.feed(frame, d)
+    h.checkpoint(empty=True)
+    assert not h.disagreements, report(h)
+
+
+def test_classifier_cases_agree_with_reference():
+    """The hand-written expectations of tests/test_classifier.py's parse-path cases, as
+    the reference computes them (no kernel involved)."""
+    import test_classifier as tc
+    wrong = []
+    for param in tc._cases():
+        frame, expected = param.values
+        got = dict(R.decide(frame, "egress", TRIGGER_5XX, set()).counters)
+        if got != expected:
+            wrong.append(f"{param.id}: reference {got}, test_classifier {expected}")
+    assert not wrong, "\n".join(wrong)
+
+
+# --- the fuzz --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fuzz(clf, pinned, debug_iface, capsys):
+    seed = int(os.environ.get("MIRROR_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
+    total = int(os.environ.get("MIRROR_FUZZ_FRAMES") or 100000)
+    with capsys.disabled():
+        print(f"\nmirror fuzz: seed={seed} frames={total} (replay: MIRROR_FUZZ_SEED={seed} "
+              f"MIRROR_FUZZ_FRAMES={total})", flush=True)
+    gen = Generator(seed, total)
+    h = Harness(clf, debug_iface=debug_iface)
+    whats = Counter()
+    started = time.monotonic()
+    switch_at = total - total // 10
+    last_checkpoint = 0
+    for item in gen:
+        if item is None:
+            if (len(h.marked) >= CHECKPOINT_FLOWS
+                    or h.frames - last_checkpoint >= CHECKPOINT_FRAMES):
+                h.checkpoint(empty=True)
+                last_checkpoint = h.frames
+            continue
+        frame, direction, what = item
+        if h.frames == switch_at:
+            h.set_triggers(TRIGGER_ODD)
+        h.feed(frame, direction)
+        whats[what.split("+")[0]] += 1
+    h.checkpoint(empty=True)
+    elapsed = time.monotonic() - started
+    paths = " ".join(f"{p}={h.paths[p]}" for p in R.PATHS)
+    dirs = Counter(d.direction for d in h.disagreements)
+    with capsys.disabled():
+        print(f"mirror fuzz summary: frames={h.frames} seed={seed} "
+              f"disagreements={len(h.disagreements)} paths: {paths} "
+              f"checkpoints={h.checkpoints} seconds={elapsed:.1f}", flush=True)
+        print("mirror fuzz reasons: " + ", ".join(
+            f"{r}={n}" for r, n in sorted(h.reasons.items(), key=lambda x: -x[1])), flush=True)
+        print("mirror fuzz sources: " + ", ".join(
+            f"{w}={n}" for w, n in sorted(whats.items(), key=lambda x: -x[1])), flush=True)
+    assert h.frames == total
+    assert not h.disagreements, (
+        f"seed {seed}: {len(h.disagreements)} disagreements "
+        f"({dict(dirs)}; replay with MIRROR_FUZZ_SEED={seed} MIRROR_FUZZ_FRAMES={total})\n"
+        + report(h, seed))
