@@ -1,0 +1,353 @@
+"""The container deployment.
+
+Marked `container` (deselect with -m 'not container'): builds the image with
+container/build (podman; the base image made with debootstrap when missing), then runs
+the sidecar model for real: a network namespace joined to the root namespace by a veth,
+a podman pod in that namespace with the example application (nginx: 200 and 500), the
+mirror controller and the capture sidecar; requests from the root namespace; the pod
+stopped with SIGTERM; the pcaps read with dpkt and the index read back.
+
+Unmarked: the Kubernetes manifests validated offline with kubernetes-validate in strict
+mode, and the compose file's shape."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirror.flowkey import FlowKey
+from mirror.lab import send
+from mirror.netns import Host
+from mirror.pcap import read_flows
+from mirror.pcapindex import read_index
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTAINER = ROOT / "container"
+IMAGE = "localhost/mirror:latest"
+APP_IMAGE = "localhost/mirror-demo-app:latest"
+CAPTURE_UID = 10001
+K8S_VERSIONS = ["1.28.0", "1.33.0"]
+TEST_LABEL = "io.mirror.test-pid"
+
+
+# --- offline checks of the manifests ---------------------------------------------------
+
+def k8s_documents():
+    for path in sorted((CONTAINER / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield path.name, doc
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_strictly(version):
+    import kubernetes_validate
+    kinds = []
+    for name, doc in k8s_documents():
+        kubernetes_validate.validate(doc, version, strict=True)    # raises when invalid
+        kinds.append((name, doc["kind"]))
+    assert ("sidecars.yaml", "Deployment") in kinds and ("daemonset.yaml", "DaemonSet") in kinds
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    """The validator really is strict: a misspelt field is an error, not ignored."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+    name, doc = next(d for d in k8s_documents() if d[1]["kind"] == "Deployment")
+    doc["spec"]["template"]["spec"]["containers"][1]["securityContxt"] = {}
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def pod_specs():
+    for name, doc in k8s_documents():
+        if doc["kind"] in ("Deployment", "DaemonSet"):
+            yield name, doc["spec"]["template"]
+
+
+@pytest.mark.parametrize("name,template", list(pod_specs()),
+                         ids=[name for name, _ in pod_specs()])
+def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
+    spec = template["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    mirror, capture = containers["mirror"], containers["capture"]
+    assert mirror["args"] == ["controller"] and capture["args"] == ["capture"]
+    assert mirror["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"] for m in mirror["volumeMounts"]}
+    assert {"/lib/modules", "/usr/src"} <= mounts
+    sc = capture["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW", "NET_ADMIN"]}
+    assert sc["runAsUser"] == CAPTURE_UID and sc["runAsNonRoot"] and "privileged" not in sc
+    for c in (mirror, capture):
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+        probe = c["livenessProbe"]["httpGet"]
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == probe["port"])
+        env = {e["name"]: e["value"] for e in c["env"]}
+        addr = env.get("MIRROR_METRICS_ADDR") or env["MIRROR_CAPTURE_METRICS_ADDR"]
+        assert probe["path"] == "/metrics" and addr.endswith(f":{port}")
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == 9464
+    assert spec.get("hostNetwork", False) == (name == "daemonset.yaml")
+
+
+def test_compose_sidecars_share_the_app_network():
+    compose = yaml.safe_load((CONTAINER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"app", "mirror", "capture"}
+    for side in ("mirror", "capture"):
+        assert services[side]["network_mode"] == "service:app"
+    assert services["mirror"]["command"] == ["controller"] and services["mirror"]["privileged"]
+    assert services["capture"]["command"] == ["capture"]
+    assert set(services["capture"]["cap_add"]) == {"NET_RAW", "NET_ADMIN"}
+    assert "privileged" not in services["capture"]
+    assert any(v.startswith("captures:") for v in services["capture"]["volumes"])
+    assert "captures" in compose["volumes"]
+    for side in ("mirror", "app"):
+        build = services[side]["build"]
+        assert (CONTAINER / build["context"] / build["dockerfile"]).is_file()
+
+
+# --- the real thing with podman --------------------------------------------------------
+
+def podman(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}):\n"
+                             f"{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_pods() -> None:
+    """Removes the pods of earlier test processes that died before cleaning up."""
+    out = podman("pod", "ps", "--filter", f"label={TEST_LABEL}", "--format", "{{.Name}}",
+                 check=False).stdout
+    for name in out.split():
+        labels = json.loads(podman("pod", "inspect", name, "--format", "{{json .Labels}}",
+                                   check=False).stdout or "{}")
+        pid = int(labels.get(TEST_LABEL, "0") or 0)
+        if pid and not _pid_alive(pid):
+            podman("pod", "rm", "--force", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Both images, built (or found up to date) by container/build."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: run scripts/setup (it installs podman, runc "
+                    "and debootstrap)")
+    r = subprocess.run([str(CONTAINER / "build")], capture_output=True, text=True,
+                       timeout=1800)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, f"container/build failed:\n{r.stdout}\n{r.stderr}"
+    remove_stale_pods()
+    return IMAGE, APP_IMAGE
+
+
+class Pod:
+    """A podman pod in an existing network namespace. podman 4.4 and later create the
+    pod in it (`pod create --network ns:PATH`); older ones refuse a path for a pod, and
+    then the pod is made without an infra container and each container joins the
+    namespace itself: the same sharing, the same lifecycle (pod stop/rm)."""
+
+    def __init__(self, name: str, netns: str):
+        self.name = name
+        self.netns_path = f"/run/netns/{netns}"
+        self.per_container_netns = False
+
+    def create(self) -> "Pod":
+        r = podman("pod", "create", "--name", self.name, "--label", f"{TEST_LABEL}={os.getpid()}",
+                   "--network", f"ns:{self.netns_path}", check=False)
+        if r.returncode != 0:
+            assert "network mode path" in r.stderr, r.stderr
+            podman("pod", "create", "--name", self.name, "--label",
+                   f"{TEST_LABEL}={os.getpid()}", "--infra=false")
+            self.per_container_netns = True
+        return self
+
+    def run(self, name: str, *args: str) -> str:
+        net = ["--network", f"ns:{self.netns_path}"] if self.per_container_netns else []
+        podman("run", "--detach", "--pod", self.name, "--name", f"{self.name}-{name}", *net,
+               *args)
+        return f"{self.name}-{name}"
+
+    def logs(self, name: str) -> str:
+        r = podman("logs", f"{self.name}-{name}", check=False)
+        return r.stdout + r.stderr
+
+    def exit_code(self, name: str) -> int:
+        return int(podman("inspect", "--format", "{{.State.ExitCode}}",
+                          f"{self.name}-{name}").stdout.strip())
+
+    def stop(self, timeout: int = 60) -> None:
+        """SIGTERM to every container (each image's stop signal), SIGKILL after timeout."""
+        podman("pod", "stop", "--time", str(timeout), self.name, timeout=timeout + 60)
+
+    def remove(self) -> None:
+        podman("pod", "rm", "--force", self.name, check=False, timeout=120)
+
+
+def wait_for(predicate, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def port_open(addr: str, port: int) -> bool:
+    try:
+        socket.create_connection((addr, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def scrape(addr: str, port: int) -> dict[str, float]:
+    host = f"[{addr}]" if ":" in addr else addr
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@pytest.fixture
+def pod_host():
+    """A network namespace with eth0, joined to the root namespace by a veth."""
+    host = Host.create()
+    pod = Pod(host.ns, host.ns)
+    try:
+        yield host, pod
+    finally:
+        pod.remove()
+        host.destroy()
+
+
+@pytest.fixture
+def captures_dir(tmp_path):
+    d = tmp_path / "captures"
+    d.mkdir(mode=0o700)
+    os.chown(d, CAPTURE_UID, CAPTURE_UID)
+    return d
+
+
+MIRROR_MOUNTS = ["-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro"]
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_sidecars_in_a_pod_capture_the_error_flows_only(images, pod_host, captures_dir):
+    image, app_image = images
+    host, pod = pod_host
+    pod.create()
+    pod.run("app", app_image)
+    pod.run("mirror", "--privileged", *MIRROR_MOUNTS,
+            "-e", "MIRROR_IFACE=eth0", "-e", "MIRROR_DEBUG_IFACE=mirror0",
+            "-e", "MIRROR_METRICS_ADDR=0.0.0.0:9464", image, "controller")
+    pod.run("capture", "--user", f"{CAPTURE_UID}:{CAPTURE_UID}", "--cap-drop", "all",
+            "--cap-add", "net_raw,net_admin", "--read-only",
+            "-v", f"{captures_dir}:/var/lib/mirror/captures",
+            "-e", "MIRROR_CAPTURE_METRICS_ADDR=0.0.0.0:9465", image, "capture")
+
+    wait_for(lambda: "mirroring HTTP" in pod.logs("mirror"), "the controller to attach")
+    wait_for(lambda: port_open(host.ns_v4, 80), "the application")
+    status_path = captures_dir / "status.json"
+    wait_for(lambda: status_path.exists() and
+             json.loads(status_path.read_text())["state"] == "capturing",
+             "the capture sidecar to record mirror0")
+
+    errors, oks = set(), set()
+    for server, source in ((host.ns_v4, host.host_v4), (host.ns_v6, host.host_v6)):
+        for paths, bucket in ((["/error"], errors), (["/ok", "/ok"], oks),
+                              (["/ok", "/error", "/ok"], errors), (["/ok"], oks)):
+            t5, statuses = send(server, source, paths)
+            assert statuses == [500 if p == "/error" else 200 for p in paths]
+            bucket.add(FlowKey.from_endpoints(*t5))
+
+    # Both sidecars answer on their metrics ports (what the liveness probes ask).
+    controller = scrape(host.ns_v4, 9464)
+    assert controller["mirror_flows_marked_total"] == len(errors)
+    assert controller["mirror_interfaces_attached"] == 1
+    wait_for(lambda: scrape(host.ns_v4, 9465)["mirror_capture_packets_indexed_total"] > 0,
+             "the capture sidecar to read the mirrored packets")
+    assert scrape(host.ns_v4, 9465)["mirror_capture_up"] == 1
+
+    pod.stop()
+    logs = {name: pod.logs(name) for name in ("mirror", "capture")}
+    assert pod.exit_code("mirror") == 0, logs["mirror"]
+    assert pod.exit_code("capture") == 0, logs["capture"]
+    assert "eth0: detached" in logs["mirror"]
+    assert "capture: stopped" in logs["capture"]
+
+    # The pcaps (read with dpkt) hold the error connections and nothing of the others.
+    pcaps = sorted(captures_dir.glob("mirror-*.pcap*"))
+    assert pcaps, sorted(p.name for p in captures_dir.iterdir())
+    captured = {}
+    for p in pcaps:
+        assert p.stat().st_uid == CAPTURE_UID and stat.S_IMODE(p.stat().st_mode) == 0o600
+        captured.update(read_flows(str(p)))
+    assert set(captured) == errors and not set(captured) & oks
+    for key, flow in captured.items():
+        assert flow.statuses[0] == 500, key
+
+    # The index: one line per error flow, written at SIGTERM at the latest.
+    records = read_index(captures_dir / "index.jsonl")
+    by_key = {FlowKey.from_endpoints(r["client"], r["client_port"], r["server"],
+                                     r["server_port"]): r for r in records}
+    assert len(records) == len(errors) and set(by_key) == errors
+    for key, r in by_key.items():
+        assert r["statuses"][0] == 500 and r["server_port"] == 80
+        assert r["packets"] == len(captured[key].packets)
+        assert all((captures_dir / f).exists() for f in r["files"])
+    keepalive = [r for r in records if r["statuses"] == [500, 200]]
+    assert len(keepalive) == 2 and all(r["requests"] == ["GET /ok HTTP/1.1"] for r in keepalive)
+    status = json.loads(status_path.read_text())
+    assert status["state"] == "stopped" and status["packets_dropped_kernel"] == 0
+    assert status["packets_captured"] > 0 and status["flows_indexed"] == len(errors)
+
+    # The controller removed what it added in the pod's namespace: no qdisc but the
+    # defaults, no filter, no debug interface.
+    qdiscs = host.exec("tc", "qdisc", "show").stdout
+    assert "clsact" not in qdiscs and "ingress" not in qdiscs and "htb" not in qdiscs, qdiscs
+    assert host.exec("tc", "filter", "show", "dev", "eth0", "ingress").stdout == ""
+    assert "mirror0" not in host.exec("ip", "-o", "link", "show").stdout
+
+
+@pytest.mark.container
+def test_controller_falls_back_to_the_image_headers(images, pod_host):
+    """Without the host's /lib/modules and /usr/src the controller compiles against the
+    image's generic Debian headers, attaches, and detaches cleanly on SIGTERM."""
+    image, _ = images
+    host, pod = pod_host
+    pod.create()
+    pod.run("mirror", "--privileged", "-e", "MIRROR_IFACE=eth0", image, "controller")
+    wait_for(lambda: "mirroring HTTP" in pod.logs("mirror"), "the controller to attach")
+    assert "using the image's linux-headers-" in pod.logs("mirror")
+    pod.stop()
+    assert pod.exit_code("mirror") == 0, pod.logs("mirror")
+    assert "clsact" not in host.exec("tc", "qdisc", "show", "dev", "eth0").stdout
