@@ -188,7 +188,8 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     L = [f"# mirror bench: {st['mode']} run of {when}", ""]
     L += [f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average "
           f"{' '.join(m['loadavg'])} before, {' '.join(m.get('loadavg_after', []))} after; "
-          f"{mins:.0f} minutes. {m['h2load']}, {m['iperf3']}, {m['nginx']}.",
+          f"{mins:.0f} minutes. {m['h2load']}, {m['iperf3']}, {m['nginx']}. "
+          f"Code: commit {m.get('git_commit', '?')}.",
           "",
           f"{st['rounds']} round(s), configurations interleaved within each workload "
           f"(A B C D E, A B C D E, ...); h2load {st['h2load_seconds']} s per run, iperf3 "

@@ -95,7 +95,11 @@ def machine_info() -> dict:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = first(["git", "-C", top, "rev-parse", "--short", "HEAD"])
+    dirty = first(["git", "-C", top, "status", "--porcelain", "--", "bpf", "mirror", "bench"])
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
+            "git_commit": commit + ("+uncommitted changes" if dirty else ""),
             "loadavg": open("/proc/loadavg").read().split()[:3],
             "h2load": first(["h2load", "--version"]), "iperf3": first(["iperf3", "--version"]),
             "nginx": subprocess.run(["nginx", "-v"], capture_output=True,
