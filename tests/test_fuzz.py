@@ -13,7 +13,10 @@ test_fuzz generates MIRROR_FUZZ_FRAMES frames (default 100000) from a seeded ran
 generator: seed from MIRROR_FUZZ_SEED, else random, printed, and quoted in every failure.
 The same seed and frame count replay the same frames in the same order.
 
-    MIRROR_FUZZ_SEED=1234 .venv/bin/python -m pytest tests/test_fuzz.py -k fuzz -s
+    MIRROR_FUZZ_SEED=1234 .venv/bin/python -m pytest tests/test_fuzz.py::test_fuzz
+
+The stream of a seed does not depend on the frame count, so MIRROR_FUZZ_FRAMES=N+1 with
+the same seed stops right after frame #N.
 """
 from __future__ import annotations
 
@@ -42,8 +45,10 @@ LO_IFINDEX = 1          # skb->ifindex in BPF_PROG_TEST_RUN
 BOGUS_IFINDEX = 999999
 FLOW_VALUE_SIZE = 40    # struct flow_value
 TRIGGER_5XX = frozenset(range(500, 600))
-# The fuzz's last tenth runs with this trigger set: codes outside 100-599, a 1xx, a 2xx.
+# The last tenth of every TRIGGER_CYCLE frames of the fuzz runs with this trigger set:
+# codes outside 100-599, a 1xx, a 2xx.
 TRIGGER_ODD = frozenset({0, 100, 204, 404, 599, 600, 999})
+TRIGGER_CYCLE = 10000
 # A checkpoint compares the whole flow map and the per-interface statistics with the model
 # and empties the map: after this many frames, or sooner when this many flows are marked
 # (the session classifier holds 4096 and is an LRU: it must never evict one).
@@ -62,15 +67,26 @@ class Disagreement:
     expected: R.Decision
     problems: list
 
+    triggers: frozenset = TRIGGER_5XX
+
     def describe(self, seed=None) -> str:
-        head = f"frame #{self.index}" + (f" (seed {seed})" if seed is not None else "")
+        head = f"frame #{self.index}"
+        if seed is not None:
+            head += (f" (seed {seed}; replay: MIRROR_FUZZ_SEED={seed} "
+                     f"MIRROR_FUZZ_FRAMES={self.index + 1})")
+        if not self.frame:  # a checkpoint
+            return f"at {head}: {'; '.join(self.problems)}"
         key = self.expected.key
+        trig = ("frozenset(range(500, 600))" if self.triggers == TRIGGER_5XX
+                else repr(set(sorted(self.triggers))))
+        marked = f"{{FlowKey.from_bytes(bytes.fromhex('{key.to_bytes().hex()}'))}}" \
+            if self.was_marked else "set()"
         return (f"{head} on {self.direction}: {'; '.join(self.problems)}\n"
                 f"  reference: path={self.expected.path} ({self.expected.reason}) "
                 f"counters={dict(self.expected.counters)} key={key} "
                 f"marked before={self.was_marked}\n"
-                f"  replay: reference.decide(bytes.fromhex('{self.frame.hex()}'), "
-                f"'{self.direction}', triggers, marked)")
+                f"  the reference alone: reference.decide(bytes.fromhex('{self.frame.hex()}'), "
+                f"'{self.direction}', {trig}, {marked})")
 
 
 class Harness:
@@ -139,10 +155,10 @@ class Harness:
         self.mirrored += exp.counters.get("mirrored_packets", 0)
         self.frames += 1
         self.paths[exp.path] += 1
-        self.reasons[re.sub(r"0x[0-9a-f]+|\d+", "N", exp.reason)] += 1
+        self.reasons[re.sub(r"0x[0-9a-f]+|(?<![A-Za-z])\d+", "N", exp.reason)] += 1
         if problems:
-            self.disagreements.append(
-                Disagreement(self.frames - 1, direction, frame, was_marked, exp, problems))
+            self.disagreements.append(Disagreement(self.frames - 1, direction, frame,
+                                                   was_marked, exp, problems, self.triggers))
         return exp
 
     def checkpoint(self, empty: bool) -> None:
@@ -170,7 +186,7 @@ class Harness:
         if problems:
             dummy = R.Decision(True, None, {}, "checkpoint", "checkpoint")
             self.disagreements.append(
-                Disagreement(self.frames, "-", b"", None, dummy, problems))
+                Disagreement(self.frames, "-", b"", None, dummy, problems, self.triggers))
         self.marked = kernel
         if empty:
             for k in keys:
@@ -601,6 +617,9 @@ def mutate_bytes(rng: random.Random, frame: bytes, l4: int | None) -> tuple[byte
 
 # --- the generator ---------------------------------------------------------------------
 
+# A truncation sweep (one realistic frame cut at every offset) starts every this many
+# frames until all are done: within the default 100,000 frames.
+SWEEP_EVERY = 900
 # Shares of the frames that are not truncation sweeps.
 SHARES = {"mutation": 0.6, "conversation": 0.3, "flag": 0.1}
 
@@ -630,21 +649,22 @@ class Generator:
         self.templates = [s for c in self.conns for s, _ in conversation(rng, c)]
         self.non_tcp = [s for _ in range(20) for s in non_tcp_specs(rng)]
 
-    def frames_of_sweeps(self) -> int:
-        return sum(len(f) + 1 for f in self.sweep_base)
-
     def __iter__(self):
+        """Yields (frame, direction, source) and None at episode boundaries. The stream
+        does not depend on `total` (which only ends it): the first N frames of a seed are
+        the same in a run of N frames as in a longer one."""
         rng = self.rng
         sweeps = list(self.sweep_base)
         rng.shuffle(sweeps)
-        sweep_left = self.frames_of_sweeps()
+        self.sweeps_done = 0
         made = 0
+        next_sweep = 0
         made_by = Counter()
         while made < self.total:
-            left = self.total - made
-            if sweeps and rng.random() < sweep_left / max(left, 1):
+            if sweeps and made >= next_sweep:
+                next_sweep += SWEEP_EVERY
                 frame = sweeps.pop()
-                sweep_left -= len(frame) + 1
+                self.sweeps_done += 1
                 direction = rng.choice(DIRECTIONS)
                 offsets = list(range(len(frame) + 1))
                 if rng.random() < 0.5:
@@ -738,10 +758,15 @@ def pinned():
 
 
 def test_generator_is_deterministic():
-    a = [x for x, _ in zip(Generator(42, 3000), range(3000))]
-    b = [x for x, _ in zip(Generator(42, 3000), range(3000))]
-    assert a == b
-    assert a != [x for x, _ in zip(Generator(43, 3000), range(3000))]
+    """A seed gives the same frames, and a shorter run is a prefix of a longer one (so a
+    failure at frame N replays with MIRROR_FUZZ_FRAMES=N+1)."""
+    def frames_of(seed, total):
+        return [x for x in Generator(seed, total) if x is not None]
+    a = frames_of(42, 3000)
+    assert len(a) == 3000
+    assert a == frames_of(42, 3000)
+    assert a[:1234] == frames_of(42, 1234)
+    assert a != frames_of(43, 3000)
 
 
 def test_generated_addresses_allowed():
@@ -946,7 +971,6 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
     h = Harness(clf, debug_iface=debug_iface)
     whats = Counter()
     started = time.monotonic()
-    switch_at = total - total // 10
     last_checkpoint = 0
     for item in gen:
         if item is None:
@@ -956,8 +980,11 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
                 last_checkpoint = h.frames
             continue
         frame, direction, what = item
-        if h.frames == switch_at:
+        phase = h.frames % TRIGGER_CYCLE
+        if phase == TRIGGER_CYCLE - TRIGGER_CYCLE // 10:
             h.set_triggers(TRIGGER_ODD)
+        elif phase == 0 and h.triggers != TRIGGER_5XX:
+            h.set_triggers(TRIGGER_5XX)
         h.feed(frame, direction)
         whats[what.split("+")[0]] += 1
     h.checkpoint(empty=True)
@@ -967,7 +994,8 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
     with capsys.disabled():
         print(f"mirror fuzz summary: frames={h.frames} seed={seed} "
               f"disagreements={len(h.disagreements)} paths: {paths} "
-              f"checkpoints={h.checkpoints} seconds={elapsed:.1f}", flush=True)
+              f"sweeps={gen.sweeps_done}/{len(gen.sweep_base)} checkpoints={h.checkpoints} "
+              f"seconds={elapsed:.1f}", flush=True)
         print("mirror fuzz reasons: " + ", ".join(
             f"{r}={n}" for r, n in sorted(h.reasons.items(), key=lambda x: -x[1])), flush=True)
         print("mirror fuzz sources: " + ", ".join(
