@@ -164,10 +164,10 @@ def images():
 
 
 class Pod:
-    """A podman pod in an existing network namespace. podman 4.4 and later create the
-    pod in it (`pod create --network ns:PATH`); older ones refuse a path for a pod, and
-    then the pod is made without an infra container and each container joins the
-    namespace itself: the same sharing, the same lifecycle (pod stop/rm)."""
+    """A podman pod in an existing network namespace: `pod create --network ns:PATH`.
+    Podman 4.3 (Debian bookworm's) refuses a path for a pod; then the pod is made without
+    an infra container and each container joins the namespace itself: the same sharing,
+    the same lifecycle (pod stop/rm)."""
 
     def __init__(self, name: str, netns: str):
         self.name = name
