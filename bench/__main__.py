@@ -33,6 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="rounds (default: 3 full, 1 quick)")
     p.add_argument("--seconds", type=float,
                    help="h2load and iperf3 seconds per run (default: 8 full, 1 quick)")
+    p.add_argument("--max-foreign", type=float, metavar="SHARE",
+                   help="run a workload's group of runs again when another tenant took more "
+                   "than this share of the CPUs during one of them (default: 0.1 full, off quick)")
+    p.add_argument("--retries", type=int,
+                   help="at most this many such re-runs in the whole bench (default: 6 full)")
     p.add_argument("--configs", help="comma-separated subset of: untraced, qdiscs, "
                    "mirror-htb, mirror-clsact, thesis (untraced is always included)")
     p.add_argument("--out", type=Path,
@@ -47,6 +52,11 @@ def settings_from(args) -> runner.Settings:
     st = runner.QUICK if args.quick else runner.FULL
     if args.rounds:
         st = replace(st, rounds=args.rounds)
+    if args.max_foreign is not None:
+        st = replace(st, max_foreign=args.max_foreign,
+                     retry_budget=st.retry_budget if st.retry_budget else 6)
+    if args.retries is not None:
+        st = replace(st, retry_budget=args.retries)
     if args.seconds:
         st = replace(st, h2load_seconds=args.seconds, iperf_seconds=max(1, round(args.seconds)))
     return st

@@ -73,10 +73,10 @@ def distribution_figure(summary, labels, path: Path) -> None:
                 continue
             color, marker, ls = STYLE.get(c, (None, "o", "-"))
             xs = list(range(len(frac)))
-            top.step(xs, [100 * f for f in frac], where="mid", label=label, color=color,
+            top.step(xs, [100 * f for f in frac], where="post", label=label, color=color,
                      linestyle=ls)
             if base and c != "untraced":
-                bottom.step(xs, [100 * (f - b) for f, b in zip(frac, base)], where="mid",
+                bottom.step(xs, [100 * (f - b) for f, b in zip(frac, base)], where="post",
                             label=label, color=color, linestyle=ls)
         for ax in (top, bottom):
             ax.set_xlim(3, 15)
@@ -97,7 +97,7 @@ def distribution_figure(summary, labels, path: Path) -> None:
 
 
 def _us(x: int) -> str:
-    return f"{x} us" if x < 1000 else f"{x / 1000:g} ms"
+    return f"{x} us" if x < 1000 else f"{x / 1000:.0f} ms"
 
 
 def _fractions(hist):

@@ -28,9 +28,10 @@ def _median(xs):
 def _stat(by_round: dict, base_by_round: dict | None) -> dict:
     out = {"values": [by_round[r] for r in sorted(by_round)], "median": _median(by_round.values())}
     if base_by_round is not None:
-        ratios = [by_round[r] / base_by_round[r] for r in by_round
+        ratios = [by_round[r] / base_by_round[r] for r in sorted(by_round)
                   if r in base_by_round and base_by_round[r]]
         out["ratio"] = round(_median(ratios), 4) if ratios else None
+        out["ratios"] = [round(x, 4) for x in ratios]
     return out
 
 
@@ -57,8 +58,9 @@ HTTP_METRICS = {
 
 def summarize(result: dict) -> dict:
     configs = [c["key"] for c in result["configs"]]
-    runs = [r for r in result["runs"] if "error" not in r]
-    failed = [r for r in result["runs"] if "error" in r]
+    kept = [r for r in result["runs"] if not r.get("discarded")]
+    runs = [r for r in kept if "error" not in r]
+    failed = [r for r in kept if "error" in r]
     iperf = {}
     for off in ("on", "off"):
         base = _series(runs, BASE, lambda r: r["bits_per_second"], workload="iperf3",
@@ -146,11 +148,13 @@ def targets(summary: dict) -> list[dict]:
         if tid.startswith("http"):
             pct = 0 if tid == "http-0" else 100
             cell = summary["http"].get(pct, {}).get(CLSACT)
-            ratio = cell["req_per_s"].get("ratio") if cell else None
+            stat = cell["req_per_s"] if cell else {}
         else:
-            ratio = summary["iperf3"]["off"].get(CLSACT, {}).get("ratio")
+            stat = summary["iperf3"]["off"].get(CLSACT, {})
+        ratio = stat.get("ratio")
         out.append({"id": tid, "text": f"{text} >= {threshold:.0%}",
-                    "measured": ratio, "threshold": threshold,
+                    "measured": ratio, "per_round": stat.get("ratios", []),
+                    "threshold": threshold,
                     "met": ratio is not None and ratio >= threshold and comp.get(CLSACT, False)})
     rows = [r for r in summary["microbench"] if THESIS in r["handled_by"]]
     worse = [(r["frame"], r["ns"]["mirror"] / r["ns"][THESIS]) for r in rows]
@@ -197,6 +201,17 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
           f"{m['client_cpu']}, nginx (1 worker) and iperf3 -s to CPU {m['server_cpu']}. "
           "Numbers are medians over rounds; ratios are to untraced, paired round by round, "
           "from this one run: compare ratios, not absolute numbers, across machines.", ""]
+    kept = [r for r in result["runs"] if not r.get("discarded")]
+    foreign = sorted(r["foreign_cpu"] for r in kept if r.get("foreign_cpu") is not None)
+    redone = sum(1 for r in result["runs"] if r.get("discarded"))
+    if foreign:
+        over = sum(1 for f in foreign if f > 0.05)
+        L += [f"Other work on the machine (CPU time not the bench's, bench/noise.py), per "
+              f"run: median {_pct(statistics.median(foreign), 0)}, max {_pct(foreign[-1], 0)}"
+              f"; {over} of {len(foreign)} runs above 5 %"
+              + (f"; {redone} runs discarded and their group run again because another "
+                 f"tenant took more than {_pct(st['max_foreign'], 0)} of the CPUs"
+                 if redone else "") + ".", ""]
     L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in summary["targets"]:
         if t["id"] == "completeness":
@@ -206,6 +221,8 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
                     if t["measured"] else "-")
         else:
             meas = _pct(t["measured"])
+            if len(t.get("per_round", [])) > 1:
+                meas += f" (rounds: {', '.join(_pct(x, 0) for x in t['per_round'])})"
         met = "met" if t["met"] else "**not met**"
         if t.get("note"):
             met += f" ({t['note']})"
@@ -286,7 +303,7 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
 
 
 def _http_table(summary, cfgs, labels, metric, fmt) -> list[str]:
-    out = ["| errors | " + " | ".join(labels[c] for c in cfgs) + " |",
+    out = ["| errors (measured 5xx share) | " + " | ".join(labels[c] for c in cfgs) + " |",
            "|---" * (len(cfgs) + 1) + "|"]
     for pct, row in summary["http"].items():
         cells = []
@@ -296,7 +313,10 @@ def _http_table(summary, cfgs, labels, metric, fmt) -> list[str]:
             if c != BASE and s.get("ratio") is not None:
                 text += f" ({_pct(s['ratio'])})"
             cells.append(text)
-        out.append(f"| {pct} % | " + " | ".join(cells) + " |")
+        shares = [row[c]["error_share"]["median"] for c in cfgs
+                  if row[c]["error_share"]["median"] is not None]
+        measured = f" ({_pct(statistics.median(shares))})" if shares and 0 < pct < 100 else ""
+        out.append(f"| {pct} %{measured} | " + " | ".join(cells) + " |")
     return out
 
 

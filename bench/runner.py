@@ -17,6 +17,7 @@ from . import microbench, workloads
 from .completeness import Watch
 from .configs import Shared, all_configs
 from .lab import CLIENT_CPU, OFFLOADS, SERVER_CPU, Lab, link_stats
+from .noise import Sample
 from .progs import EnabledStats, run_stats
 
 
@@ -34,6 +35,8 @@ class Settings:
     micro_repeat: int
     micro_singles: int
     settle_seconds: float            # pause between attaching and starting traffic
+    max_foreign: float = 1.0         # a group of runs with more foreign CPU is run again...
+    retry_budget: int = 0            # ...at most this many times per bench run
 
 
 QUICK = Settings("quick", rounds=1, iperf_seconds=1, iperf_omit=0, h2load_seconds=1,
@@ -42,7 +45,7 @@ QUICK = Settings("quick", rounds=1, iperf_seconds=1, iperf_omit=0, h2load_second
 FULL = Settings("full", rounds=5, iperf_seconds=5, iperf_omit=1, h2load_seconds=5,
                 error_levels=workloads.ERROR_LEVELS, stats_seconds=3,
                 stats_levels=workloads.ERROR_LEVELS, micro_rounds=7, micro_repeat=500000,
-                micro_singles=3000, settle_seconds=0.3)
+                micro_singles=3000, settle_seconds=0.3, max_foreign=0.10, retry_budget=6)
 
 TOOLS = ("h2load", "iperf3", "nginx", "tcpdump", "taskset", "ip", "ss")
 
@@ -119,14 +122,18 @@ def run_traffic(cfg, lab, workload, st: Settings) -> dict:
         dbg0 = link_stats(cfg.debug_iface) if cfg.debug_iface else None
         if kind == "iperf3":
             rec["offloads"] = arg
+            s0 = Sample()
             rec.update(workloads.iperf3(lab, st.iperf_seconds, st.iperf_omit))
+            rec["foreign_cpu"] = s0.foreign_share(Sample())
             if dbg0:
                 rec["mirrored_packets"] = (link_stats(cfg.debug_iface)["tx_packets"] -
                                            dbg0["tx_packets"])
         else:
             if cfg.mirrors:
                 watch = Watch(lab, cfg.debug_iface).start()
+            s0 = Sample()
             rec.update(workloads.h2load(lab, arg, st.h2load_seconds))
+            rec["foreign_cpu"] = s0.foreign_share(Sample())
             if watch:
                 rec["completeness"] = watch.stop(rec)
                 watch = None
@@ -137,18 +144,48 @@ def run_traffic(cfg, lab, workload, st: Settings) -> dict:
     return rec
 
 
+def run_group(configs, lab, wl, st: Settings, rnd: int, progress: Progress) -> list[dict]:
+    """One workload on every configuration, back to back (A B C D E)."""
+    group = []
+    if wl[0] == "iperf3":
+        lab.set_offloads(wl[1] == "on")
+    try:
+        for cfg in configs:
+            try:
+                rec = run_traffic(cfg, lab, wl, st)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                rec = {"config": cfg.key, "workload": wl[0],
+                       "error": f"{type(exc).__name__}: {exc}"}
+                if wl[0] == "iperf3":
+                    rec["offloads"] = wl[1]
+                else:
+                    rec["error_pct"] = wl[1]
+            rec["round"] = rnd
+            group.append(rec)
+            what = (f"iperf3 offloads {wl[1]:<3}" if wl[0] == "iperf3"
+                    else f"h2load {wl[1]:3d}% errors")
+            progress.step(f"round {rnd} {what} {cfg.key:<14} {describe(rec)}")
+    finally:
+        if wl[0] == "iperf3":
+            lab.set_offloads(True)
+    return group
+
+
 def describe(rec: dict) -> str:
     if "error" in rec:
         return f"FAILED: {rec['error'][:60]}"
+    busy = ""
+    if rec.get("foreign_cpu"):
+        busy = f"  foreign cpu {100 * rec['foreign_cpu']:.0f}%"
     if rec["workload"] == "iperf3":
-        return f"{rec['bits_per_second'] / 1e9:6.2f} Gbit/s"
+        return f"{rec['bits_per_second'] / 1e9:6.2f} Gbit/s{busy}"
     text = (f"{rec['req_per_s']:9,.0f} req/s  mean {rec['latency'].get('mean_us', 0):6.0f} us"
             f"  5xx {100 * (rec['error_share'] or 0):5.1f}%")
     comp = rec.get("completeness")
     if comp:
-        text += (f"  mirrored {comp['error_flows_mirrored']}/{comp['error_connections']} flows "
+        text += (f"  mirrored {comp['error_flows_mirrored']}/{comp['error_connections']} "
                  f"{'ok' if comp['complete'] else 'INCOMPLETE'}")
-    return text
+    return text + busy
 
 
 def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict]:
@@ -165,7 +202,9 @@ def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict
                     fds = cfg.prog_fds()
                     before = {k: run_stats(fd) for k, fd in fds.items()}
                     sink0 = run_stats(cfg.sink_fd()) if cfg.sink_fd() is not None else None
+                    s0 = Sample()
                     h2 = workloads.h2load(lab, pct, st.stats_seconds)
+                    rec["foreign_cpu"] = s0.foreign_share(Sample())
                     after = {k: run_stats(fd) for k, fd in fds.items()}
                     sink1 = run_stats(cfg.sink_fd()) if sink0 is not None else None
                 except Exception as exc:      # noqa: BLE001 - recorded, the bench goes on
@@ -227,27 +266,24 @@ def run(st: Settings, only: list[str] | None = None) -> dict:
         result["microbench"] = microbench_pass(shared, st, progress)
         lab.start()
         Progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")
+        retries = st.retry_budget
         for rnd in range(1, st.rounds + 1):
             for wl in wls:
-                if wl[0] == "iperf3":
-                    lab.set_offloads(wl[1] == "on")
-                for cfg in configs:
-                    try:
-                        rec = run_traffic(cfg, lab, wl, st)
-                    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                        rec = {"config": cfg.key, "workload": wl[0],
-                               "error": f"{type(exc).__name__}: {exc}"}
-                        if wl[0] == "iperf3":
-                            rec["offloads"] = wl[1]
-                        else:
-                            rec["error_pct"] = wl[1]
-                    rec["round"] = rnd
-                    result["runs"].append(rec)
-                    what = (f"iperf3 offloads {wl[1]:<3}" if wl[0] == "iperf3"
-                            else f"h2load {wl[1]:3d}% errors")
-                    progress.step(f"round {rnd} {what} {cfg.key:<14} {describe(rec)}")
-                if wl[0] == "iperf3":
-                    lab.set_offloads(True)
+                while True:
+                    group = run_group(configs, lab, wl, st, rnd, progress)
+                    busy = [r for r in group if (r.get("foreign_cpu") or 0) > st.max_foreign]
+                    if busy and retries > 0:
+                        retries -= 1
+                        for r in group:
+                            r["discarded"] = "other work shared the CPUs: group run again"
+                        result["runs"].extend(group)
+                        progress.total += len(configs)
+                        Progress.note(f"{len(busy)} run(s) of this group had more than "
+                                      f"{st.max_foreign:.0%} foreign CPU; running the group "
+                                      f"again ({retries} retries left)")
+                        continue
+                    result["runs"].extend(group)
+                    break
         result["in_traffic"] = in_traffic_pass(bpf_configs, lab, st, progress)
     finally:
         lab.stop()

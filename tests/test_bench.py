@@ -100,7 +100,7 @@ def test_quick_bench_end_to_end(tmp_path):
     levels = data["settings"]["error_levels"]
     assert levels == [0, 25, 50, 75, 100]
 
-    runs = data["runs"]
+    runs = [r for r in data["runs"] if not r.get("discarded")]
     failed = [r for r in runs if "error" in r]
     assert not failed, failed
     for cfg in configs:
@@ -112,6 +112,7 @@ def test_quick_bench_end_to_end(tmp_path):
                     and r["error_pct"] == pct]
             assert h2["requests"] > 0 and h2["req_per_s"] > 0
             assert h2["latency"]["count"] > 0
+            assert 0 <= h2["foreign_cpu"] <= 1
             assert {"p50_us", "p90_us", "p99_us", "mean_us"} <= set(h2["latency"])
             n5xx = h2["status"]["5xx"]
             assert (n5xx > 0) == (pct > 0)

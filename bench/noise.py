@@ -1,0 +1,67 @@
+"""How much of the CPUs went to work other than the bench's during a run.
+
+The bench saturates both CPUs, so another tenant's work shows up as CPU time the bench's
+processes did not get. Estimated from /proc/stat (all CPU time, by tick) minus the CPU
+time of the bench's own process tree (itself, nginx, iperf3 -s, tcpdump, and the h2load
+and iperf3 clients it reaps), minus interrupt and softirq time (the packets are the
+bench's). Kernel threads count as foreign. An estimate, good to a few per cent: the
+report uses it to flag runs that shared the machine, never to correct a number."""
+from __future__ import annotations
+
+import os
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks() -> tuple[int, int, int]:
+    """(all ticks, idle + iowait ticks, irq + softirq ticks) over every CPU."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return sum(fields[:8]), idle + iowait, irq + softirq
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime + stime + cutime + cstime) of a process, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2:].split()
+    return int(rest[1]), sum(int(x) for x in rest[11:15])
+
+
+def _own_ticks(root: int) -> int:
+    """CPU ticks of `root` and all its descendants, reaped children included."""
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            s = _proc_stat(int(d))
+            if s:
+                stats[int(d)] = s
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        kids.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo += kids.get(pid, [])
+    return total
+
+
+class Sample:
+    def __init__(self):
+        self.all, self.idle, self.irq = _cpu_ticks()
+        self.own = _own_ticks(os.getpid())
+
+    def foreign_share(self, later: "Sample") -> float | None:
+        """Share of all CPU time between two samples that went to foreign work."""
+        span = later.all - self.all
+        if span <= 0:
+            return None
+        busy = span - (later.idle - self.idle)
+        foreign = busy - (later.own - self.own) - (later.irq - self.irq)
+        return round(max(0.0, foreign / span), 3)
