@@ -113,6 +113,7 @@ class Harness:
         self.reasons = Counter()
         self.disagreements: list[Disagreement] = []
         self.frames = 0
+        self.non_pass = 0       # verdicts other than TC_ACT_UNSPEC
         self.checkpoints = 0
 
     def tx_packets(self) -> int:
@@ -134,6 +135,8 @@ class Harness:
             if err:
                 problems.append(f"kernel refused it: {errno.errorcode.get(err, err)}")
             else:
+                if retval != TC_ACT_UNSPEC:
+                    self.non_pass += 1
                 if retval != exp.verdict:
                     problems.append(f"verdict {retval}, expected {exp.verdict}")
                 if out != frame:
@@ -993,7 +996,8 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
     dirs = Counter(d.direction for d in h.disagreements)
     with capsys.disabled():
         print(f"mirror fuzz summary: frames={h.frames} seed={seed} "
-              f"disagreements={len(h.disagreements)} paths: {paths} "
+              f"disagreements={len(h.disagreements)} non_pass_verdicts={h.non_pass} "
+              f"paths: {paths} "
               f"sweeps={gen.sweeps_done}/{len(gen.sweep_base)} checkpoints={h.checkpoints} "
               f"seconds={elapsed:.1f}", flush=True)
         print("mirror fuzz reasons: " + ", ".join(
@@ -1005,3 +1009,4 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
         f"seed {seed}: {len(h.disagreements)} disagreements "
         f"({dict(dirs)}; replay with MIRROR_FUZZ_SEED={seed} MIRROR_FUZZ_FRAMES={total})\n"
         + report(h, seed))
+    assert h.non_pass == 0, f"seed {seed}: {h.non_pass} verdicts other than TC_ACT_UNSPEC"
