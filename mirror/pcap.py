@@ -17,11 +17,14 @@ class Tcpdump:
     arrives); start() returns once tcpdump says it is listening, stop() sends SIGINT and
     waits, so that no packet is lost at either end."""
 
-    def __init__(self, iface: str, path: str, netns: str | None = None, snaplen: int = 0):
+    def __init__(self, iface: str, path: str, netns: str | None = None, snaplen: int = 0,
+                 buffer_kib: int = 32768):
         self.iface, self.path = iface, path
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.cmd = prefix + ["tcpdump", "-n", "-U", "--immediate-mode", "-s", str(snaplen or 262144), "-i", iface,
-                             "-w", path]
+        # A large kernel buffer (-B): on a busy machine the default 2 MiB overflows with a
+        # few GSO super-packets while tcpdump waits for a CPU.
+        self.cmd = prefix + ["tcpdump", "-n", "-U", "--immediate-mode", "-B", str(buffer_kib),
+                             "-s", str(snaplen or 262144), "-i", iface, "-w", path]
         self.proc: subprocess.Popen | None = None
         self.stderr = ""
 
@@ -42,6 +45,7 @@ class Tcpdump:
             elif self.proc.poll() is not None:
                 break
         self.proc.kill()
+        self.proc.wait()
         raise RuntimeError(f"tcpdump did not start on {self.iface}: "
                            f"{buf.decode(errors='replace').strip()}")
 
@@ -50,7 +54,8 @@ class Tcpdump:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                _, err = self.proc.communicate(timeout=10)
+                # Generous: after a stall it may have a full buffer left to write out.
+                _, err = self.proc.communicate(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 _, err = self.proc.communicate()
