@@ -62,6 +62,24 @@ def settings_from(args) -> runner.Settings:
     return st
 
 
+ONE_LINE_EACH = ("runs", "in_traffic", "microbench")
+
+
+def to_json(obj, level: int = 0, expand: int = 5) -> str:
+    """JSON with the outer `expand` levels indented and everything deeper on one line;
+    one line per run: readable and diffable at a fraction of fully indented size."""
+    pad = " " * level
+    if level < expand and isinstance(obj, dict) and obj:
+        items = [f'{pad} {json.dumps(str(k))}: '
+                 f'{to_json(v, level + 1, 2 if k in ONE_LINE_EACH else expand).lstrip()}'
+                 for k, v in obj.items()]
+        return pad + "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if level < expand and isinstance(obj, list) and obj and isinstance(obj[0], (dict, list)):
+        return pad + "[\n" + ",\n".join(to_json(v, level + 1, expand) for v in obj) + \
+            "\n" + pad + "]"
+    return pad + json.dumps(obj, separators=(", ", ": "))
+
+
 def write_outputs(result: dict, outdir: Path, stem: str, make_plots: bool) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(result)
@@ -74,7 +92,7 @@ def write_outputs(result: dict, outdir: Path, stem: str, make_plots: bool) -> Pa
         print("bench: matplotlib missing (pip install '.[bench]'): no plots", file=sys.stderr)
     md = report.markdown(result, summary, pngs)
     json_path = outdir / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    json_path.write_text(to_json(result) + "\n")
     (outdir / f"{stem}.md").write_text(md)
     if stem != "latest":
         shutil.copyfile(json_path, outdir / "latest.json")

@@ -188,6 +188,10 @@ def describe(rec: dict) -> str:
     return text + busy
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
 def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict]:
     """h2load runs with program run-time statistics on: each classifier's mean ns per
     invocation in real traffic, and the debug sink's per clone."""
@@ -217,10 +221,10 @@ def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict
                 total = None
                 for k in fds:
                     d = after[k] - before[k]
-                    rec[f"{k}_ns_per_run"] = d.ns_per_run
+                    rec[f"{k}_ns_per_run"] = _round(d.ns_per_run)
                     rec[f"{k}_runs"] = d.run_cnt
                     total = d if total is None else total + d
-                rec["ns_per_run"] = total.ns_per_run
+                rec["ns_per_run"] = _round(total.ns_per_run)
                 rec["runs"] = total.run_cnt
                 rec["requests"] = h2["requests"]
                 rec["req_per_s"] = h2["req_per_s"]
@@ -228,7 +232,7 @@ def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict
                     if h2["requests"] else None
                 if sink0 is not None:
                     ds = sink1 - sink0
-                    rec["sink_ns_per_clone"] = ds.ns_per_run
+                    rec["sink_ns_per_clone"] = _round(ds.ns_per_run)
                     rec["sink_runs"] = ds.run_cnt
                 out.append(rec)
                 ns = rec["ns_per_run"]

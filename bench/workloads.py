@@ -41,11 +41,11 @@ def iperf3(lab, duration: float, omit: int) -> dict:
         raise RuntimeError(f"iperf3 failed: {out['error']}")
     end = out["end"]
     return {
-        "bits_per_second": end["sum_received"]["bits_per_second"],
-        "sender_bits_per_second": end["sum_sent"]["bits_per_second"],
+        "bits_per_second": round(end["sum_received"]["bits_per_second"]),
+        "sender_bits_per_second": round(end["sum_sent"]["bits_per_second"]),
         "retransmits": end["sum_sent"].get("retransmits"),
-        "cpu_client_percent": end["cpu_utilization_percent"]["host_total"],
-        "cpu_server_percent": end["cpu_utilization_percent"]["remote_total"],
+        "cpu_client_percent": round(end["cpu_utilization_percent"]["host_total"], 1),
+        "cpu_server_percent": round(end["cpu_utilization_percent"]["remote_total"], 1),
     }
 
 
