@@ -209,6 +209,9 @@ def main(argv=None) -> int:
     except NetlinkError as exc:
         print(f"mirror: error: the kernel refused a netlink request: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

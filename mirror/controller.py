@@ -9,8 +9,10 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -46,6 +48,10 @@ class Attached:
     created: list[str] = field(default_factory=list)
     lock: state.Lock | None = None
     links: dict[str, int] = field(default_factory=dict)     # tcx: direction -> link fd
+
+    @property
+    def key(self) -> str:
+        return state.iface_key(self.ifindex)
 
     def record(self) -> dict:
         return {"ifname": self.ifname, "ifindex": self.ifindex, "hook": self.hook,
@@ -128,6 +134,10 @@ class Controller:
         self.sweep_seconds = 0.0
         self._server = None
         self._debug_missing_logged = False
+        self._debug_lock = None
+        self._ctl_lock = None
+        # Names this process's record, lock and socket: pids repeat across containers.
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
@@ -161,16 +171,23 @@ class Controller:
         if dbg is not None and dbg in indexes.values():
             raise UsageError(f"debug interface {self.opts.debug_iface} is a monitored "
                              "interface; pick another --debug-iface")
-        for name in self.opts.ifaces:
-            if state.is_held(state.iface_lock_name(name)):
-                rec = state.read("iface", name) or {}
+        if dbg is not None:
+            rec = state.read("debug", self.opts.debug_iface)
+            debugif.check_existing(self.ipr, self.opts.debug_iface, dbg,
+                                   recorded=bool(rec and rec.get("ifindex") == dbg))
+        for name, idx in indexes.items():
+            if debugif.has_sink(self.ipr, idx):
+                raise UsageError(f"{name} is the drop end of a mirror debug interface: "
+                                 "monitoring it would loop clones; pick another interface")
+            if state.is_held(state.iface_lock_name(idx)):
+                rec = state.read("iface", state.iface_key(idx)) or {}
                 raise UsageError(f"{name} is already monitored by another mirror controller "
                                  f"(pid {rec.get('pid', '?')}); stop it first")
-            stale = self._stale_record(name, indexes[name])
+            stale = self._stale_record(idx)
             if self.opts.hook == "tcx":
                 continue
-            tc.plan(self.ipr, indexes[name], name, self.opts.hook,
-                    adopt_htb=self._adoptable(stale, indexes[name]))
+            tc.plan(self.ipr, idx, name, self.opts.hook,
+                    adopt_htb=self._adoptable(stale, idx))
         if self.opts.config:
             read_config(self.opts.config)
         if self.opts.metrics_addr:
@@ -186,9 +203,16 @@ class Controller:
             indexes = self.preflight()
         t0 = time.monotonic()
         self.classifier = (self._classifier_factory or self._default_classifier)()
-        log.info("classifier compiled and loaded in %.1f s (max %d flows)",
-                 time.monotonic() - t0, self.opts.max_flows)
+        from .bpfprog import FLOW_KEY_SIZE, FLOW_VALUE_SIZE, possible_cpus
+        # LRU maps are preallocated: the memory is taken now, whatever the traffic.
+        mib = self.opts.max_flows * (FLOW_KEY_SIZE + FLOW_VALUE_SIZE * possible_cpus()) / 2**20
+        log.info("classifier compiled and loaded in %.1f s (flow map: %d flows, about "
+                 "%.0f MiB locked for %d possible CPUs)", time.monotonic() - t0,
+                 self.opts.max_flows, mib, possible_cpus())
         self.classifier.set_trigger(self.codes)
+        self._ctl_lock = state.Lock(f"controller-{self.id}")
+        self._ctl_lock.acquire()
+        self._prune_records()
         try:
             self._setup_debug()
             for name, idx in indexes.items():
@@ -203,6 +227,17 @@ class Controller:
                  describe(self.codes), ", ".join(self.attached), self.opts.hook,
                  self.debug.name)
 
+    def _prune_records(self) -> None:
+        """Drops records of interfaces that no longer exist and whose owner is gone."""
+        for rec in state.records("iface"):
+            if (self._ifname_of(rec["ifindex"]) is None and
+                    not state.is_held(state.iface_lock_name(rec["ifindex"]))):
+                state.remove("iface", state.iface_key(rec["ifindex"]))
+        for rec in state.records("debug"):
+            if self._ifname_of(rec["ifindex"]) is None and not state.is_held(
+                    f"debug-{rec['name']}"):
+                state.remove("debug", rec["name"])
+
     def _default_classifier(self):
         from .bpfprog import Classifier
         return Classifier(max_flows=self.opts.max_flows)
@@ -214,32 +249,31 @@ class Controller:
         return self._sink.fd
 
     def _setup_debug(self) -> None:
+        """Finds or creates the debug interface. Controllers may share one: each holds a
+        shared lock on it, and only the record written by the creator says this tool
+        made it; the last user out removes it (shutdown)."""
         name = self.opts.debug_iface
-        rec = state.read("debug", name)
-        self.debug = debugif.ensure(self.ipr, name, self._sink_fd)
-        stale_owner = (rec and rec.get("ifindex") == self.debug.ifindex and
-                       not state.is_held(f"debug-{name}"))
-        if stale_owner and not self.debug.created:
-            self.debug.created = True       # adopted from a controller that died
-            log.info("adopted debug interface %s from a stopped controller", name)
         self._debug_lock = state.Lock(f"debug-{name}")
-        self._debug_lock.acquire()
-        state.write("debug", name, {"name": name, "ifindex": self.debug.ifindex,
-                                    "kind": self.debug.kind, "peer": self.debug.peer,
-                                    "created": self.debug.created, "pid": os.getpid()})
+        self._debug_lock.acquire(shared=True)
+        self.debug = debugif.ensure(self.ipr, name, self._sink_fd)
+        if self.debug.created:
+            self._write_debug_record()
         self.classifier.set_debug_ifindex(self.debug.ifindex)
         log.info("debug interface %s (ifindex %d, %s%s)", name, self.debug.ifindex,
                  self.debug.kind, ", created" if self.debug.created else "")
 
+    def _write_debug_record(self) -> None:
+        d = self.debug
+        state.write("debug", d.name, {"name": d.name, "ifindex": d.ifindex, "kind": d.kind,
+                                      "peer": d.peer, "created": True, "pid": os.getpid()})
+
     def _attach(self, name: str, ifindex: int) -> None:
-        lock = state.Lock(state.iface_lock_name(name))
+        lock = state.Lock(state.iface_lock_name(ifindex))
         if not lock.acquire():
             raise UsageError(f"{name} is already monitored by another mirror controller")
         att = Attached(name, ifindex, self.opts.hook, {}, lock=lock)
         self.attached[name] = att
-        stale = self._stale_record(name, ifindex)
-        if stale is None:
-            state.remove("iface", name)     # none, or of an earlier interface of that name
+        stale = self._stale_record(ifindex)
         if self.opts.hook == "tcx":
             return self._attach_tcx(att, stale)
         adopt = self._adoptable(stale, ifindex)
@@ -250,7 +284,7 @@ class Controller:
         elif stale:
             log.info("%s: removing a stopped controller's %s hooks: %s", name,
                      stale.get("hook"), ", ".join(detach_record(self.ipr, stale, ifindex)))
-            state.remove("iface", name)
+            state.remove("iface", att.key)
         elif adopt:
             # Our filters without a record (the state directory was lost): take them over.
             log.info("%s: found this tool's filters with no record; replacing them", name)
@@ -259,11 +293,11 @@ class Controller:
         for kind in plan.create:
             tc.add_qdisc(self.ipr, ifindex, kind)
             att.created.append(kind)
-            state.write("iface", name, att.record())
+            state.write("iface", att.key, att.record())
         for direction, parent in plan.parents.items():
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
-        state.write("iface", name, att.record())
+        state.write("iface", att.key, att.record())
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
 
@@ -274,16 +308,15 @@ class Controller:
         elif tc.our_filters(self.ipr, att.ifindex):
             log.info("%s: removing this tool's tc filters found with no record: %s", att.ifname,
                      ", ".join(detach_unrecorded(self.ipr, att.ifindex)))
-        state.write("iface", att.ifname, att.record())
+        state.write("iface", att.key, att.record())
         for direction in ("ingress", "egress"):
             att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
                                               direction)
         log.info("%s: attached (tcx links: ingress, egress)", att.ifname)
 
-    def _stale_record(self, name: str, ifindex: int) -> dict | None:
-        """The record a stopped controller left for this interface, if it still applies."""
-        rec = state.read("iface", name)
-        return rec if rec and rec.get("ifindex") == ifindex else None
+    def _stale_record(self, ifindex: int) -> dict | None:
+        """The record a stopped controller left for this interface, if any."""
+        return state.read("iface", state.iface_key(ifindex))
 
     def _adoptable(self, stale: dict | None, ifindex: int) -> bool:
         """Whether hooks found on the interface are this tool's to replace in place."""
@@ -314,35 +347,62 @@ class Controller:
 
     def watch_interfaces(self) -> None:
         for name, att in list(self.attached.items()):
-            if debugif.lookup(self.ipr, name) != att.ifindex:
+            current = self._ifname_of(att.ifindex)
+            if current is None:
                 log.warning("%s: interface is gone; forgetting it (the kernel removed its "
                             "hooks with it)", name)
-                self.classifier.forget_iface(att.ifindex)
-                for fd in att.links.values():
-                    os.close(fd)
-                state.remove("iface", name)
-                att.lock.release()
+                self._forget(att)
+            elif current != name:
+                log.info("%s: renamed to %s; still monitored", name, current)
                 del self.attached[name]
-        if debugif.lookup(self.ipr, self.debug.name) != self.debug.ifindex:
-            if not self._debug_missing_logged:
-                log.warning("debug interface %s disappeared; recreating it", self.debug.name)
-                self._debug_missing_logged = True
-            try:
-                created = debugif.ensure(self.ipr, self.debug.name, self._sink_fd)
-            except (NetlinkError, OSError) as exc:
-                log.warning("cannot recreate %s yet: %s", self.debug.name, exc)
-                return
-            created.created = True
-            self.debug = created
-            self.classifier.set_debug_ifindex(created.ifindex)
-            state.write("debug", created.name, {"name": created.name,
-                                                "ifindex": created.ifindex,
-                                                "kind": created.kind, "peer": created.peer,
-                                                "created": True, "pid": os.getpid()})
-            self.debug_recreated_total += 1
-            self._debug_missing_logged = False
-            log.info("debug interface %s recreated (ifindex %d)", created.name,
-                     created.ifindex)
+                att.ifname = current
+                self.attached[current] = att
+                state.write("iface", att.key, att.record())
+                self._write_controller_record()
+        if self._ifname_of(self.debug.ifindex) != self.debug.name:
+            self._replace_debug()
+
+    def _ifname_of(self, ifindex: int) -> str | None:
+        try:
+            return self.ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME")
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+
+    def _forget(self, att: Attached) -> None:
+        self.classifier.forget_iface(att.ifindex)
+        for fd in att.links.values():
+            os.close(fd)
+        state.remove("iface", att.key)
+        att.lock.release()
+        del self.attached[att.ifname]
+        self._write_controller_record()
+
+    def _replace_debug(self) -> None:
+        """The debug interface was deleted (or renamed away): recreate it, or take the
+        one someone else recreated, and point the classifier at it."""
+        name = self.debug.name
+        if not self._debug_missing_logged:
+            log.warning("debug interface %s disappeared; recreating it", name)
+            self._debug_missing_logged = True
+        if self.debug.created:
+            state.remove("debug", name)
+        try:
+            if (idx := debugif.lookup(self.ipr, name)) is not None:
+                debugif.check_existing(self.ipr, name, idx, recorded=False)
+            found = debugif.ensure(self.ipr, name, self._sink_fd)
+        except (NetlinkError, OSError, UsageError) as exc:
+            log.warning("cannot recreate %s yet: %s", name, exc)
+            return
+        self.debug = found
+        if found.created:
+            self._write_debug_record()
+        self.classifier.set_debug_ifindex(found.ifindex)
+        self.debug_recreated_total += 1
+        self._debug_missing_logged = False
+        log.info("debug interface %s %s (ifindex %d)", name,
+                 "recreated" if found.created else "found again", found.ifindex)
 
     def reload(self) -> None:
         """SIGHUP: re-reads the trigger spec (and idle timeout) from --config; a bad
@@ -368,42 +428,65 @@ class Controller:
 
     # --- stop ----------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Removes everything this controller added; safe to call more than once."""
+        """Removes everything this controller added; safe to call more than once. Each
+        step is attempted even when an earlier one fails."""
         if self._server:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
         for name, att in list(self.attached.items()):
-            for fd in att.links.values():
-                os.close(fd)            # releases the tcx link: detached
-            if att.links:
-                log.info("%s: detached (tcx links released)", name)
-            elif debugif.lookup(self.ipr, name) == att.ifindex:
-                done = detach_record(self.ipr, att.record(), att.ifindex)
-                log.info("%s: detached (%s)", name, ", ".join(done) or "nothing left")
-            state.remove("iface", name)
+            try:
+                self._detach(att)
+            except Exception as exc:       # keep going: the rest must still be removed
+                log.error("%s: detach failed: %s; run `mirror detach --iface %s`", name, exc,
+                          name)
+            state.remove("iface", att.key)
             att.lock.release()
             del self.attached[name]
         if self.debug:
-            if self.debug.created and debugif.remove(self.ipr, self.debug.name):
-                log.info("removed debug interface %s", self.debug.name)
-            state.remove("debug", self.debug.name)
-            self._debug_lock.release()
+            try:
+                self._release_debug()
+            except Exception as exc:
+                log.error("removing debug interface %s failed: %s", self.debug.name, exc)
             self.debug = None
-        state.remove("controller", str(os.getpid()))
-        try:
-            os.unlink(self.socket_path)
-        except (FileNotFoundError, AttributeError):
-            pass
+        state.remove("controller", self.id)
+        if self._ctl_lock:
+            self._ctl_lock.release()
+
+    def _detach(self, att: Attached) -> None:
+        for fd in att.links.values():
+            os.close(fd)                # releases the tcx link: detached
+        if att.links:
+            att.links.clear()
+            log.info("%s: detached (tcx links released)", att.ifname)
+        elif self._ifname_of(att.ifindex) is not None:
+            done = detach_record(self.ipr, att.record(), att.ifindex)
+            log.info("%s: detached (%s)", att.ifname, ", ".join(done) or "nothing left")
+
+    def _release_debug(self) -> None:
+        """Removes the debug interface if this tool created it and no other controller
+        still uses it (the shared lock becomes exclusive only for the last user)."""
+        name = self.debug.name
+        if self._debug_lock.try_exclusive():
+            rec = state.read("debug", name)
+            if rec and rec.get("created") and rec.get("ifindex") == self.debug.ifindex:
+                if debugif.remove(self.ipr, name):
+                    log.info("removed debug interface %s", name)
+                state.remove("debug", name)
+        else:
+            log.info("debug interface %s is still used by another controller; leaving it",
+                     name)
+        self._debug_lock.release()
 
     # --- introspection -------------------------------------------------------------
     def _write_controller_record(self) -> None:
-        state.write("controller", str(os.getpid()), {
-            "pid": os.getpid(), "ifaces": list(self.attached), "hook": self.opts.hook,
+        state.write("controller", self.id, {
+            "id": self.id, "pid": os.getpid(), "ifaces": list(self.attached),
+            "hook": self.opts.hook,
             "debug_iface": self.debug.name if self.debug else None,
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
-            "socket": str(state.netns_dir() / f"controller-{os.getpid()}.sock"),
+            "socket": self.socket_name,
         })
 
     def flows_json(self) -> list[dict]:
@@ -418,18 +501,26 @@ class Controller:
                         "cpus": v["cpus"]})
         return out
 
+    @property
+    def socket_name(self) -> str:
+        return f"@tc-mirror-{self.id}"
+
     def _start_control_socket(self) -> None:
-        """A unix socket in the state directory answering `flows` and `counters` with
-        JSON, so `mirror flows` can read the maps this process owns."""
-        self.socket_path = str(state.netns_dir() / f"controller-{os.getpid()}.sock")
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
+        """An abstract unix socket (scoped to the network namespace, gone with the
+        process, no path to clean up) answering `flows` and `counters` with JSON, so
+        `mirror flows` can read the maps this process owns. Only root and this process's
+        user may ask."""
         ctl = self
 
         class Handler(socketserver.StreamRequestHandler):
+            timeout = 5         # a client that connects and says nothing is dropped
+
             def handle(self):
+                creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                struct.calcsize("3i"))
+                uid = struct.unpack("3i", creds)[1]
+                if uid not in (0, os.geteuid()):
+                    return
                 what = self.rfile.readline().decode().strip()
                 if what == "flows":
                     body = ctl.flows_json()
@@ -439,17 +530,20 @@ class Controller:
                     body = {"error": f"unknown request {what!r}"}
                 self.wfile.write(json.dumps(body).encode())
 
-        self._server = socketserver.ThreadingUnixStreamServer(self.socket_path, Handler)
-        os.chmod(self.socket_path, 0o600)
+        self._server = socketserver.ThreadingUnixStreamServer(
+            "\0" + self.socket_name[1:], Handler)
+        self._server.daemon_threads = True      # never hold up shutdown for a client
+        self._server.block_on_close = False
         threading.Thread(target=self._server.serve_forever, name="control",
                          daemon=True).start()
 
 
-def ask(socket_path: str, what: str, timeout: float = 5.0):
-    """Sends one request to a controller's control socket and returns the JSON answer."""
+def ask(socket_name: str, what: str, timeout: float = 5.0):
+    """Sends one request to a controller's control socket ("@name": abstract) and returns
+    the JSON answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(socket_path)
+        s.connect("\0" + socket_name[1:] if socket_name.startswith("@") else socket_name)
         s.sendall(what.encode() + b"\n")
         s.shutdown(socket.SHUT_WR)
         chunks = []

@@ -50,6 +50,41 @@ def lookup(ipr, name: str) -> int | None:
     return found[0] if found else None
 
 
+def link_kind(ipr, ifindex: int) -> str | None:
+    link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+
+
+def has_sink(ipr, ifindex: int) -> bool:
+    """True when this interface drops at its ingress with this tool's sink program."""
+    return any(f.name == tc.SINK_FILTER_NAME
+               for f in tc.list_filters(ipr, ifindex, tc.CLSACT_INGRESS))
+
+
+def check_existing(ipr, name: str, ifindex: int, recorded: bool) -> None:
+    """Refuses an existing interface as debug interface unless clones sent there can
+    reach no network: a dummy, a veth whose peer drops with this tool's sink, or one
+    this tool's records say it created. A typo must never send clones out of a NIC."""
+    kind = link_kind(ipr, ifindex)
+    if recorded or kind == "dummy":
+        return
+    if kind == "veth":
+        link = ipr.get_links(ifindex)[0]
+        peer = link.get_attr("IFLA_LINK")
+        # This tool keeps both ends in one namespace; a peer elsewhere is someone else's.
+        if peer and link.get_attr("IFLA_LINK_NETNSID") is None:
+            try:
+                if has_sink(ipr, peer):
+                    return
+            except NetlinkError:
+                pass
+    raise UsageError(
+        f"{name} exists and is not a mirror debug interface ({kind or 'unknown kind'}): "
+        f"clones sent there could leave the host. Pick a name that does not exist (it will "
+        f"be created), or a dummy interface")
+
+
 def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
     """Returns the debug interface, creating it when missing. `sink_fd_factory()` yields
     the fd of the drop program, loaded only when a veth pair is needed."""

@@ -87,7 +87,7 @@ def cmd_lab(args) -> int:
     progress("building a server host in a network namespace (nginx: /ok 200, /missing 404, "
              "/error 500)")
     host = Host.create()
-    nginx = ctl = dump = None
+    nginx = ctl = dump = runner = None
     try:
         nginx = Nginx(host).start()
         print(f"      server {host.ns_v4} / {host.ns_v6} in netns {host.ns}; "
@@ -122,6 +122,8 @@ def cmd_lab(args) -> int:
             dump.stop()
         if ctl:
             ctl.stop_event.set()
+            if runner:
+                runner.join()       # it shares the controller's netlink socket
             ctl.shutdown()
         if nginx:
             nginx.stop()

@@ -2,26 +2,55 @@
 restarted one finds what a killed one left behind.
 
 Records live under $MIRROR_STATE_DIR (default /run/tc-mirror, a tmpfs that lives as long
-as the kernel state it describes), one directory per network namespace. A controller
-holds an flock on `iface-NAME.lock` for every interface it monitors: the kernel drops the
-lock when the process dies, however it dies, so a record whose lock is free is stale."""
+as the kernel state it describes), one directory per network namespace, named by the
+namespace's cookie (never reused within a boot, unlike its inode number). Interfaces are
+recorded by ifindex, so a renamed interface is still recognised. A controller holds an
+flock on `iface-ifN.lock` for every interface it monitors and on `controller-ID.lock`
+for its own life: the kernel drops a lock when the process dies, however it dies, so a
+record whose lock is free is stale. Users of a debug interface share `debug-NAME.lock`;
+the last one out removes the interface if this tool created it."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import socket
+import struct
 from pathlib import Path
+
+from .errors import UsageError
 
 
 def state_root() -> Path:
     return Path(os.environ.get("MIRROR_STATE_DIR", "/run/tc-mirror"))
 
 
+SO_NETNS_COOKIE = 71
+
+
+def netns_id() -> str:
+    """The network namespace's cookie (Linux 5.14+), or its inode number before that."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        return f"cookie-{struct.unpack('=Q', raw)[0]}"
+    except OSError:
+        return f"inode-{os.stat('/proc/self/ns/net').st_ino}"
+
+
 def netns_dir() -> Path:
-    ino = os.stat("/proc/self/ns/net").st_ino
-    d = state_root() / f"netns-{ino}"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d = state_root() / f"netns-{netns_id()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UsageError(f"cannot use the state directory {d}: {exc.strerror}; set "
+                         "MIRROR_STATE_DIR to a writable directory (a tmpfs such as /run)") \
+            from None
     return d
+
+
+def iface_key(ifindex: int) -> str:
+    return f"if{ifindex}"
 
 
 def _path(kind: str, name: str) -> Path:
@@ -60,21 +89,30 @@ def records(kind: str) -> list[dict]:
 
 
 class Lock:
-    """An exclusive, non-blocking flock on one name; released on close or process death."""
+    """A non-blocking flock on one name (exclusive, or shared); released on close or
+    process death."""
 
     def __init__(self, name: str):
         self.path = netns_dir() / f"{name}.lock"
         self.fd: int | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, shared: bool = False) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
         self.fd = fd
         return True
+
+    def try_exclusive(self) -> bool:
+        """Converts a held shared lock to exclusive if nobody else holds it."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
 
     def release(self) -> None:
         if self.fd is not None:
@@ -91,5 +129,5 @@ def is_held(name: str) -> bool:
     return True
 
 
-def iface_lock_name(ifname: str) -> str:
-    return f"iface-{ifname}"
+def iface_lock_name(ifindex: int) -> str:
+    return f"iface-{iface_key(ifindex)}"

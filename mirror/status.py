@@ -20,10 +20,10 @@ def collect() -> dict:
         ifaces = []
         recorded = set()
         for rec in state.records("iface"):
-            name = rec["ifname"]
+            present = rec["ifindex"] in links
+            name = links.get(rec["ifindex"], rec["ifname"])     # the current name
             recorded.add(name)
-            live = state.is_held(state.iface_lock_name(name))
-            present = links.get(rec["ifindex"]) == name
+            live = state.is_held(state.iface_lock_name(rec["ifindex"]))
             hooks = _hooks_of(ipr, rec["ifindex"]) if present else []
             ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec["pid"],
                            "owner": "live" if live else "stale",
@@ -36,13 +36,16 @@ def collect() -> dict:
             if hooks:
                 ifaces.append({"iface": name, "hook": "?", "pid": None, "owner": "unrecorded",
                                "present": True, "qdiscs_created": [], "filters": hooks})
-        controllers = [dict(rec, live=state.is_held(state.iface_lock_name(rec["ifaces"][0]))
-                            if rec.get("ifaces") else False)
+        controllers = [dict(rec, live=_controller_live(rec))
                        for rec in state.records("controller")]
         return {"interfaces": ifaces, "controllers": controllers,
                 "debug_ifaces": state.records("debug")}
     finally:
         ipr.close()
+
+
+def _controller_live(rec: dict) -> bool:
+    return "id" in rec and state.is_held(f"controller-{rec['id']}")
 
 
 def _hooks_of(ipr, ifindex: int) -> list[str]:
@@ -81,7 +84,7 @@ def _table(rows) -> list[str]:
 def collect_flows() -> list[dict]:
     flows = []
     for rec in state.records("controller"):
-        if not rec.get("ifaces") or not state.is_held(state.iface_lock_name(rec["ifaces"][0])):
+        if not _controller_live(rec):
             continue
         try:
             for f in ask(rec["socket"], "flows"):
@@ -110,16 +113,16 @@ def detach(ifaces: list[str]) -> int:
             found = ipr.link_lookup(ifname=name)
             if not found:
                 raise UsageError(f"unknown interface {name!r}: see `ip link`")
-            if state.is_held(state.iface_lock_name(name)):
-                rec = state.read("iface", name) or {}
+            if state.is_held(state.iface_lock_name(found[0])):
+                rec = state.read("iface", state.iface_key(found[0])) or {}
                 raise UsageError(f"{name} is owned by a running controller (pid "
                                  f"{rec.get('pid', '?')}); stop it with SIGTERM instead")
         for name in ifaces:
             idx = ipr.link_lookup(ifname=name)[0]
-            rec = state.read("iface", name)
-            done = detach_record(ipr, rec, idx) if rec and rec.get("ifindex") == idx else []
+            rec = state.read("iface", state.iface_key(idx))
+            done = detach_record(ipr, rec, idx) if rec else []
             done += detach_unrecorded(ipr, idx)
-            state.remove("iface", name)
+            state.remove("iface", state.iface_key(idx))
             print(f"{name}: " + (", ".join(f"removed {d}" if not d.startswith("kept") else d
                                             for d in done) or "no mirror hooks found"))
         return 0

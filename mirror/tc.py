@@ -11,6 +11,7 @@ Hook layouts:
 from __future__ import annotations
 
 import errno
+import socket
 from dataclasses import dataclass, field
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,6 +24,7 @@ INGRESS_HANDLE = 0xFFFF0000     # ffff:
 CLSACT_INGRESS = 0xFFFFFFF2     # ffff:fff2
 CLSACT_EGRESS = 0xFFFFFFF3      # ffff:fff3
 HTB_HANDLE = 0x00010000         # 1:
+HTB_DIRECT_QLEN = 1000          # packets htb's direct queue holds
 
 FILTER_PRIO = 1                 # run before other tools' filters: ours always passes on
 FILTER_HANDLE = 0x4D49          # "MI"
@@ -45,6 +47,7 @@ class Filter:
     handle: int
     kind: str
     name: str
+    protocol: int = ETH_P_ALL
 
     @property
     def ours(self) -> bool:
@@ -89,8 +92,9 @@ def list_filters(ipr, ifindex: int, parent: int) -> list[Filter]:
         opts = f.get_attr("TCA_OPTIONS")
         name = (opts.get_attr("TCA_BPF_NAME") if opts is not None and
                 hasattr(opts, "get_attr") else None) or ""
+        proto = socket.ntohs(f["info"] & 0xFFFF)
         out.append(Filter(f["parent"], f["info"] >> 16, f["handle"],
-                          f.get_attr("TCA_KIND") or "", name))
+                          f.get_attr("TCA_KIND") or "", name, proto))
     return out
 
 
@@ -120,12 +124,13 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
     p = _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb)
     for direction, parent in p.parents.items():
         for f in list_filters(ipr, ifindex, parent):
-            if f.prio == FILTER_PRIO and not f.ours and f.kind != "bpf":
+            if f.prio == FILTER_PRIO and not f.ours and (f.kind != "bpf" or
+                                                         f.protocol != ETH_P_ALL):
                 raise UsageError(
                     f"{ifname}: priority {FILTER_PRIO} of the {direction} hook "
-                    f"({fmt_handle(parent)}) holds another tool's {f.kind} filter, and tc "
-                    f"allows one filter kind per priority; move that filter to another "
-                    f"priority first")
+                    f"({fmt_handle(parent)}) holds another tool's {f.kind} filter for another "
+                    f"protocol or of another kind, and tc allows one kind and protocol per "
+                    f"priority; move that filter to another priority first")
     return p
 
 
@@ -163,7 +168,12 @@ def add_qdisc(ipr, ifindex: int, kind: str) -> None:
         ipr.tc("add", "ingress", ifindex, INGRESS_HANDLE)
     elif kind == "htb":
         # No classes and default class 0: every packet takes the direct queue, unshaped.
-        ipr.tc("add", "htb", ifindex, HTB_HANDLE, default=0)
+        # Its length is given explicitly: taken from txqueuelen, it would be 0 (drop
+        # everything) on a device with txqueuelen 0.
+        init = {"debug": 0, "defcls": 0, "direct_pkts": 0, "rate2quantum": 10, "version": 3}
+        ipr.tc("add", "htb", ifindex, HTB_HANDLE, default=0,
+               options={"attrs": [["TCA_HTB_INIT", init],
+                                  ["TCA_HTB_DIRECT_QLEN", HTB_DIRECT_QLEN]]})
     else:
         raise ValueError(kind)
 

@@ -73,11 +73,17 @@ def check_supported() -> None:
                          "use --hook clsact")
 
 
-def attach(prog_fd: int, ifindex: int, direction: str) -> int:
+BPF_F_BEFORE = 1 << 3
+
+
+def attach(prog_fd: int, ifindex: int, direction: str, first: bool = True) -> int:
     """Attaches a sched_cls program as a tcx link; returns the link's fd (close = detach).
-    The program goes last in the device's tcx chain, so others' programs run first."""
+    The program goes first in the device's tcx chain (BPF_F_BEFORE with no anchor): a
+    program ahead of it that returns a final verdict would hide packets from the mirror,
+    while the mirror itself always says "next", so everyone behind it still runs."""
     attr = _LinkCreate(prog_fd=prog_fd, target_ifindex=ifindex,
-                       attach_type=ATTACH_TYPES[direction])
+                       attach_type=ATTACH_TYPES[direction],
+                       flags=BPF_F_BEFORE if first else 0)
     return _bpf(BPF_LINK_CREATE, attr)
 
 

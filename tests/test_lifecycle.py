@@ -298,3 +298,123 @@ def test_sighup_reloads_trigger_and_rejects_bad_config(host, nginx, env, tmp_pat
         assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 2
     finally:
         assert m.stop() == 0, m.output
+
+
+def test_shared_debug_iface_outlives_first_controller(state_dir):
+    """Two controllers on two interfaces share one debug interface: the first to stop
+    leaves it to the other, the last one removes it."""
+    from mirror.netns import Host
+    a, b = Host.create(), Host.create()
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = debug_name()
+    try:
+        ma = MirrorProcess("--iface", a.host_if, "--debug-iface", dbg, env=env).start()
+        mb = MirrorProcess("--iface", b.host_if, "--debug-iface", dbg, env=env).start()
+        try:
+            ifindex = int(open(f"/sys/class/net/{dbg}/ifindex").read())
+            assert ma.stop() == 0, ma.output
+            assert "still used by another controller" in ma.output
+            assert int(open(f"/sys/class/net/{dbg}/ifindex").read()) == ifindex
+        finally:
+            assert mb.stop() == 0, mb.output
+        assert "removed debug interface" in mb.output
+        assert not link_exists(dbg)
+    finally:
+        a.destroy()
+        b.destroy()
+
+
+def test_foreign_debug_iface_is_refused_and_sink_not_monitored(host, env):
+    _bad(["run", "--iface", host.host_if, "--debug-iface", "lo"], env,
+         "lo exists and is not a mirror debug interface", host)
+    from mirror import debugif
+    from mirror.bpfprog import Sink
+    sink = Sink()
+    dbg = debug_name()
+    with IPRoute() as ipr:
+        made = debugif.ensure(ipr, dbg, lambda: sink.fd)
+    try:
+        _bad(["run", "--iface", made.peer], env, "is the drop end of a mirror debug interface",
+             host)
+    finally:
+        with IPRoute() as ipr:
+            debugif.remove(ipr, dbg)
+
+
+def test_pre_existing_debug_iface_survives_kill_and_restart(host, env):
+    """A debug interface the operator made is never adopted as this tool's: not after a
+    SIGKILL and a restart either."""
+    from mirror import debugif
+    from mirror.bpfprog import Sink
+    sink = Sink()
+    dbg = debug_name()
+    with IPRoute() as ipr:
+        debugif.ensure(ipr, dbg, lambda: sink.fd)
+    try:
+        m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        m2 = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+        assert m2.stop() == 0, m2.output
+        assert link_exists(dbg)
+    finally:
+        with IPRoute() as ipr:
+            debugif.remove(ipr, dbg)
+
+
+def test_renamed_interface_stays_monitored_and_is_detached(host, nginx, env):
+    before = snapshot(host.host_if)
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
+    new_name = host.host_if[:-1] + "r"
+    try:
+        subprocess.run(["ip", "link", "set", host.host_if, "name", new_name], check=True)
+        host.host_if = new_name             # so the fixture removes it
+        assert m.wait_for(f"renamed to {new_name}", timeout=30), m.output
+        send(host.ns_v4, host.host_v4, ["/error"])
+        flows = json.loads(run_cli("flows", "--json", env=env).stdout)
+        assert [f["status"] for f in flows] == [500]
+    finally:
+        assert m.stop() == 0, m.output
+    assert snapshot(new_name) == before
+    assert our_filter_lines(new_name) == []
+
+
+def test_idle_control_client_does_not_block_sigterm(host, env, state_dir):
+    import socket
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
+    from mirror import state
+    import os as _os
+    _os.environ["MIRROR_STATE_DIR"] = str(state_dir)
+    try:
+        name = state.records("controller")[0]["socket"]
+    finally:
+        del _os.environ["MIRROR_STATE_DIR"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect("\0" + name[1:])          # connects and says nothing
+        assert m.stop(timeout=30) == 0, m.output
+
+
+def test_tcx_runs_before_a_foreign_tcx_program(host, nginx, env):
+    """A foreign tcx program that returns a final verdict (TC_ACT_OK) is attached first;
+    the mirror attaches ahead of it and still sees (and mirrors) the error flow."""
+    from bcc import BPF
+    from mirror import tcx
+    prog = BPF(text=b"""
+#include <uapi/linux/pkt_cls.h>
+int pass_all(struct __sk_buff *skb) { return TC_ACT_OK; }
+""")
+    fn = prog.load_func(b"pass_all", BPF.SCHED_CLS)
+    idx = int(open(f"/sys/class/net/{host.host_if}/ifindex").read())
+    links = [tcx.attach(fn.fd, idx, d, first=False) for d in ("ingress", "egress")]
+    try:
+        m = MirrorProcess("--iface", host.host_if, "--hook", "tcx",
+                          "--debug-iface", debug_name(), env=env).start()
+        try:
+            send(host.ns_v4, host.host_v4, ["/error"])
+            flows = json.loads(run_cli("flows", "--json", env=env).stdout)
+            assert [f["status"] for f in flows] == [500]
+        finally:
+            assert m.stop() == 0, m.output
+    finally:
+        for fd in links:
+            os.close(fd)
