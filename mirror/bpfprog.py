@@ -85,8 +85,18 @@ _libc = ctypes.CDLL(None, use_errno=True)
 FLOW_KEY_SIZE = 40     # struct flow_key
 FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
 _FLOW_VALUE = struct.Struct("=QQQQIH2x")
+_BPF_MAP_UPDATE_ELEM = 2
+_BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_MAP_LOOKUP_BATCH = 24
+_BPF_NOEXIST = 1
 _BATCH = 4096
+
+
+class _ElemAttr(ctypes.Structure):
+    """The element part of union bpf_attr."""
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
 
 
 class _BatchAttr(ctypes.Structure):
@@ -268,12 +278,28 @@ class Classifier:
                     idle.append(keys[i * FLOW_KEY_SIZE:(i + 1) * FLOW_KEY_SIZE])
         expired = 0
         for raw in idle:
-            try:
-                del self._flows[self._flows.Key.from_buffer_copy(raw)]
-                expired += 1
-            except KeyError:
-                pass
+            expired += self._expire_one(raw, now_ns, idle_ns)
         return expired
+
+    def _expire_one(self, key: bytes, now_ns: int, idle_ns: int) -> int:
+        """Deletes one idle flow atomically with reading it (BPF_MAP_LOOKUP_AND_DELETE_ELEM),
+        so a packet that refreshed the flow since the scan is seen: the flow is then put
+        back as it was (BPF_NOEXIST: unless the classifier re-marked it meanwhile)."""
+        ncpu = possible_cpus()
+        kbuf = ctypes.create_string_buffer(key, FLOW_KEY_SIZE)
+        vbuf = ctypes.create_string_buffer(FLOW_VALUE_SIZE * ncpu)
+        attr = _ElemAttr(map_fd=self._flows.map_fd, key=ctypes.addressof(kbuf),
+                         value=ctypes.addressof(vbuf))
+        if _libc.syscall(_SYS_BPF, _BPF_MAP_LOOKUP_AND_DELETE_ELEM, ctypes.byref(attr),
+                         ctypes.sizeof(attr)) < 0:
+            return 0            # gone already (evicted, or expired by someone else)
+        u64 = memoryview(vbuf.raw).cast("Q")
+        last = max(u64[3 + c * FLOW_VALUE_SIZE // 8] for c in range(ncpu))
+        if not last or now_ns - last > idle_ns:
+            return 1
+        attr.flags = _BPF_NOEXIST
+        _libc.syscall(_SYS_BPF, _BPF_MAP_UPDATE_ELEM, ctypes.byref(attr), ctypes.sizeof(attr))
+        return 0
 
     def iface_stats(self) -> dict[tuple[int, str], dict]:
         out = {}

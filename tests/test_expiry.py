@@ -1,0 +1,43 @@
+"""Idle expiry against the real map: the sweep deletes idle flows and puts back one that
+a packet refreshed between the sweep's scan and its delete."""
+from __future__ import annotations
+
+import os
+import time
+
+from test_flood import RESPONSE, frame
+from mirror import bpfprog
+from mirror.flowkey import FlowKey
+
+KEY = FlowKey.from_endpoints("198.18.0.1", 80, "198.19.0.7", 1024 + 7)
+
+
+def mark(clf) -> None:
+    original = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(original)})
+    try:
+        assert bpfprog.test_run(clf.fd("egress"), frame(7, 1024 + 7, RESPONSE)).retval == -1
+    finally:
+        os.sched_setaffinity(0, original)
+
+
+def test_idle_flow_expires_fresh_one_stays(clf):
+    mark(clf)
+    before = clf.flows()[KEY]
+    assert clf.expire_idle(time.monotonic_ns(), 60 * 10**9) == 0
+    assert KEY in clf.flows()
+    assert clf.expire_idle(time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
+    assert KEY not in clf.flows()
+    assert before["status"] == 500
+
+
+def test_flow_refreshed_after_scan_is_put_back(clf):
+    """_expire_one is the delete step: called for a key the scan found idle but whose
+    value (read atomically with the delete) is fresh, it restores the flow unchanged."""
+    mark(clf)
+    before = clf.flows()[KEY]
+    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns(), 60 * 10**9) == 0
+    assert clf.flows()[KEY] == before
+    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
+    assert KEY not in clf.flows()
+    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns(), 60 * 10**9) == 0   # gone
