@@ -40,15 +40,33 @@ VARIANTS["none of these"] = "".join(v for k, v in VARIANTS.items() if k != "as b
 FRAMES = ("ipv4 TCP data (request)", "ipv4 TCP ACK (no payload)", "ipv4 HTTP 200 response",
           "ipv4 HTTP 500 response, flow marked", "ipv4 packet of a marked flow (request)")
 
+PERF_CASES = (
+    ("mirror", "ipv4 TCP data (request)"), ("thesis", "ipv4 TCP data (request)"),
+    ("mirror", "ipv4 HTTP 500 response, flow marked"),
+    ("thesis", "ipv4 HTTP 500 response, flow marked"),
+    ("mirror+clone", "ipv4 HTTP 500 response, flow marked"),
+)
+
 GROUPS = (
     ("key hashing", ("htab_map_hash", "jhash")),
     ("rest of the hash lookup", ("lookup_nulls_elem_raw", "memcmp", "htab_lru", "__htab_map",
                                  "htab_percpu", "bpf_lru")),
     ("clock reads", ("read_tsc", "ktime_get", "kvm_clock", "pvclock")),
     ("payload copy", ("bpf_skb_load_bytes", "memcpy", "skb_copy_bits")),
-    ("clone and transmit", ("skb_clone", "clone_redirect", "dev_queue_xmit", "veth",
-                            "netif_rx", "kmem_cache", "skb_release", "__bpf_redirect",
-                            "dev_hard_start_xmit", "validate_xmit")),
+    ("clone, transmit and sink", ("skb_clone", "clone_redirect", "dev_queue_xmit", "veth",
+                                  "netif_rx", "kmem_cache", "skb_release", "__bpf_redirect",
+                                  "dev_hard_start_xmit", "validate_xmit", "skb_free",
+                                  "kfree_skb", "napi", "net_rx_action", "__netif_receive",
+                                  "process_backlog", "tcx", "tc_run", "sch_handle",
+                                  "enqueue_to_backlog", "netdev_core_pick", "eth_type_trans",
+                                  "__dev_forward_skb", "skb_scrub", "consume_skb",
+                                  "slab", "__alloc_skb", "skb_clone_tx", "bpf_prog_run",
+                                  "tcf_classify", "dev_xmit", "__copy_skb_header",
+                                  "sock_wfree", "__build_skb", "ip_rcv", "nf_hook",
+                                  "_raw_spin", "softirq", "pskb_expand_head",
+                                  "skb_ensure_writable", "kfree", "kmalloc", "memcg",
+                                  "skb_defer", "cls_bpf", "_find_next_bit",
+                                  "netif_skb_features", "skb_release")),
     ("test harness", ("bpf_test_run", "bpf_test_timer", "local_bh_enable", "copy_to_user",
                       "bpf_prog_test_run", "migrate")),
 )
@@ -124,19 +142,32 @@ from bench.progs import ThesisProgram
 which, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 fc = [f for f in fr.frame_classes() if f.key == key][0]
 os.sched_setaffinity(0, {{0}})
-if which == "mirror":
+dbg = None
+if which.startswith("mirror"):
     clf = Classifier()
     clf.set_trigger(frozenset(range(500, 600)))
     fd, mark = clf.fd(fc.direction), clf.fd("ingress")
+    if which == "mirror+clone":
+        from pyroute2 import IPRoute
+        from mirror import debugif
+        from mirror.bpfprog import Sink
+        from mirror.netns import unique_name
+        sink, ipr = Sink(), IPRoute()
+        dbg = debugif.ensure(ipr, unique_name("d"), lambda: sink.fd)
+        clf.set_debug_ifindex(dbg.ifindex)
 else:
     t = ThesisProgram()
     fd = mark = t.fd
-if fc.marked:
-    test_run(mark, fr.marking_frame(fc.family), 1)
-print("ready", flush=True)
-end = time.time() + seconds
-while time.time() < end:
-    test_run(fd, fc.frame, 200000)
+try:
+    if fc.marked:
+        test_run(mark, fr.marking_frame(fc.family), 1)
+    print("ready", flush=True)
+    end = time.time() + seconds
+    while time.time() < end:
+        test_run(fd, fc.frame, 20000)
+finally:
+    if dbg:
+        debugif.remove(ipr, dbg.name)
 """
 
 
@@ -146,7 +177,7 @@ def perf_breakdown(which: str, key: str, seconds: float) -> dict | None:
         return None
     root = str(Path(__file__).resolve().parent.parent)
     loop = subprocess.Popen([sys.executable, "-c", LOOP.format(root=root), which, key,
-                             str(seconds + 3)], stdout=subprocess.PIPE, text=True)
+                             str(seconds + 1)], stdout=subprocess.PIPE, text=True)
     try:
         loop.stdout.readline()
         with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
@@ -157,8 +188,11 @@ def perf_breakdown(which: str, key: str, seconds: float) -> dict | None:
                                   "--percent-limit", "0.05"], capture_output=True,
                                  text=True).stdout
     finally:
-        loop.kill()
-        loop.wait()
+        try:
+            loop.wait(30)       # it removes its debug interface on the way out
+        except subprocess.TimeoutExpired:
+            loop.kill()
+            loop.wait()
     shares = {}
     for line in rep.splitlines():
         parts = line.split()
@@ -222,10 +256,9 @@ def main(argv=None) -> int:
     abl, skipped = ablation(args.rounds, args.repeat)
     perf = {}
     if shutil.which("perf"):
-        for which in ("mirror", "thesis"):
-            for key in ("ipv4 TCP data (request)", "ipv4 HTTP 500 response, flow marked"):
-                print(f"bench.profile: perf, {which}, {key}", file=sys.stderr)
-                perf[(which, key)] = perf_breakdown(which, key, args.perf_seconds)
+        for which, key in PERF_CASES:
+            print(f"bench.profile: perf, {which}, {key}", file=sys.stderr)
+            perf[(which, key)] = perf_breakdown(which, key, args.perf_seconds)
     md = markdown(abl, skipped, perf, started)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.md"
