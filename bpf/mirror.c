@@ -37,6 +37,7 @@
 BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows, MAX_FLOWS);
 BPF_ARRAY(trigger, __u8, STATUS_CODES);
 BPF_ARRAY(config, struct mirror_config, 1);
+BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_TABLE("percpu_hash", struct iface_key, struct iface_stats, iface_stats, MAX_IFACES);
 
@@ -67,6 +68,17 @@ static __always_inline struct iface_stats *stats_of(__u32 ifindex, __u32 directi
     struct iface_stats zero = {};
     iface_stats.update(&k, &zero);
     return iface_stats.lookup(&k);
+}
+
+/* False only when the flow map is known to be empty (enum marks_index). */
+static __always_inline int maybe_marked(void)
+{
+    __u32 made_idx = MARKS_MADE, cleared_idx = MARKS_CLEARED;
+    __u64 *made = marks.lookup(&made_idx);
+    __u64 *cleared = marks.lookup(&cleared_idx);
+    if (!made || !cleared)
+        return 1;
+    return *(volatile __u64 *)made != *(volatile __u64 *)cleared;
 }
 
 /* Orders two endpoints: lexicographic on the address bytes, then the port. */
@@ -252,9 +264,12 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     count(C_TCP, 1);
 
     /* The hot path: every TCP segment pays this one lookup (normalised key, so one
-     * lookup covers both directions). The clock is read only when a flow is touched. */
+     * lookup covers both directions), unless the map is known to be empty (see enum
+     * marks_index). The clock is read only when a flow is touched. */
     __u64 now = 0;
-    struct flow_value *fv = flows.lookup(&key);
+    struct flow_value *fv = 0;
+    if (maybe_marked())
+        fv = flows.lookup(&key);
     if (fv) {
         now = bpf_ktime_get_ns();
         fv->packets++;
@@ -297,6 +312,11 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
             };
             flows.update(&key, &nv);
             count(C_FLOWS_MARKED, 1);
+            /* After the insert: see enum marks_index for why the order matters. */
+            __u32 made = MARKS_MADE;
+            __u64 *n = marks.lookup(&made);
+            if (n)
+                __sync_fetch_and_add(n, 1);
         }
         mirror_packet(skb, st, direction);
     } else if (fv) {

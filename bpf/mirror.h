@@ -69,6 +69,17 @@ struct mirror_config {
     __u32 pad;
 };
 
+/* The flow-lookup pre-filter. marks[MARKS_MADE] counts the flows the classifier has
+ * marked (incremented after the insert); user space writes into marks[MARKS_CLEARED] the
+ * count it read before a scan that found the flow map empty. While the two are equal no
+ * flow can be in the map, and packets skip the hash lookup. A mark made after user space
+ * read the count makes them differ, so no mark is ever missed. */
+enum marks_index {
+    MARKS_MADE = 0,
+    MARKS_CLEARED = 1,
+    NR_MARKS,
+};
+
 struct iface_key {
     __u32 ifindex;
     __u32 direction;    /* enum direction */

@@ -187,6 +187,7 @@ class Classifier:
         self._config = self.bpf.get_table(b"config")
         self._counters = self.bpf.get_table(b"counters")
         self._iface_stats = self.bpf.get_table(b"iface_stats")
+        self._marks = self.bpf.get_table(b"marks")
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -218,6 +219,7 @@ class Classifier:
     def clear(self) -> None:
         """Empties flows and counters (tests reset state between cases this way)."""
         self._flows.clear()
+        self.note_if_empty()
         self._iface_stats.clear()
         zero = self._counters.Leaf(*([0] * len(self._counters.Leaf())))
         for i in range(len(COUNTERS)):
@@ -256,6 +258,21 @@ class Classifier:
                 "cpus": [i for i, v in enumerate(vals) if v[0]],
             }
         return out
+
+    def note_if_empty(self) -> bool:
+        """Lets the classifier skip flow lookups while the map is empty: reads the
+        classifier's mark count, then scans the map, and if it is empty publishes the
+        count read before the scan (bpf/mirror.h, enum marks_index). Returns whether
+        the map was empty."""
+        made = self._marks[self._marks.Key(0)].value
+        if self.flow_count():
+            return False
+        self._marks[self._marks.Key(1)] = ctypes.c_uint64(made)
+        return True
+
+    def lookups_skipped(self) -> bool:
+        """True while the classifier skips flow lookups (the map is known empty)."""
+        return self._marks[self._marks.Key(0)].value == self._marks[self._marks.Key(1)].value
 
     def flow_count(self) -> int:
         return sum(count for _, _, count in batch_lookup(self._flows.map_fd, FLOW_KEY_SIZE,

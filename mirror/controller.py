@@ -342,6 +342,7 @@ class Controller:
         t0 = time.monotonic()
         expired = self.classifier.expire_idle(time.monotonic_ns(), int(self.idle_timeout * 1e9))
         self.expired_total += expired
+        self.classifier.note_if_empty()
         self.sweep_seconds = time.monotonic() - t0
         return expired
 

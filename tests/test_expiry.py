@@ -41,3 +41,36 @@ def test_flow_refreshed_after_scan_is_put_back(clf):
     assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
     assert KEY not in clf.flows()
     assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns(), 60 * 10**9) == 0   # gone
+
+
+def later_packet_mirrored(clf) -> bool:
+    before = clf.counters()["mirrored_packets"]
+    ack = frame(7, 1024 + 7, b"", from_server=False)
+    assert bpfprog.test_run(clf.fd("ingress"), ack).retval == -1
+    return clf.counters()["mirrored_packets"] == before + 1
+
+
+def test_lookup_prefilter_follows_the_map(clf):
+    """Flow lookups are skipped only while the map is known empty."""
+    assert clf.lookups_skipped()                    # clf starts with an empty map
+    mark(clf)
+    assert not clf.lookups_skipped()
+    assert not clf.note_if_empty()                  # not empty: nothing published
+    assert later_packet_mirrored(clf)
+    assert clf.expire_idle(time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
+    assert clf.note_if_empty() and clf.lookups_skipped()
+    mark(clf)                                       # marked again: lookups resume
+    assert not clf.lookups_skipped()
+    assert later_packet_mirrored(clf)
+
+
+def test_mark_racing_the_empty_scan_is_not_lost(clf):
+    """The race the generation scheme closes: user space reads the mark count and finds
+    the map empty, the classifier marks a flow, then user space publishes the count it
+    read. The classifier must keep looking flows up."""
+    made = clf._marks[clf._marks.Key(0)].value      # step 1 of note_if_empty
+    assert clf.flow_count() == 0                    # step 2: the scan finds it empty
+    mark(clf)                                       # the classifier marks meanwhile
+    clf._marks[clf._marks.Key(1)] = clf._marks.Leaf(made)    # step 3: publish
+    assert not clf.lookups_skipped()
+    assert later_packet_mirrored(clf)
