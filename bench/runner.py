@@ -100,7 +100,8 @@ def machine_info() -> dict:
             break
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     commit = first(["git", "-C", top, "rev-parse", "--short", "HEAD"])
-    dirty = first(["git", "-C", top, "status", "--porcelain", "--", "bpf", "mirror", "bench"])
+    dirty = first(["git", "-C", top, "status", "--porcelain", "--", "bpf", "mirror", "bench",
+                   ":!bench/results"])
     return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
             "git_commit": commit + ("+uncommitted changes" if dirty else ""),
             "loadavg": open("/proc/loadavg").read().split()[:3],
