@@ -47,42 +47,56 @@ def udp_datagram(sport: int, dport: int, payload: bytes) -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
 
-def to_server(family: int, payload: bytes) -> bytes:
+def to_server(family: int, payload: bytes, port: int = CLIENT_PORT) -> bytes:
     return ip_packet(family, CLIENT[family], SERVER[family], IPPROTO_TCP,
-                     tcp_segment(CLIENT_PORT, SERVER_PORT, payload))
+                     tcp_segment(port, SERVER_PORT, payload))
 
 
-def to_client(family: int, payload: bytes) -> bytes:
+def to_client(family: int, payload: bytes, port: int = CLIENT_PORT) -> bytes:
     return ip_packet(family, SERVER[family], CLIENT[family], IPPROTO_TCP,
-                     tcp_segment(SERVER_PORT, CLIENT_PORT, payload))
+                     tcp_segment(SERVER_PORT, port, payload))
 
 
 @dataclass
 class FrameClass:
     """One row of the microbenchmark. `marked`: the flow is marked before the timed runs
     (by running `RESPONSE_500` once) and stays marked; `fresh`: the flow is unmarked
-    before every single run, so each run is the one that marks it."""
+    before every single run, so each run is the one that marks it. `others_marked`:
+    another connection is marked, so the flow map is not empty (a classifier may skip
+    its lookup while it knows the map is empty); otherwise the maps start empty."""
     name: str
     family: int
     frame: bytes
     marked: bool = False
     fresh: bool = False
     direction: str = "ingress"       # the hook this packet crosses on the server's veth
+    others_marked: bool = True
 
     @property
     def key(self) -> str:
         return f"ipv{self.family} {self.name}"
 
 
+EMPTY, OTHERS = "no flow marked", "other flows marked"
+
+
 def frame_classes() -> list[FrameClass]:
     out = []
     for fam in (4, 6):
+        out.append(FrameClass("non-TCP (UDP)", fam, ip_packet(fam, CLIENT[fam], SERVER[fam],
+                              IPPROTO_UDP, udp_datagram(5353, 5353, b"\0" * 40)),
+                              others_marked=False))
+        for others in (False, True):
+            state = OTHERS if others else EMPTY
+            out += [
+                FrameClass(f"TCP data (request), {state}", fam, to_server(fam, REQUEST),
+                           direction="egress", others_marked=others),
+                FrameClass(f"TCP ACK (no payload), {state}", fam, to_server(fam, b""),
+                           direction="egress", others_marked=others),
+                FrameClass(f"HTTP 200 response, {state}", fam, to_client(fam, RESPONSE_200),
+                           others_marked=others),
+            ]
         out += [
-            FrameClass("non-TCP (UDP)", fam, ip_packet(fam, CLIENT[fam], SERVER[fam],
-                       IPPROTO_UDP, udp_datagram(5353, 5353, b"\0" * 40))),
-            FrameClass("TCP data (request)", fam, to_server(fam, REQUEST), direction="egress"),
-            FrameClass("TCP ACK (no payload)", fam, to_server(fam, b""), direction="egress"),
-            FrameClass("HTTP 200 response", fam, to_client(fam, RESPONSE_200)),
             FrameClass("HTTP 500 response, marks the flow", fam, to_client(fam, RESPONSE_500),
                        fresh=True),
             FrameClass("HTTP 500 response, flow marked", fam, to_client(fam, RESPONSE_500),
@@ -95,3 +109,8 @@ def frame_classes() -> list[FrameClass]:
 
 def marking_frame(family: int) -> bytes:
     return to_client(family, RESPONSE_500)
+
+
+def other_marking_frame(family: int) -> bytes:
+    """Marks a connection other than the measured one."""
+    return to_client(family, RESPONSE_500, port=CLIENT_PORT + 1)

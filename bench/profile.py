@@ -15,6 +15,7 @@ Writes bench/results/profile-<timestamp>.md (or --out) and prints it."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import statistics
@@ -37,11 +38,14 @@ VARIANTS = {
 }
 VARIANTS["none of these"] = "".join(v for k, v in VARIANTS.items() if k != "as built")
 
-FRAMES = ("ipv4 TCP data (request)", "ipv4 TCP ACK (no payload)", "ipv4 HTTP 200 response",
-          "ipv4 HTTP 500 response, flow marked", "ipv4 packet of a marked flow (request)")
+FRAMES = ("ipv4 TCP data (request), no flow marked",
+          "ipv4 TCP data (request), other flows marked",
+          "ipv4 HTTP 200 response, other flows marked", "ipv4 HTTP 500 response, flow marked",
+          "ipv4 packet of a marked flow (request)")
 
 PERF_CASES = (
-    ("mirror", "ipv4 TCP data (request)"), ("thesis", "ipv4 TCP data (request)"),
+    ("mirror", "ipv4 TCP data (request), other flows marked"),
+    ("thesis", "ipv4 TCP data (request), other flows marked"),
     ("mirror", "ipv4 HTTP 500 response, flow marked"),
     ("thesis", "ipv4 HTTP 500 response, flow marked"),
     ("mirror+clone", "ipv4 HTTP 500 response, flow marked"),
@@ -72,65 +76,85 @@ GROUPS = (
 )
 
 
-def compile_variant(extra: str):
-    """Loads a copy of the classifier with `extra` inserted before classify()."""
-    from bcc import BPF
-    src = (bpf_dir() / "mirror.c").read_text()
-    if extra and ANCHOR not in src:
-        return None
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        for f in bpf_dir().glob("*.h"):
-            shutil.copy(f, tmp)
-        path = Path(tmp) / "mirror.c"
-        path.write_text(src.replace(ANCHOR, extra + ANCHOR, 1))
-        bpf = BPF(src_file=str(path).encode(), cflags=[f"-I{tmp}", "-Wno-unused-function",
-                                                        "-Wno-macro-redefined"])
-    progs = {d: bpf.load_func(f"mirror_{d}".encode(), BPF.SCHED_CLS)
-             for d in ("ingress", "egress")}
-    trigger = bpf.get_table("trigger")
-    import ctypes
-    for code in range(500, 600):
-        trigger[trigger.Key(code)] = ctypes.c_uint8(1)
-    return bpf, progs
+class Variant:
+    """A copy of the classifier compiled with `extra` inserted before classify(), with the
+    little of mirror.bpfprog.Classifier the measurements need."""
 
+    def __init__(self, extra: str):
+        from bcc import BPF
+        src = (bpf_dir() / "mirror.c").read_text()
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+            for f in bpf_dir().glob("*.h"):
+                shutil.copy(f, tmp)
+            path = Path(tmp) / "mirror.c"
+            path.write_text(src.replace(ANCHOR, extra + ANCHOR, 1))
+            self.bpf = BPF(src_file=str(path).encode(),
+                           cflags=[f"-I{tmp}", "-Wno-unused-function", "-Wno-macro-redefined"])
+        self.progs = {d: self.bpf.load_func(f"mirror_{d}".encode(), BPF.SCHED_CLS)
+                      for d in ("ingress", "egress")}
+        self.flows = self.bpf.get_table(b"flows")
+        trigger = self.bpf.get_table(b"trigger")
+        for code in range(500, 600):
+            trigger[trigger.Key(code)] = ctypes.c_uint8(1)
+        tables = [t.decode() if isinstance(t, bytes) else t for t in self.bpf.tables]
+        self.marks = self.bpf.get_table(b"marks") if "marks" in tables else None
 
-def _timed(fd_for, mark_fd, fc, repeat) -> int:
-    if fc.marked:
-        test_run(mark_fd, fr.marking_frame(fc.family), 1)
-    fd = fd_for(fc.direction)
-    test_run(fd, fc.frame, repeat // 10)
-    return test_run(fd, fc.frame, repeat).duration_ns
+    def fd(self, direction: str) -> int:
+        return self.progs[direction].fd
+
+    def clear(self) -> None:
+        """Empties the flow map and, if the classifier has the empty-map pre-filter,
+        publishes that it is empty (as Classifier.note_if_empty does)."""
+        self.flows.clear()
+        if self.marks is not None:
+            self.marks[self.marks.Key(1)] = self.marks[self.marks.Key(0)]
+
+    def delete_flow(self, key) -> None:
+        try:
+            del self.flows[self.flows.Key.from_buffer_copy(key.to_bytes())]
+        except KeyError:
+            pass
 
 
 def ablation(rounds: int, repeat: int) -> tuple[dict, list[str]]:
+    from . import microbench as mb
     from .progs import EmptyProgram, ThesisProgram
     classes = [fc for fc in fr.frame_classes() if fc.key in FRAMES]
-    subjects, skipped = {}, []
+    src = (bpf_dir() / "mirror.c").read_text()
+    subjects, skipped, keep = [], [], []
     for name, extra in VARIANTS.items():
-        loaded = compile_variant(extra)
-        if loaded is None:
+        if extra and ANCHOR not in src:
             skipped.append(name)
             continue
-        bpf, progs = loaded
-        flows = bpf.get_table("flows")
-        subjects[name] = (lambda d, p=progs: p[d].fd, progs["ingress"].fd, flows.clear, bpf)
+        v = Variant(extra)
+        keep.append(v)
+        subjects.append(mb.Subject(name, v.fd, lambda fc: True,
+                                   lambda fc, v=v: v.delete_flow(mb._flow_key(fc)), v.clear))
     thesis, empty = ThesisProgram(), EmptyProgram()
-    subjects["thesis"] = (lambda d: thesis.fd, thesis.fd, thesis.clear, thesis)
-    subjects["empty"] = (lambda d: empty.fd, empty.fd, lambda: None, empty)
-    ns = {s: {fc.key: [] for fc in classes} for s in subjects}
+    subjects += [s for s in mb.subjects(_NoMirror(), thesis, empty, 0)
+                 if s.name in ("thesis", "empty")]
+    ns = {s.name: {fc.key: [] for fc in classes} for s in subjects}
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     try:
         for _ in range(rounds):
             for fc in classes:
-                for s, (fd_for, mark_fd, clear, _) in subjects.items():
-                    clear()
-                    ns[s][fc.key].append(_timed(fd_for, mark_fd, fc, repeat))
-                    clear()
+                for s in subjects:
+                    ns[s.name][fc.key].append(mb._measure(s, fc, repeat, 200))
     finally:
         os.sched_setaffinity(0, old)
     return {s: {k: statistics.median(v) for k, v in per.items()} for s, per in ns.items()}, \
         skipped
+
+
+class _NoMirror:
+    """Stands in for the classifier when only the thesis and empty subjects are wanted."""
+
+    def fd(self, direction):
+        raise NotImplementedError
+
+    def clear(self):
+        pass
 
 
 LOOP = """
@@ -159,6 +183,8 @@ else:
     t = ThesisProgram()
     fd = mark = t.fd
 try:
+    if fc.others_marked:
+        test_run(mark, fr.other_marking_frame(fc.family), 1)
     if fc.marked:
         test_run(mark, fr.marking_frame(fc.family), 1)
     print("ready", flush=True)
