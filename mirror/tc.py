@@ -32,7 +32,6 @@ FILTER_NAME_PREFIX = "tc-mirror:"     # + direction: the classifier's filters
 SINK_FILTER_NAME = "tc-mirror-sink"    # the debug veth's drop filter (not a hook)
 ETH_P_ALL = 0x0003
 
-HOOKS = ("clsact", "htb")
 
 
 def fmt_handle(h: int) -> str:
