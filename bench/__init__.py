@@ -20,7 +20,7 @@ Measures (bench/runner.py):
 Reports (bench/report.py, bench/plots.py): bench/results/<timestamp>.{json,md,png} and
 latest.{json,md}, targets printed as met or not met.
 
-OVERHEAD: the bench saturates both CPUs for its whole run (about 25 minutes in full mode,
+OVERHEAD: the bench saturates both CPUs for its whole run (about 20 minutes in full mode,
 about a minute with --quick); run it on a machine with nothing else to do, or read its
 numbers as ratios under load. It only sends traffic between the namespaces it makes
 (198.18.0.0/15), and removes everything it adds, on failure and Ctrl-C too.

@@ -96,8 +96,10 @@ class Variant:
         trigger = self.bpf.get_table(b"trigger")
         for code in range(500, 600):
             trigger[trigger.Key(code)] = ctypes.c_uint8(1)
-        tables = [t.decode() if isinstance(t, bytes) else t for t in self.bpf.tables]
-        self.marks = self.bpf.get_table(b"marks") if "marks" in tables else None
+        try:
+            self.marks = self.bpf.get_table(b"marks")      # the empty-map pre-filter
+        except KeyError:
+            self.marks = None
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
