@@ -42,6 +42,7 @@ class Result:
     frame: str
     method: str
     ns: dict[str, list[int]] = field(default_factory=dict)   # subject -> per round
+    handled: list[str] = field(default_factory=list)         # subjects that parse it
 
     def median(self, subject: str) -> float:
         return statistics.median(self.ns[subject])
@@ -62,6 +63,19 @@ def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
     def with_clone():
         classifier.set_debug_ifindex(debug_ifindex)
 
+    # Classifier.clear() empties the flow map and, where the classifier has a pre-filter
+    # that skips lookups while the map is empty, tells it so: "nothing marked" then
+    # really is the state a host with no error connection is in.
+    return baseline_subjects(thesis, empty) + [
+        Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, classifier.clear,
+                decide_only),
+        Subject("mirror+clone", classifier.fd, lambda fc: True, mirror_unmark,
+                classifier.clear, with_clone),
+    ]
+
+
+def baseline_subjects(thesis, empty) -> list[Subject]:
+    """The empty classifier and the thesis reproduction."""
     def thesis_unmark(fc):
         key = thesis.connections.Key(*_thesis_key(fc))
         try:
@@ -69,17 +83,10 @@ def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
         except KeyError:
             pass
 
-    # Classifier.clear() empties the flow map and, where the classifier has a pre-filter
-    # that skips lookups while the map is empty, tells it so: "nothing marked" then
-    # really is the state a host with no error connection is in.
     return [
         Subject("empty", lambda d: empty.fd, lambda fc: True, lambda fc: None, lambda: None),
         Subject("thesis", lambda d: thesis.fd, lambda fc: fc.family == 4, thesis_unmark,
                 thesis.clear),
-        Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, classifier.clear,
-                decide_only),
-        Subject("mirror+clone", classifier.fd, lambda fc: True, mirror_unmark,
-                classifier.clear, with_clone),
     ]
 
 
@@ -131,9 +138,8 @@ def run(subjs: list[Subject], rounds: int, repeat: int, singles: int, cpu: int,
                     results[fc.key].ns.setdefault(s.name, []).append(ns)
     finally:
         os.sched_setaffinity(0, old)
-    handled = {fc.key: [s.name for s in subjs if s.handles(fc)] for fc in classes}
     for fc in classes:
-        results[fc.key].handled = handled[fc.key]
+        results[fc.key].handled = [s.name for s in subjs if s.handles(fc)]
     return [results[fc.key] for fc in classes]
 
 

@@ -133,8 +133,7 @@ def ablation(rounds: int, repeat: int) -> tuple[dict, list[str]]:
         subjects.append(mb.Subject(name, v.fd, lambda fc: True,
                                    lambda fc, v=v: v.delete_flow(mb._flow_key(fc)), v.clear))
     thesis, empty = ThesisProgram(), EmptyProgram()
-    subjects += [s for s in mb.subjects(_NoMirror(), thesis, empty, 0)
-                 if s.name in ("thesis", "empty")]
+    subjects += mb.baseline_subjects(thesis, empty)
     ns = {s.name: {fc.key: [] for fc in classes} for s in subjects}
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
@@ -147,16 +146,6 @@ def ablation(rounds: int, repeat: int) -> tuple[dict, list[str]]:
         os.sched_setaffinity(0, old)
     return {s: {k: statistics.median(v) for k, v in per.items()} for s, per in ns.items()}, \
         skipped
-
-
-class _NoMirror:
-    """Stands in for the classifier when only the thesis and empty subjects are wanted."""
-
-    def fd(self, direction):
-        raise NotImplementedError
-
-    def clear(self):
-        pass
 
 
 LOOP = """
