@@ -33,7 +33,7 @@ ANCHOR = "static __always_inline int classify("
 VARIANTS = {
     "as built": "",
     "no counters": "#define count(idx, n) ((void)0)\n",
-    "no clock reads": "#define bpf_ktime_get_ns() 0ULL\n",
+    "no clock reads": "#define bpf_ktime_get_coarse_ns() 0ULL\n",
     "no per-interface stats": "#define stats_of(ifindex, dir) ((struct iface_stats *)0)\n",
 }
 VARIANTS["none of these"] = "".join(v for k, v in VARIANTS.items() if k != "as built")

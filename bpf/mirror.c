@@ -25,9 +25,6 @@
 #ifndef MAX_FLOWS
 #define MAX_FLOWS 65536
 #endif
-#ifndef MAX_IFACES
-#define MAX_IFACES 1024
-#endif
 
 /* The verdict for every packet. TC_ACT_UNSPEC means "no opinion": the packet goes on to the
  * next filter of the hook (another tool's), or passes when there is none. TC_ACT_OK would
@@ -39,7 +36,7 @@ BPF_ARRAY(trigger, __u8, STATUS_CODES);
 BPF_ARRAY(config, struct mirror_config, 1);
 BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
-BPF_TABLE("percpu_hash", struct iface_key, struct iface_stats, iface_stats, MAX_IFACES);
+BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
 
 struct vlan_tag {
     __be16 tci;
@@ -61,13 +58,18 @@ static __always_inline void count(__u32 idx, __u64 n)
 
 static __always_inline struct iface_stats *stats_of(__u32 ifindex, __u32 direction)
 {
-    struct iface_key k = {.ifindex = ifindex, .direction = direction};
-    struct iface_stats *s = iface_stats.lookup(&k);
-    if (s)
+    __u32 slot = (ifindex % IFACE_SLOTS) * 2 + (direction & 1);
+    struct iface_stats *s = iface_stats.lookup(&slot);
+    if (!s)
+        return 0;
+    if (s->ifindex == ifindex)
         return s;
-    struct iface_stats zero = {};
-    iface_stats.update(&k, &zero);
-    return iface_stats.lookup(&k);
+    if (s->ifindex == 0) {      /* this CPU's copy: no other CPU writes it */
+        s->ifindex = ifindex;
+        return s;
+    }
+    count(C_IFACE_SLOT_TAKEN, 1);
+    return 0;
 }
 
 /* False only when the flow map is known to be empty (enum marks_index). */
@@ -265,13 +267,14 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 
     /* The hot path: every TCP segment pays this one lookup (normalised key, so one
      * lookup covers both directions), unless the map is known to be empty (see enum
-     * marks_index). The clock is read only when a flow is touched. */
+     * marks_index). The clock is read only when a flow is touched, and it is the coarse
+     * one (tick resolution, a few ms): enough for idle expiry, several times cheaper. */
     __u64 now = 0;
     struct flow_value *fv = 0;
     if (maybe_marked())
         fv = flows.lookup(&key);
     if (fv) {
-        now = bpf_ktime_get_ns();
+        now = bpf_ktime_get_coarse_ns();
         fv->packets++;
         fv->bytes += skb->len;
         if (!fv->first_ns)
@@ -305,7 +308,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
             fv->status = status;
         } else {
             if (!now)
-                now = bpf_ktime_get_ns();
+                now = bpf_ktime_get_coarse_ns();
             struct flow_value nv = {
                 .packets = 1, .bytes = skb->len, .first_ns = now, .last_ns = now,
                 .ifindex = skb->ifindex, .status = status,

@@ -36,6 +36,7 @@ enum counter {
     C_MIRRORED_BYTES,
     C_CLONE_FAILURES,   /* clone not sent or dropped by the debug interface; original unaffected */
     C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
+    C_IFACE_SLOT_TAKEN, /* per-interface stats not kept: slot owned by another ifindex */
     NR_COUNTERS,
 };
 
@@ -57,7 +58,8 @@ struct flow_value {
     __u64 packets;      /* packets of the flow seen on this CPU since it was marked (each
                          * one cloned, or counted as a clone failure / no_debug_if) */
     __u64 bytes;
-    __u64 first_ns;     /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the first one on this CPU */
+    __u64 first_ns;     /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the first
+                         * one on this CPU */
     __u64 last_ns;
     __u32 ifindex;      /* interface of the last packet on this CPU */
     __u16 status;       /* last trigger status code seen on this CPU, 0 if none */
@@ -80,17 +82,20 @@ enum marks_index {
     NR_MARKS,
 };
 
-struct iface_key {
-    __u32 ifindex;
-    __u32 direction;    /* enum direction */
-};
+/* Per-interface statistics live in a per-CPU array of IFACE_SLOTS x 2 entries: slot
+ * (ifindex % IFACE_SLOTS) * 2 + direction. A CPU's copy of a slot belongs to the first
+ * interface that uses it on that CPU (ifindex is recorded); another interface mapping to
+ * the same slot on that CPU is counted in C_IFACE_SLOT_TAKEN instead. The controller
+ * warns when two monitored interfaces share a slot. An array lookup is far cheaper than
+ * a hash lookup, and only responses and mirrored packets pay it. */
+#define IFACE_SLOTS 1024
 
-/* Per-CPU statistics of one interface and direction: touched only by responses and
- * mirrored packets, so plain packets pay no lookup for it. */
 struct iface_stats {
     __u64 responses[6];     /* 1xx..5xx, then other */
     __u64 mirrored_packets;
     __u64 mirrored_bytes;
+    __u32 ifindex;          /* owner of this CPU's copy of the slot; 0: unused */
+    __u32 pad;
 };
 
 #endif

@@ -85,6 +85,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 FLOW_KEY_SIZE = 40     # struct flow_key
 FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
 _FLOW_VALUE = struct.Struct("=QQQQIH2x")
+IFACE_SLOTS = 1024      # bpf/mirror.h
+IFACE_STATS_SIZE = 72   # struct iface_stats
+_IFACE_STATS = struct.Struct("=8QI4x")
 _BPF_MAP_UPDATE_ELEM = 2
 _BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_MAP_LOOKUP_BATCH = 24
@@ -173,12 +176,12 @@ class Classifier:
 
     PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
 
-    def __init__(self, max_flows: int = 65536, max_ifaces: int = 1024):
+    def __init__(self, max_flows: int = 65536):
         from bcc import BPF
         src = bpf_dir() / "mirror.c"
         self.bpf = BPF(src_file=str(src).encode(),
                        cflags=[f"-I{bpf_dir()}", f"-DMAX_FLOWS={max_flows}",
-                               f"-DMAX_IFACES={max_ifaces}", "-Wno-unused-function"])
+                               "-Wno-unused-function"])
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}
         self.max_flows = max_flows
@@ -220,7 +223,7 @@ class Classifier:
         """Empties flows and counters (tests reset state between cases this way)."""
         self._flows.clear()
         self.note_if_empty()
-        self._iface_stats.clear()
+        self._iface_stats.clear()       # zeroes every slot of the array
         zero = self._counters.Leaf(*([0] * len(self._counters.Leaf())))
         for i in range(len(COUNTERS)):
             self._counters[self._counters.Key(i)] = zero
@@ -319,22 +322,35 @@ class Classifier:
         return 0
 
     def iface_stats(self) -> dict[tuple[int, str], dict]:
-        out = {}
-        for k, per_cpu in self._iface_stats.items():
-            stats = {cls: sum(v.responses[i] for v in per_cpu)
-                     for i, cls in enumerate(STATUS_CLASSES)}
-            stats["mirrored_packets"] = sum(v.mirrored_packets for v in per_cpu)
-            stats["mirrored_bytes"] = sum(v.mirrored_bytes for v in per_cpu)
-            out[(k.ifindex, DIRECTIONS[k.direction])] = stats
+        """Per-interface, per-direction statistics summed over CPUs, keyed by
+        (ifindex, direction); only interfaces that saw a response or a mirrored packet."""
+        out: dict[tuple[int, str], dict] = {}
+        ncpu = possible_cpus()
+        for keys, values, count in batch_lookup(self._iface_stats.map_fd, 4, IFACE_STATS_SIZE):
+            for i in range(count):
+                slot = int.from_bytes(keys[i * 4:i * 4 + 4], "little")
+                for c in range(ncpu):
+                    v = _IFACE_STATS.unpack_from(values, (i * ncpu + c) * IFACE_STATS_SIZE)
+                    if not v[8]:
+                        continue        # this CPU's copy of the slot is unused
+                    stats = out.setdefault((v[8], DIRECTIONS[slot & 1]), {
+                        **{cls: 0 for cls in STATUS_CLASSES},
+                        "mirrored_packets": 0, "mirrored_bytes": 0})
+                    for j, cls in enumerate(STATUS_CLASSES):
+                        stats[cls] += v[j]
+                    stats["mirrored_packets"] += v[6]
+                    stats["mirrored_bytes"] += v[7]
         return out
 
     def forget_iface(self, ifindex: int) -> None:
+        """Frees the interface's statistics slots (on the CPUs where it owns them)."""
         for direction in range(len(DIRECTIONS)):
-            key = self._iface_stats.Key(ifindex, direction)
-            try:
-                del self._iface_stats[key]
-            except KeyError:
-                pass
+            key = self._iface_stats.Key((ifindex % IFACE_SLOTS) * 2 + direction)
+            per_cpu = self._iface_stats[key]
+            for v in per_cpu:
+                if v.ifindex == ifindex:
+                    ctypes.memset(ctypes.addressof(v), 0, ctypes.sizeof(v))
+            self._iface_stats[key] = per_cpu
 
     def test_run(self, direction: str, frame: bytes, repeat: int = 1) -> TestRun:
         return test_run(self.fd(direction), frame, repeat)

@@ -210,6 +210,7 @@ class Controller:
                  "%.0f MiB locked for %d possible CPUs)", time.monotonic() - t0,
                  self.opts.max_flows, mib, possible_cpus())
         self.classifier.set_trigger(self.codes)
+        self._warn_shared_stats_slots(indexes)
         self._ctl_lock = state.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
         self._prune_records()
@@ -226,6 +227,18 @@ class Controller:
         log.info("mirroring HTTP %s responses on %s (%s hook) to %s",
                  describe(self.codes), ", ".join(self.attached), self.opts.hook,
                  self.debug.name)
+
+    @staticmethod
+    def _warn_shared_stats_slots(indexes: dict[str, int]) -> None:
+        from .bpfprog import IFACE_SLOTS
+        slots: dict[int, list[str]] = {}
+        for name, idx in indexes.items():
+            slots.setdefault(idx % IFACE_SLOTS, []).append(name)
+        for names in slots.values():
+            if len(names) > 1:
+                log.warning("%s share a per-interface statistics slot (ifindex modulo %d): "
+                            "on each CPU only the first to answer gets per-interface counts; "
+                            "mirroring is not affected", " and ".join(names), IFACE_SLOTS)
 
     def _prune_records(self) -> None:
         """Drops records of interfaces that no longer exist and whose owner is gone."""

@@ -22,6 +22,9 @@ _SIMPLE = {
     "clone_failures": ("mirror_clone_failures",
                        "bpf_clone_redirect() failures (originals unaffected)"),
     "no_debug_if": ("mirror_no_debug_iface", "Packets not mirrored: no debug interface set"),
+    "iface_slot_taken": ("mirror_iface_stats_slot_taken",
+                         "Responses/mirrored packets missing from per-interface stats: "
+                         "their slot belongs to another interface"),
 }
 
 
