@@ -111,9 +111,8 @@ class Mirror(Config):
         if self.thread:
             self.thread.join(10)
         try:
-            self.ctl.shutdown()
+            self.ctl.close()
         finally:
-            self.ctl.ipr.close()
             self.ctl = self.thread = None
 
     def prog_fds(self) -> dict[str, int]:

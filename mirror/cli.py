@@ -164,7 +164,7 @@ def cmd_run(args) -> int:
         print(f"mirror: ready, pid {os.getpid()}", flush=True)
         ctl.run()
     finally:
-        ctl.shutdown()
+        ctl.close()
         if server:
             server[0].shutdown()
     log.info("stopped")

@@ -467,6 +467,13 @@ class Controller:
         if self._ctl_lock:
             self._ctl_lock.release()
 
+    def close(self) -> None:
+        """shutdown(), then releases the netlink socket; the controller is done."""
+        self.shutdown()
+        if self.ipr is not None:
+            self.ipr.close()
+            self.ipr = None
+
     def _detach(self, att: Attached) -> None:
         for fd in att.links.values():
             os.close(fd)                # releases the tcx link: detached

@@ -124,7 +124,7 @@ def cmd_lab(args) -> int:
             ctl.stop_event.set()
             if runner:
                 runner.join()       # it shares the controller's netlink socket
-            ctl.shutdown()
+            ctl.close()
         if nginx:
             nginx.stop()
         host.destroy()
