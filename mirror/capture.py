@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import positive_seconds
 from .errors import UsageError
 
 log = logging.getLogger("mirror")
@@ -82,16 +83,6 @@ def _count(minimum: int):
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("capture", help="record the debug interface into a ring of pcaps "
                        "and index the error flows (the capture sidecar)",
@@ -116,7 +107,7 @@ def add_parser(sub) -> None:
                    default=_env("MIRROR_CAPTURE_BUFFER_KIB", "4096"),
                    help="kernel capture buffer (tcpdump -B); a larger one rides out "
                    "bursts without drops (default %(default)s)")
-    p.add_argument("--flow-idle", type=_seconds, metavar="SECONDS",
+    p.add_argument("--flow-idle", type=positive_seconds, metavar="SECONDS",
                    default=_env("MIRROR_CAPTURE_FLOW_IDLE", "60"),
                    help="index a flow not closed by FIN or RST once nothing new of it has "
                    "been read for this long (default %(default)s)")

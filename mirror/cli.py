@@ -48,7 +48,8 @@ def _env(name: str, default=None):
     return value if value not in (None, "") else default
 
 
-def _positive_float(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
     try:
         value = float(text)
     except ValueError:
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "ingress qdisc + htb root qdisc, the original design's layout; tcx "
                      "(Linux 6.6+): BPF links, no qdisc at all, released when the controller "
                      "exits, so attaching and detaching never disturbs the device's queues")
-    run.add_argument("--idle-timeout", type=_positive_float, metavar="SECONDS",
+    run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=_env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)g)")
     run.add_argument("--max-flows", type=_int, default=_env("MIRROR_MAX_FLOWS", "65536"),
