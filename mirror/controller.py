@@ -241,7 +241,9 @@ class Controller:
                             "mirroring is not affected", " and ".join(names), IFACE_SLOTS)
 
     def _prune_records(self) -> None:
-        """Drops records of interfaces that no longer exist and whose owner is gone."""
+        """Drops what stopped controllers left in the state directory that no longer
+        describes anything: records of interfaces that are gone, records of dead
+        controllers, and unheld lock files of those (so /run does not fill up)."""
         for rec in state.records("iface"):
             if (self._ifname_of(rec["ifindex"]) is None and
                     not state.is_held(state.iface_lock_name(rec["ifindex"]))):
@@ -250,6 +252,19 @@ class Controller:
             if self._ifname_of(rec["ifindex"]) is None and not state.is_held(
                     f"debug-{rec['name']}"):
                 state.remove("debug", rec["name"])
+        for rec in state.records("controller"):
+            if rec.get("id") != self.id and not state.is_held(f"controller-{rec.get('id')}"):
+                state.remove("controller", str(rec.get("id")))
+        for path in state.netns_dir().glob("*.lock"):
+            name = path.name[:-len(".lock")]
+            if name.startswith("iface-if"):
+                gone = self._ifname_of(int(name[len("iface-if"):])) is None
+            elif name.startswith("debug-"):
+                gone = debugif.lookup(self.ipr, name[len("debug-"):]) is None
+            else:
+                gone = name.startswith("controller-") and name != f"controller-{self.id}"
+            if gone:
+                state.remove_if_free(name)
 
     def _default_classifier(self):
         from .bpfprog import Classifier
@@ -465,7 +480,9 @@ class Controller:
             self.debug = None
         state.remove("controller", self.id)
         if self._ctl_lock:
+            self._ctl_lock.path.unlink(missing_ok=True)     # unique to this process
             self._ctl_lock.release()
+            self._ctl_lock = None
 
     def close(self) -> None:
         """shutdown(), then releases the netlink socket; the controller is done."""

@@ -121,12 +121,32 @@ class Lock:
 
 
 def is_held(name: str) -> bool:
-    """True when a live process holds the lock (probes by trying to take it)."""
-    lock = Lock(name)
-    if lock.acquire():
-        lock.release()
+    """True when a live process holds the lock (probes by trying to take it; never
+    creates the lock file)."""
+    try:
+        fd = os.open(netns_dir() / f"{name}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_if_free(name: str) -> bool:
+    """Deletes a lock file nobody holds (so /run does not fill with the names of
+    interfaces long gone); True if it was removed."""
+    lock = Lock(name)
+    if not lock.path.exists() or not lock.acquire():
+        return False
+    try:
+        lock.path.unlink()
+        return True
+    finally:
+        lock.release()
 
 
 def iface_lock_name(ifindex: int) -> str:

@@ -418,3 +418,37 @@ int pass_all(struct __sk_buff *skb) { return TC_ACT_OK; }
     finally:
         for fd in links:
             os.close(fd)
+
+
+def test_state_of_gone_interfaces_and_dead_controllers_is_pruned(state_dir):
+    """A controller killed on an interface that then disappears leaves records and lock
+    files; the next controller start removes them (the state directory stays bounded)."""
+    from mirror.netns import Host
+    a, b = Host.create(), Host.create()
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    try:
+        dbg = debug_name()
+        m = MirrorProcess("--iface", a.host_if, "--debug-iface", dbg, env=env).start()
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        a.destroy()
+        with IPRoute() as ipr:
+            ipr.link("del", ifname=dbg)
+        left = sorted(p.name for p in state_dir.rglob("*") if p.is_file())
+        assert any(n.startswith("iface-if") for n in left)
+        assert any(n.startswith("controller-") for n in left)
+        m2 = MirrorProcess("--iface", b.host_if, "--debug-iface", debug_name(), env=env).start()
+        try:
+            now = sorted(p.name for p in state_dir.rglob("*") if p.is_file())
+            ifindex_b = int(open(f"/sys/class/net/{b.host_if}/ifindex").read())
+            assert {n for n in now if n.startswith("iface-")} == {
+                f"iface-if{ifindex_b}.json", f"iface-if{ifindex_b}.lock"}
+            assert len([n for n in now if n.startswith("controller-")]) == 2   # .json, .lock
+            assert not any(dbg in n for n in now)
+        finally:
+            assert m2.stop() == 0, m2.output
+        assert not any(p.name.startswith("controller-")
+                       for p in state_dir.rglob("*") if p.is_file())
+    finally:
+        a.destroy()
+        b.destroy()
