@@ -118,3 +118,11 @@ def controller_ask(state_dir, what: str = "counters"):
             del os.environ["MIRROR_STATE_DIR"]
         else:
             os.environ["MIRROR_STATE_DIR"] = old
+
+
+def drop_link(name: str) -> None:
+    """Deletes a link a test may have left (a killed controller's debug interface)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=name):
+            ipr.link("del", ifname=name)

@@ -10,7 +10,7 @@ import time
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import MirrorProcess, controller_ask, env_with, run_cli
+from helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
 from mirror.flowkey import FlowKey
 from mirror.lab import send
 from mirror.netns import Host, unique_name
@@ -136,9 +136,7 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
         assert out.returncode == 0, out.stderr
     finally:
         server.kill()
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=dbg):
-                ipr.link("del", ifname=dbg)
+        drop_link(dbg)
     _no_loss(stdout)
 
 
@@ -167,7 +165,5 @@ def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
         assert tcx.links(idx) == []     # the kernel released the killed one's links
     finally:
         server.kill()
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=dbg):
-                ipr.link("del", ifname=dbg)
+        drop_link(dbg)
     _no_loss(stdout)

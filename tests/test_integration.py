@@ -59,6 +59,16 @@ def addresses(host, family):
     return (host.ns_v4, host.host_v4) if family == 4 else (host.ns_v6, host.host_v6)
 
 
+def error_connection(host):
+    """An open keep-alive IPv4 connection whose first response was a 500."""
+    import http.client
+    conn = http.client.HTTPConnection(host.ns_v4, 80, timeout=10,
+                                      source_address=(host.host_v4, 0))
+    conn.request("GET", "/error")
+    conn.getresponse().read()
+    return conn
+
+
 def connect(host, family, paths):
     server, source = addresses(host, family)
     tuple5, statuses = send(server, source, paths)
@@ -146,10 +156,7 @@ def test_idle_flow_expires_and_stops_mirroring(host, nginx, tmp_path):
     from helpers import run_cli
     import json
     with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "1")) as s:
-        conn = http.client.HTTPConnection(host.ns_v4, 80, timeout=10,
-                                          source_address=(host.host_v4, 0))
-        conn.request("GET", "/error")
-        conn.getresponse().read()
+        conn = error_connection(host)
         env = env_with(MIRROR_STATE_DIR=tmp_path / "state")
         assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 1
         deadline = time.monotonic() + 30
@@ -207,10 +214,7 @@ def test_active_flow_never_expires(host, nginx, tmp_path):
     from helpers import run_cli
     import json
     with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "1")) as s:
-        conn = http.client.HTTPConnection(host.ns_v4, 80, timeout=10,
-                                          source_address=(host.host_v4, 0))
-        conn.request("GET", "/error")
-        conn.getresponse().read()
+        conn = error_connection(host)
         env = env_with(MIRROR_STATE_DIR=tmp_path / "state")
         for _ in range(13):
             time.sleep(0.3)
