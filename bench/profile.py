@@ -4,7 +4,7 @@ Two views of the classifier on crafted IPv4 frames, both through BPF_PROG_TEST_R
 one pinned CPU, next to the thesis reproduction:
 
   ablation  copies of bpf/mirror.c compiled with one piece of work taken out (counters,
-            clock reads, per-interface stats) by macros placed before classify(); the
+            clock reads, per-interface stats) by macros placed before the parse; the
             difference from the unchanged program is what that piece costs. A variant
             whose anchor text is no longer in the source is reported as skipped.
   perf      (when `perf` is installed) kernel symbols sampled while one frame class runs
@@ -29,7 +29,7 @@ from mirror.bpfprog import bpf_dir, test_run
 
 from . import frames as fr
 
-ANCHOR = "static __always_inline int classify("
+ANCHOR = "#include \"parse.h\""      # before the parse and the decision
 VARIANTS = {
     "as built": "",
     "no counters": "#define count(idx, n) ((void)0)\n",
@@ -77,7 +77,7 @@ GROUPS = (
 
 
 class Variant:
-    """A copy of the classifier compiled with `extra` inserted before classify(), with the
+    """A copy of the classifier compiled with `extra` inserted before the parse, with the
     little of mirror.bpfprog.Classifier the measurements need."""
 
     def __init__(self, extra: str):

@@ -10,15 +10,13 @@
  * an LRU per-CPU hash; that packet and every later packet of the connection, both
  * directions, is cloned to the debug interface.
  *
- * Compiled by bcc; MAX_FLOWS and MAX_IFACES come from the loader's cflags.
+ * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (the status line).
+ * This file holds the maps, the counters and the decision: mark, mirror, pass.
+ *
+ * Compiled by bcc; MAX_FLOWS comes from the loader's cflags.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/ipv6.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/tcp.h>
 
 #include "mirror.h"
 
@@ -37,17 +35,6 @@ BPF_ARRAY(config, struct mirror_config, 1);
 BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
-
-struct vlan_tag {
-    __be16 tci;
-    __be16 proto;
-};
-
-struct ipv6_opt_hdr_min {
-    __u8 nexthdr;
-    __u8 hdrlen;        /* in 8-byte units, not counting the first 8 bytes */
-    __be16 frag_off;    /* fragment header only: offset (13 bits) and flags */
-};
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -83,55 +70,8 @@ static __always_inline int maybe_marked(void)
     return *(volatile __u64 *)made != *(volatile __u64 *)cleared;
 }
 
-/* Orders two endpoints: lexicographic on the address bytes, then the port. */
-static __always_inline int endpoint_less(const __u32 *a, __u16 pa, const __u32 *b, __u16 pb,
-                                         int words)
-{
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (i >= words)
-            break;
-        __u32 x = bpf_ntohl(a[i]), y = bpf_ntohl(b[i]);
-        if (x != y)
-            return x < y;
-    }
-    return bpf_ntohs(pa) < bpf_ntohs(pb);
-}
-
-static __always_inline void set_key(struct flow_key *key, const __u32 *src, __u16 sport,
-                                    const __u32 *dst, __u16 dport, int words)
-{
-    int src_low = endpoint_less(src, sport, dst, dport, words);
-    const __u32 *lo = src_low ? src : dst;
-    const __u32 *hi = src_low ? dst : src;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if (i >= words)
-            break;
-        key->addr_lo[i] = lo[i];
-        key->addr_hi[i] = hi[i];
-    }
-    key->port_lo = src_low ? sport : dport;
-    key->port_hi = src_low ? dport : sport;
-}
-
-/* Returns the status code (0-999) of an HTTP/1.0 or HTTP/1.1 status line at the start
- * of the payload, or -1 when there is none. The line must read "HTTP/1.x NNN" followed
- * by a space (or a CR when the reason phrase is absent). */
-static __always_inline int read_status(struct __sk_buff *skb, __u32 payload_off)
-{
-    char b[STATUS_LINE_LEN];
-    if (bpf_skb_load_bytes(skb, payload_off, b, sizeof(b)) < 0)
-        return -1;
-    if (b[0] != 'H' || b[1] != 'T' || b[2] != 'T' || b[3] != 'P' || b[4] != '/' ||
-        b[5] != '1' || b[6] != '.' || (b[7] != '0' && b[7] != '1') || b[8] != ' ')
-        return -1;
-    if (b[9] < '0' || b[9] > '9' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9')
-        return -1;
-    if (b[12] != ' ' && b[12] != '\r')
-        return -1;
-    return (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
-}
+#include "parse.h"
+#include "http1.h"
 
 /* Clones the packet to the debug interface. `st` is the interface's stats when the
  * caller already looked them up; the lookup is done here otherwise (cheap next to the
@@ -165,104 +105,22 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
 
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct flow_key key = {};
-    __u32 off = sizeof(struct ethhdr);
-    __u32 l4, payload_end;
-    __u16 proto;
+    struct tcp_segment seg = {};
 
     count(C_PACKETS, 1);
-
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        goto malformed;
-    proto = eth->h_proto;
-    if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
-        struct vlan_tag *tag = data + off;
-        if ((void *)(tag + 1) > data_end)
-            goto malformed;
-        proto = tag->proto;
-        off += sizeof(*tag);
+    switch (parse_tcp_segment(skb, &seg)) {
+    case PARSED_TCP:
+        break;
+    case PARSE_OTHER:
+        count(C_OTHER, 1);
+        return PASS;
+    case PARSE_NONLINEAR:
+        count(C_NONLINEAR, 1);
+        return PASS;
+    default:
+        count(C_MALFORMED, 1);
+        return PASS;
     }
-
-    if (proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = data + off;
-        if ((void *)(ip + 1) > data_end)
-            goto truncated;
-        count(C_IPV4, 1);
-        __u32 ihl = ip->ihl * 4;
-        __u32 tot_len = bpf_ntohs(ip->tot_len);
-        if (ip->version != 4 || ihl < sizeof(*ip))
-            goto malformed;
-        if (ip->frag_off & bpf_htons(0x1fff) || ip->protocol != IPPROTO_TCP)
-            goto other;
-        /* tot_len 0 happens for BIG TCP super-packets: trust skb->len then. */
-        if (tot_len) {
-            if (tot_len < ihl)
-                goto malformed;
-            payload_end = off + tot_len;
-        } else {
-            payload_end = skb->len;
-        }
-        key.family = 4;
-        l4 = off + ihl;
-        struct tcphdr *tcp = data + l4;
-        if ((void *)(tcp + 1) > data_end)
-            goto truncated;
-        set_key(&key, &ip->saddr, tcp->source, &ip->daddr, tcp->dest, 1);
-    } else if (proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6 = data + off;
-        if ((void *)(ip6 + 1) > data_end)
-            goto truncated;
-        count(C_IPV6, 1);
-        if (ip6->version != 6)
-            goto malformed;
-        __u32 plen = bpf_ntohs(ip6->payload_len);
-        __u8 nexthdr = ip6->nexthdr;
-        payload_end = plen ? off + sizeof(*ip6) + plen : skb->len;
-        l4 = off + sizeof(*ip6);
-#pragma unroll
-        for (int i = 0; i < MAX_IPV6_EXT_HDRS; i++) {
-            if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
-                nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_FRAGMENT)
-                break;
-            struct ipv6_opt_hdr_min *eh = data + l4;
-            if ((void *)(eh + 1) > data_end)
-                goto truncated;
-            if (nexthdr == IPPROTO_FRAGMENT) {
-                if (eh->frag_off & bpf_htons(0xfff8))
-                    goto other;    /* not the first fragment: no TCP header here */
-                l4 += 8;
-            } else {
-                l4 += (eh->hdrlen + 1) * 8;
-            }
-            nexthdr = eh->nexthdr;
-        }
-        if (nexthdr != IPPROTO_TCP)
-            goto other;
-        key.family = 6;
-        struct tcphdr *tcp = data + l4;
-        if ((void *)(tcp + 1) > data_end)
-            goto truncated;
-        set_key(&key, ip6->saddr.in6_u.u6_addr32, tcp->source,
-                ip6->daddr.in6_u.u6_addr32, tcp->dest, 4);
-    } else {
-        goto other;
-    }
-
-    /* l4 points at a TCP header whose fixed part is in the linear data. */
-    struct tcphdr *tcp = data + l4;
-    if ((void *)(tcp + 1) > data_end)
-        goto truncated;
-    __u32 doff = tcp->doff * 4;
-    if (doff < sizeof(*tcp))
-        goto malformed;
-    __u32 payload_off = l4 + doff;
-    if (payload_end > skb->len)
-        payload_end = skb->len;
-    if (payload_off > payload_end)
-        goto malformed;
     count(C_TCP, 1);
 
     /* The hot path: every TCP segment pays this one lookup (normalised key, so one
@@ -272,7 +130,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     __u64 now = 0;
     struct flow_value *fv = 0;
     if (maybe_marked())
-        fv = flows.lookup(&key);
+        fv = flows.lookup(&seg.key);
     if (fv) {
         now = bpf_ktime_get_coarse_ns();
         fv->packets++;
@@ -284,8 +142,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     }
 
     int code = -1;
-    if (payload_end - payload_off >= STATUS_LINE_LEN)
-        code = read_status(skb, payload_off);
+    if (seg.payload_end - seg.payload_off >= STATUS_LINE_LEN)
+        code = http1_status(skb, seg.payload_off);
     if (code < 0) {
         if (fv)
             mirror_packet(skb, 0, direction);
@@ -313,7 +171,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
                 .packets = 1, .bytes = skb->len, .first_ns = now, .last_ns = now,
                 .ifindex = skb->ifindex, .status = status,
             };
-            flows.update(&key, &nv);
+            flows.update(&seg.key, &nv);
             count(C_FLOWS_MARKED, 1);
             /* After the insert: see enum marks_index for why the order matters. */
             __u32 made = MARKS_MADE;
@@ -325,20 +183,6 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     } else if (fv) {
         mirror_packet(skb, st, direction);
     }
-    return PASS;
-
-truncated:
-    /* Headers that the skb holds but not in its linear part are skipped, not pulled:
-     * pulling could reallocate the production skb. */
-    if (data_end - data < skb->len) {
-        count(C_NONLINEAR, 1);
-        return PASS;
-    }
-malformed:
-    count(C_MALFORMED, 1);
-    return PASS;
-other:
-    count(C_OTHER, 1);
     return PASS;
 }
 

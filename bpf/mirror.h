@@ -1,4 +1,5 @@
-/* Structures shared by the classifier (bpf/mirror.c) and user space (mirror/bpfprog.py).
+/* Structures shared by the classifier (bpf/mirror.c and the parse headers it includes)
+ * and user space (mirror/bpfprog.py).
  * Any change here must be mirrored in the ctypes layouts of mirror/bpfprog.py. */
 #ifndef MIRROR_H
 #define MIRROR_H
