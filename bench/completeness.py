@@ -22,7 +22,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from mirror.pcap import Tcpdump, read_packets
+from mirror.capture.pcap import read_packets
+from mirror.capture.tcpdump import Tcpdump
 
 from .lab import link_stats
 

@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 
 from mirror import debugif, tc
 from mirror.controller import Controller, Options
-from mirror.netns import unique_name
+from mirror.lab.netns import unique_name
 
 THESIS_HANDLE = 1           # the thesis's handle ':1'
 THESIS_PRIO = 1

@@ -21,8 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from mirror.netns import Host
-from mirror.nginx import Nginx
+from mirror.lab.netns import Host
+from mirror.lab.nginx import Nginx
 
 CLIENT_CPU = 0
 SERVER_CPU = 1

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mirror.bpfprog import test_run
+from mirror.bpfsys import test_run
 from mirror.flowkey import FlowKey
 
 from . import frames as fr

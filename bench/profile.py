@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.bpfprog import bpf_dir, test_run
+from mirror.bpfprog import bpf_dir
 
 from . import frames as fr
 
@@ -151,7 +151,8 @@ def ablation(rounds: int, repeat: int) -> tuple[dict, list[str]]:
 LOOP = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from mirror.bpfprog import Classifier, test_run
+from mirror.bpfprog import Classifier
+from mirror.bpfsys import test_run
 from bench import frames as fr
 from bench.progs import ThesisProgram
 which, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -166,7 +167,7 @@ if which.startswith("mirror"):
         from pyroute2 import IPRoute
         from mirror import debugif
         from mirror.bpfprog import Sink
-        from mirror.netns import unique_name
+        from mirror.lab.netns import unique_name
         sink, ipr = Sink(), IPRoute()
         dbg = debugif.ensure(ipr, unique_name("d"), lambda: sink.fd)
         clf.set_debug_ifindex(dbg.ifindex)

@@ -8,17 +8,13 @@ is open and turns it off when the fd closes, even if the bench is killed, so the
 is always left as it was."""
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BENCH_BPF_DIR = Path(__file__).resolve().parent / "bpf"
+from mirror import bpfsys
 
-_SYS_BPF = 321              # x86_64
-_BPF_ENABLE_STATS = 32
-_BPF_STATS_RUN_TIME = 0
-_libc = ctypes.CDLL(None, use_errno=True)
+BENCH_BPF_DIR = Path(__file__).resolve().parent / "bpf"
 
 
 class ThesisProgram:
@@ -89,12 +85,7 @@ class EnabledStats:
         self.fd = -1
 
     def __enter__(self) -> "EnabledStats":
-        attr = ctypes.c_uint32(_BPF_STATS_RUN_TIME)
-        fd = _libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, ctypes.byref(attr), 4)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
-        self.fd = fd
+        self.fd = bpfsys.enable_stats()
         return self
 
     def __exit__(self, *exc) -> None:

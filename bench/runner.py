@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from mirror.netns import cleanup_stale
+from mirror.lab.netns import cleanup_stale
 
 from . import microbench, workloads
 from .completeness import Watch
@@ -302,7 +302,7 @@ def microbench_pass(shared, st: Settings, progress: Progress) -> list[dict]:
     from pyroute2 import IPRoute
 
     from mirror import debugif
-    from mirror.netns import unique_name
+    from mirror.lab.netns import unique_name
     clf = shared.classifier
     clf.clear()
     clf.set_trigger(frozenset(range(500, 600)))

@@ -5,14 +5,14 @@ Everything here is the user-space half of the contract in bpf/mirror.h."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
+from . import bpfsys
+from .bpfsys import TestRun, batch_lookup, possible_cpus, test_run
 from .errors import UsageError
 from .flowkey import FlowKey
 
@@ -63,112 +63,12 @@ def check_environment() -> None:
         raise UsageError(f"classifier source not found in {bpf_dir()}; set MIRROR_BPF_DIR")
 
 
-class _TestRunAttr(ctypes.Structure):
-    """The prog test-run part of union bpf_attr (include/uapi/linux/bpf.h)."""
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-    ]
-
-
-_SYS_BPF = 321  # x86_64
-_BPF_PROG_TEST_RUN = 10
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 FLOW_KEY_SIZE = 40     # struct flow_key
 FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
 _FLOW_VALUE = struct.Struct("=QQQQIH2x")
 IFACE_SLOTS = 1024      # bpf/mirror.h
 IFACE_STATS_SIZE = 72   # struct iface_stats
 _IFACE_STATS = struct.Struct("=8QI4x")
-_BPF_MAP_UPDATE_ELEM = 2
-_BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
-_BPF_MAP_LOOKUP_BATCH = 24
-_BPF_NOEXIST = 1
-_BATCH = 4096
-
-
-class _ElemAttr(ctypes.Structure):
-    """The element part of union bpf_attr."""
-    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
-                ("flags", ctypes.c_uint64)]
-
-
-class _BatchAttr(ctypes.Structure):
-    """The batch part of union bpf_attr."""
-    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
-                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
-                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
-                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-def possible_cpus() -> int:
-    """How many value slots a per-CPU map has: one per possible CPU."""
-    count = 0
-    for part in open("/sys/devices/system/cpu/possible").read().strip().split(","):
-        lo, _, hi = part.partition("-")
-        count += int(hi or lo) - int(lo) + 1
-    return count
-
-
-def batch_lookup(map_fd: int, key_size: int, value_size: int):
-    """Yields the entries of a per-CPU hash map a batch at a time, as (keys, values,
-    count): `keys` holds `count` keys of key_size bytes back to back, `values` for each
-    key one value_size slot per possible CPU. One BPF_MAP_LOOKUP_BATCH syscall reads 4096
-    entries: a full 65536-flow map reads in tens of ms, where bcc's per-key iteration
-    takes seconds."""
-    ncpu = possible_cpus()
-    keys = ctypes.create_string_buffer(key_size * _BATCH)
-    values = ctypes.create_string_buffer(value_size * ncpu * _BATCH)
-    token = ctypes.create_string_buffer(key_size)       # opaque batch position
-    first = True
-    while True:
-        attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token),
-                          out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
-                          values=ctypes.addressof(values), count=_BATCH, map_fd=map_fd)
-        ret = _libc.syscall(_SYS_BPF, _BPF_MAP_LOOKUP_BATCH, ctypes.byref(attr),
-                            ctypes.sizeof(attr))
-        err = ctypes.get_errno() if ret < 0 else 0
-        if ret < 0 and err != errno.ENOENT:
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        if attr.count:
-            yield keys.raw, values.raw, attr.count
-        if err == errno.ENOENT:
-            return
-        first = False
-
-
-@dataclass
-class TestRun:
-    retval: int         # as the signed int a tc program returns
-    duration_ns: int    # kernel-timed mean per repetition
-    data_out: bytes
-
-
-def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
-    """Runs a loaded sched_cls program on one frame with BPF_PROG_TEST_RUN, on the CPU
-    the calling thread is on."""
-    if len(frame) < 14:
-        raise ValueError("BPF_PROG_TEST_RUN needs a full Ethernet header (14 bytes)")
-    data_in = ctypes.create_string_buffer(bytes(frame), len(frame))
-    data_out = ctypes.create_string_buffer(len(frame) + 256)
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
-                        data_size_out=ctypes.sizeof(data_out),
-                        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
-                        repeat=repeat)
-    if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    retval = ctypes.c_int32(attr.retval).value
-    return TestRun(retval, attr.duration, data_out.raw[:attr.data_size_out])
 
 
 class Classifier:
@@ -306,19 +206,14 @@ class Classifier:
         so a packet that refreshed the flow since the scan is seen: the flow is then put
         back as it was (BPF_NOEXIST: unless the classifier re-marked it meanwhile)."""
         ncpu = possible_cpus()
-        kbuf = ctypes.create_string_buffer(key, FLOW_KEY_SIZE)
-        vbuf = ctypes.create_string_buffer(FLOW_VALUE_SIZE * ncpu)
-        attr = _ElemAttr(map_fd=self._flows.map_fd, key=ctypes.addressof(kbuf),
-                         value=ctypes.addressof(vbuf))
-        if _libc.syscall(_SYS_BPF, _BPF_MAP_LOOKUP_AND_DELETE_ELEM, ctypes.byref(attr),
-                         ctypes.sizeof(attr)) < 0:
+        value = bpfsys.lookup_and_delete(self._flows.map_fd, key, FLOW_VALUE_SIZE * ncpu)
+        if value is None:
             return 0            # gone already (evicted, or expired by someone else)
-        u64 = memoryview(vbuf.raw).cast("Q")
+        u64 = memoryview(value).cast("Q")
         last = max(u64[3 + c * FLOW_VALUE_SIZE // 8] for c in range(ncpu))
         if not last or now_ns - last > idle_ns:
             return 1
-        attr.flags = _BPF_NOEXIST
-        _libc.syscall(_SYS_BPF, _BPF_MAP_UPDATE_ELEM, ctypes.byref(attr), ctypes.sizeof(attr))
+        bpfsys.update(self._flows.map_fd, key, value, bpfsys.BPF_NOEXIST)
         return 0
 
     def iface_stats(self) -> dict[tuple[int, str], dict]:

@@ -11,6 +11,7 @@ import sys
 from . import __version__
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .cliutil import count, env, positive_seconds, serve_metrics
 from .errors import UsageError
 
 log = logging.getLogger("mirror")
@@ -43,29 +44,6 @@ to a debug interface, where tcpdump or Wireshark can record it. All other traffi
 untouched."""
 
 
-def _env(name: str, default=None):
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirror", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,30 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
                          "of each --iface, and mirror error connections to --debug-iface until "
                          "SIGINT or SIGTERM.", epilog=EPILOG_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    env_ifaces = [i for i in _env("MIRROR_IFACE", "").replace(" ", ",").split(",") if i]
+    env_ifaces = [i for i in env("MIRROR_IFACE", "").replace(" ", ",").split(",") if i]
     run.add_argument("--iface", action="append", metavar="IF",
                      help="interface to monitor (repeatable; env MIRROR_IFACE)")
-    run.add_argument("--debug-iface", default=_env("MIRROR_DEBUG_IFACE", "mirror0"),
+    run.add_argument("--debug-iface", default=env("MIRROR_DEBUG_IFACE", "mirror0"),
                      metavar="NAME", help="where clones go; created if missing and removed "
                      "at exit only if created here (default %(default)s)")
-    run.add_argument("--trigger", default=_env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
+    run.add_argument("--trigger", default=env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
                      help="status codes that mark a connection: codes, ranges, classes, "
                      "e.g. 5xx, 500-504, 429,5xx, or none (default %(default)s)")
     run.add_argument("--hook", choices=["clsact", "htb", "tcx"],
-                     default=_env("MIRROR_HOOK", "clsact"),
+                     default=env("MIRROR_HOOK", "clsact"),
                      help="clsact: lockless, leaves the root qdisc alone (default); htb: "
                      "ingress qdisc + htb root qdisc, the original design's layout; tcx "
                      "(Linux 6.6+): BPF links, no qdisc at all, released when the controller "
                      "exits, so attaching and detaching never disturbs the device's queues")
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
-                     default=_env("MIRROR_IDLE_TIMEOUT", "30"),
+                     default=env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)g)")
-    run.add_argument("--max-flows", type=_int, default=_env("MIRROR_MAX_FLOWS", "65536"),
+    run.add_argument("--max-flows", type=count(), default=env("MIRROR_MAX_FLOWS", "65536"),
                      metavar="N", help="flow map size; the least recently used flow is evicted "
                      "beyond it (default %(default)s)")
-    run.add_argument("--metrics-addr", default=_env("MIRROR_METRICS_ADDR"), metavar="HOST:PORT",
+    run.add_argument("--metrics-addr", default=env("MIRROR_METRICS_ADDR"), metavar="HOST:PORT",
                      help="serve Prometheus metrics here (default: off)")
-    run.add_argument("--config", default=_env("MIRROR_CONFIG"), metavar="FILE",
+    run.add_argument("--config", default=env("MIRROR_CONFIG"), metavar="FILE",
                      help="file with 'trigger = SPEC' and/or 'idle_timeout = SECONDS' lines, "
                      "applied at start (over the flags) and re-read on SIGHUP")
     run.set_defaults(func=cmd_run, env_ifaces=env_ifaces)
@@ -121,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--iface", action="append", required=True, metavar="IF")
     de.set_defaults(func=cmd_detach)
 
-    from .lab import add_parser as add_lab
+    from .lab.demo import add_parser as add_lab
     add_lab(sub)
-    from .capture import add_parser as add_capture
+    from .capture.command import add_parser as add_capture
     add_capture(sub)
     return p
 
@@ -135,7 +113,8 @@ def _require_root() -> None:
 
 
 def cmd_run(args) -> int:
-    from .controller import Controller, Options, read_config
+    from .config import read_config
+    from .controller import Controller, Options
     opts = Options(ifaces=args.iface or args.env_ifaces, debug_iface=args.debug_iface,
                    trigger=args.trigger, hook=args.hook, idle_timeout=args.idle_timeout,
                    max_flows=args.max_flows, metrics_addr=args.metrics_addr,
@@ -149,8 +128,8 @@ def cmd_run(args) -> int:
     indexes = ctl.preflight()
     server = None
     if opts.metrics_addr:
-        from .metrics import serve
-        server = serve(ctl, opts.metrics_addr)
+        from .metrics import MapCollector
+        server = serve_metrics(MapCollector(ctl), opts.metrics_addr)
 
     def on_stop(signum, frame):
         ctl.stop_event.set()

@@ -1,15 +1,11 @@
 """Lifecycle of one mirror: compile, attach, keep fed (sweep idle flows, watch
 interfaces), reload, detach. The only module that changes kernel state; everything it
-adds is recorded (mirror.state) before or as it is added, so it can be rolled back."""
+adds is recorded (mirror.ownership) before or as it is added, so it can be rolled back."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import socket
-import socketserver
-import struct
 import threading
 import time
 import uuid
@@ -18,8 +14,10 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import debugif, state, tc, tcx
+from . import control, debugif, ownership, tc, tcx
+from .config import read_config
 from .errors import UsageError
+from .ownership import detach_record, detach_unrecorded
 from .trigger import describe, parse_trigger
 
 log = logging.getLogger("mirror")
@@ -46,73 +44,17 @@ class Attached:
     hook: str
     parents: dict[str, int]
     created: list[str] = field(default_factory=list)
-    lock: state.Lock | None = None
+    lock: ownership.Lock | None = None
     links: dict[str, int] = field(default_factory=dict)     # tcx: direction -> link fd
 
     @property
     def key(self) -> str:
-        return state.iface_key(self.ifindex)
+        return ownership.iface_key(self.ifindex)
 
     def record(self) -> dict:
         return {"ifname": self.ifname, "ifindex": self.ifindex, "hook": self.hook,
                 "parents": self.parents, "created": self.created, "pid": os.getpid(),
                 "started": time.time()}
-
-
-def read_config(path: str) -> dict:
-    """The reloadable settings file: `key = value` lines (trigger, idle_timeout)."""
-    out = {}
-    try:
-        lines = open(path).read().splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, sep, value = (s.strip() for s in line.partition("="))
-        value = value.strip("'\"")
-        if not sep or key not in ("trigger", "idle_timeout"):
-            raise UsageError(f"{path}:{n}: expected 'trigger = SPEC' or "
-                             f"'idle_timeout = SECONDS', got {line!r}")
-        if key == "trigger":
-            parse_trigger(value)
-            out[key] = value
-        else:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                raise UsageError(f"{path}:{n}: idle_timeout must be seconds, got {value!r}") \
-                    from None
-            if out[key] <= 0:
-                raise UsageError(f"{path}:{n}: idle_timeout must be positive")
-    return out
-
-
-def detach_record(ipr, record: dict, ifindex: int) -> list[str]:
-    """Removes what a (possibly dead) controller's record says it added to one interface:
-    its filters, and the qdiscs it created unless someone else's filters now use them.
-    Returns what was done, for the log."""
-    done = []
-    for direction, parent in record.get("parents", {}).items():
-        if tc.del_filter(ipr, ifindex, parent):
-            done.append(f"filter {direction}")
-    for kind in reversed(record.get("created", [])):
-        if tc.qdisc_has_foreign_filters(ipr, ifindex, kind):
-            done.append(f"kept {kind} qdisc (other filters use it)")
-        elif tc.del_qdisc(ipr, ifindex, kind):
-            done.append(f"qdisc {kind}")
-    return done
-
-
-def detach_unrecorded(ipr, ifindex: int) -> list[str]:
-    """Removes filters of this tool that no record describes (qdiscs are left alone: with
-    no record, nothing says this tool created them)."""
-    done = []
-    for f in tc.our_filters(ipr, ifindex):
-        if tc.del_filter(ipr, ifindex, f.parent):
-            done.append(f"filter at {tc.fmt_handle(f.parent)}")
-    return done
 
 
 class Controller:
@@ -172,15 +114,15 @@ class Controller:
             raise UsageError(f"debug interface {self.opts.debug_iface} is a monitored "
                              "interface; pick another --debug-iface")
         if dbg is not None:
-            rec = state.read("debug", self.opts.debug_iface)
+            rec = ownership.read("debug", self.opts.debug_iface)
             debugif.check_existing(self.ipr, self.opts.debug_iface, dbg,
                                    recorded=bool(rec and rec.get("ifindex") == dbg))
         for name, idx in indexes.items():
             if debugif.has_sink(self.ipr, idx):
                 raise UsageError(f"{name} is the drop end of a mirror debug interface: "
                                  "monitoring it would loop clones; pick another interface")
-            if state.is_held(state.iface_lock_name(idx)):
-                rec = state.read("iface", state.iface_key(idx)) or {}
+            if ownership.is_held(ownership.iface_lock_name(idx)):
+                rec = ownership.read("iface", ownership.iface_key(idx)) or {}
                 raise UsageError(f"{name} is already monitored by another mirror controller "
                                  f"(pid {rec.get('pid', '?')}); stop it first")
             stale = self._stale_record(idx)
@@ -191,8 +133,8 @@ class Controller:
         if self.opts.config:
             read_config(self.opts.config)
         if self.opts.metrics_addr:
-            from .metrics import parse_addr
-            parse_addr(self.opts.metrics_addr)
+            from .cliutil import parse_metrics_addr
+            parse_metrics_addr(self.opts.metrics_addr)
         from .bpfprog import check_environment
         check_environment()
         return indexes
@@ -203,7 +145,8 @@ class Controller:
             indexes = self.preflight()
         t0 = time.monotonic()
         self.classifier = (self._classifier_factory or self._default_classifier)()
-        from .bpfprog import FLOW_KEY_SIZE, FLOW_VALUE_SIZE, possible_cpus
+        from .bpfprog import FLOW_KEY_SIZE, FLOW_VALUE_SIZE
+        from .bpfsys import possible_cpus
         # LRU maps are preallocated: the memory is taken now, whatever the traffic.
         mib = self.opts.max_flows * (FLOW_KEY_SIZE + FLOW_VALUE_SIZE * possible_cpus()) / 2**20
         log.info("classifier compiled and loaded in %.1f s (flow map: %d flows, about "
@@ -211,7 +154,7 @@ class Controller:
                  self.opts.max_flows, mib, possible_cpus())
         self.classifier.set_trigger(self.codes)
         self._warn_shared_stats_slots(indexes)
-        self._ctl_lock = state.Lock(f"controller-{self.id}")
+        self._ctl_lock = ownership.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
         self._prune_records()
         try:
@@ -244,18 +187,18 @@ class Controller:
         """Drops what stopped controllers left in the state directory that no longer
         describes anything: records of interfaces that are gone, records of dead
         controllers, and unheld lock files of those (so /run does not fill up)."""
-        for rec in state.records("iface"):
+        for rec in ownership.records("iface"):
             if (self._ifname_of(rec["ifindex"]) is None and
-                    not state.is_held(state.iface_lock_name(rec["ifindex"]))):
-                state.remove("iface", state.iface_key(rec["ifindex"]))
-        for rec in state.records("debug"):
-            if self._ifname_of(rec["ifindex"]) is None and not state.is_held(
+                    not ownership.is_held(ownership.iface_lock_name(rec["ifindex"]))):
+                ownership.remove("iface", ownership.iface_key(rec["ifindex"]))
+        for rec in ownership.records("debug"):
+            if self._ifname_of(rec["ifindex"]) is None and not ownership.is_held(
                     f"debug-{rec['name']}"):
-                state.remove("debug", rec["name"])
-        for rec in state.records("controller"):
-            if rec.get("id") != self.id and not state.is_held(f"controller-{rec.get('id')}"):
-                state.remove("controller", str(rec.get("id")))
-        for path in state.netns_dir().glob("*.lock"):
+                ownership.remove("debug", rec["name"])
+        for rec in ownership.records("controller"):
+            if rec.get("id") != self.id and not ownership.is_held(f"controller-{rec.get('id')}"):
+                ownership.remove("controller", str(rec.get("id")))
+        for path in ownership.netns_dir().glob("*.lock"):
             name = path.name[:-len(".lock")]
             if name.startswith("iface-if"):
                 gone = self._ifname_of(int(name[len("iface-if"):])) is None
@@ -264,7 +207,7 @@ class Controller:
             else:
                 gone = name.startswith("controller-") and name != f"controller-{self.id}"
             if gone:
-                state.remove_if_free(name)
+                ownership.remove_if_free(name)
 
     def _default_classifier(self):
         from .bpfprog import Classifier
@@ -281,7 +224,7 @@ class Controller:
         shared lock on it, and only the record written by the creator says this tool
         made it; the last user out removes it (shutdown)."""
         name = self.opts.debug_iface
-        self._debug_lock = state.Lock(f"debug-{name}")
+        self._debug_lock = ownership.Lock(f"debug-{name}")
         self._debug_lock.acquire(shared=True)
         self.debug = debugif.ensure(self.ipr, name, self._sink_fd)
         if self.debug.created:
@@ -292,11 +235,11 @@ class Controller:
 
     def _write_debug_record(self) -> None:
         d = self.debug
-        state.write("debug", d.name, {"name": d.name, "ifindex": d.ifindex, "kind": d.kind,
+        ownership.write("debug", d.name, {"name": d.name, "ifindex": d.ifindex, "kind": d.kind,
                                       "peer": d.peer, "created": True, "pid": os.getpid()})
 
     def _attach(self, name: str, ifindex: int) -> None:
-        lock = state.Lock(state.iface_lock_name(ifindex))
+        lock = ownership.Lock(ownership.iface_lock_name(ifindex))
         if not lock.acquire():
             raise UsageError(f"{name} is already monitored by another mirror controller")
         att = Attached(name, ifindex, self.opts.hook, {}, lock=lock)
@@ -312,7 +255,7 @@ class Controller:
         elif stale:
             log.info("%s: removing a stopped controller's %s hooks: %s", name,
                      stale.get("hook"), ", ".join(detach_record(self.ipr, stale, ifindex)))
-            state.remove("iface", att.key)
+            ownership.remove("iface", att.key)
         elif adopt:
             # Our filters without a record (the state directory was lost): take them over.
             log.info("%s: found this tool's filters with no record; replacing them", name)
@@ -321,11 +264,11 @@ class Controller:
         for kind in plan.create:
             tc.add_qdisc(self.ipr, ifindex, kind)
             att.created.append(kind)
-            state.write("iface", att.key, att.record())
+            ownership.write("iface", att.key, att.record())
         for direction, parent in plan.parents.items():
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
-        state.write("iface", att.key, att.record())
+        ownership.write("iface", att.key, att.record())
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
 
@@ -336,7 +279,7 @@ class Controller:
         elif tc.our_filters(self.ipr, att.ifindex):
             log.info("%s: removing this tool's tc filters found with no record: %s", att.ifname,
                      ", ".join(detach_unrecorded(self.ipr, att.ifindex)))
-        state.write("iface", att.key, att.record())
+        ownership.write("iface", att.key, att.record())
         for direction in ("ingress", "egress"):
             att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
                                               direction)
@@ -344,7 +287,7 @@ class Controller:
 
     def _stale_record(self, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if any."""
-        return state.read("iface", state.iface_key(ifindex))
+        return ownership.read("iface", ownership.iface_key(ifindex))
 
     def _adoptable(self, stale: dict | None, ifindex: int) -> bool:
         """Whether hooks found on the interface are this tool's to replace in place."""
@@ -386,7 +329,7 @@ class Controller:
                 del self.attached[name]
                 att.ifname = current
                 self.attached[current] = att
-                state.write("iface", att.key, att.record())
+                ownership.write("iface", att.key, att.record())
                 self._write_controller_record()
         if self._ifname_of(self.debug.ifindex) != self.debug.name:
             self._replace_debug()
@@ -403,7 +346,7 @@ class Controller:
         self.classifier.forget_iface(att.ifindex)
         for fd in att.links.values():
             os.close(fd)
-        state.remove("iface", att.key)
+        ownership.remove("iface", att.key)
         att.lock.release()
         del self.attached[att.ifname]
         self._write_controller_record()
@@ -416,7 +359,7 @@ class Controller:
             log.warning("debug interface %s disappeared; recreating it", name)
             self._debug_missing_logged = True
         if self.debug.created:
-            state.remove("debug", name)
+            ownership.remove("debug", name)
         try:
             if (idx := debugif.lookup(self.ipr, name)) is not None:
                 debugif.check_existing(self.ipr, name, idx, recorded=False)
@@ -460,8 +403,7 @@ class Controller:
         """Removes everything this controller added; safe to call more than once. Each
         step is attempted even when an earlier one fails."""
         if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
         for name, att in list(self.attached.items()):
             try:
@@ -469,7 +411,7 @@ class Controller:
             except Exception as exc:       # keep going: the rest must still be removed
                 log.error("%s: detach failed: %s; run `mirror detach --iface %s`", name, exc,
                           name)
-            state.remove("iface", att.key)
+            ownership.remove("iface", att.key)
             att.lock.release()
             del self.attached[name]
         if self.debug:
@@ -478,7 +420,7 @@ class Controller:
             except Exception as exc:
                 log.error("removing debug interface %s failed: %s", self.debug.name, exc)
             self.debug = None
-        state.remove("controller", self.id)
+        ownership.remove("controller", self.id)
         if self._ctl_lock:
             self._ctl_lock.path.unlink(missing_ok=True)     # unique to this process
             self._ctl_lock.release()
@@ -506,11 +448,11 @@ class Controller:
         still uses it (the shared lock becomes exclusive only for the last user)."""
         name = self.debug.name
         if self._debug_lock.try_exclusive():
-            rec = state.read("debug", name)
+            rec = ownership.read("debug", name)
             if rec and rec.get("created") and rec.get("ifindex") == self.debug.ifindex:
                 if debugif.remove(self.ipr, name):
                     log.info("removed debug interface %s", name)
-                state.remove("debug", name)
+                ownership.remove("debug", name)
         else:
             log.info("debug interface %s is still used by another controller; leaving it",
                      name)
@@ -518,7 +460,7 @@ class Controller:
 
     # --- introspection -------------------------------------------------------------
     def _write_controller_record(self) -> None:
-        state.write("controller", self.id, {
+        ownership.write("controller", self.id, {
             "id": self.id, "pid": os.getpid(), "ifaces": list(self.attached),
             "hook": self.opts.hook,
             "debug_iface": self.debug.name if self.debug else None,
@@ -541,50 +483,11 @@ class Controller:
 
     @property
     def socket_name(self) -> str:
-        return f"@tc-mirror-{self.id}"
+        return control.socket_name(self.id)
 
     def _start_control_socket(self) -> None:
-        """An abstract unix socket (scoped to the network namespace, gone with the
-        process, no path to clean up) answering `flows` and `counters` with JSON, so
-        `mirror flows` can read the maps this process owns. Only root and this process's
-        user may ask."""
-        ctl = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            timeout = 5         # a client that connects and says nothing is dropped
-
-            def handle(self):
-                creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                struct.calcsize("3i"))
-                uid = struct.unpack("3i", creds)[1]
-                if uid not in (0, os.geteuid()):
-                    return
-                what = self.rfile.readline().decode().strip()
-                if what == "flows":
-                    body = ctl.flows_json()
-                elif what == "counters":
-                    body = ctl.classifier.counters()
-                else:
-                    body = {"error": f"unknown request {what!r}"}
-                self.wfile.write(json.dumps(body).encode())
-
-        self._server = socketserver.ThreadingUnixStreamServer(
-            "\0" + self.socket_name[1:], Handler)
-        self._server.daemon_threads = True      # never hold up shutdown for a client
-        self._server.block_on_close = False
-        threading.Thread(target=self._server.serve_forever, name="control",
-                         daemon=True).start()
-
-
-def ask(socket_name: str, what: str, timeout: float = 5.0):
-    """Sends one request to a controller's control socket ("@name": abstract) and returns
-    the JSON answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect("\0" + socket_name[1:] if socket_name.startswith("@") else socket_name)
-        s.sendall(what.encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+        """`flows` and `counters` for `mirror flows` and the tests (mirror.control)."""
+        self._server = control.ControlServer(self.socket_name, {
+            "flows": self.flows_json,
+            "counters": lambda: self.classifier.counters(),
+        }).start()

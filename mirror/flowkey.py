@@ -46,6 +46,9 @@ class FlowKey:
         return _LAYOUT.pack(lo, hi, self.port_lo, self.port_hi, self.family)
 
     def __str__(self) -> str:
-        def ep(addr: str, port: int) -> str:
-            return f"[{addr}]:{port}" if self.family == 6 else f"{addr}:{port}"
-        return f"{ep(self.addr_lo, self.port_lo)} <-> {ep(self.addr_hi, self.port_hi)}"
+        return f"{endpoint(self.addr_lo, self.port_lo)} <-> {endpoint(self.addr_hi, self.port_hi)}"
+
+
+def endpoint(addr: str, port: int) -> str:
+    """"198.18.0.1:80", "[2001:db8::1]:80": an address and port as operators write them."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"

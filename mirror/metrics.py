@@ -1,12 +1,7 @@
 """Prometheus metrics, read from the BPF maps at scrape time (no polling loop)."""
 from __future__ import annotations
 
-import socket
-
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from .errors import UsageError
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -78,21 +73,3 @@ class MapCollector:
                                   value=ctl.debug_recreated_total)
         yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
                                 value=len(ctl.attached))
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"bad --metrics-addr {text!r}: use HOST:PORT, e.g. 127.0.0.1:9464 "
-                         "or [::]:9464")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def serve(controller, addr: str):
-    host, port = parse_addr(addr)
-    registry = CollectorRegistry()
-    registry.register(MapCollector(controller))
-    try:
-        return start_http_server(port, addr=host, registry=registry)
-    except (OSError, socket.gaierror) as exc:
-        raise UsageError(f"cannot serve metrics on {addr}: {exc}") from None

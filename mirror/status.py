@@ -6,9 +6,11 @@ import sys
 
 from pyroute2 import IPRoute
 
-from . import state, tc, tcx
-from .controller import ask, detach_record, detach_unrecorded
+from . import ownership, tc, tcx
+from .control import ask
+from .ownership import detach_record, detach_unrecorded
 from .errors import UsageError
+from .flowkey import endpoint
 
 PROG_NAMES = ("mirror_ingress", "mirror_egress")
 
@@ -19,11 +21,11 @@ def collect() -> dict:
         links = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
         ifaces = []
         recorded = set()
-        for rec in state.records("iface"):
+        for rec in ownership.records("iface"):
             present = rec["ifindex"] in links
             name = links.get(rec["ifindex"], rec["ifname"])     # the current name
             recorded.add(name)
-            live = state.is_held(state.iface_lock_name(rec["ifindex"]))
+            live = ownership.is_held(ownership.iface_lock_name(rec["ifindex"]))
             hooks = _hooks_of(ipr, rec["ifindex"]) if present else []
             ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec["pid"],
                            "owner": "live" if live else "stale",
@@ -37,15 +39,15 @@ def collect() -> dict:
                 ifaces.append({"iface": name, "hook": "?", "pid": None, "owner": "unrecorded",
                                "present": True, "qdiscs_created": [], "filters": hooks})
         controllers = [dict(rec, live=_controller_live(rec))
-                       for rec in state.records("controller")]
+                       for rec in ownership.records("controller")]
         return {"interfaces": ifaces, "controllers": controllers,
-                "debug_ifaces": state.records("debug")}
+                "debug_ifaces": ownership.records("debug")}
     finally:
         ipr.close()
 
 
 def _controller_live(rec: dict) -> bool:
-    return "id" in rec and state.is_held(f"controller-{rec['id']}")
+    return "id" in rec and ownership.is_held(f"controller-{rec['id']}")
 
 
 def _hooks_of(ipr, ifindex: int) -> list[str]:
@@ -83,7 +85,7 @@ def _table(rows) -> list[str]:
 
 def collect_flows() -> list[dict]:
     flows = []
-    for rec in state.records("controller"):
+    for rec in ownership.records("controller"):
         if not _controller_live(rec):
             continue
         try:
@@ -99,9 +101,8 @@ def render_flows(flows: list[dict]) -> str:
         return "no marked flows"
     rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s")]
     for f in flows:
-        a = f"[{f['a']}]" if f["family"] == 6 else f["a"]
-        b = f"[{f['b']}]" if f["family"] == 6 else f["b"]
-        rows.append((f"{a}:{f['a_port']} <-> {b}:{f['b_port']}", str(f["status"] or "-"),
+        flow = f"{endpoint(f['a'], f['a_port'])} <-> {endpoint(f['b'], f['b_port'])}"
+        rows.append((flow, str(f["status"] or "-"),
                      str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"])))
     return "\n".join(_table(rows))
 
@@ -113,16 +114,16 @@ def detach(ifaces: list[str]) -> int:
             found = ipr.link_lookup(ifname=name)
             if not found:
                 raise UsageError(f"unknown interface {name!r}: see `ip link`")
-            if state.is_held(state.iface_lock_name(found[0])):
-                rec = state.read("iface", state.iface_key(found[0])) or {}
+            if ownership.is_held(ownership.iface_lock_name(found[0])):
+                rec = ownership.read("iface", ownership.iface_key(found[0])) or {}
                 raise UsageError(f"{name} is owned by a running controller (pid "
                                  f"{rec.get('pid', '?')}); stop it with SIGTERM instead")
         for name in ifaces:
             idx = ipr.link_lookup(ifname=name)[0]
-            rec = state.read("iface", state.iface_key(idx))
+            rec = ownership.read("iface", ownership.iface_key(idx))
             done = detach_record(ipr, rec, idx) if rec else []
             done += detach_unrecorded(ipr, idx)
-            state.remove("iface", state.iface_key(idx))
+            ownership.remove("iface", ownership.iface_key(idx))
             print(f"{name}: " + (", ".join(f"removed {d}" if not d.startswith("kept") else d
                                             for d in done) or "no mirror hooks found"))
         return 0

@@ -1,6 +1,7 @@
-"""Shared fixtures. Everything runs against the real kernel: tests need root, bcc and
-kernel headers (scripts/setup installs them), and build their own hosts in network
-namespaces, removed again even when a test fails."""
+"""Shared fixtures. Tests marked `unit` are pure Python and run as any user. Every other
+test runs against the real kernel: it needs root, bcc and kernel headers (scripts/setup
+installs them), builds its own hosts in network namespaces and removes them again even
+when it fails; without root those tests are skipped, with the reason."""
 from __future__ import annotations
 
 import os
@@ -14,15 +15,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from mirror import debugif  # noqa: E402
-from mirror.netns import Host, cleanup_stale, unique_name  # noqa: E402
-from mirror.nginx import Nginx  # noqa: E402
+from mirror.lab.netns import Host, cleanup_stale, unique_name  # noqa: E402
+from mirror.lab.nginx import Nginx  # noqa: E402
+
+
+NEEDS_ROOT = ("needs root: loads BPF programs and builds network namespaces (scripts/test "
+              "does the setup and runs the suite as root)")
 
 
 def pytest_sessionstart(session):
-    if os.geteuid() != 0:
-        pytest.exit("the tests load BPF programs and build network namespaces: run them as "
-                    "root (scripts/test does the setup and runs them)", returncode=2)
-    cleanup_stale()
+    if os.geteuid() == 0:
+        cleanup_stale()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason=NEEDS_ROOT)
+    for item in items:
+        if "unit" not in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@ overhead would dominate: one BPF_PROG_TEST_RUN with preallocated buffers, the wh
 per-CPU counters array in a single BPF_MAP_LOOKUP_BATCH, and plain lookups, key walks
 and deletes on the flows map.
 
-Test code only: the product reads its maps through mirror/bpfprog.py. x86_64 syscall
-numbers and the bpf_attr layouts of include/uapi/linux/bpf.h."""
+Test code only: the product reads its maps through mirror/bpfprog.py. The syscall and the
+bpf_attr layouts are mirror.bpfsys's."""
 from __future__ import annotations
 
 import ctypes
@@ -12,12 +12,9 @@ import errno
 import os
 import struct
 
-_SYS_BPF = 321  # x86_64
-BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_DELETE_ELEM = 3
-BPF_MAP_GET_NEXT_KEY = 4
-BPF_PROG_TEST_RUN = 10
-BPF_MAP_LOOKUP_BATCH = 24
+from mirror.bpfsys import (BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_MAP_LOOKUP_BATCH,
+                           BPF_MAP_LOOKUP_ELEM, BPF_PROG_TEST_RUN, BatchAttr, ElemAttr,
+                           TestRunAttr, call, possible_cpus)
 
 # Largest frame this kernel's BPF_PROG_TEST_RUN accepts for a tc program: one page less
 # the skb headroom (NET_SKB_PAD + NET_IP_ALIGN) and the tail room of skb_shared_info.
@@ -25,29 +22,6 @@ BPF_MAP_LOOKUP_BATCH = 24
 # fuzz stay far below it, and tests/test_fuzz.py checks the limit itself.
 TEST_RUN_MAX_FRAME = 3712
 _BUF = 4096 + 256
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-# The bpf_attr layouts are the loader's: one definition of the kernel ABI.
-from mirror.bpfprog import _BatchAttr, _ElemAttr as _MapElemAttr, _TestRunAttr  # noqa: E402
-
-
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    """The syscall's result, or -errno (no exception: ENOENT is an answer here)."""
-    ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    return ret if ret >= 0 else -ctypes.get_errno()
-
-
-def possible_cpus() -> int:
-    """The number of slots of a per-CPU map value: the kernel's possible CPUs."""
-    text = open("/sys/devices/system/cpu/possible").read().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n = max(n, int(hi or lo) + 1)
-    return n
 
 
 class TestRunner:
@@ -60,10 +34,8 @@ class TestRunner:
     def __init__(self, prog_fd: int):
         self._in = ctypes.create_string_buffer(_BUF)
         self._out = ctypes.create_string_buffer(_BUF)
-        self._attr = _TestRunAttr(prog_fd=prog_fd, data_in=ctypes.addressof(self._in),
+        self._attr = TestRunAttr(prog_fd=prog_fd, data_in=ctypes.addressof(self._in),
                                   data_out=ctypes.addressof(self._out), repeat=1)
-        self._ref = ctypes.byref(self._attr)
-        self._size = ctypes.sizeof(self._attr)
 
     def run(self, frame: bytes) -> tuple[int, int | None, bytes]:
         """(errno, retval, data_out): errno 0 when the program ran, else retval None."""
@@ -75,8 +47,9 @@ class TestRunner:
         a.data_size_in = n
         a.data_size_out = _BUF
         a.retval = 0
-        if _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, self._ref, self._size) < 0:
-            return ctypes.get_errno(), None, b""
+        ret = call(BPF_PROG_TEST_RUN, a)
+        if ret < 0:
+            return -ret, None, b""
         return 0, ctypes.c_int32(a.retval).value, self._out.raw[:a.data_size_out]
 
 
@@ -89,22 +62,18 @@ class PerCpuArray:
         self._keys = (ctypes.c_uint32 * entries)()
         self._values = (ctypes.c_uint64 * (entries * self.ncpus))()
         self._out_batch = ctypes.c_uint32()
-        self._attr = _BatchAttr(map_fd=map_fd, keys=ctypes.addressof(self._keys),
+        self._attr = BatchAttr(map_fd=map_fd, keys=ctypes.addressof(self._keys),
                                 values=ctypes.addressof(self._values),
                                 out_batch=ctypes.addressof(self._out_batch))
-        self._ref = ctypes.byref(self._attr)
-        self._size = ctypes.sizeof(self._attr)
         self._unpack = struct.Struct(f"={entries * self.ncpus}Q").unpack_from
 
     def raw(self) -> bytes:
         """The values of every entry on every CPU, entry-major, as the kernel copied them."""
         self._attr.in_batch = 0
         self._attr.count = self.entries
-        ret = _libc.syscall(_SYS_BPF, BPF_MAP_LOOKUP_BATCH, self._ref, self._size)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err != errno.ENOENT:
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        ret = call(BPF_MAP_LOOKUP_BATCH, self._attr)
+        if ret < 0 and ret != -errno.ENOENT:
+            raise OSError(-ret, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(-ret)}")
         if self._attr.count != self.entries:
             raise OSError(errno.EIO, f"BPF_MAP_LOOKUP_BATCH returned {self._attr.count} of "
                                      f"{self.entries} entries")
@@ -128,14 +97,14 @@ class Hash:
         self._key = ctypes.create_string_buffer(key_size)
         self._next = ctypes.create_string_buffer(key_size)
         self._value = ctypes.create_string_buffer(self.value_len)
-        self._attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(self._key),
+        self._attr = ElemAttr(map_fd=map_fd, key=ctypes.addressof(self._key),
                                   value=ctypes.addressof(self._value))
 
     def lookup(self, key: bytes) -> bytes | None:
         ctypes.memmove(self._key, key, self.key_size)
         self._attr.key = ctypes.addressof(self._key)
         self._attr.value = ctypes.addressof(self._value)
-        ret = _bpf(BPF_MAP_LOOKUP_ELEM, self._attr)
+        ret = call(BPF_MAP_LOOKUP_ELEM, self._attr)
         if ret == -errno.ENOENT:
             return None
         if ret < 0:
@@ -147,9 +116,9 @@ class Hash:
 
     def keys(self) -> list[bytes]:
         out = []
-        attr = _MapElemAttr(map_fd=self.map_fd, key=0, value=ctypes.addressof(self._next))
+        attr = ElemAttr(map_fd=self.map_fd, key=0, value=ctypes.addressof(self._next))
         while True:
-            ret = _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            ret = call(BPF_MAP_GET_NEXT_KEY, attr)
             if ret == -errno.ENOENT:
                 return out
             if ret < 0:
@@ -160,8 +129,8 @@ class Hash:
 
     def delete(self, key: bytes) -> bool:
         ctypes.memmove(self._key, key, self.key_size)
-        attr = _MapElemAttr(map_fd=self.map_fd, key=ctypes.addressof(self._key))
-        ret = _bpf(BPF_MAP_DELETE_ELEM, attr)
+        attr = ElemAttr(map_fd=self.map_fd, key=ctypes.addressof(self._key))
+        ret = call(BPF_MAP_DELETE_ELEM, attr)
         if ret == -errno.ENOENT:
             return False
         if ret < 0:

@@ -10,7 +10,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mirror.pcap import Packet, status_line
+from mirror.capture.pcap import Packet
+from mirror.http1 import status_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,12 +108,12 @@ def env_with(**kw) -> dict:
 
 def controller_ask(state_dir, what: str = "counters"):
     """Asks the one controller recorded in `state_dir` over its control socket."""
-    from mirror import state
-    from mirror.controller import ask
+    from mirror import ownership
+    from mirror.control import ask
     old = os.environ.get("MIRROR_STATE_DIR")
     os.environ["MIRROR_STATE_DIR"] = str(state_dir)
     try:
-        return ask(state.records("controller")[0]["socket"], what)
+        return ask(ownership.records("controller")[0]["socket"], what)
     finally:
         if old is None:
             del os.environ["MIRROR_STATE_DIR"]
@@ -126,3 +127,13 @@ def drop_link(name: str) -> None:
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=name):
             ipr.link("del", ifname=name)
+
+
+def links_of_this_run() -> set[str]:
+    """The host's interface names, less those of other test processes running at the same
+    time (mirror.lab.netns.unique_name: "m" + another pid): what this run could have
+    created or left behind."""
+    import re
+    mine = f"m{os.getpid():06x}"
+    return {name for name in os.listdir("/sys/class/net")
+            if not re.match(r"m[0-9a-f]{6}[0-9a-f]{2}[a-z]", name) or name.startswith(mine)}

@@ -21,11 +21,12 @@ import dpkt
 import pytest
 
 from helpers import MirrorProcess, env_with, mirror_cmd, run_cli
-from mirror.capture import FILE_RE, current_file, list_pcaps, render_index
+from mirror.capture.command import render_index
+from mirror.capture.ring import FILE_RE, current_file, list_pcaps
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import sh, unique_name
-from mirror.pcapindex import Cursor, Indexer, read_index
+from mirror.lab.client import send
+from mirror.lab.netns import sh, unique_name
+from mirror.capture.index import Cursor, Indexer, read_index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,7 @@ def index_files(tmp_path, *frame_lists, idle=60.0):
 
 
 @pytest.mark.parametrize("client,server", [(C4, S4), (C6, S6)], ids=["ipv4", "ipv6"])
+@pytest.mark.unit
 def test_index_error_flow_then_keepalive_request(tmp_path, client, server):
     c = Conn(client, server)
     frames = [c.server_sends(RESP_500), c.client_sends(),
@@ -118,6 +120,7 @@ def test_index_error_flow_then_keepalive_request(tmp_path, client, server):
     assert rec["files"] == ["f0.pcap"] and rec["end"] == "fin" and rec["retransmissions"] == 0
 
 
+@pytest.mark.unit
 def test_index_retransmission_counted_once(tmp_path):
     c = Conn(C4, S4)
     first = c.server_sends(RESP_500)
@@ -128,6 +131,7 @@ def test_index_retransmission_counted_once(tmp_path):
     assert rec["end"] == "stop"                             # never closed: flushed at stop
 
 
+@pytest.mark.unit
 def test_index_out_of_order_and_split_request_line(tmp_path):
     c = Conn(C6, S6)
     r500 = c.server_sends(RESP_500)
@@ -144,6 +148,7 @@ def test_index_out_of_order_and_split_request_line(tmp_path):
     assert (rec["client"], rec["server"]) == (C6, S6)
 
 
+@pytest.mark.unit
 def test_index_sequence_numbers_wrapping(tmp_path):
     c = Conn(C4, S4, sseq=(1 << 32) - 10)                   # the 500 straddles 2**32
     r500 = c.server_sends(RESP_500)
@@ -153,6 +158,7 @@ def test_index_sequence_numbers_wrapping(tmp_path):
     assert rec["statuses"] == [500, 200] and rec["requests"] == ["GET /ok HTTP/1.1"]
 
 
+@pytest.mark.unit
 def test_index_flow_over_two_files_is_one_record(tmp_path):
     c = Conn(C4, S4)
     a = Conn(C4, S4, cport=40001)
@@ -175,6 +181,7 @@ def test_index_flow_over_two_files_is_one_record(tmp_path):
     assert [r["end"] for r in recs] == ["fin", "idle"] and recs[1]["client_port"] == 40001
 
 
+@pytest.mark.unit
 def test_index_rst_and_non_tcp_and_truncated_file(tmp_path):
     c = Conn(C4, S4)
     udp = bytes(dpkt.ethernet.Ethernet(
@@ -193,6 +200,7 @@ def test_index_rst_and_non_tcp_and_truncated_file(tmp_path):
     assert rec["end"] == "rst" and rec["statuses"] == [500] and rec["packets"] == 2
 
 
+@pytest.mark.unit
 def test_index_reads_a_growing_file_incrementally(tmp_path):
     """A file read while tcpdump appends to it, in pieces cut anywhere (mid-record too),
     gives the same flow as the whole file read at once; a rewritten ring file (another
@@ -222,6 +230,7 @@ def test_index_reads_a_growing_file_incrementally(tmp_path):
     assert stats.new_generation and stats.packets == 1
 
 
+@pytest.mark.unit
 def test_index_file_modes_and_render(tmp_path):
     c = Conn(C4, S4)
     recs, _ = index_files(tmp_path, [c.server_sends(RESP_500), *c.close()])
@@ -230,6 +239,7 @@ def test_index_file_modes_and_render(tmp_path):
     assert "198.18.7.1:40000" in text and "500" in text and "1 flows" in text
 
 
+@pytest.mark.unit
 def test_current_file_is_the_newest_with_ring_tiebreak(tmp_path):
     names = [f"mirror-20250101T000000Z-r1.pcap{n}" for n in range(3)]
     for n, name in enumerate(names):

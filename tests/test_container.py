@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import Host
-from mirror.pcap import read_flows
-from mirror.pcapindex import read_index
+from mirror.lab.client import send
+from mirror.lab.netns import Host
+from mirror.capture.pcap import read_flows
+from mirror.capture.index import read_index
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER = ROOT / "container"

@@ -11,9 +11,10 @@ import pytest
 
 from helpers import MirrorProcess, controller_ask, env_with
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import unique_name
-from mirror.pcap import Tcpdump, read_flows
+from mirror.lab.client import send
+from mirror.lab.netns import unique_name
+from mirror.capture.pcap import read_flows
+from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
     """Every response is an error, so every packet is cloned, while the capture process
     is stopped (SIGSTOP): its socket buffer overflows and the kernel drops clones there,
     but every request still succeeds and the controller keeps running."""
-    from mirror.nginx import Nginx
+    from mirror.lab.nginx import Nginx
     srv = Nginx(host, workers=1).start()
     dbg = unique_name("d")
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg,

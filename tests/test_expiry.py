@@ -6,7 +6,7 @@ import os
 import time
 
 from test_flood import RESPONSE, frame
-from mirror import bpfprog
+from mirror import bpfsys
 from mirror.flowkey import FlowKey
 
 KEY = FlowKey.from_endpoints("198.18.0.1", 80, "198.19.0.7", 1024 + 7)
@@ -16,7 +16,7 @@ def mark(clf) -> None:
     original = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(original)})
     try:
-        assert bpfprog.test_run(clf.fd("egress"), frame(7, 1024 + 7, RESPONSE)).retval == -1
+        assert bpfsys.test_run(clf.fd("egress"), frame(7, 1024 + 7, RESPONSE)).retval == -1
     finally:
         os.sched_setaffinity(0, original)
 
@@ -46,7 +46,7 @@ def test_flow_refreshed_after_scan_is_put_back(clf):
 def later_packet_mirrored(clf) -> bool:
     before = clf.counters()["mirrored_packets"]
     ack = frame(7, 1024 + 7, b"", from_server=False)
-    assert bpfprog.test_run(clf.fd("ingress"), ack).retval == -1
+    assert bpfsys.test_run(clf.fd("ingress"), ack).retval == -1
     return clf.counters()["mirrored_packets"] == before + 1
 
 

@@ -12,9 +12,10 @@ from pyroute2 import IPRoute
 
 from helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import Host, unique_name
-from mirror.pcap import Tcpdump, read_flows
+from mirror.lab.client import send
+from mirror.lab.netns import Host, unique_name
+from mirror.capture.pcap import read_flows
+from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

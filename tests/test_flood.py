@@ -10,12 +10,13 @@ import time
 import pytest
 
 from helpers import MirrorProcess, env_with
-from mirror import bpfprog
+from mirror import bpfsys
 from mirror.bpfprog import TC_ACT_UNSPEC, Classifier
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import unique_name
-from mirror.pcap import Tcpdump, read_flows
+from mirror.lab.client import send
+from mirror.lab.netns import unique_name
+from mirror.capture.pcap import read_flows
+from mirror.capture.tcpdump import Tcpdump
 
 MAX_FLOWS = 1024
 FLOOD = 200_000
@@ -54,7 +55,7 @@ def test_flood_through_test_run(debug_iface):
         fd = clf.fd("egress")
         verdicts = set()
         for i in range(FLOOD):
-            verdicts.add(bpfprog.test_run(fd, frame(i >> 14, 1024 + (i & 0x3FFF), RESPONSE)).retval)
+            verdicts.add(bpfsys.test_run(fd, frame(i >> 14, 1024 + (i & 0x3FFF), RESPONSE)).retval)
         assert verdicts == {TC_ACT_UNSPEC}
         c = clf.counters()
         assert c["flows_marked"] == FLOOD
@@ -67,7 +68,7 @@ def test_flood_through_test_run(debug_iface):
         assert all(k in active for k in newest)
         i = FLOOD - 1
         ack = frame(i >> 14, 1024 + (i & 0x3FFF), b"", from_server=False)
-        assert bpfprog.test_run(clf.fd("ingress"), ack).retval == TC_ACT_UNSPEC
+        assert bpfsys.test_run(clf.fd("ingress"), ack).retval == TC_ACT_UNSPEC
         assert clf.counters()["mirrored_packets"] == FLOOD + 1
     finally:
         os.sched_setaffinity(0, original)

@@ -11,9 +11,10 @@ import pytest
 
 from helpers import MirrorProcess, env_with, from_first_status, same_packets, signature
 from mirror.flowkey import FlowKey
-from mirror.lab import send
-from mirror.netns import unique_name
-from mirror.pcap import Tcpdump, read_flows
+from mirror.lab.client import send
+from mirror.lab.netns import unique_name
+from mirror.capture.pcap import read_flows
+from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = pytest.mark.integration
 
@@ -208,19 +209,18 @@ def test_lab_demo(tmp_path):
 
 
 def test_active_flow_never_expires(host, nginx, tmp_path):
-    """A marked connection that keeps sending (one request every 0.3 s for 4 s, idle
-    timeout 1 s) stays marked and every one of its packets is mirrored."""
-    import http.client
-    from helpers import run_cli
-    import json
-    with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "1")) as s:
+    """A marked connection that keeps sending (one request every 0.3 s, idle timeout 2 s,
+    so the sweep runs several times while it is active) stays marked and every one of its
+    packets is mirrored. The flow map is read over the control socket, in-process: a CLI
+    process per check would itself take a good part of the idle timeout on a busy host."""
+    from helpers import controller_ask
+    with Session(host, tmp_path, "clsact", extra=("--idle-timeout", "2")) as s:
         conn = error_connection(host)
-        env = env_with(MIRROR_STATE_DIR=tmp_path / "state")
         for _ in range(13):
-            time.sleep(0.3)
+            time.sleep(0.3)     # pacing the client, not waiting for a result
             conn.request("GET", "/ok")
             conn.getresponse().read()
-            assert len(json.loads(run_cli("flows", "--json", env=env).stdout)) == 1
+            assert len(controller_ask(tmp_path / "state", "flows")) == 1
         local = conn.sock.getsockname()
         conn.close()
         mirrored, ref = s.finish()

@@ -11,10 +11,10 @@ import time
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import MirrorProcess, env_with, run_cli
+from helpers import MirrorProcess, env_with, links_of_this_run, run_cli
 from mirror import tc
-from mirror.lab import send
-from mirror.netns import unique_name
+from mirror.lab.client import send
+from mirror.lab.netns import unique_name
 
 pytestmark = pytest.mark.integration
 
@@ -199,14 +199,14 @@ def test_detach_refuses_while_a_controller_runs(host, env):
 
 def _bad(args, env, expect, host):
     before = snapshot(host.host_if)
-    links_before = set(l for l in os.listdir("/sys/class/net"))
+    links_before = links_of_this_run()
     out = run_cli(*args, env=env)
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("mirror: error:"), out.stderr
     assert expect in lines[0]
     assert snapshot(host.host_if) == before
-    assert set(os.listdir("/sys/class/net")) == links_before
+    assert links_of_this_run() == links_before
 
 
 def test_bad_input_exits_2_and_touches_nothing(host, env, tmp_path):
@@ -258,7 +258,7 @@ def test_failure_half_way_rolls_back(host, state_dir):
     stopping): the kernel refuses, and the first interface is put back as it was and the
     debug interface removed."""
     from mirror.controller import Controller, Options
-    from mirror.netns import Host
+    from mirror.lab.netns import Host
     other = Host.create()
     try:
         before = snapshot(host.host_if)
@@ -303,7 +303,7 @@ def test_sighup_reloads_trigger_and_rejects_bad_config(host, nginx, env, tmp_pat
 def test_shared_debug_iface_outlives_first_controller(state_dir):
     """Two controllers on two interfaces share one debug interface: the first to stop
     leaves it to the other, the last one removes it."""
-    from mirror.netns import Host
+    from mirror.lab.netns import Host
     a, b = Host.create(), Host.create()
     env = env_with(MIRROR_STATE_DIR=state_dir)
     dbg = debug_name()
@@ -382,11 +382,11 @@ def test_renamed_interface_stays_monitored_and_is_detached(host, nginx, env):
 def test_idle_control_client_does_not_block_sigterm(host, env, state_dir):
     import socket
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
-    from mirror import state
+    from mirror import ownership
     import os as _os
     _os.environ["MIRROR_STATE_DIR"] = str(state_dir)
     try:
-        name = state.records("controller")[0]["socket"]
+        name = ownership.records("controller")[0]["socket"]
     finally:
         del _os.environ["MIRROR_STATE_DIR"]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -423,7 +423,7 @@ int pass_all(struct __sk_buff *skb) { return TC_ACT_OK; }
 def test_state_of_gone_interfaces_and_dead_controllers_is_pruned(state_dir):
     """A controller killed on an interface that then disappears leaves records and lock
     files; the next controller start removes them (the state directory stays bounded)."""
-    from mirror.netns import Host
+    from mirror.lab.netns import Host
     a, b = Host.create(), Host.create()
     env = env_with(MIRROR_STATE_DIR=state_dir)
     try:

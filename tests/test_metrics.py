@@ -10,9 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import MirrorProcess, env_with
-from mirror.lab import send
-from mirror.netns import unique_name
-from mirror.pcap import Tcpdump, read_packets
+from mirror.lab.client import send
+from mirror.lab.netns import unique_name
+from mirror.capture.pcap import read_packets
+from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = pytest.mark.integration
 

@@ -1,12 +1,16 @@
-"""Pure Python: trigger specs, flow keys, the config file."""
+"""Pure Python: trigger specs, flow keys, the config file, the bpf(2) syscall table and
+the CPU list parser."""
 from __future__ import annotations
 
 import pytest
 
-from mirror.controller import read_config
+from mirror import bpfsys
+from mirror.config import read_config
 from mirror.errors import UsageError
 from mirror.flowkey import FlowKey
 from mirror.trigger import describe, parse_trigger
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("spec,codes", [
@@ -74,3 +78,36 @@ def test_config_file(tmp_path):
         read_config(str(cfg))
     with pytest.raises(UsageError, match="cannot read config"):
         read_config(str(tmp_path / "missing.conf"))
+
+
+@pytest.mark.parametrize("machine,pointer,number", [
+    ("x86_64", 8, 321), ("aarch64", 8, 280), ("ppc64le", 8, 361), ("s390x", 8, 351),
+    ("riscv64", 8, 280), ("loongarch64", 8, 280), ("mips64", 8, 5315), ("i686", 4, 357),
+    ("armv7l", 4, 386),
+    # 32-bit processes on 64-bit kernels use the 32-bit table
+    ("x86_64", 4, 357), ("aarch64", 4, 386), ("mips64", 4, 4355),
+])
+def test_bpf_syscall_number_per_architecture(machine, pointer, number):
+    assert bpfsys.syscall_number(machine, pointer) == number
+
+
+def test_bpf_syscall_number_unknown_architecture_names_the_fix():
+    with pytest.raises(OSError, match="no syscall number known.*'pdp11'.*bpfsys.py"):
+        bpfsys.syscall_number("pdp11", 8)
+
+
+@pytest.mark.parametrize("text,cpus", [
+    ("0\n", [0]),
+    ("0-1\n", [0, 1]),
+    ("0-3,8\n", [0, 1, 2, 3, 8]),
+    ("0-1,4-5", [0, 1, 4, 5]),          # sparse: 4 value slots, not 6
+    ("0,2,4", [0, 2, 4]),
+    ("0-127", list(range(128))),
+])
+def test_cpu_list_parser(text, cpus):
+    assert bpfsys.parse_cpu_list(text) == cpus
+
+
+def test_possible_cpus_matches_the_machine():
+    text = open("/sys/devices/system/cpu/possible").read()
+    assert bpfsys.possible_cpus() == len(bpfsys.parse_cpu_list(text)) >= 1

@@ -5,7 +5,6 @@ Leaves the pcap behind and the kernel as it found it."""
 from __future__ import annotations
 
 import argparse
-import http.client
 import logging
 import os
 import sys
@@ -14,7 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
+from .client import send
 
 log = logging.getLogger("mirror")
 
@@ -49,28 +49,13 @@ MIX = [
 ]
 
 
-def send(server: str, source: str, paths: list[str]) -> tuple[tuple[str, int, str, int], list[int]]:
-    """Sends `paths` over one keep-alive connection; returns (5-tuple, status codes)."""
-    conn = http.client.HTTPConnection(server, 80, timeout=10, source_address=(source, 0))
-    statuses = []
-    try:
-        for path in paths:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            statuses.append(resp.status)
-        local = conn.sock.getsockname()
-        return (local[0], local[1], server, 80), statuses
-    finally:
-        conn.close()
-
-
 def cmd_lab(args) -> int:
-    from .controller import Controller, Options
+    from ..capture.pcap import read_flows
+    from ..capture.tcpdump import Tcpdump
+    from ..controller import Controller, Options
+    from ..flowkey import FlowKey
     from .netns import Host, cleanup_stale, unique_name
     from .nginx import Nginx
-    from .pcap import Tcpdump, read_flows
-    from .flowkey import FlowKey
 
     if os.geteuid() != 0:
         raise UsageError("the lab builds network namespaces and loads BPF: run it as root")

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -31,14 +30,11 @@ from pathlib import Path
 
 import dpkt
 
-from .flowkey import FlowKey
-from .pcap import status_line
+from ..flowkey import FlowKey
+from ..http1 import METHODS, is_request_line, status_line
 
 log = logging.getLogger("mirror")
 
-METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT",
-           b"TRACE")
-_REQUEST_LINE = re.compile(rb"^[A-Z]+ \S+ HTTP/1\.[01]$")
 MAX_LINE = 8192
 
 
@@ -89,7 +85,7 @@ class Direction:
                 line += npayload
                 end = (nseq + len(npayload)) & 0xFFFFFFFF
             line = line.split(b"\r\n", 1)[0]
-            if _REQUEST_LINE.match(line[:MAX_LINE]):
+            if is_request_line(line[:MAX_LINE]):
                 out.append(line.decode("latin-1"))
         return out
 

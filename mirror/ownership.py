@@ -1,5 +1,6 @@
-"""Ownership records and locks, so that a controller removes exactly what it added and a
-restarted one finds what a killed one left behind.
+"""Ownership of kernel state: records and locks, so that a controller removes exactly what
+it added and a restarted one finds what a killed one left behind, and the removal of what
+a record (or, for this tool's recognisable filters, no record) describes.
 
 Records live under $MIRROR_STATE_DIR (default /run/tc-mirror, a tmpfs that lives as long
 as the kernel state it describes), one directory per network namespace, named by the
@@ -18,6 +19,7 @@ import socket
 import struct
 from pathlib import Path
 
+from . import jsonfile, tc
 from .errors import UsageError
 
 
@@ -65,10 +67,7 @@ def read(kind: str, name: str) -> dict | None:
 
 
 def write(kind: str, name: str, record: dict) -> None:
-    p = _path(kind, name)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(p)
+    jsonfile.write(_path(kind, name), record)
 
 
 def remove(kind: str, name: str) -> None:
@@ -151,3 +150,31 @@ def remove_if_free(name: str) -> bool:
 
 def iface_lock_name(ifindex: int) -> str:
     return f"iface-{iface_key(ifindex)}"
+
+
+# --- detaching what a record (or nothing) describes ---------------------------------------
+
+def detach_record(ipr, record: dict, ifindex: int) -> list[str]:
+    """Removes what a (possibly dead) controller's record says it added to one interface:
+    its filters, and the qdiscs it created unless someone else's filters now use them.
+    Returns what was done, for the log."""
+    done = []
+    for direction, parent in record.get("parents", {}).items():
+        if tc.del_filter(ipr, ifindex, parent):
+            done.append(f"filter {direction}")
+    for kind in reversed(record.get("created", [])):
+        if tc.qdisc_has_foreign_filters(ipr, ifindex, kind):
+            done.append(f"kept {kind} qdisc (other filters use it)")
+        elif tc.del_qdisc(ipr, ifindex, kind):
+            done.append(f"qdisc {kind}")
+    return done
+
+
+def detach_unrecorded(ipr, ifindex: int) -> list[str]:
+    """Removes filters of this tool that no record describes (qdiscs are left alone: with
+    no record, nothing says this tool created them)."""
+    done = []
+    for f in tc.our_filters(ipr, ifindex):
+        if tc.del_filter(ipr, ifindex, f.parent):
+            done.append(f"filter at {tc.fmt_handle(f.parent)}")
+    return done

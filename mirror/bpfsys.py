@@ -1,0 +1,259 @@
+"""The raw bpf(2) system call: the one place that knows its number on each architecture,
+the parts of `union bpf_attr` this project uses (include/uapi/linux/bpf.h), and the
+possible-CPU count that sizes every per-CPU map value.
+
+bcc covers loading and most map access; what it lacks or makes slow goes through here:
+BPF_PROG_TEST_RUN, batched and atomic map operations, tcx links (BPF_LINK_CREATE and the
+link/program queries behind `mirror status`), and BPF_ENABLE_STATS for the bench. The
+loader (mirror.bpfprog), the tcx hook (mirror.tcx), the bench and the tests all call it
+from here."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+# __NR_bpf by `uname -m` of the kernel, for a process of the kernel's own word size.
+# Debian builds bcc for each of these.
+_SYSCALL_BY_MACHINE = {
+    "x86_64": 321, "aarch64": 280, "ppc64le": 361, "ppc64": 361, "s390x": 351,
+    "riscv64": 280, "loongarch64": 280, "mips64": 5315,      # mips64: the n64 ABI
+    "i386": 357, "i486": 357, "i586": 357, "i686": 357,
+    "armv6l": 386, "armv7l": 386, "armv8l": 386,               # 32-bit ARM, EABI
+}
+# A 32-bit process on a 64-bit kernel (i386 on x86_64, armhf on aarch64, mips o32)
+# calls the 32-bit table.
+_SYSCALL_32_ON_64 = {"x86_64": 357, "aarch64": 386, "mips64": 4355}
+
+
+def syscall_number(machine: str | None = None, pointer_bytes: int | None = None) -> int:
+    """__NR_bpf for this process (or for the given `uname -m` and pointer size)."""
+    machine = machine or platform.machine()
+    pointer_bytes = pointer_bytes or struct.calcsize("P")
+    if pointer_bytes == 4 and machine in _SYSCALL_32_ON_64:
+        return _SYSCALL_32_ON_64[machine]
+    try:
+        return _SYSCALL_BY_MACHINE[machine]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"bpf(2): no syscall number known for architecture "
+                      f"{machine!r}; add it to mirror/bpfsys.py") from None
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The CPUs of a kernel CPU list such as "0-3,8,10-11" (the format of
+    /sys/devices/system/cpu/possible)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return sorted(set(cpus))
+
+
+def possible_cpus() -> int:
+    """How many value slots a per-CPU map has: the kernel copies one per possible CPU
+    (for_each_possible_cpu), so a sparse mask such as "0-1,4-5" gives 4, not 6."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return len(parse_cpu_list(f.read()))
+
+
+# --- commands and attribute layouts -------------------------------------------------------
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_LINK_CREATE = 28
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+BPF_ENABLE_STATS = 32
+
+BPF_NOEXIST = 1
+BPF_STATS_RUN_TIME = 0
+
+
+class TestRunAttr(ctypes.Structure):
+    """BPF_PROG_TEST_RUN."""
+    __test__ = False        # not a pytest class
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+    ]
+
+
+class ElemAttr(ctypes.Structure):
+    """BPF_MAP_*_ELEM and BPF_MAP_GET_NEXT_KEY (`value` is `next_key` there)."""
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64)]
+
+
+class BatchAttr(ctypes.Structure):
+    """BPF_MAP_*_BATCH."""
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class LinkCreateAttr(ctypes.Structure):
+    """BPF_LINK_CREATE for a tcx link."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+class IdAttr(ctypes.Structure):
+    """BPF_*_GET_NEXT_ID and BPF_*_GET_FD_BY_ID."""
+    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+class InfoAttr(ctypes.Structure):
+    """BPF_OBJ_GET_INFO_BY_FD."""
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class LinkInfo(ctypes.Structure):
+    """The head of struct bpf_link_info, and its tcx part."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("_rest", ctypes.c_uint8 * 32)]
+
+
+class ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info up to and around its name."""
+    _fields_ = [("_head", ctypes.c_uint8 * 64), ("name", ctypes.c_char * 16),
+                ("_rest", ctypes.c_uint8 * 160)]
+
+
+# --- the call -------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_BPF = syscall_number()
+
+
+def call(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(cmd, attr): the result, or -errno (no exception: for loops where ENOENT is an
+    ordinary answer)."""
+    ret = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return ret if ret >= 0 else -ctypes.get_errno()
+
+
+def check(cmd: int, attr: ctypes.Structure, what: str = "bpf") -> int:
+    """bpf(cmd, attr); raises OSError naming `what` on failure."""
+    ret = call(cmd, attr)
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+@dataclass
+class TestRun:
+    __test__ = False        # not a pytest class
+    retval: int         # as the signed int a tc program returns
+    duration_ns: int    # kernel-timed mean per repetition
+    data_out: bytes
+
+
+def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
+    """Runs a loaded sched_cls program on one frame with BPF_PROG_TEST_RUN, on the CPU
+    the calling thread is on."""
+    if len(frame) < 14:
+        raise ValueError("BPF_PROG_TEST_RUN needs a full Ethernet header (14 bytes)")
+    data_in = ctypes.create_string_buffer(bytes(frame), len(frame))
+    data_out = ctypes.create_string_buffer(len(frame) + 256)
+    attr = TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
+                       data_size_out=ctypes.sizeof(data_out),
+                       data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
+                       repeat=repeat)
+    check(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    retval = ctypes.c_int32(attr.retval).value
+    return TestRun(retval, attr.duration, data_out.raw[:attr.data_size_out])
+
+
+test_run.__test__ = False   # not a pytest test function
+
+_BATCH = 4096
+
+
+def batch_lookup(map_fd: int, key_size: int, value_size: int, per_cpu: bool = True):
+    """Yields the entries of a hash or array map a batch at a time, as (keys, values,
+    count): `keys` holds `count` keys of key_size bytes back to back, `values` one
+    value_size slot per possible CPU for each key (one slot when not per_cpu). One
+    BPF_MAP_LOOKUP_BATCH reads 4096 entries: a full 65536-flow map reads in tens of ms,
+    where a per-key walk takes seconds."""
+    slots = possible_cpus() if per_cpu else 1
+    keys = ctypes.create_string_buffer(key_size * _BATCH)
+    values = ctypes.create_string_buffer(value_size * slots * _BATCH)
+    token = ctypes.create_string_buffer(max(key_size, 8))      # opaque batch position
+    first = True
+    while True:
+        attr = BatchAttr(in_batch=0 if first else ctypes.addressof(token),
+                         out_batch=ctypes.addressof(token), keys=ctypes.addressof(keys),
+                         values=ctypes.addressof(values), count=_BATCH, map_fd=map_fd)
+        ret = call(BPF_MAP_LOOKUP_BATCH, attr)
+        if ret < 0 and ret != -errno.ENOENT:
+            raise OSError(-ret, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(-ret)}")
+        if attr.count:
+            yield keys.raw, values.raw, attr.count
+        if ret == -errno.ENOENT:
+            return
+        first = False
+
+
+def lookup_and_delete(map_fd: int, key: bytes, value_len: int) -> bytes | None:
+    """Reads and deletes one entry atomically; None when it is not there."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value_len)
+    attr = ElemAttr(map_fd=map_fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+    if call(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr) < 0:
+        return None
+    return vbuf.raw
+
+
+def update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> bool:
+    """Writes one entry; False when the kernel refused (e.g. BPF_NOEXIST and it exists)."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    attr = ElemAttr(map_fd=map_fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf),
+                    flags=flags)
+    return call(BPF_MAP_UPDATE_ELEM, attr) >= 0
+
+
+def enable_stats() -> int:
+    """Turns on run-time statistics (run_time_ns, run_cnt) of every program for as long
+    as the returned fd is open; the kernel turns them off when it closes, however the
+    process ends."""
+    attr = ctypes.c_uint32(BPF_STATS_RUN_TIME)
+    ret = _libc.syscall(SYS_BPF, BPF_ENABLE_STATS, ctypes.byref(attr), 4)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    return ret
+
+
+def obj_info(fd: int, info: ctypes.Structure) -> None:
+    """Fills `info` (LinkInfo, ProgInfo) for a BPF object's fd."""
+    check(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                           info=ctypes.addressof(info)),
+          "BPF_OBJ_GET_INFO_BY_FD")

@@ -1,0 +1,11 @@
+"""The capture sidecar (`mirror capture`) and what reads captures back.
+
+- command: the `mirror capture` command line, and `--list`;
+- sidecar: the sidecar's life: waits for the debug interface, runs tcpdump into a ring,
+  feeds the indexer, writes status.json, stops cleanly;
+- tcpdump: tcpdump as a child process (the one wrapper the sidecar, the demo, the bench
+  and the tests use);
+- ring: the ring's files on disk;
+- index: the index of error flows (index.jsonl), read incrementally from the pcaps;
+- pcap: reading a whole pcap back into packets and flows (demo, bench, tests);
+- metrics: the sidecar's Prometheus collector."""

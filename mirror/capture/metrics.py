@@ -1,0 +1,42 @@
+"""Prometheus metrics of the capture sidecar (`mirror capture --metrics-addr`)."""
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class SidecarCollector:
+    """The sidecar's health, read from its status at scrape time."""
+
+    def __init__(self, sidecar):
+        self.sidecar = sidecar
+
+    def collect(self):
+        s = self.sidecar.status()
+        counters = [
+            ("packets_captured", "mirror_capture_packets_captured",
+             "Packets tcpdump wrote (its own count)"),
+            ("packets_received", "mirror_capture_packets_received",
+             "Packets the capture filter received"),
+            ("packets_dropped_kernel", "mirror_capture_packets_dropped",
+             "Packets the kernel dropped because tcpdump's buffer was full"),
+            ("packets_indexed", "mirror_capture_packets_indexed",
+             "Packets read back from the pcaps by the indexer"),
+            ("flows_indexed", "mirror_capture_flows_indexed",
+             "Error flows written to the index"),
+            ("files_pruned", "mirror_capture_files_pruned",
+             "Pcap files deleted to keep the ring bounded"),
+            ("packets_unindexed", "mirror_capture_packets_unindexed",
+             "Packets tcpdump wrote that the ring overwrote before the indexer read them"),
+            ("tcpdump_restarts", "mirror_capture_tcpdump_restarts",
+             "Times tcpdump exited by itself (debug interface gone) and was restarted"),
+        ]
+        for key, name, doc in counters:
+            yield CounterMetricFamily(name, doc, value=s[key])
+        yield GaugeMetricFamily("mirror_capture_files", "Pcap files on disk", value=s["files"])
+        yield GaugeMetricFamily("mirror_capture_bytes", "Bytes of pcap files on disk",
+                                value=s["bytes"])
+        yield GaugeMetricFamily("mirror_capture_flows_open",
+                                "Flows read but not yet written to the index",
+                                value=s["flows_open"])
+        yield GaugeMetricFamily("mirror_capture_up", "1 while tcpdump is recording",
+                                value=1 if s["state"] == "capturing" else 0)

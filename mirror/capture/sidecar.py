@@ -1,0 +1,351 @@
+"""The capture sidecar: records the debug interface with tcpdump into a
+bounded ring of pcap files and indexes the error flows it recorded.
+
+- Ring: tcpdump -C SIZE -W FILES, so at most FILES files of about SIZE million bytes each
+  (a file may pass SIZE by one packet) per tcpdump run; files of earlier runs (tcpdump is
+  restarted when the debug interface is recreated) are pruned oldest first, so the
+  directory never holds more than FILES pcaps. Files are 0600, the directory 0700.
+- Waits for the debug interface to exist and be up instead of failing when it starts
+  before the mirror controller that creates it.
+- Index: the files are read back with dpkt as tcpdump writes them (every 0.2 s, from
+  where the last read stopped; -U makes tcpdump write whole records), and one JSON line
+  per error flow is appended to index.jsonl once the flow is over (mirror.capture.index).
+  `mirror capture --list` prints the index as a table. Read positions are kept in
+  .cursors.json, so a restarted sidecar indexes what a killed one left unread.
+- Health: tcpdump's own counters (packets captured, received by the filter, dropped by
+  the kernel), asked for with SIGUSR1, go to status.json, the log and the metrics, with
+  the indexer's (flows indexed, ring files overwritten before they were read).
+- SIGTERM/SIGINT: stops tcpdump with SIGINT (it writes out its buffer), reads the files
+  to their end, writes every flow still open to the index, and exits 0.
+
+Privileges: only what tcpdump needs, CAP_NET_RAW (and CAP_NET_ADMIN). The container image
+runs this as a non-root user with a tcpdump carrying those two file capabilities; as root
+it passes `-Z root` so that the files stay owned by the user that indexes them."""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import jsonfile
+from ..errors import UsageError
+from .index import Indexer
+from .ring import PcapFile, current_file, list_pcaps
+from .tcpdump import Tcpdump
+
+log = logging.getLogger("mirror")
+
+INDEX_NAME = "index.jsonl"
+STATUS_NAME = "status.json"
+STATE_NAME = ".cursors.json"
+
+
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
+
+
+def iface_up(name: str) -> bool:
+    """True when `name` exists in this network namespace and is administratively up."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            raw = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS,
+                              struct.pack("16sh14x", name.encode()[:15], 0))
+    except OSError:
+        return False
+    return bool(struct.unpack("16sh14x", raw)[1] & IFF_UP)
+
+
+@dataclass
+class Options:
+    iface: str = "mirror0"
+    dir: Path = Path("/var/lib/mirror/captures")
+    file_size: int = 50
+    files: int = 10
+    flow_idle: float = 60.0
+    buffer_kib: int = 4096
+    metrics_addr: str | None = None
+    poll_interval: float = 0.2
+    stats_interval: float = 5.0
+
+
+@dataclass
+class Totals:
+    """tcpdump's counters over all runs: finished runs plus the running one."""
+    done: dict = field(default_factory=lambda: {"captured": 0, "received": 0, "dropped": 0})
+
+    def current(self, dump: Tcpdump | None) -> dict:
+        live = dump.stats if dump else {}
+        return {k: v + live.get(k, 0) for k, v in self.done.items()}
+
+
+class CaptureSidecar:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.dir = Path(opts.dir)
+        self.indexer = Indexer(self.dir / INDEX_NAME, idle_seconds=opts.flow_idle)
+        self.stop_event = threading.Event()
+        self.dump: Tcpdump | None = None
+        self.run_number = 0
+        self.totals = Totals()
+        self.state = "starting"
+        self.tcpdump_restarts = 0
+        self.files_pruned = 0
+        self.packets_read = 0           # from the files of this process's tcpdump runs
+        self.first_run = None
+        self.cursors: dict[str, dict] = {}
+        self.disk_files = 0
+        self.disk_bytes = 0
+        self._last_stats = 0.0
+        self._lock = threading.Lock()
+
+    # --- start -------------------------------------------------------------------------
+    def preflight(self) -> None:
+        from ..debugif import check_name
+        check_name(self.opts.iface)
+        if os.geteuid() == 0 and not _has_caps(6, 7):
+            raise UsageError("running as root without CAP_SETUID and CAP_SETGID: tcpdump "
+                             "could not keep (or drop) its user. Run as a non-root user with "
+                             "a tcpdump that has the cap_net_raw,cap_net_admin file "
+                             "capabilities (the container image does: --user 10001), or "
+                             "grant SETUID and SETGID")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.dir.stat().st_uid == os.geteuid():
+                self.dir.chmod(0o700)
+            probe = self.dir / ".write-test"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"capture directory {self.dir} is not writable: "
+                             f"{exc.strerror}") from None
+        if self.opts.metrics_addr:
+            from ..cliutil import parse_metrics_addr
+            parse_metrics_addr(self.opts.metrics_addr)
+
+    def run(self) -> None:
+        os.umask(0o077)
+        self._load_state()
+        self._index_leftovers()
+        log.info("capture: recording %s into %s (ring of %d files of %d MB)",
+                 self.opts.iface, self.dir, self.opts.files, self.opts.file_size)
+        try:
+            while not self.stop_event.is_set():
+                if not self._wait_for_iface():
+                    break
+                if not self._start_tcpdump():
+                    continue
+                self._capture_loop()
+                self._finish_run()
+        finally:
+            self._shutdown()
+
+    def _wait_for_iface(self) -> bool:
+        if iface_up(self.opts.iface):
+            return True
+        self.state = "waiting"
+        self._write_status()
+        log.info("capture: waiting for interface %s to appear", self.opts.iface)
+        while not self.stop_event.is_set():
+            if iface_up(self.opts.iface):
+                log.info("capture: interface %s is up", self.opts.iface)
+                return True
+            self._housekeeping()
+            self.stop_event.wait(self.opts.poll_interval)
+        return False
+
+    def _start_tcpdump(self) -> bool:
+        self.run_number = self._next_run()
+        if self.first_run is None:
+            self.first_run = self.run_number
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        prefix = self.dir / f"mirror-{stamp}-r{self.run_number}.pcap"
+        dump = Tcpdump(self.opts.iface, str(prefix), buffer_kib=self.opts.buffer_kib,
+                       ring=(self.opts.file_size, self.opts.files))
+        try:
+            self.dump = dump.start()
+        except RuntimeError as exc:
+            message = str(exc)
+            if "permission" in message.lower() or "not permitted" in message.lower():
+                raise UsageError(f"{message}: tcpdump needs CAP_NET_RAW (and CAP_NET_ADMIN)")\
+                    from None
+            log.warning("capture: %s; waiting for the interface again", message)
+            self.stop_event.wait(self.opts.poll_interval)
+            return False
+        self.state = "capturing"
+        self._last_stats = time.monotonic()
+        log.info("capture: tcpdump pid %d writing %s*", self.dump.proc.pid, prefix.name)
+        self._write_status()
+        return True
+
+    def _next_run(self) -> int:
+        runs = [f.run for f in list_pcaps(self.dir)]
+        return max(runs + [self.run_number]) + 1
+
+    # --- run ---------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        while not self.stop_event.is_set():
+            if not self.dump.running():
+                code = self.dump.proc.returncode
+                why = self.dump.lines[-1] if self.dump.lines else "no message"
+                log.warning("capture: tcpdump exited (status %s: %s)", code, why)
+                self.tcpdump_restarts += 1
+                return
+            self._housekeeping()
+            if time.monotonic() - self._last_stats >= self.opts.stats_interval:
+                self._last_stats = time.monotonic()
+                self.dump.request_stats()
+                self._write_status()
+            self.stop_event.wait(self.opts.poll_interval)
+
+    def _housekeeping(self) -> None:
+        """Reads what tcpdump appended since the last look (the file being written
+        included), prunes the ring, writes finished flows to the index."""
+        files = list_pcaps(self.dir)
+        live = None
+        if self.dump and self.dump.running():
+            live = current_file(files, self.run_number, self.opts.files)
+        changed = False
+        for f in files:
+            changed |= self._read(f, f == live)
+        self._prune(files, live)
+        if changed:
+            self._save_state()
+            self._write_status()
+        if self.indexer.flush():
+            log.info("capture: %d flows in the index", self.indexer.flows_written)
+
+    def _read(self, f: PcapFile, live: bool) -> bool:
+        """Reads the new records of one file; False if it had not changed."""
+        from .index import Cursor
+        entry = self.cursors.get(f.name)
+        if entry and entry["sig"] == list(f.signature):
+            entry["live"] = live            # closed without a write since the last read
+            return False
+        cursor = Cursor.from_json(entry) if entry else Cursor()
+        try:
+            stats = self.indexer.read(f.path, cursor)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            log.warning("capture: cannot read %s: %s", f.name, exc)
+            return False
+        if self.first_run is not None and f.run >= self.first_run:
+            self.packets_read += stats.packets
+        self.cursors[f.name] = {**cursor.to_json(), "sig": list(f.signature), "live": live}
+        return True
+
+    def _prune(self, files: list[PcapFile], live: PcapFile | None) -> None:
+        """Deletes the oldest files beyond --files (files of earlier tcpdump runs: a run's
+        own ring never exceeds the count). A file is read to its end before it goes."""
+        excess = len(files) - self.opts.files
+        files = list(files)
+        for f in files[:]:                  # oldest first
+            if excess <= 0:
+                break
+            if f == live:
+                continue
+            self._read(f, False)
+            try:
+                f.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.cursors.pop(f.name, None)
+            files.remove(f)
+            self.files_pruned += 1
+            excess -= 1
+        for name in set(self.cursors) - {f.name for f in files}:
+            del self.cursors[name]          # removed by someone else
+        self.disk_files = len(files)
+        self.disk_bytes = sum(f.signature[1] for f in files)
+
+    def _finish_run(self) -> None:
+        """After a tcpdump run ended (stopped or exited): count its packets and index
+        everything it wrote."""
+        if self.dump is None:
+            return
+        self.dump.stop(timeout=10)
+        with self._lock:        # so that a scrape never sees a run counted twice or not at all
+            dump, self.dump = self.dump, None
+            stats = dump.stats
+            for k in self.totals.done:
+                self.totals.done[k] += stats[k]
+        log.info("capture: tcpdump run %d: %d packets captured, %d received by filter, "
+                 "%d dropped by kernel", self.run_number, stats["captured"],
+                 stats["received"], stats["dropped"])
+        self._housekeeping()
+
+    def _shutdown(self) -> None:
+        self.state = "stopping"
+        self._finish_run()
+        self._housekeeping()
+        written = self.indexer.flush(final=True)
+        self.state = "stopped"
+        self._write_status()
+        totals = self.totals.current(None)
+        log.info("capture: stopped; %d flows in the index (%d written at stop), %d packets "
+                 "captured, %d dropped by kernel", self.indexer.flows_written, written,
+                 totals["captured"], totals["dropped"])
+
+    def _index_leftovers(self) -> None:
+        """Reads what an earlier sidecar left unread (it was killed), and writes its open
+        flows to the index: no tcpdump run of that sidecar will add to them."""
+        before = self.indexer.packets_indexed
+        for f in list_pcaps(self.dir):
+            self._read(f, False)
+        if self.indexer.packets_indexed > before:
+            log.info("capture: read %d packets left unread by an earlier run",
+                     self.indexer.packets_indexed - before)
+        self.indexer.flush(final=True)
+        self._prune(list_pcaps(self.dir), None)
+        self._save_state()
+
+    # --- state and status --------------------------------------------------------------
+    def _load_state(self) -> None:
+        try:
+            self.cursors = json.loads((self.dir / STATE_NAME).read_text())
+        except (FileNotFoundError, ValueError):
+            self.cursors = {}
+
+    def _save_state(self) -> None:
+        jsonfile.write(self.dir / STATE_NAME, self.cursors)
+
+    def status(self) -> dict:
+        with self._lock:
+            totals = self.totals.current(self.dump)
+        return {
+            "iface": self.opts.iface, "state": self.state, "pid": os.getpid(),
+            "updated": round(time.time(), 3),
+            "packets_captured": totals["captured"], "packets_received": totals["received"],
+            "packets_dropped_kernel": totals["dropped"],
+            "tcpdump_runs": self.run_number, "tcpdump_restarts": self.tcpdump_restarts,
+            "files": self.disk_files, "bytes": self.disk_bytes,
+            "files_pruned": self.files_pruned, "file_size_mb": self.opts.file_size,
+            # Written by tcpdump, overwritten by the ring before the indexer read them
+            # (exact once stopped; while running, tcpdump's count is up to 5 s old).
+            "packets_unindexed": max(0, totals["captured"] - self.packets_read),
+            "max_files": self.opts.files, "packets_indexed": self.indexer.packets_indexed,
+            "flows_indexed": self.indexer.flows_written,
+            "flows_open": len(self.indexer.flows),
+        }
+
+    def _write_status(self) -> None:
+        jsonfile.write(self.dir / STATUS_NAME, self.status())
+
+
+def _has_caps(*bits: int) -> bool:
+    """Whether this process has all the given capabilities in its effective set."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+                return all(eff >> b & 1 for b in bits)
+    except OSError:
+        pass
+    return True
