@@ -10,8 +10,9 @@
  * an LRU per-CPU hash; that packet and every later packet of the connection, both
  * directions, is cloned to the debug interface.
  *
- * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (the status line).
- * This file holds the maps, the counters and the decision: mark, mirror, pass.
+ * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (status line and
+ * request start). This file holds the maps, the counters and the decisions: keep a
+ * request, pair a response with it, mark, mirror, report, pass.
  *
  * Compiled by bcc; MAX_FLOWS comes from the loader's cflags.
  */
@@ -22,6 +23,12 @@
 
 #ifndef MAX_FLOWS
 #define MAX_FLOWS 65536
+#endif
+#ifndef MAX_REQUESTS
+#define MAX_REQUESTS 16384
+#endif
+#ifndef EVENT_PAGES
+#define EVENT_PAGES 256
 #endif
 
 /* The verdict for every packet. TC_ACT_UNSPEC means "no opinion": the packet goes on to the
@@ -35,6 +42,12 @@ BPF_ARRAY(config, struct mirror_config, 1);
 BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
+/* The request snapshot: per flow, the last request start seen (struct error_event's
+ * request part). Shared by all CPUs: the response may run on another CPU. */
+BPF_TABLE("lru_hash", struct flow_key, struct error_event, requests, MAX_REQUESTS);
+/* Where an event or a snapshot is put together: too large for the stack. */
+BPF_PERCPU_ARRAY(event_scratch, struct error_event, 1);
+BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -103,6 +116,67 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
     }
 }
 
+/* Keeps the first bytes of a request frame (the whole frame from its Ethernet header, up
+ * to config.request_bytes) as the flow's request snapshot, replacing the previous one.
+ * Only request starts pay this: one copy into the per-CPU scratch, one map update. */
+static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segment *seg,
+                                         __u32 direction, const struct mirror_config *cfg)
+{
+    __u32 zero = 0;
+    struct error_event *ev = event_scratch.lookup(&zero);
+    if (!ev)
+        return;
+    __u64 len = skb->len;
+    if (len > cfg->request_bytes)
+        len = cfg->request_bytes;
+    if (len > REQUEST_BYTES)
+        len = REQUEST_BYTES;
+    if (len == 0)
+        return;
+    if (bpf_skb_load_bytes(skb, 0, ev->data, len) < 0)
+        return;
+    ev->request_ns = bpf_ktime_get_ns();
+    ev->request_ifindex = skb->ifindex;
+    ev->request_direction = direction;
+    ev->request_from_lo = seg->src_is_lo;
+    ev->request_frame_len = skb->len;
+    ev->request_len = len;
+    requests.update(&seg->key, ev);
+    count(C_REQUESTS, 1);
+}
+
+/* Hands an error event to user space: the response's facts and, when there is one, the
+ * request snapshot they are written into (`req`, the flow's entry in `requests`). Never
+ * waits: a full ring buffer loses the event, counted. */
+static __always_inline void report_error(struct __sk_buff *skb, const struct tcp_segment *seg,
+                                         struct error_event *req, __u32 status,
+                                         __u32 direction, __u8 new_flow, __u8 proto)
+{
+    __u32 zero = 0;
+    struct error_event *ev = req;
+    if (!ev) {
+        ev = event_scratch.lookup(&zero);
+        if (!ev)
+            return;
+        ev->request_ns = 0;
+        ev->request_len = 0;
+    }
+    ev->response_ns = bpf_ktime_get_ns();
+    ev->ifindex = skb->ifindex;
+    ev->status = status;
+    ev->direction = direction;
+    ev->new_flow = new_flow;
+    ev->proto = proto;
+    ev->server_is_lo = seg->src_is_lo;
+    __builtin_memcpy(&ev->key, &seg->key, sizeof(ev->key));
+    int err;
+    if (req)
+        err = events.ringbuf_output(ev, sizeof(*ev), 0);
+    else
+        err = events.ringbuf_output(ev, __builtin_offsetof(struct error_event, data), 0);
+    count(err ? C_EVENTS_LOST : C_EVENTS, 1);
+}
+
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 {
     struct tcp_segment seg = {};
@@ -131,6 +205,13 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     struct flow_value *fv = 0;
     if (maybe_marked())
         fv = flows.lookup(&seg.key);
+    if (fv && seg.syn) {
+        /* A new connection reusing the 4-tuple of a marked one (the client port came
+         * round again within the idle timeout): not the connection that failed. */
+        flows.delete(&seg.key);
+        count(C_SYN_UNMARKED, 1);
+        fv = 0;
+    }
     if (fv) {
         now = bpf_ktime_get_coarse_ns();
         fv->packets++;
@@ -141,9 +222,38 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         fv->ifindex = skb->ifindex;
     }
 
+    /* One load of the payload's first bytes answers both: a status line, or a request
+     * start. Segments shorter than a status line are neither (a request line is longer). */
+    char head[STATUS_LINE_LEN];
     int code = -1;
-    if (seg.payload_end - seg.payload_off >= STATUS_LINE_LEN)
-        code = http1_status(skb, seg.payload_off);
+    struct mirror_config *cfg = 0;
+    struct error_event *req = 0;
+    __u32 zero = 0;
+    if (seg.payload_end - seg.payload_off >= STATUS_LINE_LEN &&
+        http1_load(skb, seg.payload_off, head) == 0) {
+        code = http1_status(head);
+        if (code < 0 && http1_request_start(head)) {
+            cfg = config.lookup(&zero);
+            if (cfg && cfg->request_bytes)
+                keep_request(skb, &seg, direction, cfg);
+        }
+    }
+    if (code >= 0) {
+        /* With the request snapshot on, a status line counts only when it travels
+         * opposite to the flow's last request: a client cannot mark its own connection
+         * by sending one. With no request kept for the flow, it counts (as with the
+         * snapshot off): a response whose request was missed is still an error. */
+        cfg = config.lookup(&zero);
+        if (cfg && cfg->request_bytes) {
+            req = requests.lookup(&seg.key);
+            if (!req) {
+                count(C_RESP_NO_REQUEST, 1);
+            } else if (req->request_from_lo == seg.src_is_lo) {
+                count(C_STATUS_SAME_DIR, 1);
+                code = -1;
+            }
+        }
+    }
     if (code < 0) {
         if (fv)
             mirror_packet(skb, 0, direction);
@@ -162,6 +272,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 
     __u8 *armed = trigger.lookup(&status);
     if (armed && *armed) {
+        report_error(skb, &seg, req, status, direction, !fv, PROTO_HTTP1);
         if (fv) {
             fv->status = status;
         } else {

@@ -38,6 +38,16 @@ enum counter {
     C_CLONE_FAILURES,   /* clone not sent or dropped by the debug interface; original unaffected */
     C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
     C_IFACE_SLOT_TAKEN, /* per-interface stats not kept: slot owned by another ifindex */
+    C_SYN_UNMARKED,     /* a SYN on a marked flow: a new connection reusing the 4-tuple,
+                         * unmarked and not mirrored */
+    C_REQUESTS,         /* HTTP/1.x request starts (a method and a space at the start of a
+                         * payload) kept in the request snapshot (snapshot on) */
+    C_STATUS_SAME_DIR,  /* status lines sent by the side that sent the flow's last request:
+                         * not a response (snapshot on) */
+    C_RESP_NO_REQUEST,  /* responses on a flow with no request snapshot (not seen, evicted,
+                         * or snapshot off) */
+    C_EVENTS,           /* error events handed to user space */
+    C_EVENTS_LOST,      /* error events lost: the ring buffer was full */
     NR_COUNTERS,
 };
 
@@ -69,7 +79,45 @@ struct flow_value {
 
 struct mirror_config {
     __u32 debug_ifindex;    /* 0: nowhere to mirror (counted in C_NO_DEBUG_IF) */
-    __u32 pad;
+    __u32 request_bytes;    /* bytes of a request frame kept (<= REQUEST_BYTES); 0: off */
+};
+
+/* Bytes of a request frame the snapshot map can hold (the loader's --request-bytes,
+ * rounded up to a multiple of 8). */
+#ifndef REQUEST_BYTES
+#define REQUEST_BYTES 512
+#endif
+
+enum app_proto {
+    PROTO_HTTP1 = 1,
+    PROTO_HTTP2 = 2,
+};
+
+/* One error event: a trigger status seen, and the request that got it. The request
+ * part is what the request snapshot map (`requests`, keyed by flow) holds; the response
+ * part is filled in when a trigger status arrives, and the whole struct goes to user
+ * space through the `events` ring buffer (without data[] when no request was kept).
+ * Times are bpf_ktime_get_ns() (CLOCK_MONOTONIC). */
+struct error_event {
+    /* the response */
+    __u64 response_ns;
+    __u32 ifindex;
+    __u16 status;
+    __u8 direction;         /* enum direction */
+    __u8 new_flow;          /* 1: this response marked the flow */
+    __u8 proto;             /* enum app_proto */
+    __u8 server_is_lo;      /* the response's sender is key's lo endpoint */
+    __u8 pad0[6];
+    struct flow_key key;
+    /* the request (request_ns 0: none kept) */
+    __u64 request_ns;
+    __u32 request_ifindex;
+    __u8 request_direction;
+    __u8 request_from_lo;   /* the request's sender is key's lo endpoint */
+    __u16 pad1;
+    __u32 request_frame_len;/* the whole frame (skb->len) */
+    __u32 request_len;      /* of which data[] holds this many bytes */
+    __u8 data[REQUEST_BYTES];
 };
 
 /* The flow-lookup pre-filter. marks[MARKS_MADE] counts the flows the classifier has

@@ -27,6 +27,8 @@ struct tcp_segment {
     struct flow_key key;    /* normalised: both directions give the same key */
     __u32 payload_off;      /* offset of the TCP payload from the start of the frame */
     __u32 payload_end;      /* end of the TCP payload (IP length, capped at skb->len) */
+    __u8 src_is_lo;         /* the sender is key.addr_lo/port_lo */
+    __u8 syn;               /* the SYN flag is set */
 };
 
 struct vlan_tag {
@@ -55,8 +57,9 @@ static __always_inline int endpoint_less(const __u32 *a, __u16 pa, const __u32 *
     return bpf_ntohs(pa) < bpf_ntohs(pb);
 }
 
-static __always_inline void set_key(struct flow_key *key, const __u32 *src, __u16 sport,
-                                    const __u32 *dst, __u16 dport, int words)
+/* Returns whether the sender (src) is the key's lo endpoint. */
+static __always_inline int set_key(struct flow_key *key, const __u32 *src, __u16 sport,
+                                   const __u32 *dst, __u16 dport, int words)
 {
     int src_low = endpoint_less(src, sport, dst, dport, words);
     const __u32 *lo = src_low ? src : dst;
@@ -70,6 +73,7 @@ static __always_inline void set_key(struct flow_key *key, const __u32 *src, __u1
     }
     key->port_lo = src_low ? sport : dport;
     key->port_hi = src_low ? dport : sport;
+    return src_low;
 }
 
 /* Parses the frame down to the TCP payload; `seg` must be zeroed by the caller. */
@@ -118,7 +122,7 @@ static __always_inline int parse_tcp_segment(struct __sk_buff *skb, struct tcp_s
         struct tcphdr *tcp = data + l4;
         if ((void *)(tcp + 1) > data_end)
             goto truncated;
-        set_key(key, &ip->saddr, tcp->source, &ip->daddr, tcp->dest, 1);
+        seg->src_is_lo = set_key(key, &ip->saddr, tcp->source, &ip->daddr, tcp->dest, 1);
     } else if (proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = data + off;
         if ((void *)(ip6 + 1) > data_end)
@@ -153,8 +157,8 @@ static __always_inline int parse_tcp_segment(struct __sk_buff *skb, struct tcp_s
         struct tcphdr *tcp = data + l4;
         if ((void *)(tcp + 1) > data_end)
             goto truncated;
-        set_key(key, ip6->saddr.in6_u.u6_addr32, tcp->source,
-                ip6->daddr.in6_u.u6_addr32, tcp->dest, 4);
+        seg->src_is_lo = set_key(key, ip6->saddr.in6_u.u6_addr32, tcp->source,
+                                 ip6->daddr.in6_u.u6_addr32, tcp->dest, 4);
     } else {
         return PARSE_OTHER;
     }
@@ -173,6 +177,7 @@ static __always_inline int parse_tcp_segment(struct __sk_buff *skb, struct tcp_s
         return PARSE_MALFORMED;
     seg->payload_off = payload_off;
     seg->payload_end = payload_end;
+    seg->syn = tcp->syn;
     return PARSED_TCP;
 
 truncated:

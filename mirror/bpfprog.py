@@ -67,6 +67,22 @@ FLOW_KEY_SIZE = 40     # struct flow_key
 FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
 _FLOW_VALUE = struct.Struct("=QQQQIH2x")
 IFACE_SLOTS = 1024      # bpf/mirror.h
+DEFAULT_REQUEST_BYTES = 512
+MAX_REQUEST_BYTES = 4096
+EVENT_HEAD_SIZE = 88    # struct error_event up to data[]
+
+
+def request_capacity(request_bytes: int) -> int:
+    """The snapshot buffer compiled in: --request-bytes rounded up to 8 (at least 8, so
+    that the map exists even with the snapshot off)."""
+    return max(8, (request_bytes + 7) // 8 * 8)
+
+
+def request_slots(max_flows: int) -> int:
+    """Entries of the request snapshot map: a quarter of the flow map (a snapshot lives
+    only from a request to its response; an evicted one costs its event the request, not
+    the error: an unpaired response still counts)."""
+    return max(16, max_flows // 4)
 IFACE_STATS_SIZE = 72   # struct iface_stats
 _IFACE_STATS = struct.Struct("=8QI4x")
 
@@ -76,11 +92,15 @@ class Classifier:
 
     PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
 
-    def __init__(self, max_flows: int = 65536):
+    def __init__(self, max_flows: int = 65536, request_bytes: int = DEFAULT_REQUEST_BYTES):
         from bcc import BPF
         src = bpf_dir() / "mirror.c"
+        self.request_capacity = request_capacity(request_bytes)
+        self.max_requests = request_slots(max_flows)
         self.bpf = BPF(src_file=str(src).encode(),
                        cflags=[f"-I{bpf_dir()}", f"-DMAX_FLOWS={max_flows}",
+                               f"-DREQUEST_BYTES={self.request_capacity}",
+                               f"-DMAX_REQUESTS={self.max_requests}",
                                "-Wno-unused-function"])
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}
@@ -91,6 +111,9 @@ class Classifier:
         self._counters = self.bpf.get_table(b"counters")
         self._iface_stats = self.bpf.get_table(b"iface_stats")
         self._marks = self.bpf.get_table(b"marks")
+        self._requests = self.bpf.get_table(b"requests")
+        self.events = self.bpf.get_table(b"events")
+        self.set_request_bytes(request_bytes)
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -108,9 +131,21 @@ class Classifier:
         return frozenset(k.value for k, v in self._trigger.items() if v.value)
 
     def set_debug_ifindex(self, ifindex: int) -> None:
-        cfg = self._config.Leaf()
-        cfg.debug_ifindex = ifindex
-        self._config[self._config.Key(0)] = cfg
+        self._set_config(debug_ifindex=ifindex)
+
+    def set_request_bytes(self, n: int) -> None:
+        """How much of a request frame the snapshot keeps (0: the snapshot is off, and a
+        status line counts whichever side sends it)."""
+        if not 0 <= n <= self.request_capacity:
+            raise ValueError(f"request bytes {n} beyond the compiled {self.request_capacity}")
+        self._set_config(request_bytes=n)
+
+    def _set_config(self, **fields) -> None:
+        key = self._config.Key(0)
+        cfg = self._config[key]
+        for name, value in fields.items():
+            setattr(cfg, name, value)
+        self._config[key] = cfg
 
     def delete_flow(self, key: FlowKey) -> bool:
         try:
@@ -122,6 +157,7 @@ class Classifier:
     def clear(self) -> None:
         """Empties flows and counters (tests reset state between cases this way)."""
         self._flows.clear()
+        self._requests.clear()
         self.note_if_empty()
         self._iface_stats.clear()       # zeroes every slot of the array
         zero = self._counters.Leaf(*([0] * len(self._counters.Leaf())))

@@ -21,11 +21,12 @@ examples:
   mirror run --iface veth1a2b3c                 # mirror 5xx connections to mirror0
   mirror run --iface eth0 --trigger 429,5xx --metrics-addr 127.0.0.1:9464
   mirror run --iface eth0 --iface eth1 --hook htb --debug-iface dbg0
+  mirror run --iface veth1a2b3c --events-file - | jq .target   # one line per error
   tcpdump -ni mirror0 -w errors.pcap            # in another shell: record the mirror
 
 environment (for containers; flags win): MIRROR_IFACE (comma-separated), MIRROR_DEBUG_IFACE,
-MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT, MIRROR_MAX_FLOWS, MIRROR_METRICS_ADDR,
-MIRROR_CONFIG.
+MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT, MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES,
+MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB, MIRROR_METRICS_ADDR, MIRROR_CONFIG.
 
 signals: SIGINT/SIGTERM detach cleanly and exit; SIGHUP re-reads trigger and idle_timeout
 from --config (a bad file is rejected and the running set kept).
@@ -34,6 +35,12 @@ overhead: every packet on a monitored interface runs the classifier (a few tens 
 header parsing and one hash lookup per TCP segment, one bpf_skb_load_bytes per data
 segment). Packets of marked connections are also cloned, which costs far more; keep the
 trigger set narrow on busy hosts. See bench/ for measured numbers.
+"""
+
+EPILOG_EVENTS = """\
+examples:
+  mirror events                       # the recent error responses, one line each
+  mirror events --follow --json | jq 'select(.status >= 500) | .target'
 """
 
 DESCRIPTION = """\
@@ -77,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=count(), default=env("MIRROR_MAX_FLOWS", "65536"),
                      metavar="N", help="flow map size; the least recently used flow is evicted "
                      "beyond it (default %(default)s)")
+    run.add_argument("--request-bytes", type=count(0),
+                     default=env("MIRROR_REQUEST_BYTES", "512"), metavar="N",
+                     help="keep the first N bytes of each HTTP/1.x request frame, so that an "
+                     "error response comes with its request (captured and in the event); 0: "
+                     "off, and a status line then counts from either side (default "
+                     "%(default)s)")
+    run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
+                     help="append one JSON line per error response to PATH (mode 0600, "
+                     "rotated to PATH.1 past --events-file-mb); '-': standard output "
+                     "(default: off; `mirror events` works either way)")
+    run.add_argument("--events-file-mb", type=count(1),
+                     default=env("MIRROR_EVENTS_FILE_MB", "16"), metavar="MB",
+                     help="rotate the events file past this size (default %(default)s)")
     run.add_argument("--metrics-addr", default=env("MIRROR_METRICS_ADDR"), metavar="HOST:PORT",
                      help="serve Prometheus metrics here (default: off)")
     run.add_argument("--config", default=env("MIRROR_CONFIG"), metavar="FILE",
@@ -91,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     fl = sub.add_parser("flows", help="marked flows now in the map of running controllers")
     fl.add_argument("--json", action="store_true", help="machine-readable output")
     fl.set_defaults(func=cmd_flows)
+
+    ev = sub.add_parser("events", help="recent error responses of running controllers, "
+                        "with the request that got them",
+                        description="Error events of the running controllers: time, "
+                        "interface, client, server, method, target, host, status and response "
+                        "time of each error response (the last 1000 per controller).",
+                        epilog=EPILOG_EVENTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--follow", "-f", action="store_true",
+                    help="keep printing new events until interrupted")
+    ev.add_argument("--json", action="store_true", help="JSON lines (what --events-file holds)")
+    ev.set_defaults(func=cmd_events)
 
     de = sub.add_parser("detach", help="remove this tool's hooks (only those) from an interface",
                         description="Remove this tool's filters from IF, and the qdiscs a "
@@ -118,7 +149,9 @@ def cmd_run(args) -> int:
     opts = Options(ifaces=args.iface or args.env_ifaces, debug_iface=args.debug_iface,
                    trigger=args.trigger, hook=args.hook, idle_timeout=args.idle_timeout,
                    max_flows=args.max_flows, metrics_addr=args.metrics_addr,
-                   config=args.config)
+                   config=args.config, request_bytes=int(args.request_bytes),
+                   events_file=args.events_file,
+                   events_file_bytes=int(args.events_file_mb) << 20)
     if opts.config:
         _require_root()
         cfg = read_config(opts.config)
@@ -165,6 +198,12 @@ def cmd_flows(args) -> int:
     flows = collect_flows()
     print(json.dumps(flows, indent=2) if args.json else render_flows(flows))
     return 0
+
+
+def cmd_events(args) -> int:
+    _require_root()
+    from .status import follow_events
+    return follow_events(args.follow, args.json)
 
 
 def cmd_detach(args) -> int:

@@ -3,8 +3,8 @@ for what only its process holds, such as the contents of its BPF maps.
 
 Each controller serves an abstract unix socket named `@tc-mirror-ID` (scoped to the
 network namespace, gone with the process, no path to clean up), recorded in its
-controller record (mirror.ownership). A client sends one request word and a newline and
-reads one JSON document until the server closes. Only root and the controller's own user
+controller record (mirror.ownership). A client sends one request line (a word, and an
+argument after a space for some) and reads one JSON document until the server closes. Only root and the controller's own user
 may ask (SO_PEERCRED)."""
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def _address(name: str) -> str:
 
 
 class ControlServer:
-    """Answers requests by name: `handlers[word]()` returns what is sent back as JSON."""
+    """Answers requests by name: `handlers[word](argument)` returns what is sent back as
+    JSON (argument: the rest of the line, "" when none)."""
 
-    def __init__(self, name: str, handlers: dict[str, Callable[[], object]]):
+    def __init__(self, name: str, handlers: dict[str, Callable[[str], object]]):
         self.name = name
         self.handlers = handlers
         self._server: socketserver.ThreadingUnixStreamServer | None = None
@@ -45,9 +46,12 @@ class ControlServer:
                 uid = struct.unpack("3i", creds)[1]
                 if uid not in (0, os.geteuid()):
                     return
-                what = self.rfile.readline().decode().strip()
+                what, _, arg = self.rfile.readline().decode().strip().partition(" ")
                 handler = handlers.get(what)
-                body = handler() if handler else {"error": f"unknown request {what!r}"}
+                try:
+                    body = handler(arg) if handler else {"error": f"unknown request {what!r}"}
+                except ValueError as exc:
+                    body = {"error": f"bad request {what} {arg!r}: {exc}"}
                 self.wfile.write(json.dumps(body).encode())
 
         self._server = socketserver.ThreadingUnixStreamServer(_address(self.name), Handler)

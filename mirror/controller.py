@@ -35,6 +35,9 @@ class Options:
     max_flows: int = 65536
     metrics_addr: str | None = None
     config: str | None = None
+    request_bytes: int = 512
+    events_file: str | None = None
+    events_file_bytes: int = 16 << 20
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Controller:
         self.debug_recreated_total = 0
         self.sweep_seconds = 0.0
         self._server = None
+        self.events = None
         self._debug_missing_logged = False
         self._debug_lock = None
         self._ctl_lock = None
@@ -102,6 +106,14 @@ class Controller:
             raise UsageError("--idle-timeout must be a positive number of seconds")
         if not 16 <= self.opts.max_flows <= 1 << 24:
             raise UsageError("--max-flows must be between 16 and 16777216")
+        from .bpfprog import MAX_REQUEST_BYTES
+        if not 0 <= self.opts.request_bytes <= MAX_REQUEST_BYTES:
+            raise UsageError(f"--request-bytes must be between 0 (off) and {MAX_REQUEST_BYTES}")
+        if self.opts.events_file and self.opts.events_file != "-":
+            parent = os.path.dirname(os.path.abspath(self.opts.events_file))
+            if not os.access(parent, os.W_OK):
+                raise UsageError(f"cannot write the events file {self.opts.events_file}: "
+                                 f"{parent} is not a writable directory")
         indexes = {}
         for name in self.opts.ifaces:
             idx = debugif.lookup(self.ipr, name)
@@ -145,13 +157,18 @@ class Controller:
             indexes = self.preflight()
         t0 = time.monotonic()
         self.classifier = (self._classifier_factory or self._default_classifier)()
-        from .bpfprog import FLOW_KEY_SIZE, FLOW_VALUE_SIZE
+        from .bpfprog import EVENT_HEAD_SIZE, FLOW_KEY_SIZE, FLOW_VALUE_SIZE
         from .bpfsys import possible_cpus
         # LRU maps are preallocated: the memory is taken now, whatever the traffic.
         mib = self.opts.max_flows * (FLOW_KEY_SIZE + FLOW_VALUE_SIZE * possible_cpus()) / 2**20
+        clf = self.classifier
+        req_mib = clf.max_requests * (FLOW_KEY_SIZE + EVENT_HEAD_SIZE + clf.request_capacity) \
+            / 2**20
         log.info("classifier compiled and loaded in %.1f s (flow map: %d flows, about "
-                 "%.0f MiB locked for %d possible CPUs)", time.monotonic() - t0,
-                 self.opts.max_flows, mib, possible_cpus())
+                 "%.0f MiB locked for %d possible CPUs; request snapshot: %s)",
+                 time.monotonic() - t0, self.opts.max_flows, mib, possible_cpus(),
+                 f"{self.opts.request_bytes} bytes of each request, {clf.max_requests} "
+                 f"flows, about {req_mib:.0f} MiB" if self.opts.request_bytes else "off")
         self.classifier.set_trigger(self.codes)
         self._warn_shared_stats_slots(indexes)
         self._ctl_lock = ownership.Lock(f"controller-{self.id}")
@@ -166,6 +183,7 @@ class Controller:
             self.shutdown()
             raise
         self._write_controller_record()
+        self._start_events()
         self._start_control_socket()
         log.info("mirroring HTTP %s responses on %s (%s hook) to %s",
                  describe(self.codes), ", ".join(self.attached), self.opts.hook,
@@ -211,7 +229,22 @@ class Controller:
 
     def _default_classifier(self):
         from .bpfprog import Classifier
-        return Classifier(max_flows=self.opts.max_flows)
+        return Classifier(max_flows=self.opts.max_flows, request_bytes=self.opts.request_bytes)
+
+    def _start_events(self) -> None:
+        from .events import EventsFile, EventStream
+        out = None
+        if self.opts.events_file:
+            out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
+        self.events = EventStream(self.classifier.events, self._attached_name,
+                                  lambda: self.debug.ifindex if self.debug else 0,
+                                  out).start()
+
+    def _attached_name(self, ifindex: int) -> str | None:
+        for att in list(self.attached.values()):
+            if att.ifindex == ifindex:
+                return att.ifname
+        return None
 
     def _sink_fd(self) -> int:
         if self._sink is None:
@@ -405,6 +438,9 @@ class Controller:
         if self._server:
             self._server.close()
             self._server = None
+        if self.events:
+            self.events.close()
+            self.events = None
         for name, att in list(self.attached.items()):
             try:
                 self._detach(att)
@@ -488,6 +524,7 @@ class Controller:
     def _start_control_socket(self) -> None:
         """`flows` and `counters` for `mirror flows` and the tests (mirror.control)."""
         self._server = control.ControlServer(self.socket_name, {
-            "flows": self.flows_json,
-            "counters": lambda: self.classifier.counters(),
+            "flows": lambda arg: self.flows_json(),
+            "counters": lambda arg: self.classifier.counters(),
+            "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
         }).start()

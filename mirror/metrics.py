@@ -1,7 +1,8 @@
 """Prometheus metrics, read from the BPF maps at scrape time (no polling loop)."""
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -20,6 +21,17 @@ _SIMPLE = {
     "iface_slot_taken": ("mirror_iface_stats_slot_taken",
                          "Responses/mirrored packets missing from per-interface stats: "
                          "their slot belongs to another interface"),
+    "syn_unmarked": ("mirror_flows_unmarked_syn",
+                     "Marked flows unmarked by a SYN: a new connection reusing the 4-tuple"),
+    "requests": ("mirror_requests_kept", "HTTP/1.x request starts kept in the request snapshot"),
+    "status_same_dir": ("mirror_status_lines_ignored",
+                        "Status lines sent by the side that sent the flow's last request "
+                        "(not responses)"),
+    "resp_no_request": ("mirror_responses_without_request",
+                        "Responses on a flow with no request kept (not seen or evicted)"),
+    "events": ("mirror_events", "Error events handed from the kernel to user space"),
+    "events_lost": ("mirror_events_lost",
+                    "Error events lost because the ring buffer was full"),
 }
 
 
@@ -73,3 +85,25 @@ class MapCollector:
                                   value=ctl.debug_recreated_total)
         yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
                                 value=len(ctl.attached))
+        if ctl.events is not None:
+            yield from self._events(ctl.events)
+
+    @staticmethod
+    def _events(stream):
+        from .events import RESPONSE_BUCKETS
+        errors = CounterMetricFamily("mirror_error_responses",
+                                     "Error responses (trigger statuses) reported as events, "
+                                     "by interface and status", labels=["iface", "status"])
+        for (iface, status), n in sorted(stream.by_iface_status.items()):
+            errors.add_metric([iface, str(status)], n)
+        yield errors
+        cumulative, total, count = stream.histogram()
+        buckets = [(f"{le:g}", n) for le, n in zip(RESPONSE_BUCKETS, cumulative)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily("mirror_error_response_seconds",
+                                    "Time from a request to its error response, as the "
+                                    "classifier saw them (errors whose request was kept)",
+                                    buckets=buckets, sum_value=total)
+        yield CounterMetricFamily("mirror_request_frames_written",
+                                  "Request frames of error responses written to the debug "
+                                  "interface", value=stream.writer.written)

@@ -129,3 +129,44 @@ def detach(ifaces: list[str]) -> int:
         return 0
     finally:
         ipr.close()
+
+
+def _live_controllers() -> list[dict]:
+    return [rec for rec in ownership.records("controller") if _controller_live(rec)]
+
+
+def render_event(e: dict) -> str:
+    took = f"{e['response_ns'] / 1e6:.1f} ms" if e.get("response_ns") is not None else "-"
+    request = f"{e['method']} {e['target']}" if e.get("method") else "(request not seen)"
+    host = f" host {e['host']}" if e.get("host") else ""
+    return (f"{e['time']}  {e['iface']}  {e['status']}  {request}{host}  {took}  "
+            f"{e['client']} -> {e['server']}")
+
+
+def follow_events(follow: bool, as_json: bool) -> int:
+    """`mirror events`: prints the running controllers' recent events (and, with
+    `follow`, new ones as they come, asking twice a second)."""
+    import json
+    import time
+    seen: dict[str, int] = {}
+    while True:
+        controllers = _live_controllers()
+        if not controllers and not follow:
+            print("no running controller in this network namespace", file=sys.stderr)
+            return 1
+        batch = []
+        for rec in controllers:
+            try:
+                got = ask(rec["socket"], f"events {seen.get(rec['id'], 0)}")
+            except OSError as exc:
+                print(f"mirror: controller {rec['pid']} did not answer: {exc}", file=sys.stderr)
+                continue
+            if got:
+                seen[rec["id"]] = got[-1]["seq"]
+            batch += got
+        for e in sorted(batch, key=lambda e: e["time"]):
+            e.pop("seq", None)
+            print(json.dumps(e) if as_json else render_event(e), flush=True)
+        if not follow:
+            return 0
+        time.sleep(0.5)

@@ -66,10 +66,12 @@ def debug_iface(sink):
 
 @pytest.fixture
 def clf(classifier, debug_iface):
-    """The session classifier with empty maps, trigger 5xx, mirroring to debug_iface."""
+    """The session classifier with empty maps, trigger 5xx, mirroring to debug_iface,
+    request snapshot off (tests of the snapshot turn it on)."""
     classifier.clear()
     classifier.set_trigger(frozenset(range(500, 600)))
     classifier.set_debug_ifindex(debug_iface.ifindex)
+    classifier.set_request_bytes(0)
     yield classifier
     classifier.clear()
 

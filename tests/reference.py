@@ -65,8 +65,22 @@ the segment is a response with that status code (000-999): `responses` counts an
 class counter, `resp_1xx` .. `resp_5xx` for 100-599, `resp_other` for the rest. The
 check is case-sensitive (RFC 9112: HTTP-name is "HTTP", %x48.54.54.50).
 
-Marking and mirroring. A response whose code is in the trigger set marks the flow when
-it is not marked yet (`flows_marked`). Every TCP packet of a marked flow (marked before,
+Requests (RFC 9112 request-line, RFC 9110 section 9 methods plus PATCH). A payload of at
+least 13 bytes that starts with GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or
+PATCH and a space (case-sensitive) starts a request. With the request snapshot on, the
+flow remembers which endpoint sent its last request start (`requests` counts), and a
+status line from that same endpoint is that side's own data, not a response
+(`status_same_dir`; not counted as a response, never marks); a status line on a flow
+with no remembered request is a response as with the snapshot off, counted in
+`resp_no_request` as well. With the snapshot off none of this moves.
+
+A new connection. A segment with the SYN flag on a marked flow is a new connection that
+reuses the 4-tuple: the flow is unmarked (`syn_unmarked`) and the segment is not
+mirrored (unless it itself carries a trigger status, which marks the flow anew).
+
+Marking and mirroring. A response whose code is in the trigger set is reported to user
+space as an error event (`events`), whether or not the flow was marked already, and
+marks the flow when it is not marked yet (`flows_marked`). Every TCP packet of a marked flow (marked before,
 or by this very packet) is mirrored: `mirrored_packets` and `mirrored_bytes` (the whole
 frame) when the debug interface takes the clone, else `clone_failures`, or
 `no_debug_if` when no debug interface is configured. A packet that is not TCP, or whose
@@ -125,6 +139,8 @@ class Decision:
     marked_after: whether `key` is marked once the packet has been seen.
     iface: per-interface statistics deltas under (direction): class or
         "mirrored_packets"/"mirrored_bytes" -> delta.
+    request_from_lo: with the request snapshot on, this packet starts a request, sent
+        by the key's lo endpoint (True) or hi endpoint (False); else None.
     """
     ran: bool
     verdict: int | None
@@ -137,9 +153,11 @@ class Decision:
     mirrored: bool = False
     marked_after: bool = False
     iface: Mapping[str, int] = field(default_factory=dict)
+    request_from_lo: bool | None = None
 
 
-PATHS = ("rejected", "malformed", "other", "tcp", "response", "marked", "mirrored")
+PATHS = ("rejected", "malformed", "other", "tcp", "unmarked", "response", "marked",
+         "mirrored")
 
 
 def _u16(b: bytes, off: int) -> int:
@@ -178,6 +196,7 @@ class _Parsed:
     dst: bytes
     sport: int
     dport: int
+    syn: bool
     payload: bytes
 
 
@@ -262,7 +281,7 @@ def _parse(frame: bytes, seen: dict) -> _Parsed:
     if payload_off > ip_end:
         raise _Path("malformed", "TCP header past the end of the IP packet")
     return _Parsed(family, src, dst, _u16(frame, l4), _u16(frame, l4 + 2),
-                   frame[payload_off:ip_end])
+                   bool(frame[l4 + 13] & 0x02), frame[payload_off:ip_end])
 
 
 def status_code(payload: bytes) -> int | None:
@@ -279,6 +298,18 @@ def status_code(payload: bytes) -> int | None:
     return int(d)
 
 
+METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE",
+           b"PATCH")
+
+
+def request_start(payload: bytes) -> bool:
+    """A registered method and a space at the start of a payload long enough to be
+    looked at (the classifier reads 13 bytes once for both questions)."""
+    if len(payload) < STATUS_LINE_LEN:
+        return False
+    return any(payload.startswith(m + b" ") for m in METHODS)
+
+
 def status_class(code: int) -> str:
     return STATUS_CLASSES[code // 100 - 1] if 100 <= code < 600 else "other"
 
@@ -292,11 +323,13 @@ def flow_key(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> Flo
 
 
 def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
-           marked: AbstractSet[FlowKey], debug: str = DEBUG_OK) -> Decision:
+           marked: AbstractSet[FlowKey], debug: str = DEBUG_OK,
+           requests: Mapping[FlowKey, bool] | None = None) -> Decision:
     """The classifier's decision for `frame` seen on hook `direction` ('ingress' or
     'egress'), with trigger codes `triggers`, flows `marked` before it, and a debug
     interface that takes clones (DEBUG_OK), is not configured (DEBUG_NONE), or fails
-    them (DEBUG_FAIL)."""
+    them (DEBUG_FAIL). `requests`: None with the request snapshot off; with it on, for
+    each flow with a remembered request, whether its lo endpoint sent it."""
     why = test_run_refuses(frame)
     if why:
         return Decision(False, None, {}, "rejected", why)
@@ -309,17 +342,37 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
 
     seen["tcp"] = 1
     key = flow_key(p.family, p.src, p.sport, p.dst, p.dport)
+    # The sender is the lo endpoint when it sorts strictly lower; a segment from an
+    # endpoint to itself counts as sent by the hi one (both directions look the same).
+    src_is_lo = (p.src, p.sport) < (p.dst, p.dport)
     was_marked = key in marked
+    path, reason = "tcp", "TCP segment"
+    if was_marked and p.syn:
+        was_marked = False
+        seen["syn_unmarked"] = 1
+        path, reason = "unmarked", "SYN on a marked flow"
     code = status_code(p.payload)
+    request_from_lo = None
+    if code is None and requests is not None and request_start(p.payload):
+        seen["requests"] = 1
+        request_from_lo = src_is_lo
+    if code is not None and requests is not None:
+        if key not in requests:
+            seen["resp_no_request"] = 1
+        elif requests[key] == src_is_lo:
+            seen["status_same_dir"] = 1
+            code = None
+            path, reason = "tcp", "status line from the requesting side"
     iface: dict[str, int] = {}
     marks = False
-    path, reason = "tcp", "TCP segment"
     if code is not None:
         cls = status_class(code)
         seen["responses"] = 1
         seen[f"resp_{cls}"] = 1
         iface[cls] = 1
         path, reason = "response", f"status {code:03d}"
+        if code in triggers:
+            seen["events"] = 1
         if code in triggers and not was_marked:
             marks = True
             seen["flows_marked"] = 1
@@ -342,4 +395,5 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
     unknown = set(seen) - set(COUNTERS)
     assert not unknown, f"reference uses unknown counters {unknown}"
     return Decision(True, TC_ACT_UNSPEC, seen, path, reason, status=code, key=key,
-                    marks=marks, mirrored=mirrored, marked_after=mirrored, iface=iface)
+                    marks=marks, mirrored=mirrored, marked_after=mirrored, iface=iface,
+                    request_from_lo=request_from_lo)

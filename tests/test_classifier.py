@@ -467,7 +467,7 @@ def test_trigger_marks_flow_and_mirrors(clf, debug_iface, family):
     resp = tcpx(srv, SPORT, cli, CPORT, ERR500)
     tx = tx_packets(debug_iface)
     t0 = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)   # the classifier's clock
-    check(clf, resp, counts(base, RESP["5xx"], mirrored(resp), flows_marked=1))
+    check(clf, resp, counts(base, RESP["5xx"], mirrored(resp), flows_marked=1, events=1))
     t1 = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
     assert tx_packets(debug_iface) == tx + 1, "the clone did not leave the debug interface"
 
@@ -499,7 +499,7 @@ def test_later_packets_mirrored_both_directions_and_hooks(clf, family):
                              else (tcp6, F.udp6, TCP6, key6()))
     srv, cli = (SRV4, CLI4) if family == 4 else (SRV6, CLI6)
     first = tcpx(srv, SPORT, cli, CPORT, ERR500)
-    check(clf, first, counts(base, RESP["5xx"], mirrored(first), flows_marked=1))
+    check(clf, first, counts(base, RESP["5xx"], mirrored(first), flows_marked=1, events=1))
 
     total = len(first)
     later = [
@@ -528,9 +528,9 @@ def test_later_packets_mirrored_both_directions_and_hooks(clf, family):
 
 
 def test_nonfirst_fragment_of_marked_flow_not_mirrored(clf):
-    check(clf, resp4(500), counts(TCP4, RESP["5xx"], mirrored(resp4(500)), flows_marked=1))
+    check(clf, resp4(500), counts(TCP4, RESP["5xx"], mirrored(resp4(500)), flows_marked=1, events=1))
     check(clf, resp4(b"more", ip={"frag_offset": 2}), counts(IP4, other=1))
-    check(clf, resp6(500), counts(TCP6, RESP["5xx"], mirrored(resp6(500)), flows_marked=1))
+    check(clf, resp6(500), counts(TCP6, RESP["5xx"], mirrored(resp6(500)), flows_marked=1, events=1))
     check(clf, resp6(b"more", ip={"ext": [fragment(2)]}), counts(IP6, other=1))
     assert {k: v["packets"] for k, v in clf.flows().items()} == {key4(): 1, key6(): 1}
 
@@ -555,7 +555,7 @@ def test_flow_key_normalised(clf, srv, sport, cli, cport):
     key = FlowKey.from_endpoints(srv, sport, cli, cport)
     assert key == FlowKey.from_endpoints(cli, cport, srv, sport)
     first = tcpx(srv, sport, cli, cport, ERR500)
-    check(clf, first, counts(base, RESP["5xx"], mirrored(first), flows_marked=1))
+    check(clf, first, counts(base, RESP["5xx"], mirrored(first), flows_marked=1, events=1))
     assert list(clf.flows()) == [key]
     back = tcpx(cli, cport, srv, sport, flags=TCP_ACK)
     check(clf, back, counts(base, mirrored(back)), "ingress")
@@ -564,9 +564,10 @@ def test_flow_key_normalised(clf, srv, sport, cli, cport):
 
 def test_repeated_trigger_and_non_trigger_response_on_marked_flow(clf):
     f500, f503, f200, f100 = resp4(500), resp4(503), resp4(200), resp4(100)
-    check(clf, f500, counts(TCP4, RESP["5xx"], mirrored(f500), flows_marked=1))
-    # Already marked: mirrored, not marked again, last trigger status kept.
-    check(clf, f503, counts(TCP4, RESP["5xx"], mirrored(f503)), "ingress")
+    check(clf, f500, counts(TCP4, RESP["5xx"], mirrored(f500), flows_marked=1, events=1))
+    # Already marked: mirrored and reported (an event per error), not marked again, last
+    # trigger status kept.
+    check(clf, f503, counts(TCP4, RESP["5xx"], mirrored(f503), events=1), "ingress")
     assert clf.flows()[key4()]["status"] == 503
     check(clf, f200, counts(TCP4, RESP["2xx"], mirrored(f200)))
     check(clf, f100, counts(TCP4, RESP["1xx"], mirrored(f100)))
@@ -584,14 +585,14 @@ def test_repeated_trigger_and_non_trigger_response_on_marked_flow(clf):
 def test_trigger_change_without_reload(clf):
     fds = {d: clf.fd(d) for d in ("ingress", "egress")}
     a = resp4(500, dport=40001)
-    check(clf, a, counts(TCP4, RESP["5xx"], mirrored(a), flows_marked=1))
+    check(clf, a, counts(TCP4, RESP["5xx"], mirrored(a), flows_marked=1, events=1))
 
     clf.set_trigger(frozenset({404}))
     assert clf.trigger_codes() == frozenset({404})
     b = resp4(503, dport=40002)
     check(clf, b, counts(TCP4, RESP["5xx"]))
     c = resp4(404, dport=40003)
-    check(clf, c, counts(TCP4, RESP["4xx"], mirrored(c), flows_marked=1))
+    check(clf, c, counts(TCP4, RESP["4xx"], mirrored(c), flows_marked=1, events=1))
     # A flow marked under the old trigger set stays marked.
     a_ack = tcp4(CLI4, 40001, SRV4, SPORT, flags=TCP_ACK)
     check(clf, a_ack, counts(TCP4, mirrored(a_ack)), "ingress")
@@ -599,8 +600,8 @@ def test_trigger_change_without_reload(clf):
 
     clf.set_trigger(frozenset({999, 100}))
     d, e = resp4(999, dport=40004), resp4(100, dport=40005)
-    check(clf, d, counts(TCP4, RESP["other"], mirrored(d), flows_marked=1))
-    check(clf, e, counts(TCP4, RESP["1xx"], mirrored(e), flows_marked=1))
+    check(clf, d, counts(TCP4, RESP["other"], mirrored(d), flows_marked=1, events=1))
+    check(clf, e, counts(TCP4, RESP["1xx"], mirrored(e), flows_marked=1, events=1))
     check(clf, resp4(404, dport=40006), counts(TCP4, RESP["4xx"]))
     assert set(clf.flows()) == {key4(pb=p) for p in (40001, 40003, 40004, 40005)}
     assert {d: clf.fd(d) for d in ("ingress", "egress")} == fds
@@ -615,7 +616,7 @@ def test_cross_cpu(clf):
     try:
         os.sched_setaffinity(0, {0})
         first = resp4(500)
-        check(clf, first, counts(TCP4, RESP["5xx"], mirrored(first), flows_marked=1))
+        check(clf, first, counts(TCP4, RESP["5xx"], mirrored(first), flows_marked=1, events=1))
         assert clf.flows()[key]["cpus"] == [0]
 
         os.sched_setaffinity(0, {1})
@@ -655,11 +656,11 @@ def test_flow_status_survives_cpu_change(clf):
 def test_no_debug_interface(clf, debug_iface):
     clf.set_debug_ifindex(0)
     first = resp4(500)
-    check(clf, first, counts(TCP4, RESP["5xx"], flows_marked=1, no_debug_if=1))
+    check(clf, first, counts(TCP4, RESP["5xx"], flows_marked=1, events=1, no_debug_if=1))
     assert list(clf.flows()) == [key4()]
     ack = tcp4(CLI4, CPORT, SRV4, SPORT, flags=TCP_ACK)
     check(clf, ack, counts(TCP4, no_debug_if=1), "ingress")
-    check(clf, resp6(502), counts(TCP6, RESP["5xx"], flows_marked=1, no_debug_if=1))
+    check(clf, resp6(502), counts(TCP6, RESP["5xx"], flows_marked=1, events=1, no_debug_if=1))
     assert clf.iface_stats()[(LO_IFINDEX, "egress")] == empty_stats(**{"5xx": 2})
 
     # A debug interface configured later gets the flows marked meanwhile.
@@ -670,7 +671,7 @@ def test_no_debug_interface(clf, debug_iface):
 def test_debug_interface_is_packet_interface(clf):
     """Mirroring a packet to the interface it is on would loop: counted as no_debug_if."""
     clf.set_debug_ifindex(LO_IFINDEX)
-    check(clf, resp4(500), counts(TCP4, RESP["5xx"], flows_marked=1, no_debug_if=1))
+    check(clf, resp4(500), counts(TCP4, RESP["5xx"], flows_marked=1, events=1, no_debug_if=1))
     check(clf, tcp4(CLI4, CPORT, SRV4, SPORT), counts(TCP4, no_debug_if=1), "ingress")
 
 
@@ -678,10 +679,10 @@ def test_clone_failure(clf, debug_iface):
     clf.set_debug_ifindex(BOGUS_IFINDEX)
     tx = tx_packets(debug_iface)
     first = resp6(500)
-    check(clf, first, counts(TCP6, RESP["5xx"], flows_marked=1, clone_failures=1))
+    check(clf, first, counts(TCP6, RESP["5xx"], flows_marked=1, events=1, clone_failures=1))
     ack = tcp6(CLI6, CPORT, SRV6, SPORT, flags=TCP_ACK)
     check(clf, ack, counts(TCP6, clone_failures=1), "ingress")
-    check(clf, resp6(503), counts(TCP6, RESP["5xx"], clone_failures=1))
+    check(clf, resp6(503), counts(TCP6, RESP["5xx"], clone_failures=1, events=1))
     assert tx_packets(debug_iface) == tx
     assert list(clf.flows()) == [key6()]
     assert clf.iface_stats() == {(LO_IFINDEX, "egress"): empty_stats(**{"5xx": 2})}

@@ -54,6 +54,14 @@ TRIGGER_CYCLE = 10000
 # (the session classifier holds 4096 and is an LRU: it must never evict one).
 CHECKPOINT_FRAMES = 1000
 CHECKPOINT_FLOWS = 200
+# The second half of every SNAPSHOT_CYCLE frames runs with the request snapshot on (the
+# first half with it off, as the crafted cases do). The snapshot map (a quarter of the
+# flow map, 1024 entries here) is an LRU too: checkpoints empty it before it could evict.
+SNAPSHOT_CYCLE = 10000
+SNAPSHOT_BYTES = 256
+CHECKPOINT_REQUESTS = 200
+REQUEST_VALUE_SIZE = 88 + 512       # struct error_event, as the session classifier has it
+REQUEST_FROM_LO = 77                # offset of request_from_lo in it
 
 
 # --- the harness -----------------------------------------------------------------------
@@ -102,6 +110,9 @@ class Harness:
         self.runners = {d: fastmaps.TestRunner(clf.fd(d)) for d in DIRECTIONS}
         self.counters = fastmaps.PerCpuArray(clf._counters.map_fd, len(COUNTERS))
         self.flows = fastmaps.Hash(clf._flows.map_fd, KEY_SIZE, FLOW_VALUE_SIZE, percpu=True)
+        self.request_map = fastmaps.Hash(clf._requests.map_fd, KEY_SIZE, REQUEST_VALUE_SIZE,
+                                         percpu=False)
+        self.requests: dict[FlowKey, bool] | None = None      # None: snapshot off
         self.triggers = frozenset(triggers)
         self.debug = debug
         self.marked: set[FlowKey] = set(FlowKey.from_bytes(k) for k in self.flows.keys())
@@ -123,8 +134,19 @@ class Harness:
         self.clf.set_trigger(frozenset(codes))
         self.triggers = frozenset(codes)
 
+    def set_snapshot(self, on: bool) -> None:
+        """Turns the request snapshot on (the model starts from what the kernel holds)
+        or off."""
+        self.clf.set_request_bytes(SNAPSHOT_BYTES if on else 0)
+        self.requests = self.kernel_requests() if on else None
+
+    def kernel_requests(self) -> dict[FlowKey, bool]:
+        return {FlowKey.from_bytes(k): bool(self.request_map.lookup(k)[REQUEST_FROM_LO])
+                for k in self.request_map.keys()}
+
     def feed(self, frame: bytes, direction: str) -> R.Decision:
-        exp = R.decide(frame, direction, self.triggers, self.marked, self.debug)
+        exp = R.decide(frame, direction, self.triggers, self.marked, self.debug,
+                       self.requests)
         was_marked = exp.key in self.marked if exp.key is not None else None
         err, retval, out = self.runners[direction].run(frame)
         sums = self.counters.sums()
@@ -153,6 +175,8 @@ class Harness:
                                 f"in the map, expected {'marked' if exp.marked_after else 'not'}")
             # Follow the kernel from here on, so one disagreement does not cascade.
             (self.marked.add if present else self.marked.discard)(exp.key)
+            if self.requests is not None and exp.request_from_lo is not None:
+                self.requests[exp.key] = exp.request_from_lo
         for k, v in exp.iface.items():
             self.iface[direction][k] += v
         self.mirrored += exp.counters.get("mirrored_packets", 0)
@@ -183,6 +207,12 @@ class Harness:
                 want[d] = dict(+total)
         if got != want:
             problems.append(f"iface_stats {got}, expected {want}")
+        if self.requests is not None and self.kernel_requests() != self.requests:
+            kernel_req = self.kernel_requests()
+            diff = {k for k in set(kernel_req) | set(self.requests)
+                    if kernel_req.get(k) != self.requests.get(k)}
+            problems.append(f"request snapshots differ for {sorted(diff)[:5]} "
+                            f"({len(diff)} flows)")
         if self.tx_path and self.tx_packets() - self.tx_base != self.mirrored:
             problems.append(f"{self.tx_packets() - self.tx_base} clones left the debug "
                             f"interface, expected {self.mirrored}")
@@ -191,10 +221,16 @@ class Harness:
             self.disagreements.append(
                 Disagreement(self.frames, "-", b"", None, dummy, problems, self.triggers))
         self.marked = kernel
+        if self.requests is not None:
+            self.requests = self.kernel_requests()
         if empty:
             for k in keys:
                 self.flows.delete(k)
             self.marked = set()
+            for k in self.request_map.keys():
+                self.request_map.delete(k)
+            if self.requests is not None:
+                self.requests = {}
 
 
 def report(h: Harness, seed=None, limit: int = 20) -> str:
@@ -978,6 +1014,7 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
     for item in gen:
         if item is None:
             if (len(h.marked) >= CHECKPOINT_FLOWS
+                    or len(h.requests or ()) >= CHECKPOINT_REQUESTS
                     or h.frames - last_checkpoint >= CHECKPOINT_FRAMES):
                 h.checkpoint(empty=True)
                 last_checkpoint = h.frames
@@ -988,9 +1025,13 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
             h.set_triggers(TRIGGER_ODD)
         elif phase == 0 and h.triggers != TRIGGER_5XX:
             h.set_triggers(TRIGGER_5XX)
+        snapshot_on = h.frames % SNAPSHOT_CYCLE >= SNAPSHOT_CYCLE // 2
+        if snapshot_on != (h.requests is not None):
+            h.set_snapshot(snapshot_on)
         h.feed(frame, direction)
         whats[what.split("+")[0]] += 1
     h.checkpoint(empty=True)
+    h.set_snapshot(False)
     elapsed = time.monotonic() - started
     paths = " ".join(f"{p}={h.paths[p]}" for p in R.PATHS)
     dirs = Counter(d.direction for d in h.disagreements)
