@@ -272,7 +272,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 
     __u8 *armed = trigger.lookup(&status);
     if (armed && *armed) {
-        report_error(skb, &seg, req, status, direction, !fv, PROTO_HTTP1);
+        __u8 new_flow = !fv;
         if (fv) {
             fv->status = status;
         } else {
@@ -291,6 +291,9 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
                 __sync_fetch_and_add(n, 1);
         }
         mirror_packet(skb, st, direction);
+        /* After the clone: the request frame user space writes for this event follows
+         * the response on the debug interface, never precedes it. */
+        report_error(skb, &seg, req, status, direction, new_flow, PROTO_HTTP1);
     } else if (fv) {
         mirror_packet(skb, st, direction);
     }

@@ -144,33 +144,6 @@ def describe_request(frame: bytes) -> tuple[str | None, str | None, str | None]:
     return method, target, host
 
 
-def fix_cut_frame(frame: bytes, frame_len: int) -> bytes:
-    """A request frame cut at the snapshot length, made self-consistent: its IPv4 total
-    length (and header checksum) or IPv6 payload length says what the frame holds, so
-    that tcpdump and tshark decode it as a whole (shorter) segment."""
-    if len(frame) >= frame_len:
-        return frame
-    out = bytearray(frame)
-    off, ethertype = 14, int.from_bytes(frame[12:14], "big")
-    if ethertype in (0x8100, 0x88A8):
-        ethertype, off = int.from_bytes(frame[16:18], "big"), 18
-    if ethertype == 0x0800 and len(frame) >= off + 20:
-        ihl = (frame[off] & 0x0F) * 4
-        out[off + 2:off + 4] = (len(frame) - off).to_bytes(2, "big")
-        out[off + 10:off + 12] = b"\0\0"
-        out[off + 10:off + 12] = _ip_checksum(bytes(out[off:off + ihl])).to_bytes(2, "big")
-    elif ethertype == 0x86DD and len(frame) >= off + 40:
-        out[off + 4:off + 6] = (len(frame) - off - 40).to_bytes(2, "big")
-    return bytes(out)
-
-
-def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header[:len(header) // 2 * 2]))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 class EventsFile:
     """JSON lines appended to PATH (mode 0600), moved to PATH.1 once PATH passes
     `max_bytes` (one rotated file: at most about twice max_bytes on disk); "-" writes to
@@ -278,7 +251,10 @@ class EventStream:
         if ev.request and ev.new_flow:
             ifindex = self.debug_ifindex()
             if ifindex:
-                self.writer.write(fix_cut_frame(ev.request, ev.request_frame_len), ifindex)
+                # Cut frames go out as cut, their IP lengths kept (as `tcpdump -s` cuts):
+                # the sidecar marks the record's original length when it reorders, and
+                # tshark then takes it for a frame cut at capture, dissectable.
+                self.writer.write(ev.request, ifindex)
         with self._lock:
             self.seq += 1
             self.recent.append((self.seq, record))

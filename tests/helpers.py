@@ -96,6 +96,21 @@ def from_first_status(packets: list[Packet], code: int) -> list[Packet]:
     raise AssertionError(f"no {code} response in the reference capture")
 
 
+def request_of(packets: list[Packet], code: int) -> list[Packet]:
+    """The request start answered by the first response carrying `code`: the last
+    segment starting with a request line, sent the other way, before that response
+    (capture order). What the mirror writes to the debug interface for that error."""
+    from mirror.http1 import starts_request
+    for i, p in enumerate(packets):
+        if status_line(p.payload) and int(p.payload[9:12]) == code:
+            before = [q for q in packets[:i] if q.sport != p.sport and
+                      starts_request(q.payload)]
+            if not before:
+                raise AssertionError(f"no request before the {code} response")
+            return [before[-1]]
+    raise AssertionError(f"no {code} response in the reference capture")
+
+
 def same_packets(a: list[Packet], b: list[Packet]) -> bool:
     return Counter(map(signature, a)) == Counter(map(signature, b))
 
@@ -137,3 +152,14 @@ def links_of_this_run() -> set[str]:
     mine = f"m{os.getpid():06x}"
     return {name for name in os.listdir("/sys/class/net")
             if not re.match(r"m[0-9a-f]{6}[0-9a-f]{2}[a-z]", name) or name.startswith(mine)}
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Polls `condition()` until it is true (returns True) or `timeout` seconds pass
+    (returns False, for the caller's assert to say what was not reached)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return bool(condition())

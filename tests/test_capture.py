@@ -424,7 +424,10 @@ def test_behind_mirror_run_index_holds_error_flows_only(host, nginx, tmp_path, c
         assert rec["server_port"] == 80 and rec["statuses"][0] == 500
         assert all(f in {p.name for p in cap_dir.iterdir()} for f in rec["files"])
     keepalive = [r for r in records if r["statuses"] == [500, 200]]
-    assert len(keepalive) == 2 and all(r["requests"] == ["GET /ok HTTP/1.1"] for r in keepalive)
+    # The request that got the 500 (written by the mirror from its request snapshot),
+    # then the one after it; sequence order.
+    assert len(keepalive) == 2 and all(
+        r["requests"] == ["GET /error HTTP/1.1", "GET /ok HTTP/1.1"] for r in keepalive)
     listed = run_cli("capture", "--list", "--dir", str(cap_dir))
     assert listed.returncode == 0 and f"{len(errors)} flows" in listed.stdout
     assert "GET /ok HTTP/1.1" in listed.stdout and "stopped" in listed.stdout

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from helpers import MirrorProcess, env_with, from_first_status, same_packets, signature
+from helpers import (MirrorProcess, env_with, from_first_status, request_of, same_packets,
+                     signature)
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
@@ -90,17 +91,19 @@ def test_error_connections_mirrored_whole_and_nothing_else(host, nginx, tmp_path
     # Exactly the error connections, nothing of the 200-only one.
     assert set(mirrored) == {err, keep, big}
     for key in (err, keep, big):
-        expected = from_first_status(ref[key].packets, 500)
+        # The request that got the 500 (written by the controller from the request
+        # snapshot), then the 500 and everything after it.
+        expected = request_of(ref[key].packets, 500) + from_first_status(ref[key].packets, 500)
         assert same_packets(mirrored[key].packets, expected), (
             f"{key}: mirrored {[signature(p) for p in mirrored[key].packets]}\n"
             f"expected {[signature(p) for p in expected]}")
         # Both directions, and the response that triggered it comes first.
         assert {p.sport for p in mirrored[key].packets} == {key.port_lo, key.port_hi}
         assert mirrored[key].packets[0].payload.startswith(b"HTTP/1.1 500 ")
-    # On the keep-alive connection nothing before the 500: the 2 earlier responses and
-    # their requests are absent, the request after it is present.
+    # On the keep-alive connection nothing before the 500 but its request: the 2 earlier
+    # responses and their requests are absent, the request after it is present.
     assert mirrored[keep].statuses == [500, 200]
-    assert mirrored[keep].requests == ["GET /ok HTTP/1.1"]
+    assert sorted(mirrored[keep].requests) == ["GET /error HTTP/1.1", "GET /ok HTTP/1.1"]
     assert len(ref[keep].packets) > len(mirrored[keep].packets)
 
 
@@ -115,6 +118,7 @@ def test_404_mirrors_only_when_in_trigger(host, nginx, tmp_path, trigger, mirror
     assert err in mirrored
     if mirrored_404:
         assert same_packets(mirrored[missing].packets,
+                            request_of(ref[missing].packets, 404) +
                             from_first_status(ref[missing].packets, 404))
 
 
@@ -225,5 +229,6 @@ def test_active_flow_never_expires(host, nginx, tmp_path):
         conn.close()
         mirrored, ref = s.finish()
     key = FlowKey.from_endpoints(local[0], local[1], host.ns_v4, 80)
-    assert same_packets(mirrored[key].packets, from_first_status(ref[key].packets, 500))
+    assert same_packets(mirrored[key].packets, request_of(ref[key].packets, 500) +
+                        from_first_status(ref[key].packets, 500))
     assert mirrored[key].statuses == [500] + [200] * 13

@@ -65,10 +65,16 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
     assert metrics[("mirror_flows_marked_total", ())] == 4
     captured = len(read_packets(str(tmp_path / "m.pcap")))
     assert captured > 0
-    assert metrics[("mirror_mirrored_packets_total", ())] == captured
+    # The capture holds the kernel's clones and, for each error connection, the request
+    # frame the controller wrote from the request snapshot.
+    assert metrics[("mirror_request_frames_written_total", ())] == 4
+    assert metrics[("mirror_mirrored_packets_total", ())] + 4 == captured
     by_iface = sum(v for (name, labels), v in metrics.items()
                    if name == "mirror_iface_mirrored_packets_total")
-    assert by_iface == captured
+    assert by_iface + 4 == captured
+    assert metrics[("mirror_error_responses_total", (("iface", host.host_if),
+                                                     ("status", "500")))] == 4
+    assert metrics[("mirror_error_response_seconds_count", ())] == 4
     assert metrics[("mirror_clone_failures_total", ())] == 0
     assert metrics[("mirror_flows_active", ())] == 4
     assert metrics[("mirror_interfaces_attached", ())] == 1

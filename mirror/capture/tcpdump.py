@@ -18,7 +18,9 @@ import time
 
 log = logging.getLogger("mirror")
 
-_STAT_RE = re.compile(r"^(\d+) packets? (captured|received by filter|dropped by kernel)$")
+# At exit tcpdump prints one counter a line; on SIGUSR1 all three on one line, after
+# "tcpdump: ".
+_STAT_RE = re.compile(r"(\d+) packets? (captured|received by filter|dropped by kernel)")
 _STAT_KEYS = {"captured": "captured", "received by filter": "received",
               "dropped by kernel": "dropped"}
 
@@ -81,10 +83,10 @@ class Tcpdump:
     def _take(self, line: str) -> None:
         self.stderr += line if line.endswith("\n") else line + "\n"
         line = line.strip()
-        m = _STAT_RE.match(line)
-        if m:
-            self.stats[_STAT_KEYS[m.group(2)]] = int(m.group(1))
-        elif line:
+        found = _STAT_RE.findall(line)
+        for number, what in found:
+            self.stats[_STAT_KEYS[what]] = int(number)
+        if line and not found:
             self.lines.append(line)
             del self.lines[:-20]
 
