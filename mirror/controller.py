@@ -142,9 +142,8 @@ class Controller:
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
         """Checks everything that can be checked without touching the kernel."""
-        if os.geteuid() != 0:
-            raise UsageError("must run as root (or with CAP_BPF, CAP_NET_ADMIN and "
-                             "CAP_PERFMON): loading BPF and changing qdiscs needs them")
+        from .privileges import require
+        require("`mirror run` (loading BPF programs, changing qdiscs)")
         if self.opts.hook not in HOOKS:
             raise UsageError(f"unknown hook {self.opts.hook!r}: use {', '.join(HOOKS)}")
         if self.opts.hook == "tcx":
