@@ -64,7 +64,39 @@ def required_caps(release: str | None = None) -> tuple[str, ...]:
 def missing_caps(needed=None, have: set[str] | None = None) -> list[str]:
     needed = needed or required_caps()
     have = effective_caps() if have is None else have
+    if "CAP_SYS_ADMIN" in have:
+        # The kernel still accepts CAP_SYS_ADMIN for both (bpf_capable, perfmon_capable).
+        have = have | {"CAP_BPF", "CAP_PERFMON"}
     return [cap for cap in needed if cap not in have]
+
+
+def bpf_syscall_refused() -> bool:
+    """Whether bpf(2) fails with EPERM although the capabilities are there: a seccomp
+    profile (or an LSM) in the way. Probes by creating a one-entry array map, closed at
+    once."""
+    import ctypes
+    import errno
+
+    class MapCreate(ctypes.Structure):
+        _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                    ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32)]
+    sys_bpf, bpf_map_create, bpf_map_type_array = 321, 0, 2     # x86_64
+    if os.uname().machine != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = MapCreate(bpf_map_type_array, 4, 4, 1)
+    fd = libc.syscall(sys_bpf, bpf_map_create, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return False
+    return ctypes.get_errno() == errno.EPERM
+
+
+def seccomp_mode() -> str:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Seccomp:"):
+            return {"0": "off", "1": "strict", "2": "filter"}.get(line.split()[1], "?")
+    return "?"
 
 
 def _short(caps) -> list[str]:
@@ -91,3 +123,9 @@ def require(what: str, needed=None) -> None:
     if missing:
         raise UsageError(f"running as root without {', '.join(missing)}: {what} needs "
                          f"{', '.join(needed)}; grant them, {fix_hint(needed)}")
+    if "CAP_BPF" in needed and bpf_syscall_refused():
+        raise UsageError(f"bpf(2) is refused (EPERM) although {', '.join(needed)} are held: "
+                         f"a seccomp profile (here: {seccomp_mode()}) allows it only with "
+                         "CAP_SYS_ADMIN, as podman's and older Docker's defaults do. Run with "
+                         "the profile container/seccomp-profile writes (--security-opt "
+                         "seccomp=FILE), or a runtime whose default allows bpf to CAP_BPF")
