@@ -10,7 +10,6 @@ and everything it started (containerd, shims, docker-proxy) and removes what is 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -83,10 +82,14 @@ class DockerEngine:
                                  f"{r.stdout}{r.stderr}")
         return r
 
-    def server_version(self) -> tuple[int, int]:
-        text = self.docker("version", "--format", "{{.Server.Version}}").stdout
-        major, minor = re.match(r"(\d+)\.(\d+)", text.strip()).groups()
-        return int(major), int(minor)
+    def knows_capability(self, name: str, image: str) -> bool:
+        """Whether this engine accepts `--cap-add NAME` (Docker 20.10 does not know BPF)."""
+        r = self.docker("create", "--cap-drop", "ALL", "--cap-add", name, image, check=False)
+        if r.returncode == 0:
+            self.docker("rm", r.stdout.strip())
+            return True
+        assert "unknown capability" in r.stderr, r.stderr
+        return False
 
     def load_from_podman(self, *images: str) -> None:
         """Copies images from podman's storage (`podman save -m | docker load`)."""

@@ -125,6 +125,28 @@ def test_compose_sidecars_share_the_app_network():
         assert (CONTAINER / build["context"] / build["dockerfile"]).is_file()
 
 
+def test_build_takes_the_archive_from_apt_sources_only(tmp_path):
+    """container/build names no package archive of its own: with apt sources that list
+    nothing and no DEBIAN_MIRROR, it stops with a message instead of using a default."""
+    import re
+    for name in ("build", "Containerfile", "app/Containerfile", "entrypoint"):
+        text = (CONTAINER / name).read_text()
+        assert not re.search(r"(?i)(https?|ftp)://", text), name
+    if not (shutil.which("podman") and shutil.which("debootstrap")):
+        pytest.skip("container/build checks for podman and debootstrap first: run scripts/setup")
+    empty = tmp_path / "sources.list.d"
+    empty.mkdir()
+    conf = tmp_path / "apt.conf"
+    conf.write_text(f'Dir::Etc::sourcelist "{tmp_path}/none.list";\n'
+                    f'Dir::Etc::sourceparts "{empty}";\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("DEBIAN_MIRROR", "DEBIAN_SUITE")}
+    r = subprocess.run([str(CONTAINER / "build")], capture_output=True, text=True,
+                       env=dict(env, APT_CONFIG=str(conf)), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no Debian archive in this machine's apt sources" in r.stderr
+    assert "DEBIAN_MIRROR=URL and DEBIAN_SUITE=CODENAME" in r.stderr
+
+
 # --- the real thing with podman --------------------------------------------------------
 
 def podman(*args, check=True, timeout=120) -> subprocess.CompletedProcess:

@@ -88,7 +88,7 @@ def test_compose_file_runs_on_docker_and_captures_the_error_flow(images, engine_
     # Docker 20.10 (Debian bookworm's) does not know CAP_BPF and CAP_PERFMON by name: the
     # compose file's documented switch gives CAP_SYS_ADMIN instead (docs/deployment.md).
     caps = {}
-    if engine.server_version() < (23, 0):
+    if not engine.knows_capability("BPF", image):
         caps = {"MIRROR_BPF_CAP": "SYS_ADMIN", "MIRROR_PERFMON_CAP": "CAP_SYS_ADMIN"}
     project = f"mirrortest{os.getpid()}"
     args = ["-p", project, "-f", str(CONTAINER / "compose.yaml")]
