@@ -12,7 +12,6 @@ changed to run here, and why, is said where it is changed."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import subprocess
 from pathlib import Path

@@ -17,7 +17,7 @@ import pytest
 from helpers import MirrorProcess, env_with
 from mirror.lab import send
 from mirror.netns import unique_name
-from test_capture import Capture, capture_proc  # noqa: F401 (the fixture)
+from test_capture import capture_proc  # noqa: F401 (the fixture)
 from test_metrics import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
