@@ -63,6 +63,7 @@ def possible_cpus() -> int:
 
 # --- commands and attribute layouts -------------------------------------------------------
 
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
@@ -94,6 +95,12 @@ class TestRunAttr(ctypes.Structure):
         ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
         ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
     ]
+
+
+class MapCreateAttr(ctypes.Structure):
+    """BPF_MAP_CREATE, its first fields."""
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32)]
 
 
 class ElemAttr(ctypes.Structure):

@@ -138,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise UsageError("must run as root: reading tc state and BPF maps needs CAP_NET_ADMIN "
-                         "and CAP_BPF")
+    from .privileges import require
+    require("this command (tc state, the controllers' state directory)", ("CAP_NET_ADMIN",))
 
 
 def cmd_run(args) -> int:

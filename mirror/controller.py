@@ -88,9 +88,8 @@ class Controller:
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
         """Checks everything that can be checked without touching the kernel."""
-        if os.geteuid() != 0:
-            raise UsageError("must run as root (or with CAP_BPF, CAP_NET_ADMIN and "
-                             "CAP_PERFMON): loading BPF and changing qdiscs needs them")
+        from .privileges import require
+        require("`mirror run` (loading BPF programs, changing qdiscs)")
         if self.opts.hook not in HOOKS:
             raise UsageError(f"unknown hook {self.opts.hook!r}: use {', '.join(HOOKS)}")
         if self.opts.hook == "tcx":
@@ -233,6 +232,12 @@ class Controller:
 
     def _start_events(self) -> None:
         from .events import EventsFile, EventStream
+        from .privileges import can_write_frames
+        if self.opts.request_bytes and not can_write_frames():
+            log.warning("no CAP_NET_RAW: the request of each error response is kept and "
+                        "named in its event, but not written to %s, so the capture starts at "
+                        "the response; grant NET_RAW to have it (or --request-bytes 0)",
+                        self.opts.debug_iface)
         out = None
         if self.opts.events_file:
             out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)

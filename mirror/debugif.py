@@ -39,10 +39,20 @@ def check_name(name: str) -> None:
                          "without spaces or '/'")
 
 
-def _disable_ipv6(name: str) -> None:
+def _disable_ipv6(ipr, name: str) -> None:
     p = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
-    if p.exists():
+    if not p.exists():
+        return
+    try:
         p.write_text("1")
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # A container's /proc/sys is read-only. Netlink can still keep the interface
+        # without IPv6 addresses: no link-local address, so no DAD and no router
+        # solicitation in the capture (IN6_ADDR_GEN_MODE_NONE = 1).
+        ipr.link("set", index=lookup(ipr, name), IFLA_AF_SPEC={"attrs": [
+            ("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", 1)]})]})
 
 
 def lookup(ipr, name: str) -> int | None:
@@ -104,7 +114,7 @@ def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
     idx = lookup(ipr, name)
     try:
         for n in filter(None, (name, peer)):
-            _disable_ipv6(n)
+            _disable_ipv6(ipr, n)
         if peer:
             peer_idx = lookup(ipr, peer)
             tc.add_qdisc(ipr, peer_idx, "clsact")

@@ -29,9 +29,10 @@ class MirrorProcess:
     """`mirror run ...` in the background; start() returns when it prints its ready line.
     A thread collects its output (stdout and stderr merged) line by line."""
 
-    def __init__(self, *args: str, env=None):
+    def __init__(self, *args: str, env=None, wrapper: list[str] = ()):
         self.args = args
         self.env = env
+        self.wrapper = list(wrapper)    # a command that runs it, e.g. setpriv with options
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
@@ -45,7 +46,8 @@ class MirrorProcess:
             self.lines.append(raw.decode(errors="replace"))
 
     def start(self, timeout: float = 60) -> "MirrorProcess":
-        self.proc = subprocess.Popen(mirror_cmd("run", *self.args), stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(self.wrapper + mirror_cmd("run", *self.args),
+                                     stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -81,7 +81,12 @@ def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
     containers = {c["name"]: c for c in spec["containers"]}
     mirror, capture = containers["mirror"], containers["capture"]
     assert mirror["args"] == ["controller"] and capture["args"] == ["capture"]
-    assert mirror["securityContext"]["privileged"] is True
+    msc = mirror["securityContext"]
+    assert "privileged" not in msc and msc["allowPrivilegeEscalation"] is False
+    assert msc["capabilities"] == {"drop": ["ALL"],
+                                   "add": ["BPF", "NET_ADMIN", "PERFMON", "NET_RAW"]}
+    assert msc["seccompProfile"] == {"type": "Localhost",
+                                     "localhostProfile": "mirror-controller.json"}
     mounts = {m["mountPath"] for m in mirror["volumeMounts"]}
     assert {"/lib/modules", "/usr/src"} <= mounts
     sc = capture["securityContext"]
@@ -106,7 +111,11 @@ def test_compose_sidecars_share_the_app_network():
     assert set(services) == {"app", "mirror", "capture"}
     for side in ("mirror", "capture"):
         assert services[side]["network_mode"] == "service:app"
-    assert services["mirror"]["command"] == ["controller"] and services["mirror"]["privileged"]
+    mirror = services["mirror"]
+    assert mirror["command"] == ["controller"] and "privileged" not in mirror
+    assert mirror["cap_drop"] == ["ALL"]
+    assert mirror["cap_add"] == ["NET_ADMIN", "NET_RAW", "${MIRROR_BPF_CAP:-BPF}",
+                                 "${MIRROR_PERFMON_CAP:-PERFMON}"]
     assert services["capture"]["command"] == ["capture"]
     assert set(services["capture"]["cap_add"]) == {"NET_RAW", "NET_ADMIN"}
     assert "privileged" not in services["capture"]
@@ -115,6 +124,28 @@ def test_compose_sidecars_share_the_app_network():
     for side in ("mirror", "app"):
         build = services[side]["build"]
         assert (CONTAINER / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_build_takes_the_archive_from_apt_sources_only(tmp_path):
+    """container/build names no package archive of its own: with apt sources that list
+    nothing and no DEBIAN_MIRROR, it stops with a message instead of using a default."""
+    import re
+    for name in ("build", "Containerfile", "app/Containerfile", "entrypoint"):
+        text = (CONTAINER / name).read_text()
+        assert not re.search(r"(?i)(https?|ftp)://", text), name
+    if not (shutil.which("podman") and shutil.which("debootstrap")):
+        pytest.skip("container/build checks for podman and debootstrap first: run scripts/setup")
+    empty = tmp_path / "sources.list.d"
+    empty.mkdir()
+    conf = tmp_path / "apt.conf"
+    conf.write_text(f'Dir::Etc::sourcelist "{tmp_path}/none.list";\n'
+                    f'Dir::Etc::sourceparts "{empty}";\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("DEBIAN_MIRROR", "DEBIAN_SUITE")}
+    r = subprocess.run([str(CONTAINER / "build")], capture_output=True, text=True,
+                       env=dict(env, APT_CONFIG=str(conf)), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no Debian archive in this machine's apt sources" in r.stderr
+    assert "DEBIAN_MIRROR=URL and DEBIAN_SUITE=CODENAME" in r.stderr
 
 
 # --- the real thing with podman --------------------------------------------------------
@@ -257,16 +288,30 @@ def captures_dir(tmp_path):
 
 
 MIRROR_MOUNTS = ["-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro"]
+CONTROLLER_CAPS = ["--cap-drop", "all", "--cap-add", "bpf,net_admin,perfmon"]
+
+
+@pytest.fixture(scope="session")
+def controller_seccomp(tmp_path_factory):
+    """The controller's seccomp profile: podman's default with bpf(2) allowed to CAP_BPF
+    (container/seccomp-profile)."""
+    path = tmp_path_factory.mktemp("seccomp") / "mirror-controller.json"
+    path.write_text(subprocess.run([str(CONTAINER / "seccomp-profile")], capture_output=True,
+                                   text=True, check=True).stdout)
+    return ["--security-opt", f"seccomp={path}"]
 
 
 @pytest.mark.container
 @pytest.mark.slow
-def test_sidecars_in_a_pod_capture_the_error_flows_only(images, pod_host, captures_dir):
+def test_sidecars_in_a_pod_capture_the_error_flows_only(images, pod_host, captures_dir,
+                                                       controller_seccomp):
+    """The controller with exactly CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (and the seccomp
+    profile that lets CAP_BPF call bpf), the capture as user 10001 with two capabilities."""
     image, app_image = images
     host, pod = pod_host
     pod.create()
     pod.run("app", app_image)
-    pod.run("mirror", "--privileged", *MIRROR_MOUNTS,
+    pod.run("mirror", *CONTROLLER_CAPS, *controller_seccomp, *MIRROR_MOUNTS,
             "-e", "MIRROR_IFACE=eth0", "-e", "MIRROR_DEBUG_IFACE=mirror0",
             "-e", "MIRROR_METRICS_ADDR=0.0.0.0:9464", image, "controller")
     pod.run("capture", "--user", f"{CAPTURE_UID}:{CAPTURE_UID}", "--cap-drop", "all",
@@ -339,15 +384,56 @@ def test_sidecars_in_a_pod_capture_the_error_flows_only(images, pod_host, captur
 
 
 @pytest.mark.container
-def test_controller_falls_back_to_the_image_headers(images, pod_host):
+def test_controller_falls_back_to_the_image_headers(images, pod_host, controller_seccomp):
     """Without the host's /lib/modules and /usr/src the controller compiles against the
     image's generic Debian headers, attaches, and detaches cleanly on SIGTERM."""
     image, _ = images
     host, pod = pod_host
     pod.create()
-    pod.run("mirror", "--privileged", "-e", "MIRROR_IFACE=eth0", image, "controller")
+    pod.run("mirror", *CONTROLLER_CAPS, *controller_seccomp, "-e", "MIRROR_IFACE=eth0",
+            image, "controller")
     wait_for(lambda: "mirroring HTTP" in pod.logs("mirror"), "the controller to attach")
     assert "using the image's linux-headers-" in pod.logs("mirror")
     pod.stop()
     assert pod.exit_code("mirror") == 0, pod.logs("mirror")
     assert "clsact" not in host.exec("tc", "qdisc", "show", "dev", "eth0").stdout
+
+
+@pytest.mark.container
+@pytest.mark.parametrize("caps,missing", [
+    ("bpf,net_admin", "CAP_PERFMON"),
+    ("net_admin,perfmon", "CAP_BPF"),
+    ("bpf,perfmon", "CAP_NET_ADMIN"),
+])
+def test_controller_names_the_missing_capability(images, pod_host, controller_seccomp,
+                                                 caps, missing):
+    """One of the three capabilities left out: the controller exits 2 at once with one line
+    naming it and the fix, and changes nothing in the namespace."""
+    image, _ = images
+    host, pod = pod_host
+    pod.create()
+    pod.run("mirror", "--cap-drop", "all", "--cap-add", caps, *controller_seccomp,
+            *MIRROR_MOUNTS, "-e", "MIRROR_IFACE=eth0", image, "controller")
+    podman("wait", f"{pod.name}-mirror", timeout=120)
+    assert pod.exit_code("mirror") == 2
+    lines = [l for l in pod.logs("mirror").splitlines() if l.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(
+        f"mirror: error: running as root without {missing}: "), lines
+    assert "--cap-add BPF,NET_ADMIN,PERFMON" in lines[0]
+    assert "clsact" not in host.exec("tc", "qdisc", "show", "dev", "eth0").stdout
+
+
+@pytest.mark.container
+def test_controller_says_when_seccomp_refuses_bpf(images, pod_host):
+    """The three capabilities under podman's default seccomp profile (bpf only with
+    CAP_SYS_ADMIN): the controller says so, instead of failing on its first map."""
+    image, _ = images
+    host, pod = pod_host
+    pod.create()
+    pod.run("mirror", *CONTROLLER_CAPS, *MIRROR_MOUNTS, "-e", "MIRROR_IFACE=eth0", image,
+            "controller")
+    podman("wait", f"{pod.name}-mirror", timeout=120)
+    assert pod.exit_code("mirror") == 2
+    lines = [l for l in pod.logs("mirror").splitlines() if l.strip()]
+    assert len(lines) == 1 and "bpf(2) is refused (EPERM)" in lines[0], lines
+    assert "container/seccomp-profile" in lines[0]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .. import jsonfile
 from ..errors import UsageError
+from ..privileges import effective_caps
 from .index import Indexer
 from .ring import PcapFile, current_file, list_pcaps
 from .tcpdump import Tcpdump
@@ -109,7 +110,7 @@ class CaptureSidecar:
     def preflight(self) -> None:
         from ..debugif import check_name
         check_name(self.opts.iface)
-        if os.geteuid() == 0 and not _has_caps(6, 7):
+        if os.geteuid() == 0 and {"CAP_SETUID", "CAP_SETGID"} - effective_caps():
             raise UsageError("running as root without CAP_SETUID and CAP_SETGID: tcpdump "
                              "could not keep (or drop) its user. Run as a non-root user with "
                              "a tcpdump that has the cap_net_raw,cap_net_admin file "
@@ -337,15 +338,3 @@ class CaptureSidecar:
 
     def _write_status(self) -> None:
         jsonfile.write(self.dir / STATUS_NAME, self.status())
-
-
-def _has_caps(*bits: int) -> bool:
-    """Whether this process has all the given capabilities in its effective set."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                eff = int(line.split()[1], 16)
-                return all(eff >> b & 1 for b in bits)
-    except OSError:
-        pass
-    return True
