@@ -467,9 +467,9 @@ def snapshot(full: bytes, n: int, keep_lengths: bool = False) -> bytes:
     return bytes(out)
 
 
-def injected_basic(client=C4, server=S4, cut=None):
+def injected_basic(client=C4, server=S4, cut=None, cport=40000):
     """The 500 clone, the client's ACK, then the request (cut=(n, keep_lengths) cuts it)."""
-    c = Conn(client, server)
+    c = Conn(client, server, cport=cport)
     req = c.client_sends(REQ_LONG if cut else REQ_FAIL)
     if cut:
         req = snapshot(req, *cut)
@@ -478,10 +478,10 @@ def injected_basic(client=C4, server=S4, cut=None):
     return [resp, c.client_sends(), req, *c.close()], [(500, target)]
 
 
-def injected_keepalive():
+def injected_keepalive(cport=40000):
     """200, 200, 500, 200 on one connection: the capture starts at the 500; the 500's
     request is written after the next request and its 200."""
-    c = Conn(C4, S4)
+    c = Conn(C4, S4, cport=cport)
     for _ in range(2):                                      # before the trigger: not mirrored
         c.client_sends(REQ_OK)
         c.server_sends(RESP_200)
@@ -636,7 +636,8 @@ def test_reorder_leaves_what_it_cannot_or_need_not_move(tmp_path):
     # 500's request; a file that changed since it was read is not rewritten.
     c = Conn(C4, S4)
     resp = c.server_sends(RESP_500)
-    path = write_pcap(tmp_path / "b.pcap", [resp, c.client_sends(REQ_OK), c.server_sends(RESP_200)])
+    path = write_pcap(tmp_path / "b.pcap",
+                      [resp, c.client_sends(REQ_OK), c.server_sends(RESP_200)])
     assert reorder_file(path) is None
     st = path.stat()
     with pytest.raises(Changed):
@@ -786,3 +787,91 @@ def test_sidecar_reorders_a_closed_file_and_reads_it_once(tmp_path):
     assert again.indexer.packets_indexed == 0 and again.files_reordered == 0
     (rec,) = read_index(tmp_path / "index.jsonl")
     assert rec["packets"] == len(frames) and rec["target"] == "/fail?id=7"
+
+
+def filler(count: int) -> list[bytes]:
+    """Large UDP frames between the test hosts: they fill ring files, the index skips them."""
+    udp = dpkt.udp.UDP(sport=9, dport=9, data=b"f" * 1400)
+    udp.ulen = len(bytes(udp))
+    ip = dpkt.ip.IP(src=socket.inet_aton(C4), dst=socket.inet_aton(S4), p=17, ttl=64,
+                    data=udp)
+    ip.len = 20 + udp.ulen
+    frame_ = bytes(dpkt.ethernet.Ethernet(src=MAC_C, dst=MAC_S, data=ip,
+                                          type=dpkt.ethernet.ETH_TYPE_IP))
+    return [frame_] * count
+
+
+def wait_for(condition, timeout=30.0, step=0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+@pytest.mark.integration
+def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_path,
+                                                            capture_proc):
+    """The real sidecar on the debug veth. The test writes frames onto it with an
+    AF_PACKET socket in the order the mirror does (the error response's clone, then its
+    request), each connection in a new ring file (bulk between them makes tcpdump
+    rotate). Closed files are reordered while tcpdump runs, the last one at stop; then
+    tshark pairs every error response of every file with its request, the index names
+    the requests, and every packet was indexed once."""
+    cap_dir = tmp_path / "cap"
+    cap = capture_proc(debug_iface.name, cap_dir, "--file-size", "1", "--files", "10")
+    assert cap.wait_state("capturing"), cap.stop_output()
+    conns = [injected_basic(cport=41000), injected_basic(C6, S6, cport=41001),
+             injected_keepalive(cport=41002),
+             injected_basic(cut=(SNAPSHOT, True), cport=41003)]
+    sent = []
+
+    def recorded() -> int:
+        """Bytes of records tcpdump has written (each file has a 24-byte header)."""
+        files = list_pcaps(cap_dir)
+        return sum(f.signature[1] for f in files) - 24 * len(files)
+
+    def write(sock, frames):
+        """A few frames at a time, each batch waited for on disk: tcpdump's capture ring
+        holds only a few dozen frames of its 256 KiB snapshot length (a faster writer
+        makes the kernel drop, as its counter says)."""
+        for i in range(0, len(frames), 8):
+            for fr in frames[i:i + 8]:
+                sock.send(fr)
+                sent.append(fr)
+            total = sum(16 + len(fr) for fr in sent)
+            assert wait_for(lambda: recorded() == total), (recorded(), total)
+
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((debug_iface.name, 0))
+        for frames, _ in conns:
+            files_before = len(list_pcaps(cap_dir))
+            write(sock, frames)
+            while len(list_pcaps(cap_dir)) == files_before:    # bulk to the next ring file
+                write(sock, filler(64))
+    assert wait_for(lambda: cap.status().get("files_reordered", 0) >= 2), cap.status()
+    assert cap.status()["state"] == "capturing"             # reordered while recording
+    assert cap.stop() == 0, cap.output
+    status = cap.status()
+    files = list_pcaps(cap_dir)
+    assert len(files) >= len(conns) + 1 and status["requests_moved"] == 4, cap.output
+    assert (status["packets_captured"], status["packets_indexed"]) == (len(sent), len(sent))
+    paired = {}
+    for f in files:
+        assert stat.S_IMODE(f.path.stat().st_mode) == 0o600
+        for number, code, request_in, uri in tshark_responses(f.path):
+            assert 0 < request_in < number, (f.name, number, code, uri)
+            paired.setdefault(code, []).append(uri)
+    assert sorted(paired[500]) == sorted(["http://shop.example/fail?id=7"] * 3
+                                         + ["/search?q=" + "q" * 50])  # no Host: cut off
+    assert paired[200] == ["http://s/ok"]
+    records = sorted(read_index(cap_dir / "index.jsonl"), key=lambda r: r["client_port"])
+    assert [(r["client_port"], r["method"], r["target"], r["host"], r["status"],
+             r["response_ms"]) for r in records] == [
+        (41000, "GET", "/fail?id=7", "shop.example", 500, None),
+        (41001, "GET", "/fail?id=7", "shop.example", 500, None),
+        (41002, "GET", "/fail?id=7", "shop.example", 500, None),
+        (41003, "GET", "/search?q=" + "q" * 50, None, 500, None)]
+    listed = run_cli("capture", "--list", "--dir", str(cap_dir))
+    assert listed.returncode == 0 and listed.stdout.count("GET /fail?id=7") == 3
