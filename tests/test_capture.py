@@ -5,7 +5,10 @@ segments, a request line split over two segments, sequence numbers wrapping, a f
 spread over two files, a truncated file). Sidecar: the real CLI process, real tcpdump and
 real traffic through network namespaces: the ring stays bounded while traffic flows, it
 waits for its interface and follows it when it is recreated, and behind a real `mirror
-run` its index holds the error connections and nothing else."""
+run` its index holds the error connections and nothing else. The request written after
+its error response (as the controller writes it): pcaps written with dpkt reordered and
+checked with dpkt and real tshark, the index's request fields, and the real sidecar
+reordering the ring files it records."""
 from __future__ import annotations
 
 import json
@@ -781,10 +784,12 @@ def test_sidecar_reorders_a_closed_file_and_reads_it_once(tmp_path):
     side.indexer.flush(final=True)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["files_reordered"] == 1 and status["requests_moved"] == 1
+    (tmp_path / f".{RING0}.reorder").write_bytes(b"half a rewrite")    # a killed rewrite
     again = CaptureSidecar(Options(iface="none0", dir=tmp_path))
     again._load_state()
     again._index_leftovers()
     assert again.indexer.packets_indexed == 0 and again.files_reordered == 0
+    assert not (tmp_path / f".{RING0}.reorder").exists()
     (rec,) = read_index(tmp_path / "index.jsonl")
     assert rec["packets"] == len(frames) and rec["target"] == "/fail?id=7"
 

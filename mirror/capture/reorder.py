@@ -28,7 +28,13 @@ How: the file is read whole (a ring file is at most --file-size MB plus one pack
 written beside it as ".NAME.reorder" with the original's mode, given the original's
 modification time (the ring tells the file tcpdump is writing by modification time), and
 renamed over it, unless the original changed meanwhile. Only a file tcpdump has closed
-may be rewritten: the caller (the sidecar) decides which."""
+may be rewritten: the caller (the sidecar) decides which.
+
+What tshark still cannot pair: a request cut by the snapshot whose IP length fields were
+rewritten to the cut, when the cut took its head's blank line: tshark's HTTP dissector
+waits for the rest of the head, which never comes, and shows no request (unless run with
+-o http.desegment_headers:FALSE). A frame cut with its IP lengths kept, marked here as
+cut at capture, is read as far as it goes."""
 from __future__ import annotations
 
 import os
@@ -176,18 +182,19 @@ def moved_header(data: bytes, rec: Record, resp: Record, endian: str, unit: floa
 
 
 def rewritten(data: bytes, records: list[Record], tail: int, moves: dict[int, int],
-              endian: str, unit: float, link: int) -> bytes:
-    """The file's bytes with the moved requests before their responses."""
-    parts = [data[:FILE_HDR]]
+              endian: str, unit: float, link: int):
+    """The file's bytes with the moved requests before their responses, in pieces (views
+    of `data`, so that the file is not copied whole)."""
+    view = memoryview(data)
+    yield view[:FILE_HDR]
     for n in new_order(len(records), moves):
         rec = records[n]
-        raw = data[rec.offset:rec.offset + rec.size]
         if n in moves:
-            raw = moved_header(data, rec, records[moves[n]], endian, unit, link) \
-                + raw[REC_HDR:]
-        parts.append(raw)
-    parts.append(data[tail:])
-    return b"".join(parts)
+            yield moved_header(data, rec, records[moves[n]], endian, unit, link)
+            yield view[rec.offset + REC_HDR:rec.offset + rec.size]
+        else:
+            yield view[rec.offset:rec.offset + rec.size]
+    yield view[tail:]
 
 
 def reorder_file(path: str | os.PathLike, expect: tuple | None = None) -> Result | None:
@@ -213,24 +220,33 @@ def reorder_file(path: str | os.PathLike, expect: tuple | None = None) -> Result
     moves = plan(segments(data, records, link))
     if not moves:
         return None
-    out = rewritten(data, records, tail, moves, endian, unit, link)
-    signature = _replace(path, out, before)
-    first = out[FILE_HDR:FILE_HDR + REC_HDR].hex()
-    return Result(len(moves), first, signature)
+    signature = _replace(path, rewritten(data, records, tail, moves, endian, unit, link),
+                         before)
+    n = new_order(len(records), moves)[0]
+    rec = records[n]
+    first = (moved_header(data, rec, records[moves[n]], endian, unit, link) if n in moves
+             else data[rec.offset:rec.offset + REC_HDR])
+    return Result(len(moves), first.hex(), signature)
+
+
+def temporary_files(directory: Path) -> list[Path]:
+    """Rewrites a killed process left behind."""
+    return sorted(directory.glob(".*.reorder"))
 
 
 def _signature(st: os.stat_result) -> tuple:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _replace(path: Path, data: bytes, before: os.stat_result) -> tuple:
-    """Writes `data` beside `path` and renames it over `path`, keeping the mode and the
-    modification time; returns the new file's signature."""
+def _replace(path: Path, pieces, before: os.stat_result) -> tuple:
+    """Writes the pieces beside `path` and renames the result over `path`, keeping the
+    mode and the modification time; returns the new file's signature."""
     tmp = path.with_name(f".{path.name}.reorder")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        f.write(data)
+        for piece in pieces:
+            f.write(piece)
         f.flush()
         os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
         os.fsync(fd)

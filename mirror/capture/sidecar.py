@@ -46,7 +46,7 @@ from pathlib import Path
 from .. import jsonfile
 from ..errors import UsageError
 from .index import Indexer
-from .reorder import Changed, reorder_file
+from .reorder import Changed, reorder_file, temporary_files
 from .ring import PcapFile, current_file, list_pcaps
 from .tcpdump import Tcpdump
 
@@ -344,6 +344,8 @@ class CaptureSidecar:
         """Reads what an earlier sidecar left unread (it was killed), and writes its open
         flows to the index: no tcpdump run of that sidecar will add to them."""
         before = self.indexer.packets_indexed
+        for tmp in temporary_files(self.dir):
+            tmp.unlink(missing_ok=True)
         files = list_pcaps(self.dir)
         for f in files:
             self._read(f, False)
