@@ -736,12 +736,18 @@ def test_index_response_time_of_a_request_captured_in_order(tmp_path):
     (rec,) = index_record(tmp_path, frames)                 # frames 1 ms apart
     assert (rec["target"], rec["status"], rec["response_ms"]) == ("/fail?id=7", 500, 1.0)
     assert rec["requests"] == ["GET /first HTTP/1.1"]
-    # No request captured at all.
+    # No request captured at all; or only the next request of the keep-alive connection
+    # (sent after the 500, so not the 500's request).
     c = Conn(C4, S4)
     (tmp_path / "n").mkdir()
     (rec,) = index_record(tmp_path / "n", [c.server_sends(RESP_500), *c.close()])
     assert (rec["method"], rec["target"], rec["host"], rec["status"], rec["response_ms"]) \
         == (None, None, None, 500, None)
+    frames, _ = injected_keepalive()
+    (tmp_path / "k").mkdir()
+    (rec,) = index_record(tmp_path / "k", [f for f in frames if b"GET /fail" not in f])
+    assert (rec["method"], rec["status"], rec["statuses"]) == (None, 500, [500, 200])
+    assert rec["requests"] == ["GET /ok HTTP/1.1"]
 
 
 @pytest.mark.unit

@@ -48,7 +48,7 @@ import dpkt
 from ..flowkey import FlowKey
 from ..http1 import status_line
 from .index import FILE_HDR, MAGICS, REC_HDR, decode_tcp, ntoa
-from .request import covers, parse_request
+from .request import SEQ_MOD, ack_distance, covers, parse_request
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Segment:
     record: int             # its number in the file
     key: FlowKey
     src: tuple[str, int]
+    dst: tuple[str, int]
     seq: int
     ack: int
     payload: bytes
@@ -104,32 +105,48 @@ def segments(data: bytes, records: list[Record], link: int) -> list[Segment]:
             continue
         src, dst = ntoa(ip.src), ntoa(ip.dst)
         out.append(Segment(n, FlowKey.from_endpoints(src, tcp.sport, dst, tcp.dport),
-                           (src, tcp.sport), tcp.seq, tcp.ack, bytes(tcp.data)))
+                           (src, tcp.sport), (dst, tcp.dport), tcp.seq, tcp.ack,
+                           bytes(tcp.data)))
     return out
 
 
 def plan(segs: list[Segment]) -> dict[int, int]:
     """Which request record goes before which response record: {request: response}."""
-    responses = [s for s in segs if status_line(s.payload)]
+    sent_by: dict[tuple, list[Segment]] = {}    # status-line segments per sender, in order
     moves: dict[int, int] = {}
     taken: set[int] = set()
-    seen: set[tuple] = set()        # (key, src, seq) of request starts met so far
+    seen: set[tuple] = set()        # (key, src, seq) of the request starts met so far
     for seg in segs:
+        if status_line(seg.payload):
+            sent_by.setdefault((seg.key, seg.src), []).append(seg)
+            continue
         if parse_request(seg.payload) is None:
             continue
         ident = (seg.key, seg.src, seg.seq)
-        for resp in responses:
-            if resp.record > seg.record:
-                break
-            if (resp.record in taken or resp.key != seg.key or resp.src == seg.src
-                    or not covers(seg.seq, seg.payload, resp.ack)):
-                continue
-            if ident not in seen:
+        if ident not in seen:
+            resp = answered_by(seg, sent_by.get((seg.key, seg.dst), []), taken)
+            if resp is not None:
                 moves[seg.record] = resp.record
                 taken.add(resp.record)
-            break
         seen.add(ident)
     return moves
+
+
+def answered_by(req: Segment, responses: list[Segment], taken: set[int]) -> Segment | None:
+    """The earliest of the earlier responses (of the other side, in file order) that
+    answered `req` and has no request moved to it yet. Looked for backwards and no
+    further than a response sent before the request arrived (its acknowledgement at or
+    before the request's first byte): a sender's acknowledgement numbers only grow, so
+    the responses before that one are older still, and a request in its place costs
+    one look."""
+    found = None
+    for resp in reversed(responses):
+        d = ack_distance(req.seq, resp.ack)
+        if d == 0 or d >= SEQ_MOD // 2:
+            break
+        if resp.record not in taken and covers(req.seq, req.payload, resp.ack):
+            found = resp
+    return found
 
 
 def new_order(count: int, moves: dict[int, int]) -> list[int]:
