@@ -763,41 +763,50 @@ def test_list_shows_the_request_of_the_error(tmp_path):
 
 
 RING0 = "mirror-20250101T000000Z-r1.pcap0"
+RING1 = "mirror-20250101T000000Z-r1.pcap1"
 
 
 @pytest.mark.unit
-def test_sidecar_reorders_a_closed_file_and_reads_it_once(tmp_path):
+def test_sidecar_reorders_closed_files_and_reads_them_once(tmp_path):
     """The sidecar reads a closed file to its end, then reorders it (here the request
     becomes the file's first record, another `first` for the cursor), and neither it nor
     a restarted sidecar reads the rewritten file again: every packet counted once, every
-    flow indexed once. The file tcpdump is writing is not rewritten."""
-    frames, _ = injected_basic()
-    path = write_pcap(tmp_path / RING0, frames)
-    os.chmod(path, 0o600)
+    flow indexed once. Not rewritten: the file tcpdump is writing, and the newest file of
+    an earlier sidecar's run (its tcpdump may outlive it) until a run of this one."""
+    frames0, _ = injected_basic()
+    frames1, _ = injected_basic(C6, S6)
+    path0 = write_pcap(tmp_path / RING0, frames0)
+    path1 = write_pcap(tmp_path / RING1, frames1)
+    for n, path in enumerate((path0, path1)):
+        os.chmod(path, 0o600)
+        os.utime(path, ns=(1, 1_000_000_000 * (n + 1)))
     side = CaptureSidecar(Options(iface="none0", dir=tmp_path))
     side._load_state()
     files = list_pcaps(tmp_path)
     side._read(files[0], True)
-    assert not side._reorder(files, files[0])               # live: left alone
-    assert first_line(frames_of(path)[0][1]).startswith(b"HTTP/1.1 500")
-    side._housekeeping()                                    # tcpdump gone: closed
-    assert first_line(frames_of(path)[0][1]).startswith(b"GET /fail")
+    assert not side._reorder(files, files[0])               # being written: left alone
+    assert first_line(frames_of(path0)[0][1]).startswith(b"HTTP/1.1 500")
+    side._index_leftovers()                                 # an earlier sidecar's files
+    assert first_line(frames_of(path0)[0][1]).startswith(b"GET /fail")
+    assert first_line(frames_of(path1)[0][1]).startswith(b"HTTP/1.1 500")
     assert (side.files_reordered, side.requests_moved) == (1, 1)
-    assert side.indexer.packets_indexed == len(frames)
+    assert side.indexer.packets_indexed == len(frames0) + len(frames1)
+    side.first_run = side.run_number = 1                    # as if run 1 were ours, stopped
     reads = side.indexer.reads
     side._housekeeping()
-    assert side.indexer.reads == reads
-    side.indexer.flush(final=True)
+    assert first_line(frames_of(path1)[0][1]).startswith(b"GET /fail")
+    assert side.indexer.reads == reads and side.files_reordered == 2
     status = json.loads((tmp_path / "status.json").read_text())
-    assert status["files_reordered"] == 1 and status["requests_moved"] == 1
+    assert status["files_reordered"] == 2 and status["requests_moved"] == 2
     (tmp_path / f".{RING0}.reorder").write_bytes(b"half a rewrite")    # a killed rewrite
     again = CaptureSidecar(Options(iface="none0", dir=tmp_path))
     again._load_state()
     again._index_leftovers()
     assert again.indexer.packets_indexed == 0 and again.files_reordered == 0
     assert not (tmp_path / f".{RING0}.reorder").exists()
-    (rec,) = read_index(tmp_path / "index.jsonl")
-    assert rec["packets"] == len(frames) and rec["target"] == "/fail?id=7"
+    recs = read_index(tmp_path / "index.jsonl")
+    assert sorted((r["packets"], r["target"], r["family"]) for r in recs) == \
+        [(len(frames0), "/fail?id=7", 4), (len(frames1), "/fail?id=7", 6)]
 
 
 def filler(count: int) -> list[bytes]:

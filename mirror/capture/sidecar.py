@@ -20,7 +20,9 @@ bounded ring of pcap files and indexes the error flows it recorded.
   file's cursor at the rewritten file: the indexer never reads a file twice
   (mirror.capture.index). A request whose response went into the previous ring file
   stays where it is. The file tcpdump is writing is never rewritten; it is told by
-  modification time (mirror.capture.ring), which the rewrite keeps.
+  modification time (mirror.capture.ring), which the rewrite keeps. Nor is the file a
+  killed sidecar's tcpdump was writing (that tcpdump may outlive it): a sidecar stopped
+  with SIGTERM reorders all its files before it exits.
 - Health: tcpdump's own counters (packets captured, received by the filter, dropped by
   the kernel), asked for with SIGUSR1, go to status.json, the log and the metrics, with
   the indexer's (flows indexed, ring files overwritten before they were read).
@@ -241,14 +243,27 @@ class CaptureSidecar:
             live = current_file(files, self.run_number, self.opts.files)
         return files, live
 
+    def _maybe_written(self, files: list[PcapFile], live: PcapFile | None) -> set[Path]:
+        """The files a tcpdump may still be writing: ours, and the newest of each run of
+        an earlier sidecar (one that was killed leaves its tcpdump running until that
+        notices; one that stopped cleanly reordered all its files itself)."""
+        paths = {live.path} if live is not None else set()
+        mine = self.first_run if self.first_run is not None else float("inf")
+        for run in {f.run for f in files if f.run < mine}:
+            newest = current_file(files, run, self.opts.files)
+            if newest is not None:
+                paths.add(newest.path)
+        return paths
+
     def _reorder(self, files: list[PcapFile], live: PcapFile | None) -> bool:
         """Rewrites each closed file read to its end and not yet reordered with its
         requests before their responses; True if a cursor changed."""
         changed = False
+        busy = self._maybe_written(files, live)
         for f in files:
             entry = self.cursors.get(f.name)
-            if (live is not None and f.path == live.path) or not entry \
-                    or entry["sig"] != list(f.signature) or entry.get("reordered"):
+            if f.path in busy or not entry or entry["sig"] != list(f.signature) \
+                    or entry.get("reordered"):
                 continue
             try:
                 result = reorder_file(f.path, expect=f.signature)
