@@ -853,9 +853,9 @@ def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_pa
         return sum(f.signature[1] for f in files) - 24 * len(files)
 
     def write(sock, frames):
-        """A few frames at a time, each batch waited for on disk: tcpdump's capture ring
-        holds only a few dozen frames of its 256 KiB snapshot length (a faster writer
-        makes the kernel drop, as its counter says)."""
+        """A few frames at a time, each batch waited for on disk: written in bursts of
+        100 frames, the kernel dropped some before tcpdump read them here (its counter
+        said so)."""
         for i in range(0, len(frames), 8):
             for fr in frames[i:i + 8]:
                 sock.send(fr)
