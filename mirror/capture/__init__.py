@@ -7,5 +7,9 @@
   and the tests use);
 - ring: the ring's files on disk;
 - index: the index of error flows (index.jsonl), read incrementally from the pcaps;
+- request: HTTP/1.x request heads as captured (perhaps cut), and which request a
+  response answered (by acknowledgement number);
+- reorder: a closed ring file rewritten with each request before the error response it
+  got (the controller writes the request after the response);
 - pcap: reading a whole pcap back into packets and flows (demo, bench, tests);
 - metrics: the sidecar's Prometheus collector."""

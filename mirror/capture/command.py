@@ -116,20 +116,15 @@ def render_index(records: list[dict], status: dict | None, directory: Path) -> s
     if not records:
         lines = [f"no flows indexed in {directory / INDEX_NAME}"]
     else:
-        lines = [f"{'first packet (UTC)':26} {'client':24} {'server':24} {'statuses':10} "
-                 f"{'pkts':>5} {'bytes':>8}  {'files':8} requests after the trigger"]
-        for r in records:
-            files = r.get("files", [])
-            present = sum((directory / f).exists() for f in files)
-            file_note = f"{present}/{len(files)}" if present < len(files) else str(len(files))
-            requests = "; ".join(r.get("requests", [])) or "-"
-            lines.append(
-                f"{r['first_utc'][:26]:26} {endpoint(r['client'], r['client_port']):24} "
-                f"{endpoint(r['server'], r['server_port']):24} "
-                f"{','.join(map(str, r.get('statuses', []))) or '-':10} {r['packets']:>5} "
-                f"{r['bytes']:>8}  {file_note:8} {requests[:60]}")
-        lines.append(f"{len(records)} flows; 'files' counts the pcaps holding a flow "
-                     "(present/listed when the ring has overwritten some)")
+        lines = [f"{'first packet (UTC)':26} {'client':24} {'server':24} {'status':6} "
+                 f"{'resp ms':>9}  {'request':32} {'host':20} {'later':8} {'pkts':>5} "
+                 f"{'bytes':>8}  {'files':8} requests after the trigger"]
+        lines += [_row(r, directory) for r in records]
+        lines.append(f"{len(records)} flows; 'request' is the request the error answered "
+                     "(resp ms: '-' when the capture cannot tell the time, see the "
+                     "controller's error events); 'later' the statuses after it; 'files' "
+                     "counts the pcaps holding a flow (present/listed when the ring has "
+                     "overwritten some)")
     if status:
         lines.append(f"capture of {status['iface']}: {status['state']}; "
                      f"{status['packets_captured']} packets captured, "
@@ -137,3 +132,26 @@ def render_index(records: list[dict], status: dict | None, directory: Path) -> s
                      f"{status['files']} files, {status['bytes']} bytes on disk "
                      f"(at most {status['max_files']} x {status['file_size_mb']} MB)")
     return "\n".join(lines)
+
+
+def _row(r: dict, directory: Path) -> str:
+    """One index record as a table row; records written before the request fields
+    existed show '-' there."""
+    files = r.get("files", [])
+    present = sum((directory / f).exists() for f in files)
+    file_note = f"{present}/{len(files)}" if present < len(files) else str(len(files))
+    statuses = r.get("statuses", [])
+    status = r.get("status") or (statuses[0] if statuses else "-")
+    ms = r.get("response_ms")
+    request = f"{r['method']} {r['target']}" if r.get("method") else "-"
+    later = ",".join(map(str, statuses[1:])) or "-"
+    requests = "; ".join(r.get("requests", [])) or "-"
+    return (f"{r['first_utc'][:26]:26} {endpoint(r['client'], r['client_port']):24} "
+            f"{endpoint(r['server'], r['server_port']):24} {status!s:6} "
+            f"{'-' if ms is None else f'{ms:.3f}':>9}  {_cut(request, 32):32} "
+            f"{_cut(r.get('host') or '-', 20):20} {_cut(later, 8):8} {r['packets']:>5} "
+            f"{r['bytes']:>8}  {file_note:8} {requests[:60]}")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "~"

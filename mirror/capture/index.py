@@ -9,9 +9,26 @@ per line) once it is over: closed by FIN from both sides or by a RST and nothing
 it read for `linger_seconds` (so that the last ACK joins it), idle for `idle_seconds`, or
 when the sidecar stops.
 
-Only what the mirror sent is in the pcaps: packets from the error response on. So the
-request that caused the error is usually not there; the request lines listed are those
-sent after the trigger on the same keep-alive connection.
+Only what the mirror sent is in the pcaps: packets from the error response on, and the
+request that got that response, which the controller writes onto the debug interface
+after the response (the kernel's snapshot of its first bytes, perhaps cut). Each record
+names that request and its response: `method`, `target`, `host` (null when absent),
+`status` (of the connection's first response: behind the mirror, the one that
+triggered), `response_ms`; the pairing is by acknowledgement number
+(mirror.capture.request), so it holds whatever the order of the frames in the files and
+across two files. `response_ms` is the response's capture time less the request's, and
+null when no request was captured or when the request's capture time is not its send
+time (see Flow.error_request): behind the mirror that is the rule, since the request
+frame is written after the response; the time the server took is in the controller's
+error events. `requests` lists the other request lines: those sent after the trigger on
+the same keep-alive connection.
+
+Rewritten files: the sidecar reorders a file once tcpdump has closed it
+(mirror.capture.reorder), only after reading it to its end here; the rewrite keeps the
+records (their order and one timestamp change) and the size, and the sidecar then sets
+the file's cursor to the new file's signature and first record, so the file is not read
+again: no packet is counted twice and no flow indexed twice, and what the index holds is
+what the file held before the reorder.
 
 TCP is read the way a retransmission or reordering cannot fool: status and request lines
 are taken from segment starts deduplicated by sequence number and ordered by sequence
@@ -32,6 +49,7 @@ import dpkt
 
 from ..flowkey import FlowKey
 from ..http1 import METHODS, is_request_line, status_line
+from .request import answered, parse_request
 
 log = logging.getLogger("mirror")
 
@@ -48,11 +66,13 @@ def _seq_order(seqs, base: int) -> list[int]:
 
 @dataclass
 class Direction:
-    """One direction of a connection: its data segments by sequence number."""
+    """One direction of a connection: its data segments by sequence number, and when
+    each was first captured with which acknowledgement number."""
     segments: dict[int, bytes] = field(default_factory=dict)
+    first_seen: dict[int, tuple[float, int]] = field(default_factory=dict)
     first_seq: int | None = None
 
-    def add(self, seq: int, payload: bytes) -> bool:
+    def add(self, seq: int, payload: bytes, ts: float = 0.0, ack: int = 0) -> bool:
         """Stores a data segment; False if that sequence number was already seen (a
         retransmission; the longer copy is kept)."""
         if self.first_seq is None:
@@ -60,6 +80,7 @@ class Direction:
         old = self.segments.get(seq)
         if old is None or len(payload) > len(old):
             self.segments[seq] = payload
+        self.first_seen.setdefault(seq, (ts, ack))
         return old is None
 
     def ordered(self) -> list[tuple[int, bytes]]:
@@ -70,13 +91,22 @@ class Direction:
     def statuses(self) -> list[int]:
         return [int(p[9:12]) for _, p in self.ordered() if status_line(p)]
 
-    def request_lines(self) -> list[str]:
-        """Request lines starting a segment, completed from the following contiguous
-        segments when a line is split across segments."""
+    def first_response(self) -> tuple[int, bytes] | None:
+        """The first status-line segment in sequence order: behind the mirror, the
+        response that made it clone the connection."""
+        return next(((s, p) for s, p in self.ordered() if status_line(p)), None)
+
+    def request_starts(self) -> list[tuple[int, bytes]]:
+        return [(s, p) for s, p in self.ordered() if parse_request(p) is not None]
+
+    def request_lines(self, skip: frozenset[int] = frozenset()) -> list[str]:
+        """Request lines starting a segment (but those at the `skip` sequence numbers),
+        completed from the following contiguous segments when a line is split across
+        segments."""
         segs = self.ordered()
         out = []
         for i, (seq, payload) in enumerate(segs):
-            if payload.split(b" ", 1)[0] not in METHODS:
+            if payload.split(b" ", 1)[0] not in METHODS or seq in skip:
                 continue
             line, end = payload, (seq + len(payload)) & 0xFFFFFFFF
             for nseq, npayload in segs[i + 1:]:
@@ -113,7 +143,7 @@ class Flow:
         if fname not in self.files:
             self.files.append(fname)
         d = self.dirs.setdefault(src, Direction())
-        if tcp.data and not d.add(tcp.seq, bytes(tcp.data)):
+        if tcp.data and not d.add(tcp.seq, bytes(tcp.data), ts, tcp.ack):
             self.retransmissions += 1
         if tcp.flags & dpkt.tcp.TH_FIN:
             self.fin_from.add(src)
@@ -138,14 +168,44 @@ class Flow:
                 return ep, (hi if ep == lo else lo)
         return (lo, hi) if lo[1] > hi[1] else (hi, lo)
 
+    def error_request(self, client, server) -> dict:
+        """The first response (the error: the capture starts at it) and the request it
+        answered, paired by acknowledgement number (mirror.capture.request), wherever
+        the capture put the request. response_ms is None when no request was captured,
+        and also when the request's capture time is not when it was sent: captured
+        after its response (the controller writes the request's snapshot after the
+        kernel cloned the response) or exactly 1 us before it (where the sidecar's
+        reorder put it)."""
+        out = {"method": None, "target": None, "host": None, "status": None,
+               "response_ms": None, "request_seq": None}
+        srv, cli = self.dirs.get(server), self.dirs.get(client)
+        first = srv.first_response() if srv else None
+        if first is None:
+            return out
+        resp_ts, ack = srv.first_seen[first[0]]
+        out["status"] = int(first[1][9:12])
+        pair = answered(cli.request_starts(), ack) if cli else None
+        if pair is None:
+            return out
+        head = parse_request(pair[1])
+        req_ts = cli.first_seen[pair[0]][0]
+        if round((resp_ts - req_ts) * 1e6) > 1:
+            out["response_ms"] = round((resp_ts - req_ts) * 1000, 3)
+        out.update(method=head.method, target=head.target, host=head.host,
+                   request_seq=pair[0])
+        return out
+
     def record(self, reason: str) -> dict:
         client, server = self.endpoints()
+        error = self.error_request(client, server)
+        paired = error.pop("request_seq")
         statuses, requests = [], []
         if server in self.dirs:
             statuses = self.dirs[server].statuses()
         if client in self.dirs:
-            requests = self.dirs[client].request_lines()
-        return {
+            skip = frozenset() if paired is None else frozenset([paired])
+            requests = self.dirs[client].request_lines(skip)
+        return {**error,
             "family": self.key.family,
             "client": client[0], "client_port": client[1],
             "server": server[0], "server_port": server[1],
@@ -184,17 +244,17 @@ class Cursor:
         return cls(str(data.get("first", "")), int(data.get("offset", 0)))
 
 
-_FILE_HDR = 24
-_REC_HDR = 16
-_MAGICS = {0xA1B2C3D4: ("<", 1e-6), 0xA1B23C4D: ("<", 1e-9),
+FILE_HDR = 24
+REC_HDR = 16
+MAGICS = {0xA1B2C3D4: ("<", 1e-6), 0xA1B23C4D: ("<", 1e-9),
            0xD4C3B2A1: (">", 1e-6), 0x4D3CB2A1: (">", 1e-9)}
 
 
-def _ntoa(raw: bytes) -> str:
+def ntoa(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
-def _decode(link: int, buf: bytes):
+def decode_tcp(link: int, buf: bytes):
     """(ip, tcp) of a frame decoded with dpkt, or None when it is not IP + TCP."""
     try:
         if link == dpkt.pcap.DLT_LINUX_SLL:
@@ -216,24 +276,24 @@ def read_tcp(f, cursor: Cursor | None, stats: FileStats):
     Frames are decoded by dpkt: Ethernet or Linux cooked, IPv4 or IPv6 (dpkt walks the
     extension headers). Records are framed here, so a file can be read while tcpdump
     is still appending to it (-U writes whole records) and resumed at an offset."""
-    head = f.read(_FILE_HDR)
-    if len(head) < _FILE_HDR:
+    head = f.read(FILE_HDR)
+    if len(head) < FILE_HDR:
         stats.partial = True
         return
     magic = struct.unpack("<I", head[:4])[0]
-    if magic not in _MAGICS:
+    if magic not in MAGICS:
         raise ValueError(f"not a pcap file (magic {magic:#x})")
-    endian, unit = _MAGICS[magic]
+    endian, unit = MAGICS[magic]
     link = struct.unpack(endian + "I", head[20:24])[0]
-    first = f.read(_REC_HDR).hex()
-    if cursor.first != first or cursor.offset < _FILE_HDR:
+    first = f.read(REC_HDR).hex()
+    if cursor.first != first or cursor.offset < FILE_HDR:
         stats.new_generation = bool(cursor.first) and cursor.first != first
-        cursor.first, cursor.offset = first, _FILE_HDR
+        cursor.first, cursor.offset = first, FILE_HDR
     f.seek(cursor.offset)
     rec = struct.Struct(endian + "IIII")
     while True:
-        hdr = f.read(_REC_HDR)
-        if len(hdr) < _REC_HDR:
+        hdr = f.read(REC_HDR)
+        if len(hdr) < REC_HDR:
             stats.partial = bool(hdr)
             return
         sec, frac, caplen, _origlen = rec.unpack(hdr)
@@ -241,9 +301,9 @@ def read_tcp(f, cursor: Cursor | None, stats: FileStats):
         if len(buf) < caplen:
             stats.partial = True
             return
-        cursor.offset += _REC_HDR + caplen
+        cursor.offset += REC_HDR + caplen
         stats.packets += 1
-        decoded = _decode(link, buf)
+        decoded = decode_tcp(link, buf)
         if decoded is None:
             stats.skipped += 1
             continue
@@ -277,7 +337,7 @@ class Indexer:
         self.reads += 1
         with open(path, "rb") as f:
             for ts, length, ip, tcp in read_tcp(f, cursor, stats):
-                src, dst = _ntoa(ip.src), _ntoa(ip.dst)
+                src, dst = ntoa(ip.src), ntoa(ip.dst)
                 key = FlowKey.from_endpoints(src, tcp.sport, dst, tcp.dport)
                 flow = self.flows.get(key)
                 if flow is None:

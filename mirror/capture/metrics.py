@@ -27,6 +27,10 @@ class SidecarCollector:
              "Pcap files deleted to keep the ring bounded"),
             ("packets_unindexed", "mirror_capture_packets_unindexed",
              "Packets tcpdump wrote that the ring overwrote before the indexer read them"),
+            ("files_reordered", "mirror_capture_files_reordered",
+             "Closed pcap files rewritten with requests moved before their responses"),
+            ("requests_moved", "mirror_capture_requests_moved",
+             "Request frames moved before the response they got"),
             ("tcpdump_restarts", "mirror_capture_tcpdump_restarts",
              "Times tcpdump exited by itself (debug interface gone) and was restarted"),
         ]

@@ -12,6 +12,17 @@ bounded ring of pcap files and indexes the error flows it recorded.
   per error flow is appended to index.jsonl once the flow is over (mirror.capture.index).
   `mirror capture --list` prints the index as a table. Read positions are kept in
   .cursors.json, so a restarted sidecar indexes what a killed one left unread.
+- Request order: the controller writes an error response's request onto the debug
+  interface after the response, so tcpdump records it after. Once tcpdump has closed a
+  file (it moved on to the next ring file, or stopped), the sidecar reads it to its end,
+  then rewrites it with each such request just before its response
+  (mirror.capture.reorder), so that tshark and Wireshark pair them, and points the
+  file's cursor at the rewritten file: the indexer never reads a file twice
+  (mirror.capture.index). A request whose response went into the previous ring file
+  stays where it is. The file tcpdump is writing is never rewritten; it is told by
+  modification time (mirror.capture.ring), which the rewrite keeps. Nor is the file a
+  killed sidecar's tcpdump was writing (that tcpdump may outlive it): a sidecar stopped
+  with SIGTERM reorders all its files before it exits.
 - Health: tcpdump's own counters (packets captured, received by the filter, dropped by
   the kernel), asked for with SIGUSR1, go to status.json, the log and the metrics, with
   the indexer's (flows indexed, ring files overwritten before they were read).
@@ -38,6 +49,7 @@ from .. import jsonfile
 from ..errors import UsageError
 from ..privileges import effective_caps
 from .index import Indexer
+from .reorder import Changed, reorder_file, temporary_files
 from .ring import PcapFile, current_file, list_pcaps
 from .tcpdump import Tcpdump
 
@@ -98,6 +110,8 @@ class CaptureSidecar:
         self.state = "starting"
         self.tcpdump_restarts = 0
         self.files_pruned = 0
+        self.files_reordered = 0        # rewritten with requests moved before responses
+        self.requests_moved = 0
         self.packets_read = 0           # from the files of this process's tcpdump runs
         self.first_run = None
         self.cursors: dict[str, dict] = {}
@@ -208,19 +222,67 @@ class CaptureSidecar:
     def _housekeeping(self) -> None:
         """Reads what tcpdump appended since the last look (the file being written
         included), prunes the ring, writes finished flows to the index."""
-        files = list_pcaps(self.dir)
-        live = None
-        if self.dump and self.dump.running():
-            live = current_file(files, self.run_number, self.opts.files)
+        files, live = self._scan()
         changed = False
         for f in files:
             changed |= self._read(f, f == live)
+        if self._reorder(files, live):
+            changed = True
+            files, live = self._scan()      # the rewritten files have new signatures
         self._prune(files, live)
         if changed:
             self._save_state()
             self._write_status()
         if self.indexer.flush():
             log.info("capture: %d flows in the index", self.indexer.flows_written)
+
+    def _scan(self) -> tuple[list[PcapFile], PcapFile | None]:
+        """The ring's files, and the one tcpdump is writing (None when it is not running)."""
+        files = list_pcaps(self.dir)
+        live = None
+        if self.dump and self.dump.running():
+            live = current_file(files, self.run_number, self.opts.files)
+        return files, live
+
+    def _maybe_written(self, files: list[PcapFile], live: PcapFile | None) -> set[Path]:
+        """The files a tcpdump may still be writing: ours, and the newest of each run of
+        an earlier sidecar (one that was killed leaves its tcpdump running until that
+        notices; one that stopped cleanly reordered all its files itself)."""
+        paths = {live.path} if live is not None else set()
+        mine = self.first_run if self.first_run is not None else float("inf")
+        for run in {f.run for f in files if f.run < mine}:
+            newest = current_file(files, run, self.opts.files)
+            if newest is not None:
+                paths.add(newest.path)
+        return paths
+
+    def _reorder(self, files: list[PcapFile], live: PcapFile | None) -> bool:
+        """Rewrites each closed file read to its end and not yet reordered with its
+        requests before their responses; True if a cursor changed."""
+        changed = False
+        busy = self._maybe_written(files, live)
+        for f in files:
+            entry = self.cursors.get(f.name)
+            if f.path in busy or not entry or entry["sig"] != list(f.signature) \
+                    or entry.get("reordered"):
+                continue
+            try:
+                result = reorder_file(f.path, expect=f.signature)
+            except (Changed, FileNotFoundError):
+                continue                    # read again, then reordered, next time round
+            except (OSError, ValueError) as exc:
+                log.warning("capture: cannot reorder %s: %s", f.name, exc)
+                result = None
+            entry["reordered"] = True
+            changed = True
+            if result is not None:
+                # Nothing new to read in the rewritten file: same records, same size.
+                entry.update(first=result.first, sig=list(result.signature))
+                self.files_reordered += 1
+                self.requests_moved += result.moved
+                log.info("capture: %s: %d requests moved before their responses",
+                         f.name, result.moved)
+        return changed
 
     def _read(self, f: PcapFile, live: bool) -> bool:
         """Reads the new records of one file; False if it had not changed."""
@@ -298,8 +360,12 @@ class CaptureSidecar:
         """Reads what an earlier sidecar left unread (it was killed), and writes its open
         flows to the index: no tcpdump run of that sidecar will add to them."""
         before = self.indexer.packets_indexed
-        for f in list_pcaps(self.dir):
+        for tmp in temporary_files(self.dir):
+            tmp.unlink(missing_ok=True)
+        files = list_pcaps(self.dir)
+        for f in files:
             self._read(f, False)
+        self._reorder(files, None)
         if self.indexer.packets_indexed > before:
             log.info("capture: read %d packets left unread by an earlier run",
                      self.indexer.packets_indexed - before)
@@ -328,6 +394,7 @@ class CaptureSidecar:
             "tcpdump_runs": self.run_number, "tcpdump_restarts": self.tcpdump_restarts,
             "files": self.disk_files, "bytes": self.disk_bytes,
             "files_pruned": self.files_pruned, "file_size_mb": self.opts.file_size,
+            "files_reordered": self.files_reordered, "requests_moved": self.requests_moved,
             # Written by tcpdump, overwritten by the ring before the indexer read them
             # (exact once stopped; while running, tcpdump's count is up to 5 s old).
             "packets_unindexed": max(0, totals["captured"] - self.packets_read),

@@ -1,0 +1,278 @@
+"""Putting each request frame back before the error response it got, in a finished pcap.
+
+Why: the kernel clones an error response to the debug interface as it passes; the
+request that got it went by earlier, so the controller writes the kernel's snapshot of
+that request onto the debug interface afterwards, a few ms later. tcpdump records what
+arrives in arrival order, so its files hold the request after its response, and tshark
+and Wireshark, which pair an HTTP response with an earlier request of the connection,
+show the response alone.
+
+What moves: a segment that starts a request (mirror.capture.request), placed after a
+status-line segment of the same connection travelling the other way whose
+acknowledgement number covers the request (request.seq < response.ack <= the request's
+end, modulo 2**32: mirror.capture.request.covers). It goes to just before the earliest
+such response, with that response's timestamp less 1 microsecond, and nothing else of
+the file changes: the file header, every other record and its timestamp, and a cut-short
+last record (kept at the end) stay as tcpdump wrote them. (One more fact may change on a
+moved request: a frame shorter than its IP header says, a snapshot cut the way tcpdump -s
+cuts, gets that length as its record's original length; see moved_header.)
+
+What stays: a request already before its response; a request with no response in the
+same file, in particular one whose response tcpdump wrote into the previous ring file
+(the file rotated between the response and the request: the index still pairs them,
+since it reads a connection across files, but tshark on one file cannot); a second copy
+of a request whose sequence number the file already holds before the response (a
+retransmission: the first copy pairs). A response gets at most one request moved to it.
+
+How: the file is read whole (a ring file is at most --file-size MB plus one packet),
+written beside it as ".NAME.reorder" with the original's mode, given the original's
+modification time (the ring tells the file tcpdump is writing by modification time), and
+renamed over it, unless the original changed meanwhile. Only a file tcpdump has closed
+may be rewritten: the caller (the sidecar) decides which.
+
+What tshark still cannot pair: a request cut by the snapshot whose IP length fields were
+rewritten to the cut, when the cut took its head's blank line: tshark's HTTP dissector
+waits for the rest of the head, which never comes, and shows no request (unless run with
+-o http.desegment_headers:FALSE). A frame cut with its IP lengths kept, marked here as
+cut at capture, is read as far as it goes."""
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import dpkt
+
+from ..flowkey import FlowKey
+from ..http1 import status_line
+from .index import FILE_HDR, MAGICS, REC_HDR, decode_tcp, ntoa
+from .request import SEQ_MOD, ack_distance, covers, parse_request
+
+
+@dataclass
+class Record:
+    offset: int             # of its record header in the file
+    size: int               # record header plus captured bytes
+
+
+@dataclass
+class Segment:
+    """The TCP facts of one record that pairing needs."""
+    record: int             # its number in the file
+    key: FlowKey
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    seq: int
+    ack: int
+    payload: bytes
+
+
+@dataclass
+class Result:
+    moved: int              # request frames moved
+    first: str              # the new file's first record header, hex (a Cursor's `first`)
+    signature: tuple        # (inode, size, mtime_ns) of the new file
+
+
+class Changed(Exception):
+    """The file changed while it was being reordered (tcpdump reopened it)."""
+
+
+def frame_records(data: bytes, endian: str) -> tuple[list[Record], int]:
+    """The whole records of a pcap held in memory, and where a cut-short tail starts."""
+    records, offset = [], FILE_HDR
+    hdr = struct.Struct(endian + "IIII")
+    while offset + REC_HDR <= len(data):
+        caplen = hdr.unpack_from(data, offset)[2]
+        if offset + REC_HDR + caplen > len(data):
+            break
+        records.append(Record(offset, REC_HDR + caplen))
+        offset += REC_HDR + caplen
+    return records, offset
+
+
+def segments(data: bytes, records: list[Record], link: int) -> list[Segment]:
+    """The TCP segments with a payload among the records."""
+    out = []
+    for n, rec in enumerate(records):
+        decoded = decode_tcp(link, data[rec.offset + REC_HDR:rec.offset + rec.size])
+        if decoded is None:
+            continue
+        ip, tcp = decoded
+        if not tcp.data:
+            continue
+        src, dst = ntoa(ip.src), ntoa(ip.dst)
+        out.append(Segment(n, FlowKey.from_endpoints(src, tcp.sport, dst, tcp.dport),
+                           (src, tcp.sport), (dst, tcp.dport), tcp.seq, tcp.ack,
+                           bytes(tcp.data)))
+    return out
+
+
+def plan(segs: list[Segment]) -> dict[int, int]:
+    """Which request record goes before which response record: {request: response}."""
+    sent_by: dict[tuple, list[Segment]] = {}    # status-line segments per sender, in order
+    moves: dict[int, int] = {}
+    taken: set[int] = set()
+    seen: set[tuple] = set()        # (key, src, seq) of the request starts met so far
+    for seg in segs:
+        if status_line(seg.payload):
+            sent_by.setdefault((seg.key, seg.src), []).append(seg)
+            continue
+        if parse_request(seg.payload) is None:
+            continue
+        ident = (seg.key, seg.src, seg.seq)
+        if ident not in seen:
+            resp = answered_by(seg, sent_by.get((seg.key, seg.dst), []), taken)
+            if resp is not None:
+                moves[seg.record] = resp.record
+                taken.add(resp.record)
+        seen.add(ident)
+    return moves
+
+
+def answered_by(req: Segment, responses: list[Segment], taken: set[int]) -> Segment | None:
+    """The earliest of the earlier responses (of the other side, in file order) that
+    answered `req` and has no request moved to it yet. Looked for backwards and no
+    further than a response sent before the request arrived (its acknowledgement at or
+    before the request's first byte): a sender's acknowledgement numbers only grow, so
+    the responses before that one are older still, and a request in its place costs
+    one look."""
+    found = None
+    for resp in reversed(responses):
+        d = ack_distance(req.seq, resp.ack)
+        if d == 0 or d >= SEQ_MOD // 2:
+            break
+        if resp.record not in taken and covers(req.seq, req.payload, resp.ack):
+            found = resp
+    return found
+
+
+def new_order(count: int, moves: dict[int, int]) -> list[int]:
+    before = {resp: req for req, resp in moves.items()}
+    out = []
+    for n in range(count):
+        if n in moves:
+            continue
+        if n in before:
+            out.append(before[n])
+        out.append(n)
+    return out
+
+
+def earlier(sec: int, frac: int, unit: float) -> tuple[int, int]:
+    """A record timestamp (seconds, fraction in the file's unit) less 1 microsecond."""
+    step, per_sec = (1, 1_000_000) if unit == 1e-6 else (1000, 1_000_000_000)
+    if frac >= step:
+        return sec, frac - step
+    return sec - 1, frac + per_sec - step
+
+
+def wire_length(frame: bytes, link: int) -> int | None:
+    """The length of an Ethernet frame as its IP header states it (VLAN tags included),
+    None when it is not Ethernet + IPv4/IPv6 or too short to tell."""
+    if link != dpkt.pcap.DLT_EN10MB:
+        return None
+    offset = 12
+    while frame[offset:offset + 2] in (b"\x81\x00", b"\x88\xa8"):
+        offset += 4
+    etype, offset = frame[offset:offset + 2], offset + 2
+    if etype == b"\x08\x00" and len(frame) >= offset + 4:
+        return offset + struct.unpack_from("!H", frame, offset + 2)[0]
+    if etype == b"\x86\xdd" and len(frame) >= offset + 6:
+        return offset + 40 + struct.unpack_from("!H", frame, offset + 4)[0]
+    return None
+
+
+def moved_header(data: bytes, rec: Record, resp: Record, endian: str, unit: float,
+                 link: int) -> bytes:
+    """The record header of a moved request: the response's time less 1 us, and, when
+    the frame is shorter than its IP header says (a snapshot cut as tcpdump -s cuts, IP
+    lengths kept), that length as the original length, so that readers see a frame cut
+    at capture and decode what it holds instead of waiting for the rest of it."""
+    hdr = struct.Struct(endian + "IIII")
+    sec, frac = hdr.unpack_from(data, resp.offset)[:2]
+    caplen, origlen = hdr.unpack_from(data, rec.offset)[2:]
+    wire = wire_length(data[rec.offset + REC_HDR:rec.offset + rec.size], link)
+    return hdr.pack(*earlier(sec, frac, unit), caplen, max(origlen, wire or 0))
+
+
+def rewritten(data: bytes, records: list[Record], tail: int, moves: dict[int, int],
+              endian: str, unit: float, link: int):
+    """The file's bytes with the moved requests before their responses, in pieces (views
+    of `data`, so that the file is not copied whole)."""
+    view = memoryview(data)
+    yield view[:FILE_HDR]
+    for n in new_order(len(records), moves):
+        rec = records[n]
+        if n in moves:
+            yield moved_header(data, rec, records[moves[n]], endian, unit, link)
+            yield view[rec.offset + REC_HDR:rec.offset + rec.size]
+        else:
+            yield view[rec.offset:rec.offset + rec.size]
+    yield view[tail:]
+
+
+def reorder_file(path: str | os.PathLike, expect: tuple | None = None) -> Result | None:
+    """Rewrites a finished pcap file with each request before its response; None when
+    nothing had to move (the file is left alone). Raises Changed when the file is not
+    the one of signature `expect` (inode, size, mtime_ns: the one the indexer read) or
+    changed while it was being rewritten (the original is then kept), ValueError for a
+    file that is not a pcap."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        if expect is not None and _signature(before) != tuple(expect):
+            raise Changed(f"{path.name} is not the file that was read")
+        data = f.read()
+    if len(data) < FILE_HDR:
+        return None
+    magic = struct.unpack("<I", data[:4])[0]
+    if magic not in MAGICS:
+        raise ValueError(f"not a pcap file (magic {magic:#x})")
+    endian, unit = MAGICS[magic]
+    link = struct.unpack(endian + "I", data[20:24])[0]
+    records, tail = frame_records(data, endian)
+    moves = plan(segments(data, records, link))
+    if not moves:
+        return None
+    signature = _replace(path, rewritten(data, records, tail, moves, endian, unit, link),
+                         before)
+    n = new_order(len(records), moves)[0]
+    rec = records[n]
+    first = (moved_header(data, rec, records[moves[n]], endian, unit, link) if n in moves
+             else data[rec.offset:rec.offset + REC_HDR])
+    return Result(len(moves), first.hex(), signature)
+
+
+def temporary_files(directory: Path) -> list[Path]:
+    """Rewrites a killed process left behind."""
+    return sorted(directory.glob(".*.reorder"))
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _replace(path: Path, pieces, before: os.stat_result) -> tuple:
+    """Writes the pieces beside `path` and renames the result over `path`, keeping the
+    mode and the modification time; returns the new file's signature."""
+    tmp = path.with_name(f".{path.name}.reorder")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, stat.S_IMODE(before.st_mode))
+        for piece in pieces:
+            f.write(piece)
+        f.flush()
+        os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.fsync(fd)
+        after = os.fstat(fd)
+    try:
+        if _signature(os.stat(path)) != _signature(before):
+            raise Changed(f"{path.name} changed while it was reordered")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _signature(after)
