@@ -430,10 +430,18 @@ def test_behind_mirror_run_index_holds_error_flows_only(host, nginx, tmp_path, c
         assert rec["server_port"] == 80 and rec["statuses"][0] == 500
         assert all(f in {p.name for p in cap_dir.iterdir()} for f in rec["files"])
     keepalive = [r for r in records if r["statuses"] == [500, 200]]
-    # The request that got the 500 (written by the mirror from its request snapshot),
-    # then the one after it; sequence order.
-    assert len(keepalive) == 2 and all(
-        r["requests"] == ["GET /error HTTP/1.1", "GET /ok HTTP/1.1"] for r in keepalive)
+    # The request that got the 500 (written by the mirror from its request snapshot) is
+    # the flow's method and target; `requests` lists those after the trigger.
+    assert len(keepalive) == 2 and all(r["requests"] == ["GET /ok HTTP/1.1"] for r in keepalive)
+    for key in errors:
+        rec = by_key[key]
+        assert (rec["method"], rec["target"], rec["status"]) == ("GET", "/error", 500)
+        assert rec["host"] in (f"{key.addr_hi}", f"[{key.addr_hi}]")
+    # In the sidecar's files tshark pairs every 500 with the request the mirror wrote.
+    pairs = [row for f in list_pcaps(cap_dir) for row in tshark_responses(f.path)
+             if row[1] == 500]
+    assert len(pairs) == len(errors)
+    assert all(request_in and uri.endswith("/error") for _, _, request_in, uri in pairs)
     listed = run_cli("capture", "--list", "--dir", str(cap_dir))
     assert listed.returncode == 0 and f"{len(errors)} flows" in listed.stdout
     assert "GET /ok HTTP/1.1" in listed.stdout and "stopped" in listed.stdout
