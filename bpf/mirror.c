@@ -39,6 +39,15 @@ BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
 BPF_PERCPU_ARRAY(scratch, int, 1);
 
+/* What the HTTP/2 path needs of the packet's flow, handed over through a per-CPU slot
+ * rather than kept on the stack: see classify_h2. */
+struct h2_pending {
+    struct flow_key key;
+    __u32 was_marked;
+    __u32 pad;
+};
+BPF_PERCPU_ARRAY(h2_pending, struct h2_pending, 1);
+
 struct vlan_tag {
     __be16 tci;
     __be16 proto;
@@ -207,6 +216,27 @@ static __always_inline void mark_flow(struct __sk_buff *skb, struct flow_key *ke
         __sync_fetch_and_add(n, 1);
 }
 
+/* The HTTP/2 path of a segment whose first bytes are a plausible frame header: reads
+ * the statuses (bpf/http2.h), marks the flow on a trigger status and mirrors what is
+ * marked. The flow key and whether the flow was marked come from h2_pending, not from the
+ * caller's stack: nothing of the caller is live here, so the verifier walks the frame
+ * loop once, not once per way the caller got here (IPv4 or IPv6, marked or not). */
+static __always_inline void classify_h2(struct __sk_buff *skb, __u32 off, __u32 end,
+                                        __u32 direction)
+{
+    int status = h2_trigger_status(skb, off, end, direction);
+    __u32 zero = 0;
+    struct h2_pending *p = h2_pending.lookup(&zero);
+    if (!p)
+        return;
+    if (status >= 0) {
+        struct flow_value *fv = p->was_marked ? flows.lookup(&p->key) : 0;
+        mark_flow(skb, &p->key, fv, 0, status);
+    }
+    if (status >= 0 || p->was_marked)
+        mirror_packet(skb, 0, direction);
+}
+
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 {
     void *data = (void *)(long)skb->data;
@@ -343,11 +373,15 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         try_h2 = bpf_skb_load_bytes(skb, payload_off, head, H2_FRAME_HEADER_LEN) == 0;
     }
     if (try_h2 && h2_header_ok((const unsigned char *)head)) {
-        int h2_status = h2_trigger_status(skb, payload_off, payload_end, direction);
-        if (h2_status >= 0)
-            mark_flow(skb, &key, fv, now, h2_status);
-        if (h2_status >= 0 || fv)
+        __u32 zero = 0;
+        struct h2_pending *p = h2_pending.lookup(&zero);
+        if (p) {
+            p->key = key;
+            p->was_marked = fv != 0;
+            classify_h2(skb, payload_off, payload_end, direction);
+        } else if (fv) {
             mirror_packet(skb, 0, direction);
+        }
         return PASS;
     }
     if (code < 0) {

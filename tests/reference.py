@@ -83,8 +83,8 @@ must lie wholly in the payload and be plausible, or the walk ends with nothing: 
 0-9; only that type's defined flags; length <= 16384; reserved bit clear; HEADERS with
 END_HEADERS set and on an odd stream; DATA, PRIORITY, RST_STREAM, PUSH_PROMISE,
 CONTINUATION on a non-zero stream, SETTINGS, PING, GOAWAY on stream 0; PRIORITY 5 bytes, RST_STREAM 4, SETTINGS a multiple of 6 (0 with
-ACK), PING 8, GOAWAY at least 8, WINDOW_UPDATE 4, PUSH_PROMISE at least 4. The first
-HEADERS frame ends the walk; its header block (after the pad length and the priority
+ACK), PING 8, GOAWAY at least 8, WINDOW_UPDATE 4, PUSH_PROMISE at least 4. Every HEADERS
+frame met is read; its header block (after the pad length and the priority
 fields its flags announce; a padding longer than the frame is no status; the frame may be
 cut by the end of the payload) gives the answer from its first field, after at most two
 dynamic table size updates of at most 4 bytes each:
@@ -95,8 +95,9 @@ dynamic table size updates of at most 4 bytes each:
   unknown; a name index of 62 and up: unknown; other names: none;
 - anything cut by the end of the data before the answer is known: unknown (the block is
   only read up to its first 24 bytes, enough for every form above).
-A status counts `h2_responses` and its class in the interface's "h2_<class>"; unknown
-counts `h2_status_unknown`. A status marks and mirrors exactly as an HTTP/1.x one.
+Each status counts `h2_responses` and its class in the interface's "h2_<class>"; each
+unknown counts `h2_status_unknown`. A segment with a status in the trigger set marks and
+mirrors exactly as an HTTP/1.x response (the flow records the first such status).
 
 The classifier's "nonlinear" path (headers outside the skb's linear data) cannot occur
 in BPF_PROG_TEST_RUN, which puts the whole frame in the linear part; the model never
@@ -465,21 +466,31 @@ def h2_block_status(block: bytes):
         return H2_UNKNOWN
 
 
-def h2_status(payload: bytes):
-    """What the HTTP/2 walk finds in a TCP payload: a status, H2_UNKNOWN or None."""
+def h2_statuses(payload: bytes) -> list:
+    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status
+    or H2_UNKNOWN (frames whose first field is no status leave nothing)."""
+    found = []
     if len(payload) < H2_MIN_PAYLOAD or not h2_frame_plausible(payload[:9]):
-        return None
+        return found
     pos = 0
     for _ in range(H2_MAX_FRAMES):
         header = payload[pos:pos + 9]
         if len(header) < 9 or not h2_frame_plausible(header):
-            return None
+            break
         length, ftype, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
         pos += 9
         if ftype == 1:
-            return _headers_frame_status(payload, pos, length, flags)
+            result = _headers_frame_status(payload, pos, length, flags)
+            if result is not None:
+                found.append(result)
         pos += length
-    return None
+    return found
+
+
+def h2_status(payload: bytes):
+    """The first thing h2_statuses finds, or None."""
+    found = h2_statuses(payload)
+    return found[0] if found else None
 
 
 def _headers_frame_status(payload: bytes, pos: int, length: int, flags: int):
@@ -543,14 +554,18 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
         iface[cls] = 1
         path, reason = "response", f"status {code:03d}"
     else:
-        h2 = h2_status(p.payload)
-        if h2 == H2_UNKNOWN:
-            seen["h2_status_unknown"] = 1
+        found = h2_statuses(p.payload)
+        codes = [c for c in found if c != H2_UNKNOWN]
+        if len(codes) < len(found):
+            seen["h2_status_unknown"] = len(found) - len(codes)
             reason = "h2 status unknown"
-        elif h2 is not None:
-            code = h2
-            seen["h2_responses"] = 1
-            iface[f"h2_{status_class(code)}"] = 1
+        for c in codes:
+            seen["h2_responses"] = seen.get("h2_responses", 0) + 1
+            cls = f"h2_{status_class(c)}"
+            iface[cls] = iface.get(cls, 0) + 1
+        if codes:
+            armed = [c for c in codes if c in triggers]
+            code = armed[0] if armed else codes[0]
             path, reason = "response", f"h2 status {code:03d}"
     if code is not None:
         if code in triggers and not was_marked:
