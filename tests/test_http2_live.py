@@ -272,3 +272,28 @@ def test_h2load_under_multiplexing(host, h2server, tmp_path):
     flat = [c for k in conns for c in read[k]]
     assert counters["h2_responses"] == sum(1 for c in flat if c != R.H2_UNKNOWN)
     assert counters["h2_status_unknown"] == flat.count(R.H2_UNKNOWN)
+
+
+@pytest.mark.parametrize("h2server", ["node"], indirect=True)
+def test_h2_metrics(host, h2server, tmp_path):
+    """The Prometheus endpoint reports h2 responses by class under proto="h2", h1 ones
+    under proto="h1", and the statuses that could not be read."""
+    from test_metrics import free_port, scrape
+    port = free_port()
+    with Session(host, tmp_path, "clsact", extra=("--metrics-addr", f"127.0.0.1:{port}")) as s:
+        nghttp(host, 4, [200, 503, 404, 503, 500])
+        metrics = scrape(port)
+        s.finish()
+
+    def resp(cls, proto, direction="ingress"):
+        labels = (("class", cls), ("direction", direction), ("iface", host.host_if),
+                  ("proto", proto))
+        return metrics[("mirror_http_responses_total", labels)]
+
+    # Node: 200, 404 and 500 static, the first 503 a literal, the second a dynamic reference.
+    assert [resp(c, "h2") for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")] == \
+        [0, 1, 0, 1, 2, 0]
+    assert all(resp(c, "h1") == 0 for c in ("2xx", "4xx", "5xx"))
+    assert all(resp(c, "h2", "egress") == 0 for c in ("2xx", "4xx", "5xx"))
+    assert metrics[("mirror_h2_status_unknown_total", ())] == 1
+    assert metrics[("mirror_flows_marked_total", ())] == 1
