@@ -156,7 +156,7 @@ static __always_inline int h2_huffman_digits(const unsigned char *b, __u32 i, __
         if (five <= 2) {
             code = code * 10 + five;
             used += 5;
-        } else if (six >= 0x19) {
+        } else if (six >= 0x19 && six <= 0x1f) {
             code = code * 10 + 3 + (six - 0x19);
             used += 6;
         } else {

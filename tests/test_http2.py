@@ -390,8 +390,11 @@ def test_dynamic_reference_is_unknown_then_literal_marks(clf):
     b"\x48\x82\x6c\x0f",           # Huffman that does not decode to 3 digits
     b"\x48\x83\x6c\x00\xff",       # Huffman with 8 bits of padding
     b"\x48\x81\x6c",               # Huffman too short for 3 digits
+    b"\x48\x83\x86\xf7\xff",       # Huffman 6-bit code 100001, past '9' (found by the fuzz)
+    b"\x48\x82\x6e\x00",           # Huffman '5', then 6-bit 100000 (' ')
 ], ids=["lit-name63", "lit-name62", "lit-name143", "indexed128", "not-digits",
-        "four-digits", "huffman-garbage", "huffman-long-pad", "huffman-short"])
+        "four-digits", "huffman-garbage", "huffman-long-pad", "huffman-short",
+        "huffman-six-bit-past-9", "huffman-space"])
 def test_unknown_forms(clf, block):
     expect_unknown(clf, headers(block))
 
