@@ -500,6 +500,9 @@ def h2_block(rng: random.Random) -> bytes:
         name = rng.choice([bytes([form[0] | 8]), bytes([form[0] | 14]),
                            form + b"\x07:status", form + b"\x85\xb8\x84\x8d\x36\xa3"])
         block = name + bytes([len(value)]) + value
+        if rng.random() < 0.3:       # a Huffman-flagged value of random bits
+            n = rng.choice([1, 2, 2, 3, 3, 4])
+            block = name + bytes([0x80 | n]) + rng.randbytes(n)
     if rng.random() < 0.1:
         block = rng.choice([b"\x20", b"\x3f\xe1\x1f"]) * rng.randrange(1, 4) + block
     return block
