@@ -14,7 +14,7 @@ import random
 import pytest
 from hpack import Encoder
 from hpack.hpack import INDEX_INCREMENTAL, INDEX_NEVER, INDEX_NONE, encode_integer
-from hyperframe.frame import (DataFrame, HeadersFrame, PingFrame, RstStreamFrame,
+from hyperframe.frame import (DataFrame, HeadersFrame, PingFrame,
                               SettingsFrame, WindowUpdateFrame)
 
 import fastmaps

@@ -22,7 +22,6 @@ import pytest
 
 import reference as R
 from helpers import controller_ask, same_packets, signature
-from mirror.pcap import read_flows
 from test_integration import Session
 
 pytestmark = pytest.mark.integration
