@@ -48,6 +48,8 @@ enum counter {
                          * or snapshot off) */
     C_EVENTS,           /* error events handed to user space */
     C_EVENTS_LOST,      /* error events lost: the ring buffer was full */
+    C_H2_RESPONSES,     /* HTTP/2 :status decoded (bpf/http2.h); by class in iface_stats */
+    C_H2_STATUS_UNKNOWN,/* HTTP/2 HEADERS whose :status needs HPACK state or is cut/bogus */
     NR_COUNTERS,
 };
 
@@ -140,11 +142,12 @@ enum marks_index {
 #define IFACE_SLOTS 1024
 
 struct iface_stats {
-    __u64 responses[6];     /* 1xx..5xx, then other */
+    __u64 responses[6];     /* HTTP/1.x: 1xx..5xx, then other */
     __u64 mirrored_packets;
     __u64 mirrored_bytes;
     __u32 ifindex;          /* owner of this CPU's copy of the slot; 0: unused */
     __u32 pad;
+    __u64 h2_responses[6];  /* HTTP/2, same classes (appended: earlier offsets unchanged) */
 };
 
 #endif

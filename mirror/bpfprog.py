@@ -83,8 +83,10 @@ def request_slots(max_flows: int) -> int:
     only from a request to its response; an evicted one costs its event the request, not
     the error: an unpaired response still counts)."""
     return max(16, max_flows // 4)
-IFACE_STATS_SIZE = 72   # struct iface_stats
-_IFACE_STATS = struct.Struct("=8QI4x")
+
+
+IFACE_STATS_SIZE = 120  # struct iface_stats
+_IFACE_STATS = struct.Struct("=8QI4x6Q")
 
 
 class Classifier:
@@ -254,7 +256,8 @@ class Classifier:
 
     def iface_stats(self) -> dict[tuple[int, str], dict]:
         """Per-interface, per-direction statistics summed over CPUs, keyed by
-        (ifindex, direction); only interfaces that saw a response or a mirrored packet."""
+        (ifindex, direction); only interfaces that saw a response or a mirrored packet.
+        HTTP/1.x responses count under their class ("5xx"), HTTP/2 ones under "h2_5xx"."""
         out: dict[tuple[int, str], dict] = {}
         ncpu = possible_cpus()
         for keys, values, count in batch_lookup(self._iface_stats.map_fd, 4, IFACE_STATS_SIZE):
@@ -266,9 +269,11 @@ class Classifier:
                         continue        # this CPU's copy of the slot is unused
                     stats = out.setdefault((v[8], DIRECTIONS[slot & 1]), {
                         **{cls: 0 for cls in STATUS_CLASSES},
-                        "mirrored_packets": 0, "mirrored_bytes": 0})
+                        "mirrored_packets": 0, "mirrored_bytes": 0,
+                        **{f"h2_{cls}": 0 for cls in STATUS_CLASSES}})
                     for j, cls in enumerate(STATUS_CLASSES):
                         stats[cls] += v[j]
+                        stats[f"h2_{cls}"] += v[9 + j]
                     stats["mirrored_packets"] += v[6]
                     stats["mirrored_bytes"] += v[7]
         return out

@@ -18,6 +18,9 @@ _SIMPLE = {
     "clone_failures": ("mirror_clone_failures",
                        "bpf_clone_redirect() failures (originals unaffected)"),
     "no_debug_if": ("mirror_no_debug_iface", "Packets not mirrored: no debug interface set"),
+    "h2_status_unknown": ("mirror_h2_status_unknown",
+                          "HTTP/2 HEADERS frames whose :status could not be read without "
+                          "HPACK state (a dynamic table reference), or was cut or bogus"),
     "iface_slot_taken": ("mirror_iface_stats_slot_taken",
                          "Responses/mirrored packets missing from per-interface stats: "
                          "their slot belongs to another interface"),
@@ -35,8 +38,11 @@ _SIMPLE = {
 }
 
 
-_ZERO_STATS = dict.fromkeys(("1xx", "2xx", "3xx", "4xx", "5xx", "other", "mirrored_packets",
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+_ZERO_STATS = dict.fromkeys((*_CLASSES, *(f"h2_{c}" for c in _CLASSES), "mirrored_packets",
                              "mirrored_bytes"), 0)
+# proto label -> prefix of the iface_stats keys
+_PROTOS = {"h1": "", "h2": "h2_"}
 
 
 class MapCollector:
@@ -52,8 +58,9 @@ class MapCollector:
             yield CounterMetricFamily(name, doc, value=counters[key])
         names = {att.ifindex: att.ifname for att in ctl.attached.values()}
         resp = CounterMetricFamily("mirror_http_responses",
-                                   "HTTP/1.x responses seen, by interface, direction and "
-                                   "status class", labels=["iface", "direction", "class"])
+                                   "HTTP responses seen, by interface, direction, status "
+                                   "class and protocol (h1: HTTP/1.x, h2: HTTP/2)",
+                                   labels=["iface", "direction", "class", "proto"])
         mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
                                        "Packets mirrored, by interface and direction",
                                        labels=["iface", "direction"])
@@ -63,8 +70,9 @@ class MapCollector:
                 stats_by_key.setdefault((ifindex, direction), _ZERO_STATS)
         for (ifindex, direction), stats in sorted(stats_by_key.items()):
             iface = names.get(ifindex, f"ifindex{ifindex}")
-            for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other"):
-                resp.add_metric([iface, direction, cls], stats[cls])
+            for proto, prefix in _PROTOS.items():
+                for cls in _CLASSES:
+                    resp.add_metric([iface, direction, cls, proto], stats[prefix + cls])
             mirrored.add_metric([iface, direction], stats["mirrored_packets"])
         yield resp
         yield mirrored

@@ -90,6 +90,29 @@ flow (a non-first fragment has no ports to tell).
 Per-interface statistics: a response counts in its class under (ifindex, direction);
 a mirrored packet counts there too.
 
+HTTP/2 (RFC 9113 frames, RFC 7541 HPACK; bpf/http2.h's contract). A payload that is not
+an HTTP/1.x status line and is at least 10 bytes long (a frame header and one byte) is
+read as a sequence of frames from its first byte, at most 16 of them. Every frame header
+must lie wholly in the payload and be plausible, or the walk ends with nothing: type
+0-9; only that type's defined flags; length <= 16384; reserved bit clear; HEADERS with
+END_HEADERS set and on an odd stream; DATA, PRIORITY, RST_STREAM, PUSH_PROMISE,
+CONTINUATION on a non-zero stream, SETTINGS, PING, GOAWAY on stream 0; PRIORITY 5 bytes, RST_STREAM 4, SETTINGS a multiple of 6 (0 with
+ACK), PING 8, GOAWAY at least 8, WINDOW_UPDATE 4, PUSH_PROMISE at least 4. Every HEADERS
+frame met is read; its header block (after the pad length and the priority
+fields its flags announce; a padding longer than the frame is no status; the frame may be
+cut by the end of the payload) gives the answer from its first field, after at most two
+dynamic table size updates of at most 4 bytes each:
+- an indexed field 8-14: that static :status; 62 and up: unknown; any other: none;
+- a literal (any of the three forms) whose name index is 8-14 or whose new name is
+  ":status" (raw, or Huffman-coded in 5 bytes): its value, which must be 3 raw digits or
+  2-3 Huffman bytes that decode (RFC 7541 Appendix B, strict padding) to 3 digits, else
+  unknown; a name index of 62 and up: unknown; other names: none;
+- anything cut by the end of the data before the answer is known: unknown (the block is
+  only read up to its first 24 bytes, enough for every form above).
+Each status counts `h2_responses` and its class in the interface's "h2_<class>"; each
+unknown counts `h2_status_unknown`. A segment with a status in the trigger set marks and
+mirrors exactly as an HTTP/1.x response (the flow records the first such status).
+
 The classifier's "nonlinear" path (headers outside the skb's linear data) cannot occur
 in BPF_PROG_TEST_RUN, which puts the whole frame in the linear part; the model never
 predicts it.
@@ -99,6 +122,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from typing import AbstractSet, Mapping
+
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
 
 from fastmaps import TEST_RUN_MAX_FRAME
 from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC
@@ -131,7 +157,7 @@ class Decision:
     counters: the exact counter deltas, zero ones left out.
     path: the counter path taken (see PATHS), for statistics and messages.
     reason: a few words saying why.
-    status: the status code of an HTTP/1.x status line, else None.
+    status: the status code of an HTTP/1.x status line or an HTTP/2 :status, else None.
     key: the normalised flow key of a TCP segment whose headers parsed, else None.
     marks: this packet marks its flow (it was not marked before).
     mirrored: the packet is (to be) cloned to the debug interface; counters say whether
@@ -310,6 +336,213 @@ def request_start(payload: bytes) -> bool:
     return any(payload.startswith(m + b" ") for m in METHODS)
 
 
+H2_MIN_PAYLOAD = 10
+H2_MAX_FRAMES = 16
+H2_MAX_FRAME_LEN = 16384
+H2_BLOCK_READ = 24
+H2_UNKNOWN = "unknown"
+H2_STATIC_STATUS = {8: 200, 9: 204, 10: 206, 11: 304, 12: 400, 13: 404, 14: 500}
+# frame type -> (allowed flags, stream: "zero"|"nonzero"|"any", length rule)
+H2_FRAME_RULES = {
+    0: (0x09, "nonzero", lambda n: True),                  # DATA
+    1: (0x2D, "odd", lambda n: True),                      # HEADERS, END_HEADERS set
+    2: (0x00, "nonzero", lambda n: n == 5),                # PRIORITY
+    3: (0x00, "nonzero", lambda n: n == 4),                # RST_STREAM
+    4: (0x01, "zero", lambda n: n % 6 == 0),               # SETTINGS
+    5: (0x0C, "nonzero", lambda n: n >= 4),                # PUSH_PROMISE
+    6: (0x01, "zero", lambda n: n == 8),                   # PING
+    7: (0x00, "zero", lambda n: n >= 8),                   # GOAWAY
+    8: (0x00, "any", lambda n: n == 4),                    # WINDOW_UPDATE
+    9: (0x04, "nonzero", lambda n: True),                  # CONTINUATION
+}
+
+
+class _Cut(Exception):
+    """The header block's bytes ran out before the answer was known."""
+
+
+def h2_frame_plausible(header: bytes) -> bool:
+    length = int.from_bytes(header[0:3], "big")
+    ftype, flags = header[3], header[4]
+    stream = int.from_bytes(header[5:9], "big")
+    if length > H2_MAX_FRAME_LEN or stream >> 31 or ftype not in H2_FRAME_RULES:
+        return False
+    allowed, stream_rule, length_ok = H2_FRAME_RULES[ftype]
+    if flags & ~allowed or not length_ok(length):
+        return False
+    if ftype == 4 and flags and length:
+        return False                                        # SETTINGS ACK is empty
+    if ftype == 1 and not flags & 0x04:
+        return False                                        # HEADERS without END_HEADERS
+    if stream_rule == "odd":
+        return stream % 2 == 1
+    if stream_rule == "zero":
+        return stream == 0
+    if stream_rule == "nonzero":
+        return stream != 0
+    return True
+
+
+class _TooLong(Exception):
+    """An integer longer than the classifier reads (a size update over 4 bytes)."""
+
+
+def _hpack_int(block: bytes, pos: int, prefix_bits: int,
+               max_bytes: int = 0) -> tuple[int, int]:
+    """RFC 7541 5.1: the integer at block[pos] with an N-bit prefix; (value, next pos).
+    With max_bytes, an integer that has not ended within that many bytes is _TooLong."""
+    if pos >= len(block):
+        raise _Cut
+    start = pos
+    limit = (1 << prefix_bits) - 1
+    value = block[pos] & limit
+    pos += 1
+    if value < limit:
+        return value, pos
+    shift = 0
+    while True:
+        if max_bytes and pos - start >= max_bytes:
+            raise _TooLong
+        if pos >= len(block):
+            raise _Cut
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _string(block: bytes, pos: int) -> tuple[bool, int, int]:
+    """RFC 7541 5.2: (Huffman?, length, position of the string's first byte)."""
+    if pos >= len(block):
+        raise _Cut
+    huffman = bool(block[pos] & 0x80)
+    length, pos = _hpack_int(block, pos, 7)
+    return huffman, length, pos
+
+
+def _status_value(block: bytes, pos: int):
+    huffman, length, pos = _string(block, pos)
+    if length not in ((2, 3) if huffman else (3,)):
+        return H2_UNKNOWN
+    raw = block[pos:pos + length]
+    if len(raw) < length:
+        raise _Cut
+    if huffman:
+        try:
+            raw = decode_huffman(raw)
+        except HPACKDecodingError:
+            return H2_UNKNOWN
+    if len(raw) != 3 or not all(c in DIGITS for c in raw):
+        return H2_UNKNOWN
+    return int(raw)
+
+
+def _is_status_name(block: bytes, pos: int):
+    """(True, position after the name) for a new name ":status", (False, None) else.
+    Its length must be 7 raw or 5 Huffman bytes, which a one-byte length says: a longer
+    length field is another name, whatever follows."""
+    if pos >= len(block):
+        raise _Cut
+    huffman, length, start = bool(block[pos] & 0x80), block[pos] & 0x7F, pos + 1
+    if length != (5 if huffman else 7):
+        return False, None
+    name = block[start:start + length]
+    if len(name) < length:
+        raise _Cut
+    if huffman:
+        try:
+            name = decode_huffman(name)
+        except HPACKDecodingError:
+            return False, None
+    return name == b":status", start + length
+
+
+def h2_block_status(block: bytes):
+    """The answer of a header block's first field: a status, H2_UNKNOWN or None."""
+    block = block[:H2_BLOCK_READ]
+    pos = 0
+    try:
+        for _ in range(2):                                  # dynamic table size updates
+            if pos >= len(block):
+                raise _Cut
+            if block[pos] & 0xE0 != 0x20:
+                break
+            try:
+                _, pos = _hpack_int(block, pos, 5, max_bytes=4)
+            except _TooLong:
+                return None
+        if pos >= len(block):
+            raise _Cut
+        first = block[pos]
+        if first & 0x80:                                    # indexed field
+            index, _ = _hpack_int(block, pos, 7)
+            if index >= 62:
+                return H2_UNKNOWN
+            return H2_STATIC_STATUS.get(index)
+        if first & 0xE0 == 0x20:                            # a third size update
+            return None
+        prefix = 6 if first & 0x40 else 4                   # literal forms
+        index, pos = _hpack_int(block, pos, prefix)
+        if index >= 62:
+            return H2_UNKNOWN
+        if index in H2_STATIC_STATUS:
+            return _status_value(block, pos)
+        if index:
+            return None
+        named, pos = _is_status_name(block, pos)
+        return _status_value(block, pos) if named else None
+    except _Cut:
+        return H2_UNKNOWN
+
+
+def h2_statuses(payload: bytes) -> list:
+    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status
+    or H2_UNKNOWN (frames whose first field is no status leave nothing)."""
+    found = []
+    if len(payload) < H2_MIN_PAYLOAD or not h2_frame_plausible(payload[:9]):
+        return found
+    pos = 0
+    for _ in range(H2_MAX_FRAMES):
+        header = payload[pos:pos + 9]
+        if len(header) < 9 or not h2_frame_plausible(header):
+            break
+        length, ftype, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
+        pos += 9
+        if ftype == 1:
+            result = _headers_frame_status(payload, pos, length, flags)
+            if result is not None:
+                found.append(result)
+        pos += length
+    return found
+
+
+def h2_status(payload: bytes):
+    """The first thing h2_statuses finds, or None."""
+    found = h2_statuses(payload)
+    return found[0] if found else None
+
+
+def _headers_frame_status(payload: bytes, pos: int, length: int, flags: int):
+    skip = pad = 0
+    if flags & 0x08:                                        # PADDED
+        if pos >= len(payload):
+            return H2_UNKNOWN
+        pad, skip = payload[pos], 1
+    if flags & 0x20:                                        # PRIORITY
+        skip += 5
+    if skip + pad > length:
+        return None
+    block_len = length - skip - pad
+    if block_len == 0:
+        return None
+    block = payload[pos + skip:pos + skip + block_len]
+    if not block:
+        return H2_UNKNOWN
+    return h2_block_status(block)
+
+
 def status_class(code: int) -> str:
     return STATUS_CLASSES[code // 100 - 1] if 100 <= code < 600 else "other"
 
@@ -352,8 +585,9 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
         seen["syn_unmarked"] = 1
         path, reason = "unmarked", "SYN on a marked flow"
     code = status_code(p.payload)
+    starts_request = code is None and request_start(p.payload)
     request_from_lo = None
-    if code is None and requests is not None and request_start(p.payload):
+    if starts_request and requests is not None:
         seen["requests"] = 1
         request_from_lo = src_is_lo
     if code is not None and requests is not None:
@@ -371,6 +605,22 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
         seen[f"resp_{cls}"] = 1
         iface[cls] = 1
         path, reason = "response", f"status {code:03d}"
+    elif status_code(p.payload) is None and not starts_request:
+        # HTTP/2 only where the payload is neither a status line nor a request start.
+        found = h2_statuses(p.payload)
+        codes = [c for c in found if c != H2_UNKNOWN]
+        if len(codes) < len(found):
+            seen["h2_status_unknown"] = len(found) - len(codes)
+            reason = "h2 status unknown"
+        for c in codes:
+            seen["h2_responses"] = seen.get("h2_responses", 0) + 1
+            cls = f"h2_{status_class(c)}"
+            iface[cls] = iface.get(cls, 0) + 1
+        if codes:
+            armed = [c for c in codes if c in triggers]
+            code = armed[0] if armed else codes[0]
+            path, reason = "response", f"h2 status {code:03d}"
+    if code is not None:
         if code in triggers:
             seen["events"] = 1
         if code in triggers and not was_marked:

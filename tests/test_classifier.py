@@ -99,6 +99,7 @@ def key6(a=SRV6, pa=SPORT, b=CLI6, pb=CPORT) -> FlowKey:
 def empty_stats(**kw) -> dict:
     s = {cls: 0 for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}
     s.update(mirrored_packets=0, mirrored_bytes=0)
+    s.update({f"h2_{cls}": 0 for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")})
     s.update(kw)
     return s
 

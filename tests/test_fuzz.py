@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
+from hpack import Encoder
 
 import fastmaps
 import frames as F
@@ -514,6 +515,68 @@ def status_payload(rng: random.Random) -> bytes:
     return bytes(line) + tail
 
 
+def h2_frame(ftype: int, flags: int, stream: int, body: bytes) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + body
+
+
+def h2_block(rng: random.Random) -> bytes:
+    """A response header block from hpack's encoder (a fresh one, or one that already
+    sent the status: a dynamic reference), or a hand-made :status form."""
+    code = rng.choice([c for c, _ in CODE_WEIGHTS])
+    enc = Encoder()
+    if rng.random() < 0.2:
+        enc.encode([(":status", str(code))])
+    if rng.random() < 0.15:
+        enc.header_table_size = rng.choice([0, 4096])
+    block = enc.encode([(":status", str(code)), ("server", "fuzz")],
+                       huffman=rng.random() < 0.5)
+    if rng.random() < 0.3:
+        value = str(code).encode()
+        form = rng.choice([b"\x40", b"\x00", b"\x10"])
+        name = rng.choice([bytes([form[0] | 8]), bytes([form[0] | 14]),
+                           form + b"\x07:status", form + b"\x85\xb8\x84\x8d\x36\xa3"])
+        block = name + bytes([len(value)]) + value
+        if rng.random() < 0.3:       # a Huffman-flagged value of random bits
+            n = rng.choice([1, 2, 2, 3, 3, 4])
+            block = name + bytes([0x80 | n]) + rng.randbytes(n)
+    if rng.random() < 0.1:
+        block = rng.choice([b"\x20", b"\x3f\xe1\x1f"]) * rng.randrange(1, 4) + block
+    return block
+
+
+def h2_payload(rng: random.Random) -> bytes:
+    """Server frames around a response HEADERS frame, mutated: a byte set or flipped in
+    a frame header or the block, a cut, random bytes before it (a segment starting
+    mid-frame), or a wrong length."""
+    frames = [rng.choice([h2_frame(4, 0, 0, b"\x00\x03\x00\x00\x00\x80"), h2_frame(4, 1, 0, b""),
+                          h2_frame(8, 0, 0, b"\x00\x00\xff\xff"), h2_frame(6, 1, 0, b"8bytes!!"),
+                          h2_frame(0, 0, 1, b"<html>x</html>")])
+              for _ in range(rng.randrange(3))]
+    block = h2_block(rng)
+    flags = 0x04 | rng.choice([0, 0, 1, 8, 0x20, 0x29])
+    body = block
+    if flags & 0x20:
+        body = b"\x00\x00\x00\x03\x10" + body
+    if flags & 0x08:
+        pad = rng.randrange(4)
+        body = bytes([pad]) + body + b"\x00" * pad
+    frames.append(h2_frame(1, flags, rng.choice([1, 1, 3, 2, 0]), body))
+    frames.append(h2_frame(0, 1, 1, b"body" * rng.randrange(10)))
+    out = bytearray(b"".join(frames))
+    op = rng.randrange(6)
+    if op == 0:
+        out[rng.randrange(len(out))] = rng.choice(INTERESTING + [0x01, 0x04, 0x8e, 0x48, 0x82])
+    elif op == 1:
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif op == 2:
+        out = out[:rng.randrange(len(out) + 1)]
+    elif op == 3:
+        out = bytearray(rng.randbytes(rng.randrange(1, 12))) + out
+    elif op == 4:
+        out = out[rng.randrange(1, len(out)):]
+    return bytes(out)
+
+
 # --- mutations -------------------------------------------------------------------------
 
 def _ext_kinds(rng):
@@ -540,7 +603,7 @@ def mutate_spec(rng: random.Random, s: dict) -> str:
                     "ext_chain", "ah"]
     if is_tcp:
         choices += ["doff", "doff", "window0", "flags", "flags", "status", "status", "status",
-                    "topts", "ports", "swap"]
+                    "topts", "ports", "swap", "h2", "h2", "h2"]
     m = rng.choice(choices)
     ip = s["ip"]
     if m == "vlans":
@@ -616,6 +679,8 @@ def mutate_spec(rng: random.Random, s: dict) -> str:
         s["flags"] = rng.randrange(256)
     elif m == "status":
         s["payload"] = status_payload(rng)
+    elif m == "h2":
+        s["payload"] = h2_payload(rng)
     elif m == "topts":
         s["options"] = tcp_options(4 * rng.randrange(11))
     elif m == "ports":

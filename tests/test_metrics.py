@@ -55,7 +55,8 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
         assert m.stop() == 0, m.output
 
     def resp(direction, cls):
-        labels = (("class", cls), ("direction", direction), ("iface", host.host_if))
+        labels = (("class", cls), ("direction", direction), ("iface", host.host_if),
+                  ("proto", "h1"))
         return metrics[("mirror_http_responses_total", labels)]
 
     # Responses travel server -> client: they reach the host side's ingress hook.
