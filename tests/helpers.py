@@ -1,7 +1,10 @@
-"""Running `mirror run` as a real process, and comparing captures."""
+"""Running `mirror run` as a real process, comparing captures, and waiting on counters
+(never on fixed sleeps) until a capture holds everything that was sent."""
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -126,3 +129,102 @@ def drop_link(name: str) -> None:
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=name):
             ipr.link("del", ifname=name)
+
+
+# --- waiting on counters -----------------------------------------------------------------
+
+def wait_until(check, what: str, timeout: float = 60.0):
+    """Polls `check()`, which returns (done, seen), until done; returns `seen`. A condition
+    never reached fails the test, naming `what` and the last `seen`. The timeout only
+    bounds a hang: a test passes or fails on the condition, never on elapsed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, seen = check()
+        if done:
+            return seen
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; last seen: {seen}")
+        time.sleep(0.05)
+
+
+# tcpdump prints its counters on SIGUSR1 as one line ("tcpdump: 5 packets captured, 5
+# packets received by filter, 0 packets dropped by kernel"), at exit one per line.
+_TCPDUMP_COUNT = re.compile(r"(\d+) packets? (captured|received by filter|dropped by kernel)")
+_COUNT_KEYS = {"captured": "captured", "received by filter": "received",
+               "dropped by kernel": "dropped"}
+
+
+def tcpdump_counts(dump) -> dict[str, int]:
+    """A running mirror.pcap.Tcpdump's own counters: captured (written to its file: it
+    runs with -U), received (handed to its socket by the kernel) and dropped (lost to a
+    full buffer). Lines that are not counters are kept in dump.stderr."""
+    dump.proc.send_signal(signal.SIGUSR1)
+    pending, counts = [b""], {}
+
+    def check():
+        if select.select([dump.proc.stderr], [], [], 0.05)[0]:
+            chunk = dump.proc.stderr.read1(4096)
+            if not chunk:
+                raise AssertionError(f"tcpdump on {dump.iface} exited: {dump.stderr}")
+            pending[0] += chunk
+        *lines, pending[0] = pending[0].split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            found = {_COUNT_KEYS[k]: int(n) for n, k in _TCPDUMP_COUNT.findall(line)}
+            if len(found) == 3 and not counts:
+                counts.update(found)
+            else:
+                dump.stderr += line + "\n"
+        return bool(counts), pending[0]
+    wait_until(check, f"tcpdump on {dump.iface} to print its counters", timeout=10)
+    # A partial line stays in order with what stop() reads later.
+    dump.stderr += pending[0].decode(errors="replace")
+    return counts
+
+
+def link_packets(ifname: str, *counts: str) -> int:
+    """Packets the interface received and sent (or the named `counts` only), from its
+    own statistics."""
+    stats = Path("/sys/class/net") / ifname / "statistics"
+    return sum(int((stats / f).read_text()) for f in counts or ("rx_packets", "tx_packets"))
+
+
+def counted_from_now(counter) -> "callable":
+    """`counter` (a function returning a running total) relative to its value now."""
+    start = counter()
+    return lambda: counter() - start
+
+
+def mirrored_packets(state_dir) -> int:
+    """Clones the classifier sent to the debug interface (the controller's counter)."""
+    return controller_ask(state_dir)["mirrored_packets"]
+
+
+def wait_captured(dump, expected, what: str = "", lossy: bool = False) -> dict[str, int]:
+    """Waits until tcpdump `dump` has written at least `expected()` packets (re-read on
+    every poll, so packets still arriving are waited for too) and returns its counters.
+    `expected` counts what crossed the interface since the capture began: the classifier's
+    mirrored count for a debug interface, the link's own count for any other. A packet
+    the kernel dropped before tcpdump read it can never be captured: that fails at once,
+    unless `lossy`, where the drops count as accounted for."""
+    def check():
+        counts = tcpdump_counts(dump)
+        want = expected()
+        if counts["dropped"] and not lossy:
+            raise AssertionError(f"tcpdump on {dump.iface} lost packets: {counts}")
+        done = counts["captured"] + counts["dropped"] >= want
+        return done, {**counts, "expected": want}
+    return wait_until(check, f"tcpdump on {dump.iface} to capture {what or 'everything sent'}")
+
+
+def wait_closed(*servers: str, port: int = 80) -> None:
+    """Waits until no connection of this namespace to `servers` (port `port`) has a packet
+    left to send or receive: each is gone or in TIME-WAIT (its last ACK sent)."""
+    def check():
+        out = subprocess.run(["ss", "-Htan", "state", "all", "dport", f"= :{port}"],
+                             capture_output=True, text=True, check=True).stdout
+        busy = [line.split() for line in out.splitlines()
+                if line.split()[0] != "TIME-WAIT"
+                and line.split()[4].rsplit(":", 1)[0].strip("[]") in servers]
+        return not busy, busy
+    wait_until(check, f"the connections to {', '.join(servers)} to close")
