@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from mirror.pcap import Packet, status_line
@@ -189,7 +190,7 @@ def link_packets(ifname: str, *counts: str) -> int:
     return sum(int((stats / f).read_text()) for f in counts or ("rx_packets", "tx_packets"))
 
 
-def counted_from_now(counter) -> "callable":
+def counted_from_now(counter: Callable[[], int]) -> Callable[[], int]:
     """`counter` (a function returning a running total) relative to its value now."""
     start = counter()
     return lambda: counter() - start
