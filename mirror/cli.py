@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "exits, so attaching and detaching never disturbs the device's queues")
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=env("MIRROR_IDLE_TIMEOUT", "30"),
-                     help="stop mirroring a connection idle this long (default %(default)g)")
+                     help="stop mirroring a connection idle this long (default %(default)s)")
     run.add_argument("--max-flows", type=count(), default=env("MIRROR_MAX_FLOWS", "65536"),
                      metavar="N", help="flow map size; the least recently used flow is evicted "
                      "beyond it (default %(default)s)")

@@ -522,6 +522,11 @@ class Controller:
                         "cpus": v["cpus"]})
         return out
 
+    def counters(self) -> dict[str, int]:
+        """The classifier's counters, and the request frames written from user space."""
+        written = self.events.writer.written if self.events else 0
+        return {**self.classifier.counters(), "request_frames_written": written}
+
     @property
     def socket_name(self) -> str:
         return control.socket_name(self.id)
@@ -530,6 +535,6 @@ class Controller:
         """`flows` and `counters` for `mirror flows` and the tests (mirror.control)."""
         self._server = control.ControlServer(self.socket_name, {
             "flows": lambda arg: self.flows_json(),
-            "counters": lambda arg: self.classifier.counters(),
+            "counters": lambda arg: self.counters(),
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
         }).start()

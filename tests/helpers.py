@@ -1,13 +1,16 @@
-"""Running `mirror run` as a real process, and comparing captures."""
+"""Running `mirror run` as a real process, comparing captures, and waiting on counters
+(never on fixed sleeps) until a capture holds everything that was sent."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from mirror.capture.pcap import Packet
@@ -150,18 +153,85 @@ def links_of_this_run() -> set[str]:
     """The host's interface names, less those of other test processes running at the same
     time (mirror.lab.netns.unique_name: "m" + another pid): what this run could have
     created or left behind."""
-    import re
     mine = f"m{os.getpid():06x}"
     return {name for name in os.listdir("/sys/class/net")
             if not re.match(r"m[0-9a-f]{6}[0-9a-f]{2}[a-z]", name) or name.startswith(mine)}
 
 
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.05) -> bool:
-    """Polls `condition()` until it is true (returns True) or `timeout` seconds pass
-    (returns False, for the caller's assert to say what was not reached)."""
+# --- waiting on counters -----------------------------------------------------------------
+
+def wait_until(check, what: str, timeout: float = 60.0):
+    """Polls `check()`, which returns (done, seen), until done; returns `seen`. A condition
+    never reached fails the test, naming `what` and the last `seen`. The timeout only
+    bounds a hang: a test passes or fails on the condition, never on elapsed time."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return bool(condition())
+    while True:
+        done, seen = check()
+        if done:
+            return seen
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; last seen: {seen}")
+        time.sleep(0.05)
+
+
+def tcpdump_counts(dump) -> dict[str, int]:
+    """A running mirror.capture.tcpdump.Tcpdump's own counters, fresh: captured (written
+    to its file: it runs with -U), received (handed to its socket by the kernel) and
+    dropped (lost to a full buffer). Asks with SIGUSR1 and waits for the answer."""
+    reports = dump.stats_reports
+    dump.request_stats()
+    wait_until(lambda: (dump.stats_reports > reports or not dump.running(), dump.stats),
+               f"tcpdump on {dump.iface} to print its counters", timeout=10)
+    if not dump.running():
+        raise AssertionError(f"tcpdump on {dump.iface} exited: {dump.stderr}")
+    return dict(dump.stats)
+
+
+def link_packets(ifname: str, *counts: str) -> int:
+    """Packets the interface received and sent (or the named `counts` only), from its
+    own statistics."""
+    stats = Path("/sys/class/net") / ifname / "statistics"
+    return sum(int((stats / f).read_text()) for f in counts or ("rx_packets", "tx_packets"))
+
+
+def counted_from_now(counter: Callable[[], int]) -> Callable[[], int]:
+    """`counter` (a function returning a running total) relative to its value now."""
+    start = counter()
+    return lambda: counter() - start
+
+
+def mirrored_packets(state_dir) -> int:
+    """Frames the controller sent to the debug interface: the classifier's clones and the
+    request frames of error responses (the controller's counters)."""
+    counters = controller_ask(state_dir)
+    return counters["mirrored_packets"] + counters["request_frames_written"]
+
+
+def wait_captured(dump, expected, what: str = "", lossy: bool = False) -> dict[str, int]:
+    """Waits until tcpdump `dump` has written at least `expected()` packets (re-read on
+    every poll, so packets still arriving are waited for too) and returns its counters.
+    `expected` counts what crossed the interface since the capture began: the classifier's
+    mirrored count for a debug interface, the link's own count for any other. A packet
+    the kernel dropped before tcpdump read it can never be captured: that fails at once,
+    unless `lossy`, where the drops count as accounted for."""
+    def check():
+        counts = tcpdump_counts(dump)
+        want = expected()
+        if counts["dropped"] and not lossy:
+            raise AssertionError(f"tcpdump on {dump.iface} lost packets: {counts}")
+        done = counts["captured"] + counts["dropped"] >= want
+        return done, {**counts, "expected": want}
+    return wait_until(check, f"tcpdump on {dump.iface} to capture {what or 'everything sent'}")
+
+
+def wait_closed(*servers: str, port: int = 80) -> None:
+    """Waits until no connection of this namespace to `servers` (port `port`) has a packet
+    left to send or receive: each is gone or in TIME-WAIT (its last ACK sent)."""
+    def check():
+        out = subprocess.run(["ss", "-Htan", "state", "all", "dport", f"= :{port}"],
+                             capture_output=True, text=True, check=True).stdout
+        busy = [line.split() for line in out.splitlines()
+                if line.split()[0] != "TIME-WAIT"
+                and line.split()[4].rsplit(":", 1)[0].strip("[]") in servers]
+        return not busy, busy
+    wait_until(check, f"the connections to {', '.join(servers)} to close")

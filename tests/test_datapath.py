@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
-from helpers import MirrorProcess, controller_ask, env_with
+from helpers import (MirrorProcess, controller_ask, counted_from_now, env_with, mirrored_packets,
+                     wait_captured, wait_closed)
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
@@ -29,9 +29,11 @@ def test_status_line_in_page_fragments_of_gso_packets(host, nginx, state_dir, tm
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, "--trigger", "200",
                       env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+    mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
     try:
         tuple5, statuses = send(host.ns_v4, host.host_v4, ["/big"])
-        time.sleep(0.3)
+        wait_closed(host.ns_v4)
+        wait_captured(dump, mirrored, "every clone")
         dump.stop()
         c = controller_ask(state_dir)
     finally:
@@ -56,6 +58,7 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg,
                       env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+    mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
     try:
         dump.proc.send_signal(signal.SIGSTOP)
         n = 20000
@@ -63,6 +66,9 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
                               f"http://{host.ns_v4}/error"], capture_output=True, text=True,
                              timeout=300)
         dump.proc.send_signal(signal.SIGCONT)
+        wait_closed(host.ns_v4)
+        # Every clone either read by tcpdump or dropped by the kernel for it.
+        wait_captured(dump, mirrored, "or drop every clone", lossy=True)
         summary = dump.stop()
         c = controller_ask(state_dir)
         assert m.proc.poll() is None
@@ -81,5 +87,8 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
     assert c["mirrored_packets"] >= 2 * n - 16          # each request and response, at least
     dropped = int(re.search(r"(\d+) packets dropped by kernel", summary).group(1))
     captured = int(re.search(r"(\d+) packets captured", summary).group(1))
+    received = int(re.search(r"(\d+) packets received by filter", summary).group(1))
     assert dropped > 0, summary                         # the capture side really was full
-    assert captured + dropped <= c["mirrored_packets"]
+    # Received: every clone and the request frame of each of the 8 error connections.
+    assert c["request_frames_written"] == 8
+    assert captured + dropped == received == c["mirrored_packets"] + 8, summary

@@ -64,13 +64,20 @@ def test_lookup_prefilter_follows_the_map(clf):
     assert later_packet_mirrored(clf)
 
 
-def test_mark_racing_the_empty_scan_is_not_lost(clf):
-    """The race the generation scheme closes: user space reads the mark count and finds
-    the map empty, the classifier marks a flow, then user space publishes the count it
-    read. The classifier must keep looking flows up."""
-    made = clf._marks[clf._marks.Key(0)].value      # step 1 of note_if_empty
-    assert clf.flow_count() == 0                    # step 2: the scan finds it empty
-    mark(clf)                                       # the classifier marks meanwhile
-    clf._marks[clf._marks.Key(1)] = clf._marks.Leaf(made)    # step 3: publish
+def test_mark_racing_the_empty_scan_is_not_lost(clf, monkeypatch):
+    """The race the generation scheme closes: note_if_empty reads the mark count and its
+    scan finds the map empty, the classifier marks a flow before it publishes the count
+    it read. The classifier must keep looking flows up. The product's note_if_empty runs;
+    only its scan is wrapped, so that the mark lands right after it."""
+    scan = clf.flow_count
+
+    def scan_then_mark() -> int:
+        found = scan()
+        mark(clf)                                   # the classifier marks meanwhile
+        return found
+    monkeypatch.setattr(clf, "flow_count", scan_then_mark)
+    assert clf.note_if_empty()                      # the scan found it empty: published
+    monkeypatch.undo()
+    assert KEY in clf.flows()
     assert not clf.lookups_skipped()
     assert later_packet_mirrored(clf)

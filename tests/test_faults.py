@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
+from helpers import (MirrorProcess, controller_ask, counted_from_now, drop_link, env_with,
+                     link_packets, mirrored_packets, run_cli, wait_captured, wait_closed,
+                     wait_until)
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import Host, unique_name
@@ -38,8 +39,10 @@ def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
         assert m.wait_for(f"debug interface {dbg} recreated", timeout=30), m.output
         assert m.output.count("disappeared") == 1
         dump = Tcpdump(dbg, str(tmp_path / "after.pcap")).start()
+        mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
         tuple5, _ = send(host.ns_v4, host.host_v4, ["/error"])
-        time.sleep(0.3)
+        wait_closed(host.ns_v4)
+        wait_captured(dump, mirrored, "every clone")
         dump.stop()
         assert FlowKey.from_endpoints(*tuple5) in read_flows(str(tmp_path / "after.pcap"))
         assert scrape(port)[("mirror_debug_iface_recreated_total", ())] == 1
@@ -77,8 +80,10 @@ def test_monitored_iface_removed_others_continue(host, nginx, state_dir, tmp_pat
             other.destroy()
             assert m.wait_for(f"{other.host_if}: interface is gone", timeout=30), m.output
             dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+            mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
             tuple5, _ = send(host.ns_v4, host.host_v4, ["/error"])
-            time.sleep(0.3)
+            wait_closed(host.ns_v4)
+            wait_captured(dump, mirrored, "every clone")
             dump.stop()
             assert FlowKey.from_endpoints(*tuple5) in read_flows(str(tmp_path / "m.pcap"))
             ifaces = json.loads(run_cli("status", "--json", env=env).stdout)["interfaces"]
@@ -90,17 +95,42 @@ def test_monitored_iface_removed_others_continue(host, nginx, state_dir, tmp_pat
         other.destroy()
 
 
-def _iperf_udp(host, seconds: float, rate: str = "5M") -> subprocess.Popen:
-    return subprocess.Popen(["iperf3", "-c", host.ns_v4, "-B", host.host_v4, "-u", "-b", rate,
-                             "-l", "600", "-t", str(seconds), "-J"],
+# The load: 5 Mbit/s of 600-byte datagrams, about 1000 a second, for long enough that the
+# steps each test waits for (a few seconds of load, two controller starts) all happen
+# while it runs, even on a busy machine (_load_runs fails if the load ends first).
+RATE_BPS, DATAGRAM, LOAD_SECONDS = 5_000_000, 600, 15
+
+
+def _iperf_udp(host, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(["iperf3", "-c", host.ns_v4, "-B", host.host_v4, "-u",
+                             "-b", str(RATE_BPS), "-l", str(DATAGRAM), "-t", str(seconds), "-J"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _udp_server(host) -> subprocess.Popen:
     server = host.popen("iperf3", "-s", "-1", "-B", host.ns_v4, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+
+    def listening():
+        out = host.exec("ss", "-Htln", "sport", "= :5201").stdout
+        assert server.poll() is None, "iperf3 server exited"
+        return host.ns_v4 in out, out
+    wait_until(listening, "the iperf3 server to listen")
     return server
+
+
+def _load_runs(host, client: subprocess.Popen, seconds: float) -> None:
+    """Waits while the load sends `seconds` worth of datagrams across the monitored
+    interface (counted by the interface itself), so that what follows happens under load."""
+    sent = counted_from_now(lambda: link_packets(host.host_if, "tx_packets"))
+    want = int(seconds * RATE_BPS / 8 / DATAGRAM)
+
+    def check():
+        if client.poll() is not None:
+            out, err = client.communicate()
+            raise AssertionError(f"the load ended early: {err.decode()} {out.decode()[-2000:]}")
+        return sent() >= want, sent()
+    wait_until(check, f"{want} datagrams of load")
 
 
 def _no_loss(stdout: bytes) -> None:
@@ -122,14 +152,14 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
     try:
         m = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
                           env=env).start()
-        client = _iperf_udp(host, 8)
-        time.sleep(2)
+        client = _iperf_udp(host, LOAD_SECONDS)
+        _load_runs(host, client, 2)
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait()
-        time.sleep(1)
+        _load_runs(host, client, 1)
         m2 = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
                            env=env).start()
-        time.sleep(1)
+        _load_runs(host, client, 1)
         m2.proc.send_signal(signal.SIGKILL)
         m2.proc.wait()
         stdout, _ = client.communicate(timeout=60)
@@ -149,17 +179,17 @@ def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
     dbg = unique_name("d")
     server = _udp_server(host)
     try:
-        client = _iperf_udp(host, 8)
-        time.sleep(1)
+        client = _iperf_udp(host, LOAD_SECONDS)
+        _load_runs(host, client, 1)
         m = MirrorProcess("--iface", host.host_if, "--hook", "tcx", "--debug-iface", dbg,
                           env=env).start()
-        time.sleep(1)
+        _load_runs(host, client, 1)
         assert m.stop() == 0, m.output
         m2 = MirrorProcess("--iface", host.host_if, "--hook", "tcx", "--debug-iface", dbg,
                            env=env).start()
         idx = int(open(f"/sys/class/net/{host.host_if}/ifindex").read())
         assert sorted(l.direction for l in tcx.links(idx)) == ["egress", "ingress"]
-        time.sleep(1)
+        _load_runs(host, client, 1)
         m2.proc.send_signal(signal.SIGKILL)
         m2.proc.wait()
         stdout, _ = client.communicate(timeout=60)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import struct
-import time
 
 import pytest
 
-from helpers import MirrorProcess, env_with
+from helpers import (MirrorProcess, counted_from_now, env_with, mirrored_packets, wait_captured,
+                     wait_closed)
 from mirror import bpfsys
 from mirror.bpfprog import TC_ACT_UNSPEC, Classifier
 from mirror.flowkey import FlowKey
@@ -91,13 +91,15 @@ def test_flood_with_real_connections(host, nginx, state_dir, tmp_path):
                       "--metrics-addr", f"127.0.0.1:{port}",
                       env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+    mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
     sent = []
     try:
         for _ in range(200):
             tuple5, statuses = send(host.ns_v4, host.host_v4, ["/error"])
             assert statuses == [500]
             sent.append(FlowKey.from_endpoints(*tuple5))
-        time.sleep(0.3)
+        wait_closed(host.ns_v4)
+        wait_captured(dump, mirrored, "every clone")
         dump.stop()
         metrics = scrape(port)
     finally:

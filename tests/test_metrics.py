@@ -3,13 +3,13 @@ marked and packets mirrored, matching the requests sent and the capture."""
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import MirrorProcess, env_with
+from helpers import (MirrorProcess, counted_from_now, env_with, mirrored_packets, wait_captured,
+                     wait_closed)
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.capture.pcap import read_packets
@@ -40,6 +40,7 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
                       "--metrics-addr", f"127.0.0.1:{port}",
                       env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
+    mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
     try:
         sent = {"/ok": 3, "/missing": 2, "/error": 4}
         for path, n in sent.items():
@@ -47,7 +48,8 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
                 server, source = ((host.ns_v4, host.host_v4) if i % 2 else
                                   (host.ns_v6, host.host_v6))
                 send(server, source, [path])
-        time.sleep(0.3)
+        wait_closed(host.ns_v4, host.ns_v6)
+        wait_captured(dump, mirrored, "every clone")
         dump.stop()
         metrics = scrape(port)
     finally:

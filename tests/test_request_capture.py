@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from helpers import (MirrorProcess, controller_ask, env_with, from_first_status, request_of,
-                     run_cli, same_packets, wait_for)
+from helpers import (MirrorProcess, controller_ask, env_with, from_first_status, mirrored_packets,
+                     request_of, run_cli, same_packets, wait_captured, wait_closed, wait_until)
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 from mirror.flowkey import FlowKey, endpoint
@@ -45,6 +45,7 @@ class Run:
 
     def __enter__(self):
         self.mirror.start()
+        self.before = mirrored_packets(self.state)
         self.dump = Tcpdump(self.debug, str(self.tmp / "mirror.pcap")).start()
         self.ref = Tcpdump(self.host.host_if, str(self.tmp / "ref.pcap")).start()
         return self
@@ -57,25 +58,18 @@ class Run:
             return []
         return [json.loads(line) for line in self.events_path.read_text().splitlines()]
 
-    def finish(self, expected_events: int, request_frames: int | None = None):
-        """Waits until the controller has written the expected events (and the request
-        frames: one per event unless told otherwise), then until the debug interface has
-        sent every clone and frame and tcpdump has them all, and stops the captures."""
-        assert wait_for(lambda: len(self.events()) >= expected_events), self.events()
-        frames = expected_events if request_frames is None else request_frames
-        tx = f"/sys/class/net/{self.debug}/statistics/tx_packets"
-        want = lambda: self.counters()["mirrored_packets"] + frames  # noqa: E731
-        assert wait_for(lambda: int(open(tx).read()) >= want()), (open(tx).read(), want())
-        assert wait_for(lambda: self.dump_count() >= int(open(tx).read())), \
-            (self.dump.stats, open(tx).read(), self.dump.lines)
+    def finish(self, expected_events: int):
+        """Waits until the controller has written the expected events, the connections
+        are closed and tcpdump holds every frame sent to the debug interface (clones and
+        request frames), and stops the captures."""
+        wait_until(lambda: (len(self.events()) >= expected_events, self.events()),
+                   f"{expected_events} events")
+        wait_closed(self.host.ns_v4, self.host.ns_v6)
+        wait_captured(self.dump, lambda: mirrored_packets(self.state) - self.before,
+                      "the clones and the request frames")
         self.dump.stop()
         self.ref.stop()
         return read_flows(str(self.tmp / "mirror.pcap")), read_flows(str(self.tmp / "ref.pcap"))
-
-    def dump_count(self) -> int:
-        self.dump.request_stats()
-        time.sleep(0.05)        # tcpdump prints its counters on SIGUSR1, asynchronously
-        return self.dump.stats["captured"]
 
     def __exit__(self, *exc):
         for d in (getattr(self, "dump", None), getattr(self, "ref", None)):
@@ -155,7 +149,7 @@ def test_snapshot_off_keeps_the_old_rule(host, nginx, tmp_path):
     """--request-bytes 0: no request in the capture, and an event without one."""
     with Run(host, tmp_path, extra=("--request-bytes", "0")) as r:
         tuple5, _ = send(host.ns_v4, host.host_v4, ["/error"])
-        mirrored, ref = r.finish(expected_events=1, request_frames=0)
+        mirrored, ref = r.finish(expected_events=1)
     key = FlowKey.from_endpoints(*tuple5)
     assert same_packets(mirrored[key].packets, from_first_status(ref[key].packets, 500))
     (ev,) = r.events()
@@ -170,7 +164,7 @@ def test_events_command_and_metrics(host, nginx, tmp_path):
         for _ in range(3):
             send(host.ns_v4, host.host_v4, ["/error"])
         send(host.ns_v4, host.host_v4, ["/ok", "/missing"])
-        assert wait_for(lambda: len(r.events()) == 3)
+        wait_until(lambda: (len(r.events()) == 3, r.events()), "3 events")
         env = env_with(MIRROR_STATE_DIR=r.state)
         as_json = run_cli("events", "--json", env=env)
         table = run_cli("events", env=env)

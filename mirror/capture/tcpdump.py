@@ -46,6 +46,7 @@ class Tcpdump:
             self.cmd += ["-Z", "root"]
         self.proc: subprocess.Popen | None = None
         self.stats = {"captured": 0, "received": 0, "dropped": 0}
+        self.stats_reports = 0              # how many times tcpdump printed them
         self.lines: list[str] = []          # the last lines that are not counters
         self.stderr = ""                    # everything tcpdump said
         self._reader: threading.Thread | None = None
@@ -86,6 +87,9 @@ class Tcpdump:
         found = _STAT_RE.findall(line)
         for number, what in found:
             self.stats[_STAT_KEYS[what]] = int(number)
+        if len(found) == 3 or (found and found[0][1] == "dropped by kernel"):
+            self.stats_reports += 1         # a whole report: the SIGUSR1 line, or the last
+                                            # line of the exit summary
         if line and not found:
             self.lines.append(line)
             del self.lines[:-20]
