@@ -3,8 +3,8 @@ the parts of `union bpf_attr` this project uses (include/uapi/linux/bpf.h), and 
 possible-CPU count that sizes every per-CPU map value.
 
 bcc covers loading and most map access; what it lacks or makes slow goes through here:
-BPF_PROG_TEST_RUN, batched and atomic map operations, tcx links (BPF_LINK_CREATE and the
-link/program queries behind `mirror status`), and BPF_ENABLE_STATS for the bench. The
+BPF_PROG_TEST_RUN, batched and atomic map operations, tcx links (BPF_LINK_CREATE, and
+BPF_PROG_QUERY behind `mirror status`), and BPF_ENABLE_STATS for the bench. The
 loader (mirror.bpfprog), the tcx hook (mirror.tcx), the bench and the tests all call it
 from here."""
 from __future__ import annotations
@@ -71,11 +71,10 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_LINK_CREATE = 28
-BPF_LINK_GET_FD_BY_ID = 30
-BPF_LINK_GET_NEXT_ID = 31
 BPF_ENABLE_STATS = 32
 
 BPF_NOEXIST = 1
@@ -126,6 +125,16 @@ class LinkCreateAttr(ctypes.Structure):
                 ("expected_revision", ctypes.c_uint64)]
 
 
+class QueryAttr(ctypes.Structure):
+    """BPF_PROG_QUERY (with the tcx fields of Linux 6.6: link ids, revision)."""
+    _fields_ = [("target_ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("prog_attach_flags", ctypes.c_uint64),
+                ("link_ids", ctypes.c_uint64), ("link_attach_flags", ctypes.c_uint64),
+                ("revision", ctypes.c_uint64)]
+
+
 class IdAttr(ctypes.Structure):
     """BPF_*_GET_NEXT_ID and BPF_*_GET_FD_BY_ID."""
     _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
@@ -136,14 +145,6 @@ class InfoAttr(ctypes.Structure):
     """BPF_OBJ_GET_INFO_BY_FD."""
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
                 ("info", ctypes.c_uint64)]
-
-
-class LinkInfo(ctypes.Structure):
-    """The head of struct bpf_link_info, and its tcx part."""
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("prog_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-                ("ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
-                ("_rest", ctypes.c_uint8 * 32)]
 
 
 class ProgInfo(ctypes.Structure):

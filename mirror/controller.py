@@ -23,6 +23,10 @@ from .trigger import describe, parse_trigger
 log = logging.getLogger("mirror")
 
 HOOKS = ("clsact", "htb", "tcx")
+# The run loop's stages, as counted in mirror_controller_errors_total{stage}.
+STAGES = ("reload", "sweep", "watch", "events")
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
 
 
 @dataclass
@@ -75,6 +79,9 @@ class Controller:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.expired_total = 0
+        self.stage_errors: dict[str, int] = dict.fromkeys(STAGES, 0)
+        self._failures: dict[str, int] = {}
+        self._retry_at: dict[str, float] = {}
         self.debug_recreated_total = 0
         self.sweep_seconds = 0.0
         self._server = None
@@ -262,11 +269,24 @@ class Controller:
         shared lock on it, and only the record written by the creator says this tool
         made it; the last user out removes it (shutdown)."""
         name = self.opts.debug_iface
+        # Only a controller holding the lock exclusively may create the interface: two
+        # controllers starting together would otherwise both try, and one fail on
+        # EEXIST. The creator shares the lock once the interface is complete; a
+        # controller that finds it shared uses what is there.
         self._debug_lock = ownership.Lock(f"debug-{name}")
-        self._debug_lock.acquire(shared=True)
+        creator = self._debug_lock.acquire(wait=0.5)
+        if not creator and not self._debug_lock.acquire(shared=True, wait=30):
+            raise UsageError(f"debug interface {name} is being set up by another controller "
+                             "that has not finished; try again")
         self.debug = debugif.ensure(self.ipr, name, self._sink_fd)
         if self.debug.created:
             self._write_debug_record()
+        else:
+            rec = ownership.read("debug", name)
+            debugif.check_existing(self.ipr, name, self.debug.ifindex,
+                                   recorded=bool(rec and rec.get("ifindex") == self.debug.ifindex))
+        if creator:
+            self._debug_lock.share()
         self.classifier.set_debug_ifindex(self.debug.ifindex)
         log.info("debug interface %s (ifindex %d, %s%s)", name, self.debug.ifindex,
                  self.debug.kind, ", created" if self.debug.created else "")
@@ -335,16 +355,39 @@ class Controller:
 
     # --- run -----------------------------------------------------------------------
     def run(self) -> None:
+        """Until stopped: reloads on SIGHUP, sweeps idle flows, follows the interfaces.
+        A stage that fails with an error from the kernel or the system (NetlinkError,
+        OSError) is logged, counted and retried with backoff; the hooks stay in place
+        meanwhile. Anything else is a bug and stops the controller (which detaches)."""
         while not self.stop_event.is_set():
             if self.reload_event.is_set():
                 self.reload_event.clear()
-                self.reload()
-            self.sweep()
-            self.watch_interfaces()
+                self._run_stage("reload", self.reload)
+            self._run_stage("sweep", self.sweep)
+            self._run_stage("watch", self.watch_interfaces)
             # Sweep often enough for the idle timeout, but spend at most ~5 % of a CPU on
             # it when the flow map is large.
             interval = max(0.2, min(1.0, self.idle_timeout / 4), 20 * self.sweep_seconds)
             self.stop_event.wait(interval)
+
+    def _run_stage(self, stage: str, step) -> None:
+        now = time.monotonic()
+        if now < self._retry_at.get(stage, 0.0):
+            return
+        try:
+            step()
+        except (NetlinkError, OSError) as exc:
+            failures = self._failures.get(stage, 0) + 1
+            self._failures[stage] = failures
+            self.stage_errors[stage] += 1
+            delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+            self._retry_at[stage] = now + delay
+            log.warning("%s failed (%s), %d time(s) in a row: retrying in %.1f s; the hooks "
+                        "stay in place", stage, exc, failures, delay)
+            return
+        if self._failures.get(stage):
+            log.info("%s works again after %d failure(s)", stage, self._failures[stage])
+        self._failures[stage] = 0
 
     def sweep(self) -> int:
         """Deletes flows idle for longer than the idle timeout; returns how many."""
@@ -396,8 +439,9 @@ class Controller:
         if not self._debug_missing_logged:
             log.warning("debug interface %s disappeared; recreating it", name)
             self._debug_missing_logged = True
-        if self.debug.created:
-            ownership.remove("debug", name)
+        rec = ownership.read("debug", name)
+        if self.debug.created and rec and rec.get("ifindex") == self.debug.ifindex:
+            ownership.remove("debug", name)     # ours, and gone: not someone's new one
         try:
             if (idx := debugif.lookup(self.ipr, name)) is not None:
                 debugif.check_existing(self.ipr, name, idx, recorded=False)

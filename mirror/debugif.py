@@ -9,6 +9,7 @@ show up in the capture."""
 from __future__ import annotations
 
 import errno
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import tc
 from .errors import UsageError
 
-IFNAMSIZ = 15
+# The kernel's IFNAMSIZ is 16 bytes with the terminating NUL: names hold 15 characters.
+MAX_IFNAME_LEN = 15
+SINK_SUFFIX = "-sink"
 
 
 @dataclass
@@ -30,13 +33,20 @@ class DebugIface:
 
 
 def sink_name(name: str) -> str:
-    return f"{name[:IFNAMSIZ - 5]}-sink"
+    """The far end's name: NAME-sink when that fits, else a prefix of NAME and a hash of
+    the whole name, so that two long names sharing a prefix never get the same sink."""
+    if len(name) + len(SINK_SUFFIX) <= MAX_IFNAME_LEN:
+        return name + SINK_SUFFIX
+    digest = f"{zlib.crc32(name.encode()) & 0xFFFF:04x}"
+    keep = MAX_IFNAME_LEN - len(SINK_SUFFIX) - len(digest)
+    return f"{name[:keep]}{digest}{SINK_SUFFIX}"
 
 
 def check_name(name: str) -> None:
-    if not name or len(name) > IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
-        raise UsageError(f"bad debug interface name {name!r}: use 1-{IFNAMSIZ} characters "
-                         "without spaces or '/'")
+    if not name or len(name) > MAX_IFNAME_LEN or "/" in name or \
+            any(c.isspace() for c in name):
+        raise UsageError(f"bad debug interface name {name!r}: use 1-{MAX_IFNAME_LEN} "
+                         "characters without spaces or '/'")
 
 
 def _disable_ipv6(ipr, name: str) -> None:

@@ -222,6 +222,7 @@ class EventStream:
         self.bucket_counts = [0] * (len(RESPONSE_BUCKETS) + 1)
         self.response_sum = 0.0
         self.response_count = 0
+        self.errors = 0                 # records that could not be handled
         self.realtime_offset_ns = time.time_ns() - time.monotonic_ns()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -242,6 +243,7 @@ class EventStream:
         try:
             self.handle(ctypes.string_at(data, size))
         except Exception as exc:        # one bad record must not stop the stream
+            self.errors += 1
             log.error("error event dropped: %s", exc)
 
     def handle(self, raw: bytes) -> dict:

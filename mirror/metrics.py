@@ -48,6 +48,7 @@ _PROTOS = {"h1": "", "h2": "h2_"}
 class MapCollector:
     def __init__(self, controller):
         self.ctl = controller
+        self.evicted = 0
 
     def collect(self):
         ctl = self.ctl
@@ -56,7 +57,9 @@ class MapCollector:
         counters = ctl.classifier.counters()
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name, doc, value=counters[key])
-        names = {att.ifindex: att.ifname for att in ctl.attached.values()}
+        # A snapshot: the run loop renames and forgets interfaces while a scrape runs.
+        attached = list(ctl.attached.values())
+        names = {att.ifindex: att.ifname for att in attached}
         resp = CounterMetricFamily("mirror_http_responses",
                                    "HTTP responses seen, by interface, direction, status "
                                    "class and protocol (h1: HTTP/1.x, h2: HTTP/2)",
@@ -79,11 +82,15 @@ class MapCollector:
         active = ctl.classifier.flow_count()
         yield GaugeMetricFamily("mirror_flows_active", "Marked flows now in the map",
                                 value=active)
-        # The LRU map evicts silently; what left the map and was not expired by the sweep
-        # was evicted (or, rarely, re-marked after an expiry).
+        # The LRU map evicts silently; what left the map and was neither expired by the
+        # sweep nor unmarked by a SYN was evicted (or, rarely, re-marked after an expiry).
+        # The counters and the map are read at slightly different moments, so the
+        # difference can dip: a counter must never go back.
+        left = counters["flows_marked"] - active - ctl.expired_total - counters["syn_unmarked"]
+        self.evicted = max(self.evicted, left)
         yield CounterMetricFamily(
             "mirror_flows_evicted", "Marked flows pushed out of the full map (LRU)",
-            value=max(0, counters["flows_marked"] - active - ctl.expired_total))
+            value=self.evicted)
         yield GaugeMetricFamily("mirror_flows_capacity", "Size of the flow map (--max-flows)",
                                 value=ctl.opts.max_flows)
         yield CounterMetricFamily("mirror_flows_expired",
@@ -92,7 +99,15 @@ class MapCollector:
                                   "Times the debug interface was found missing and recreated",
                                   value=ctl.debug_recreated_total)
         yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
-                                value=len(ctl.attached))
+                                value=len(attached))
+        errors = CounterMetricFamily("mirror_controller_errors",
+                                     "Errors of the controller's run loop, by stage (each "
+                                     "retried with backoff; the hooks stay in place)",
+                                     labels=["stage"])
+        event_errors = ctl.events.errors if ctl.events is not None else 0
+        for stage, n in ctl.stage_errors.items():
+            errors.add_metric([stage], n + (event_errors if stage == "events" else 0))
+        yield errors
         if ctl.events is not None:
             yield from self._events(ctl.events)
 

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 from . import jsonfile, tc
@@ -95,15 +96,26 @@ class Lock:
         self.path = netns_dir() / f"{name}.lock"
         self.fd: int | None = None
 
-    def acquire(self, shared: bool = False) -> bool:
+    def acquire(self, shared: bool = False, wait: float = 0.0) -> bool:
+        """Takes the lock; False if someone else holds it (after trying for `wait`
+        seconds)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.02)
         self.fd = fd
         return True
+
+    def share(self) -> None:
+        """Turns a held exclusive lock into a shared one."""
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
 
     def try_exclusive(self) -> bool:
         """Converts a held shared lock to exclusive if nobody else holds it."""

@@ -108,18 +108,25 @@ def render_flows(flows: list[dict]) -> str:
 
 
 def detach(ifaces: list[str]) -> int:
+    """Removes this tool's hooks from each interface, holding the interface's lock while
+    it does, so that a controller starting meanwhile cannot attach under it (and one that
+    holds it makes the command refuse)."""
     ipr = IPRoute()
+    locks = []
     try:
+        indexes = {}
         for name in ifaces:
             found = ipr.link_lookup(ifname=name)
             if not found:
                 raise UsageError(f"unknown interface {name!r}: see `ip link`")
-            if ownership.is_held(ownership.iface_lock_name(found[0])):
+            lock = ownership.Lock(ownership.iface_lock_name(found[0]))
+            if not lock.acquire():
                 rec = ownership.read("iface", ownership.iface_key(found[0])) or {}
                 raise UsageError(f"{name} is owned by a running controller (pid "
                                  f"{rec.get('pid', '?')}); stop it with SIGTERM instead")
-        for name in ifaces:
-            idx = ipr.link_lookup(ifname=name)[0]
+            locks.append(lock)
+            indexes[name] = found[0]
+        for name, idx in indexes.items():
             rec = ownership.read("iface", ownership.iface_key(idx))
             done = detach_record(ipr, rec, idx) if rec else []
             done += detach_unrecorded(ipr, idx)
@@ -128,6 +135,8 @@ def detach(ifaces: list[str]) -> int:
                                             for d in done) or "no mirror hooks found"))
         return 0
     finally:
+        for lock in locks:
+            lock.release()      # its file goes when a controller prunes the state directory
         ipr.close()
 
 

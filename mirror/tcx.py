@@ -8,17 +8,18 @@ descriptors this process holds: when the controller exits, however it exits, the
 detaches them, so a killed controller leaves nothing behind."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import platform
 from dataclasses import dataclass
 
 from . import bpfsys
-from .bpfsys import IdAttr, LinkCreateAttr, LinkInfo, ProgInfo
+from .bpfsys import IdAttr, LinkCreateAttr, ProgInfo, QueryAttr
 from .errors import UsageError
 
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
-BPF_LINK_TYPE_TCX = 11
 BPF_F_BEFORE = 1 << 3
 ATTACH_TYPES = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
 
@@ -63,27 +64,24 @@ def _prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def links(ifindex: int | None = None) -> list[Link]:
-    """tcx links in the kernel (all network namespaces: filter by ifindex with care)."""
-    out, next_id = [], 0
-    directions = {v: k for k, v in ATTACH_TYPES.items()}
-    while True:
-        attr = IdAttr(start_id=next_id)
+def links(ifindex: int) -> list[Link]:
+    """The tcx links on this network namespace's interface `ifindex` (BPF_PROG_QUERY on the
+    device: another namespace's interface with the same index is not looked at)."""
+    out = []
+    for direction, attach_type in ATTACH_TYPES.items():
+        prog_ids = (ctypes.c_uint32 * 64)()
+        link_ids = (ctypes.c_uint32 * 64)()
+        attr = QueryAttr(target_ifindex=ifindex, attach_type=attach_type, count=64,
+                         prog_ids=ctypes.addressof(prog_ids),
+                         link_ids=ctypes.addressof(link_ids))
         try:
-            bpfsys.check(bpfsys.BPF_LINK_GET_NEXT_ID, attr)
-        except OSError:
-            return out
-        next_id = attr.next_id
-        try:
-            fd = bpfsys.check(bpfsys.BPF_LINK_GET_FD_BY_ID, IdAttr(start_id=next_id))
-        except OSError:
-            continue        # released meanwhile
-        try:
-            info = LinkInfo()
-            bpfsys.obj_info(fd, info)
-        finally:
-            os.close(fd)
-        if info.type != BPF_LINK_TYPE_TCX or (ifindex and info.ifindex != ifindex):
-            continue
-        out.append(Link(info.id, info.ifindex, directions.get(info.attach_type, "?"),
-                        info.prog_id, _prog_name(info.prog_id)))
+            bpfsys.check(bpfsys.BPF_PROG_QUERY, attr, "BPF_PROG_QUERY")
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                continue        # no such device here, or no tcx on this kernel
+            raise
+        for i in range(min(attr.count, 64)):
+            if link_ids[i]:     # 0: a program attached without a link (not ours)
+                out.append(Link(link_ids[i], ifindex, direction, prog_ids[i],
+                                _prog_name(prog_ids[i])))
+    return out
