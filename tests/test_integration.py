@@ -221,7 +221,10 @@ def test_lab_demo(tmp_path):
     out = run_cli("lab", "--rounds", "1", "--output", str(tmp_path / "lab"), timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "UNEXPECTED" not in out.stdout
-    assert "6 connections marked" in out.stdout      # 3 error connections x IPv4, IPv6
+    # 3 HTTP/1.x error connections and 1 h2c x IPv4, IPv6; an event per error response
+    assert "8 connections marked" in out.stdout
+    assert "2 connections mirrored, 2 expected" in out.stdout
+    assert "8 error events" in out.stdout and "e.g. 500 for GET /error" in out.stdout
     assert (tmp_path / "lab" / "mirror.pcap").stat().st_size > 24
     assert "kernel state cleaned up" in out.stdout
 

@@ -20,3 +20,16 @@ def send(server: str, source: str, paths: list[str]) -> tuple[tuple[str, int, st
         return (local[0], local[1], server, 80), statuses
     finally:
         conn.close()
+
+
+def send_h2(server: str, port: int, paths: list[str]) -> list[int]:
+    """Sends `paths` as streams of one HTTP/2 cleartext connection (prior knowledge) with
+    nghttp; returns the statuses in the order nghttp received them."""
+    import re
+    import subprocess
+    host = f"[{server}]" if ":" in server else server
+    out = subprocess.run(["nghttp", "-nv", *(f"http://{host}:{port}{p}" for p in paths)],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"nghttp failed: {out.stderr.strip() or out.stdout[-300:]}")
+    return [int(code) for code in re.findall(r"recv \(stream_id=\d+\) :status: (\d+)", out.stdout)]

@@ -1,7 +1,8 @@
 """`mirror lab`: the built-in demo. Builds a server host in a network namespace (nginx
-answering 200, 404 and 500), mirrors its host-side veth, records the debug interface
-with tcpdump, sends a mix of requests over IPv4 and IPv6, and reports what was captured.
-Leaves the pcap behind and the kernel as it found it."""
+answering 200, 404 and 500 over HTTP/1.1, and over HTTP/2 cleartext on port 8080),
+mirrors its host-side veth, records the debug interface with tcpdump, sends a mix of
+requests over IPv4 and IPv6, and reports what was captured and the error events. Leaves
+the pcap and the events file behind and the kernel as it found it."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ examples:
   mirror lab                          # clsact hooks, trigger 5xx, pcap in ./lab-output
   mirror lab --hook htb --trigger 404,5xx
   tcpdump -nr lab-output/mirror.pcap  # read what was mirrored
+  jq . lab-output/events.jsonl        # one line per error response, with its request
 """
 
 
@@ -47,6 +49,12 @@ MIX = [
     ("200, 200, 500, 200 on one connection", ["/ok", "/ok", "/error", "/ok"]),
     ("multi-segment 200 then 500", ["/big", "/error"]),
 ]
+H2_PORT = 8080
+# (label, paths sent as streams of one HTTP/2 cleartext connection)
+H2_MIX = [
+    ("h2c 200 only", ["/ok", "/"]),
+    ("h2c 200 and 500", ["/ok", "/error"]),
+]
 
 
 def cmd_lab(args) -> int:
@@ -54,6 +62,7 @@ def cmd_lab(args) -> int:
     from ..capture.tcpdump import Tcpdump
     from ..controller import Controller, Options
     from ..flowkey import FlowKey
+    from .client import send_h2
     from .netns import Host, cleanup_stale, unique_name
     from .nginx import Nginx
 
@@ -63,6 +72,8 @@ def cmd_lab(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     pcap_path = out / "mirror.pcap"
+    events_path = out / "events.jsonl"
+    events_path.unlink(missing_ok=True)
     steps = 6
     step = iter(range(1, steps + 1))
 
@@ -70,38 +81,45 @@ def cmd_lab(args) -> int:
         print(f"[{next(step)}/{steps}] {msg}", flush=True)
 
     progress("building a server host in a network namespace (nginx: /ok 200, /missing 404, "
-             "/error 500)")
+             f"/error 500; HTTP/1.1 on port 80, h2c on {H2_PORT})")
     host = Host.create()
     nginx = ctl = dump = runner = None
     try:
-        nginx = Nginx(host).start()
+        nginx = Nginx(host, h2_port=H2_PORT).start()
         print(f"      server {host.ns_v4} / {host.ns_v6} in netns {host.ns}; "
               f"host-side veth {host.host_if}")
         progress(f"compiling the classifier and attaching it to {host.host_if} "
                  f"({args.hook} hooks, trigger {args.trigger})")
         debug = unique_name("d")
         ctl = Controller(Options(ifaces=[host.host_if], debug_iface=debug, trigger=args.trigger,
-                                 hook=args.hook, idle_timeout=60))
+                                 hook=args.hook, idle_timeout=60,
+                                 events_file=str(events_path)))
         ctl.start()
         runner = threading.Thread(target=ctl.run, daemon=True)
         runner.start()
         progress(f"recording the debug interface {debug} with tcpdump")
         dump = Tcpdump(debug, str(pcap_path)).start()
         progress(f"sending {args.rounds} rounds of the request mix over IPv4 and IPv6")
-        sent = []
+        sent, sent_h2 = [], []
         for _ in range(args.rounds):
             for server, source in ((host.ns_v4, host.host_v4), (host.ns_v6, host.host_v6)):
                 for label, paths in MIX:
                     tuple5, statuses = send(server, source, paths)
                     sent.append((label, FlowKey.from_endpoints(*tuple5), statuses))
-        time.sleep(0.2)
-        progress("stopping tcpdump and reading the pcap")
-        summary = dump.stop().strip().splitlines()
+                for label, paths in H2_MIX:
+                    sent_h2.append((label, server, send_h2(server, H2_PORT, paths)))
+        progress("waiting for the capture to hold every frame sent to the debug interface, "
+                 "then stopping tcpdump")
+        _wait_for_capture(ctl, dump)
+        dump.stop()
+        summary = dump.stats
         dump = None
-        counters = ctl.classifier.counters()
+        counters = ctl.counters()
         flows = read_flows(str(pcap_path))
         progress("report")
         unexpected = _report(sent, flows, counters, summary, pcap_path, ctl.codes)
+        unexpected += _report_h2(sent_h2, flows, counters, ctl.codes)
+        _report_events(events_path)
     finally:
         if dump:
             dump.stop()
@@ -139,12 +157,61 @@ def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> int:
     print()
     resp = Counter({cls: counters[f"resp_{cls}"] for cls in ("1xx", "2xx", "3xx", "4xx", "5xx")})
     print(f"classifier: {counters['packets']} packets seen, {counters['tcp']} TCP, "
-          f"{counters['responses']} HTTP responses ({', '.join(f'{k}: {v}' for k, v in resp.items() if v)})")
+          f"{counters['responses']} HTTP/1.x responses ({', '.join(f'{k}: {v}' for k, v in resp.items() if v)}), "
+          f"{counters['h2_responses']} HTTP/2 statuses ({counters['h2_status_unknown']} "
+          "not decodable without HPACK state)")
     print(f"            {counters['flows_marked']} connections marked, "
           f"{counters['mirrored_packets']} packets mirrored, "
-          f"{counters['clone_failures']} clone failures")
+          f"{counters['clone_failures']} clone failures; {counters['requests']} requests "
+          f"kept, {counters['request_frames_written']} of them written to the capture with "
+          "their error response")
     print(f"capture:    {sum(len(f.packets) for f in flows.values())} packets in "
-          f"{len(flows)} connections, {mirrored_conns} of them matching a sent request; "
-          + "; ".join(l.strip() for l in tcpdump_summary if "packets" in l))
+          f"{len(flows)} connections, {mirrored_conns} of them HTTP/1.x connections sent "
+          f"here; tcpdump: {tcpdump_summary['captured']} packets captured, "
+          f"{tcpdump_summary['dropped']} dropped by kernel")
     print(f"pcap left at {pcap_path} (tcpdump -nr {pcap_path} -A | less)")
     return unexpected
+
+
+def _wait_for_capture(ctl, dump, timeout: float = 30.0) -> None:
+    """Until tcpdump has every clone and request frame the controller sent (its own
+    counters, asked with SIGUSR1), the connections' last ACKs included."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c = ctl.counters()
+        want = c["mirrored_packets"] + c["request_frames_written"]
+        reports = dump.stats_reports
+        dump.request_stats()
+        while dump.stats_reports == reports and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if dump.stats["captured"] + dump.stats["dropped"] >= want:
+            return
+        time.sleep(0.1)
+
+
+def _report_h2(sent_h2, flows, counters, codes) -> int:
+    """The h2c connections: nghttp does not say which client port it used, so they are
+    told apart by what they asked for; the capture must hold exactly the connections
+    that got a trigger status, found by the server's h2c port."""
+    print()
+    print(f"{'h2c connection':58} {'statuses':22}")
+    for label, server, statuses in sent_h2:
+        print(f"{label + ' to ' + server:58} {','.join(map(str, statuses)):22}")
+    expected = sum(any(s in codes for s in statuses) for _, _, statuses in sent_h2)
+    got = [f for k, f in flows.items() if H2_PORT in (k.port_lo, k.port_hi)]
+    mark = "ok" if len(got) == expected else "UNEXPECTED"
+    print(f"h2c:        {len(got)} connections mirrored, {expected} expected (those with an "
+          f"error stream)  {mark}")
+    return mark != "ok"
+
+
+def _report_events(events_path) -> None:
+    import json
+    lines = events_path.read_text().splitlines() if events_path.exists() else []
+    print(f"events:     {len(lines)} error events in {events_path} (one per error "
+          "response: HTTP/1.x with its request, h2 without)")
+    for line in lines[:1]:
+        e = json.loads(line)
+        took = f"{e['response_ns'] / 1e6:.2f} ms" if e["response_ns"] is not None else "-"
+        print(f"            e.g. {e['status']} for {e['method']} {e['target']} (host "
+              f"{e['host']}) from {e['client']}, answered in {took}")
