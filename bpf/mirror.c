@@ -154,12 +154,18 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
 
 /* Keeps the first bytes of a request frame (the whole frame from its Ethernet header, up
  * to config.request_bytes) as the flow's request snapshot, replacing the previous one.
- * Only request starts pay this: one copy into the per-CPU scratch, one map update. */
+ * Only request starts pay this. A connection's first request is put together in the
+ * per-CPU scratch and inserted (an LRU element allocation and a copy); later ones on the
+ * same keep-alive connection overwrite its entry in place, which costs about half. A
+ * response being reported on another CPU at that moment could copy a mix of two
+ * requests: only when a client sends its next request before the previous response
+ * (pipelining), where the README already says which request is reported. */
 static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segment *seg,
                                          __u32 direction, const struct mirror_config *cfg)
 {
     __u32 zero = 0;
-    struct error_event *ev = event_scratch.lookup(&zero);
+    struct error_event *kept = requests.lookup(&seg->key);
+    struct error_event *ev = kept ? kept : event_scratch.lookup(&zero);
     if (!ev)
         return;
     __u64 len = skb->len;
@@ -177,7 +183,8 @@ static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segme
     ev->request_from_lo = seg->src_is_lo;
     ev->request_frame_len = skb->len;
     ev->request_len = len;
-    requests.update(&seg->key, ev);
+    if (!kept)
+        requests.update(&seg->key, ev);
     count(C_REQUESTS, 1);
 }
 
