@@ -115,6 +115,8 @@ class Classifier:
         self._marks = self.bpf.get_table(b"marks")
         self._requests = self.bpf.get_table(b"requests")
         self.events = self.bpf.get_table(b"events")
+        self._event_handler = None
+        self._events_open = False
         self.set_request_bytes(request_bytes)
 
     def fd(self, direction: str) -> int:
@@ -134,6 +136,27 @@ class Classifier:
 
     def set_debug_ifindex(self, ifindex: int) -> None:
         self._set_config(debug_ifindex=ifindex)
+
+    # --- the events ring buffer ------------------------------------------------------
+    def on_events(self, handler) -> None:
+        """Hands each record of the `events` ring buffer to `handler(raw bytes)` from now
+        on (None: drop them). bcc opens a ring buffer once per program, so the buffer is
+        opened at the first call and the handler swapped after that (the bench runs
+        controller after controller on one classifier)."""
+        self._event_handler = handler
+        if not self._events_open:
+            self.events.open_ring_buffer(self._dispatch_event)
+            self._events_open = True
+
+    def _dispatch_event(self, ctx, data, size) -> None:
+        handler = self._event_handler
+        if handler is not None:
+            handler(ctypes.string_at(data, size))
+
+    def poll_events(self, timeout_ms: int) -> None:
+        """Waits up to `timeout_ms` for records and hands them over (0: only those there)."""
+        if self._events_open:
+            self.bpf.ring_buffer_poll(timeout_ms)
 
     def set_request_bytes(self, n: int) -> None:
         """How much of a request frame the snapshot keeps (0: the snapshot is off, and a

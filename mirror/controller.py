@@ -248,7 +248,7 @@ class Controller:
         out = None
         if self.opts.events_file:
             out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
-        self.events = EventStream(self.classifier.events, self._attached_name,
+        self.events = EventStream(self.classifier, self._attached_name,
                                   lambda: self.debug.ifindex if self.debug else 0,
                                   out).start()
 

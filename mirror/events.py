@@ -18,7 +18,6 @@ The reader never slows the datapath: the kernel side never waits on a full ring 
 from __future__ import annotations
 
 import collections
-import ctypes
 import json
 import logging
 import os
@@ -208,10 +207,11 @@ class RequestWriter:
 class EventStream:
     """Reads the classifier's ring buffer in a thread and hands each event on."""
 
-    def __init__(self, ring, ifname_of, debug_ifindex, events_file: EventsFile | None):
-        """`ring`: the bcc table of the `events` ring buffer; `ifname_of(ifindex)` names
-        an interface; `debug_ifindex()` is where request frames go (0: nowhere)."""
-        self.ring = ring
+    def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None):
+        """`classifier`: whose `events` ring buffer to read (mirror.bpfprog.Classifier);
+        `ifname_of(ifindex)` names an interface; `debug_ifindex()` is where request frames
+        go (0: nowhere)."""
+        self.classifier = classifier
         self.ifname_of = ifname_of
         self.debug_ifindex = debug_ifindex
         self.file = events_file
@@ -229,19 +229,18 @@ class EventStream:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "EventStream":
-        self.ring.open_ring_buffer(self._on_record)
+        self.classifier.on_events(self._on_record)
         self._thread = threading.Thread(target=self._poll, name="events", daemon=True)
         self._thread.start()
         return self
 
     def _poll(self) -> None:
-        bpf = self.ring.bpf
         while not self._stop.is_set():
-            bpf.ring_buffer_poll(100)
+            self.classifier.poll_events(100)
 
-    def _on_record(self, ctx, data, size) -> None:
+    def _on_record(self, raw: bytes) -> None:
         try:
-            self.handle(ctypes.string_at(data, size))
+            self.handle(raw)
         except Exception as exc:        # one bad record must not stop the stream
             self.errors += 1
             log.error("error event dropped: %s", exc)
@@ -288,6 +287,7 @@ class EventStream:
         self._stop.set()
         if self._thread:
             self._thread.join(2)
+        self.classifier.on_events(None)
         self.writer.close()
         if self.file:
             self.file.close()

@@ -23,6 +23,7 @@ import pytest
 import reference as R
 from helpers import controller_ask, same_packets, signature
 from test_integration import Session
+from mirror.lab.netns import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -136,13 +137,7 @@ class Server:
         raise RuntimeError(f"{self.kind} did not start listening")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
 

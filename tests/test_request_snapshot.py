@@ -4,8 +4,6 @@ count as responses, and what the ring buffer hands to user space (read with bcc'
 buffer API and decoded by mirror.events, the controller's own decoder)."""
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 
 from frames import TCP_ACK, TCP_SYN, tcp4, tcp6
@@ -52,15 +50,12 @@ class Ring:
     def __init__(self, clf):
         self.clf = clf
         self.records: list[bytes] = []
-        clf.events.open_ring_buffer(self._take)
+        clf.on_events(self.records.append)
         self.drain()
-
-    def _take(self, ctx, data, size):
-        self.records.append(ctypes.string_at(data, size))
 
     def drain(self) -> list[Event]:
         self.records.clear()
-        self.clf.bpf.ring_buffer_consume()
+        self.clf.poll_events(0)
         return [Event.from_record(r) for r in self.records]
 
 
@@ -71,19 +66,13 @@ def snap(clf):
     return clf
 
 
-@pytest.fixture(scope="module")
-def ring_holder():
-    return {}
-
-
 @pytest.fixture
-def ring(snap, ring_holder):
-    # bcc opens a ring buffer once per table: one Ring for the module's tests.
-    if "ring" not in ring_holder:
-        ring_holder["ring"] = Ring(snap)
-    r = ring_holder["ring"]
-    r.drain()
-    return r
+def ring(snap):
+    r = Ring(snap)
+    try:
+        yield r
+    finally:
+        snap.on_events(None)
 
 
 def run(clf, frame, direction="egress") -> dict:

@@ -19,6 +19,18 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; always reaped."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .netns import Host
+from .netns import Host, stop_process
 
 BODY_500 = "error"
 BODY_200 = BODY_500 + "x" * 18
@@ -79,11 +79,5 @@ class Nginx:
         raise RuntimeError("nginx did not start listening")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         subprocess.run(["rm", "-rf", str(self.dir)], check=False)
