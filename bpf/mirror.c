@@ -23,6 +23,8 @@
 #ifndef MAX_FLOWS
 #define MAX_FLOWS 65536
 #endif
+/* Interfaces this controller monitors (set by user space on attach and detach). */
+#define MAX_MONITORED 4096
 
 /* The verdict for every packet. TC_ACT_UNSPEC means "no opinion": the packet goes on to the
  * next filter of the hook (another tool's), or passes when there is none. TC_ACT_OK would
@@ -35,6 +37,7 @@ BPF_ARRAY(config, struct mirror_config, 1);
 BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
+BPF_HASH(monitored, __u32, __u8, MAX_MONITORED);
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -84,6 +87,15 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
     struct mirror_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->debug_ifindex || cfg->debug_ifindex == skb->ifindex) {
         count(C_NO_DEBUG_IF, 1);
+        return;
+    }
+    /* A packet forwarded from one monitored interface out of another (container to
+     * container through a bridge, or routed between two host-side veths) was cloned at
+     * the ingress hook of the first already: at egress, clone only packets that did not
+     * enter through a monitored interface (locally sent ones have ingress_ifindex 0). */
+    __u32 in_ifindex = skb->ingress_ifindex;
+    if (direction == DIR_EGRESS && in_ifindex && monitored.lookup(&in_ifindex)) {
+        count(C_CLONES_DEDUPLICATED, 1);
         return;
     }
     /* Invalidates packet pointers: nothing below touches packet data. Negative: the

@@ -38,6 +38,8 @@ enum counter {
     C_CLONE_FAILURES,   /* clone not sent or dropped by the debug interface; original unaffected */
     C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
     C_IFACE_SLOT_TAKEN, /* per-interface stats not kept: slot owned by another ifindex */
+    C_CLONES_DEDUPLICATED, /* not cloned at egress: entered through a monitored interface,
+                            * whose ingress hook cloned it already */
     NR_COUNTERS,
 };
 

@@ -91,6 +91,7 @@ class Classifier:
         self._counters = self.bpf.get_table(b"counters")
         self._iface_stats = self.bpf.get_table(b"iface_stats")
         self._marks = self.bpf.get_table(b"marks")
+        self._monitored = self.bpf.get_table(b"monitored")
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -111,6 +112,18 @@ class Classifier:
         cfg = self._config.Leaf()
         cfg.debug_ifindex = ifindex
         self._config[self._config.Key(0)] = cfg
+
+    def set_monitored(self, ifindex: int, monitored: bool) -> None:
+        """Tells the classifier whether `ifindex` carries its hooks: a packet that entered
+        through a monitored interface is not cloned again at egress (bpf/mirror.c)."""
+        key = self._monitored.Key(ifindex)
+        if monitored:
+            self._monitored[key] = ctypes.c_uint8(1)
+        else:
+            try:
+                del self._monitored[key]
+            except KeyError:
+                pass
 
     def delete_flow(self, key: FlowKey) -> bool:
         try:

@@ -16,6 +16,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import control, debugif, ownership, tc, tcx
 from .config import read_config
+from .discovery import (ATTACH_BUCKETS, DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Discovery,
+                        Histogram, Selector)
 from .errors import UsageError
 from .ownership import detach_record, detach_unrecorded
 from .trigger import describe, parse_trigger
@@ -35,6 +37,8 @@ class Options:
     max_flows: int = 65536
     metrics_addr: str | None = None
     config: str | None = None
+    exclude: list[str] = field(default_factory=list)
+    max_ifaces: int = DEFAULT_MAX_IFACES
 
 
 @dataclass
@@ -80,6 +84,14 @@ class Controller:
         self._ctl_lock = None
         # Names this process's record, lock and socket: pids repeat across containers.
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.selector = Selector.parse(opts.ifaces, opts.exclude)
+        self.discovery: Discovery | None = None
+        # Held while changing what is attached: link events are handled in discovery's
+        # thread, the run loop and shutdown in the main one (and they share self.ipr).
+        self.lock = threading.RLock()
+        self.attach_latency = Histogram(ATTACH_BUCKETS)
+        self.attach_failures_total = 0
+        self.attached_at: dict[int, float] = {}     # ifindex -> monotonic time, for the bench
 
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
@@ -92,9 +104,15 @@ class Controller:
         if self.opts.hook == "tcx":
             tcx.check_supported()
         if not self.opts.ifaces:
-            raise UsageError("no interface to monitor: give --iface IF (or MIRROR_IFACE)")
+            raise UsageError("no interface to monitor: give --iface IF or a pattern such as "
+                             "--iface 'veth*' (or MIRROR_IFACE)")
+        if not 1 <= self.opts.max_ifaces <= MAX_IFACES_LIMIT:
+            raise UsageError(f"--max-ifaces must be between 1 and {MAX_IFACES_LIMIT}")
+        if len(self.selector.names) > self.opts.max_ifaces:
+            raise UsageError(f"{len(self.selector.names)} interfaces named but --max-ifaces "
+                             f"is {self.opts.max_ifaces}; raise --max-ifaces")
         debugif.check_name(self.opts.debug_iface)
-        if self.opts.debug_iface in self.opts.ifaces:
+        if self.opts.debug_iface in self.selector.names:
             raise UsageError(f"debug interface {self.opts.debug_iface} is also monitored: "
                              "mirroring onto a monitored interface would loop; pick another "
                              "--debug-iface")
@@ -103,7 +121,7 @@ class Controller:
         if not 16 <= self.opts.max_flows <= 1 << 24:
             raise UsageError("--max-flows must be between 16 and 16777216")
         indexes = {}
-        for name in self.opts.ifaces:
+        for name in self.selector.names:
             idx = debugif.lookup(self.ipr, name)
             if idx is None:
                 raise UsageError(f"unknown interface {name!r}: see `ip link` for the names "
@@ -161,6 +179,9 @@ class Controller:
             self._setup_debug()
             for name, idx in indexes.items():
                 self._attach(name, idx)
+            self.discovery = Discovery(self.selector, self, set(indexes.values()),
+                                       self.opts.max_ifaces)
+            self.discovery.start()
         except BaseException:
             log.error("attach failed: rolling back what was added")
             self.shutdown()
@@ -168,8 +189,11 @@ class Controller:
         self._write_controller_record()
         self._start_control_socket()
         log.info("mirroring HTTP %s responses on %s (%s hook) to %s",
-                 describe(self.codes), ", ".join(self.attached), self.opts.hook,
-                 self.debug.name)
+                 describe(self.codes), ", ".join(self.attached) or "no interface yet",
+                 self.opts.hook, self.debug.name)
+        if self.selector.patterns:
+            log.info("watching for interfaces matching %s%s", " ".join(self.selector.patterns),
+                     "".join(f" except {e}" for e in self.selector.exclude))
 
     @staticmethod
     def _warn_shared_stats_slots(indexes: dict[str, int]) -> None:
@@ -269,6 +293,7 @@ class Controller:
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
         ownership.write("iface", att.key, att.record())
+        self.classifier.set_monitored(ifindex, True)
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
 
@@ -283,7 +308,89 @@ class Controller:
         for direction in ("ingress", "egress"):
             att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
                                               direction)
+        self.classifier.set_monitored(att.ifindex, True)
         log.info("%s: attached (tcx links: ingress, egress)", att.ifname)
+
+    # --- interfaces that come and go (mirror.discovery calls these) -------------------
+    def attached_indexes(self) -> dict[int, str]:
+        with self.lock:
+            return {att.ifindex: att.ifname for att in self.attached.values()}
+
+    def attach_matched(self, name: str, ifindex: int, since: float) -> bool:
+        """Attaches to an interface a pattern selected; `since` is when its link event
+        arrived. A failure is logged and counted, what was added is removed, and the
+        controller keeps running."""
+        with self.lock:
+            try:
+                self._attach(name, ifindex)
+            except Exception as exc:
+                self._rollback(name)
+                if self._ifname_of(ifindex) is None:
+                    log.info("%s: gone while being attached", name)
+                else:
+                    self.attach_failures_total += 1
+                    log.warning("%s: not attached: %s", name, exc)
+                return False
+            now = time.monotonic()
+            self.attached_at[ifindex] = now
+            self.attach_latency.observe(now - since)
+            self._write_controller_record()
+            return True
+
+    def _rollback(self, name: str) -> None:
+        att = self.attached.pop(name, None)
+        if att is None:
+            return
+        self.classifier.set_monitored(att.ifindex, False)
+        try:
+            self._detach(att)
+        except Exception as exc:
+            log.error("%s: removing a partial attach failed: %s", name, exc)
+        ownership.remove("iface", att.key)
+        att.lock.release()
+
+    def detach_iface(self, ifindex: int, why: str) -> None:
+        """Stops monitoring an interface: it is gone, or was renamed out of the patterns."""
+        with self.lock:
+            att = next((a for a in self.attached.values() if a.ifindex == ifindex), None)
+            if att is None:
+                return
+            log.info("%s: %s; no longer monitored", att.ifname, why)
+            self.classifier.set_monitored(ifindex, False)
+            if self._ifname_of(ifindex) is not None:
+                try:
+                    self._detach(att)
+                except Exception as exc:
+                    log.error("%s: detach failed: %s; run `mirror detach --iface %s`",
+                              att.ifname, exc, att.ifname)
+            self.attached_at.pop(ifindex, None)
+            self._forget(att)
+
+    def follow_rename(self, ifindex: int, name: str) -> None:
+        with self.lock:
+            att = next((a for a in self.attached.values() if a.ifindex == ifindex), None)
+            if att is None or att.ifname == name:
+                return
+            log.info("%s: renamed to %s; still monitored", att.ifname, name)
+            del self.attached[att.ifname]
+            att.ifname = name
+            self.attached[name] = att
+            ownership.write("iface", att.key, att.record())
+            self._write_controller_record()
+
+    def never_monitor(self, ifindex: int, name: str) -> bool:
+        """Debug interfaces (ours or another controller's) and their sink ends are never
+        monitored, whatever the patterns: mirroring clones would loop."""
+        names = {self.opts.debug_iface, debugif.sink_name(self.opts.debug_iface)}
+        for rec in ownership.records("debug"):
+            names |= {rec.get("name"), rec.get("peer")}
+        if name in names or (self.debug and ifindex == self.debug.ifindex):
+            return True
+        with self.lock:
+            try:
+                return debugif.has_sink(self.ipr, ifindex)
+            except NetlinkError:
+                return True     # gone already
 
     def _stale_record(self, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if any."""
@@ -318,6 +425,16 @@ class Controller:
         return expired
 
     def watch_interfaces(self) -> None:
+        with self.lock:
+            self._watch_interfaces()
+
+    def _watch_interfaces(self) -> None:
+        if self.discovery is not None:
+            # Link events (mirror.discovery) follow the monitored interfaces; polling
+            # them here too would race with its decisions on renames.
+            if self._ifname_of(self.debug.ifindex) != self.debug.name:
+                self._replace_debug()
+            return
         for name, att in list(self.attached.items()):
             current = self._ifname_of(att.ifindex)
             if current is None:
@@ -343,6 +460,7 @@ class Controller:
             raise
 
     def _forget(self, att: Attached) -> None:
+        self.classifier.set_monitored(att.ifindex, False)
         self.classifier.forget_iface(att.ifindex)
         for fd in att.links.values():
             os.close(fd)
@@ -405,7 +523,15 @@ class Controller:
         if self._server:
             self._server.close()
             self._server = None
+        if self.discovery is not None:
+            self.discovery.stop()       # no attach may start after this point
+        with self.lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
         for name, att in list(self.attached.items()):
+            if self.classifier is not None:
+                self.classifier.set_monitored(att.ifindex, False)
             try:
                 self._detach(att)
             except Exception as exc:       # keep going: the rest must still be removed
@@ -467,6 +593,9 @@ class Controller:
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
             "socket": self.socket_name,
+            "patterns": self.selector.patterns, "exclude": self.selector.exclude,
+            "max_ifaces": self.opts.max_ifaces,
+            "matched": self.discovery.matched() if self.discovery else {},
         })
 
     def flows_json(self) -> list[dict]:

@@ -1,7 +1,8 @@
 """Prometheus metrics, read from the BPF maps at scrape time (no polling loop)."""
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -20,6 +21,9 @@ _SIMPLE = {
     "iface_slot_taken": ("mirror_iface_stats_slot_taken",
                          "Responses/mirrored packets missing from per-interface stats: "
                          "their slot belongs to another interface"),
+    "clones_deduplicated": ("mirror_clones_deduplicated",
+                            "Clones not made at egress: the packet entered through a "
+                            "monitored interface, whose ingress hook cloned it"),
 }
 
 
@@ -73,3 +77,22 @@ class MapCollector:
                                   value=ctl.debug_recreated_total)
         yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
                                 value=len(ctl.attached))
+        yield from _discovery_metrics(ctl)
+
+
+def _discovery_metrics(ctl):
+    """Interfaces attached as they appear (mirror.discovery)."""
+    hist = ctl.attach_latency
+    yield HistogramMetricFamily(
+        "mirror_attach_latency_seconds", "From an interface's link event reaching the "
+        "controller to both of its hooks attached", buckets=hist.buckets(), sum_value=hist.sum)
+    yield CounterMetricFamily("mirror_attach_failures",
+                              "Interfaces a pattern selected that could not be attached",
+                              value=ctl.attach_failures_total)
+    disc = ctl.discovery
+    yield CounterMetricFamily("mirror_interfaces_skipped",
+                              "Interfaces a pattern selected but not attached: --max-ifaces "
+                              "was reached", value=disc.skipped_total if disc else 0)
+    yield CounterMetricFamily("mirror_link_resyncs",
+                              "Full re-reads of the link table after lost link events",
+                              value=disc.resyncs if disc else 0)

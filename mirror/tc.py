@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import UsageError
+from .rtnl import get_qdisc
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1       # parent of the ingress or clsact qdisc
@@ -63,18 +64,15 @@ class Plan:
 
 
 def ingress_qdisc(ipr, ifindex: int) -> str | None:
-    for q in ipr.get_qdiscs(index=ifindex):
-        if q["parent"] == TC_H_INGRESS:
-            return q.get_attr("TCA_KIND")
-    return None
+    # One request for this device, not a dump of the host's qdiscs (mirror.rtnl). The
+    # socket is opened in this process's namespace, which is the one `ipr` talks to.
+    found = get_qdisc(ifindex, TC_H_INGRESS)
+    return found[0] if found else None
 
 
 def root_qdisc(ipr, ifindex: int) -> tuple[str, int] | None:
     """(kind, handle) of the root qdisc, None when the kernel lists none (a down link)."""
-    for q in ipr.get_qdiscs(index=ifindex):
-        if q["parent"] == TC_H_ROOT:
-            return q.get_attr("TCA_KIND"), q["handle"]
-    return None
+    return get_qdisc(ifindex, TC_H_ROOT)
 
 
 def list_filters(ipr, ifindex: int, parent: int) -> list[Filter]:
