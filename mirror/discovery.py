@@ -296,7 +296,7 @@ class Discovery:
             pat = self.selector.pattern_of(name)
             if pat:
                 out[pat].append(name)
-        return out
+        return {pat: sorted(names) for pat, names in out.items()}
 
     # --- the thread ----------------------------------------------------------------
     def start(self) -> None:
