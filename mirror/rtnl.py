@@ -9,6 +9,8 @@ import errno
 import socket
 import struct
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 RTM_GETQDISC = 38
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
@@ -41,8 +43,8 @@ def get_qdisc(ifindex: int, parent: int) -> tuple[str, int] | None:
                     code = -struct.unpack_from("=i", data, off + _NLMSGHDR.size)[0]
                     if code in (0, errno.ENOENT):
                         return found
-                    raise OSError(code, f"RTM_GETQDISC on ifindex {ifindex}: "
-                                  f"{errno.errorcode.get(code, code)}")
+                    # As pyroute2 reports it, so callers catch one exception type.
+                    raise NetlinkError(code)
                 if mtype != RTM_GETQDISC:
                     _family, _idx, handle, _parent, _info = _TCMSG.unpack_from(
                         data, off + _NLMSGHDR.size)
