@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from mirror.errors import UsageError
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import PREFIX, sh, unique_name
+from test_container import images  # noqa: F401  (the session fixture: both images built)
 
 PATTERN = f"m{os.getpid():06x}??x"      # unique_name("x") of this process, nothing else
 _ns_seq = itertools.count(200)           # namespace numbers clear of Host.create()'s
@@ -411,3 +413,96 @@ def test_bridge_packets_cloned_once(tmp_path, namespaces):
     # Each packet crossed two monitored interfaces: seen twice, cloned once.
     assert counters["clones_deduplicated"] == counters["mirrored_packets"] == len(expected)
 
+
+
+# --- real containers -------------------------------------------------------------------
+def podman(*args: str, netns: str | None = None, check: bool = True):
+    # nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup mount runc
+    # needs. Podman then runs with the namespace as its host network: the network's
+    # bridge and each container's host-side veth are made there, and nowhere else.
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    r = subprocess.run([*prefix, "podman", *args], capture_output=True, text=True,
+                       timeout=300)
+    if check and r.returncode:
+        raise AssertionError(f"podman {' '.join(args)} failed: {r.stderr}")
+    return r
+
+
+def controller_record_anywhere(state_dir) -> dict:
+    """The controller record of a controller running in another namespace (its records
+    are under that namespace's directory)."""
+    for path in state_dir.glob("netns-*/controller-*.json"):
+        return json.loads(path.read_text())
+    return {}
+
+
+CLIENT = r'''
+import json, socket, sys, time
+from mirror.lab.client import send
+server = sys.argv[1]
+deadline = time.monotonic() + 60
+while True:         # the application listens some time after its container starts
+    try:
+        socket.create_connection((server, 80), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+print(json.dumps(send(server, sys.argv[2], ["/error"])))
+'''
+
+
+@pytest.mark.container
+def test_podman_containers_attached_as_they_start(images, tmp_path, namespaces):
+    """Containers of a podman bridge network, started while `mirror run --iface 'veth*'`
+    runs: each container's error flow is mirrored, and removing the containers leaves
+    nothing. Podman runs with a namespace of the test's own as its host network (see
+    podman() above), so 'veth*' there matches only these containers' veths."""
+    _image, app_image = images
+    host = namespaces()
+    net = f"mdisc{os.getpid()}"
+    subnet = f"198.19.{100 + os.getpid() % 100}"
+    containers = [f"{net}-c{i}" for i in range(2)]
+    podman("network", "create", "--subnet", f"{subnet}.0/24", net)
+    try:
+        with watching(tmp_path, pattern="veth*", netns=host.name) as (proc, debug):
+            dump = Tcpdump(debug, str(tmp_path / "mirror.pcap"), netns=host.name).start()
+            keys = []
+            try:
+                for name in containers:
+                    podman("run", "--detach", "--network", net, "--name", name, app_image,
+                           netns=host.name)
+                    addr = podman("inspect", "--format", "{{range .NetworkSettings.Networks}}"
+                                  "{{.IPAddress}}{{end}}", name).stdout.strip()
+                    out = host.exec(sys.executable, "-c", CLIENT, addr, f"{subnet}.1",
+                                    cwd=ROOT).stdout
+                    tuple5, statuses = json.loads(out)
+                    assert statuses == [500]
+                    keys.append(FlowKey.from_endpoints(*tuple5))
+                for key in keys:
+                    wait_until(lambda: closed(tmp_path / "mirror.pcap", key),
+                               f"{key} mirrored to its close:\n{proc.output}")
+            finally:
+                dump.stop()
+            veths = [l.split()[0].split("@")[0] for l in
+                     host.exec("ip", "-br", "link").stdout.splitlines() if l.startswith("veth")]
+            assert len(veths) == 2
+            assert sorted(controller_record_anywhere(tmp_path / "state")["ifaces"]) == sorted(veths)
+            podman("rm", "--force", "--time", "0", *containers)
+            wait_until(lambda: not controller_record_anywhere(tmp_path / "state")["ifaces"],
+                       "the removed containers' veths forgotten")
+            assert not [l for l in host.exec("ip", "-br", "link").stdout.splitlines()
+                        if l.startswith("veth")]
+        flows = read_flows(str(tmp_path / "mirror.pcap"))
+        for key in keys:
+            assert flows[key].statuses == [500]
+            assert flows[key].packets[0].payload.startswith(b"HTTP/1.1 500 ")
+        for veth_name in veths:
+            assert f"{veth_name}: attached" in proc.output
+            assert f"{veth_name}: interface is gone" in proc.output
+    finally:
+        podman("rm", "--force", "--time", "0", *containers, check=False)
+        podman("network", "rm", "--force", net, check=False)
+        # CNI's address bookkeeping of the network outlives `network rm`.
+        shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
