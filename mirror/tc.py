@@ -120,6 +120,8 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
     ing = ingress_qdisc(ipr, ifindex)
     p = _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb)
     for direction, parent in p.parents.items():
+        if _created_by(p, parent):
+            continue        # a qdisc still to be created holds no filter yet
         for f in list_filters(ipr, ifindex, parent):
             if f.prio == FILTER_PRIO and not f.ours and (f.kind != "bpf" or
                                                          f.protocol != ETH_P_ALL):
@@ -129,6 +131,13 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
                     f"protocol or of another kind, and tc allows one kind and protocol per "
                     f"priority; move that filter to another priority first")
     return p
+
+
+def _created_by(p: Plan, parent: int) -> bool:
+    """Whether `parent` belongs to a qdisc the plan creates."""
+    owner = {CLSACT_INGRESS: "clsact", CLSACT_EGRESS: "clsact", INGRESS_HANDLE: "ingress",
+             HTB_HANDLE: "htb"}.get(parent)
+    return owner in p.create
 
 
 def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
