@@ -63,3 +63,58 @@ def _kind(data: bytes, off: int, end: int) -> str | None:
             return data[off + _RTATTR.size:off + rta_len].split(b"\0")[0].decode()
         off += (rta_len + 3) & ~3
     return None
+
+
+# --- adding hooks: the same requests tc(8) sends, built here --------------------------
+RTM_NEWQDISC, RTM_NEWTFILTER = 36, 44
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+TCA_OPTIONS = 2
+TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 6, 7, 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = _RTATTR.size + len(payload)
+    return _RTATTR.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def _request(mtype: int, flags: int, body: bytes) -> None:
+    """Sends one request and waits for its acknowledgement; NetlinkError on refusal."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as s:
+        s.bind((0, 0))
+        s.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype,
+                              NLM_F_REQUEST | NLM_F_ACK | flags, 1, 0) + body)
+        while True:
+            data = s.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, msg_type = _NLMSGHDR.unpack_from(data, off)[:2]
+                if msg_type == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, off + _NLMSGHDR.size)[0]
+                    if code:
+                        raise NetlinkError(code)
+                    return
+                if length < _NLMSGHDR.size:
+                    break
+                off += (length + 3) & ~3
+
+
+def add_clsact(ifindex: int, handle: int, parent: int) -> None:
+    """`tc qdisc add dev IF clsact`."""
+    _request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL,
+             _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, 0) +
+             _attr(TCA_KIND, b"clsact\0"))
+
+
+def replace_bpf_filter(ifindex: int, parent: int, prio: int, protocol: int, handle: int,
+                       fd: int, name: str) -> None:
+    """`tc filter replace dev IF parent P prio N handle H bpf fd FD name NAME da`:
+    creates the filter, or swaps the program of ours with that handle in place."""
+    options = (_attr(TCA_BPF_FD, struct.pack("=I", fd)) +
+               _attr(TCA_BPF_NAME, name.encode() + b"\0") +
+               _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)))
+    info = (prio << 16) | socket.htons(protocol)
+    _request(RTM_NEWTFILTER, NLM_F_CREATE,
+             _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, info) +
+             _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS, options))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import UsageError
+from . import rtnl
 from .rtnl import get_qdisc
 
 TC_H_ROOT = 0xFFFFFFFF
@@ -169,7 +170,9 @@ def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
 
 def add_qdisc(ipr, ifindex: int, kind: str) -> None:
     if kind == "clsact":
-        ipr.tc("add", "clsact", ifindex)
+        # On a plain socket (mirror.rtnl): attaching to a new interface races its first
+        # packet, and pyroute2 spends about a millisecond per request.
+        rtnl.add_clsact(ifindex, INGRESS_HANDLE, TC_H_INGRESS)
     elif kind == "ingress":
         ipr.tc("add", "ingress", ifindex, INGRESS_HANDLE)
     elif kind == "htb":
@@ -206,9 +209,8 @@ def qdisc_has_foreign_filters(ipr, ifindex: int, kind: str) -> bool:
 
 def replace_filter(ipr, ifindex: int, parent: int, fd: int, direction: str) -> None:
     """Adds this tool's filter at `parent`, replacing a stale one of ours in place."""
-    ipr.tc("replace-filter", "bpf", ifindex, handle=FILTER_HANDLE, fd=fd,
-           name=f"{FILTER_NAME_PREFIX}{direction}", parent=parent, prio=FILTER_PRIO,
-           protocol=ETH_P_ALL, direct_action=True)
+    rtnl.replace_bpf_filter(ifindex, parent, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, fd,
+                            f"{FILTER_NAME_PREFIX}{direction}")
 
 
 def del_filter(ipr, ifindex: int, parent: int) -> bool:

@@ -506,3 +506,18 @@ def test_podman_containers_attached_as_they_start(images, tmp_path, namespaces):
         podman("network", "rm", "--force", net, check=False)
         # CNI's address bookkeeping of the network outlives `network rm`.
         shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
+
+
+def test_bench_attach_reports_numbers():
+    """bench/attach.py end to end with a few links: it produces its numbers, and what it
+    calls missed is what arrived less what the classifier saw (no threshold: the numbers
+    belong to the bench)."""
+    res = subprocess.run([sys.executable, "-m", "bench.attach", "--count", "3", "--packets",
+                          "20", "--json"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["interfaces"] == out["attached"] == 3
+    assert out["attach_ms_p50"] > 0 and out["attach_ms_p99"] >= out["attach_ms_p50"]
+    assert out["packets_sent"] == 60
+    assert out["packets_missed"] == out["packets_arrived"] - out["packets_seen"]
