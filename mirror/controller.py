@@ -285,13 +285,20 @@ class Controller:
             log.info("%s: found this tool's filters with no record; replacing them", name)
         plan = tc.plan(self.ipr, ifindex, name, self.opts.hook, adopt_htb=adopt)
         att.parents = plan.parents
-        for kind in plan.create:
-            tc.add_qdisc(self.ipr, ifindex, kind)
-            att.created.append(kind)
-            ownership.write("iface", att.key, att.record())
+        # Each hook as soon as its qdisc exists, ingress first: on a new interface the
+        # first packets are often the container's own, arriving at the ingress hook.
         for direction, parent in plan.parents.items():
+            for kind in plan.create:
+                if kind not in att.created and tc.holds(kind, parent):
+                    tc.add_qdisc(self.ipr, ifindex, kind)
+                    att.created.append(kind)
+                    ownership.write("iface", att.key, att.record())
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
+        for kind in plan.create:         # none left for this tool's layouts; kept safe
+            if kind not in att.created:
+                tc.add_qdisc(self.ipr, ifindex, kind)
+                att.created.append(kind)
         ownership.write("iface", att.key, att.record())
         self.classifier.set_monitored(ifindex, True)
         log.info("%s: attached (%s: %s)", name, self.opts.hook,

@@ -209,7 +209,8 @@ class Discovery:
     rename or does nothing, and runs the thread that reads the events."""
 
     def __init__(self, selector: Selector, target: Target, pinned: set[int],
-                 max_ifaces: int = DEFAULT_MAX_IFACES):
+                 max_ifaces: int = DEFAULT_MAX_IFACES, rcvbuf: int = RCVBUF):
+        self.rcvbuf = rcvbuf
         self.selector = selector
         self.target = target
         self.pinned = set(pinned)       # attached by plain name: kept whatever their name
@@ -303,7 +304,7 @@ class Discovery:
         """Subscribes, then dumps: an interface created between the two is seen twice
         (harmless), never missed. The first pass runs in the caller, so every interface
         matching at start is attached before start() returns."""
-        self.sock = LinkSocket()
+        self.sock = LinkSocket(self.rcvbuf)
         self.resync(self.sock.dump())
         self._thread = threading.Thread(target=self._loop, name="mirror-discovery",
                                         daemon=True)

@@ -100,11 +100,11 @@ def _request(mtype: int, flags: int, body: bytes) -> None:
                 off += (length + 3) & ~3
 
 
-def add_clsact(ifindex: int, handle: int, parent: int) -> None:
-    """`tc qdisc add dev IF clsact`."""
+def add_ingress_qdisc(ifindex: int, kind: str, handle: int, parent: int) -> None:
+    """`tc qdisc add dev IF clsact` (or `ingress`): qdiscs without options."""
     _request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL,
              _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, 0) +
-             _attr(TCA_KIND, b"clsact\0"))
+             _attr(TCA_KIND, kind.encode() + b"\0"))
 
 
 def replace_bpf_filter(ifindex: int, parent: int, prio: int, protocol: int, handle: int,

@@ -134,11 +134,18 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
     return p
 
 
+_PARENT_OWNER = {CLSACT_INGRESS: "clsact", CLSACT_EGRESS: "clsact",
+                 INGRESS_HANDLE: "ingress", HTB_HANDLE: "htb"}
+
+
+def holds(kind: str, parent: int) -> bool:
+    """Whether a qdisc of `kind` (one this tool creates) provides the filter parent."""
+    return _PARENT_OWNER.get(parent) == kind
+
+
 def _created_by(p: Plan, parent: int) -> bool:
     """Whether `parent` belongs to a qdisc the plan creates."""
-    owner = {CLSACT_INGRESS: "clsact", CLSACT_EGRESS: "clsact", INGRESS_HANDLE: "ingress",
-             HTB_HANDLE: "htb"}.get(parent)
-    return owner in p.create
+    return _PARENT_OWNER.get(parent) in p.create
 
 
 def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
@@ -172,9 +179,9 @@ def add_qdisc(ipr, ifindex: int, kind: str) -> None:
     if kind == "clsact":
         # On a plain socket (mirror.rtnl): attaching to a new interface races its first
         # packet, and pyroute2 spends about a millisecond per request.
-        rtnl.add_clsact(ifindex, INGRESS_HANDLE, TC_H_INGRESS)
+        rtnl.add_ingress_qdisc(ifindex, "clsact", INGRESS_HANDLE, TC_H_INGRESS)
     elif kind == "ingress":
-        ipr.tc("add", "ingress", ifindex, INGRESS_HANDLE)
+        rtnl.add_ingress_qdisc(ifindex, "ingress", INGRESS_HANDLE, TC_H_INGRESS)
     elif kind == "htb":
         # No classes and default class 0: every packet takes the direct queue, unshaped.
         # Its length is given explicitly: taken from txqueuelen, it would be 0 (drop

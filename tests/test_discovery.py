@@ -521,3 +521,57 @@ def test_bench_attach_reports_numbers():
     assert out["attach_ms_p50"] > 0 and out["attach_ms_p99"] >= out["attach_ms_p50"]
     assert out["packets_sent"] == 60
     assert out["packets_missed"] == out["packets_arrived"] - out["packets_seen"]
+
+
+class RecordingTarget:
+    """The controller's side of mirror.discovery, recording decisions instead of attaching
+    (the kernel side, the link events, is real). `gate` holds the first attach back, so
+    that events pile up in the socket meanwhile."""
+
+    def __init__(self):
+        import threading
+        self.attached: dict[int, str] = {}
+        self.gate = threading.Event()
+
+    def attached_indexes(self):
+        return dict(self.attached)
+
+    def attach_matched(self, name, ifindex, since):
+        self.gate.wait(60)
+        self.attached[ifindex] = name
+        return True
+
+    def detach_iface(self, ifindex, why):
+        self.attached.pop(ifindex, None)
+
+    def follow_rename(self, ifindex, name):
+        self.attached[ifindex] = name
+
+    def never_monitor(self, ifindex, name):
+        return False
+
+
+def test_lost_link_events_are_recovered_by_a_full_read(links):
+    """A receive buffer far too small for a burst: the kernel drops link events (ENOBUFS),
+    discovery reads the whole link table again, and every interface is still attached,
+    then every one forgotten after removal."""
+    from mirror.discovery import Discovery
+    target = RecordingTarget()
+    disc = Discovery(Selector.parse([PATTERN]), target, set(), max_ifaces=1000, rcvbuf=4096)
+    disc.start()
+    try:
+        names = [unique_name("x") for _ in range(40)]
+        batch = "".join(f"link add {a} type veth peer name {b}\n"
+                        for a, b in zip(names[::2], names[1::2]))
+        subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+        with IPRoute() as ipr:
+            links.extend(ipr.link_lookup(ifname=a)[0] for a in names[::2])
+        target.gate.set()
+        wait_until(lambda: set(target.attached.values()) == set(names), "all 40 attached")
+        assert disc.resyncs >= 1
+        with IPRoute() as ipr:
+            for idx in list(links):
+                ipr.link("del", index=idx)
+        wait_until(lambda: not target.attached, "all 40 forgotten")
+    finally:
+        disc.stop()
