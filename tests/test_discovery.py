@@ -575,3 +575,17 @@ def test_lost_link_events_are_recovered_by_a_full_read(links):
         wait_until(lambda: not target.attached, "all 40 forgotten")
     finally:
         disc.stop()
+
+
+def test_debug_interface_never_attached_even_when_matched(tmp_path, links):
+    """A pattern wide enough to match the debug interface and its sink end: both are left
+    alone (mirroring clones onto a monitored interface would loop); the rest attaches."""
+    wide = f"m{os.getpid():06x}*"
+    with watching(tmp_path, pattern=wide) as (proc, debug):
+        state = tmp_path / "state"
+        a, b = unique_name("x"), unique_name("x")
+        veth(links, a, b)
+        wait_until(lambda: {a, b} <= ifaces_of(state), "the pair attached")
+        assert ifaces_of(state) == {a, b}
+        assert hooks(debug) == []
+        assert f"{debug}: attached" not in proc.output and "-sink: attached" not in proc.output
