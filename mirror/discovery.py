@@ -318,18 +318,31 @@ class Discovery:
             try:
                 events = self.sock.read()
             except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                self.resyncs += 1
-                log.warning("link events were lost (the netlink buffer overflowed): "
-                            "re-reading the link table")
-                self.resync(self.sock.dump())
+                self._recover(exc)
                 continue
             for ev in events:
                 try:
                     self.handle(ev)
                 except Exception:       # one bad event must not stop discovery
                     log.exception("handling the link event of ifindex %d failed", ev.ifindex)
+
+    def _recover(self, exc: OSError) -> None:
+        """Events were lost (ENOBUFS: the buffer overflowed) or the read failed: the link
+        table read in full says what they would have. Retried each second until it works,
+        so that discovery never stops silently."""
+        self.resyncs += 1
+        if exc.errno == errno.ENOBUFS:
+            log.warning("link events were lost (the netlink buffer overflowed): "
+                        "re-reading the link table")
+        else:
+            log.error("reading link events failed (%s): re-reading the link table", exc)
+        while not self._stop.is_set():
+            try:
+                self.resync(self.sock.dump())
+                return
+            except OSError as again:
+                log.error("re-reading the link table failed (%s); retrying", again)
+                self._stop.wait(1)
 
     def stop(self) -> None:
         self._stop.set()
