@@ -33,6 +33,8 @@
 #ifndef EVENT_PAGES
 #define EVENT_PAGES 256
 #endif
+/* Interfaces this controller monitors (set by user space on attach and detach). */
+#define MAX_MONITORED 4096
 
 /* The verdict for every packet. TC_ACT_UNSPEC means "no opinion": the packet goes on to the
  * next filter of the hook (another tool's), or passes when there is none. TC_ACT_OK would
@@ -61,6 +63,7 @@ struct h2_pending {
     __u32 src_is_lo;
 };
 BPF_PERCPU_ARRAY(h2_pending, struct h2_pending, 1);
+BPF_HASH(monitored, __u32, __u8, MAX_MONITORED);
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -133,6 +136,15 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
     struct mirror_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->debug_ifindex || cfg->debug_ifindex == skb->ifindex) {
         count(C_NO_DEBUG_IF, 1);
+        return;
+    }
+    /* A packet forwarded from one monitored interface out of another (container to
+     * container through a bridge, or routed between two host-side veths) was cloned at
+     * the ingress hook of the first already: at egress, clone only packets that did not
+     * enter through a monitored interface (locally sent ones have ingress_ifindex 0). */
+    __u32 in_ifindex = skb->ingress_ifindex;
+    if (direction == DIR_EGRESS && in_ifindex && monitored.lookup(&in_ifindex)) {
+        count(C_CLONES_DEDUPLICATED, 1);
         return;
     }
     /* Invalidates packet pointers: nothing below touches packet data. Negative: the

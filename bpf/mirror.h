@@ -50,6 +50,8 @@ enum counter {
     C_EVENTS_LOST,      /* error events lost: the ring buffer was full */
     C_H2_RESPONSES,     /* HTTP/2 :status decoded (bpf/http2.h); by class in iface_stats */
     C_H2_STATUS_UNKNOWN,/* HTTP/2 HEADERS whose :status needs HPACK state or is cut/bogus */
+    C_CLONES_DEDUPLICATED, /* not cloned at egress: entered through a monitored interface,
+                            * whose ingress hook cloned it already */
     NR_COUNTERS,
 };
 

@@ -118,6 +118,7 @@ class Classifier:
         self._event_handler = None
         self._events_open = False
         self.set_request_bytes(request_bytes)
+        self._monitored = self.bpf.get_table(b"monitored")
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -171,6 +172,18 @@ class Classifier:
         for name, value in fields.items():
             setattr(cfg, name, value)
         self._config[key] = cfg
+
+    def set_monitored(self, ifindex: int, monitored: bool) -> None:
+        """Tells the classifier whether `ifindex` carries its hooks: a packet that entered
+        through a monitored interface is not cloned again at egress (bpf/mirror.c)."""
+        key = self._monitored.Key(ifindex)
+        if monitored:
+            self._monitored[key] = ctypes.c_uint8(1)
+        else:
+            try:
+                del self._monitored[key]
+            except KeyError:
+                pass
 
     def delete_flow(self, key: FlowKey) -> bool:
         try:

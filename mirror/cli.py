@@ -12,6 +12,7 @@ from . import __version__
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .cliutil import count, env, positive_seconds, serve_metrics
+from .discovery import DEFAULT_MAX_IFACES
 from .errors import UsageError
 
 log = logging.getLogger("mirror")
@@ -22,11 +23,18 @@ examples:
   mirror run --iface eth0 --trigger 429,5xx --metrics-addr 127.0.0.1:9464
   mirror run --iface eth0 --iface eth1 --hook htb --debug-iface dbg0
   mirror run --iface veth1a2b3c --events-file - | jq .target   # one line per error
+  mirror run --iface 'veth*' --iface 'cali*' --exclude 'veth-infra*'  # every container
   tcpdump -ni mirror0 -w errors.pcap            # in another shell: record the mirror
 
-environment (for containers; flags win): MIRROR_IFACE (comma-separated), MIRROR_DEBUG_IFACE,
-MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT, MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES,
-MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB, MIRROR_METRICS_ADDR, MIRROR_CONFIG.
+environment (for containers; flags win): MIRROR_IFACE and MIRROR_EXCLUDE (comma-separated),
+MIRROR_MAX_IFACES, MIRROR_DEBUG_IFACE, MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT,
+MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES, MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB,
+MIRROR_METRICS_ADDR, MIRROR_CONFIG.
+
+interfaces: a plain name must exist at start and is followed through renames. A shell
+pattern (*, ?, [...]) also selects interfaces created later: each is attached as soon as
+the kernel announces it, before it can carry a packet, and forgotten when it goes away or
+is renamed out of the patterns. The debug interface is never monitored.
 
 signals: SIGINT/SIGTERM detach cleanly and exit; SIGHUP re-reads trigger and idle_timeout
 from --config (a bad file is rejected and the running set kept).
@@ -64,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "SIGINT or SIGTERM.", epilog=EPILOG_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     env_ifaces = [i for i in env("MIRROR_IFACE", "").replace(" ", ",").split(",") if i]
+    env_exclude = [i for i in env("MIRROR_EXCLUDE", "").replace(" ", ",").split(",") if i]
     run.add_argument("--iface", action="append", metavar="IF",
-                     help="interface to monitor (repeatable; env MIRROR_IFACE)")
+                     help="interface name or shell pattern ('veth*') to monitor, ingress and "
+                     "egress (repeatable; env MIRROR_IFACE)")
+    run.add_argument("--exclude", action="append", metavar="PATTERN",
+                     help="never monitor interfaces matching this pattern, even when an "
+                     "--iface pattern selects them (repeatable; env MIRROR_EXCLUDE)")
+    run.add_argument("--max-ifaces", type=count(1), metavar="N",
+                     default=env("MIRROR_MAX_IFACES", str(DEFAULT_MAX_IFACES)),
+                     help="monitor at most N interfaces; beyond it matching interfaces are "
+                     "logged and counted, not attached (default %(default)s: above the 110 "
+                     "pods per node Kubernetes allows by default, within the default limit of "
+                     "1024 open files)")
     run.add_argument("--debug-iface", default=env("MIRROR_DEBUG_IFACE", "mirror0"),
                      metavar="NAME", help="where clones go; created if missing and removed "
                      "at exit only if created here (default %(default)s)")
@@ -102,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=env("MIRROR_CONFIG"), metavar="FILE",
                      help="file with 'trigger = SPEC' and/or 'idle_timeout = SECONDS' lines, "
                      "applied at start (over the flags) and re-read on SIGHUP")
-    run.set_defaults(func=cmd_run, env_ifaces=env_ifaces)
+    run.set_defaults(func=cmd_run, env_ifaces=env_ifaces, env_exclude=env_exclude)
 
     st = sub.add_parser("status", help="what is attached where, by a live or a stale controller")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -150,7 +169,8 @@ def cmd_run(args) -> int:
                    max_flows=args.max_flows, metrics_addr=args.metrics_addr,
                    config=args.config, request_bytes=int(args.request_bytes),
                    events_file=args.events_file,
-                   events_file_bytes=int(args.events_file_mb) << 20)
+                   events_file_bytes=int(args.events_file_mb) << 20,
+                   exclude=args.exclude or args.env_exclude, max_ifaces=args.max_ifaces)
     if opts.config:
         _require_root()
         cfg = read_config(opts.config)

@@ -16,6 +16,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import control, debugif, ownership, tc, tcx
 from .config import read_config
+from .discovery import (ATTACH_BUCKETS, DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Discovery,
+                        Histogram, Selector)
 from .errors import UsageError
 from .ownership import detach_record, detach_unrecorded
 from .trigger import describe, parse_trigger
@@ -42,6 +44,8 @@ class Options:
     request_bytes: int = 512
     events_file: str | None = None
     events_file_bytes: int = 16 << 20
+    exclude: list[str] = field(default_factory=list)
+    max_ifaces: int = DEFAULT_MAX_IFACES
 
 
 @dataclass
@@ -91,6 +95,14 @@ class Controller:
         self._ctl_lock = None
         # Names this process's record, lock and socket: pids repeat across containers.
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.selector = Selector.parse(opts.ifaces, opts.exclude)
+        self.discovery: Discovery | None = None
+        # Held while changing what is attached: link events are handled in discovery's
+        # thread, the run loop and shutdown in the main one (and they share self.ipr).
+        self.lock = threading.RLock()
+        self.attach_latency = Histogram(ATTACH_BUCKETS)
+        self.attach_failures_total = 0
+        self.attached_at: dict[int, float] = {}     # ifindex -> monotonic time, for the bench
 
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
@@ -102,9 +114,15 @@ class Controller:
         if self.opts.hook == "tcx":
             tcx.check_supported()
         if not self.opts.ifaces:
-            raise UsageError("no interface to monitor: give --iface IF (or MIRROR_IFACE)")
+            raise UsageError("no interface to monitor: give --iface IF or a pattern such as "
+                             "--iface 'veth*' (or MIRROR_IFACE)")
+        if not 1 <= self.opts.max_ifaces <= MAX_IFACES_LIMIT:
+            raise UsageError(f"--max-ifaces must be between 1 and {MAX_IFACES_LIMIT}")
+        if len(self.selector.names) > self.opts.max_ifaces:
+            raise UsageError(f"{len(self.selector.names)} interfaces named but --max-ifaces "
+                             f"is {self.opts.max_ifaces}; raise --max-ifaces")
         debugif.check_name(self.opts.debug_iface)
-        if self.opts.debug_iface in self.opts.ifaces:
+        if self.opts.debug_iface in self.selector.names:
             raise UsageError(f"debug interface {self.opts.debug_iface} is also monitored: "
                              "mirroring onto a monitored interface would loop; pick another "
                              "--debug-iface")
@@ -121,7 +139,7 @@ class Controller:
                 raise UsageError(f"cannot write the events file {self.opts.events_file}: "
                                  f"{parent} is not a writable directory")
         indexes = {}
-        for name in self.opts.ifaces:
+        for name in self.selector.names:
             idx = debugif.lookup(self.ipr, name)
             if idx is None:
                 raise UsageError(f"unknown interface {name!r}: see `ip link` for the names "
@@ -184,16 +202,22 @@ class Controller:
             self._setup_debug()
             for name, idx in indexes.items():
                 self._attach(name, idx)
+            self.discovery = Discovery(self.selector, self, set(indexes.values()),
+                                       self.opts.max_ifaces)
+            self.discovery.start()
+            self._write_controller_record()
+            self._start_events()
+            self._start_control_socket()
         except BaseException:
-            log.error("attach failed: rolling back what was added")
+            log.error("start failed: rolling back what was added")
             self.shutdown()
             raise
-        self._write_controller_record()
-        self._start_events()
-        self._start_control_socket()
         log.info("mirroring HTTP %s responses on %s (%s hook) to %s",
-                 describe(self.codes), ", ".join(self.attached), self.opts.hook,
-                 self.debug.name)
+                 describe(self.codes), ", ".join(self.attached) or "no interface yet",
+                 self.opts.hook, self.debug.name)
+        if self.selector.patterns:
+            log.info("watching for interfaces matching %s%s", " ".join(self.selector.patterns),
+                     "".join(f" except {e}" for e in self.selector.exclude))
 
     @staticmethod
     def _warn_shared_stats_slots(indexes: dict[str, int]) -> None:
@@ -319,14 +343,22 @@ class Controller:
             log.info("%s: found this tool's filters with no record; replacing them", name)
         plan = tc.plan(self.ipr, ifindex, name, self.opts.hook, adopt_htb=adopt)
         att.parents = plan.parents
-        for kind in plan.create:
-            tc.add_qdisc(self.ipr, ifindex, kind)
-            att.created.append(kind)
-            ownership.write("iface", att.key, att.record())
+        # Each hook as soon as its qdisc exists, ingress first: on a new interface the
+        # first packets are often the container's own, arriving at the ingress hook.
         for direction, parent in plan.parents.items():
+            for kind in plan.create:
+                if kind not in att.created and tc.holds(kind, parent):
+                    tc.add_qdisc(self.ipr, ifindex, kind)
+                    att.created.append(kind)
+                    ownership.write("iface", att.key, att.record())
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
+        for kind in plan.create:         # none left for this tool's layouts; kept safe
+            if kind not in att.created:
+                tc.add_qdisc(self.ipr, ifindex, kind)
+                att.created.append(kind)
         ownership.write("iface", att.key, att.record())
+        self.classifier.set_monitored(ifindex, True)
         log.info("%s: attached (%s: %s)", name, self.opts.hook,
                  ", ".join(f"{d} at {tc.fmt_handle(p)}" for d, p in plan.parents.items()))
 
@@ -341,7 +373,92 @@ class Controller:
         for direction in ("ingress", "egress"):
             att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
                                               direction)
+        self.classifier.set_monitored(att.ifindex, True)
         log.info("%s: attached (tcx links: ingress, egress)", att.ifname)
+
+    # --- interfaces that come and go (mirror.discovery calls these) -------------------
+    def attached_indexes(self) -> dict[int, str]:
+        with self.lock:
+            return {att.ifindex: att.ifname for att in self.attached.values()}
+
+    def attach_matched(self, name: str, ifindex: int, since: float) -> bool:
+        """Attaches to an interface a pattern selected; `since` is when its link event
+        arrived. A failure is logged and counted, what was added is removed, and the
+        controller keeps running."""
+        with self.lock:
+            try:
+                self._attach(name, ifindex)
+            except Exception as exc:
+                self._rollback(name)
+                if self._ifname_of(ifindex) is None:
+                    log.info("%s: gone while being attached", name)
+                else:
+                    self.attach_failures_total += 1
+                    log.warning("%s: not attached: %s", name, exc)
+                return False
+            now = time.monotonic()
+            self.attached_at[ifindex] = now
+            self.attach_latency.observe(now - since)
+            self._write_controller_record()
+            return True
+
+    def _rollback(self, name: str) -> None:
+        att = self.attached.pop(name, None)
+        if att is None:
+            return
+        self.classifier.set_monitored(att.ifindex, False)
+        try:
+            self._detach(att)
+        except Exception as exc:
+            log.error("%s: removing a partial attach failed: %s", name, exc)
+        ownership.remove("iface", att.key)
+        att.lock.release()
+
+    def detach_iface(self, ifindex: int, why: str) -> None:
+        """Stops monitoring an interface: it is gone, or was renamed out of the patterns."""
+        with self.lock:
+            att = next((a for a in self.attached.values() if a.ifindex == ifindex), None)
+            if att is None:
+                return
+            log.info("%s: %s; no longer monitored", att.ifname, why)
+            self.classifier.set_monitored(ifindex, False)
+            if self._ifname_of(ifindex) is not None:
+                try:
+                    self._detach(att)
+                except Exception as exc:
+                    log.error("%s: detach failed: %s; run `mirror detach --iface %s`",
+                              att.ifname, exc, att.ifname)
+            self.attached_at.pop(ifindex, None)
+            self._forget(att)
+
+    def follow_rename(self, ifindex: int, name: str) -> None:
+        with self.lock:
+            att = next((a for a in self.attached.values() if a.ifindex == ifindex), None)
+            if att is None or att.ifname == name:
+                return
+            log.info("%s: renamed to %s; still monitored", att.ifname, name)
+            del self.attached[att.ifname]
+            att.ifname = name
+            self.attached[name] = att
+            ownership.write("iface", att.key, att.record())
+            self._write_controller_record()
+
+    def never_monitor(self, ifindex: int, name: str) -> bool:
+        """Debug interfaces (ours or another controller's) and their sink ends are never
+        monitored, whatever the patterns: mirroring clones would loop."""
+        names = {self.opts.debug_iface, debugif.sink_name(self.opts.debug_iface)}
+        for rec in ownership.records("debug"):
+            names |= {rec.get("name"), rec.get("peer")}
+        if name in names or (self.debug and ifindex == self.debug.ifindex):
+            return True
+        with self.lock:
+            try:
+                # A sink sits on a clsact qdisc: without one (a new interface), no filter
+                # dump is needed, and the attach starts a few milliseconds sooner.
+                return (tc.ingress_qdisc(self.ipr, ifindex) == "clsact" and
+                        debugif.has_sink(self.ipr, ifindex))
+            except NetlinkError:
+                return True     # gone already
 
     def _stale_record(self, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if any."""
@@ -399,6 +516,16 @@ class Controller:
         return expired
 
     def watch_interfaces(self) -> None:
+        with self.lock:
+            self._watch_interfaces()
+
+    def _watch_interfaces(self) -> None:
+        if self.discovery is not None:
+            # Link events (mirror.discovery) follow the monitored interfaces; polling
+            # them here too would race with its decisions on renames.
+            if self._ifname_of(self.debug.ifindex) != self.debug.name:
+                self._replace_debug()
+            return
         for name, att in list(self.attached.items()):
             current = self._ifname_of(att.ifindex)
             if current is None:
@@ -424,6 +551,7 @@ class Controller:
             raise
 
     def _forget(self, att: Attached) -> None:
+        self.classifier.set_monitored(att.ifindex, False)
         self.classifier.forget_iface(att.ifindex)
         for fd in att.links.values():
             os.close(fd)
@@ -487,10 +615,18 @@ class Controller:
         if self._server:
             self._server.close()
             self._server = None
+        if self.discovery is not None:
+            self.discovery.stop()       # no attach may start after this point
         if self.events:
             self.events.close()
             self.events = None
+        with self.lock:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
         for name, att in list(self.attached.items()):
+            if self.classifier is not None:
+                self.classifier.set_monitored(att.ifindex, False)
             try:
                 self._detach(att)
             except Exception as exc:       # keep going: the rest must still be removed
@@ -552,6 +688,9 @@ class Controller:
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
             "socket": self.socket_name,
+            "patterns": self.selector.patterns, "exclude": self.selector.exclude,
+            "max_ifaces": self.opts.max_ifaces,
+            "matched": self.discovery.matched() if self.discovery else {},
         })
 
     def flows_json(self) -> list[dict]:
@@ -581,4 +720,13 @@ class Controller:
             "flows": lambda arg: self.flows_json(),
             "counters": lambda arg: self.counters(),
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
+            "attach": lambda arg: self.attach_json(),
         }).start()
+
+    def attach_json(self) -> dict:
+        """When each interface got its hooks (CLOCK_MONOTONIC, comparable across processes)
+        and the latencies observed, for bench/attach.py."""
+        with self.lock:
+            return {"attached_at": {str(i): t for i, t in self.attached_at.items()},
+                    "latency_s": list(self.attach_latency.values),
+                    "attached": sorted(a.ifindex for a in self.attached.values())}

@@ -35,6 +35,9 @@ _SIMPLE = {
     "events": ("mirror_events", "Error events handed from the kernel to user space"),
     "events_lost": ("mirror_events_lost",
                     "Error events lost because the ring buffer was full"),
+    "clones_deduplicated": ("mirror_clones_deduplicated",
+                            "Clones not made at egress: the packet entered through a "
+                            "monitored interface, whose ingress hook cloned it"),
 }
 
 
@@ -100,6 +103,7 @@ class MapCollector:
                                   value=ctl.debug_recreated_total)
         yield GaugeMetricFamily("mirror_interfaces_attached", "Interfaces with hooks attached",
                                 value=len(attached))
+        yield from _discovery_metrics(ctl)
         errors = CounterMetricFamily("mirror_controller_errors",
                                      "Errors of the controller's run loop, by stage (each "
                                      "retried with backoff; the hooks stay in place)",
@@ -130,3 +134,21 @@ class MapCollector:
         yield CounterMetricFamily("mirror_request_frames_written",
                                   "Request frames of error responses written to the debug "
                                   "interface", value=stream.writer.written)
+
+
+def _discovery_metrics(ctl):
+    """Interfaces attached as they appear (mirror.discovery)."""
+    hist = ctl.attach_latency
+    yield HistogramMetricFamily(
+        "mirror_attach_latency_seconds", "From an interface's link event reaching the "
+        "controller to both of its hooks attached", buckets=hist.buckets(), sum_value=hist.sum)
+    yield CounterMetricFamily("mirror_attach_failures",
+                              "Interfaces a pattern selected that could not be attached",
+                              value=ctl.attach_failures_total)
+    disc = ctl.discovery
+    yield CounterMetricFamily("mirror_interfaces_skipped",
+                              "Interfaces a pattern selected but not attached: --max-ifaces "
+                              "was reached", value=disc.skipped_total if disc else 0)
+    yield CounterMetricFamily("mirror_link_resyncs",
+                              "Full re-reads of the link table after lost link events",
+                              value=disc.resyncs if disc else 0)

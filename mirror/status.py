@@ -59,23 +59,38 @@ def _hooks_of(ipr, ifindex: int) -> list[str]:
 
 
 def render(report: dict) -> str:
-    if not report["interfaces"]:
+    live = [c for c in report["controllers"] if c["live"]]
+    if not report["interfaces"] and not live:
         return "no interface has mirror hooks in this network namespace"
-    rows = [("IFACE", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
-    for i in report["interfaces"]:
-        owner = i["owner"] + ("" if i["present"] else " (interface gone)")
-        rows.append((i["iface"], i["hook"], owner, str(i["pid"] or "-"),
-                     ",".join(i["filters"]) or "-", ",".join(i["qdiscs_created"]) or "-"))
-    lines = _table(rows)
-    for c in report["controllers"]:
-        if c["live"]:
-            lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
-                         f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
-                         f"metrics {c['metrics_addr'] or 'off'}")
+    lines = []
+    if report["interfaces"]:
+        rows = [("IFACE", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
+        for i in report["interfaces"]:
+            owner = i["owner"] + ("" if i["present"] else " (interface gone)")
+            rows.append((i["iface"], i["hook"], owner, str(i["pid"] or "-"),
+                         ",".join(i["filters"]) or "-", ",".join(i["qdiscs_created"]) or "-"))
+        lines = _table(rows)
+    for c in live:
+        lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
+                     f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
+                     f"metrics {c['metrics_addr'] or 'off'}")
+        lines += _render_patterns(c)
     if any(i["owner"] != "live" for i in report["interfaces"]):
         lines.append("stale hooks: remove with `mirror detach --iface IF`, or start "
                      "`mirror run` again to replace them")
     return "\n".join(lines)
+
+
+def _render_patterns(c: dict) -> list[str]:
+    """The --iface patterns of a controller and the interfaces each one holds now."""
+    if not c.get("patterns"):
+        return []
+    lines = [f"  {pat}: {', '.join(c['matched'].get(pat, [])) or 'nothing yet'}"
+             for pat in c["patterns"]]
+    if c.get("exclude"):
+        lines.append(f"  excluded: {' '.join(c['exclude'])}")
+    lines.append(f"  at most {c['max_ifaces']} interfaces (--max-ifaces)")
+    return lines
 
 
 def _table(rows) -> list[str]:

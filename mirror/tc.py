@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import UsageError
+from . import rtnl
+from .rtnl import get_qdisc
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1       # parent of the ingress or clsact qdisc
@@ -63,18 +65,15 @@ class Plan:
 
 
 def ingress_qdisc(ipr, ifindex: int) -> str | None:
-    for q in ipr.get_qdiscs(index=ifindex):
-        if q["parent"] == TC_H_INGRESS:
-            return q.get_attr("TCA_KIND")
-    return None
+    # One request for this device, not a dump of the host's qdiscs (mirror.rtnl). The
+    # socket is opened in this process's namespace, which is the one `ipr` talks to.
+    found = get_qdisc(ifindex, TC_H_INGRESS)
+    return found[0] if found else None
 
 
 def root_qdisc(ipr, ifindex: int) -> tuple[str, int] | None:
     """(kind, handle) of the root qdisc, None when the kernel lists none (a down link)."""
-    for q in ipr.get_qdiscs(index=ifindex):
-        if q["parent"] == TC_H_ROOT:
-            return q.get_attr("TCA_KIND"), q["handle"]
-    return None
+    return get_qdisc(ifindex, TC_H_ROOT)
 
 
 def list_filters(ipr, ifindex: int, parent: int) -> list[Filter]:
@@ -122,6 +121,8 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
     ing = ingress_qdisc(ipr, ifindex)
     p = _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb)
     for direction, parent in p.parents.items():
+        if _created_by(p, parent):
+            continue        # a qdisc still to be created holds no filter yet
         for f in list_filters(ipr, ifindex, parent):
             if f.prio == FILTER_PRIO and not f.ours and (f.kind != "bpf" or
                                                          f.protocol != ETH_P_ALL):
@@ -131,6 +132,20 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
                     f"protocol or of another kind, and tc allows one kind and protocol per "
                     f"priority; move that filter to another priority first")
     return p
+
+
+_PARENT_OWNER = {CLSACT_INGRESS: "clsact", CLSACT_EGRESS: "clsact",
+                 INGRESS_HANDLE: "ingress", HTB_HANDLE: "htb"}
+
+
+def holds(kind: str, parent: int) -> bool:
+    """Whether a qdisc of `kind` (one this tool creates) provides the filter parent."""
+    return _PARENT_OWNER.get(parent) == kind
+
+
+def _created_by(p: Plan, parent: int) -> bool:
+    """Whether `parent` belongs to a qdisc the plan creates."""
+    return _PARENT_OWNER.get(parent) in p.create
 
 
 def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
@@ -162,9 +177,11 @@ def _plan_qdiscs(ipr, ifindex, ifname, hook, ing, adopt_htb) -> Plan:
 
 def add_qdisc(ipr, ifindex: int, kind: str) -> None:
     if kind == "clsact":
-        ipr.tc("add", "clsact", ifindex)
+        # On a plain socket (mirror.rtnl): attaching to a new interface races its first
+        # packet, and pyroute2 spends about a millisecond per request.
+        rtnl.add_ingress_qdisc(ifindex, "clsact", INGRESS_HANDLE, TC_H_INGRESS)
     elif kind == "ingress":
-        ipr.tc("add", "ingress", ifindex, INGRESS_HANDLE)
+        rtnl.add_ingress_qdisc(ifindex, "ingress", INGRESS_HANDLE, TC_H_INGRESS)
     elif kind == "htb":
         # No classes and default class 0: every packet takes the direct queue, unshaped.
         # Its length is given explicitly: taken from txqueuelen, it would be 0 (drop
@@ -199,9 +216,8 @@ def qdisc_has_foreign_filters(ipr, ifindex: int, kind: str) -> bool:
 
 def replace_filter(ipr, ifindex: int, parent: int, fd: int, direction: str) -> None:
     """Adds this tool's filter at `parent`, replacing a stale one of ours in place."""
-    ipr.tc("replace-filter", "bpf", ifindex, handle=FILTER_HANDLE, fd=fd,
-           name=f"{FILTER_NAME_PREFIX}{direction}", parent=parent, prio=FILTER_PRIO,
-           protocol=ETH_P_ALL, direct_action=True)
+    rtnl.replace_bpf_filter(ifindex, parent, FILTER_PRIO, ETH_P_ALL, FILTER_HANDLE, fd,
+                            f"{FILTER_NAME_PREFIX}{direction}")
 
 
 def del_filter(ipr, ifindex: int, parent: int) -> bool:

@@ -30,12 +30,15 @@ def run_cli(*args: str, env=None, timeout: float = 60) -> subprocess.CompletedPr
 
 class MirrorProcess:
     """`mirror run ...` in the background; start() returns when it prints its ready line.
-    A thread collects its output (stdout and stderr merged) line by line."""
+    A thread collects its output (stdout and stderr merged) line by line. With `netns`, it
+    runs inside that network namespace (ip netns exec)."""
 
-    def __init__(self, *args: str, env=None, wrapper: list[str] = ()):
+    def __init__(self, *args: str, env=None, wrapper: list[str] = (),
+                 netns: str | None = None):
         self.args = args
         self.env = env
         self.wrapper = list(wrapper)    # a command that runs it, e.g. setpriv with options
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
@@ -49,8 +52,10 @@ class MirrorProcess:
             self.lines.append(raw.decode(errors="replace"))
 
     def start(self, timeout: float = 60) -> "MirrorProcess":
-        self.proc = subprocess.Popen(self.wrapper + mirror_cmd("run", *self.args),
-                                     stdout=subprocess.PIPE,
+        cmd = self.wrapper + mirror_cmd("run", *self.args)
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
