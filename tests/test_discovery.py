@@ -23,8 +23,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from conftest import tc_show
+import helpers
 from helpers import (ROOT, MirrorProcess, drop_link, env_with, from_first_status,
-                     same_packets, signature)
+                     request_of, same_packets, signature, wait_captured)
 from mirror import ownership, status
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
@@ -58,13 +59,11 @@ server.serve_forever()
 
 # --- helpers ---------------------------------------------------------------------------
 def wait_until(cond, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """helpers.wait_until for a condition that is its own answer (truthy when reached)."""
+    def check():
         value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+        return bool(value), value
+    return helpers.wait_until(check, what, timeout)
 
 
 def hooks(name: str) -> list[str]:
@@ -397,21 +396,30 @@ def test_bridge_packets_cloned_once(tmp_path, namespaces):
             # The client's last ACK is cloned at veth-b's ingress before veth-a's egress
             # tap records it: once the reference has it, every clone was made.
             wait_until(lambda: closed(tmp_path / "ref.pcap", key), "the connection's close")
-            counters = json.loads(host.exec(
-                sys.executable, "-c", "import json, sys; sys.path.insert(0, 'tests'); "
-                "from helpers import controller_ask; "
-                f"print(json.dumps(controller_ask({str(tmp_path / 'state')!r})))",
-                cwd=ROOT).stdout)
+
+            def ask():
+                return json.loads(host.exec(
+                    sys.executable, "-c", "import json, sys; sys.path.insert(0, 'tests'); "
+                    "from helpers import controller_ask; "
+                    f"print(json.dumps(controller_ask({str(tmp_path / 'state')!r})))",
+                    cwd=ROOT).stdout)
+            # And the request frame the controller writes for the error (user space).
+            wait_captured(mirror, lambda: ask()["mirrored_packets"] + 1,
+                          "the clones and the request frame")
+            counters = ask()
         finally:
             mirror.stop()
             ref.stop()
     assert statuses == [500]
     mirrored = read_flows(str(tmp_path / "mirror.pcap"))[key].packets
-    expected = from_first_status(read_flows(str(tmp_path / "ref.pcap"))[key].packets, 500)
+    ref_packets = read_flows(str(tmp_path / "ref.pcap"))[key].packets
+    clones = from_first_status(ref_packets, 500)
+    expected = request_of(ref_packets, 500) + clones
     assert same_packets(mirrored, expected), (
         f"mirrored {[signature(p) for p in mirrored]}\nexpected {[signature(p) for p in expected]}")
     # Each packet crossed two monitored interfaces: seen twice, cloned once.
-    assert counters["clones_deduplicated"] == counters["mirrored_packets"] == len(expected)
+    assert counters["clones_deduplicated"] == counters["mirrored_packets"] == len(clones)
+    assert counters["request_frames_written"] == 1
 
 
 
