@@ -26,7 +26,8 @@ examples:
 
 environment (for containers; flags win): MIRROR_IFACE (comma-separated), MIRROR_DEBUG_IFACE,
 MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT, MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES,
-MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB, MIRROR_METRICS_ADDR, MIRROR_CONFIG.
+MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB, MIRROR_METRICS_ADDR, MIRROR_CONFIG,
+MIRROR_MAX_PACKETS_PER_FLOW, MIRROR_MAX_BYTES_PER_FLOW, MIRROR_MAX_CLONES_PER_SECOND.
 
 signals: SIGINT/SIGTERM detach cleanly and exit; SIGHUP re-reads trigger and idle_timeout
 from --config (a bad file is rejected and the running set kept).
@@ -34,7 +35,8 @@ from --config (a bad file is rejected and the running set kept).
 overhead: every packet on a monitored interface runs the classifier (a few tens of ns:
 header parsing and one hash lookup per TCP segment, one bpf_skb_load_bytes per data
 segment). Packets of marked connections are also cloned, which costs far more; keep the
-trigger set narrow on busy hosts. See bench/ for measured numbers.
+trigger set narrow on busy hosts. The --max-* budgets bound that cost in an error storm
+(skipped clones: mirror_clones_skipped_total{reason}). See bench/ for measured numbers.
 """
 
 EPILOG_EVENTS = """\
@@ -89,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the first N bytes of each HTTP/1.x request frame, so that an "
                      "error response comes with its request (captured and in the event); 0: "
                      "off, and a status line then counts from either side (default "
+                     "%(default)s)")
+    run.add_argument("--max-packets-per-flow", type=count(0),
+                     default=env("MIRROR_MAX_PACKETS_PER_FLOW", "1000"), metavar="N",
+                     help="clone at most N packets of a marked connection, counted from its "
+                     "error response on each CPU that handles it; the rest is skipped and "
+                     "counted; 0: unlimited (default %(default)s)")
+    run.add_argument("--max-bytes-per-flow", type=count(0),
+                     default=env("MIRROR_MAX_BYTES_PER_FLOW", str(1 << 20)), metavar="N",
+                     help="the same in bytes: a packet that would take a connection's clones "
+                     "past N bytes on a CPU is skipped, and so is the rest; 0: unlimited "
+                     "(default %(default)s)")
+    run.add_argument("--max-clones-per-second", type=count(0),
+                     default=env("MIRROR_MAX_CLONES_PER_SECOND", "10000"), metavar="N",
+                     help="clone at most N packets per second on each CPU, whatever the "
+                     "connection; the rest is skipped and counted; 0: unlimited (default "
                      "%(default)s)")
     run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
                      help="append one JSON line per error response to PATH (mode 0600, "
@@ -150,7 +167,10 @@ def cmd_run(args) -> int:
                    max_flows=args.max_flows, metrics_addr=args.metrics_addr,
                    config=args.config, request_bytes=int(args.request_bytes),
                    events_file=args.events_file,
-                   events_file_bytes=int(args.events_file_mb) << 20)
+                   events_file_bytes=int(args.events_file_mb) << 20,
+                   max_packets_per_flow=int(args.max_packets_per_flow),
+                   max_bytes_per_flow=int(args.max_bytes_per_flow),
+                   max_clones_per_second=int(args.max_clones_per_second))
     if opts.config:
         _require_root()
         cfg = read_config(opts.config)

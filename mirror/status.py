@@ -99,12 +99,20 @@ def collect_flows() -> list[dict]:
 def render_flows(flows: list[dict]) -> str:
     if not flows:
         return "no marked flows"
-    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s")]
+    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s", "CAPTURE")]
     for f in flows:
         flow = f"{endpoint(f['a'], f['a_port'])} <-> {endpoint(f['b'], f['b_port'])}"
+        cut = f.get("cut") or []
         rows.append((flow, str(f["status"] or "-"),
-                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"])))
-    return "\n".join(_table(rows))
+                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"]),
+                     f"cut: {','.join(cut)}" if cut else "whole"))
+    lines = _table(rows)
+    cut = sum(1 for f in flows if f.get("cut"))
+    if cut:
+        lines.append(f"{cut} of {len(flows)} flows: capture cut by a budget (flow_packets, "
+                     "flow_bytes: the rest of the connection skipped; cpu_rate: packets "
+                     "skipped while a CPU's clones per second were spent)")
+    return "\n".join(lines)
 
 
 def detach(ifaces: list[str]) -> int:
