@@ -289,3 +289,86 @@ def test_cut_reason_names():
     assert cut_reasons(0) == []
     assert cut_reasons(7) == ["flow_packets", "flow_bytes", "cpu_rate"]
     assert cut_reasons(4) == ["cpu_rate"]
+
+
+# --- end to end: real nginx, real `mirror run` -----------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    out = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        for child in map(int, children):
+            out += _descendants(child)
+    return out
+
+
+@pytest.mark.integration
+def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
+    """`mirror run --max-packets-per-flow 6`: a keep-alive connection answering 500, four
+    200s, 500, 200 is captured from its first 500 for 6 packets (per CPU that carries it),
+    the rest is counted in mirror_clones_skipped_total{reason="flow_packets"}, `mirror
+    flows` says the capture was cut, and the second 500's event says so too. The client
+    and nginx run on one CPU, so the connection's packets usually all count on one CPU's
+    budget; the assertions hold for any spread, and are exact for one CPU."""
+    import json
+
+    from helpers import (controller_ask, env_with, from_first_status, request_of, run_cli,
+                         same_packets, signature)
+    from test_integration import Session, connect
+    from test_metrics import free_port, scrape
+    budget = 6
+    port = free_port()
+    events = tmp_path / "events.jsonl"
+    original = os.sched_getaffinity(0)
+    cpu = min(original)
+    nginx_pids = _descendants(nginx.proc.pid)
+    assert len(nginx_pids) >= 2, "nginx master and its worker"
+    for pid in nginx_pids:
+        os.sched_setaffinity(pid, {cpu})
+    extra = ("--max-packets-per-flow", str(budget), "--metrics-addr", f"127.0.0.1:{port}",
+             "--events-file", str(events))
+    with Session(host, tmp_path, "clsact", extra=extra) as s:
+        os.sched_setaffinity(0, {cpu})
+        try:
+            key, statuses = connect(host, 4, ["/error", "/ok", "/ok", "/ok", "/ok", "/error",
+                                              "/ok"])
+            ok_key, _ = connect(host, 4, ["/ok"])
+        finally:
+            os.sched_setaffinity(0, original)
+        mirrored, ref = s.finish()
+        flow = [f for f in controller_ask(s.state_dir, "flows")
+                if (f["a"], f["a_port"], f["b"], f["b_port"]) ==
+                (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)][0]
+        table = run_cli("flows", env=env_with(MIRROR_STATE_DIR=s.state_dir))
+        metrics = scrape(port)
+    assert statuses == [500, 200, 200, 200, 200, 500, 200]
+    assert ok_key not in mirrored
+    after_500 = from_first_status(ref[key].packets, 500)
+    # The classifier saw every packet of the connection from the 500 on.
+    assert flow["packets"] == sum(flow["cpu_packets"]) == len(after_500) > 2 * budget
+    clones = sum(min(budget, n) for n in flow["cpu_packets"])
+    request = request_of(ref[key].packets, 500)        # written by the controller
+    assert len(mirrored[key].packets) == len(request) + clones
+    # The first `budget` packets from the 500 on are in the capture whatever the spread
+    # (each is within the first `budget` of its CPU); with one CPU, exactly those.
+    captured = {signature(p) for p in mirrored[key].packets}
+    assert all(signature(p) in captured for p in after_500[:budget])
+    if len(flow["cpus"]) == 1:
+        assert same_packets(mirrored[key].packets, request + after_500[:budget])
+    skipped = {dict(labels)["reason"]: v for (name, labels), v in metrics.items()
+               if name == "mirror_clones_skipped_total"}
+    assert skipped == {"flow_packets": len(after_500) - clones, "flow_bytes": 0,
+                       "cpu_rate": 0}
+    assert metrics[("mirror_mirrored_packets_total", ())] == clones
+    assert flow["cut"] == ["flow_packets"]
+    print(f"per-CPU packets of the cut flow: {dict(zip(flow['cpus'], flow['cpu_packets']))}")
+    assert table.returncode == 0 and "cut: flow_packets" in table.stdout
+    assert "1 of 1 flows: capture cut by a budget" in table.stdout
+    # Events: the first 500 before any cut, the second one after its CPU's budget was
+    # spent (both on nginx's CPU), each with the budgets in force.
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(r["status"], r["capture_cut"]) for r in records] == [
+        (500, []), (500, ["flow_packets"])]
+    assert records[0]["budget"] == {"max_packets_per_flow": budget,
+                                    "max_bytes_per_flow": 1 << 20,
+                                    "max_clones_per_second": 10000}
