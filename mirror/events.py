@@ -11,7 +11,8 @@ each record becomes:
 - counts and a response-time histogram for the metrics;
 - the request frame written onto the debug interface (an AF_PACKET socket), so that the
   capture holds the request of every error response. It arrives there after the
-  response's clone: the capture sidecar restores the order in its files.
+  response's clone: the capture sidecar restores the order in its files. When a budget
+  skipped the response's clone, its request is not written either.
 
 The reader never slows the datapath: the kernel side never waits on a full ring buffer
 (the event is lost and counted in the `events_lost` counter)."""
@@ -260,7 +261,11 @@ class EventStream:
         ev = Event.from_record(raw)
         iface = self.ifname_of(ev.ifindex) or f"ifindex{ev.ifindex}"
         record = ev.to_json(iface, self.realtime_offset_ns, self.budget)
-        if ev.request and ev.new_flow:
+        # A response whose clone a budget skipped (the rate, or a byte budget smaller
+        # than the response's packet) goes without its request frame too: the
+        # capture would hold a request with no answer, and the frames written from
+        # here stay bounded by the clone rate in an error storm.
+        if ev.request and ev.new_flow and not ev.cut:
             ifindex = self.debug_ifindex()
             if ifindex:
                 # Cut frames go out as cut, their IP lengths kept (as `tcpdump -s` cuts):

@@ -372,3 +372,33 @@ def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
     assert records[0]["budget"] == {"max_packets_per_flow": budget,
                                     "max_bytes_per_flow": 1 << 20,
                                     "max_clones_per_second": 10000}
+
+
+# --- events ----------------------------------------------------------------------------
+
+def _record(cut: int, new_flow: bool = True) -> bytes:
+    """A raw error event as the classifier hands it over: a 500 answering a kept GET."""
+    from mirror.events import _HEAD
+    req = c2s(b"GET /orders/7 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+    head = _HEAD.pack(2_000_000, 1, 500, 1, int(new_flow), 1, 1, cut, KEY.to_bytes(),
+                      1_000_000, 1, 0, 0, 0, len(req), len(req))
+    return head + req
+
+
+@pytest.mark.parametrize("cut,written", [(0, 1), (4, 0), (2, 0)])
+def test_event_json_and_request_frame_of_a_cut_response(debug_iface, cut, written):
+    """The event names the cut and the budgets in force; the request frame goes to the
+    debug interface only when the response it answers was cloned."""
+    from mirror.events import EventStream
+    budget = {"max_packets_per_flow": 7, "max_bytes_per_flow": 0, "max_clones_per_second": 9}
+    stream = EventStream(None, lambda i: "eth0", lambda: debug_iface.ifindex, None, budget)
+    try:
+        tx = tx_packets(debug_iface)
+        record = stream.handle(_record(cut))
+        assert tx_packets(debug_iface) == tx + written
+    finally:
+        stream.writer.close()
+    assert stream.writer.written == written
+    assert record["capture_cut"] == cut_reasons(cut)
+    assert record["budget"] == budget
+    assert (record["method"], record["target"], record["status"]) == ("GET", "/orders/7", 500)

@@ -55,7 +55,11 @@ def test_capture_not_reading_does_not_hurt_traffic(host, state_dir, tmp_path):
     from mirror.lab.nginx import Nginx
     srv = Nginx(host, workers=1).start()
     dbg = unique_name("d")
+    # Budgets off: every packet of every connection is cloned (8 connections of 2500
+    # exchanges each would pass the default per-flow budget).
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg,
+                      "--max-packets-per-flow", "0", "--max-bytes-per-flow", "0",
+                      "--max-clones-per-second", "0",
                       env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     dump = Tcpdump(dbg, str(tmp_path / "m.pcap")).start()
     mirrored = counted_from_now(lambda: mirrored_packets(state_dir))
