@@ -49,8 +49,8 @@ DESCRIPTION = """\
 HTTP-aware selective traffic mirror. A tc BPF classifier reads every packet on the
 monitored interfaces; when an HTTP/1.x response carries a status code in the trigger set,
 that connection is marked and every packet of it from then on, both directions, is cloned
-to a debug interface, where tcpdump or Wireshark can record it. All other traffic passes
-untouched."""
+to a debug interface, where tcpdump or Wireshark can record it (within the --max-*
+budgets). All other traffic passes untouched."""
 
 
 def build_parser() -> argparse.ArgumentParser:

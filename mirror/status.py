@@ -71,11 +71,23 @@ def render(report: dict) -> str:
         if c["live"]:
             lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
                          f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
-                         f"metrics {c['metrics_addr'] or 'off'}")
+                         f"metrics {c['metrics_addr'] or 'off'}{_budgets(c)}")
     if any(i["owner"] != "live" for i in report["interfaces"]):
         lines.append("stale hooks: remove with `mirror detach --iface IF`, or start "
                      "`mirror run` again to replace them")
     return "\n".join(lines)
+
+
+def _budgets(rec: dict) -> str:
+    """The controller's budgets, as `mirror status` prints them (0: unlimited)."""
+    if "max_packets_per_flow" not in rec:
+        return ""
+
+    def n(value, unit):
+        return f"{value} {unit}" if value else f"unlimited {unit}"
+    return (f", per flow {n(rec['max_packets_per_flow'], 'packets')} and "
+            f"{n(rec['max_bytes_per_flow'], 'bytes')}, "
+            f"{n(rec['max_clones_per_second'], 'clones/s')} per CPU")
 
 
 def _table(rows) -> list[str]:
