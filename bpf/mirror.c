@@ -125,8 +125,9 @@ static __always_inline int opaque(int v)
 #include "http2.h"
 
 /* Takes one clone from this CPU's rate window; 0 when the window's clones are spent.
- * The window restarts at the first clone at least clone_window_ns after its start
- * (unsigned difference: a start ahead of the clock reads as long past). */
+ * The window restarts at the first clone at least clone_window_ns after its start. The
+ * difference is unsigned: a start ahead of the clock (tests write one) reads as past,
+ * unless it is ahead by more than 2^64 minus the window. */
 static __always_inline int take_clone_token(const struct mirror_config *cfg)
 {
     __u32 zero = 0;
