@@ -94,8 +94,11 @@ class Mirror(Config):
         clf = self.shared.classifier
         clf.clear()
         self.debug_iface = unique_name("d")
+        # No budgets: this configuration mirrors every packet of every error connection
+        # (the completeness check counts on it).
         opts = Options(ifaces=[lab.host_if], debug_iface=self.debug_iface, hook=self.hook,
-                       trigger="5xx")
+                       trigger="5xx", max_packets_per_flow=0, max_bytes_per_flow=0,
+                       max_clones_per_second=0)
         self.ctl = Controller(opts, classifier_factory=lambda: clf,
                               sink_factory=lambda: self.shared.sink)
         logging.getLogger("mirror").setLevel(logging.WARNING)

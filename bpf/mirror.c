@@ -54,6 +54,8 @@ BPF_TABLE("lru_hash", struct flow_key, struct error_event, requests, MAX_REQUEST
 BPF_PERCPU_ARRAY(event_scratch, struct error_event, 1);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 BPF_PERCPU_ARRAY(scratch, int, 1);
+/* Each CPU's clones in its current rate window (struct clone_window). */
+BPF_PERCPU_ARRAY(clone_rate, struct clone_window, 1);
 
 /* What the HTTP/2 path needs of the packet's flow, handed over through a per-CPU slot
  * rather than kept on the stack: see classify_h2. */
@@ -125,11 +127,55 @@ static __always_inline int opaque(int v)
 
 #include "http2.h"
 
+/* Takes one clone from this CPU's rate window; 0 when the window's clones are spent.
+ * The window restarts at the first clone at least clone_window_ns after its start. The
+ * difference is unsigned: a start ahead of the clock (tests write one) reads as past,
+ * unless it is ahead by more than 2^64 minus the window. */
+static __always_inline int take_clone_token(const struct mirror_config *cfg)
+{
+    __u32 zero = 0;
+    struct clone_window *w = clone_rate.lookup(&zero);
+    if (!w)
+        return 1;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    if (now - w->start_ns >= cfg->clone_window_ns) {
+        w->start_ns = now;
+        w->clones = 0;
+    }
+    if (w->clones >= cfg->max_clones_per_window)
+        return 0;
+    w->clones++;
+    return 1;
+}
+
+/* The budgets (struct mirror_config): the enum cut_reason that skips this clone, 0 to
+ * clone. `fv` is the flow's value on this CPU with this packet already counted (0 only
+ * if the flow left the map under us: then only the rate applies). A skip is counted by
+ * reason and flagged on the flow. */
+static __always_inline __u32 over_budget(const struct mirror_config *cfg,
+                                         struct flow_value *fv)
+{
+    __u32 why = 0;
+    if (fv && cfg->max_packets_per_flow && fv->packets > cfg->max_packets_per_flow) {
+        why = CUT_FLOW_PACKETS;
+        count(C_SKIP_FLOW_PACKETS, 1);
+    } else if (fv && cfg->max_bytes_per_flow && fv->bytes > cfg->max_bytes_per_flow) {
+        why = CUT_FLOW_BYTES;
+        count(C_SKIP_FLOW_BYTES, 1);
+    } else if (cfg->max_clones_per_window && !take_clone_token(cfg)) {
+        why = CUT_CPU_RATE;
+        count(C_SKIP_CPU_RATE, 1);
+    }
+    if (why && fv)
+        fv->cut |= why;
+    return why;
+}
+
 /* Clones the packet to the debug interface. `st` is the interface's stats when the
  * caller already looked them up; the lookup is done here otherwise (cheap next to the
- * clone itself). */
+ * clone itself). `fv`: the flow's value on this CPU, for the budgets. */
 static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_stats *st,
-                                          __u32 direction)
+                                          __u32 direction, struct flow_value *fv)
 {
     __u32 zero = 0;
     __u32 len = skb->len;
@@ -147,6 +193,9 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
         count(C_CLONES_DEDUPLICATED, 1);
         return;
     }
+    /* Budgets: the cost of an error storm is bounded (per flow, per CPU). */
+    if (over_budget(cfg, fv))
+        return;
     /* Invalidates packet pointers: nothing below touches packet data. Negative: the
      * clone was not sent (no such device, no memory); positive: a NET_XMIT_* drop or
      * congestion code from the debug interface's qdisc (a down device drops there). */
@@ -206,7 +255,7 @@ static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segme
 static __always_inline void report_error(struct __sk_buff *skb, const struct flow_key *key,
                                          __u8 src_is_lo, struct error_event *req,
                                          __u32 status, __u32 direction, __u8 new_flow,
-                                         __u8 proto)
+                                         __u8 proto, const struct flow_value *fv)
 {
     __u32 zero = 0;
     struct error_event *ev = req;
@@ -224,6 +273,7 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct flo
     ev->new_flow = new_flow;
     ev->proto = proto;
     ev->server_is_lo = src_is_lo;
+    ev->cut = fv ? fv->cut : 0;
     __builtin_memcpy(&ev->key, key, sizeof(ev->key));
     int err;
     if (req)
@@ -233,13 +283,17 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct flo
     count(err ? C_EVENTS_LOST : C_EVENTS, 1);
 }
 
-/* Marks the flow (or records the new status in the already marked flow's slot). */
-static __always_inline void mark_flow(struct __sk_buff *skb, struct flow_key *key,
-                                      struct flow_value *fv, __u64 now, __u32 status)
+/* Marks the flow (or records the new status in the already marked flow's slot).
+ * Returns the flow's value on this CPU (the budgets count against it), 0 if the new
+ * entry is already gone again. */
+static __always_inline struct flow_value *mark_flow(struct __sk_buff *skb,
+                                                    struct flow_key *key,
+                                                    struct flow_value *fv, __u64 now,
+                                                    __u32 status)
 {
     if (fv) {
         fv->status = status;
-        return;
+        return fv;
     }
     if (!now)
         now = bpf_ktime_get_coarse_ns();
@@ -254,6 +308,7 @@ static __always_inline void mark_flow(struct __sk_buff *skb, struct flow_key *ke
     __u64 *n = marks.lookup(&made);
     if (n)
         __sync_fetch_and_add(n, 1);
+    return flows.lookup(key);
 }
 
 /* The HTTP/2 path of a segment whose first bytes are a plausible frame header: reads
@@ -271,15 +326,14 @@ static __always_inline void classify_h2(struct __sk_buff *skb, __u32 off, __u32 
     struct h2_pending *p = h2_pending.lookup(&zero);
     if (!p)
         return;
-    if (status >= 0) {
-        struct flow_value *fv = p->was_marked ? flows.lookup(&p->key) : 0;
-        mark_flow(skb, &p->key, fv, 0, status);
-    }
+    struct flow_value *fv = p->was_marked ? flows.lookup(&p->key) : 0;
+    if (status >= 0)
+        fv = mark_flow(skb, &p->key, fv, 0, status);
     if (status >= 0 || p->was_marked)
-        mirror_packet(skb, 0, direction);
+        mirror_packet(skb, 0, direction, fv);
     if (status >= 0)
         report_error(skb, &p->key, p->src_is_lo, 0, status, direction, !p->was_marked,
-                     PROTO_HTTP2);
+                     PROTO_HTTP2, fv);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
@@ -360,7 +414,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
             p->src_is_lo = seg.src_is_lo;
             classify_h2(skb, seg.payload_off, seg.payload_end, direction);
         } else if (fv) {
-            mirror_packet(skb, 0, direction);
+            mirror_packet(skb, 0, direction, fv);
         }
         return PASS;
     }
@@ -382,7 +436,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     }
     if (code < 0) {
         if (fv)
-            mirror_packet(skb, 0, direction);
+            mirror_packet(skb, 0, direction, fv);
         return PASS;
     }
 
@@ -397,13 +451,14 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         st->responses[cls]++;
 
     if (is_trigger(status)) {
-        mark_flow(skb, &seg.key, fv, now, status);
-        mirror_packet(skb, st, direction);
+        struct flow_value *mfv = mark_flow(skb, &seg.key, fv, now, status);
+        mirror_packet(skb, st, direction, mfv);
         /* After the clone: the request frame user space writes for this event follows
          * the response on the debug interface, never precedes it. */
-        report_error(skb, &seg.key, seg.src_is_lo, req, status, direction, !fv, PROTO_HTTP1);
+        report_error(skb, &seg.key, seg.src_is_lo, req, status, direction, !fv, PROTO_HTTP1,
+                     mfv);
     } else if (fv) {
-        mirror_packet(skb, st, direction);
+        mirror_packet(skb, st, direction, fv);
     }
     return PASS;
 }

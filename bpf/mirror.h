@@ -52,6 +52,9 @@ enum counter {
     C_H2_STATUS_UNKNOWN,/* HTTP/2 HEADERS whose :status needs HPACK state or is cut/bogus */
     C_CLONES_DEDUPLICATED, /* not cloned at egress: entered through a monitored interface,
                             * whose ingress hook cloned it already */
+    C_SKIP_FLOW_PACKETS,/* clones skipped: the flow's packet budget on this CPU is spent */
+    C_SKIP_FLOW_BYTES,  /* clones skipped: the flow's byte budget on this CPU is spent */
+    C_SKIP_CPU_RATE,    /* clones skipped: this CPU's clones per window are spent */
     NR_COUNTERS,
 };
 
@@ -78,12 +81,32 @@ struct flow_value {
     __u64 last_ns;
     __u32 ifindex;      /* interface of the last packet on this CPU */
     __u16 status;       /* last trigger status code seen on this CPU, 0 if none */
-    __u16 pad;
+    __u16 cut;          /* enum cut_reason bits: clones of the flow skipped on this CPU */
+};
+
+/* Why a clone was skipped (bits of flow_value.cut and error_event.cut). */
+enum cut_reason {
+    CUT_FLOW_PACKETS = 1,
+    CUT_FLOW_BYTES = 2,
+    CUT_CPU_RATE = 4,
 };
 
 struct mirror_config {
     __u32 debug_ifindex;    /* 0: nowhere to mirror (counted in C_NO_DEBUG_IF) */
     __u32 request_bytes;    /* bytes of a request frame kept (<= REQUEST_BYTES); 0: off */
+    /* Budgets (0: unlimited). Per flow they count against the flow's value on the CPU
+     * at hand (flow_value.packets/bytes since the mark, the clone included), so a flow
+     * handled by several CPUs gets the budget on each. */
+    __u32 max_packets_per_flow;
+    __u32 max_clones_per_window;    /* per CPU, per clone_window_ns */
+    __u64 max_bytes_per_flow;
+    __u64 clone_window_ns;  /* the rate window: 1 s (user space sets it; tests widen it) */
+};
+
+/* A CPU's clone count in its current rate window (the clone_rate per-CPU array). */
+struct clone_window {
+    __u64 start_ns;         /* bpf_ktime_get_coarse_ns() at the window's first clone */
+    __u64 clones;
 };
 
 /* Bytes of a request frame the snapshot map can hold (the loader's --request-bytes,
@@ -111,7 +134,9 @@ struct error_event {
     __u8 new_flow;          /* 1: this response marked the flow */
     __u8 proto;             /* enum app_proto */
     __u8 server_is_lo;      /* the response's sender is key's lo endpoint */
-    __u8 pad0[6];
+    __u8 cut;               /* the flow's enum cut_reason bits on this CPU, this response's
+                             * clone decision included */
+    __u8 pad0[5];
     struct flow_key key;
     /* the request (request_ns 0: none kept) */
     __u64 request_ns;

@@ -5,6 +5,8 @@ Everything here is the user-space half of the contract in bpf/mirror.h."""
 from __future__ import annotations
 
 import ctypes
+import functools
+import operator
 import os
 import platform
 import re
@@ -65,11 +67,18 @@ def check_environment() -> None:
 
 FLOW_KEY_SIZE = 40     # struct flow_key
 FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
-_FLOW_VALUE = struct.Struct("=QQQQIH2x")
+_FLOW_VALUE = struct.Struct("=QQQQIHH")
 IFACE_SLOTS = 1024      # bpf/mirror.h
 DEFAULT_REQUEST_BYTES = 512
 MAX_REQUEST_BYTES = 4096
 EVENT_HEAD_SIZE = 88    # struct error_event up to data[]
+# enum cut_reason bits (flow_value.cut, error_event.cut), as the metrics name them.
+CUT_REASONS = {1: "flow_packets", 2: "flow_bytes", 4: "cpu_rate"}
+CLONE_WINDOW_NS = 10**9     # the rate window of --max-clones-per-second
+
+
+def cut_reasons(bits: int) -> list[str]:
+    return [name for bit, name in CUT_REASONS.items() if bits & bit]
 
 
 def request_capacity(request_bytes: int) -> int:
@@ -114,11 +123,13 @@ class Classifier:
         self._iface_stats = self.bpf.get_table(b"iface_stats")
         self._marks = self.bpf.get_table(b"marks")
         self._requests = self.bpf.get_table(b"requests")
+        self._clone_rate = self.bpf.get_table(b"clone_rate")
         self.events = self.bpf.get_table(b"events")
         self._event_handler = None
         self._events_open = False
         self.set_request_bytes(request_bytes)
         self._monitored = self.bpf.get_table(b"monitored")
+        self.set_budgets()
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -166,6 +177,36 @@ class Classifier:
             raise ValueError(f"request bytes {n} beyond the compiled {self.request_capacity}")
         self._set_config(request_bytes=n)
 
+    def set_budgets(self, max_packets_per_flow: int = 0, max_bytes_per_flow: int = 0,
+                    max_clones_per_window: int = 0, window_ns: int = CLONE_WINDOW_NS) -> None:
+        """Per-flow budgets (per flow and CPU) and the per-CPU clone rate, 0: unlimited;
+        take effect on the next packet. Restarts every CPU's rate window, so that a new
+        limit starts from zero clones."""
+        for name, value in (("max_packets_per_flow", max_packets_per_flow),
+                            ("max_bytes_per_flow", max_bytes_per_flow),
+                            ("max_clones_per_window", max_clones_per_window)):
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (unlimited) or more, not {value}")
+        if window_ns <= 0:
+            raise ValueError(f"the rate window must be positive, not {window_ns} ns")
+        self._set_config(max_packets_per_flow=max_packets_per_flow,
+                         max_bytes_per_flow=max_bytes_per_flow,
+                         max_clones_per_window=max_clones_per_window,
+                         clone_window_ns=window_ns)
+        self.set_clone_window()
+
+    def set_clone_window(self, start_ns: int = 0, clones: int = 0) -> None:
+        """Sets every CPU's rate window (tests use it to fill or age a window)."""
+        key = self._clone_rate.Key(0)
+        per_cpu = self._clone_rate[key]
+        for w in per_cpu:
+            w.start_ns, w.clones = start_ns, clones
+        self._clone_rate[key] = per_cpu
+
+    def clone_window(self) -> list[tuple[int, int]]:
+        """(start_ns, clones) of each possible CPU's rate window."""
+        return [(w.start_ns, w.clones) for w in self._clone_rate[self._clone_rate.Key(0)]]
+
     def _set_config(self, **fields) -> None:
         key = self._config.Key(0)
         cfg = self._config[key]
@@ -208,8 +249,8 @@ class Classifier:
                 for i, name in enumerate(COUNTERS)}
 
     def _flow_slots(self):
-        """Yields (key bytes, [(packets, bytes, first_ns, last_ns, ifindex, status) per
-        CPU]) for every marked flow."""
+        """Yields (key bytes, [(packets, bytes, first_ns, last_ns, ifindex, status, cut)
+        per CPU]) for every marked flow."""
         ncpu = possible_cpus()
         stride = FLOW_VALUE_SIZE * ncpu
         for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY_SIZE,
@@ -233,6 +274,9 @@ class Classifier:
                 "last_ns": max(v[3] for v in vals),
                 "status": max(with_status, key=lambda v: v[3])[5] if with_status else 0,
                 "cpus": [i for i, v in enumerate(vals) if v[0]],
+                "cpu_packets": [v[0] for v in vals if v[0]],
+                # A clone skipped for a budget on any CPU: the capture was cut.
+                "cut": cut_reasons(functools.reduce(operator.or_, (v[6] for v in vals), 0)),
             }
         return out
 

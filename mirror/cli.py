@@ -29,7 +29,8 @@ examples:
 environment (for containers; flags win): MIRROR_IFACE and MIRROR_EXCLUDE (comma-separated),
 MIRROR_MAX_IFACES, MIRROR_DEBUG_IFACE, MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT,
 MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES, MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB,
-MIRROR_METRICS_ADDR, MIRROR_CONFIG.
+MIRROR_METRICS_ADDR, MIRROR_CONFIG, MIRROR_MAX_PACKETS_PER_FLOW, MIRROR_MAX_BYTES_PER_FLOW,
+MIRROR_MAX_CLONES_PER_SECOND.
 
 interfaces: a plain name must exist at start and is followed through renames. A shell
 pattern (*, ?, [...]) also selects interfaces created later: each is attached as soon as
@@ -42,7 +43,8 @@ from --config (a bad file is rejected and the running set kept).
 overhead: every packet on a monitored interface runs the classifier (a few tens of ns:
 header parsing and one hash lookup per TCP segment, one bpf_skb_load_bytes per data
 segment). Packets of marked connections are also cloned, which costs far more; keep the
-trigger set narrow on busy hosts. See bench/ for measured numbers.
+trigger set narrow on busy hosts. The --max-* budgets bound that cost in an error storm
+(skipped clones: mirror_clones_skipped_total{reason}). See bench/ for measured numbers.
 """
 
 EPILOG_EVENTS = """\
@@ -55,8 +57,8 @@ DESCRIPTION = """\
 HTTP-aware selective traffic mirror. A tc BPF classifier reads every packet on the
 monitored interfaces; when an HTTP/1.x response carries a status code in the trigger set,
 that connection is marked and every packet of it from then on, both directions, is cloned
-to a debug interface, where tcpdump or Wireshark can record it. All other traffic passes
-untouched."""
+to a debug interface, where tcpdump or Wireshark can record it (within the --max-*
+budgets). All other traffic passes untouched."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the first N bytes of each HTTP/1.x request frame, so that an "
                      "error response comes with its request (captured and in the event); 0: "
                      "off, and a status line then counts from either side (default "
+                     "%(default)s)")
+    run.add_argument("--max-packets-per-flow", type=count(0),
+                     default=env("MIRROR_MAX_PACKETS_PER_FLOW", "1000"), metavar="N",
+                     help="clone at most N packets of a marked connection, counted from its "
+                     "error response on each CPU that handles it; the rest is skipped and "
+                     "counted; 0: unlimited (default %(default)s)")
+    run.add_argument("--max-bytes-per-flow", type=count(0),
+                     default=env("MIRROR_MAX_BYTES_PER_FLOW", str(1 << 20)), metavar="N",
+                     help="the same in bytes: a packet that would take a connection's clones "
+                     "past N bytes on a CPU is skipped, and so is the rest; 0: unlimited "
+                     "(default %(default)s)")
+    run.add_argument("--max-clones-per-second", type=count(0),
+                     default=env("MIRROR_MAX_CLONES_PER_SECOND", "10000"), metavar="N",
+                     help="clone at most N packets per second on each CPU, whatever the "
+                     "connection; the rest is skipped and counted; 0: unlimited (default "
                      "%(default)s)")
     run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
                      help="append one JSON line per error response to PATH (mode 0600, "
@@ -170,7 +187,10 @@ def cmd_run(args) -> int:
                    config=args.config, request_bytes=int(args.request_bytes),
                    events_file=args.events_file,
                    events_file_bytes=int(args.events_file_mb) << 20,
-                   exclude=args.exclude or args.env_exclude, max_ifaces=args.max_ifaces)
+                   exclude=args.exclude or args.env_exclude, max_ifaces=args.max_ifaces,
+                   max_packets_per_flow=int(args.max_packets_per_flow),
+                   max_bytes_per_flow=int(args.max_bytes_per_flow),
+                   max_clones_per_second=int(args.max_clones_per_second))
     if opts.config:
         _require_root()
         cfg = read_config(opts.config)

@@ -46,6 +46,15 @@ class Options:
     events_file_bytes: int = 16 << 20
     exclude: list[str] = field(default_factory=list)
     max_ifaces: int = DEFAULT_MAX_IFACES
+    # Budgets (0: unlimited); the defaults and why: README, "Budgets".
+    max_packets_per_flow: int = 1000
+    max_bytes_per_flow: int = 1 << 20
+    max_clones_per_second: int = 10000
+
+    def budget(self) -> dict[str, int]:
+        return {"max_packets_per_flow": self.max_packets_per_flow,
+                "max_bytes_per_flow": self.max_bytes_per_flow,
+                "max_clones_per_second": self.max_clones_per_second}
 
 
 @dataclass
@@ -133,6 +142,11 @@ class Controller:
         from .bpfprog import MAX_REQUEST_BYTES
         if not 0 <= self.opts.request_bytes <= MAX_REQUEST_BYTES:
             raise UsageError(f"--request-bytes must be between 0 (off) and {MAX_REQUEST_BYTES}")
+        for name, value in self.opts.budget().items():
+            limit = (1 << 64) - 1 if name == "max_bytes_per_flow" else (1 << 32) - 1
+            if not 0 <= value <= limit:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 0 (unlimited) "
+                                 f"and {limit}")
         if self.opts.events_file and self.opts.events_file != "-":
             parent = os.path.dirname(os.path.abspath(self.opts.events_file))
             if not os.access(parent, os.W_OK):
@@ -194,6 +208,9 @@ class Controller:
                  f"{self.opts.request_bytes} bytes of each request, {clf.max_requests} "
                  f"flows, about {req_mib:.0f} MiB" if self.opts.request_bytes else "off")
         self.classifier.set_trigger(self.codes)
+        self.classifier.set_budgets(self.opts.max_packets_per_flow,
+                                    self.opts.max_bytes_per_flow,
+                                    self.opts.max_clones_per_second)
         self._warn_shared_stats_slots(indexes)
         self._ctl_lock = ownership.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
@@ -274,7 +291,7 @@ class Controller:
             out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
         self.events = EventStream(self.classifier, self._attached_name,
                                   lambda: self.debug.ifindex if self.debug else 0,
-                                  out).start()
+                                  out, self.opts.budget()).start()
 
     def _attached_name(self, ifindex: int) -> str | None:
         for att in list(self.attached.values()):
@@ -687,7 +704,7 @@ class Controller:
             "debug_iface": self.debug.name if self.debug else None,
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
-            "socket": self.socket_name,
+            "socket": self.socket_name, **self.opts.budget(),
             "patterns": self.selector.patterns, "exclude": self.selector.exclude,
             "max_ifaces": self.opts.max_ifaces,
             "matched": self.discovery.matched() if self.discovery else {},
@@ -702,7 +719,8 @@ class Controller:
                         "packets": v["packets"], "bytes": v["bytes"],
                         "age_s": round((now - v["first_ns"]) / 1e9, 3) if v["first_ns"] else None,
                         "idle_s": round((now - v["last_ns"]) / 1e9, 3) if v["last_ns"] else None,
-                        "cpus": v["cpus"]})
+                        "cpus": v["cpus"], "cpu_packets": v["cpu_packets"],
+                        "cut": v["cut"]})
         return out
 
     def counters(self) -> dict[str, int]:

@@ -11,7 +11,8 @@ each record becomes:
 - counts and a response-time histogram for the metrics;
 - the request frame written onto the debug interface (an AF_PACKET socket), so that the
   capture holds the request of every error response. It arrives there after the
-  response's clone: the capture sidecar restores the order in its files.
+  response's clone: the capture sidecar restores the order in its files. When a budget
+  skipped the response's clone, its request is not written either.
 
 The reader never slows the datapath: the kernel side never waits on a full ring buffer
 (the event is lost and counted in the `events_lost` counter)."""
@@ -28,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .bpfprog import cut_reasons
 from .flowkey import FlowKey, endpoint
 from .http1 import METHODS
 
@@ -36,7 +38,7 @@ log = logging.getLogger("mirror")
 DIRECTIONS = ("ingress", "egress")
 PROTOS = {1: "h1", 2: "h2"}
 # struct error_event up to data[] (bpf/mirror.h): response part, key, request part.
-_HEAD = struct.Struct("=QIHBBBB6x40sQIBBHII")
+_HEAD = struct.Struct("=QIHBBBBB5x40sQIBBHII")
 HEAD_SIZE = _HEAD.size
 assert HEAD_SIZE == 88
 RECENT = 1000                           # events kept for `mirror events`
@@ -58,15 +60,16 @@ class Event:
     request_ifindex: int
     request_frame_len: int
     request: bytes                  # the request frame's first bytes (b"": none)
+    cut: int = 0                    # the flow's cut_reason bits on the response's CPU
 
     @classmethod
     def from_record(cls, raw: bytes) -> "Event":
-        (resp_ns, ifindex, status, direction, new_flow, proto, server_lo, key, req_ns,
+        (resp_ns, ifindex, status, direction, new_flow, proto, server_lo, cut, key, req_ns,
          req_ifindex, _req_dir, _req_lo, _pad, req_frame_len, req_len) = _HEAD.unpack_from(raw)
         request = raw[HEAD_SIZE:HEAD_SIZE + req_len] if req_ns and len(raw) > HEAD_SIZE else b""
         return cls(resp_ns, ifindex, status, DIRECTIONS[direction & 1], bool(new_flow),
                    PROTOS.get(proto, str(proto)), FlowKey.from_bytes(key), bool(server_lo),
-                   req_ns if request else 0, req_ifindex, req_frame_len, request)
+                   req_ns if request else 0, req_ifindex, req_frame_len, request, cut)
 
     @property
     def server(self) -> str:
@@ -80,7 +83,12 @@ class Event:
         return endpoint(k.addr_hi, k.port_hi) if self.server_is_lo else \
             endpoint(k.addr_lo, k.port_lo)
 
-    def to_json(self, iface: str, realtime_offset_ns: int) -> dict:
+    def to_json(self, iface: str, realtime_offset_ns: int, budget: dict | None = None) -> dict:
+        """The event's JSON object. `budget`: the budgets in force (--max-*), added as
+        is; "capture_cut" names the budgets that had already skipped clones of this
+        connection on the response's CPU when the response was cloned or skipped (an
+        event is emitted at the response, so a cut after it is not in the event: see
+        `mirror flows`)."""
         method, target, host = describe_request(self.request)
         wall = (self.response_ns + realtime_offset_ns) / 1e9
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall))
@@ -95,6 +103,8 @@ class Event:
             "request_bytes": len(self.request),
             "request_truncated": bool(self.request) and
             len(self.request) < self.request_frame_len,
+            "capture_cut": cut_reasons(self.cut),
+            **({"budget": budget} if budget is not None else {}),
         }
 
 
@@ -207,14 +217,16 @@ class RequestWriter:
 class EventStream:
     """Reads the classifier's ring buffer in a thread and hands each event on."""
 
-    def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None):
+    def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None,
+                 budget: dict | None = None):
         """`classifier`: whose `events` ring buffer to read (mirror.bpfprog.Classifier);
         `ifname_of(ifindex)` names an interface; `debug_ifindex()` is where request frames
-        go (0: nowhere)."""
+        go (0: nowhere); `budget`: the budgets in force, copied into every event."""
         self.classifier = classifier
         self.ifname_of = ifname_of
         self.debug_ifindex = debug_ifindex
         self.file = events_file
+        self.budget = budget
         self.writer = RequestWriter()
         self.recent: collections.deque = collections.deque(maxlen=RECENT)
         self.seq = 0
@@ -248,8 +260,12 @@ class EventStream:
     def handle(self, raw: bytes) -> dict:
         ev = Event.from_record(raw)
         iface = self.ifname_of(ev.ifindex) or f"ifindex{ev.ifindex}"
-        record = ev.to_json(iface, self.realtime_offset_ns)
-        if ev.request and ev.new_flow:
+        record = ev.to_json(iface, self.realtime_offset_ns, self.budget)
+        # A response whose clone a budget skipped (the rate, or a byte budget smaller
+        # than the response's packet) goes without its request frame too: the
+        # capture would hold a request with no answer, and the frames written from
+        # here stay bounded by the clone rate in an error storm.
+        if ev.request and ev.new_flow and not ev.cut:
             ifindex = self.debug_ifindex()
             if ifindex:
                 # Cut frames go out as cut, their IP lengths kept (as `tcpdump -s` cuts):

@@ -4,6 +4,8 @@ from __future__ import annotations
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from .bpfprog import CUT_REASONS
+
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
     "packets": ("mirror_classifier_packets", "Packets the classifier saw, all interfaces"),
@@ -60,6 +62,14 @@ class MapCollector:
         counters = ctl.classifier.counters()
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name, doc, value=counters[key])
+        skipped = CounterMetricFamily("mirror_clones_skipped",
+                                      "Clones of marked flows skipped by a budget: the "
+                                      "flow's packets or bytes on a CPU (--max-packets/"
+                                      "bytes-per-flow), the CPU's clones per second "
+                                      "(--max-clones-per-second)", labels=["reason"])
+        for reason in CUT_REASONS.values():
+            skipped.add_metric([reason], counters[f"skip_{reason}"])
+        yield skipped
         # A snapshot: the run loop renames and forgets interfaces while a scrape runs.
         attached = list(ctl.attached.values())
         names = {att.ifindex: att.ifname for att in attached}

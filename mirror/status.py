@@ -73,7 +73,7 @@ def render(report: dict) -> str:
     for c in live:
         lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
                      f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
-                     f"metrics {c['metrics_addr'] or 'off'}")
+                     f"metrics {c['metrics_addr'] or 'off'}{_budgets(c)}")
         lines += _render_patterns(c)
     if any(i["owner"] != "live" for i in report["interfaces"]):
         lines.append("stale hooks: remove with `mirror detach --iface IF`, or start "
@@ -91,6 +91,18 @@ def _render_patterns(c: dict) -> list[str]:
         lines.append(f"  excluded: {' '.join(c['exclude'])}")
     lines.append(f"  at most {c['max_ifaces']} interfaces (--max-ifaces)")
     return lines
+
+
+def _budgets(rec: dict) -> str:
+    """The controller's budgets, as `mirror status` prints them (0: unlimited)."""
+    if "max_packets_per_flow" not in rec:
+        return ""
+
+    def n(value, unit):
+        return f"{value} {unit}" if value else f"unlimited {unit}"
+    return (f", per flow {n(rec['max_packets_per_flow'], 'packets')} and "
+            f"{n(rec['max_bytes_per_flow'], 'bytes')}, "
+            f"{n(rec['max_clones_per_second'], 'clones/s')} per CPU")
 
 
 def _table(rows) -> list[str]:
@@ -114,12 +126,20 @@ def collect_flows() -> list[dict]:
 def render_flows(flows: list[dict]) -> str:
     if not flows:
         return "no marked flows"
-    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s")]
+    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s", "CAPTURE")]
     for f in flows:
         flow = f"{endpoint(f['a'], f['a_port'])} <-> {endpoint(f['b'], f['b_port'])}"
+        cut = f.get("cut") or []
         rows.append((flow, str(f["status"] or "-"),
-                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"])))
-    return "\n".join(_table(rows))
+                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"]),
+                     f"cut: {','.join(cut)}" if cut else "whole"))
+    lines = _table(rows)
+    cut = sum(1 for f in flows if f.get("cut"))
+    if cut:
+        lines.append(f"{cut} of {len(flows)} flows: capture cut by a budget (flow_packets, "
+                     "flow_bytes: the rest of the connection skipped; cpu_rate: packets "
+                     "skipped while a CPU's clones per second were spent)")
+    return "\n".join(lines)
 
 
 def detach(ifaces: list[str]) -> int:

@@ -67,11 +67,12 @@ def debug_iface(sink):
 @pytest.fixture
 def clf(classifier, debug_iface):
     """The session classifier with empty maps, trigger 5xx, mirroring to debug_iface,
-    request snapshot off (tests of the snapshot turn it on)."""
+    request snapshot off (tests of the snapshot turn it on), no budgets."""
     classifier.clear()
     classifier.set_trigger(frozenset(range(500, 600)))
     classifier.set_debug_ifindex(debug_iface.ifindex)
     classifier.set_request_bytes(0)
+    classifier.set_budgets()            # unlimited, every CPU's rate window empty
     yield classifier
     classifier.clear()
 

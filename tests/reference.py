@@ -113,6 +113,18 @@ Each status counts `h2_responses` and its class in the interface's "h2_<class>";
 unknown counts `h2_status_unknown`. A segment with a status in the trigger set marks and
 mirrors exactly as an HTTP/1.x response (the flow records the first such status).
 
+Budgets (bpf/mirror.h struct mirror_config; modelled for one CPU: the fuzz runs pinned).
+A marked flow's packets and bytes are counted from the packet that marked it (included)
+through every TCP packet of the flow seen since, mirrored or not; a SYN that unmarks the
+flow forgets them, and a trigger that marks it anew starts them again. A packet to be
+mirrored, with a debug interface configured, is skipped when the flow's packets (this
+one counted) exceed max_packets_per_flow (`skip_flow_packets`), else when its bytes
+(this one counted) exceed max_bytes_per_flow (`skip_flow_bytes`), else when the CPU's
+rate window already holds max_clones_per_window clones (`skip_cpu_rate`); otherwise the
+clone takes a place in the window, whether or not the debug interface takes it. 0 is
+unlimited. A skip flags the flow with its reason. The model's window never turns over:
+the tests give it a width no run outlasts.
+
 The classifier's "nonlinear" path (headers outside the skb's linear data) cannot occur
 in BPF_PROG_TEST_RUN, which puts the whole frame in the linear part; the model never
 predicts it.
@@ -180,6 +192,35 @@ class Decision:
     marked_after: bool = False
     iface: Mapping[str, int] = field(default_factory=dict)
     request_from_lo: bool | None = None
+
+
+@dataclass
+class Budget:
+    """The budgets in force (0: unlimited) and what they have used on the one CPU: per
+    marked flow [packets, bytes, set of cut reasons], and the clones in the window.
+    decide() updates it."""
+    max_packets: int = 0
+    max_bytes: int = 0
+    max_clones: int = 0
+    clones: int = 0
+    flows: dict = field(default_factory=dict)
+
+    def skip(self, key: FlowKey) -> str | None:
+        """The reason a clone of `key`'s current packet is skipped, or None (the clone
+        then takes its place in the window)."""
+        packets, nbytes, cut = self.flows[key]
+        why = None
+        if self.max_packets and packets > self.max_packets:
+            why = "flow_packets"
+        elif self.max_bytes and nbytes > self.max_bytes:
+            why = "flow_bytes"
+        elif self.max_clones and self.clones >= self.max_clones:
+            why = "cpu_rate"
+        elif self.max_clones:
+            self.clones += 1
+        if why:
+            cut.add(why)
+        return why
 
 
 PATHS = ("rejected", "malformed", "other", "tcp", "unmarked", "response", "marked",
@@ -557,12 +598,14 @@ def flow_key(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> Flo
 
 def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
            marked: AbstractSet[FlowKey], debug: str = DEBUG_OK,
-           requests: Mapping[FlowKey, bool] | None = None) -> Decision:
+           requests: Mapping[FlowKey, bool] | None = None,
+           budget: Budget | None = None) -> Decision:
     """The classifier's decision for `frame` seen on hook `direction` ('ingress' or
     'egress'), with trigger codes `triggers`, flows `marked` before it, and a debug
     interface that takes clones (DEBUG_OK), is not configured (DEBUG_NONE), or fails
     them (DEBUG_FAIL). `requests`: None with the request snapshot off; with it on, for
-    each flow with a remembered request, whether its lo endpoint sent it."""
+    each flow with a remembered request, whether its lo endpoint sent it. `budget`: the
+    budgets and their use so far, updated here (None: no budgets, nothing tracked)."""
     why = test_run_refuses(frame)
     if why:
         return Decision(False, None, {}, "rejected", why)
@@ -582,6 +625,8 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
     path, reason = "tcp", "TCP segment"
     if was_marked and p.syn:
         was_marked = False
+        if budget is not None:
+            budget.flows.pop(key, None)
         seen["syn_unmarked"] = 1
         path, reason = "unmarked", "SYN on a marked flow"
     code = status_code(p.payload)
@@ -628,10 +673,22 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
             seen["flows_marked"] = 1
             path, reason = "marked", f"trigger status {code:03d}"
     mirrored = was_marked or marks
+    skipped = None
+    if budget is not None and mirrored:
+        use = budget.flows.setdefault(key, [0, 0, set()])
+        if marks:
+            use[:] = [1, len(frame), set()]
+        else:
+            use[0] += 1
+            use[1] += len(frame)
+        if debug != DEBUG_NONE:
+            skipped = budget.skip(key)
     if mirrored:
         if path != "marked":
             path = "mirrored"
-        if debug == DEBUG_OK:
+        if skipped:
+            seen[f"skip_{skipped}"] = 1
+        elif debug == DEBUG_OK:
             seen["mirrored_packets"] = 1
             seen["mirrored_bytes"] = len(frame)
             iface["mirrored_packets"] = 1

@@ -63,6 +63,7 @@ SNAPSHOT_BYTES = 256
 CHECKPOINT_REQUESTS = 200
 REQUEST_VALUE_SIZE = 88 + 512       # struct error_event, as the session classifier has it
 REQUEST_FROM_LO = 77                # offset of request_from_lo in it
+WIDE_WINDOW = 1 << 62               # a rate window no run outlasts (the model's never turns)
 
 
 # --- the harness -----------------------------------------------------------------------
@@ -101,8 +102,18 @@ class Disagreement:
 class Harness:
     """Runs frames through the classifier and the reference and compares them."""
 
-    def __init__(self, clf, triggers=TRIGGER_5XX, debug=R.DEBUG_OK, debug_iface=None):
+    def __init__(self, clf, triggers=TRIGGER_5XX, debug=R.DEBUG_OK, debug_iface=None,
+                 budget: R.Budget | None = None):
+        """`budget`: the budgets to run with (set in the classifier here, its rate window
+        as wide as WIDE_WINDOW); None: none, as the fixture leaves the classifier. The
+        model tracks every marked flow's packets, bytes and cut reasons either way, and
+        checkpoints compare them with the kernel's."""
         self.clf = clf
+        self.budget = budget or R.Budget()
+        if budget is not None:
+            clf.set_budgets(budget.max_packets, budget.max_bytes, budget.max_clones,
+                            window_ns=WIDE_WINDOW)
+            budget.clones = 0
         # With the debug interface: checkpoints also count the clones that left it.
         self.tx_path = (f"/sys/class/net/{debug_iface.name}/statistics/tx_packets"
                         if debug_iface is not None else None)
@@ -117,6 +128,7 @@ class Harness:
         self.triggers = frozenset(triggers)
         self.debug = debug
         self.marked: set[FlowKey] = set(FlowKey.from_bytes(k) for k in self.flows.keys())
+        self.budget.flows = self.kernel_use()
         self.iface: dict[str, Counter] = {d: Counter() for d in DIRECTIONS}
         self.iface_base = {d: Counter(v) for (i, d), v in clf.iface_stats().items()
                            if i == LO_IFINDEX}
@@ -135,11 +147,25 @@ class Harness:
         self.clf.set_trigger(frozenset(codes))
         self.triggers = frozenset(codes)
 
+    def set_budget(self, budget: R.Budget) -> None:
+        """New budgets; every CPU's rate window starts empty again, the model's too."""
+        self.clf.set_budgets(budget.max_packets, budget.max_bytes, budget.max_clones,
+                             window_ns=WIDE_WINDOW)
+        budget.clones = 0
+        budget.flows = self.budget.flows
+        self.budget = budget
+
     def set_snapshot(self, on: bool) -> None:
         """Turns the request snapshot on (the model starts from what the kernel holds)
         or off."""
         self.clf.set_request_bytes(SNAPSHOT_BYTES if on else 0)
         self.requests = self.kernel_requests() if on else None
+
+    def kernel_use(self) -> dict[FlowKey, list]:
+        """Each marked flow's [packets, bytes, cut reasons] in the kernel (one CPU's:
+        the harness runs pinned)."""
+        return {k: [v["packets"], v["bytes"], set(v["cut"])]
+                for k, v in self.clf.flows().items()}
 
     def kernel_requests(self) -> dict[FlowKey, bool]:
         return {FlowKey.from_bytes(k): bool(self.request_map.lookup(k)[REQUEST_FROM_LO])
@@ -147,7 +173,7 @@ class Harness:
 
     def feed(self, frame: bytes, direction: str) -> R.Decision:
         exp = R.decide(frame, direction, self.triggers, self.marked, self.debug,
-                       self.requests)
+                       self.requests, self.budget)
         was_marked = exp.key in self.marked if exp.key is not None else None
         err, retval, out = self.runners[direction].run(frame)
         sums = self.counters.sums()
@@ -176,6 +202,8 @@ class Harness:
                                 f"in the map, expected {'marked' if exp.marked_after else 'not'}")
             # Follow the kernel from here on, so one disagreement does not cascade.
             (self.marked.add if present else self.marked.discard)(exp.key)
+            if not present:
+                self.budget.flows.pop(exp.key, None)
             if self.requests is not None and exp.request_from_lo is not None:
                 self.requests[exp.key] = exp.request_from_lo
         for k, v in exp.iface.items():
@@ -208,6 +236,14 @@ class Harness:
                 want[d] = dict(+total)
         if got != want:
             problems.append(f"iface_stats {got}, expected {want}")
+        use = self.kernel_use()
+        if use != self.budget.flows:
+            diff = sorted(k for k in set(use) | set(self.budget.flows)
+                          if use.get(k) != self.budget.flows.get(k))
+            problems.append(f"flow packets/bytes/cut differ for {len(diff)} flows, e.g. "
+                            + "; ".join(f"{k}: kernel {use.get(k)} model "
+                                        f"{self.budget.flows.get(k)}" for k in diff[:3]))
+        self.budget.flows = use
         if self.requests is not None and self.kernel_requests() != self.requests:
             kernel_req = self.kernel_requests()
             diff = {k for k in set(kernel_req) | set(self.requests)
@@ -228,6 +264,7 @@ class Harness:
             for k in keys:
                 self.flows.delete(k)
             self.marked = set()
+            self.budget.flows = {}
             for k in self.request_map.keys():
                 self.request_map.delete(k)
             if self.requests is not None:
@@ -1037,6 +1074,40 @@ def test_crafted(clf, pinned, debug_iface, frames_):
         assert not h.disagreements, report(h)
 
 
+# Budgets the crafted cases run with: each one alone at its tightest, and all together.
+BUDGETS = {"packets-1": (1, 0, 0), "packets-2": (2, 0, 0), "bytes-1": (0, 1, 0),
+           "bytes-150": (0, 150, 0), "rate-1": (0, 0, 1), "rate-3": (0, 0, 3),
+           "all": (3, 300, 4)}
+
+
+@pytest.mark.parametrize("limits", BUDGETS.values(), ids=BUDGETS.keys())
+@pytest.mark.parametrize("frames_", _crafted()[:12] + _crafted()[-9:])
+def test_crafted_with_budgets(clf, pinned, debug_iface, frames_, limits):
+    """The sequences and key-order cases again, with budgets: the model decides every
+    skip exactly (one CPU, a window no run outlasts)."""
+    for d in DIRECTIONS:
+        h = Harness(clf, debug_iface=debug_iface, budget=R.Budget(*limits))
+        for frame in frames_ * 2:           # twice: every budget above is reached
+            h.feed(frame, d)
+        h.checkpoint(empty=True)
+        assert not h.disagreements, report(h)
+
+
+@pytest.mark.parametrize("frames_", _crafted()[:12])
+def test_crafted_byte_budget_boundaries(clf, pinned, debug_iface, frames_):
+    """Byte budgets that a flow's bytes reach exactly (whichever frame marks it), and one
+    byte either side: the budget is inclusive."""
+    seq = frames_ * 2
+    sums = {sum(len(f) for f in seq[start:start + n]) for start in range(3)
+            for n in range(1, 4)}
+    for budget in sorted(b + d for b in sums for d in (-1, 0, 1)):
+        h = Harness(clf, debug_iface=debug_iface, budget=R.Budget(0, budget, 0))
+        for frame in seq:
+            h.feed(frame, "egress")
+        h.checkpoint(empty=True)
+        assert not h.disagreements, f"byte budget {budget}: " + report(h)
+
+
 @pytest.mark.parametrize("debug, ifindex", [(R.DEBUG_NONE, 0), (R.DEBUG_NONE, LO_IFINDEX),
                                             (R.DEBUG_FAIL, BOGUS_IFINDEX)])
 def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
@@ -1116,3 +1187,42 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
         f"({dict(dirs)}; replay with MIRROR_FUZZ_SEED={seed} MIRROR_FUZZ_FRAMES={total})\n"
         + report(h, seed))
     assert h.non_pass == 0, f"seed {seed}: {h.non_pass} verdicts other than TC_ACT_UNSPEC"
+
+
+# Budgets the budget fuzz cycles through, one per checkpoint interval.
+FUZZ_BUDGETS = [R.Budget(3, 0, 0), R.Budget(0, 1500, 0), R.Budget(0, 0, 60),
+                R.Budget(6, 4000, 150), R.Budget(1, 0, 0)]
+
+
+@pytest.mark.slow
+def test_fuzz_with_budgets(clf, pinned, debug_iface, capsys):
+    """The fuzz's frames with budgets on: a new set of budgets (and an empty rate window)
+    at every checkpoint. MIRROR_FUZZ_SEED as for test_fuzz; MIRROR_FUZZ_BUDGET_FRAMES
+    frames (default 20000)."""
+    seed = int(os.environ.get("MIRROR_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
+    total = int(os.environ.get("MIRROR_FUZZ_BUDGET_FRAMES") or 20000)
+    with capsys.disabled():
+        print(f"\nmirror budget fuzz: seed={seed} frames={total}", flush=True)
+    h = Harness(clf, debug_iface=debug_iface, budget=FUZZ_BUDGETS[0])
+    last_checkpoint = 0
+    for item in Generator(seed, total):
+        if item is None:
+            if len(h.marked) >= CHECKPOINT_FLOWS or h.frames - last_checkpoint >= CHECKPOINT_FRAMES:
+                h.checkpoint(empty=True)
+                last_checkpoint = h.frames
+                h.set_budget(FUZZ_BUDGETS[h.checkpoints % len(FUZZ_BUDGETS)])
+            continue
+        frame, direction, _ = item
+        h.feed(frame, direction)
+    h.checkpoint(empty=True)
+    skips = Counter()
+    for name in ("skip_flow_packets", "skip_flow_bytes", "skip_cpu_rate"):
+        skips[name] = h.counters.sums()[COUNTERS.index(name)]
+    with capsys.disabled():
+        print(f"mirror budget fuzz summary: frames={h.frames} "
+              f"disagreements={len(h.disagreements)} checkpoints={h.checkpoints} "
+              + " ".join(f"{k}={v}" for k, v in skips.items()), flush=True)
+    assert h.frames == total
+    assert not h.disagreements, (f"seed {seed}: {len(h.disagreements)} disagreements\n"
+                                 + report(h, seed))
+    assert all(skips.values()), f"a budget never skipped anything: {dict(skips)}"

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 EVENT_FIELDS = {"time", "iface", "direction", "client", "server", "method", "target", "host",
                 "status", "response_ns", "new_flow", "proto", "request_bytes",
-                "request_truncated"}
+                "request_truncated", "capture_cut", "budget"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -125,6 +125,10 @@ def test_request_of_the_error_is_captured_and_reported(host, nginx, tmp_path, ho
     assert ev["iface"] == host.host_if and ev["direction"] == "ingress"
     assert isinstance(ev["response_ns"], int) and ev["response_ns"] > 0
     assert ev["request_truncated"] is False
+    # The default budgets, none spent on this short connection.
+    assert ev["capture_cut"] == [] and ev["budget"] == {
+        "max_packets_per_flow": 1000, "max_bytes_per_flow": 1 << 20,
+        "max_clones_per_second": 10000}
     assert stat.S_IMODE(r.events_path.stat().st_mode) == 0o600
 
 
