@@ -171,6 +171,9 @@ class Controller:
             if debugif.has_sink(self.ipr, idx):
                 raise UsageError(f"{name} is the drop end of a mirror debug interface: "
                                  "monitoring it would loop clones; pick another interface")
+            if debugif.is_sink_peer_of(self.ipr, idx):
+                raise UsageError(f"{name} is a mirror debug interface: monitoring it would "
+                                 "clone clones; pick another interface")
             if ownership.is_held(ownership.iface_lock_name(idx)):
                 rec = ownership.read("iface", ownership.iface_key(idx)) or {}
                 raise UsageError(f"{name} is already monitored by another mirror controller "
@@ -472,8 +475,10 @@ class Controller:
             try:
                 # A sink sits on a clsact qdisc: without one (a new interface), no filter
                 # dump is needed, and the attach starts a few milliseconds sooner.
-                return (tc.ingress_qdisc(self.ipr, ifindex) == "clsact" and
-                        debugif.has_sink(self.ipr, ifindex))
+                if (tc.ingress_qdisc(self.ipr, ifindex) == "clsact" and
+                        debugif.has_sink(self.ipr, ifindex)):
+                    return True         # a sink end
+                return debugif.is_sink_peer_of(self.ipr, ifindex)   # another's debug end
             except NetlinkError:
                 return True     # gone already
 

@@ -82,6 +82,19 @@ def has_sink(ipr, ifindex: int) -> bool:
                for f in tc.list_filters(ipr, ifindex, tc.CLSACT_INGRESS))
 
 
+def is_sink_peer_of(ipr, ifindex: int) -> bool:
+    """True when this interface is the near end of a debug veth pair (any controller's):
+    its peer, in this namespace, drops with this tool's sink program."""
+    link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "veth":
+        return False
+    peer = link.get_attr("IFLA_LINK")
+    if not peer or link.get_attr("IFLA_LINK_NETNSID") is not None:
+        return False        # a container's veth: its peer lives in another namespace
+    return tc.ingress_qdisc(ipr, peer) == "clsact" and has_sink(ipr, peer)
+
+
 def check_existing(ipr, name: str, ifindex: int, recorded: bool) -> None:
     """Refuses an existing interface as debug interface unless clones sent there can
     reach no network: a dummy, a veth whose peer drops with this tool's sink, or one
