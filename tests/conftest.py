@@ -107,3 +107,16 @@ def state_dir(tmp_path, monkeypatch):
 def tc_show(ifname: str) -> str:
     out = subprocess.run(["tc", "qdisc", "show", "dev", ifname], capture_output=True, text=True)
     return out.stdout
+
+
+@pytest.fixture
+def pinned():
+    """Runs the test on one CPU (the lowest it may use), so that every per-CPU slot the
+    program touches is that CPU's: BPF_PROG_TEST_RUN runs on the calling CPU."""
+    original = os.sched_getaffinity(0)
+    cpu = min(original)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, original)

@@ -51,17 +51,6 @@ def tx_packets(iface) -> int:
     return int(open(f"/sys/class/net/{iface.name}/statistics/tx_packets").read())
 
 
-@pytest.fixture
-def pinned():
-    original = os.sched_getaffinity(0)
-    cpu = min(original)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield cpu
-    finally:
-        os.sched_setaffinity(0, original)
-
-
 def two_cpus():
     original = os.sched_getaffinity(0)
     if not {0, 1} <= original:

@@ -886,18 +886,6 @@ class Generator:
 
 # --- tests -----------------------------------------------------------------------------
 
-@pytest.fixture
-def pinned():
-    """Runs the test on one CPU, so every per-CPU slot the program touches is one."""
-    original = os.sched_getaffinity(0)
-    cpu = min(original)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield cpu
-    finally:
-        os.sched_setaffinity(0, original)
-
-
 def test_generator_is_deterministic():
     """A seed gives the same frames, and a shorter run is a prefix of a longer one (so a
     failure at frame N replays with MIRROR_FUZZ_FRAMES=N+1)."""
