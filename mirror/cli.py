@@ -55,10 +55,12 @@ examples:
 
 DESCRIPTION = """\
 HTTP-aware selective traffic mirror. A tc BPF classifier reads every packet on the
-monitored interfaces; when an HTTP/1.x response carries a status code in the trigger set,
-that connection is marked and every packet of it from then on, both directions, is cloned
-to a debug interface, where tcpdump or Wireshark can record it (within the --max-*
-budgets). All other traffic passes untouched."""
+monitored interfaces; when an HTTP/1.x or HTTP/2 (cleartext) response carries a status
+code in the trigger set, that connection is marked and every packet of it from then on,
+both directions, is cloned to a debug interface, where tcpdump or Wireshark can record it
+(within the --max-* budgets), together with the request that got the error; each error
+also becomes one event line (`mirror events`, --events-file). All other traffic passes
+untouched."""
 
 
 def build_parser() -> argparse.ArgumentParser:
