@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from mirror.lab.netns import Host
+from mirror.lab.netns import Host, stop_process
 from mirror.lab.nginx import Nginx
 
 CLIENT_CPU = 0
@@ -89,13 +89,7 @@ class Lab:
         return self
 
     def stop(self) -> None:
-        if self.iperf and self.iperf.poll() is None:
-            self.iperf.terminate()
-            try:
-                self.iperf.wait(5)
-            except subprocess.TimeoutExpired:
-                self.iperf.kill()
-                self.iperf.wait()
+        stop_process(self.iperf)
         if self.nginx:
             self.nginx.stop()
         if self.host:

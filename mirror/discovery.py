@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import UsageError
+from .rtnl import attr_string
 
 log = logging.getLogger("mirror")
 
@@ -51,7 +52,6 @@ SO_RCVBUFFORCE = 33
 RCVBUF = 16 << 20       # 16 MiB: thousands of link messages of a couple of KiB each
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
 
 
 def is_pattern(spec: str) -> bool:
@@ -120,22 +120,11 @@ def parse_link_messages(data: bytes, received: float) -> list[LinkEvent]:
                 raise OSError(-code, "netlink error")
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
             _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(data, body)
-            out.append(LinkEvent("new" if mtype == RTM_NEWLINK else "del", ifindex,
-                                 _ifname(data, body + _IFINFOMSG.size, off + length),
+            name = attr_string(data, body + _IFINFOMSG.size, off + length, IFLA_IFNAME)
+            out.append(LinkEvent("new" if mtype == RTM_NEWLINK else "del", ifindex, name,
                                  received))
         off += (length + 3) & ~3
     return out
-
-
-def _ifname(data: bytes, off: int, end: int) -> str | None:
-    while off + _RTATTR.size <= end:
-        rta_len, rta_type = _RTATTR.unpack_from(data, off)
-        if rta_len < _RTATTR.size:
-            return None
-        if rta_type == IFLA_IFNAME:
-            return data[off + _RTATTR.size:off + rta_len].split(b"\0")[0].decode()
-        off += (rta_len + 3) & ~3
-    return None
 
 
 class LinkSocket:

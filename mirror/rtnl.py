@@ -48,18 +48,21 @@ def get_qdisc(ifindex: int, parent: int) -> tuple[str, int] | None:
                 if mtype != RTM_GETQDISC:
                     _family, _idx, handle, _parent, _info = _TCMSG.unpack_from(
                         data, off + _NLMSGHDR.size)
-                    kind = _kind(data, off + _NLMSGHDR.size + _TCMSG.size, off + length)
+                    kind = attr_string(data, off + _NLMSGHDR.size + _TCMSG.size, off + length,
+                                       TCA_KIND)
                     if found is None and kind:
                         found = (kind, handle)
                 off += (length + 3) & ~3
 
 
-def _kind(data: bytes, off: int, end: int) -> str | None:
+def attr_string(data: bytes, off: int, end: int, attr_type: int) -> str | None:
+    """The NUL-terminated string attribute `attr_type` among the rtattrs in data[off:end]
+    (a link's IFLA_IFNAME, a qdisc's TCA_KIND), or None."""
     while off + _RTATTR.size <= end:
         rta_len, rta_type = _RTATTR.unpack_from(data, off)
         if rta_len < _RTATTR.size:
             return None
-        if rta_type == TCA_KIND:
+        if rta_type == attr_type:
             return data[off + _RTATTR.size:off + rta_len].split(b"\0")[0].decode()
         off += (rta_len + 3) & ~3
     return None
