@@ -4,6 +4,7 @@
     h2load, iperf3 -c      host_if <==veth==> eth0    nginx (1 worker), iperf3 -s
     pinned to CLIENT_CPU   ^ monitored             198.18.N.2  /ok   (200)
                                                    198.18.N.3  /error (500)
+                                                   port 80 HTTP/1.1, port H2_PORT h2c
 
 The host-side end of the veth is what every configuration hooks, as a container host
 hooks a container's veth. Error requests go to a second server address so that error and
@@ -27,6 +28,7 @@ from mirror.lab.nginx import Nginx
 CLIENT_CPU = 0
 SERVER_CPU = 1
 IPERF_PORT = 5201
+H2_PORT = 8080          # nginx speaks h2c (prior knowledge) here, HTTP/1.1 on 80
 
 # ethtool names of the segmentation and receive offloads switched off so that every
 # MTU-sized packet, not a 64 KiB GSO super-packet, crosses the classifier.
@@ -79,7 +81,7 @@ class Lab:
     def start(self) -> "Lab":
         self.host = Host.create()
         self.host.exec("ip", "addr", "add", f"{self.error_v4}/24", "dev", "eth0")
-        self.nginx = Nginx(self.host, workers=1).start()
+        self.nginx = Nginx(self.host, workers=1, h2_port=H2_PORT).start()
         time.sleep(0.2)                     # let the master fork its worker
         pin_tree(self.nginx.proc.pid, SERVER_CPU)
         self.iperf = self.host.popen(*taskset(SERVER_CPU, "iperf3", "-s", "-B",
@@ -126,6 +128,14 @@ class Lab:
     @property
     def error_url(self) -> str:
         return f"http://{self.error_v4}/error"
+
+    @property
+    def ok_url_h2(self) -> str:
+        return f"http://{self.ok_v4}:{H2_PORT}/ok"
+
+    @property
+    def error_url_h2(self) -> str:
+        return f"http://{self.error_v4}:{H2_PORT}/error"
 
     # --- knobs and counters ----------------------------------------------------------
     def set_offloads(self, on: bool) -> str:
