@@ -30,6 +30,10 @@
 #ifndef MAX_REQUESTS
 #define MAX_REQUESTS 16384
 #endif
+/* 0 compiles the HTTP/2 parser out (the bench's "HTTP/2 parser off"), leaving HTTP/1.x. */
+#ifndef MIRROR_HTTP2
+#define MIRROR_HTTP2 1
+#endif
 #ifndef EVENT_PAGES
 #define EVENT_PAGES 256
 #endif
@@ -406,7 +410,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     } else if (payload_len >= H2_MIN_SEGMENT) {
         try_h2 = bpf_skb_load_bytes(skb, seg.payload_off, head, H2_FRAME_HEADER_LEN) == 0;
     }
-    if (try_h2 && h2_header_ok((const unsigned char *)head)) {
+    if (MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head)) {
         struct h2_pending *p = h2_pending.lookup(&zero);
         if (p) {
             p->key = seg.key;

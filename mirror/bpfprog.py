@@ -103,7 +103,9 @@ class Classifier:
 
     PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
 
-    def __init__(self, max_flows: int = 65536, request_bytes: int = DEFAULT_REQUEST_BYTES):
+    def __init__(self, max_flows: int = 65536, request_bytes: int = DEFAULT_REQUEST_BYTES,
+                 http2: bool = True):
+        """`http2=False` compiles the HTTP/2 parser out (what the bench compares against)."""
         from bcc import BPF
         src = bpf_dir() / "mirror.c"
         self.request_capacity = request_capacity(request_bytes)
@@ -112,6 +114,7 @@ class Classifier:
                        cflags=[f"-I{bpf_dir()}", f"-DMAX_FLOWS={max_flows}",
                                f"-DREQUEST_BYTES={self.request_capacity}",
                                f"-DMAX_REQUESTS={self.max_requests}",
+                               f"-DMIRROR_HTTP2={int(http2)}",
                                "-Wno-unused-function"])
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}

@@ -503,3 +503,22 @@ def test_false_triggers_on_non_h2_traffic(clf, capsys):
     # decoded status needs a zero byte, a length <= 0x40xx, type 1, valid flags and
     # stream, then a :status field: not one expected in this many.
     assert c["h2_responses"] == 0
+
+
+def test_parser_compiled_out_reads_no_h2_and_still_http1():
+    """`Classifier(http2=False)`, the bench's "HTTP/2 parser off": an h2 500 passes unread,
+    an HTTP/1.x 500 still marks its flow."""
+    from mirror.bpfprog import Classifier
+    clf = Classifier(max_flows=1024, request_bytes=0, http2=False)
+    try:
+        clf.set_trigger(TRIGGER_5XX)
+        before = clf.counters()
+        clf.test_run("egress", response_frame(headers(literal(500))))
+        after = clf.counters()
+        assert after["h2_responses"] == before["h2_responses"]
+        assert after["h2_status_unknown"] == before["h2_status_unknown"]
+        assert clf.flow_count() == 0
+        clf.test_run("egress", response_frame(b"HTTP/1.1 500 Internal Server Error\r\n\r\n"))
+        assert clf.flow_count() == 1
+    finally:
+        clf.bpf.cleanup()        # bcc closes the programs and maps
