@@ -17,11 +17,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 EPILOG = """\
 examples:
-  python -m bench                  # full run (about 20 minutes): bench/results/
-  python -m bench --quick          # about 90 s, one round: bench/results/quick/
-  python -m bench --rounds 5       # more rounds on a quiet machine
+  python -m bench                  # full run (about 45 minutes): bench/results/
+  python -m bench --quick          # a few minutes, one round: bench/results/quick/
+  python -m bench --rounds 40      # narrower intervals on a quiet machine
+  python -m bench --passes cost --configs mirror-clsact,thesis   # one question only
   python -m bench --report bench/results/latest.json   # redo table and plots from a JSON
+  python -m bench.attach --help    # the attach experiment alone
+  python -m bench.scale --help     # every CPU of a bigger machine
 """
+PASSES = ("micro", "cost", "saturation", "in_traffic", "attach")
 
 
 def parse_args(argv=None):
@@ -30,16 +34,20 @@ def parse_args(argv=None):
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="one round, about a second per run (CI uses it so the bench never rots)")
-    p.add_argument("--rounds", type=int, help="rounds (default: 3 full, 1 quick)")
+    p.add_argument("--rounds", type=int,
+                   help=f"cost rounds (default: {runner.FULL.rounds} full, 1 quick)")
     p.add_argument("--seconds", type=float,
-                   help="h2load and iperf3 seconds per run (default: 8 full, 1 quick)")
+                   help=f"seconds per cost run (default: {runner.FULL.seconds:g} full, 1 quick)")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help=f"comma-separated subset of: {', '.join(PASSES)} (default: all)")
+    p.add_argument("--seed", type=int, help="seed of the run order (default: the start time)")
     p.add_argument("--max-foreign", type=float, metavar="SHARE",
                    help="run a workload's group of runs again when another tenant took more "
                    "than this share of the CPUs during one of them (default: 0.1 full, off quick)")
     p.add_argument("--retries", type=int,
                    help="at most this many such re-runs in the whole bench (default: 6 full)")
-    p.add_argument("--configs", help="comma-separated subset of: untraced, qdiscs, "
-                   "mirror-htb, mirror-clsact, thesis (untraced is always included)")
+    p.add_argument("--configs", help="comma-separated subset of the configurations "
+                   "(bench/configs.py; untraced is always included)")
     p.add_argument("--out", type=Path,
                    help="results directory (default bench/results, quick: bench/results/quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -58,11 +66,13 @@ def settings_from(args) -> runner.Settings:
     if args.retries is not None:
         st = replace(st, retry_budget=args.retries)
     if args.seconds:
-        st = replace(st, h2load_seconds=args.seconds, iperf_seconds=max(1, round(args.seconds)))
+        st = replace(st, seconds=args.seconds)
+    if args.seed:
+        st = replace(st, seed=args.seed)
     return st
 
 
-ONE_LINE_EACH = ("runs", "in_traffic", "microbench")
+ONE_LINE_EACH = ("runs", "microbench", "plans")
 
 
 def to_json(obj, level: int = 0, expand: int = 5) -> str:
@@ -119,10 +129,22 @@ def main(argv=None) -> int:
     st = settings_from(args)
     only = None
     if args.configs:
+        from .configs import KEYS
         only = {"untraced", *(c.strip() for c in args.configs.split(",") if c.strip())}
+        unknown = sorted(only - set(KEYS))
+        if unknown:
+            print(f"bench: unknown configuration {', '.join(unknown)}; choose from "
+                  f"{', '.join(KEYS)}", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGTERM, _interrupt)
+    passes = [x.strip() for x in args.passes.split(",") if x.strip()]
+    unknown = sorted(set(passes) - set(PASSES))
+    if unknown:
+        print(f"bench: unknown pass {', '.join(unknown)}; choose from {', '.join(PASSES)}",
+              file=sys.stderr)
+        return 2
     try:
-        result = runner.run(st, sorted(only) if only else None)
+        result = runner.run(st, sorted(only) if only else None, passes)
     except KeyboardInterrupt:
         print("bench: interrupted; namespaces, qdiscs, filters and debug interfaces removed",
               file=sys.stderr)

@@ -16,7 +16,16 @@ next to nothing:
 Complete means: every error connection shows up on the debug interface, no success
 connection does, and at least one mirrored packet per request and per 500 response after
 each connection's first 500 (2 x 5xx - error connections): the mirror clones every packet
-of a marked connection, requests and responses, from its first 500 on."""
+of a marked connection, requests and responses, from its first 500 on.
+
+With per-flow budgets a marked connection stops being cloned long before its FIN, so for
+budgeted configurations the tcpdump also keeps the first segment of each response (an
+HTTP/1.x status line, or an h2 frame header of type HEADERS): at most a budget's worth per
+connection reaches user space. Complete then means every error connection and no success
+connection showed up; the packet count is only reported.
+
+The same watch runs in every configuration, mirroring or not (on a debug interface made
+for it where the configuration has none), so that its cost is the same in every ratio."""
 from __future__ import annotations
 
 import tempfile
@@ -28,15 +37,27 @@ from mirror.capture.tcpdump import Tcpdump
 from .lab import link_stats
 
 FIN_RST_FILTER = "tcp[tcpflags] & (tcp-fin|tcp-rst) != 0"
+PAYLOAD = "tcp[((tcp[12:1] & 0xf0) >> 2){}]"
+RESPONSE_START = {"h1": PAYLOAD.format(":4") + " = 0x48545450",          # "HTTP"
+                  "h2c": PAYLOAD.format(" + 3:1") + " = 0x01"}           # HEADERS
+
+
+def capture_filter(server_port: int, proto: str, budgeted: bool) -> str:
+    if not budgeted:
+        return FIN_RST_FILTER
+    return (f"({FIN_RST_FILTER}) or (tcp src port {server_port} and "
+            f"{RESPONSE_START[proto]})")
 
 
 class Watch:
-    def __init__(self, lab, debug_iface: str):
+    def __init__(self, lab, debug_iface: str, server_port: int = 80, proto: str = "h1",
+                 budgeted: bool = False):
         self.lab, self.debug_iface = lab, debug_iface
+        self.server_port, self.budgeted = server_port, budgeted
         self.dir = tempfile.TemporaryDirectory(prefix="bench-watch-")
-        self.pcap = str(Path(self.dir.name) / "fin.pcap")
+        self.pcap = str(Path(self.dir.name) / "watch.pcap")
         self.tcpdump = Tcpdump(debug_iface, self.pcap, snaplen=128)
-        self.tcpdump.cmd += [FIN_RST_FILTER]
+        self.tcpdump.cmd += [capture_filter(server_port, proto, budgeted)]
 
     def start(self) -> "Watch":
         self.opens0 = self.lab.passive_opens()
@@ -55,9 +76,10 @@ class Watch:
             opens = self.lab.passive_opens() - self.opens0
             self.tcpdump.stop()
             error_flows, ok_flows = set(), set()
+            port = self.server_port
             for p in read_packets(self.pcap):
-                client = (p.src, p.sport) if p.dport == 80 else (p.dst, p.dport)
-                server = p.dst if p.dport == 80 else p.src
+                client = (p.src, p.sport) if p.dport == port else (p.dst, p.dport)
+                server = p.dst if p.dport == port else p.src
                 if server == self.lab.error_v4:
                     error_flows.add(client)
                 elif server == self.lab.ok_v4:
@@ -67,7 +89,8 @@ class Watch:
         n5xx = h2["status"]["5xx"]
         expected_flows = h2["error_connections"]
         mirrored = stats1["tx_packets"] - self.stats0["tx_packets"]
-        min_packets = max(0, 2 * n5xx - expected_flows)
+        # with budgets a connection is cloned for a budget's worth of packets only
+        min_packets = 0 if self.budgeted else max(0, 2 * n5xx - expected_flows)
         problems = []
         if opens != h2["connections"]:
             problems.append(f"{opens} connections accepted, h2load made {h2['connections']} "
@@ -90,6 +113,7 @@ class Watch:
             "mirrored_bytes": stats1["tx_bytes"] - self.stats0["tx_bytes"],
             "min_packets_expected": min_packets,
             "packets_per_5xx": round(mirrored / n5xx, 3) if n5xx else None,
+            "budgeted": self.budgeted,
             "complete": not problems,
             "problems": problems,
         }

@@ -1,10 +1,20 @@
-"""The five configurations the bench compares, each set up on the lab's monitored veth
-before a run and removed after it:
+"""The configurations the bench compares, each set up on the lab's monitored veth before a
+run and removed after it:
 
   untraced       nothing attached
   qdiscs         the thesis's qdiscs only: `ingress` + `htb` root 1:, no filter
-  mirror-htb     the mirror (mirror.controller), htb layout
-  mirror-clsact  the mirror, clsact layout (the default an operator would run)
+  tcpdump-w      `tcpdump -w` of the whole monitored interface: what an operator does
+                 without this tool
+  mirror-clsact  the mirror as an operator runs it by default: clsact layout, request
+                 snapshot (512 bytes), HTTP/2 parser, default budgets
+  mirror-tcx     the same on tcx links
+  mirror-htb     the same in the design card's ingress + htb layout
+  mirror-nosnap  mirror-clsact with the request snapshot off (--request-bytes 0)
+  mirror-noh2    mirror-clsact with the HTTP/2 parser compiled out
+  mirror-nobudget mirror-clsact with no budgets: every packet of every error connection
+                 cloned, as the thesis does (the error storm without budgets)
+  mirror-decide  mirror-nobudget with its debug interface unset: it decides and marks
+                 but never clones (in-traffic pass only: the clone's share, apart)
   thesis         the thesis monitor reproduced (bench/bpf/thesis.c): ingress + htb
                  qdiscs, classic cls_bpf filters whose match runs an act_mirred
                  "egress mirror" action to a debug interface
@@ -20,6 +30,7 @@ import threading
 from pyroute2 import IPRoute
 
 from mirror import debugif, tc
+from mirror.bpfprog import DEFAULT_REQUEST_BYTES
 from mirror.controller import Controller, Options
 from mirror.lab.netns import unique_name
 
@@ -33,6 +44,8 @@ class Config:
     label = ""
     mirrors = False          # whether error connections should appear on a debug interface
     bpf = False              # whether a classifier runs (in-traffic cost is measured)
+    budgeted = False         # clones capped per flow: completeness counts flows, not packets
+    reads_h2 = False         # whether it can find an error in h2c traffic
 
     def __init__(self, shared):
         self.shared = shared     # compiled programs, loaded once per bench run
@@ -76,33 +89,69 @@ class QdiscsOnly(Config):
         self.ifindex = None
 
 
+class TcpdumpWrite(Config):
+    """`tcpdump -i IFACE -w FILE`, as an operator types it (default snap length and
+    buffering), into a file on the root filesystem, deleted after the run."""
+    key, label = "tcpdump-w", "tcpdump -w (whole interface)"
+
+    def setup(self, lab) -> None:
+        import tempfile
+
+        from mirror.capture.tcpdump import Tcpdump
+        self.dir = tempfile.TemporaryDirectory(prefix="bench-tcpdump-w-", dir="/var/tmp")
+        self.tcpdump = Tcpdump(lab.host_if, f"{self.dir.name}/all.pcap")
+        self.tcpdump.cmd = ["tcpdump", "-n", "-i", lab.host_if, "-w", self.tcpdump.path]
+        self.tcpdump.start()
+
+    def teardown(self) -> None:
+        try:
+            self.tcpdump.stop()
+        finally:
+            self.dir.cleanup()
+
+
 class Mirror(Config):
     """The mirror as an operator runs it: a Controller with its sweep loop running, trigger
     5xx, on the monitored veth; the compiled classifier is shared between runs (maps
-    emptied before each) so that no run pays bcc's compile."""
+    emptied before each) so that no run pays bcc's compile. The variants switch one
+    feature of this round off: the request snapshot, the HTTP/2 parser (a second
+    classifier compiled without it), the budgets, the clone."""
     mirrors = bpf = True
 
-    def __init__(self, shared, hook: str):
+    def __init__(self, shared, hook: str = "clsact", variant: str = ""):
         super().__init__(shared)
-        self.hook = hook
-        self.key = f"mirror-{hook}"
-        self.label = f"mirror ({hook})"
+        self.hook, self.variant = hook, variant
+        self.key = f"mirror-{variant or hook}"
+        self.label = {"": f"mirror ({hook})", "nosnap": "mirror, request snapshot off",
+                      "noh2": "mirror, HTTP/2 parser off",
+                      "nobudget": "mirror, no budgets",
+                      "decide": "mirror, no budgets, clone off"}[variant]
+        self.budgeted = variant not in ("nobudget", "decide")
+        self.reads_h2 = variant != "noh2"
+        self.mirrors = variant != "decide"
         self.ctl: Controller | None = None
         self.thread: threading.Thread | None = None
 
+    def classifier(self):
+        return self.shared.classifier_noh2 if self.variant == "noh2" else \
+            self.shared.classifier
+
     def setup(self, lab) -> None:
-        clf = self.shared.classifier
+        clf = self.classifier()
         clf.clear()
+        request_bytes = 0 if self.variant == "nosnap" else DEFAULT_REQUEST_BYTES
+        clf.set_request_bytes(request_bytes)
         self.debug_iface = unique_name("d")
-        # No budgets: this configuration mirrors every packet of every error connection
-        # (the completeness check counts on it).
+        budgets = {} if self.budgeted else {
+            "max_packets_per_flow": 0, "max_bytes_per_flow": 0, "max_clones_per_second": 0}
         opts = Options(ifaces=[lab.host_if], debug_iface=self.debug_iface, hook=self.hook,
-                       trigger="5xx", max_packets_per_flow=0, max_bytes_per_flow=0,
-                       max_clones_per_second=0)
+                       trigger="5xx", request_bytes=request_bytes, **budgets)
         self.ctl = Controller(opts, classifier_factory=lambda: clf,
                               sink_factory=lambda: self.shared.sink)
         logging.getLogger("mirror").setLevel(logging.WARNING)
         self.ctl.start()
+        if self.variant == "decide":
+            clf.set_debug_ifindex(0)        # marks flows, clones nothing
         self.thread = threading.Thread(target=self.ctl.run, name="mirror-controller",
                                        daemon=True)
         self.thread.start()
@@ -119,7 +168,7 @@ class Mirror(Config):
             self.ctl = self.thread = None
 
     def prog_fds(self) -> dict[str, int]:
-        clf = self.shared.classifier
+        clf = self.classifier()
         return {"ingress": clf.fd("ingress"), "egress": clf.fd("egress")}
 
     def sink_fd(self) -> int | None:
@@ -129,6 +178,7 @@ class Mirror(Config):
 class Thesis(Config):
     key, label = "thesis", "thesis monitor (reproduced)"
     mirrors = bpf = True
+    reads_h2 = False
 
     def setup(self, lab) -> None:
         prog = self.shared.thesis
@@ -175,11 +225,28 @@ class Shared:
 
         from .progs import EmptyProgram, ThesisProgram
         self.classifier = Classifier()
+        self._noh2 = None
         self.sink = Sink()
         self.thesis = ThesisProgram()
         self.empty = EmptyProgram()
 
+    @property
+    def classifier_noh2(self):
+        if self._noh2 is None:
+            from mirror.bpfprog import Classifier
+            self._noh2 = Classifier(http2=False)
+        return self._noh2
 
-def all_configs(shared) -> list[Config]:
-    return [Untraced(shared), QdiscsOnly(shared), Mirror(shared, "htb"),
-            Mirror(shared, "clsact"), Thesis(shared)]
+
+KEYS = ("untraced", "qdiscs", "tcpdump-w", "mirror-clsact", "mirror-tcx", "mirror-htb",
+        "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide", "thesis")
+
+
+def all_configs(shared) -> dict[str, Config]:
+    cfgs = [Untraced(shared), QdiscsOnly(shared), TcpdumpWrite(shared),
+            Mirror(shared, "clsact"), Mirror(shared, "tcx"), Mirror(shared, "htb"),
+            Mirror(shared, variant="nosnap"), Mirror(shared, variant="noh2"),
+            Mirror(shared, variant="nobudget"), Mirror(shared, variant="decide"),
+            Thesis(shared)]
+    assert tuple(c.key for c in cfgs) == KEYS
+    return {c.key: c for c in cfgs}

@@ -1,23 +1,32 @@
-"""From raw runs to what an operator reads: medians over rounds, ratios to untraced,
-targets met or not, a Markdown report.
+"""From raw runs to what an operator reads: per-configuration figures, ratios with 95 %
+intervals (bench/stats.py), a verdict per target, a Markdown report.
 
-Ratios are paired: each round's value divided by the untraced value of the same round
-(configurations run back to back within a round, so slow drift of the machine cancels),
-then the median over rounds. Medians of the raw values are reported next to them."""
+Every ratio is paired by round: configuration A's value in round r over configuration B's
+in the same round, then the mean over rounds with a bootstrap interval."""
 from __future__ import annotations
 
 import statistics
 import time
 
+from . import stats
+
 BASE = "untraced"
 CLSACT = "mirror-clsact"
 THESIS = "thesis"
+CONMON_ATTACH_MS, CONMON_MISSED = 79, 76       # ConMon (seed 002), at 1000 packets/s
 
-TARGETS = (
-    ("http-0", "HTTP throughput at 0 % errors, mirror (clsact) / untraced", 0.98),
-    ("http-100", "HTTP throughput at 100 % errors, mirror (clsact) / untraced", 0.97),
-    ("iperf-off", "iperf3 throughput, offloads off, mirror (clsact) / untraced", 0.98),
-)
+COST_METRIC = {"h2load": ("cpu_us_per_request", "CPU-us per request"),
+               "iperf3": ("cpu_s_per_gb", "CPU-s per GB")}
+
+
+def _kept(result: dict, pass_: str) -> list[dict]:
+    return [r for r in result["runs"] if r.get("pass") == pass_ and not r.get("discarded")
+            and "error" not in r]
+
+
+def _series(runs, workload, config, metric) -> dict:
+    return {r["round"]: r[metric] for r in runs if r["workload"] == workload
+            and r["config"] == config and r.get(metric) is not None}
 
 
 def _median(xs):
@@ -25,151 +34,152 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def _stat(by_round: dict, base_by_round: dict | None) -> dict:
-    out = {"values": [by_round[r] for r in sorted(by_round)], "median": _median(by_round.values())}
-    if base_by_round is not None:
-        ratios = [by_round[r] / base_by_round[r] for r in sorted(by_round)
-                  if r in base_by_round and base_by_round[r]]
-        out["ratio"] = round(_median(ratios), 4) if ratios else None
-        out["ratios"] = [round(x, 4) for x in ratios]
-    return out
+def compare(runs, workload, a, b, metric) -> dict | None:
+    """Mean of the per-round ratios a/b and its 95 % interval."""
+    return stats.bootstrap_mean(stats.paired(_series(runs, workload, a, metric),
+                                             _series(runs, workload, b, metric)))
 
 
-def _series(runs, config, metric, **match) -> dict:
-    out = {}
-    for r in runs:
-        if r["config"] != config or any(r.get(k) != v for k, v in match.items()):
-            continue
-        v = metric(r)
-        if v is not None:
-            out[r["round"]] = v
-    return out
+def _metric(workload_id: str) -> str:
+    return COST_METRIC["iperf3" if workload_id.startswith("iperf3") else "h2load"][0]
 
 
-HTTP_METRICS = {
-    "req_per_s": lambda r: r["req_per_s"],
-    "mean_us": lambda r: r["latency"].get("mean_us"),
-    "p50_us": lambda r: r["latency"].get("p50_us"),
-    "p90_us": lambda r: r["latency"].get("p90_us"),
-    "p99_us": lambda r: r["latency"].get("p99_us"),
-    "error_share": lambda r: r["error_share"],
-}
+def _throughput(workload_id: str) -> str:
+    return "bits_per_second" if workload_id.startswith("iperf3") else "req_per_s"
 
 
 def summarize(result: dict) -> dict:
-    configs = [c["key"] for c in result["configs"]]
-    kept = [r for r in result["runs"] if not r.get("discarded")]
-    runs = [r for r in kept if "error" not in r]
-    failed = [r for r in kept if "error" in r]
-    iperf = {}
-    for off in ("on", "off"):
-        base = _series(runs, BASE, lambda r: r["bits_per_second"], workload="iperf3",
-                       offloads=off)
-        iperf[off] = {c: _stat(_series(runs, c, lambda r: r["bits_per_second"],
-                                       workload="iperf3", offloads=off),
-                               base if base else None) for c in configs}
-    http = {}
-    for pct in result["settings"]["error_levels"]:
-        http[pct] = {}
-        for c in configs:
-            row = {}
-            for name, fn in HTTP_METRICS.items():
-                base = _series(runs, BASE, fn, workload="h2load", error_pct=pct)
-                row[name] = _stat(_series(runs, c, fn, workload="h2load", error_pct=pct),
-                                  base if base and name != "error_share" else None)
-            row["completeness"] = _completeness(
-                [r for r in runs if r["config"] == c and r["workload"] == "h2load"
-                 and r["error_pct"] == pct])
-            row["log2_hist"] = _sum_hists(
-                [r["latency"].get("log2_hist") for r in runs if r["config"] == c
-                 and r["workload"] == "h2load" and r["error_pct"] == pct])
-            http[pct][c] = row
-    summary = {"iperf3": iperf, "http": http, "failed_runs": len(failed),
-               "in_traffic": _in_traffic(result.get("in_traffic", [])),
-               "microbench": result.get("microbench", [])}
-    summary["completeness"] = _completeness_verdict(result, http)
-    summary["targets"] = targets(summary)
+    plans = result.get("plans", {})
+    cost_runs, sat_runs = _kept(result, "cost"), _kept(result, "saturation")
+    it_runs = _kept(result, "in_traffic")
+    summary = {"cost": {}, "saturation": {}, "in_traffic": {}, "clone_ns": {},
+               "failed_runs": sum(1 for r in result["runs"] if "error" in r
+                                  and not r.get("discarded")),
+               "discarded_runs": sum(1 for r in result["runs"] if r.get("discarded")),
+               "microbench": result.get("microbench", []),
+               "attach": result.get("attach", {})}
+    for wl, cfgs in plans.get("cost", []):
+        metric = _metric(wl)
+        rows = {}
+        for c in cfgs:
+            s = _series(cost_runs, wl, c, metric)
+            if not s:
+                continue
+            achieved = [r["req_per_s"] / r["offered_req_per_s"] for r in cost_runs
+                        if r["workload"] == wl and r["config"] == c
+                        and r.get("offered_req_per_s")]
+            rows[c] = {"metric": metric, "median": _median(s.values()), "rounds": len(s),
+                       "vs_untraced": compare(cost_runs, wl, c, BASE, metric)
+                       if c != BASE else None,
+                       "achieved_share": _median(achieved),
+                       "softirq_share": _median([r.get("softirq_share") for r in cost_runs
+                                                 if r["workload"] == wl and r["config"] == c])}
+        summary["cost"][wl] = rows
+    for wl, cfgs in plans.get("saturation", []):
+        metric = _throughput(wl)
+        summary["saturation"][wl] = {
+            c: {"median": _median(_series(sat_runs, wl, c, metric).values()),
+                "vs_untraced": compare(sat_runs, wl, c, BASE, metric) if c != BASE else None}
+            for c in cfgs if _series(sat_runs, wl, c, metric)}
+    for wl, cfgs in plans.get("in_traffic", []):
+        rows = {}
+        for c in cfgs:
+            s = _series(it_runs, wl, c, "ns_per_run")
+            if not s:
+                continue
+            rows[c] = {"ns": stats.bootstrap_mean(list(s.values())),
+                       "runs_per_request": _median(_series(it_runs, wl, c,
+                                                           "runs_per_request").values()),
+                       "sink_ns_per_clone": _median(_series(it_runs, wl, c,
+                                                            "sink_ns_per_clone").values())}
+        summary["in_traffic"][wl] = rows
+        if "mirror-nobudget" in rows and "mirror-decide" in rows:
+            a = _series(it_runs, wl, "mirror-nobudget", "ns_per_run")
+            b = _series(it_runs, wl, "mirror-decide", "ns_per_run")
+            summary["clone_ns"][wl] = stats.bootstrap_mean([a[r] - b[r] for r in a if r in b])
+    summary["completeness"] = _completeness(result)
+    summary["targets"] = targets(result, summary)
     return summary
 
 
-def _completeness(runs: list[dict]) -> dict | None:
-    comps = [r["completeness"] for r in runs if "completeness" in r]
-    if not comps:
-        return None
-    keys = ("responses_5xx", "error_connections", "error_flows_mirrored", "ok_flows_mirrored",
-            "mirrored_packets", "min_packets_expected")
-    out = {k: sum(c[k] for c in comps) for k in keys}
-    out["runs"] = len(comps)
-    out["complete_runs"] = sum(c["complete"] for c in comps)
-    out["complete"] = out["complete_runs"] == len(comps)
-    out["problems"] = sorted({p for c in comps for p in c["problems"]})
-    return out
-
-
-def _completeness_verdict(result: dict, http: dict) -> dict:
-    mirroring = [c["key"] for c in result["configs"] if c["mirrors"]]
-    verdict = {}
-    for c in mirroring:
-        comps = [http[p][c]["completeness"] for p in http if http[p][c]["completeness"]]
-        verdict[c] = bool(comps) and all(x["complete"] for x in comps)
-    return verdict
-
-
-def _sum_hists(hists: list) -> list[int] | None:
-    hists = [h for h in hists if h]
-    if not hists:
-        return None
-    return [sum(col) for col in zip(*hists)]
-
-
-def _in_traffic(recs: list[dict]) -> dict:
+def _completeness(result: dict) -> dict:
+    """Per configuration, over every kept h2load run that judged it."""
     out = {}
-    for r in recs:
-        if "error" in r:
+    for r in result["runs"]:
+        comp = r.get("completeness")
+        if not comp or r.get("discarded"):
             continue
-        out.setdefault(r["config"], {})[r["error_pct"]] = {
-            k: r.get(k) for k in ("ns_per_run", "runs_per_request", "sink_ns_per_clone",
-                                  "req_per_s")}
+        agg = out.setdefault(r["config"], {"runs": 0, "complete_runs": 0, "responses_5xx": 0,
+                                           "error_connections": 0, "error_flows_mirrored": 0,
+                                           "ok_flows_mirrored": 0, "mirrored_packets": 0,
+                                           "problems": set()})
+        agg["runs"] += 1
+        agg["complete_runs"] += comp["complete"]
+        for k in ("responses_5xx", "error_connections", "error_flows_mirrored",
+                  "ok_flows_mirrored", "mirrored_packets"):
+            agg[k] += comp[k]
+        agg["problems"] |= set(comp["problems"])
+    for agg in out.values():
+        agg["complete"] = agg["complete_runs"] == agg["runs"]
+        agg["problems"] = sorted(agg["problems"])
     return out
 
 
-def targets(summary: dict) -> list[dict]:
-    out = []
+def _target(tid, text, limit, ci, note="") -> dict:
+    return {"id": tid, "text": text, "limit": limit, "ci": ci,
+            "verdict": stats.verdict_at_most(ci, limit), "note": note}
+
+
+def targets(result: dict, summary: dict) -> list[dict]:
+    cost, it = _kept(result, "cost"), _kept(result, "in_traffic")
     comp = summary["completeness"]
-    ok_baseline = comp.get(CLSACT, False) and comp.get(THESIS, False)
-    out.append({
-        "id": "completeness",
-        "text": "every mirroring configuration mirrored every error connection and no "
-                "success connection, in every h2load run",
-        "measured": ", ".join(f"{k}: {'complete' if v else 'INCOMPLETE'}"
-                              for k, v in comp.items()),
-        "threshold": None, "met": all(comp.values()) if comp else False})
-    for tid, text, threshold in TARGETS:
-        if tid.startswith("http"):
-            pct = 0 if tid == "http-0" else 100
-            cell = summary["http"].get(pct, {}).get(CLSACT)
-            stat = cell["req_per_s"] if cell else {}
+    out = [{"id": "completeness",
+            "text": "every mirroring configuration mirrored every error connection and no "
+                    "success connection, in every h2load run that judged it",
+            "limit": None, "ci": None,
+            "verdict": ("met" if comp and all(v["complete"] for v in comp.values())
+                        else "not met" if comp else "no data"),
+            "note": ", ".join(f"{k} {v['complete_runs']}/{v['runs']}" for k, v in comp.items())}]
+    metric = "cpu_us_per_request"
+    out.append(_target("cpu-0", "CPU per request, HTTP/1.1 at 0 % errors: mirror (clsact, "
+                       "snapshot on) / untraced, at most 1.02", 1.02,
+                       compare(cost, "http1-0", CLSACT, BASE, metric)))
+    out.append(_target("cpu-100", "CPU per request, HTTP/1.1 at 100 % errors: mirror "
+                       "(clsact, default budgets) / thesis, at most 1", 1.0,
+                       compare(cost, "http1-100", CLSACT, THESIS, metric)))
+    out.append(_target("cpu-100-nobudget", "the same with no budgets (every packet cloned, "
+                       "like the thesis): mirror / thesis, at most 1", 1.0,
+                       compare(cost, "http1-100", "mirror-nobudget", THESIS, metric)))
+    out.append(_target("ns-0", "in-traffic ns per invocation, HTTP/1.1 at 0 % errors: "
+                       "mirror (clsact) / thesis, at most 1", 1.0,
+                       compare(it, "http1-0", CLSACT, THESIS, "ns_per_run")))
+    out.append(_target("h2-parser", "in-traffic ns per invocation on HTTP/1.1 traffic "
+                       "(0 % errors): HTTP/2 parser on / off, at most 1.10", 1.10,
+                       compare(it, "http1-0", CLSACT, "mirror-noh2", "ns_per_run")))
+    att = summary["attach"].get("clsact") or {}
+    if "error" in att or not att:
+        out.append({"id": "attach-p99", "text": "new interface attached within 10 ms (p99)",
+                    "limit": 10.0, "ci": None, "verdict": "no data",
+                    "note": att.get("error", "")})
+    else:
+        raw = att.get("attach_ms") or []
+        ci = None
+        if raw:
+            p = stats.bootstrap_percentile(raw, 99)
+            ci = {"mean": p["value"], "lo": p["lo"], "hi": p["hi"], "n": p["n"]}
         else:
-            stat = summary["iperf3"]["off"].get(CLSACT, {})
-        ratio = stat.get("ratio")
-        out.append({"id": tid, "text": f"{text} >= {threshold:.0%}",
-                    "measured": ratio, "per_round": stat.get("ratios", []),
-                    "threshold": threshold,
-                    "met": ratio is not None and ratio >= threshold and comp.get(CLSACT, False)})
-    rows = [r for r in summary["microbench"] if THESIS in r["handled_by"]]
-    worse = [(r["frame"], r["ns"]["mirror"] / r["ns"][THESIS]) for r in rows]
-    worst = max(worse, key=lambda x: x[1]) if worse else (None, None)
-    out.append({
-        "id": "per-packet",
-        "text": "mirror's per-packet cost below the thesis reproduction's on every frame "
-                "class the thesis parses (IPv4), BPF_PROG_TEST_RUN",
-        "measured": worst[1] and round(worst[1], 3), "worst_frame": worst[0],
-        "slower_on": [f for f, x in worse if x >= 1], "threshold": 1.0,
-        "met": bool(worse) and all(x < 1 for _, x in worse) and ok_baseline})
-    for t in out:
-        if t["id"] != "completeness" and not ok_baseline:
-            t["note"] = ("not a fair comparison: the mirror or the thesis reproduction missed "
-                         "error connections")
+            v = att.get("attach_ms_p99")
+            ci = {"mean": v, "lo": v, "hi": v, "n": att.get("attached", 0)}
+        out.append(_target("attach-p99", "new interface attached within 10 ms (p99, clsact; "
+                           "ms)", 10.0, ci, "interval: bootstrap over interfaces"
+                           if raw else "no per-interface figures: point value"))
+        missed = att.get("packets_missed")
+        out.append({"id": "attach-missed", "text": "0 packets missed at 1000 packets/s "
+                    "(clsact)", "limit": 0, "ci": None,
+                    "verdict": "met" if missed == 0 else "not met",
+                    "note": f"{missed} of {att.get('packets_sent')} packets missed on "
+                            f"{att.get('interfaces_with_misses')} of {att.get('interfaces')} "
+                            "interfaces"})
     return out
 
 
@@ -183,82 +193,123 @@ def _num(x, fmt="{:,.0f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _ci(ci, fmt="{:.3f}") -> str:
+    if not ci:
+        return "-"
+    return f"{fmt.format(ci['mean'])} [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"
+
+
 def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     st, m = result["settings"], result["machine"]
     labels = {c["key"]: c["label"] for c in result["configs"]}
-    cfgs = [c["key"] for c in result["configs"]]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result["started"]))
     mins = (result["finished"] - result["started"]) / 60
     L = [f"# mirror bench: {st['mode']} run of {when}", ""]
     L += [f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average "
           f"{' '.join(m['loadavg'])} before, {' '.join(m.get('loadavg_after', []))} after; "
           f"{mins:.0f} minutes. {m['h2load']}, {m['iperf3']}, {m['nginx']}. "
-          f"Code: commit {m.get('git_commit', '?')}.",
-          "",
-          f"{st['rounds']} round(s), configurations interleaved within each workload "
-          f"(A B C D E, A B C D E, ...); h2load {st['h2load_seconds']} s per run, iperf3 "
-          f"{st['iperf_seconds']} s (+{st['iperf_omit']} s omitted). Clients pinned to CPU "
-          f"{m['client_cpu']}, nginx (1 worker) and iperf3 -s to CPU {m['server_cpu']}. "
-          "Numbers are medians over rounds; ratios are to untraced, paired round by round, "
-          "from this one run: compare ratios, not absolute numbers, across machines.", ""]
+          f"Code: commit {m.get('git_commit', '?')}.", "",
+          f"Rounds: {st['rounds']} cost, {st['saturation_rounds']} saturation, "
+          f"{st['stats_rounds']} in-traffic; in every round the workloads and the "
+          f"configurations within each run in a random order (seed {result.get('seed')}). "
+          f"Cost runs: {st['seconds']:g} s at a fixed offered load, "
+          f"{st['http_rate']:,} requests/s (HTTP/1.1), {st.get('h2c_rate', 0):,} (h2c) or "
+          f"{st['iperf_bitrate'] / 1e9:g} Gbit/s (iperf3), the same for every configuration; "
+          "the figure is the CPU time of all CPUs (softirq included) per request or per GB. "
+          "Ratios are paired by round; intervals are 95 % bootstrap intervals over rounds. "
+          "Every run carries the same apparatus (a FIN/RST tcpdump on a debug interface, "
+          "the CPU meter). Clients pinned to CPU "
+          f"{m['client_cpu']}, nginx (1 worker) and iperf3 -s to CPU {m['server_cpu']}.", ""]
     kept = [r for r in result["runs"] if not r.get("discarded")]
     foreign = sorted(r["foreign_cpu"] for r in kept if r.get("foreign_cpu") is not None)
-    redone = sum(1 for r in result["runs"] if r.get("discarded"))
     if foreign:
         over = sum(1 for f in foreign if f > 0.05)
         L += [f"Other work on the machine (CPU time not the bench's, bench/noise.py), per "
               f"run: median {_pct(statistics.median(foreign), 0)}, max {_pct(foreign[-1], 0)}"
-              f"; {over} of {len(foreign)} runs above 5 %"
-              + (f"; {redone} runs discarded and their group run again because another "
-                 f"tenant took more than {_pct(st['max_foreign'], 0)} of the CPUs"
-                 if redone else "") + ".", ""]
-    L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+              f"; {over} of {len(foreign)} runs above 5 %; {summary['discarded_runs']} runs "
+              f"discarded and their group run again (over {_pct(st['max_foreign'], 0)}).", ""]
+    L += ["## Targets", "", "Verdicts: met when the whole 95 % interval is within the "
+          "limit, not met when it is wholly beyond it, inconclusive when it straddles it.", "",
+          "| target | measured: mean [95 % interval] (n) | verdict |", "|---|---|---|"]
     for t in summary["targets"]:
-        if t["id"] == "completeness":
-            meas = t["measured"]
-        elif t["id"] == "per-packet":
-            meas = (f"worst mirror/thesis {t['measured']:.2f}x ({t['worst_frame']})"
-                    if t["measured"] else "-")
-        else:
-            meas = _pct(t["measured"])
-            if len(t.get("per_round", [])) > 1:
-                meas += f" (rounds: {', '.join(_pct(x, 0) for x in t['per_round'])})"
-        met = "met" if t["met"] else "**not met**"
-        if t.get("note"):
-            met += f" ({t['note']})"
-        L.append(f"| {t['text']} | {meas} | {met} |")
-    L += ["", "## HTTP throughput (h2load, requests/s)", ""]
-    L += _http_table(summary, cfgs, labels, "req_per_s", "{:,.0f}")
-    L += ["", "## Mean request latency (us)", ""]
-    L += _http_table(summary, cfgs, labels, "mean_us", "{:,.0f}")
-    L += ["", "## Latency percentiles (us, median over rounds)", "",
-          "| errors | configuration | p50 | p90 | p99 |", "|---|---|---|---|---|"]
-    for pct, row in summary["http"].items():
-        for c in cfgs:
-            cell = row[c]
-            L.append(f"| {pct} % | {labels[c]} | " + " | ".join(
-                _num(cell[k]["median"]) for k in ("p50_us", "p90_us", "p99_us")) + " |")
-    L += ["", "## iperf3 TCP throughput (Gbit/s)", "",
-          "| offloads | " + " | ".join(labels[c] for c in cfgs) + " |",
-          "|---" * (len(cfgs) + 1) + "|"]
-    for off, row in summary["iperf3"].items():
-        L.append(f"| {off} | " + " | ".join(
-            f"{_num(row[c]['median'] and row[c]['median'] / 1e9, '{:.2f}')} "
-            f"({_pct(row[c].get('ratio'))})" for c in cfgs) + " |")
-    L += ["", "## Mirror completeness during the h2load runs (all rounds summed)", "",
-          "| errors | configuration | 5xx responses | error connections mirrored | "
-          "success connections mirrored | packets mirrored (expected at least) | complete |",
-          "|---|---|---|---|---|---|---|"]
-    for pct, row in summary["http"].items():
-        for c in cfgs:
-            comp = row[c]["completeness"]
-            if not comp:
-                continue
-            L.append(f"| {pct} % | {labels[c]} | {comp['responses_5xx']:,} | "
-                     f"{comp['error_flows_mirrored']}/{comp['error_connections']} | "
-                     f"{comp['ok_flows_mirrored']} | {comp['mirrored_packets']:,} "
-                     f"({comp['min_packets_expected']:,}) | "
-                     f"{'yes' if comp['complete'] else 'NO: ' + '; '.join(comp['problems'])} |")
+        meas = t["note"] if t["ci"] is None else \
+            f"{_ci(t['ci'], '{:.3f}' if t['limit'] != 10.0 else '{:.1f}')} ({t['ci']['n']})"
+        if t["ci"] is not None and t["note"]:
+            meas += f"; {t['note']}"
+        L.append(f"| {t['text']} | {meas} | {t['verdict']} |")
+    L += ["", "## Cost at a fixed offered load", "",
+          "CPU time per unit of work (median over rounds) and its ratio to untraced. "
+          "'achieved' is the share of the offered requests h2load completed (below 100 % "
+          "the configuration saturated the machine and its cost is understated).", ""]
+    for wl, rows in summary["cost"].items():
+        if not rows:
+            continue
+        unit = "CPU-us/request" if wl.startswith("http") or wl.startswith("h2c") \
+            else "CPU-s/GB"
+        L += [f"**{wl}**", "", f"| configuration | {unit} | / untraced [95 %] | achieved | "
+              "softirq share |", "|---|---|---|---|---|"]
+        for c, row in rows.items():
+            L.append(f"| {labels.get(c, c)} | {_num(row['median'], '{:.3f}')} | "
+                     f"{_ci(row['vs_untraced'])} | {_pct(row['achieved_share'], 0)} | "
+                     f"{_pct(row['softirq_share'], 0)} |")
+        L.append("")
+    if any(summary["saturation"].values()):
+        L += ["## Saturation throughput", "", "As fast as the clients go (requests/s, or "
+              "Gbit/s for iperf3), median over rounds, and the ratio to untraced.", ""]
+    for wl, rows in summary["saturation"].items():
+        if not rows:
+            continue
+        scale, fmt = (1e-9, "{:.2f}") if wl.startswith("iperf3") else (1, "{:,.0f}")
+        L += [f"**{wl}**", "", "| configuration | throughput | / untraced [95 %] |",
+              "|---|---|---|"]
+        for c, row in rows.items():
+            L.append(f"| {labels.get(c, c)} | {_num(row['median'] and row['median'] * scale, fmt)}"
+                     f" | {_ci(row['vs_untraced'])} |")
+        L.append("")
+    L += ["## In-traffic cost (program run-time statistics, the cost runs' load)", "",
+          "ns per invocation of the classifier (both hooks; mean over rounds [95 %]), "
+          "invocations per request, and the debug sink's ns per clone. The mirror clones "
+          "inside its program (bpf_clone_redirect), so its figure includes the clone when "
+          "it clones; the thesis clones in act_mirred, after its program, outside its "
+          "figure. 'clone off' decides and marks exactly as 'no budgets' but clones "
+          "nothing: the difference is the clone's share.", "",
+          "| workload | configuration | ns per invocation | per request | sink ns/clone |",
+          "|---|---|---|---|---|"]
+    for wl, rows in summary["in_traffic"].items():
+        for c, row in rows.items():
+            L.append(f"| {wl} | {labels.get(c, c)} | {_ci(row['ns'], '{:.1f}')} | "
+                     f"{_num(row['runs_per_request'], '{:.2f}')} | "
+                     f"{_num(row['sink_ns_per_clone'], '{:.0f}')} |")
+        if summary["clone_ns"].get(wl):
+            L.append(f"| {wl} | the clone (no budgets - clone off) | "
+                     f"{_ci(summary['clone_ns'][wl], '{:.1f}')} | | |")
+    L += [""]
+    L += _completeness_table(summary, labels)
+    L += _per_packet_section(st, summary)
+    L += _attach_section(summary)
+    if plots:
+        L += ["", "## Plots", ""]
+        L += [f"![{name}]({path})" for name, path in plots.items()]
+    if summary["failed_runs"]:
+        L += ["", f"{summary['failed_runs']} run(s) failed; see `runs` in the JSON."]
+    return "\n".join(L) + "\n"
+
+
+def _completeness_table(summary, labels) -> list[str]:
+    L = ["## Mirror completeness (every judged h2load run, summed)", "",
+         "| configuration | runs complete | 5xx responses | error connections mirrored | "
+         "success connections mirrored | packets mirrored | problems |",
+         "|---|---|---|---|---|---|---|"]
+    for c, v in summary["completeness"].items():
+        L.append(f"| {labels.get(c, c)} | {v['complete_runs']}/{v['runs']} | "
+                 f"{v['responses_5xx']:,} | {v['error_flows_mirrored']}/"
+                 f"{v['error_connections']} | {v['ok_flows_mirrored']} | "
+                 f"{v['mirrored_packets']:,} | {'; '.join(v['problems']) or '-'} |")
+    return L
+
+
+def _per_packet_section(st, summary) -> list[str]:
+    L = []
     L += ["", "## Per-packet cost (BPF_PROG_TEST_RUN, ns per packet, median of "
           f"{st['micro_rounds']} rounds; x = ratio to the empty classifier)", "",
           "`mirror` decides only (its clone is off, as the thesis's clone is an act_mirred "
@@ -275,60 +326,33 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
                  f"{ns['empty']:.0f} | {ns['thesis']:.0f} ({x['thesis']:.1f}x) | "
                  f"{ns['mirror']:.0f} ({x['mirror']:.1f}x) | "
                  f"{ns['mirror+clone']:.0f} ({x['mirror+clone']:.1f}x) | {vs} |")
-    L += ["", "## In-traffic cost (program run-time statistics during h2load runs)", "",
-          "ns per invocation of the classifier(s), invocations per request, and the debug "
-          "sink's ns per clone. For the thesis the clone happens in act_mirred, outside its "
-          "program; for the mirror bpf_clone_redirect runs inside it.", "",
-          "| errors | " + " | ".join(labels[c] for c in summary["in_traffic"]) + " |",
-          "|---" * (len(summary["in_traffic"]) + 1) + "|"]
-    levels = sorted({p for v in summary["in_traffic"].values() for p in v})
-    for pct in levels:
-        cells = []
-        for c, per in summary["in_traffic"].items():
-            v = per.get(pct)
-            if not v or v["ns_per_run"] is None:
-                cells.append("-")
-                continue
-            text = f"{v['ns_per_run']:.0f} ns x {v['runs_per_request']:.2f}/req"
-            if v.get("sink_ns_per_clone"):
-                text += f", sink {v['sink_ns_per_clone']:.0f} ns/clone"
-            cells.append(text)
-        L.append(f"| {pct} % | " + " | ".join(cells) + " |")
-    if plots:
-        L += ["", "## Plots", ""]
-        L += [f"![{name}]({path})" for name, path in plots.items()]
-    if summary["failed_runs"]:
-        L += ["", f"{summary['failed_runs']} run(s) failed; see `runs` in the JSON."]
-    return "\n".join(L) + "\n"
+    return L
 
 
-def _http_table(summary, cfgs, labels, metric, fmt) -> list[str]:
-    out = ["| errors (measured 5xx share) | " + " | ".join(labels[c] for c in cfgs) + " |",
-           "|---" * (len(cfgs) + 1) + "|"]
-    for pct, row in summary["http"].items():
-        cells = []
-        for c in cfgs:
-            s = row[c][metric]
-            text = _num(s["median"], fmt)
-            if c != BASE and s.get("ratio") is not None:
-                text += f" ({_pct(s['ratio'])})"
-            cells.append(text)
-        shares = [row[c]["error_share"]["median"] for c in cfgs
-                  if row[c]["error_share"]["median"] is not None]
-        measured = f" ({_pct(statistics.median(shares))})" if shares and 0 < pct < 100 else ""
-        out.append(f"| {pct} %{measured} | " + " | ".join(cells) + " |")
-    return out
+def _attach_section(summary) -> list[str]:
+    att = summary.get("attach") or {}
+    if not att:
+        return []
+    L = ["", "## New interfaces (python -m bench.attach)", "",
+         f"Link creation to both hooks attached, and packets missed by a sender that starts "
+         f"at 1000 packets/s the moment the link is up. ConMon (seed 002): attached "
+         f"{CONMON_ATTACH_MS} ms after a container started, missed its first "
+         f"{CONMON_MISSED} packets.", "",
+         "| hook | interfaces | attach p50 (ms) | p99 | max | packets missed / sent | "
+         "interfaces with a miss |", "|---|---|---|---|---|---|---|"]
+    for hook, r in att.items():
+        if "error" in r:
+            L.append(f"| {hook} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        L.append(f"| {hook} | {r['interfaces']} | {_num(r['attach_ms_p50'], '{:.1f}')} | "
+                 f"{_num(r['attach_ms_p99'], '{:.1f}')} | {_num(r['attach_ms_max'], '{:.1f}')}"
+                 f" | {r['packets_missed']} / {r['packets_sent']} | "
+                 f"{r['interfaces_with_misses']} |")
+    return L
 
 
 def print_targets(summary: dict) -> None:
     print("\nTargets:")
     for t in summary["targets"]:
-        if t["id"] == "per-packet":
-            meas = (f"worst mirror/thesis {t['measured']:.2f}x on {t['worst_frame']}"
-                    if t["measured"] else "-")
-        elif t["id"] == "completeness":
-            meas = t["measured"]
-        else:
-            meas = _pct(t["measured"])
-        print(f"  {'MET    ' if t['met'] else 'NOT MET'}  {t['text']}: {meas}"
-              + (f" [{t['note']}]" if t.get("note") else ""))
+        meas = t["note"] if t["ci"] is None else _ci(t["ci"])
+        print(f"  {t['verdict'].upper():<12} {t['text']}: {meas}")

@@ -1,9 +1,25 @@
-"""Runs the whole bench: per-packet microbenchmark, the interleaved traffic rounds, the
-in-traffic cost pass; returns everything measured as one JSON-able dict."""
+"""Runs the whole bench and returns everything measured as one JSON-able dict:
+
+  microbench  BPF_PROG_TEST_RUN per frame class (bench/microbench.py): the breakdown
+  cost        each workload at a fixed offered load, the same for every configuration;
+              the figure is the CPU time all CPUs spent (softirq included) per request or
+              per GB: what the configuration costs for the same work
+  saturation  each workload as fast as it goes: the throughput an operator loses
+  in-traffic  the cost runs again with program run-time statistics on: ns per
+              invocation of each classifier in real traffic, the clone shown apart
+  attach      python -m bench.attach: new interfaces attached, latency and packets missed
+
+Every pass runs in rounds; in each round the workloads, and the configurations within a
+workload, run in a random order (seeded; the seed is in the JSON). Every run of every
+configuration runs the same apparatus: a FIN/RST tcpdump on a debug interface (the
+configuration's own, or one made for the watch), the CPU meter and the foreign-CPU
+estimate; the mirror's controller with its sweep loop is part of what the mirror costs."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -11,41 +27,100 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from mirror.lab.netns import cleanup_stale
+from mirror.lab.netns import cleanup_stale, unique_name
 
 from . import microbench, workloads
 from .completeness import Watch
 from .configs import Shared, all_configs
-from .lab import CLIENT_CPU, OFFLOADS, SERVER_CPU, Lab, link_stats
-from .noise import Sample
+from .lab import CLIENT_CPU, H2_PORT, OFFLOADS, SERVER_CPU, Lab
+from .noise import CpuMeter, Sample
 from .progs import EnabledStats, run_stats
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    kind: str                   # "h2load" or "iperf3"
+    proto: str = "h1"           # h2load: "h1" or "h2c"
+    error_pct: int = 0
+    offloads: str = "off"       # iperf3: "on" or "off"
+
+    @property
+    def port(self) -> int:
+        return H2_PORT if self.proto == "h2c" else 80
+
+    def describe(self) -> str:
+        if self.kind == "iperf3":
+            return f"iperf3 offloads {self.offloads}"
+        return f"{'HTTP/1.1' if self.proto == 'h1' else 'h2c'} {self.error_pct}% errors"
+
+
+H1_0 = Workload("http1-0", "h2load", "h1", 0)
+H1_100 = Workload("http1-100", "h2load", "h1", 100)
+H2C_0 = Workload("h2c-0", "h2load", "h2c", 0)
+H2C_100 = Workload("h2c-100", "h2load", "h2c", 100)
+IPERF_OFF = Workload("iperf3-off", "iperf3", offloads="off")
+IPERF_ON = Workload("iperf3-on", "iperf3", offloads="on")
+
+MIRRORS = ("mirror-clsact", "mirror-tcx", "mirror-htb")
+# (workload, configurations) per pass. The features of this round are switched off one
+# at a time where they can matter; the thesis cannot read h2c, so it sits out h2c.
+COST_PLAN = (
+    (H1_0, ("untraced", "qdiscs", "tcpdump-w", "thesis", *MIRRORS, "mirror-nosnap",
+            "mirror-noh2")),
+    (H1_100, ("untraced", "tcpdump-w", "thesis", *MIRRORS, "mirror-nosnap", "mirror-noh2",
+              "mirror-nobudget")),
+    (H2C_0, ("untraced", "mirror-clsact", "mirror-noh2")),
+    (H2C_100, ("untraced", "mirror-clsact", "mirror-nobudget")),
+    (IPERF_OFF, ("untraced", "tcpdump-w", "thesis", "mirror-clsact", "mirror-tcx")),
+)
+SATURATION_PLAN = (
+    (H1_0, ("untraced", "thesis", "mirror-clsact", "mirror-nobudget")),
+    (H1_100, ("untraced", "thesis", "mirror-clsact", "mirror-nobudget")),
+    (IPERF_OFF, ("untraced", "thesis", "mirror-clsact")),
+    (IPERF_ON, ("untraced", "thesis", "mirror-clsact")),
+)
+IN_TRAFFIC_PLAN = (
+    (H1_0, ("thesis", "mirror-clsact", "mirror-noh2", "mirror-nosnap")),
+    (H1_100, ("thesis", "mirror-clsact", "mirror-nobudget", "mirror-decide", "mirror-noh2")),
+    (H2C_0, ("mirror-clsact", "mirror-noh2")),
+    (H2C_100, ("mirror-clsact", "mirror-nobudget")),
+)
+PLANS = {"cost": COST_PLAN, "saturation": SATURATION_PLAN, "in_traffic": IN_TRAFFIC_PLAN}
 
 
 @dataclass
 class Settings:
     mode: str
-    rounds: int
-    iperf_seconds: int
+    rounds: int                      # cost rounds
+    seconds: float                   # per cost and in-traffic run
+    http_rate: int                   # requests/s offered by all h2load clients together...
+    h2c_rate: int                    # ...over HTTP/1.1 and over h2c (nginx serves less)
+    iperf_bitrate: float             # bits/s offered by iperf3 in the cost runs
+    saturation_rounds: int
+    saturation_seconds: float
     iperf_omit: int
-    h2load_seconds: float
-    error_levels: tuple[int, ...]
-    stats_seconds: float             # h2load runs of the in-traffic cost pass
-    stats_levels: tuple[int, ...]
+    stats_rounds: int                # in-traffic rounds
     micro_rounds: int
     micro_repeat: int
     micro_singles: int
     settle_seconds: float            # pause between attaching and starting traffic
+    attach_count: int                # new interfaces per hook layout in the attach pass
+    seed: int = 0
     max_foreign: float = 1.0         # a group of runs with more foreign CPU is run again...
     retry_budget: int = 0            # ...at most this many times per bench run
 
 
-QUICK = Settings("quick", rounds=1, iperf_seconds=1, iperf_omit=0, h2load_seconds=1,
-                 error_levels=workloads.ERROR_LEVELS, stats_seconds=1, stats_levels=(0, 100),
-                 micro_rounds=2, micro_repeat=20000, micro_singles=100, settle_seconds=0.1)
-FULL = Settings("full", rounds=5, iperf_seconds=5, iperf_omit=1, h2load_seconds=5,
-                error_levels=workloads.ERROR_LEVELS, stats_seconds=3,
-                stats_levels=workloads.ERROR_LEVELS, micro_rounds=7, micro_repeat=500000,
-                micro_singles=3000, settle_seconds=0.3, max_foreign=0.10, retry_budget=6)
+QUICK = Settings("quick", rounds=1, seconds=1, http_rate=10000, h2c_rate=5000,
+                 iperf_bitrate=1e9,
+                 saturation_rounds=1, saturation_seconds=1, iperf_omit=0, stats_rounds=1,
+                 micro_rounds=2, micro_repeat=20000, micro_singles=100, settle_seconds=0.1,
+                 attach_count=5)
+FULL = Settings("full", rounds=20, seconds=2.5, http_rate=25000, h2c_rate=12000,
+                iperf_bitrate=2e9,
+                saturation_rounds=5, saturation_seconds=3, iperf_omit=1, stats_rounds=8,
+                micro_rounds=7, micro_repeat=500000, micro_singles=3000, settle_seconds=0.3,
+                attach_count=200, max_foreign=0.10, retry_budget=10)
 
 TOOLS = ("h2load", "iperf3", "nginx", "tcpdump", "taskset", "ip", "ss")
 
@@ -82,10 +157,6 @@ def _mmss(s: float) -> str:
     return f"{int(s) // 60}:{int(s) % 60:02d}"
 
 
-def workload_list(st: Settings) -> list[tuple[str, object]]:
-    return [("iperf3", "on"), ("iperf3", "off")] + [("h2load", p) for p in st.error_levels]
-
-
 def machine_info() -> dict:
     def first(cmd):
         try:
@@ -111,33 +182,70 @@ def machine_info() -> dict:
             "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
 
 
-def run_traffic(cfg, lab, workload, st: Settings) -> dict:
-    """One run: attach, let it settle, run the workload, detach."""
-    kind, arg = workload
-    rec = {"config": cfg.key, "workload": kind,
-           "loadavg1": float(open("/proc/loadavg").read().split()[0])}
+
+class Apparatus:
+    """What every run carries, whatever the configuration: a debug interface for the watch
+    when the configuration has none (made once, silent: nothing is mirrored to it)."""
+
+    def __init__(self, shared):
+        from pyroute2 import IPRoute
+
+        from mirror import debugif
+        self.name = unique_name("w")
+        with IPRoute() as ipr:
+            debugif.ensure(ipr, self.name, lambda: shared.sink.fd)
+
+    def close(self) -> None:
+        from pyroute2 import IPRoute
+
+        from mirror import debugif
+        with IPRoute() as ipr:
+            debugif.remove(ipr, self.name)
+
+
+def run_one(cfg, lab, wl: Workload, st: Settings, pass_: str, app: Apparatus) -> dict:
+    """One run: attach, settle, start the watch and the meters, run the workload, judge,
+    detach."""
+    rec = {"pass": pass_, "workload": wl.id, "config": cfg.key}
+    fixed = pass_ in ("cost", "in_traffic")
+    seconds = st.seconds if fixed else st.saturation_seconds
     cfg.setup(lab)
     watch = None
     try:
+        dbg = cfg.debug_iface or app.name
         time.sleep(st.settle_seconds)
-        dbg0 = link_stats(cfg.debug_iface) if cfg.debug_iface else None
-        if kind == "iperf3":
-            rec["offloads"] = arg
-            s0 = Sample()
-            rec.update(workloads.iperf3(lab, st.iperf_seconds, st.iperf_omit))
-            rec["foreign_cpu"] = s0.foreign_share(Sample())
-            if dbg0:
-                rec["mirrored_packets"] = (link_stats(cfg.debug_iface)["tx_packets"] -
-                                           dbg0["tx_packets"])
+        watch = Watch(lab, dbg, wl.port, wl.proto, cfg.budgeted).start()
+        fds = cfg.prog_fds() if pass_ == "in_traffic" else {}
+        before = {k: run_stats(fd) for k, fd in fds.items()}
+        sink = cfg.sink_fd() if pass_ == "in_traffic" else None
+        sink0 = run_stats(sink) if sink is not None else None
+        s0, meter = Sample(), CpuMeter()
+        if wl.kind == "iperf3":
+            res = workloads.iperf3(lab, round(seconds), 0 if fixed else st.iperf_omit,
+                                   st.iperf_bitrate if fixed else None)
         else:
-            if cfg.mirrors:
-                watch = Watch(lab, cfg.debug_iface).start()
-            s0 = Sample()
-            rec.update(workloads.h2load(lab, arg, st.h2load_seconds))
-            rec["foreign_cpu"] = s0.foreign_share(Sample())
-            if watch:
-                rec["completeness"] = watch.stop(rec)
-                watch = None
+            rate = st.http_rate if wl.proto == "h1" else st.h2c_rate
+            res = workloads.h2load(lab, wl.error_pct, seconds, wl.proto,
+                                   rate if fixed else None)
+        cpu = meter.stop()
+        rec["foreign_cpu"] = s0.foreign_share(Sample())
+        after = {k: run_stats(fd) for k, fd in fds.items()}
+        sink1 = run_stats(sink) if sink is not None else None
+        rec.update(res)
+        rec.update(cpu)
+        if wl.kind == "iperf3":
+            gb = res["bytes_received"] / 1e9
+            rec["cpu_s_per_gb"] = round(cpu["cpu_s"] / gb, 5) if gb else None
+            watch.abort()
+        else:
+            rec["cpu_us_per_request"] = (round(cpu["cpu_s"] * 1e6 / res["requests"], 3)
+                                         if res["requests"] else None)
+            comp = watch.stop(res)
+            if cfg.mirrors and (wl.proto == "h1" or cfg.reads_h2):
+                rec["completeness"] = comp
+        watch = None
+        if fds:
+            rec.update(_program_stats(before, after, sink0, sink1, res))
     finally:
         if watch:
             watch.abort()
@@ -145,43 +253,42 @@ def run_traffic(cfg, lab, workload, st: Settings) -> dict:
     return rec
 
 
-def run_group(configs, lab, wl, st: Settings, rnd: int, progress: Progress) -> list[dict]:
-    """One workload on every configuration, back to back (A B C D E)."""
-    group = []
-    if wl[0] == "iperf3":
-        lab.set_offloads(wl[1] == "on")
-    try:
-        for cfg in configs:
-            try:
-                rec = run_traffic(cfg, lab, wl, st)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                rec = {"config": cfg.key, "workload": wl[0],
-                       "error": f"{type(exc).__name__}: {exc}"}
-                if wl[0] == "iperf3":
-                    rec["offloads"] = wl[1]
-                else:
-                    rec["error_pct"] = wl[1]
-            rec["round"] = rnd
-            group.append(rec)
-            what = (f"iperf3 offloads {wl[1]:<3}" if wl[0] == "iperf3"
-                    else f"h2load {wl[1]:3d}% errors")
-            progress.step(f"round {rnd} {what} {cfg.key:<14} {describe(rec)}")
-    finally:
-        if wl[0] == "iperf3":
-            lab.set_offloads(True)
-    return group
+def _program_stats(before, after, sink0, sink1, res) -> dict:
+    out, total = {}, None
+    for k in before:
+        d = after[k] - before[k]
+        out[f"{k}_ns_per_run"] = _round(d.ns_per_run)
+        out[f"{k}_runs"] = d.run_cnt
+        total = d if total is None else total + d
+    out["ns_per_run"] = _round(total.ns_per_run)
+    out["runs"] = total.run_cnt
+    requests = res.get("requests")
+    out["runs_per_request"] = round(total.run_cnt / requests, 3) if requests else None
+    if sink0 is not None:
+        ds = sink1 - sink0
+        out["sink_ns_per_clone"] = _round(ds.ns_per_run)
+        out["sink_runs"] = ds.run_cnt
+    return out
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def describe(rec: dict) -> str:
     if "error" in rec:
         return f"FAILED: {rec['error'][:60]}"
-    busy = ""
-    if rec.get("foreign_cpu"):
-        busy = f"  foreign cpu {100 * rec['foreign_cpu']:.0f}%"
-    if rec["workload"] == "iperf3":
-        return f"{rec['bits_per_second'] / 1e9:6.2f} Gbit/s{busy}"
-    text = (f"{rec['req_per_s']:9,.0f} req/s  mean {rec['latency'].get('mean_us', 0):6.0f} us"
-            f"  5xx {100 * (rec['error_share'] or 0):5.1f}%")
+    busy = f"  foreign {100 * rec['foreign_cpu']:.0f}%" if rec.get("foreign_cpu") else ""
+    if rec.get("ns_per_run") is not None:
+        text = f"{rec['ns_per_run']:6.1f} ns/invocation"
+    elif rec["workload"].startswith("iperf3"):
+        text = f"{rec['bits_per_second'] / 1e9:6.2f} Gbit/s"
+        if rec.get("cpu_s_per_gb"):
+            text += f"  {rec['cpu_s_per_gb']:.3f} CPU-s/GB"
+    else:
+        text = f"{rec['req_per_s']:9,.0f} req/s"
+        if rec.get("offered_req_per_s"):
+            text += f"  {rec['cpu_us_per_request']:6.2f} CPU-us/req"
     comp = rec.get("completeness")
     if comp:
         text += (f"  mirrored {comp['error_flows_mirrored']}/{comp['error_connections']} "
@@ -189,60 +296,82 @@ def describe(rec: dict) -> str:
     return text + busy
 
 
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 1)
-
-
-def in_traffic_pass(configs, lab, st: Settings, progress: Progress) -> list[dict]:
-    """h2load runs with program run-time statistics on: each classifier's mean ns per
-    invocation in real traffic, and the debug sink's per clone."""
+def run_pass(pass_: str, rounds: int, configs: dict, lab, st: Settings, app: Apparatus,
+             rng: random.Random, progress: Progress, retries: list[int]) -> list[dict]:
+    """`rounds` rounds of a plan; workloads and configurations shuffled in each round; a
+    workload's group run again (budget permitting) when another tenant took more than
+    max_foreign of the CPUs during one of its runs."""
+    plan = [(wl, [configs[c] for c in cfgs if c in configs]) for wl, cfgs in PLANS[pass_]]
     out = []
-    with EnabledStats():
-        for pct in st.stats_levels:
-            for cfg in configs:
-                rec = {"config": cfg.key, "error_pct": pct}
-                cfg.setup(lab)
-                try:
-                    time.sleep(st.settle_seconds)
-                    fds = cfg.prog_fds()
-                    before = {k: run_stats(fd) for k, fd in fds.items()}
-                    sink0 = run_stats(cfg.sink_fd()) if cfg.sink_fd() is not None else None
-                    s0 = Sample()
-                    h2 = workloads.h2load(lab, pct, st.stats_seconds)
-                    rec["foreign_cpu"] = s0.foreign_share(Sample())
-                    after = {k: run_stats(fd) for k, fd in fds.items()}
-                    sink1 = run_stats(cfg.sink_fd()) if sink0 is not None else None
-                except Exception as exc:      # noqa: BLE001 - recorded, the bench goes on
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                    progress.step(f"in-traffic {pct:3d}% {cfg.key:<14} FAILED: {exc}")
-                    out.append(rec)
+    for rnd in range(1, rounds + 1):
+        order = plan[:]
+        rng.shuffle(order)
+        for wl, cfgs in order:
+            while True:
+                cfgs = cfgs[:]
+                rng.shuffle(cfgs)
+                group = run_group(pass_, cfgs, lab, wl, st, app, rnd, progress)
+                busy = [r for r in group if (r.get("foreign_cpu") or 0) > st.max_foreign]
+                if busy and retries[0] > 0:
+                    retries[0] -= 1
+                    for r in group:
+                        r["discarded"] = "other work shared the CPUs: group run again"
+                    out.extend(group)
+                    progress.total += len(cfgs)
+                    Progress.note(f"{len(busy)} run(s) of this group had more than "
+                                  f"{st.max_foreign:.0%} foreign CPU; running the group "
+                                  f"again ({retries[0]} retries left)")
                     continue
-                finally:
-                    cfg.teardown()
-                total = None
-                for k in fds:
-                    d = after[k] - before[k]
-                    rec[f"{k}_ns_per_run"] = _round(d.ns_per_run)
-                    rec[f"{k}_runs"] = d.run_cnt
-                    total = d if total is None else total + d
-                rec["ns_per_run"] = _round(total.ns_per_run)
-                rec["runs"] = total.run_cnt
-                rec["requests"] = h2["requests"]
-                rec["req_per_s"] = h2["req_per_s"]
-                rec["runs_per_request"] = round(total.run_cnt / h2["requests"], 3) \
-                    if h2["requests"] else None
-                if sink0 is not None:
-                    ds = sink1 - sink0
-                    rec["sink_ns_per_clone"] = _round(ds.ns_per_run)
-                    rec["sink_runs"] = ds.run_cnt
-                out.append(rec)
-                ns = rec["ns_per_run"]
-                progress.step(f"in-traffic {pct:3d}% {cfg.key:<14} "
-                              f"{ns:6.1f} ns/packet" if ns else f"in-traffic {cfg.key} no runs")
+                out.extend(group)
+                break
     return out
 
 
-def run(st: Settings, only: list[str] | None = None) -> dict:
+def run_group(pass_, cfgs, lab, wl: Workload, st, app, rnd, progress) -> list[dict]:
+    group = []
+    if wl.kind == "iperf3":
+        lab.set_offloads(wl.offloads == "on")
+    try:
+        for cfg in cfgs:
+            try:
+                rec = run_one(cfg, lab, wl, st, pass_, app)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                rec = {"pass": pass_, "workload": wl.id, "config": cfg.key,
+                       "error": f"{type(exc).__name__}: {exc}"}
+            rec["round"] = rnd
+            group.append(rec)
+            progress.step(f"{pass_} round {rnd} {wl.describe():<22} {cfg.key:<15} "
+                          f"{describe(rec)}")
+    finally:
+        if wl.kind == "iperf3":
+            lab.set_offloads(True)
+    return group
+
+
+def attach_pass(st: Settings, progress: Progress) -> dict:
+    """python -m bench.attach per hook layout, in a child process of its own: it runs a
+    `mirror run` and creates the interfaces itself."""
+    out = {}
+    for hook in ("clsact", "tcx"):
+        cmd = [sys.executable, "-m", "bench.attach", "--count", str(st.attach_count),
+               "--hook", hook, "--json"]
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True,
+                              timeout=600 + 3 * st.attach_count)
+        if proc.returncode != 0:
+            out[hook] = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+            progress.step(f"attach {hook}: FAILED")
+            continue
+        out[hook] = json.loads(proc.stdout)
+        r = out[hook]
+        progress.step(f"attach {hook}: p50 {r.get('attach_ms_p50') or 0:.1f} ms, p99 "
+                      f"{r.get('attach_ms_p99') or 0:.1f} ms, {r.get('packets_missed')} "
+                      f"packets missed of {r.get('packets_sent')}")
+    return out
+
+
+def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "saturation",
+                                                            "in_traffic", "attach")) -> dict:
     preflight()
     # The controller's ownership records go to a private directory: they mean nothing
     # once the bench is over.
@@ -253,46 +382,49 @@ def run(st: Settings, only: list[str] | None = None) -> dict:
         Progress.note(f"removed leftovers of a dead run: {', '.join(removed)}")
     started = time.time()
     info = machine_info()
-    Progress.note(f"{st.mode} mode: {st.rounds} round(s); load average {' '.join(info['loadavg'])}"
-                  f"; compiling the classifiers")
+    seed = st.seed or int(started)
+    rng = random.Random(seed)
+    Progress.note(f"{st.mode} mode: {st.rounds} cost round(s), {st.saturation_rounds} "
+                  f"saturation, {st.stats_rounds} in-traffic; seed {seed}; load average "
+                  f"{' '.join(info['loadavg'])}; compiling the classifiers")
     shared = Shared()
-    configs = [c for c in all_configs(shared) if not only or c.key in only]
-    wls = workload_list(st)
-    bpf_configs = [c for c in configs if c.bpf]
-    total = (st.rounds * len(wls) * len(configs) + len(st.stats_levels) * len(bpf_configs)
-             + 1)
+    configs = {k: c for k, c in all_configs(shared).items()
+               if not only or k in only or k == "untraced"}
+    rounds = {"cost": st.rounds, "saturation": st.saturation_rounds,
+              "in_traffic": st.stats_rounds}
+    total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs]) for _, cfgs in PLANS[p])
+                for p in PLANS if p in passes)
+    total += ("micro" in passes) + 2 * ("attach" in passes)
     progress = Progress(total)
-    result = {"settings": asdict(st), "machine": info, "started": started,
+    result = {"settings": asdict(st), "seed": seed, "machine": info, "started": started,
               "configs": [{"key": c.key, "label": c.label, "mirrors": c.mirrors}
-                          for c in configs],
-              "workloads": workloads_meta(), "runs": [], "in_traffic": [], "microbench": []}
+                          for c in configs.values()],
+              "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
+              "workloads": workloads_meta(st), "runs": [], "microbench": [], "attach": {}}
     lab = Lab()
+    app = None
+    retries = [st.retry_budget]
     try:
-        result["microbench"] = microbench_pass(shared, st, progress)
+        if "micro" in passes:
+            result["microbench"] = microbench_pass(shared, st, progress)
         lab.start()
+        app = Apparatus(shared)
         Progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")
-        retries = st.retry_budget
-        for rnd in range(1, st.rounds + 1):
-            for wl in wls:
-                while True:
-                    group = run_group(configs, lab, wl, st, rnd, progress)
-                    busy = [r for r in group if (r.get("foreign_cpu") or 0) > st.max_foreign]
-                    if busy and retries > 0:
-                        retries -= 1
-                        for r in group:
-                            r["discarded"] = "other work shared the CPUs: group run again"
-                        result["runs"].extend(group)
-                        progress.total += len(configs)
-                        Progress.note(f"{len(busy)} run(s) of this group had more than "
-                                      f"{st.max_foreign:.0%} foreign CPU; running the group "
-                                      f"again ({retries} retries left)")
-                        continue
-                    result["runs"].extend(group)
-                    break
-        result["in_traffic"] = in_traffic_pass(bpf_configs, lab, st, progress)
+        for p in ("cost", "saturation"):
+            if p in passes:
+                result["runs"] += run_pass(p, rounds[p], configs, lab, st, app, rng,
+                                           progress, retries)
+        if "in_traffic" in passes:
+            with EnabledStats():
+                result["runs"] += run_pass("in_traffic", st.stats_rounds, configs, lab, st,
+                                           app, rng, progress, retries)
     finally:
+        if app:
+            app.close()
         lab.stop()
         state_dir.cleanup()
+    if "attach" in passes:
+        result["attach"] = attach_pass(st, progress)
     result["finished"] = time.time()
     result["machine"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     return result
@@ -325,9 +457,11 @@ def microbench_pass(shared, st: Settings, progress: Progress) -> list[dict]:
     return rows
 
 
-def workloads_meta() -> dict:
+def workloads_meta(st: Settings) -> dict:
     return {"h2load_instances": workloads.INSTANCES,
             "h2load_clients_per_instance": workloads.CLIENTS_PER_INSTANCE,
-            "h2load_args": "--h1 -m 1 -t 1 -D <seconds>",
-            "iperf3_args": "-c <server> -t <seconds> -O <omit> -J -Z",
+            "h2load_args": "[--h1] -c 4 -m 1 -t 1 -D <seconds> [--rps <rate/16>]",
+            "iperf3_args": "-c <server> -t <seconds> -O <omit> -J -Z [-b <bitrate>]",
+            "http_rate": st.http_rate, "h2c_rate": st.h2c_rate,
+            "iperf_bitrate": st.iperf_bitrate,
             "offloads_switched": list(OFFLOADS)}

@@ -1,7 +1,8 @@
 """The two traffic generators, run against the lab and parsed.
 
 iperf3: one TCP stream, client in the root namespace, `-Z` (sendfile, as the thesis),
-JSON output; the figure is the receiver's bits per second.
+JSON output; the figure is the receiver's bits per second. With `bitrate` it offers that
+fixed load (`-b`) instead of saturating the path.
 
 h2load: INSTANCES processes of CLIENTS_PER_INSTANCE HTTP/1.1 connections each (`--h1
 -m 1`), all pinned to the client CPU, each asking one URL: k of them /error (500), the
@@ -9,7 +10,13 @@ rest /ok (200), for k/INSTANCES error requests. Separate processes, as in the th
 because a connection that sees a 500 is mirrored whole: mixing URLs inside one connection
 would mirror every connection. Processes of one CPU get equal shares of it, so the error
 share of requests follows k; the bench reports the share actually measured.
-Latencies come from h2load's per-request log (--log-file)."""
+Latencies come from h2load's per-request log (--log-file).
+
+Two protocols: HTTP/1.1 (`--h1`, port 80) and h2c (h2load's default for http:// URLs: HTTP/2
+with prior knowledge, nginx's port lab.H2_PORT), one request in flight per connection
+either way (-m 1). With `rate` the clients together offer that many requests per second
+(h2load's --rps, per client) instead of as many as they can: the cost runs use it, so that
+every configuration does the same work and what differs is the CPU time it took."""
 from __future__ import annotations
 
 import json
@@ -29,9 +36,11 @@ ERROR_LEVELS = (0, 25, 50, 75, 100)
 HIST_BUCKETS = 24               # log2 microsecond buckets: [2^k, 2^(k+1)) us, k < 24
 
 
-def iperf3(lab, duration: float, omit: int) -> dict:
+def iperf3(lab, duration: float, omit: int, bitrate: float | None = None) -> dict:
     cmd = taskset(CLIENT_CPU, "iperf3", "-c", lab.ok_v4, "-p", "5201", "-t", str(duration),
                   "-O", str(omit), "-J", "-Z")
+    if bitrate:
+        cmd += ["-b", str(int(bitrate))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + omit + 30)
     try:
         out = json.loads(proc.stdout)
@@ -44,6 +53,7 @@ def iperf3(lab, duration: float, omit: int) -> dict:
         "bits_per_second": round(end["sum_received"]["bits_per_second"]),
         "sender_bits_per_second": round(end["sum_sent"]["bits_per_second"]),
         "retransmits": end["sum_sent"].get("retransmits"),
+        "bytes_received": end["sum_received"]["bytes"],
         "cpu_client_percent": round(end["cpu_utilization_percent"]["host_total"], 1),
         "cpu_server_percent": round(end["cpu_utilization_percent"]["remote_total"], 1),
     }
@@ -94,15 +104,30 @@ class Latencies:
                 "log2_hist": hist}
 
 
-def h2load(lab, error_pct: int, duration: float) -> dict:
-    """One h2load run at `error_pct` error requests; the instances run concurrently."""
+PROTOCOLS = ("h1", "h2c")
+
+
+def h2load(lab, error_pct: int, duration: float, proto: str = "h1",
+           rate: float | None = None) -> dict:
+    """One h2load run at `error_pct` error requests; the instances run concurrently.
+    `rate`: requests per second offered by all clients together (None: as fast as they
+    can)."""
     errors = round(error_pct / 100 * INSTANCES)
+    clients = INSTANCES * CLIENTS_PER_INSTANCE
+    per_client = max(1, round(rate / clients)) if rate else None
     with tempfile.TemporaryDirectory(prefix="bench-h2load-", dir="/dev/shm") as tmp:
         procs = []
         for i in range(INSTANCES):
-            url = lab.error_url if i < errors else lab.ok_url
+            if proto == "h1":
+                url = lab.error_url if i < errors else lab.ok_url
+                args = ["--h1"]
+            else:
+                url = lab.error_url_h2 if i < errors else lab.ok_url_h2
+                args = []
+            if per_client:
+                args.append(f"--rps={per_client}")
             log = Path(tmp) / f"requests-{i}.log"
-            cmd = taskset(CLIENT_CPU, "h2load", "--h1", "-c", str(CLIENTS_PER_INSTANCE),
+            cmd = taskset(CLIENT_CPU, "h2load", *args, "-c", str(CLIENTS_PER_INSTANCE),
                           "-m", "1", "-t", "1", "-D", str(duration), f"--log-file={log}", url)
             procs.append((log, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)))
@@ -128,6 +153,8 @@ def h2load(lab, error_pct: int, duration: float) -> dict:
     requests = sum(o["requests"] for o in outs)
     return {
         "error_pct": error_pct,
+        "proto": proto,
+        "offered_req_per_s": per_client * clients if per_client else None,
         "error_instances": errors,
         "req_per_s": round(sum(o["req_per_s"] for o in outs), 1),
         "requests": requests,
