@@ -18,6 +18,7 @@ The reader never slows the datapath: the kernel side never waits on a full ring 
 (the event is lost and counted in the `events_lost` counter)."""
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import logging
@@ -257,10 +258,12 @@ class EventStream:
             self.errors += 1
             log.error("error event dropped: %s", exc)
 
-    def handle(self, raw: bytes) -> dict:
+    def handle(self, raw: bytes) -> Event:
+        """Counts an event and keeps it; its JSON object is built only when someone reads
+        it (the events file, `mirror events`): in an error storm this thread handles every
+        error response, so what it does per event is kept to the metrics' needs."""
         ev = Event.from_record(raw)
         iface = self.ifname_of(ev.ifindex) or f"ifindex{ev.ifindex}"
-        record = ev.to_json(iface, self.realtime_offset_ns, self.budget)
         # A response whose clone a budget skipped (the rate, or a byte budget smaller
         # than the response's packet) goes without its request frame too: the
         # capture would hold a request with no answer, and the frames written from
@@ -274,21 +277,25 @@ class EventStream:
                 self.writer.write(ev.request, ifindex)
         with self._lock:
             self.seq += 1
-            self.recent.append((self.seq, record))
+            self.recent.append((self.seq, ev, iface))
             self.by_iface_status[(iface, ev.status)] += 1
-            if record["response_ns"] is not None:
-                seconds = record["response_ns"] / 1e9
+            if ev.request:
+                seconds = (ev.response_ns - ev.request_ns) / 1e9
                 self.response_sum += seconds
                 self.response_count += 1
                 self.bucket_counts[_bucket(seconds)] += 1
         if self.file:
-            self.file.write(json.dumps(record, separators=(", ", ": ")))
-        return record
+            self.file.write(json.dumps(self.render(ev, iface), separators=(", ", ": ")))
+        return ev
+
+    def render(self, ev: Event, iface: str) -> dict:
+        return ev.to_json(iface, self.realtime_offset_ns, self.budget)
 
     def since(self, seq: int) -> list[dict]:
         """Recent events after `seq`, each with its sequence number."""
         with self._lock:
-            return [dict(r, seq=s) for s, r in self.recent if s > seq]
+            kept = [(s, ev, iface) for s, ev, iface in self.recent if s > seq]
+        return [dict(self.render(ev, iface), seq=s) for s, ev, iface in kept]
 
     def histogram(self) -> tuple[list[int], float, int]:
         """Cumulative bucket counts (le each of RESPONSE_BUCKETS, then +Inf), sum, count."""
@@ -310,7 +317,5 @@ class EventStream:
 
 
 def _bucket(seconds: float) -> int:
-    for i, le in enumerate(RESPONSE_BUCKETS):
-        if seconds <= le:
-            return i
-    return len(RESPONSE_BUCKETS)
+    """Index of the first bucket whose bound is at least `seconds` (+Inf: the last)."""
+    return bisect.bisect_left(RESPONSE_BUCKETS, seconds)

@@ -5,6 +5,7 @@ bytes, then port) comes first."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -34,8 +35,9 @@ class FlowKey:
     @classmethod
     def from_bytes(cls, raw: bytes) -> "FlowKey":
         lo, hi, port_lo, port_hi, family = _LAYOUT.unpack(bytes(raw)[:KEY_SIZE])
-        if family == 4:
-            addr_lo, addr_hi = ipaddress.IPv4Address(lo[:4]), ipaddress.IPv4Address(hi[:4])
+        if family == 4:     # inet_ntop: a tenth of ipaddress's cost, on every event
+            return cls(family, socket.inet_ntop(socket.AF_INET, lo[:4]), port_lo,
+                       socket.inet_ntop(socket.AF_INET, hi[:4]), port_hi)
         else:
             addr_lo, addr_hi = ipaddress.IPv6Address(lo), ipaddress.IPv6Address(hi)
         return cls(family, str(addr_lo), port_lo, str(addr_hi), port_hi)
