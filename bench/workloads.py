@@ -128,7 +128,7 @@ def h2load(lab, error_pct: int, duration: float, proto: str = "h1",
                 args.append(f"--rps={per_client}")
             log = Path(tmp) / f"requests-{i}.log"
             cmd = taskset(CLIENT_CPU, "h2load", *args, "-c", str(CLIENTS_PER_INSTANCE),
-                          "-m", "1", "-t", "1", "-D", str(duration), f"--log-file={log}", url)
+                          "-m", "1", "-t", "1", "-D", f"{round(duration * 1000)}ms", f"--log-file={log}", url)
             procs.append((log, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)))
         t0 = time.monotonic()
