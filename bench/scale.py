@@ -542,9 +542,9 @@ def _notes(result: dict, rows: list[dict]) -> list[str]:
     notes = []
     failed = [r for r in result["runs"] if "error" in r]
     if failed:
-        notes.append(f"- {len(failed)} run(s) failed: " +
-                     "; ".join(f"k={r['k']} {r['config']} {r['error_pct']} %: {_one_line(r['error'])[:80]}"
-                               for r in failed[:3]))
+        notes.append(f"- {len(failed)} run(s) failed: " + "; ".join(
+            f"k={r['k']} {r['config']} {r['error_pct']} %: {_one_line(r['error'])[:80]}"
+            for r in failed[:3]))
     foreign = max((r["max_foreign_cpu"] or 0 for r in rows), default=0)
     notes.append(f"- Foreign CPU (other processes' share of all CPUs during a run, "
                  f"bench/noise.py): at most {100 * foreign:.0f} %.")
