@@ -363,10 +363,14 @@ def machine_info() -> dict:
     top = Path(__file__).resolve().parent.parent
     git = subprocess.run(["git", "-C", str(top), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(top), "status", "--porcelain", "--", "bpf",
+                            "mirror", "bench", ":!bench/results"],
+                           capture_output=True, text=True).stdout.strip()
     h2 = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout
     ngx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     return {"cpus": os.cpu_count(), "usable_cpus": len(usable_cpus()), "cpu_model": model,
-            "kernel": platform.release(), "git_commit": git,
+            "kernel": platform.release(),
+            "git_commit": git + ("+uncommitted changes" if git and dirty else ""),
             "h2load": h2.strip().splitlines()[0] if h2.strip() else "",
             "nginx": ngx.strip(), "loadavg": open("/proc/loadavg").read().split()[:3]}
 
