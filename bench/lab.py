@@ -67,12 +67,29 @@ def pin_tree(pid: int, cpu: int) -> list[int]:
     return pids
 
 
-def taskset(cpu: int, *cmd: str) -> list[str]:
+def spread_tree(pid: int, cpus: list[int], workers: int, timeout: float = 10.0) -> None:
+    """Pins nginx's master to all of `cpus` and its workers one per CPU, round robin,
+    once the master has forked all `workers`."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + timeout
+    while len(kids := path.read_text().split()) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nginx forked {len(kids)} of {workers} workers")
+        time.sleep(0.05)
+    os.sched_setaffinity(pid, set(cpus))
+    for i, kid in enumerate(sorted(int(k) for k in kids)):
+        os.sched_setaffinity(kid, {cpus[i % len(cpus)]})
+
+
+def taskset(cpu: int | str, *cmd: str) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd]
 
 
 class Lab:
-    def __init__(self):
+    def __init__(self, workers: int = 1, server_cpus: list[int] | None = None):
+        # The defaults are the 2-CPU layout above; bench/scale.py passes more workers and
+        # the CPUs to spread them over (one worker per CPU, round robin).
+        self.workers, self.server_cpus = workers, server_cpus
         self.host: Host | None = None
         self.nginx: Nginx | None = None
         self.iperf: subprocess.Popen | None = None
@@ -81,10 +98,15 @@ class Lab:
     def start(self) -> "Lab":
         self.host = Host.create()
         self.host.exec("ip", "addr", "add", f"{self.error_v4}/24", "dev", "eth0")
-        self.nginx = Nginx(self.host, workers=1, h2_port=H2_PORT).start()
-        time.sleep(0.2)                     # let the master fork its worker
-        pin_tree(self.nginx.proc.pid, SERVER_CPU)
-        self.iperf = self.host.popen(*taskset(SERVER_CPU, "iperf3", "-s", "-B",
+        self.nginx = Nginx(self.host, workers=self.workers, h2_port=H2_PORT).start()
+        if self.server_cpus is None:
+            time.sleep(0.2)                 # let the master fork its worker
+            pin_tree(self.nginx.proc.pid, SERVER_CPU)
+            server = SERVER_CPU
+        else:
+            spread_tree(self.nginx.proc.pid, self.server_cpus, self.workers)
+            server = ",".join(map(str, self.server_cpus))
+        self.iperf = self.host.popen(*taskset(server, "iperf3", "-s", "-B",
                                               self.host.ns_v4, "-p", str(IPERF_PORT)),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_listening(self.host.ns_v4, IPERF_PORT)

@@ -197,3 +197,130 @@ def test_quick_bench_end_to_end(tmp_path):
     assert f"mlab-{pid}-" not in netns
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     assert f"m{pid:06x}" not in links
+
+
+# --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
+import os  # noqa: E402
+
+def test_scale_default_cpu_counts_are_powers_of_two_and_all():
+    from bench import scale
+    assert scale.default_counts(1) == [1]
+    assert scale.default_counts(2) == [1, 2]
+    assert scale.default_counts(6) == [1, 2, 4, 6]
+    assert scale.default_counts(8) == [1, 2, 4, 8]
+
+
+def test_scale_layout_splits_clients_and_servers_and_scales_connections():
+    from bench import scale
+    one = scale.layout(1, [0, 1], "split", 8)
+    assert (one["client_cpus"], one["server_cpus"], one["connections"]) == ([0], [0], 8)
+    two = scale.layout(2, [0, 1], "split", 8)       # the main bench's 2-CPU layout
+    assert (two["client_cpus"], two["server_cpus"], two["connections"]) == ([0], [1], 16)
+    five = scale.layout(5, list(range(8)), "split", 8)
+    assert (five["client_cpus"], five["server_cpus"]) == ([0, 1, 2], [3, 4])
+    assert five["connections"] == 42 and five["nginx_workers"] == 2   # a multiple of 3 threads
+    four = scale.layout(4, list(range(8)), "shared", 8)
+    assert four["client_cpus"] == four["server_cpus"] == [0, 1, 2, 3]
+    assert (four["h2load_threads"], four["nginx_workers"]) == (4, 4)
+
+
+def test_scale_reads_h2load_request_time_and_writes_durations_it_accepts():
+    from bench import scale
+    t = scale.request_time(H2LOAD_OUTPUT)
+    assert (t["min_us"], t["max_us"], t["mean_us"]) == (23, 20100, 181)
+    assert scale.duration(1.0) == "1000ms" and scale.duration(0.5) == "500ms"
+
+
+def test_scale_rejects_bad_arguments_with_exit_2():
+    for bad in (["--cpus", "0"], ["--errors", "50"], ["--configs", "tcpdump"]):
+        proc = subprocess.run([sys.executable, "-m", "bench.scale", *bad], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, bad
+        assert "error: argument" in proc.stderr.splitlines()[-1]
+
+
+def _kernel_clean(pid: int) -> None:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"mlab-{pid}-" not in netns
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert f"m{pid:06x}" not in links
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scale_end_to_end(tmp_path):
+    from bench import scale
+    out = tmp_path / "scale.json"
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--cpus", "1,2",
+                             "--rounds", "1", "--seconds", "1", "--settle", "0.1",
+                             "--out", str(out), "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()        # it cleans up on SIGTERM
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert json.loads(stdout) == data
+    assert data["machine"]["cpus"] == os.cpu_count()
+    assert [p["k"] for p in data["points"]] == [1, 2]
+    keys = [c["key"] for c in data["configs"]]
+    assert keys == ["untraced", "mirror-clsact", "thesis"]
+    assert data["settings"]["error_levels"] == [0, 100]
+    assert sum(line.startswith("[") for line in stderr.splitlines()) == 12   # progress
+
+    runs = data["runs"]
+    assert not [r for r in runs if "error" in r]
+    assert sorted((r["k"], r["config"], r["error_pct"]) for r in runs) == \
+        sorted((k, c, p) for k in (1, 2) for c in keys for p in (0, 100))
+    for r in runs:
+        assert r["req_per_s"] > 0 and r["requests"] > 0 and r["latency"]["mean_us"] > 0
+        assert 0 <= r["cpu_busy"] <= 1 and 0 <= r["foreign_cpu"] <= 1
+        assert r["status"]["5xx" if r["error_pct"] else "2xx"] == r["requests"]
+        if r["config"] == "untraced":
+            assert "mirror" not in r
+        else:   # both monitors did their job: the comparison is fair
+            assert r["mirror"]["complete"], r["mirror"]["problems"]
+            assert (r["mirror"]["mirrored_packets"] > 0) == (r["error_pct"] == 100)
+
+    rows = data["summary"]
+    assert len(rows) == 2 * 3 * 2
+    for row in rows:
+        assert row["req_per_s"] > 0 and row["speedup"] > 0
+        assert row["ratio"] == 1.0 if row["config"] == "untraced" else row["ratio"] > 0
+
+    md = out.with_suffix(".md").read_text()
+    assert md == scale.markdown(data)
+    assert f"**{os.cpu_count()} CPUs**" in md
+    assert md.count("| 1 |") == 3 and md.count("| 2 |") == 3    # layout + two error tables
+
+    # the kernel is left as found
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before
+    _kernel_clean(proc.pid)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scale_sigterm_mid_run_cleans_up():
+    proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--cpus", "1",
+                             "--rounds", "1", "--seconds", "5", "--errors", "100"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:        # wait for the first run to finish: the lab is up
+            lines.append(line)
+            if line.startswith("["):
+                break
+        assert lines and lines[-1].startswith("["), "".join(lines)
+        proc.terminate()
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "interrupted" in rest
+    _kernel_clean(proc.pid)
