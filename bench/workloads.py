@@ -127,8 +127,10 @@ def h2load(lab, error_pct: int, duration: float, proto: str = "h1",
             if per_client:
                 args.append(f"--rps={per_client}")
             log = Path(tmp) / f"requests-{i}.log"
+            # -D in milliseconds: h2load 1.52 takes "2500ms" but not "2.5"
             cmd = taskset(CLIENT_CPU, "h2load", *args, "-c", str(CLIENTS_PER_INSTANCE),
-                          "-m", "1", "-t", "1", "-D", f"{round(duration * 1000)}ms", f"--log-file={log}", url)
+                          "-m", "1", "-t", "1", "-D", f"{round(duration * 1000)}ms",
+                          f"--log-file={log}", url)
             procs.append((log, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)))
         t0 = time.monotonic()
