@@ -4,8 +4,8 @@ with synthetic entries, in one BPF_MAP_UPDATE_BATCH, and removes exactly those a
 A host under load keeps many flows in the mirror's maps (marked error connections in
 `flows`, the last request of each connection in `requests`) and many connections in the
 thesis's LRU map. The large-map rows time the same packets with the maps that full: a
-lookup that misses walks a bucket of a 65,536-slot table, an insert into an LRU map near
-its size may evict. The filler flows are IPv4 connections between 198.19.0.0/16 clients
+lookup walks a bucket that other flows share, an insert into an LRU map near its size
+may evict. The filler flows are IPv4 connections between 198.19.0.0/16 clients
 and one server, none of them the measured flow (bench/frames.py uses 198.18.0.1/2)."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ SERVER_PORT = 80
 
 def filler_endpoints(count: int) -> list[tuple[int, int]]:
     """`count` distinct client endpoints: (IPv4 address in 198.19.0.0/16 as an int, port
-    in 1024-65023)."""
+    from 1024 up)."""
     base = int(ipaddress.ip_address("198.19.0.0"))
     return [(base + i % 65536, 1024 + i // 65536 * 64 + i % 64) for i in range(count)]
 
