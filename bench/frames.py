@@ -63,7 +63,9 @@ class FrameClass:
     (by running `RESPONSE_500` once) and stays marked; `fresh`: the flow is unmarked
     before every single run, so each run is the one that marks it. `others_marked`:
     another connection is marked, so the flow map is not empty (a classifier may skip
-    its lookup while it knows the map is empty); otherwise the maps start empty."""
+    its lookup while it knows the map is empty); otherwise the maps start empty.
+    `large_map`: the maps also hold many other flows (bench/bigmaps.py, 90 % of their
+    size); `one_flow` then names the row timing the same packet without them."""
     name: str
     family: int
     frame: bytes
@@ -71,6 +73,8 @@ class FrameClass:
     fresh: bool = False
     direction: str = "ingress"       # the hook this packet crosses on the server's veth
     others_marked: bool = True
+    large_map: bool = False
+    one_flow: str | None = None
 
     @property
     def key(self) -> str:
@@ -78,33 +82,62 @@ class FrameClass:
 
 
 EMPTY, OTHERS = "no flow marked", "other flows marked"
+LARGE = "maps 90 % full"
 
 
 def frame_classes() -> list[FrameClass]:
+    """Every row: both families with one flow (or none) in the maps, then the large-map
+    rows."""
     out = []
     for fam in (4, 6):
         out.append(FrameClass("non-TCP (UDP)", fam, ip_packet(fam, CLIENT[fam], SERVER[fam],
                               IPPROTO_UDP, udp_datagram(5353, 5353, b"\0" * 40)),
                               others_marked=False))
         for others in (False, True):
-            state = OTHERS if others else EMPTY
-            out += [
-                FrameClass(f"TCP data (request), {state}", fam, to_server(fam, REQUEST),
-                           direction="egress", others_marked=others),
-                FrameClass(f"TCP ACK (no payload), {state}", fam, to_server(fam, b""),
-                           direction="egress", others_marked=others),
-                FrameClass(f"HTTP 200 response, {state}", fam, to_client(fam, RESPONSE_200),
-                           others_marked=others),
-            ]
+            out += unmarked_flow_classes(fam, OTHERS if others else EMPTY,
+                                         others_marked=others)
         out += [
             FrameClass("HTTP 500 response, marks the flow", fam, to_client(fam, RESPONSE_500),
                        fresh=True),
             FrameClass("HTTP 500 response, flow marked", fam, to_client(fam, RESPONSE_500),
                        marked=True),
-            FrameClass("packet of a marked flow (request)", fam, to_server(fam, REQUEST),
-                       marked=True, direction="egress"),
+            marked_flow_class(fam),
         ]
-    return out
+    return out + large_map_classes()
+
+
+def unmarked_flow_classes(fam: int, state: str, **kw) -> list[FrameClass]:
+    """Request, ACK and 200 of a flow that is not marked."""
+    return [
+        FrameClass(f"TCP data (request), {state}", fam, to_server(fam, REQUEST),
+                   direction="egress", **kw),
+        FrameClass(f"TCP ACK (no payload), {state}", fam, to_server(fam, b""),
+                   direction="egress", **kw),
+        FrameClass(f"HTTP 200 response, {state}", fam, to_client(fam, RESPONSE_200), **kw),
+    ]
+
+
+def marked_flow_class(fam: int, suffix: str = "", **kw) -> FrameClass:
+    return FrameClass(f"packet of a marked flow (request){suffix}", fam,
+                      to_server(fam, REQUEST), marked=True, direction="egress", **kw)
+
+
+def large_map_classes() -> list[FrameClass]:
+    """The packets whose cost a full map could change, timed with the maps 90 % full:
+    lookups that miss (an unmarked flow's request, ACK and 200), the insert that marks a
+    flow, and a lookup that hits. IPv4 only: the thesis parses nothing else, and the
+    mirror's flow key is the same 40 bytes for both families. Each names its one-flow
+    counterpart."""
+    fam = 4
+    misses = unmarked_flow_classes(fam, LARGE, large_map=True)
+    for fc in misses:
+        fc.one_flow = f"ipv{fam} {fc.name.replace(LARGE, OTHERS)}"
+    marks = FrameClass(f"HTTP 500 response, marks the flow, {LARGE}", fam,
+                       to_client(fam, RESPONSE_500), fresh=True, large_map=True,
+                       one_flow=f"ipv{fam} HTTP 500 response, marks the flow")
+    hit = marked_flow_class(fam, f", {LARGE}", large_map=True)
+    hit.one_flow = f"ipv{fam} packet of a marked flow (request)"
+    return misses + [marks, hit]
 
 
 def marking_frame(family: int) -> bytes:

@@ -10,6 +10,12 @@ with like:
   - single: `repeat=1` calls, the flow unmarked again between calls, for the packet that
     marks a flow; the median of the per-call durations.
 
+Map state: the maps hold at most the measured flow and one other, except in the
+large-map rows (bench/bigmaps.py), where the mirror's flow and request maps and the
+thesis's connection map are 90 % full of other flows. Filling them takes longer than a
+measurement, so the filler flows stay from the first large-map row of a round to the
+next row that wants the maps empty (the large-map rows come last in each round).
+
 Programs: the empty classifier, the thesis reproduction, the mirror deciding only (its
 debug ifindex 0, so a packet to mirror is counted and not cloned: the thesis's clone is
 an act_mirred action outside its program, which BPF_PROG_TEST_RUN never runs), and the
@@ -24,6 +30,7 @@ from typing import Callable
 from mirror.bpfsys import test_run
 from mirror.flowkey import FlowKey
 
+from . import bigmaps
 from . import frames as fr
 
 
@@ -35,6 +42,9 @@ class Subject:
     unmark: Callable[[fr.FrameClass], None]       # unmarks the measured flow only
     clear: Callable[[], None]                     # empties the maps (nothing marked)
     prepare: Callable[[], None] = lambda: None    # called before each measurement
+    # puts the large-map filler flows in (True) or takes them out (False), idempotent;
+    # returns {map name: entries held after the fill} ({} when there are none)
+    fill: Callable[[bool], dict[str, int]] = lambda on: {}
 
 
 @dataclass
@@ -43,6 +53,9 @@ class Result:
     method: str
     ns: dict[str, list[int]] = field(default_factory=dict)   # subject -> per round
     handled: list[str] = field(default_factory=list)         # subjects that parse it
+    large_map: bool = False
+    one_flow: str | None = None                               # its one-flow counterpart
+    maps: dict[str, dict[str, int]] = field(default_factory=dict)   # subject -> held
 
     def median(self, subject: str) -> float:
         return statistics.median(self.ns[subject])
@@ -54,8 +67,19 @@ def _flow_key(fc: fr.FrameClass) -> FlowKey:
 
 
 def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
+    requests = classifier.bpf.get_table(b"requests")
+    maps = bigmaps.mirror_maps(classifier)
+
     def mirror_unmark(fc):
-        classifier.delete_flow(_flow_key(fc))
+        # The request snapshot goes too: left from a large-map request row, it would
+        # send the next row's response down another path than in the one-flow rows
+        # (where the maps start empty).
+        key = _flow_key(fc)
+        classifier.delete_flow(key)
+        try:
+            del requests[requests.Key.from_buffer_copy(key.to_bytes())]
+        except KeyError:
+            pass
 
     def decide_only():
         classifier.set_debug_ifindex(0)
@@ -68,9 +92,9 @@ def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
     # really is the state a host with no error connection is in.
     return baseline_subjects(thesis, empty) + [
         Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, classifier.clear,
-                decide_only),
+                decide_only, maps.set),
         Subject("mirror+clone", classifier.fd, lambda fc: True, mirror_unmark,
-                classifier.clear, with_clone),
+                classifier.clear, with_clone, maps.set),
     ]
 
 
@@ -86,7 +110,7 @@ def baseline_subjects(thesis, empty) -> list[Subject]:
     return [
         Subject("empty", lambda d: empty.fd, lambda fc: True, lambda fc: None, lambda: None),
         Subject("thesis", lambda d: thesis.fd, lambda fc: fc.family == 4, thesis_unmark,
-                thesis.clear),
+                thesis.clear, fill=bigmaps.thesis_maps(thesis).set),
     ]
 
 
@@ -100,10 +124,22 @@ def _thesis_key(fc: fr.FrameClass) -> tuple[int, int, int, int]:
     return s, c, socket.htons(fr.SERVER_PORT), socket.htons(fr.CLIENT_PORT)
 
 
+def _reset(subject: Subject, fc: fr.FrameClass) -> None:
+    """Nothing marked, before and after a measurement; for a large-map row nothing but
+    the filler flows and the other marked flow (which keeps the mirror's empty-map
+    pre-filter off: filler flows were not marked by the classifier)."""
+    if fc.large_map:
+        subject.fill(True)
+        subject.unmark(fc)
+    else:
+        subject.fill(False)
+        subject.clear()
+
+
 def _measure(subject: Subject, fc: fr.FrameClass, repeat: int, singles: int) -> int:
     fd = subject.fd_for(fc.direction)
     subject.prepare()
-    subject.clear()
+    _reset(subject, fc)
     try:
         if fc.others_marked:
             test_run(subject.fd_for("ingress"), fr.other_marking_frame(fc.family), 1)
@@ -118,7 +154,7 @@ def _measure(subject: Subject, fc: fr.FrameClass, repeat: int, singles: int) -> 
         test_run(fd, fc.frame, max(1, repeat // 100))      # warm caches and branch predictors
         return test_run(fd, fc.frame, repeat).duration_ns
     finally:
-        subject.clear()
+        _reset(subject, fc)
 
 
 def run(subjs: list[Subject], rounds: int, repeat: int, singles: int, cpu: int,
@@ -126,7 +162,8 @@ def run(subjs: list[Subject], rounds: int, repeat: int, singles: int, cpu: int,
     """Measures every subject on every frame class; BPF_PROG_TEST_RUN runs on the CPU the
     calling thread is on, so the thread is pinned to `cpu` meanwhile."""
     classes = fr.frame_classes()
-    results = {fc.key: Result(fc.key, "single" if fc.fresh else "repeat") for fc in classes}
+    results = {fc.key: Result(fc.key, "single" if fc.fresh else "repeat",
+                              large_map=fc.large_map, one_flow=fc.one_flow) for fc in classes}
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
@@ -136,11 +173,25 @@ def run(subjs: list[Subject], rounds: int, repeat: int, singles: int, cpu: int,
                 for s in subjs:
                     ns = _measure(s, fc, repeat, singles)
                     results[fc.key].ns.setdefault(s.name, []).append(ns)
+                    if fc.large_map:
+                        _note_held(results[fc.key].maps, s.name, s.fill(True))
     finally:
         os.sched_setaffinity(0, old)
+        for s in subjs:
+            s.fill(False)
+            s.clear()
     for fc in classes:
         results[fc.key].handled = [s.name for s in subjs if s.handles(fc)]
     return [results[fc.key] for fc in classes]
+
+
+def _note_held(maps: dict, subject: str, held: dict[str, int]) -> None:
+    """Keeps the fewest entries each map held over the rounds (an LRU map may evict)."""
+    if not held:
+        return
+    mine = maps.setdefault(subject, dict(held))
+    for name, n in held.items():
+        mine[name] = min(mine.get(name, n), n)
 
 
 def summarize(results: list[Result]) -> list[dict]:
@@ -155,5 +206,7 @@ def summarize(results: list[Result]) -> list[dict]:
             m = res.median(name)
             row["ns"][name] = m
             row["ratio_to_empty"][name] = round(m / base, 3) if base else None
+        if res.large_map:
+            row["large_map"] = {"one_flow": res.one_flow, "entries": res.maps}
         rows.append(row)
     return rows

@@ -78,6 +78,9 @@ def per_packet_figure(rows, path: Path) -> None:
     for i, (name, color) in enumerate(subjects):
         ys = [j + (i - 1.5) * h for j in range(len(rows))]
         ax.barh(ys, [r["ns"].get(name, 0) for r in rows], height=h, color=color, label=name)
+    large = [j for j, r in enumerate(rows) if r.get("large_map")]
+    if large:       # the large-map rows come last: a line above them
+        ax.axhline(large[0] - 0.5, color="black", linewidth=0.6, linestyle="--")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r["frame"] for r in rows], fontsize=8)
     ax.invert_yaxis()

@@ -25,8 +25,9 @@ class ThesisProgram:
         from bcc import BPF
         self.bpf = BPF(src_file=str(BENCH_BPF_DIR / "thesis.c").encode(),
                        cflags=[f"-DMAX_CONNECTIONS={max_connections}"])
+        self.max_connections = max_connections
         self.prog = self.bpf.load_func(b"thesis_mirror", BPF.SCHED_CLS)
-        self.connections = self.bpf.get_table("connections")
+        self.connections = self.bpf.get_table(b"connections")
 
     @property
     def fd(self) -> int:
