@@ -9,12 +9,12 @@ test:
 demo:
 	scripts/demo
 
-# Full bench (about 20 minutes, both CPUs busy): bench/results/<timestamp>.* and latest.*
+# Full bench (about 45 minutes, both CPUs busy): bench/results/<timestamp>.* and latest.*
 bench:
 	scripts/setup
 	$(PYTHON) -m bench
 
-# One short round (about a minute): bench/results/quick/
+# One short round of every pass (about 3 minutes): bench/results/quick/
 bench-quick:
 	scripts/setup
 	$(PYTHON) -m bench --quick

@@ -1,27 +1,31 @@
 """The bench suite: what the mirror costs an operator's traffic, side by side with no
-monitor and with the original thesis monitor (thesis chapters 4.2 and 5).
+monitor, with `tcpdump -w` and with the original thesis monitor (thesis chapters 4.2 and
+5). Method and results: docs/bench.md.
 
-Topology (bench/lab.py): nginx (one worker, /ok 200 and /error 500 of equal length) and
-`iperf3 -s` in a server network namespace; clients in the root namespace; the host-side
-veth is monitored. Client and server are pinned to one CPU each.
+Topology (bench/lab.py): nginx (one worker, /ok 200 and /error 500 of equal length,
+HTTP/1.1 and h2c) and `iperf3 -s` in a server network namespace; clients in the root
+namespace; the host-side veth is monitored. Client and server pinned to one CPU each.
 
-Configurations (bench/configs.py), interleaved round by round within every workload:
-untraced; qdiscs only (ingress + htb); the mirror with the htb layout; the mirror with the
-clsact layout; the thesis monitor reproduced (bench/bpf/thesis.c, act_mirred).
+Configurations (bench/configs.py): untraced, qdiscs only, tcpdump -w, the mirror in its
+three hook layouts and with each feature of this round switched off (request snapshot,
+HTTP/2 parser, budgets, clone), the thesis monitor reproduced (bench/bpf/thesis.c).
 
-Measures (bench/runner.py):
-  - iperf3 TCP throughput, offloads on and off;
-  - h2load HTTP/1.1 requests/s and latency (mean, p50, p90, p99, log2 distribution) at
-    0, 25, 50, 75, 100 % error requests, with mirror completeness checked in every run
+Passes (bench/runner.py), in rounds, every round in a random order:
+  - cost: fixed offered load (h2load --rps, iperf3 -b), CPU time of all CPUs per request
+    or per GB (bench/noise.py CpuMeter), completeness judged in every h2load run
     (bench/completeness.py);
-  - per-packet cost through BPF_PROG_TEST_RUN against an empty classifier
-    (bench/microbench.py);
-  - in-traffic cost: program run-time statistics during h2load runs.
-Reports (bench/report.py, bench/plots.py): bench/results/<timestamp>.{json,md,png} and
-latest.{json,md}, targets printed as met or not met.
+  - saturation: throughput as fast as the clients go;
+  - in-traffic: program run-time statistics under the cost runs' load;
+  - microbench: BPF_PROG_TEST_RUN per frame class (bench/microbench.py, bench/bigmaps.py);
+  - attach: new interfaces, latency and packets missed (bench/attach.py).
+Statistics (bench/stats.py): paired ratios, 95 % bootstrap intervals, verdicts met / not
+met / inconclusive. Reports (bench/report.py, bench/plots.py):
+bench/results/<timestamp>.{json,md,png} and latest.{json,md}. Apart: bench/scale.py
+(every CPU of a bigger machine), bench/profile.py (where the per-packet time goes),
+bench/snapshot_cost.py (the request snapshot by length).
 
-OVERHEAD: the bench saturates both CPUs for its whole run (about 20 minutes in full mode,
-about a minute with --quick); run it on a machine with nothing else to do, or read its
-numbers as ratios under load. It only sends traffic between the namespaces it makes
+OVERHEAD: the bench keeps both CPUs busy for its whole run (about 45 minutes in full mode,
+about 3 with --quick) and measures the whole machine's CPU time: run it on a machine with
+nothing else to do. It only sends traffic between the namespaces it makes
 (198.18.0.0/15), and removes everything it adds, on failure and Ctrl-C too.
 """
