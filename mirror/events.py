@@ -55,7 +55,7 @@ class Event:
     direction: str
     new_flow: bool
     proto: str
-    key: FlowKey
+    key_raw: bytes                  # struct flow_key as the kernel wrote it: see `key`
     server_is_lo: bool
     request_ns: int                 # 0: no request kept
     request_ifindex: int
@@ -69,8 +69,14 @@ class Event:
          req_ifindex, _req_dir, _req_lo, _pad, req_frame_len, req_len) = _HEAD.unpack_from(raw)
         request = raw[HEAD_SIZE:HEAD_SIZE + req_len] if req_ns and len(raw) > HEAD_SIZE else b""
         return cls(resp_ns, ifindex, status, DIRECTIONS[direction & 1], bool(new_flow),
-                   PROTOS.get(proto, str(proto)), FlowKey.from_bytes(key), bool(server_lo),
+                   PROTOS.get(proto, str(proto)), key, bool(server_lo),
                    req_ns if request else 0, req_ifindex, req_frame_len, request, cut)
+
+    @property
+    def key(self) -> FlowKey:
+        """The flow's addresses, decoded when an event is read rather than when it is
+        counted: in an error storm most events are only counted."""
+        return FlowKey.from_bytes(self.key_raw)
 
     @property
     def server(self) -> str:
