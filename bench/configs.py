@@ -64,6 +64,10 @@ class Config:
     def sink_fd(self) -> int | None:
         return None
 
+    def counters(self) -> dict[str, int] | None:
+        """The classifier's counters, for the run's deltas (None: no classifier)."""
+        return None
+
 
 class Untraced(Config):
     key, label = "untraced", "untraced"
@@ -166,6 +170,9 @@ class Mirror(Config):
             self.ctl.close()
         finally:
             self.ctl = self.thread = None
+
+    def counters(self) -> dict[str, int]:
+        return self.classifier().counters()
 
     def prog_fds(self) -> dict[str, int]:
         clf = self.classifier()

@@ -284,6 +284,7 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
             L.append(f"| {wl} | the clone (no budgets - clone off) | "
                      f"{_ci(summary['clone_ns'][wl], '{:.1f}')} | | |")
     L += [""]
+    L += _storm_table(result, labels)
     L += _completeness_table(summary, labels)
     L += per_packet_section(summary["microbench"], st["micro_rounds"])
     L += _attach_section(summary)
@@ -293,6 +294,30 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     if summary["failed_runs"]:
         L += ["", f"{summary['failed_runs']} run(s) failed; see `runs` in the JSON."]
     return "\n".join(L) + "\n"
+
+
+def _storm_table(result, labels) -> list[str]:
+    """What the classifier did in the 100 % error cost runs: clones made, clones skipped
+    by each budget, events (per second of run, medians over rounds)."""
+    runs = [r for r in _kept(result, "cost") if r.get("classifier")
+            and r["workload"].endswith("-100")]
+    if not runs:
+        return []
+    keys = ("mirrored_packets", "skip_flow_packets", "skip_flow_bytes", "skip_cpu_rate",
+            "events", "events_lost")
+    L = ["## The error storm: what the classifier did at 100 % errors", "",
+         "Per second of cost run (median over rounds): packets cloned to the debug "
+         "interface, clones skipped by the per-flow packet budget, the per-flow byte "
+         "budget and the per-CPU clone rate, and error events (lost: ring buffer full).", "",
+         "| workload | configuration | cloned/s | skipped: packets | bytes | rate | "
+         "events/s | events lost |", "|---|---|---|---|---|---|---|---|"]
+    pairs = sorted({(r["workload"], r["config"]) for r in runs})
+    for wl, c in pairs:
+        mine = [r for r in runs if r["workload"] == wl and r["config"] == c]
+        cells = [_num(_median([r["classifier"][k] / r["wall_s"] for r in mine]))
+                 for k in keys]
+        L.append(f"| {wl} | {labels.get(c, c)} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _completeness_table(summary, labels) -> list[str]:

@@ -86,6 +86,9 @@ IN_TRAFFIC_PLAN = (
     (H2C_0, ("mirror-clsact", "mirror-noh2")),
     (H2C_100, ("mirror-clsact", "mirror-nobudget")),
 )
+# Classifier counters recorded per run (their deltas), to read a storm's cost against.
+CLASSIFIER_COUNTERS = ("flows_marked", "mirrored_packets", "mirrored_bytes", "events",
+                       "events_lost", "skip_flow_packets", "skip_flow_bytes", "skip_cpu_rate")
 PLANS = {"cost": COST_PLAN, "saturation": SATURATION_PLAN, "in_traffic": IN_TRAFFIC_PLAN}
 
 
@@ -219,6 +222,7 @@ def run_one(cfg, lab, wl: Workload, st: Settings, pass_: str, app: Apparatus) ->
         before = {k: run_stats(fd) for k, fd in fds.items()}
         sink = cfg.sink_fd() if pass_ == "in_traffic" else None
         sink0 = run_stats(sink) if sink is not None else None
+        counters0 = cfg.counters()
         s0, meter = Sample(), CpuMeter()
         if wl.kind == "iperf3":
             res = workloads.iperf3(lab, round(seconds), 0 if fixed else st.iperf_omit,
@@ -231,6 +235,10 @@ def run_one(cfg, lab, wl: Workload, st: Settings, pass_: str, app: Apparatus) ->
         rec["foreign_cpu"] = s0.foreign_share(Sample())
         after = {k: run_stats(fd) for k, fd in fds.items()}
         sink1 = run_stats(sink) if sink is not None else None
+        if counters0 is not None:
+            # what the classifier did: clones made and skipped by budget, events
+            counters1 = cfg.counters()
+            rec["classifier"] = {k: counters1[k] - counters0[k] for k in CLASSIFIER_COUNTERS}
         rec.update(res)
         rec.update(cpu)
         if wl.kind == "iperf3":
