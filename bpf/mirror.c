@@ -337,7 +337,7 @@ static __always_inline void classify_h2(struct __sk_buff *skb, __u32 off, __u32 
         mirror_packet(skb, 0, direction, fv);
     if (status >= 0)
         report_error(skb, &p->key, p->src_is_lo, 0, status, direction, !p->was_marked,
-                     PROTO_HTTP2, fv);
+                     status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, fv);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
@@ -454,7 +454,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     if (st && cls < 6)
         st->responses[cls]++;
 
-    if (is_trigger(status)) {
+    if (status >= MIN_HTTP_STATUS && is_trigger(status)) {
         struct flow_value *mfv = mark_flow(skb, &seg.key, fv, now, status);
         mirror_packet(skb, st, direction, mfv);
         /* After the clone: the request frame user space writes for this event follows
