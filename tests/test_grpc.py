@@ -224,3 +224,40 @@ def test_http_status_below_100_never_triggers(clf):
     frame = response_frame(b"HTTP/1.1 014 Odd\r\n\r\n")
     clf.test_run("egress", frame)
     assert clf.counters()["responses"] == 1 and clf.flow_count() == 0
+
+
+# --- the trigger spec --------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, codes, text", [
+    ("5xx,grpc:2,13,14", set(range(500, 600)) | {2, 13, 14}, "5xx,grpc:2,13-14"),
+    ("grpc:unavailable,INTERNAL,503", {13, 14, 503}, "503,grpc:13-14"),
+    ("grpc-error", set(range(1, 17)), "grpc-error"),
+    ("grpc:0-16", set(range(17)), "grpc:0-16"),
+    ("429,grpc:not_found", {429, 5}, "429,grpc:5"),
+])
+def test_trigger_spec(spec, codes, text):
+    from mirror.trigger import describe, parse_trigger
+    assert parse_trigger(spec) == codes
+    assert describe(frozenset(codes)) == text
+    assert parse_trigger(text) == codes
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("13", "cannot read '13'"), ("grpc:17", "0-16"), ("grpc:teapot", "no gRPC code"),
+    ("grpc:9-3", "ascending"), ("grpc:", "no gRPC code"),
+])
+def test_trigger_spec_refused(spec, words):
+    from mirror.errors import UsageError
+    from mirror.trigger import parse_trigger
+    with pytest.raises(UsageError, match=words):
+        parse_trigger(spec)
+
+
+def test_event_json_names_the_grpc_code():
+    from mirror.events import Event, grpc_name, status_label
+    from mirror.flowkey import FlowKey
+    key = FlowKey(4, "198.18.0.80", 50051, "198.19.7.10", 40000)
+    ev = Event(0, 1, 14, "egress", True, "grpc", key, True, 0, 0, 0, b"")
+    record = ev.to_json("eth0", 0)
+    assert (record["proto"], record["status"], record["grpc_status"]) == ("grpc", 14, "UNAVAILABLE")
+    assert status_label(ev) == "grpc:14" and grpc_name(0) == "OK"
