@@ -591,12 +591,12 @@ def grpc_block(rng: random.Random) -> bytes:
     encoder), out of range or random bits; or a dynamic reference in its place."""
     code = str(rng.choice([0, 0, 1, 2, 5, 13, 14, 16, 17, 99])).encode()
     form = rng.choice([b"\x40", b"\x00", b"\x10"])
-    name = rng.choice([b"\x0bgrpc-status", bytes.fromhex("889acac8b21234da8f"),
-                       b"\x0bgrpc-statux"])
+    name = rng.choice([b"\x0bgrpc-status", bytes.fromhex("889acac8b21234da8f")] * 2 +
+                      [b"\x0bgrpc-statux"])
     value = Encoder().encode([("v", code.decode())], huffman=rng.random() < 0.5)[3:]
     if rng.random() < 0.15:
         value = bytes([0x80 | rng.choice([1, 2, 3])]) + rng.randbytes(3)
-    field = rng.choice([form + name + value, form + name + value, b"\xbe", b"\x7f\x00\x0214"])
+    field = rng.choice([form + name + value] * 4 + [b"\xbe", b"\x7f\x00\x0214"])
     return rng.choice(GRPC_BEFORE) + field + rng.choice([b"", b"\x00\x0cgrpc-message\x02no"])
 
 
@@ -608,8 +608,12 @@ def h2_payload(rng: random.Random) -> bytes:
                           h2_frame(8, 0, 0, b"\x00\x00\xff\xff"), h2_frame(6, 1, 0, b"8bytes!!"),
                           h2_frame(0, 0, 1, b"<html>x</html>")])
               for _ in range(rng.randrange(3))]
-    block = grpc_block(rng) if rng.random() < 0.3 else h2_block(rng)
-    flags = 0x04 | rng.choice([0, 0, 1, 1, 8, 0x20, 0x29, 0x09])
+    grpc = rng.random() < 0.4
+    block = grpc_block(rng) if grpc else h2_block(rng)
+    flags = 0x04 | rng.choice([0, 0, 1, 8, 0x20, 0x29])
+    if grpc and rng.random() < 0.8:
+        flags |= 0x01                   # trailers end the stream
+
     body = block
     if flags & 0x20:
         body = b"\x00\x00\x00\x03\x10" + body
