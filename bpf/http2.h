@@ -463,10 +463,15 @@ static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_bl
                                         __u32 direction)
 {
     unsigned char b[H2_BUF_LEN];
-    int armed = -1;
-    __u32 r = 0, expect = H2_GRPC_FIELD, dyn = 0;
-    __u32 pos = g->off[0], left = g->left[0];
+    /* The walk's state but its offset, packed in one word so that one opaque() per step
+     * merges it (each is a helper call): the block's bytes left (<= 16384) in bits
+     * 0-15, expect in 16-17, dyn in 18, the block r in 19-21, armed + 1 in 22-26. */
+    __u32 pos = g->off[0];
+    __u32 st = (g->left[0] & 0xffff) | (H2_GRPC_FIELD << 16);
     for (int step = 0; step < H2_GRPC_STEPS; step++) {
+        __u32 left = st & 0xffff, expect = (st >> 16) & 3, dyn = (st >> 18) & 1;
+        __u32 r = (st >> 19) & 7;
+        int armed = (int)((st >> 22) & 0x1f) - 1;
         __u32 n = left > H2_BUF_LEN ? H2_BUF_LEN : left;
         int done = 0, field = 0;
         __u32 next = 0;
@@ -520,7 +525,7 @@ static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_bl
         if (done) {                     /* on to the next recorded block */
             r++;
             if (r >= g->n || r >= H2_GRPC_BLOCKS)
-                break;
+                return armed;
             pos = g->off[h2_grpc_slot(r)];
             left = g->left[h2_grpc_slot(r)];
             expect = H2_GRPC_FIELD;
@@ -530,13 +535,10 @@ static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_bl
             left = next >= left ? 0 : left - next;
         }
         pos = opaque(pos);
-        left = opaque(left);
-        expect = opaque(expect);
-        dyn = opaque(dyn);
-        r = opaque(r);
-        armed = opaque(armed);
+        st = opaque((left & 0xffff) | (expect << 16) | (dyn << 18) | (r << 19) |
+                    ((__u32)(armed + 1) << 22));
     }
-    return armed;
+    return (int)((st >> 22) & 0x1f) - 1;
 }
 
 /* Decodes the HEADERS frame whose payload starts at `off` and is `len` bytes long (maybe
