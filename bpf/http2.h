@@ -17,7 +17,8 @@
  * name) cannot be decoded without the connection's HPACK state, and neither can a
  * :status value that is not three digits or is cut by the end of the segment: they count
  * in C_H2_STATUS_UNKNOWN. Any other first field (a request's :method, trailers) is not a
- * response.
+ * response. Stream-ending HEADERS frames are read once more for gRPC's grpc-status
+ * (h2_grpc_walk, below).
  *
  * Plausibility, so that a segment starting in the middle of a frame (or bulk data that is
  * not HTTP/2 at all) does not trigger: every frame header on the way must have a known
@@ -592,7 +593,8 @@ static __always_inline void h2_count_status(struct __sk_buff *skb, __u32 directi
 }
 
 /* Walks the frames of the segment [off, end), counts the status (or unknown) of every
- * HEADERS frame met, and returns the first status in the trigger set, or -1.
+ * HEADERS frame met, and returns the first status in the trigger set (100-999), else
+ * the first grpc-status in it (0-16, from h2_grpc_walk), or -1.
  *
  * Verifier cost: the loop is not unrolled, and the verifier walks it once per iteration
  * and per distinct state at its head. The values the body refines in different ways

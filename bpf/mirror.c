@@ -11,7 +11,8 @@
  * directions, is cloned to the debug interface.
  *
  * An HTTP/2 HEADERS frame whose :status is in the trigger set (bpf/http2.h) marks the
- * connection the same way.
+ * connection the same way, and so does a gRPC grpc-status in a stream-ending HEADERS
+ * frame whose code is in the trigger array's slots 0-16.
  *
  * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (status line and
  * request start), http2.h (frames and :status). This file holds the maps, the counters
