@@ -17,7 +17,8 @@
  * name) cannot be decoded without the connection's HPACK state, and neither can a
  * :status value that is not three digits or is cut by the end of the segment: they count
  * in C_H2_STATUS_UNKNOWN. Any other first field (a request's :method, trailers) is not a
- * response.
+ * response. Stream-ending HEADERS frames are read once more for gRPC's grpc-status
+ * (h2_grpc_walk, below).
  *
  * Plausibility, so that a segment starting in the middle of a frame (or bulk data that is
  * not HTTP/2 at all) does not trigger: every frame header on the way must have a known
@@ -300,10 +301,251 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
     return h2_status_value(b, i + 1, avail);
 }
 
+/* gRPC's grpc-status (0-16), read in header blocks that end a stream (HEADERS with
+ * END_STREAM: a gRPC response's trailers, or a "trailers-only" response that carries
+ * :status 200 and grpc-status in one block). It is not in the static table, so the
+ * first time a connection sends a given value it is a literal with the new name
+ * "grpc-status" (raw, or Huffman 9a ca c8 b2 12 34 da 8f), any of the three literal
+ * forms, value raw or Huffman ("0"-"16"). Later ones on the connection may refer to the
+ * dynamic table: a dynamic reference in a block without a readable grpc-status counts
+ * in C_GRPC_STATUS_UNKNOWN (it may be one; on h2 traffic that is not gRPC a bodiless
+ * response with a dynamic reference counts there too).
+ *
+ * What servers send (captured): grpcio (C core) puts grpc-status first in trailers and
+ * third in trailers-only blocks (:status, content-type, grpc-status), with incremental
+ * indexing, raw name and value, a new literal for every new value and a dynamic
+ * reference for a repeated one. @grpc/grpc-js (Node's nghttp2) sends it second in
+ * trailers-only (:status, grpc-status) and first in trailers, with a Huffman name the
+ * first time and a dynamic name reference (index 62+) after: only the first grpc-status
+ * of a connection is readable there.
+ *
+ * The walk: the frame loop records where such blocks start (at most H2_GRPC_BLOCKS per
+ * segment), and one flat loop of H2_GRPC_STEPS steps then reads them in turn. A step
+ * reads one field's representation (an indexed field, a size update, a literal's name)
+ * or one literal's value, skipping over strings of known length. 8 steps reach a
+ * grpc-status after an indexed field and one literal (grpcio's trailers-only, 5 steps),
+ * or after up to three literals; one flat loop keeps the verifier's work to the steps,
+ * not steps times frames. Non-gRPC traffic pays nothing unless a HEADERS frame ends its
+ * stream. */
+#define H2_GRPC_BLOCKS 4
+#define H2_GRPC_STEPS 8
+#define GRPC_MAX_CODE 16
+/* Step states (the `expect` variable of the walk). */
+#define H2_GRPC_FIELD 0     /* a field's representation comes next */
+#define H2_GRPC_VALUE 1     /* a literal's value comes next, not a grpc-status */
+#define H2_GRPC_STATUS 2    /* the value of a grpc-status comes next */
+
+/* The HPACK integer (RFC 7541 5.1) at b[i] with prefix `mask`, of at most 3 bytes
+ * (values below mask + 2^14, enough for any string of a frame up to 16 KB). Returns the
+ * value and sets *next, or -1 when longer or past `avail`. */
+static __always_inline int h2_int(const unsigned char *b, __u32 i, __u32 avail, __u32 mask,
+                                  __u32 *next)
+{
+    if (i >= avail)
+        return -1;
+    __u32 v = H2_AT(b, i) & mask;
+    if (v < mask) {
+        *next = i + 1;
+        return v;
+    }
+    if (i + 1 >= avail)
+        return -1;
+    __u32 c = H2_AT(b, i + 1);
+    v += c & 0x7f;
+    if (!(c & 0x80)) {
+        *next = i + 2;
+        return v;
+    }
+    if (i + 2 >= avail || (H2_AT(b, i + 2) & 0x80))
+        return -1;
+    v += (__u32)H2_AT(b, i + 2) << 7;
+    *next = i + 3;
+    return v;
+}
+
+/* Whether the new name at b[i] (its length byte) is "grpc-status", raw or Huffman. */
+static __always_inline int h2_grpc_name(const unsigned char *b, __u32 i, __u32 avail)
+{
+    if (i >= avail)
+        return 0;
+    __u8 l = H2_AT(b, i);
+    if (l == 11 && i + 12 <= avail)
+        return H2_AT(b, i + 1) == 'g' && H2_AT(b, i + 2) == 'r' && H2_AT(b, i + 3) == 'p' &&
+               H2_AT(b, i + 4) == 'c' && H2_AT(b, i + 5) == '-' && H2_AT(b, i + 6) == 's' &&
+               H2_AT(b, i + 7) == 't' && H2_AT(b, i + 8) == 'a' && H2_AT(b, i + 9) == 't' &&
+               H2_AT(b, i + 10) == 'u' && H2_AT(b, i + 11) == 's';
+    if (l == 0x88 && i + 9 <= avail)
+        return H2_AT(b, i + 1) == 0x9a && H2_AT(b, i + 2) == 0xca && H2_AT(b, i + 3) == 0xc8 &&
+               H2_AT(b, i + 4) == 0xb2 && H2_AT(b, i + 5) == 0x12 && H2_AT(b, i + 6) == 0x34 &&
+               H2_AT(b, i + 7) == 0xda && H2_AT(b, i + 8) == 0x8f;
+    return 0;
+}
+
+/* One or two digits Huffman-coded in n (1 or 2) bytes b[1..n] (see h2_huffman_digits), padded with fewer than 8 one bits. The value or H2_UNKNOWN. */
+static __always_inline int h2_huffman_small(const unsigned char *b, __u32 n)
+{
+    __u32 total = n * 8;
+    __u32 w = ((__u32)b[1] << 8) | (n == 2 ? b[2] : 0);   /* left-aligned in 16 bits */
+    __u32 used = 0;
+    int code = 0, digits = 0;
+#pragma unroll
+    for (int d = 0; d < 2; d++) {
+        __u32 rem = total - used;
+        __u32 rest = ((w << used) & 0xffff) >> (16 - rem);
+        if (rem < 8 && rest == (1u << rem) - 1)
+            break;                      /* the padding */
+        __u32 five = (w >> (11 - used)) & 0x1f;
+        __u32 six = (w >> (10 - used)) & 0x3f;
+        if (rem >= 5 && five <= 2) {
+            code = code * 10 + five;
+            used += 5;
+        } else if (rem >= 6 && six >= 0x19 && six <= 0x1f) {
+            code = code * 10 + 3 + (six - 0x19);
+            used += 6;
+        } else {
+            return H2_UNKNOWN;
+        }
+        digits++;
+    }
+    __u32 rem = total - used;
+    if (!digits || rem >= 8 || (((w << used) & 0xffff) >> (16 - rem)) != (1u << rem) - 1)
+        return H2_UNKNOWN;
+    return code;
+}
+
+/* The grpc-status value whose string (its length byte) is b[0], of `avail` bytes read:
+ * "0"-"16", raw or Huffman. */
+static __always_inline int h2_grpc_value(const unsigned char *b, __u32 avail)
+{
+    __u8 l = b[0];
+    __u32 n = l & 0x7f;
+    if (n < 1 || n > 2 || 1 + n > avail)
+        return H2_UNKNOWN;
+    int code;
+    if (l & 0x80) {
+        code = h2_huffman_small(b, n);
+    } else {
+        if (b[1] < '0' || b[1] > '9' || (n == 2 && (b[2] < '0' || b[2] > '9')))
+            return H2_UNKNOWN;
+        code = n == 2 ? (b[1] - '0') * 10 + (b[2] - '0') : b[1] - '0';
+    }
+    if (code < 0 || code > GRPC_MAX_CODE)
+        return H2_UNKNOWN;
+    return code;
+}
+
+/* Where the blocks to read for a grpc-status are, filled in by the frame loop. */
+/* A masked slot index the compiler cannot drop (as h2_idx). */
+static __always_inline __u32 h2_grpc_slot(__u32 i)
+{
+    asm volatile("" : "+r"(i));
+    return i & (H2_GRPC_BLOCKS - 1);
+}
+struct h2_grpc_blocks {
+    __u32 off[H2_GRPC_BLOCKS];
+    __u32 left[H2_GRPC_BLOCKS];     /* the block's bytes within the segment */
+    __u32 n;
+};
+
+/* Counts a grpc-status: globally and in the interface's stats (ok / error). */
+static __always_inline void grpc_count_status(struct __sk_buff *skb, __u32 direction,
+                                              __u32 code)
+{
+    count(code ? C_GRPC_ERRORS : C_GRPC_OK, 1);
+    struct iface_stats *st = stats_of(skb->ifindex, direction);
+    if (st)
+        st->grpc_responses[code ? 1 : 0]++;
+}
+
+/* Reads the recorded blocks (see the comment above H2_GRPC_BLOCKS), counts what it
+ * finds, and returns the first grpc-status in the trigger set (slots 0-16 of the
+ * trigger array), or -1. */
+static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_blocks *g,
+                                        __u32 direction)
+{
+    unsigned char b[H2_BUF_LEN];
+    /* The walk's state but its offset, packed in one word so that one opaque() per step
+     * merges it (each is a helper call): the block's bytes left (<= 16384) in bits
+     * 0-15, expect in 16-17, dyn in 18, the block r in 19-21, armed + 1 in 22-26. */
+    __u32 pos = g->off[0];
+    __u32 st = (g->left[0] & 0xffff) | (H2_GRPC_FIELD << 16);
+    for (int step = 0; step < H2_GRPC_STEPS; step++) {
+        __u32 left = st & 0xffff, expect = (st >> 16) & 3, dyn = (st >> 18) & 1;
+        __u32 r = (st >> 19) & 7;
+        int armed = (int)((st >> 22) & 0x1f) - 1;
+        __u32 n = left > H2_BUF_LEN ? H2_BUF_LEN : left;
+        int done = 0, field = 0;
+        __u32 next = 0;
+        if (n == 0 || bpf_skb_load_bytes(skb, pos, b, ((n - 1) & (H2_BUF_LEN - 1)) + 1) < 0) {
+            done = 1;                   /* the block (or what the segment holds) is read */
+        } else if (expect != H2_GRPC_FIELD) {
+            int len = h2_int(b, 0, n, 0x7f, &next);
+            if (expect == H2_GRPC_STATUS) {
+                field = h2_grpc_value(b, n);
+                done = 2;
+            } else if (len < 0) {
+                done = 1;
+            } else {
+                next += len;
+                expect = H2_GRPC_FIELD;
+            }
+        } else if (b[0] & 0x80) {       /* indexed field */
+            int index = h2_int(b, 0, n, 0x7f, &next);
+            if (index < 0)
+                done = 1;
+            else if (index >= 62)
+                dyn = 1;
+        } else if ((b[0] & 0xe0) == 0x20) {
+            if (h2_int(b, 0, n, 0x1f, &next) < 0)
+                done = 1;
+        } else {                        /* a literal: 6-bit or 4-bit name index */
+            int index = h2_int(b, 0, n, (b[0] & 0x40) ? 0x3f : 0x0f, &next);
+            __u32 after = 0;
+            int nlen = index == 0 ? h2_int(b, next, n, 0x7f, &after) : 0;
+            if (index < 0 || nlen < 0) {
+                done = 1;
+            } else if (index == 0) {
+                expect = h2_grpc_name(b, next, n) ? H2_GRPC_STATUS : H2_GRPC_VALUE;
+                next = after + nlen;
+            } else {
+                dyn |= index >= 62;
+                expect = H2_GRPC_VALUE;
+            }
+        }
+        if (done == 2) {
+            if (field == H2_UNKNOWN) {
+                count(C_GRPC_STATUS_UNKNOWN, 1);
+            } else {
+                grpc_count_status(skb, direction, field);
+                if (armed < 0 && is_trigger(field))
+                    armed = field;
+            }
+        } else if (done && dyn) {
+            count(C_GRPC_STATUS_UNKNOWN, 1);
+        }
+        if (done) {                     /* on to the next recorded block */
+            r++;
+            if (r >= g->n || r >= H2_GRPC_BLOCKS)
+                return armed;
+            pos = g->off[h2_grpc_slot(r)];
+            left = g->left[h2_grpc_slot(r)];
+            expect = H2_GRPC_FIELD;
+            dyn = 0;
+        } else {
+            pos += next;
+            left = next >= left ? 0 : left - next;
+        }
+        pos = opaque(pos);
+        st = opaque((left & 0xffff) | (expect << 16) | (dyn << 18) | (r << 19) |
+                    ((__u32)(armed + 1) << 22));
+    }
+    return (int)((st >> 22) & 0x1f) - 1;
+}
+
 /* Decodes the HEADERS frame whose payload starts at `off` and is `len` bytes long (maybe
  * cut by `end`, the end of the segment). */
 static __always_inline int h2_headers_status(struct __sk_buff *skb, __u32 off, __u32 len,
-                                             __u8 flags, __u32 end)
+                                             __u8 flags, __u32 end, struct h2_grpc_blocks *g)
 {
     unsigned char b[H2_BUF_LEN] = {};
     __u32 skip = 0, pad = 0;
@@ -324,6 +566,11 @@ static __always_inline int h2_headers_status(struct __sk_buff *skb, __u32 off, _
     __u32 avail = end - block;
     if (avail > block_len)
         avail = block_len;
+    if ((flags & H2_F_END_STREAM) && g->n < H2_GRPC_BLOCKS) {
+        g->off[h2_grpc_slot(g->n)] = block;   /* for h2_grpc_walk */
+        g->left[h2_grpc_slot(g->n)] = avail;
+        g->n++;
+    }
     if (avail > H2_BLOCK_PEEK)
         avail = H2_BLOCK_PEEK;
     /* avail is 1..H2_BLOCK_PEEK here; the mask shows the verifier 1..H2_BUF_LEN. */
@@ -346,7 +593,8 @@ static __always_inline void h2_count_status(struct __sk_buff *skb, __u32 directi
 }
 
 /* Walks the frames of the segment [off, end), counts the status (or unknown) of every
- * HEADERS frame met, and returns the first status in the trigger set, or -1.
+ * HEADERS frame met, and returns the first status in the trigger set (100-999), else
+ * the first grpc-status in it (0-16, from h2_grpc_walk), or -1.
  *
  * Verifier cost: the loop is not unrolled, and the verifier walks it once per iteration
  * and per distinct state at its head. The values the body refines in different ways
@@ -357,6 +605,7 @@ static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, _
                                              __u32 direction)
 {
     unsigned char h[H2_FRAME_HEADER_LEN];
+    struct h2_grpc_blocks g = {};
     int armed_status = -1;
     off = opaque(off);
     end = opaque(end);
@@ -370,18 +619,24 @@ static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, _
         __u32 len = ((__u32)h[0] << 16) | ((__u32)h[1] << 8) | h[2];
         off += H2_FRAME_HEADER_LEN;
         if (h[3] == H2_HEADERS) {
-            int status = opaque(h2_headers_status(skb, off, len, h[4], end));
+            int status = opaque(h2_headers_status(skb, off, len, h[4], end, &g));
             if (status == H2_UNKNOWN) {
                 count(C_H2_STATUS_UNKNOWN, 1);
             } else if (status >= 0 && status < STATUS_CODES) {
                 h2_count_status(skb, direction, status);
-                if (armed_status < 0 && is_trigger(status))
+                if (armed_status < 0 && status >= MIN_HTTP_STATUS && is_trigger(status))
                     armed_status = status;
             }
         }
         off = opaque(off + len);
         end = opaque(end);
         armed_status = opaque(armed_status);
+        g.n = opaque(g.n);
+    }
+    if (g.n) {
+        int grpc = h2_grpc_walk(skb, &g, direction);
+        if (armed_status < 0)
+            armed_status = grpc;
     }
     return armed_status;
 }

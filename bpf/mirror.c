@@ -11,7 +11,8 @@
  * directions, is cloned to the debug interface.
  *
  * An HTTP/2 HEADERS frame whose :status is in the trigger set (bpf/http2.h) marks the
- * connection the same way.
+ * connection the same way, and so does a gRPC grpc-status in a stream-ending HEADERS
+ * frame whose code is in the trigger array's slots 0-16.
  *
  * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (status line and
  * request start), http2.h (frames and :status). This file holds the maps, the counters
@@ -337,7 +338,7 @@ static __always_inline void classify_h2(struct __sk_buff *skb, __u32 off, __u32 
         mirror_packet(skb, 0, direction, fv);
     if (status >= 0)
         report_error(skb, &p->key, p->src_is_lo, 0, status, direction, !p->was_marked,
-                     PROTO_HTTP2, fv);
+                     status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, fv);
 }
 
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
@@ -454,7 +455,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     if (st && cls < 6)
         st->responses[cls]++;
 
-    if (is_trigger(status)) {
+    if (status >= MIN_HTTP_STATUS && is_trigger(status)) {
         struct flow_value *mfv = mark_flow(skb, &seg.key, fv, now, status);
         mirror_packet(skb, st, direction, mfv);
         /* After the clone: the request frame user space writes for this event follows

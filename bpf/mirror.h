@@ -8,6 +8,9 @@
 #define STATUS_LINE_LEN 13
 /* Status codes are three digits: the trigger array is indexed by code, 0..999. */
 #define STATUS_CODES 1000
+/* HTTP statuses below this never trigger: slots 0-16 of the trigger array are gRPC's
+ * grpc-status codes (bpf/http2.h), set by a trigger spec's grpc: part. */
+#define MIN_HTTP_STATUS 100
 /* IPv6 extension headers skipped before giving up (hop-by-hop, routing, fragment, dest opts). */
 #define MAX_IPV6_EXT_HDRS 6
 
@@ -55,6 +58,11 @@ enum counter {
     C_SKIP_FLOW_PACKETS,/* clones skipped: the flow's packet budget on this CPU is spent */
     C_SKIP_FLOW_BYTES,  /* clones skipped: the flow's byte budget on this CPU is spent */
     C_SKIP_CPU_RATE,    /* clones skipped: this CPU's clones per window are spent */
+    C_GRPC_OK,          /* grpc-status 0 read (bpf/http2.h) */
+    C_GRPC_ERRORS,      /* grpc-status 1-16 read */
+    C_GRPC_STATUS_UNKNOWN, /* a stream-ending HEADERS block with no readable grpc-status but
+                            * a dynamic table reference that may be one, or a grpc-status
+                            * whose value is cut or not 0-16 */
     NR_COUNTERS,
 };
 
@@ -118,6 +126,7 @@ struct clone_window {
 enum app_proto {
     PROTO_HTTP1 = 1,
     PROTO_HTTP2 = 2,
+    PROTO_GRPC = 3,     /* status: the grpc-status code */
 };
 
 /* One error event: a trigger status seen, and the request that got it. The request
@@ -175,6 +184,7 @@ struct iface_stats {
     __u32 ifindex;          /* owner of this CPU's copy of the slot; 0: unused */
     __u32 pad;
     __u64 h2_responses[6];  /* HTTP/2, same classes (appended: earlier offsets unchanged) */
+    __u64 grpc_responses[2];/* grpc-status 0, and 1-16 (appended too) */
 };
 
 #endif

@@ -94,8 +94,10 @@ def request_slots(max_flows: int) -> int:
     return max(16, max_flows // 4)
 
 
-IFACE_STATS_SIZE = 120  # struct iface_stats
-_IFACE_STATS = struct.Struct("=8QI4x6Q")
+IFACE_STATS_SIZE = 136  # struct iface_stats
+_IFACE_STATS = struct.Struct("=8QI4x8Q")
+# gRPC responses in iface_stats, by grpc-status: 0, then 1-16
+GRPC_CLASSES = ("ok", "error")
 
 
 class Classifier:
@@ -340,7 +342,8 @@ class Classifier:
     def iface_stats(self) -> dict[tuple[int, str], dict]:
         """Per-interface, per-direction statistics summed over CPUs, keyed by
         (ifindex, direction); only interfaces that saw a response or a mirrored packet.
-        HTTP/1.x responses count under their class ("5xx"), HTTP/2 ones under "h2_5xx"."""
+        HTTP/1.x responses count under their class ("5xx"), HTTP/2 ones under "h2_5xx",
+        gRPC ones under "grpc_ok" and "grpc_error"."""
         out: dict[tuple[int, str], dict] = {}
         ncpu = possible_cpus()
         for keys, values, count in batch_lookup(self._iface_stats.map_fd, 4, IFACE_STATS_SIZE):
@@ -353,10 +356,13 @@ class Classifier:
                     stats = out.setdefault((v[8], DIRECTIONS[slot & 1]), {
                         **{cls: 0 for cls in STATUS_CLASSES},
                         "mirrored_packets": 0, "mirrored_bytes": 0,
-                        **{f"h2_{cls}": 0 for cls in STATUS_CLASSES}})
+                        **{f"h2_{cls}": 0 for cls in STATUS_CLASSES},
+                        **{f"grpc_{cls}": 0 for cls in GRPC_CLASSES}})
                     for j, cls in enumerate(STATUS_CLASSES):
                         stats[cls] += v[j]
                         stats[f"h2_{cls}"] += v[9 + j]
+                    for j, cls in enumerate(GRPC_CLASSES):
+                        stats[f"grpc_{cls}"] += v[15 + j]
                     stats["mirrored_packets"] += v[6]
                     stats["mirrored_bytes"] += v[7]
         return out

@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "at exit only if created here (default %(default)s)")
     run.add_argument("--trigger", default=env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
                      help="status codes that mark a connection: codes, ranges, classes, "
-                     "e.g. 5xx, 500-504, 429,5xx, or none (default %(default)s)")
+                     "e.g. 5xx, 500-504, 429,5xx; gRPC codes (grpc-status in h2c "
+                     "trailers) after grpc:, e.g. 5xx,grpc:2,13,14 or grpc:unavailable, "
+                     "or grpc-error for 1-16; or none (default %(default)s)")
     run.add_argument("--hook", choices=["clsact", "htb", "tcx"],
                      default=env("MIRROR_HOOK", "clsact"),
                      help="clsact: lockless, leaves the root qdisc alone (default); htb: "

@@ -4,7 +4,8 @@ The classifier hands each trigger response to user space with the request it ans
 (bpf/mirror.h, struct error_event): the request snapshot's frame bytes and times. Here
 each record becomes:
 - one JSON object (`Event.to_json()`): time, iface, direction, client, server, method,
-  target, host, status, response_ns, new_flow, and a few more facts;
+  target, host, status, response_ns, new_flow, proto (h1, h2, grpc: then status is
+  the grpc-status code and grpc_status its name), and a few more facts;
 - a line in the events file (`--events-file PATH`, mode 0600, rotated to PATH.1 past its
   size bound) or on standard output (`-`), where a log pipeline collects it;
 - an entry in the recent events that `mirror events` asks for over the control socket;
@@ -33,11 +34,12 @@ from dataclasses import dataclass
 from .bpfprog import cut_reasons
 from .flowkey import FlowKey, endpoint
 from .http1 import METHODS
+from .trigger import GRPC_MAX, GRPC_NAMES
 
 log = logging.getLogger("mirror")
 
 DIRECTIONS = ("ingress", "egress")
-PROTOS = {1: "h1", 2: "h2"}
+PROTOS = {1: "h1", 2: "h2", 3: "grpc"}    # grpc: status is the grpc-status code
 # struct error_event up to data[] (bpf/mirror.h): response part, key, request part.
 _HEAD = struct.Struct("=QIHBBBBB5x40sQIBBHII")
 HEAD_SIZE = _HEAD.size
@@ -105,6 +107,7 @@ class Event:
             "client": self.client, "server": self.server,
             "method": method, "target": target, "host": host,
             "status": self.status,
+            **({"grpc_status": grpc_name(self.status)} if self.proto == "grpc" else {}),
             "response_ns": self.response_ns - self.request_ns if self.request else None,
             "new_flow": self.new_flow, "proto": self.proto,
             "request_bytes": len(self.request),
@@ -113,6 +116,16 @@ class Event:
             "capture_cut": cut_reasons(self.cut),
             **({"budget": budget} if budget is not None else {}),
         }
+
+
+def grpc_name(code: int) -> str:
+    """A grpc-status code's name, as gRPC writes it (UNAVAILABLE)."""
+    return GRPC_NAMES[code].upper() if 0 <= code <= GRPC_MAX else str(code)
+
+
+def status_label(ev: Event) -> str:
+    """The status as the metrics label it: "503", or "grpc:14" for a gRPC code."""
+    return f"grpc:{ev.status}" if ev.proto == "grpc" else str(ev.status)
 
 
 def payload_offset(frame: bytes) -> int | None:
@@ -284,7 +297,7 @@ class EventStream:
         with self._lock:
             self.seq += 1
             self.recent.append((self.seq, ev, iface))
-            self.by_iface_status[(iface, ev.status)] += 1
+            self.by_iface_status[(iface, status_label(ev))] += 1
             if ev.request:
                 seconds = (ev.response_ns - ev.request_ns) / 1e9
                 self.response_sum += seconds

@@ -23,6 +23,10 @@ _SIMPLE = {
     "h2_status_unknown": ("mirror_h2_status_unknown",
                           "HTTP/2 HEADERS frames whose :status could not be read without "
                           "HPACK state (a dynamic table reference), or was cut or bogus"),
+    "grpc_status_unknown": ("mirror_grpc_status_unknown",
+                            "HTTP/2 stream-ending header blocks with no readable grpc-status "
+                            "but a dynamic table reference that may be one, or with a "
+                            "grpc-status value that is cut or not 0-16"),
     "iface_slot_taken": ("mirror_iface_stats_slot_taken",
                          "Responses/mirrored packets missing from per-interface stats: "
                          "their slot belongs to another interface"),
@@ -44,8 +48,10 @@ _SIMPLE = {
 
 
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+# gRPC responses by grpc-status: 0 ("ok") and 1-16 ("error"), under proto="grpc".
+_GRPC_CLASSES = ("ok", "error")
 _ZERO_STATS = dict.fromkeys((*_CLASSES, *(f"h2_{c}" for c in _CLASSES), "mirrored_packets",
-                             "mirrored_bytes"), 0)
+                             "mirrored_bytes", *(f"grpc_{c}" for c in _GRPC_CLASSES)), 0)
 # proto label -> prefix of the iface_stats keys
 _PROTOS = {"h1": "", "h2": "h2_"}
 
@@ -75,7 +81,8 @@ class MapCollector:
         names = {att.ifindex: att.ifname for att in attached}
         resp = CounterMetricFamily("mirror_http_responses",
                                    "HTTP responses seen, by interface, direction, status "
-                                   "class and protocol (h1: HTTP/1.x, h2: HTTP/2)",
+                                   "class and protocol (h1: HTTP/1.x, h2: HTTP/2; grpc: "
+                                   "grpc-status, class ok or error)",
                                    labels=["iface", "direction", "class", "proto"])
         mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
                                        "Packets mirrored, by interface and direction",
@@ -89,6 +96,8 @@ class MapCollector:
             for proto, prefix in _PROTOS.items():
                 for cls in _CLASSES:
                     resp.add_metric([iface, direction, cls, proto], stats[prefix + cls])
+            for cls in _GRPC_CLASSES:
+                resp.add_metric([iface, direction, cls, "grpc"], stats[f"grpc_{cls}"])
             mirrored.add_metric([iface, direction], stats["mirrored_packets"])
         yield resp
         yield mirrored

@@ -113,6 +113,26 @@ Each status counts `h2_responses` and its class in the interface's "h2_<class>";
 unknown counts `h2_status_unknown`. A segment with a status in the trigger set marks and
 mirrors exactly as an HTTP/1.x response (the flow records the first such status).
 
+gRPC (bpf/http2.h, h2_grpc_walk). The header block of every HEADERS frame that has
+END_STREAM and whose block starts within the payload (at most the first 4 such frames)
+is read again for a grpc-status, in frame order, by one walk of at most 8 steps for all
+of them. A step reads, from the start of the block's part in the payload (only its first
+32 bytes are visible to a step), one item: an indexed field (a static or dynamic index;
+62 and up notes a dynamic reference), a size update, a literal's name index and new
+name, or a literal's value (skipped by its length). HPACK integers of more than 3 bytes,
+or cut, end the block. A new name "grpc-status" (11 raw bytes, or Huffman 8 bytes
+9acac8b21234da8f) wholly visible makes the next step read its value: 1-2 raw digits, or
+1-2 Huffman bytes decoding to 1-2 digits with strict padding, of value 0-16; else (value
+cut, too long, not digits) unknown. A block ends when its grpc-status is read, when its
+bytes in the payload are used up, or on a bad integer; ending without a grpc-status
+after a dynamic reference counts unknown. A step budget spent mid-block ends the walk
+with nothing more counted. Each grpc-status counts `grpc_ok` (0) or `grpc_errors`
+(1-16) and "grpc_ok"/"grpc_error" in the interface's stats; each unknown counts
+`grpc_status_unknown`. Slots 0-16 of the trigger set are grpc-status codes: a segment
+with no HTTP/2 :status in the trigger set whose first grpc-status in it is (the first
+one in the set) marks and mirrors as a response would, with the gRPC code as its status.
+HTTP statuses below 100 (HTTP/1.x or HTTP/2) never trigger.
+
 Budgets (bpf/mirror.h struct mirror_config; modelled for one CPU: the fuzz runs pinned).
 A marked flow's packets and bytes are counted from the packet that marked it (included)
 through every TCP packet of the flow seen since, mirrored or not; a SYN that unmarks the
@@ -584,6 +604,137 @@ def _headers_frame_status(payload: bytes, pos: int, length: int, flags: int):
     return h2_block_status(block)
 
 
+GRPC_BLOCKS = 4
+GRPC_STEPS = 8
+GRPC_VIEW = 32
+GRPC_MAX_CODE = 16
+GRPC_NAME_RAW = b"\x0bgrpc-status"
+GRPC_NAME_HUFFMAN = bytes.fromhex("889acac8b21234da8f")
+MIN_HTTP_STATUS = 100
+
+
+def _grpc_int(view: bytes, pos: int, prefix_bits: int):
+    """An HPACK integer of at most 3 bytes wholly in `view`: (value, next), or None."""
+    try:
+        value, nxt = _hpack_int(view, pos, prefix_bits, max_bytes=3)
+    except (_Cut, _TooLong):
+        return None
+    return value, nxt
+
+
+def _huffman_digits(raw: bytes):
+    """1-2 digits Huffman-coded (codes '0'-'2' 5 bits, '3'-'9' 6 bits) with fewer than 8
+    one bits of padding, as an int; None otherwise."""
+    bits = "".join(f"{b:08b}" for b in raw)
+    digits = ""
+    while True:
+        if len(bits) < 8 and bits == "1" * len(bits) and digits:
+            return int(digits)
+        if len(digits) == 2:
+            return None
+        if len(bits) >= 5 and int(bits[:5], 2) <= 2:
+            digits, bits = digits + str(int(bits[:5], 2)), bits[5:]
+        elif len(bits) >= 6 and 0x19 <= int(bits[:6], 2) <= 0x1F:
+            digits, bits = digits + str(3 + int(bits[:6], 2) - 0x19), bits[6:]
+        else:
+            return None
+
+
+def _grpc_value(view: bytes):
+    length = view[0] & 0x7F
+    if not 1 <= length <= 2 or 1 + length > len(view):
+        return H2_UNKNOWN
+    raw = view[1:1 + length]
+    if view[0] & 0x80:
+        code = _huffman_digits(raw)
+    else:
+        code = int(raw) if all(c in DIGITS for c in raw) else None
+    return H2_UNKNOWN if code is None or code > GRPC_MAX_CODE else code
+
+
+def _grpc_step(view: bytes, expect: str):
+    """One step of the walk on `view` (the block's next bytes, at most 32): returns
+    (done, found, advance, expect, dynamic)."""
+    if expect != "field":
+        if expect == "status":
+            return True, _grpc_value(view), 0, expect, False
+        got = _grpc_int(view, 0, 7)
+        if got is None:
+            return True, None, 0, expect, False
+        return False, None, got[1] + got[0], "field", False
+    first = view[0]
+    if first & 0x80 or first & 0xE0 == 0x20:
+        got = _grpc_int(view, 0, 7 if first & 0x80 else 5)
+        if got is None:
+            return True, None, 0, expect, False
+        return False, None, got[1], expect, bool(first & 0x80) and got[0] >= 62
+    got = _grpc_int(view, 0, 6 if first & 0x40 else 4)
+    if got is None:
+        return True, None, 0, expect, False
+    index, nxt = got
+    if index:
+        return False, None, nxt, "value", index >= 62
+    name = _grpc_int(view, nxt, 7)
+    if name is None:
+        return True, None, 0, expect, False
+    is_status = any(view[nxt:nxt + len(n)] == n for n in (GRPC_NAME_RAW, GRPC_NAME_HUFFMAN))
+    return False, None, name[1] + name[0], "status" if is_status else "value", False
+
+
+def grpc_statuses(blocks: list) -> list:
+    """What the gRPC walk finds in the blocks (their bytes within the payload): a code
+    or H2_UNKNOWN per block that gives one, in order."""
+    found = []
+    steps = 0
+    for block in blocks[:GRPC_BLOCKS]:
+        pos, expect, dynamic = 0, "field", False
+        while True:
+            if steps == GRPC_STEPS:
+                return found
+            steps += 1
+            view = block[pos:pos + GRPC_VIEW]
+            if not view:
+                done, code = True, None
+            else:
+                done, code, advance, expect, dyn = _grpc_step(view, expect)
+                dynamic |= dyn
+            if done:
+                if code is not None:
+                    found.append(code)
+                elif dynamic:
+                    found.append(H2_UNKNOWN)
+                break
+            pos += advance
+    return found
+
+
+def grpc_blocks(payload: bytes) -> list:
+    """The END_STREAM header blocks the frame walk records (bytes within the payload)."""
+    blocks = []
+    if len(payload) < H2_MIN_PAYLOAD or not h2_frame_plausible(payload[:9]):
+        return blocks
+    pos = 0
+    for _ in range(H2_MAX_FRAMES):
+        header = payload[pos:pos + 9]
+        if len(header) < 9 or not h2_frame_plausible(header):
+            break
+        length, ftype, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
+        pos += 9
+        if ftype == 1 and flags & 0x01 and pos < len(payload):
+            skip = (1 if flags & 0x08 else 0) + (5 if flags & 0x20 else 0)
+            pad = payload[pos] if flags & 0x08 else 0
+            block = payload[pos + skip:pos + skip + length - skip - pad]
+            if skip + pad <= length and length - skip - pad and block:
+                blocks.append(block)
+        pos += length
+    return blocks
+
+
+def grpc_status(payload: bytes):
+    """The gRPC walk's findings in a TCP payload (codes and H2_UNKNOWN)."""
+    return grpc_statuses(grpc_blocks(payload))
+
+
 def status_class(code: int) -> str:
     return STATUS_CLASSES[code // 100 - 1] if 100 <= code < 600 else "other"
 
@@ -644,6 +795,7 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
             path, reason = "tcp", "status line from the requesting side"
     iface: dict[str, int] = {}
     marks = False
+    grpc_armed = None
     if code is not None:
         cls = status_class(code)
         seen["responses"] = 1
@@ -662,13 +814,26 @@ def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
             cls = f"h2_{status_class(c)}"
             iface[cls] = iface.get(cls, 0) + 1
         if codes:
-            armed = [c for c in codes if c in triggers]
+            armed = [c for c in codes if c in triggers and c >= MIN_HTTP_STATUS]
             code = armed[0] if armed else codes[0]
             path, reason = "response", f"h2 status {code:03d}"
+        grpc = grpc_status(p.payload)
+        for c in grpc:
+            name = "grpc_status_unknown" if c == H2_UNKNOWN else \
+                ("grpc_errors" if c else "grpc_ok")
+            seen[name] = seen.get(name, 0) + 1
+            if c != H2_UNKNOWN:
+                cls = "grpc_error" if c else "grpc_ok"
+                iface[cls] = iface.get(cls, 0) + 1
+        grpc_armed = next((c for c in grpc if c != H2_UNKNOWN and c in triggers), None)
+        if grpc_armed is not None and not (codes and armed):
+            code = grpc_armed
+            path, reason = "response", f"grpc-status {code}"
     if code is not None:
-        if code in triggers:
+        armed_now = code in triggers and (code >= MIN_HTTP_STATUS or code == grpc_armed)
+        if armed_now:
             seen["events"] = 1
-        if code in triggers and not was_marked:
+        if armed_now and not was_marked:
             marks = True
             seen["flows_marked"] = 1
             path, reason = "marked", f"trigger status {code:03d}"

@@ -100,6 +100,7 @@ def empty_stats(**kw) -> dict:
     s = {cls: 0 for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}
     s.update(mirrored_packets=0, mirrored_bytes=0)
     s.update({f"h2_{cls}": 0 for cls in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")})
+    s.update(grpc_ok=0, grpc_error=0)
     s.update(kw)
     return s
 

@@ -47,8 +47,8 @@ BOGUS_IFINDEX = 999999
 FLOW_VALUE_SIZE = 40    # struct flow_value
 TRIGGER_5XX = frozenset(range(500, 600))
 # The last tenth of every TRIGGER_CYCLE frames of the fuzz runs with this trigger set:
-# codes outside 100-599, a 1xx, a 2xx.
-TRIGGER_ODD = frozenset({0, 100, 204, 404, 599, 600, 999})
+# codes outside 100-599 (0 and 14 are also gRPC codes), a 1xx, a 2xx.
+TRIGGER_ODD = frozenset({0, 14, 100, 204, 404, 599, 600, 999})
 TRIGGER_CYCLE = 10000
 # A checkpoint compares the whole flow map and the per-interface statistics with the model
 # and empties the map: after this many frames, or sooner when this many flows are marked
@@ -581,6 +581,25 @@ def h2_block(rng: random.Random) -> bytes:
     return block
 
 
+GRPC_BEFORE = [b"", b"", b"\x88", b"\x88\xc0", b"\x88\x5f\x10application/grpc", b"\xbf",
+               b"\x40\x03x-a\x01" + b"v" * 40 + b"\x00\x02x-b\x011"]
+
+
+def grpc_block(rng: random.Random) -> bytes:
+    """A gRPC trailers (or trailers-only) block: a few fields, then grpc-status as a new
+    name (raw or Huffman) in one of the literal forms, its value raw, Huffman (hpack's
+    encoder), out of range or random bits; or a dynamic reference in its place."""
+    code = str(rng.choice([0, 0, 1, 2, 5, 13, 14, 16, 17, 99])).encode()
+    form = rng.choice([b"\x40", b"\x00", b"\x10"])
+    name = rng.choice([b"\x0bgrpc-status", bytes.fromhex("889acac8b21234da8f")] * 2 +
+                      [b"\x0bgrpc-statux"])
+    value = Encoder().encode([("v", code.decode())], huffman=rng.random() < 0.5)[3:]
+    if rng.random() < 0.15:
+        value = bytes([0x80 | rng.choice([1, 2, 3])]) + rng.randbytes(3)
+    field = rng.choice([form + name + value] * 4 + [b"\xbe", b"\x7f\x00\x0214"])
+    return rng.choice(GRPC_BEFORE) + field + rng.choice([b"", b"\x00\x0cgrpc-message\x02no"])
+
+
 def h2_payload(rng: random.Random) -> bytes:
     """Server frames around a response HEADERS frame, mutated: a byte set or flipped in
     a frame header or the block, a cut, random bytes before it (a segment starting
@@ -589,8 +608,12 @@ def h2_payload(rng: random.Random) -> bytes:
                           h2_frame(8, 0, 0, b"\x00\x00\xff\xff"), h2_frame(6, 1, 0, b"8bytes!!"),
                           h2_frame(0, 0, 1, b"<html>x</html>")])
               for _ in range(rng.randrange(3))]
-    block = h2_block(rng)
+    grpc = rng.random() < 0.4
+    block = grpc_block(rng) if grpc else h2_block(rng)
     flags = 0x04 | rng.choice([0, 0, 1, 8, 0x20, 0x29])
+    if grpc and rng.random() < 0.8:
+        flags |= 0x01                   # trailers end the stream
+
     body = block
     if flags & 0x20:
         body = b"\x00\x00\x00\x03\x10" + body
