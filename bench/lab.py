@@ -109,7 +109,7 @@ class Lab:
         self.iperf = self.host.popen(*taskset(server, "iperf3", "-s", "-B",
                                               self.host.ns_v4, "-p", str(IPERF_PORT)),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_listening(self.host.ns_v4, IPERF_PORT)
+        self.host.wait_listening(IPERF_PORT, self.iperf, "iperf3 -s")
         return self
 
     def stop(self) -> None:
@@ -118,17 +118,6 @@ class Lab:
             self.nginx.stop()
         if self.host:
             self.host.destroy()
-
-    def _wait_listening(self, addr: str, port: int, timeout: float = 10.0) -> None:
-        """Waits until a listener exists, without connecting (iperf3 -s takes any connection
-        as a test's control connection)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.host.exec("ss", "-Hltn", f"sport = :{port}", check=False).stdout
-            if out.strip():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"nothing listens on {addr}:{port} in {self.host.ns}")
 
     # --- addresses -----------------------------------------------------------------
     @property

@@ -558,24 +558,31 @@ def h2_block_status(block: bytes):
         return H2_UNKNOWN
 
 
-def h2_statuses(payload: bytes) -> list:
-    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status
-    or H2_UNKNOWN (frames whose first field is no status leave nothing)."""
-    found = []
+def h2_frames(payload: bytes):
+    """The frames the classifier's walk visits, as (type, flags, body start, length):
+    at most H2_MAX_FRAMES, each with a plausible header, the first at the payload's
+    start; nothing for a segment too short to hold one."""
     if len(payload) < H2_MIN_PAYLOAD or not h2_frame_plausible(payload[:9]):
-        return found
+        return
     pos = 0
     for _ in range(H2_MAX_FRAMES):
         header = payload[pos:pos + 9]
         if len(header) < 9 or not h2_frame_plausible(header):
-            break
-        length, ftype, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
-        pos += 9
+            return
+        length = int.from_bytes(header[:3], "big")
+        yield header[3], header[4], pos + 9, length
+        pos += 9 + length
+
+
+def h2_statuses(payload: bytes) -> list:
+    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status
+    or H2_UNKNOWN (frames whose first field is no status leave nothing)."""
+    found = []
+    for ftype, flags, pos, length in h2_frames(payload):
         if ftype == 1:
             result = _headers_frame_status(payload, pos, length, flags)
             if result is not None:
                 found.append(result)
-        pos += length
     return found
 
 
@@ -711,22 +718,13 @@ def grpc_statuses(blocks: list) -> list:
 def grpc_blocks(payload: bytes) -> list:
     """The END_STREAM header blocks the frame walk records (bytes within the payload)."""
     blocks = []
-    if len(payload) < H2_MIN_PAYLOAD or not h2_frame_plausible(payload[:9]):
-        return blocks
-    pos = 0
-    for _ in range(H2_MAX_FRAMES):
-        header = payload[pos:pos + 9]
-        if len(header) < 9 or not h2_frame_plausible(header):
-            break
-        length, ftype, flags = int.from_bytes(header[:3], "big"), header[3], header[4]
-        pos += 9
+    for ftype, flags, pos, length in h2_frames(payload):
         if ftype == 1 and flags & 0x01 and pos < len(payload):
             skip = (1 if flags & 0x08 else 0) + (5 if flags & 0x20 else 0)
             pad = payload[pos] if flags & 0x08 else 0
             block = payload[pos + skip:pos + skip + length - skip - pad]
             if skip + pad <= length and length - skip - pad and block:
                 blocks.append(block)
-        pos += length
     return blocks
 
 

@@ -258,7 +258,7 @@ def test_event_json_names_the_grpc_code():
     from mirror.events import Event, grpc_name, status_label
     from mirror.flowkey import FlowKey
     key = FlowKey(4, "198.18.0.80", 50051, "198.19.7.10", 40000)
-    ev = Event(0, 1, 14, "egress", True, "grpc", key, True, 0, 0, 0, b"")
+    ev = Event(0, 1, 14, "egress", True, "grpc", key.to_bytes(), True, 0, 0, 0, b"")
     record = ev.to_json("eth0", 0)
     assert (record["proto"], record["status"], record["grpc_status"]) == ("grpc", 14, "UNAVAILABLE")
     assert status_label(ev) == "grpc:14" and grpc_name(0) == "OK"

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -127,14 +126,8 @@ class Server:
             env = {**os.environ, "NODE_PATH": str(grpc_js_path())}
         self.proc = self.host.popen(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     env=env)
-        for _ in range(400):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited: {self.proc.stderr.read().decode()}")
-            if self.host.exec("sh", "-c", f"ss -Hltn 'sport = :{PORT}' | grep -q .",
-                              check=False).returncode == 0:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not start listening")
+        self.host.wait_listening(PORT, self.proc, self.kind, timeout=20)
+        return self
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -127,14 +126,8 @@ class Server:
     def start(self) -> "Server":
         self.proc = self.host.popen(*self.command(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
-        for _ in range(200):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited: {self.proc.stderr.read().decode()}")
-            if self.host.exec("sh", "-c", f"ss -Hltn 'sport = :{PORT}' | grep -q .",
-                              check=False).returncode == 0:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not start listening")
+        self.host.wait_listening(PORT, self.proc, self.kind, timeout=10)
+        return self
 
     def stop(self) -> None:
         stop_process(self.proc)

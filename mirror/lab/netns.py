@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 
 PREFIX = "mlab"
@@ -117,6 +118,21 @@ class Host:
 
     def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.ns, *cmd, check=check)
+
+    def wait_listening(self, port: int, proc: subprocess.Popen | None = None,
+                       what: str = "server", timeout: float = 10.0) -> None:
+        """Waits until a TCP listener on `port` exists in the namespace, without connecting
+        (iperf3 -s would take a probe for a test's control connection); RuntimeError when
+        `proc` exits first (with what it wrote to stderr, if piped) or on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"{what} exited: {err.strip()}")
+            if self.exec("ss", "-Hltn", f"sport = :{port}", check=False).stdout.strip():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{what}: nothing listens on port {port} in {self.ns}")
 
     def popen(self, *cmd: str, **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], **kw)
