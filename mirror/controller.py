@@ -116,6 +116,7 @@ class Controller:
         self.attach_failures_total = 0
         self.attached_at: dict[int, float] = {}     # ifindex -> monotonic time, for the bench
         self.ingress_at: dict[int, float] = {}      # the same, ingress hook alone
+        self.event_at: dict[int, float] = {}        # the same, its link event read
 
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
@@ -432,6 +433,7 @@ class Controller:
             hooked = self.attached[name].hooked_at
             self.attached_at[ifindex] = hooked
             self.ingress_at[ifindex] = self.attached[name].ingress_at
+            self.event_at[ifindex] = since
             self.attach_latency.observe(hooked - since)
             self._write_controller_record()
             return True
@@ -464,6 +466,7 @@ class Controller:
                               att.ifname, exc, att.ifname)
             self.attached_at.pop(ifindex, None)
             self.ingress_at.pop(ifindex, None)
+            self.event_at.pop(ifindex, None)
             self._forget(att)
 
     def follow_rename(self, ifindex: int, name: str) -> None:
@@ -776,5 +779,6 @@ class Controller:
         with self.lock:
             return {"attached_at": {str(i): t for i, t in self.attached_at.items()},
                     "ingress_at": {str(i): t for i, t in self.ingress_at.items()},
+                    "event_at": {str(i): t for i, t in self.event_at.items()},
                     "latency_s": list(self.attach_latency.values),
                     "attached": sorted(a.ifindex for a in self.attached.values())}
