@@ -22,6 +22,30 @@ RCU grace period, so on a node with no tcx link at all the first one goes live s
 milliseconds after the attach call began; once any tcx link exists, a new one is live
 as soon as it is installed. --no-anchor measures the empty node.
 
+What "missed" means, and why it is a race rather than a latency: every frame that arrives
+before the ingress hook is in place is missed, so the figure counts the links on which the
+sender's first frame won the race against the attach. Both sides start from the same
+moment: the kernel sends RTM_NEWLINK only at the end of the creating request (about
+3 ms here for a veth with its peer in a namespace, included in the attach figure), and
+the sender may bring its end up from then on. The sender needs one rtnetlink request
+(set up) and then sends; the controller needs the event's delivery and at least two
+requests (add the clsact qdisc, add the ingress filter; with tcx, one BPF_LINK_CREATE),
+all serialised with the sender's on the same RTNL lock. A user-space attach that starts
+at the link event therefore cannot be guaranteed to finish before a sender that is as
+fast as this one; 0 missed here means the attach won every race, not that it cannot
+lose one. The keys that show the race: ingress_hook_ms_* (link creation -> ingress hook
+in place), first_packet_ms_* (link creation -> the sender's first frame, CLOCK_MONOTONIC
+in both namespaces), first_packet_before_ingress_hook (links on which the first frame
+left before the ingress hook was in place) and the misses on those links; link_add_ms_*
+(the creating request's round trip) and event_read_ms_* (link creation -> the
+controller's discovery thread has read the event) split the attach figure. With tcx the
+ingress link is live before its BPF_LINK_CREATE returns (the kernel then waits for an RCU
+grace period, holding the RTNL lock, which also holds the sender's set-up request back),
+so there the ingress time is an upper bound and first_packet_before_ingress_hook
+over-counts; the misses are exact. A container
+is slower to start than this sender (its runtime configures addresses and routes, then
+starts the process), which is why the setting is called harsh in the README.
+
 Nothing is asserted here: numbers belong to the bench. Run as root from the repository."""
 from __future__ import annotations
 
@@ -54,18 +78,20 @@ for line in sys.stdin:
     s.bind((name, 0))
     src = bytes.fromhex(open(f"/sys/class/net/{name}/address").read().strip().replace(":", ""))
     frame = bytes.fromhex(dst.replace(":", "")) + src + b"\x88\xb5" + bytes(46)
-    start, sent = time.monotonic(), 0
+    start, sent, first = time.monotonic(), 0, 0.0
     for k in range(count):
         delay = start + k / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         try:
+            t = time.monotonic()
             s.send(frame)
+            first = first or t
             sent += 1
         except OSError:
             pass
     s.close()
-    print(sent, flush=True)
+    print(sent, first, flush=True)
 '''
 
 
@@ -162,11 +188,16 @@ class Bench:
         t0 = time.monotonic()
         self.ipr.link("add", ifname=host, kind="veth", address=mac, state="up",
                       peer={"ifname": peer, "net_ns_fd": self.ns})
-        sent = int(self.sender.stdout.readline())
+        created = time.monotonic()
+        sent, first = self.sender.stdout.readline().split()
+        sent, first = int(sent), float(first)
         arrived = self._rx_packets(host, sent)
         after = self.ask("counters")
         index = self.ipr.link_lookup(ifname=host)[0]
-        attached_at = self.ask("attach")["attached_at"].get(str(index))
+        attach = self.ask("attach")
+        attached_at = attach["attached_at"].get(str(index))
+        ingress_at = attach.get("ingress_at", {}).get(str(index))
+        event_at = attach.get("event_at", {}).get(str(index))
         self.ipr.link("del", index=index)
         # Each new link is measured alone: wait until the controller has forgotten this
         # one (with tcx, releasing its links waits for RCU grace periods).
@@ -176,6 +207,10 @@ class Bench:
         seen = after["packets"] - before["packets"] - sum(
             after[k] - before[k] for k in ("ipv4", "ipv6"))
         return {"iface": host, "attach_s": attached_at - t0 if attached_at else None,
+                "ingress_s": ingress_at - t0 if ingress_at else None,
+                "created_s": created - t0,
+                "event_s": event_at - t0 if event_at else None,
+                "first_packet_s": first - t0 if first else None,
                 "sent": sent, "arrived": arrived, "seen": seen}
 
     @staticmethod
@@ -214,9 +249,20 @@ class Bench:
         subprocess.run(["rm", "-rf", self.state], check=False)
 
 
+def _ms(values: list[float], q: float) -> float | None:
+    return percentile(values, q) * 1e3 if values else None
+
+
 def summarize(rows: list[dict], event_latencies: list[float], args) -> dict:
     attach = [r["attach_s"] for r in rows if r["attach_s"] is not None]
     missed = [r["arrived"] - r["seen"] for r in rows]
+    ingress = [r["ingress_s"] for r in rows if r.get("ingress_s") is not None]
+    created = [r["created_s"] for r in rows]
+    event = [r["event_s"] for r in rows if r.get("event_s") is not None]
+    first = [r["first_packet_s"] for r in rows if r.get("first_packet_s") is not None]
+    # The race the misses come from: the sender's first frame against the ingress hook.
+    early = [r for r in rows if r.get("first_packet_s") is not None and
+             r.get("ingress_s") is not None and r["first_packet_s"] < r["ingress_s"]]
     return {
         "interfaces": len(rows), "hook": args.hook, "rate_pps": args.rate,
         "anchor": args.anchor,
@@ -234,6 +280,14 @@ def summarize(rows: list[dict], event_latencies: list[float], args) -> dict:
         "packets_missed": sum(missed),
         "interfaces_with_misses": sum(1 for m in missed if m > 0),
         "max_missed_one_interface": max(missed) if missed else 0,
+        "link_add_ms_p50": _ms(created, 50), "link_add_ms_p99": _ms(created, 99),
+        "event_read_ms_p50": _ms(event, 50), "event_read_ms_p99": _ms(event, 99),
+        "ingress_hook_ms_p50": _ms(ingress, 50), "ingress_hook_ms_p99": _ms(ingress, 99),
+        "first_packet_ms_min": min(first) * 1e3 if first else None,
+        "first_packet_ms_p50": _ms(first, 50), "first_packet_ms_p99": _ms(first, 99),
+        "first_packet_before_ingress_hook": len(early),
+        "missed_when_first_packet_before_ingress_hook": sum(
+            r["arrived"] - r["seen"] for r in early),
     }
 
 
@@ -249,6 +303,17 @@ def render(s: dict) -> str:
         f"({s['attached']} of {s['interfaces']} attached)",
         f"attach, link event -> both hooks attached (controller histogram): p50 "
         f"{ms(s['event_to_attached_ms_p50'])}, p99 {ms(s['event_to_attached_ms_p99'])}",
+        f"from link creation: the creating request returns after p50 "
+        f"{ms(s['link_add_ms_p50'])}, p99 {ms(s['link_add_ms_p99'])}; the controller reads "
+        f"its link event after p50 {ms(s['event_read_ms_p50'])}, p99 "
+        f"{ms(s['event_read_ms_p99'])}",
+        f"ingress hook alone, from link creation: p50 {ms(s['ingress_hook_ms_p50'])}, "
+        f"p99 {ms(s['ingress_hook_ms_p99'])}; the sender's first frame, from link "
+        f"creation: min {ms(s['first_packet_ms_min'])}, p50 {ms(s['first_packet_ms_p50'])}, "
+        f"p99 {ms(s['first_packet_ms_p99'])}",
+        f"first frame sent before the ingress hook was in place on "
+        f"{s['first_packet_before_ingress_hook']} interfaces "
+        f"({s['missed_when_first_packet_before_ingress_hook']} of the misses)",
         f"packets: {s['packets_sent']} sent, {s['packets_arrived']} arrived at the host end, "
         f"{s['packets_seen']} seen by the classifier: {s['packets_missed']} missed "
         f"({s['interfaces_with_misses']} interfaces with misses, at most "

@@ -66,6 +66,9 @@ class Attached:
     created: list[str] = field(default_factory=list)
     lock: ownership.Lock | None = None
     links: dict[str, int] = field(default_factory=dict)     # tcx: direction -> link fd
+    # time.monotonic() when the ingress hook, then both hooks, were in place
+    ingress_at: float = 0.0
+    hooked_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -112,6 +115,8 @@ class Controller:
         self.attach_latency = Histogram(ATTACH_BUCKETS)
         self.attach_failures_total = 0
         self.attached_at: dict[int, float] = {}     # ifindex -> monotonic time, for the bench
+        self.ingress_at: dict[int, float] = {}      # the same, ingress hook alone
+        self.event_at: dict[int, float] = {}        # the same, its link event read
 
     # --- start ---------------------------------------------------------------------
     def preflight(self) -> dict[str, int]:
@@ -364,15 +369,20 @@ class Controller:
         plan = tc.plan(self.ipr, ifindex, name, self.opts.hook, adopt_htb=adopt)
         att.parents = plan.parents
         # Each hook as soon as its qdisc exists, ingress first: on a new interface the
-        # first packets are often the container's own, arriving at the ingress hook.
+        # first packets are often the container's own, arriving at the ingress hook. The
+        # record is written once both hooks are in place (a file write is slower than a
+        # netlink request): a failure in between is rolled back from `att`, and a SIGKILL
+        # in that sub-millisecond window leaves filters the next controller recognises
+        # and replaces (only a clsact/ingress/htb qdisc it then cannot know it created).
         for direction, parent in plan.parents.items():
             for kind in plan.create:
                 if kind not in att.created and tc.holds(kind, parent):
                     tc.add_qdisc(self.ipr, ifindex, kind)
                     att.created.append(kind)
-                    ownership.write("iface", att.key, att.record())
             tc.replace_filter(self.ipr, ifindex, parent, self.classifier.fd(direction),
                               direction)
+            att.ingress_at = att.ingress_at or time.monotonic()
+        att.hooked_at = time.monotonic()
         for kind in plan.create:         # none left for this tool's layouts; kept safe
             if kind not in att.created:
                 tc.add_qdisc(self.ipr, ifindex, kind)
@@ -389,10 +399,14 @@ class Controller:
         elif tc.our_filters(self.ipr, att.ifindex):
             log.info("%s: removing this tool's tc filters found with no record: %s", att.ifname,
                      ", ".join(detach_unrecorded(self.ipr, att.ifindex)))
-        ownership.write("iface", att.key, att.record())
+        # Links first, record after: a link belongs to this process's descriptor, so a
+        # controller killed before the record is written leaves nothing in the kernel.
         for direction in ("ingress", "egress"):
             att.links[direction] = tcx.attach(self.classifier.fd(direction), att.ifindex,
                                               direction)
+            att.ingress_at = att.ingress_at or time.monotonic()
+        att.hooked_at = time.monotonic()
+        ownership.write("iface", att.key, att.record())
         self.classifier.set_monitored(att.ifindex, True)
         log.info("%s: attached (tcx links: ingress, egress)", att.ifname)
 
@@ -416,9 +430,11 @@ class Controller:
                     self.attach_failures_total += 1
                     log.warning("%s: not attached: %s", name, exc)
                 return False
-            now = time.monotonic()
-            self.attached_at[ifindex] = now
-            self.attach_latency.observe(now - since)
+            hooked = self.attached[name].hooked_at
+            self.attached_at[ifindex] = hooked
+            self.ingress_at[ifindex] = self.attached[name].ingress_at
+            self.event_at[ifindex] = since
+            self.attach_latency.observe(hooked - since)
             self._write_controller_record()
             return True
 
@@ -449,6 +465,8 @@ class Controller:
                     log.error("%s: detach failed: %s; run `mirror detach --iface %s`",
                               att.ifname, exc, att.ifname)
             self.attached_at.pop(ifindex, None)
+            self.ingress_at.pop(ifindex, None)
+            self.event_at.pop(ifindex, None)
             self._forget(att)
 
     def follow_rename(self, ifindex: int, name: str) -> None:
@@ -463,13 +481,22 @@ class Controller:
             ownership.write("iface", att.key, att.record())
             self._write_controller_record()
 
-    def never_monitor(self, ifindex: int, name: str) -> bool:
+    def never_monitor(self, ifindex: int, name: str, event=None) -> bool:
         """Debug interfaces (ours or another controller's) and their sink ends are never
-        monitored, whatever the patterns: mirroring clones would loop."""
-        names = {self.opts.debug_iface, debugif.sink_name(self.opts.debug_iface)}
+        monitored, whatever the patterns: mirroring clones would loop. `event`, the link
+        event that announced the interface (mirror.discovery.LinkEvent), may settle it."""
+        if name in (self.opts.debug_iface, debugif.sink_name(self.opts.debug_iface)) or (
+                self.debug and ifindex == self.debug.ifindex):
+            return True
+        if event is not None and event.link_kind == "veth" and event.peer_elsewhere:
+            # A container's host end: its peer is in another namespace, and a debug veth
+            # keeps both ends in one. Deciding from the event spares a link request and
+            # the records' reads, about 2 ms before the first hook (bench/attach.py).
+            return False
+        names = set()
         for rec in ownership.records("debug"):
             names |= {rec.get("name"), rec.get("peer")}
-        if name in names or (self.debug and ifindex == self.debug.ifindex):
+        if name in names:
             return True
         with self.lock:
             try:
@@ -751,5 +778,7 @@ class Controller:
         and the latencies observed, for bench/attach.py."""
         with self.lock:
             return {"attached_at": {str(i): t for i, t in self.attached_at.items()},
+                    "ingress_at": {str(i): t for i, t in self.ingress_at.items()},
+                    "event_at": {str(i): t for i, t in self.event_at.items()},
                     "latency_s": list(self.attach_latency.values),
                     "attached": sorted(a.ifindex for a in self.attached.values())}

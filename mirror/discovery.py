@@ -47,7 +47,8 @@ RTMGRP_LINK = 1
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME = 3
+IFLA_IFNAME, IFLA_LINK, IFLA_LINKINFO, IFLA_LINK_NETNSID = 3, 5, 18, 37
+IFLA_INFO_KIND = 1
 SO_RCVBUFFORCE = 33
 RCVBUF = 16 << 20       # 16 MiB: thousands of link messages of a couple of KiB each
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -103,6 +104,22 @@ class LinkEvent:
     ifindex: int
     ifname: str | None
     received: float     # time.monotonic() when the message was read
+    # What the message says about the link itself, so that deciding needs no request:
+    link_kind: str | None = None    # IFLA_INFO_KIND: "veth", "dummy"... (None: not said)
+    peer_elsewhere: bool = False    # IFLA_LINK_NETNSID present: its peer (a veth's other
+    #                                 end) lives in another network namespace
+
+
+def _attr_spans(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """type -> (payload start, payload end) of the rtattrs in data[off:end]."""
+    spans, hdr = {}, struct.Struct("=HH")
+    while off + hdr.size <= end:
+        rta_len, rta_type = hdr.unpack_from(data, off)
+        if rta_len < hdr.size:
+            break
+        spans[rta_type & 0x3FFF] = (off + hdr.size, min(off + rta_len, end))
+        off += (rta_len + 3) & ~3
+    return spans
 
 
 def parse_link_messages(data: bytes, received: float) -> list[LinkEvent]:
@@ -120,9 +137,14 @@ def parse_link_messages(data: bytes, received: float) -> list[LinkEvent]:
                 raise OSError(-code, "netlink error")
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
             _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(data, body)
-            name = attr_string(data, body + _IFINFOMSG.size, off + length, IFLA_IFNAME)
+            attrs = body + _IFINFOMSG.size
+            spans = _attr_spans(data, attrs, off + length)
+            name = attr_string(data, attrs, off + length, IFLA_IFNAME)
+            kind = None
+            if IFLA_LINKINFO in spans:
+                kind = attr_string(data, *spans[IFLA_LINKINFO], IFLA_INFO_KIND)
             out.append(LinkEvent("new" if mtype == RTM_NEWLINK else "del", ifindex, name,
-                                 received))
+                                 received, kind, IFLA_LINK_NETNSID in spans))
         off += (length + 3) & ~3
     return out
 
@@ -190,7 +212,8 @@ class Target(Protocol):
     def attach_matched(self, name: str, ifindex: int, since: float) -> bool: ...
     def detach_iface(self, ifindex: int, why: str) -> None: ...
     def follow_rename(self, ifindex: int, name: str) -> None: ...
-    def never_monitor(self, ifindex: int, name: str) -> bool: ...
+    def never_monitor(self, ifindex: int, name: str,
+                      event: "LinkEvent | None" = None) -> bool: ...
 
 
 class Discovery:
@@ -218,9 +241,10 @@ class Discovery:
         if ev.kind == "del":
             self._gone(ev.ifindex)
         elif ev.ifname:
-            self._seen(ev.ifindex, ev.ifname, ev.received)
+            self._seen(ev.ifindex, ev.ifname, ev.received, ev)
 
-    def _seen(self, ifindex: int, name: str, since: float) -> None:
+    def _seen(self, ifindex: int, name: str, since: float,
+              event: LinkEvent | None = None) -> None:
         self.links[ifindex] = name
         attached = self.target.attached_indexes()
         if ifindex in attached:
@@ -234,7 +258,7 @@ class Discovery:
             return
         if self.failed.get(ifindex) == name or not self.selector.wants(name):
             return
-        if self.target.never_monitor(ifindex, name):
+        if self.target.never_monitor(ifindex, name, event):
             return
         if len(attached) >= self.max_ifaces:
             if ifindex not in self.skipped:

@@ -554,7 +554,7 @@ class RecordingTarget:
     def follow_rename(self, ifindex, name):
         self.attached[ifindex] = name
 
-    def never_monitor(self, ifindex, name):
+    def never_monitor(self, ifindex, name, event=None):
         return False
 
 
