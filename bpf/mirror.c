@@ -35,6 +35,9 @@
 #ifndef MIRROR_HTTP2
 #define MIRROR_HTTP2 1
 #endif
+#ifndef EVENT_WAKEUP_NS
+#define EVENT_WAKEUP_NS 10000000ULL     /* 10 ms: at most 100 reader wakeups/s per CPU */
+#endif
 #ifndef EVENT_PAGES
 #define EVENT_PAGES 256
 #endif
@@ -58,6 +61,8 @@ BPF_TABLE("lru_hash", struct flow_key, struct error_event, requests, MAX_REQUEST
 /* Where an event or a snapshot is put together: too large for the stack. */
 BPF_PERCPU_ARRAY(event_scratch, struct error_event, 1);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
+/* When this CPU last woke the events reader (ns): see report_error. */
+BPF_PERCPU_ARRAY(event_wakeup, __u64, 1);
 BPF_PERCPU_ARRAY(scratch, int, 1);
 /* Each CPU's clones in its current rate window (struct clone_window). */
 BPF_PERCPU_ARRAY(clone_rate, struct clone_window, 1);
@@ -280,11 +285,21 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct flo
     ev->server_is_lo = src_is_lo;
     ev->cut = fv ? fv->cut : 0;
     __builtin_memcpy(&ev->key, key, sizeof(ev->key));
+    /* Wake the reader for the first event after a quiet spell, then at most once per
+     * EVENT_WAKEUP_NS on this CPU: in an error storm a wakeup per event (a context switch
+     * for every error response) cost more than everything else the mirror does. Events
+     * written without one wait for the reader's next poll (it also reads on a timer). */
+    __u64 flags = BPF_RB_NO_WAKEUP;
+    __u64 *woke = event_wakeup.lookup(&zero);
+    if (woke && ev->response_ns - *woke >= EVENT_WAKEUP_NS) {
+        *woke = ev->response_ns;
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
     int err;
     if (req)
-        err = events.ringbuf_output(ev, sizeof(*ev), 0);
+        err = events.ringbuf_output(ev, sizeof(*ev), flags);
     else
-        err = events.ringbuf_output(ev, __builtin_offsetof(struct error_event, data), 0);
+        err = events.ringbuf_output(ev, __builtin_offsetof(struct error_event, data), flags);
     count(err ? C_EVENTS_LOST : C_EVENTS, 1);
 }
 

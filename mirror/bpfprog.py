@@ -165,15 +165,21 @@ class Classifier:
             self.events.open_ring_buffer(self._dispatch_event)
             self._events_open = True
 
-    def _dispatch_event(self, ctx, data, size) -> None:
+    def _dispatch_event(self, ctx, data, size) -> int:
         handler = self._event_handler
         if handler is not None:
             handler(ctypes.string_at(data, size))
+        # an int: bcc converts the callback's result with int() and, for None, raises
+        # and catches a TypeError on every record
+        return 0
 
     def poll_events(self, timeout_ms: int) -> None:
-        """Waits up to `timeout_ms` for records and hands them over (0: only those there)."""
+        """Waits up to `timeout_ms` for a wakeup, then hands over every record there: the
+        classifier wakes the reader at most once per 10 ms per CPU (bpf/mirror.c,
+        report_error), so records may be waiting without one."""
         if self._events_open:
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
 
     def set_request_bytes(self, n: int) -> None:
         """How much of a request frame the snapshot keeps (0: the snapshot is off, and a

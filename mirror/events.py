@@ -256,6 +256,7 @@ class EventStream:
         self.response_count = 0
         self.errors = 0                 # records that could not be handled
         self.realtime_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._names: dict[int, tuple[str, float]] = {}     # ifindex -> (name, when asked)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -282,7 +283,7 @@ class EventStream:
         it (the events file, `mirror events`): in an error storm this thread handles every
         error response, so what it does per event is kept to the metrics' needs."""
         ev = Event.from_record(raw)
-        iface = self.ifname_of(ev.ifindex) or f"ifindex{ev.ifindex}"
+        iface = self._ifname(ev.ifindex)
         # A response whose clone a budget skipped (the rate, or a byte budget smaller
         # than the response's packet) goes without its request frame too: the
         # capture would hold a request with no answer, and the frames written from
@@ -306,6 +307,17 @@ class EventStream:
         if self.file:
             self.file.write(json.dumps(self.render(ev, iface), separators=(", ", ": ")))
         return ev
+
+    def _ifname(self, ifindex: int) -> str:
+        """The interface's name, asked of the controller at most once a second per
+        ifindex (a rename shows within a second)."""
+        now = time.monotonic()
+        cached = self._names.get(ifindex)
+        if cached and now - cached[1] < 1.0:
+            return cached[0]
+        name = self.ifname_of(ifindex) or f"ifindex{ifindex}"
+        self._names[ifindex] = (name, now)
+        return name
 
     def render(self, ev: Event, iface: str) -> dict:
         return ev.to_json(iface, self.realtime_offset_ns, self.budget)
