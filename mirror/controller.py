@@ -756,9 +756,12 @@ class Controller:
         return out
 
     def counters(self) -> dict[str, int]:
-        """The classifier's counters, and the request frames written from user space."""
+        """The classifier's counters, the request frames written from user space and the
+        events read so far (the classifier's `events` minus this: still in the ring)."""
         written = self.events.writer.written if self.events else 0
-        return {**self.classifier.counters(), "request_frames_written": written}
+        read = self.events.seq + self.events.errors if self.events else 0
+        return {**self.classifier.counters(), "request_frames_written": written,
+                "events_read": read}
 
     @property
     def socket_name(self) -> str:

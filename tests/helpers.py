@@ -207,9 +207,12 @@ def counted_from_now(counter: Callable[[], int]) -> Callable[[], int]:
 
 def mirrored_packets(state_dir) -> int:
     """Frames the controller sent to the debug interface: the classifier's clones and the
-    request frames of error responses (the controller's counters)."""
+    request frames of error responses (the controller's counters), plus one for each
+    event still in the ring buffer (it may yet write a request frame): a wait on this
+    count does not end before the controller has read every event."""
     counters = controller_ask(state_dir)
-    return counters["mirrored_packets"] + counters["request_frames_written"]
+    unread = counters["events"] - counters["events_read"]
+    return counters["mirrored_packets"] + counters["request_frames_written"] + unread
 
 
 def wait_captured(dump, expected, what: str = "", lossy: bool = False) -> dict[str, int]:
