@@ -267,6 +267,8 @@ def summarize(rows: list[dict], event_latencies: list[float], args) -> dict:
         "interfaces": len(rows), "hook": args.hook, "rate_pps": args.rate,
         "anchor": args.anchor,
         "attached": len(attach),
+        # per interface, for the bench's interval on the p99 (bench/report.py)
+        "attach_ms": [round(a * 1e3, 3) for a in attach],
         "attach_ms_p50": percentile(attach, 50) * 1e3 if attach else None,
         "attach_ms_p99": percentile(attach, 99) * 1e3 if attach else None,
         "attach_ms_max": max(attach) * 1e3 if attach else None,
