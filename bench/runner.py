@@ -141,6 +141,9 @@ def preflight() -> None:
 
 
 class Progress:
+    """One line per step on stderr, with the time spent and the time left."""
+    PREFIX = "bench"
+
     def __init__(self, total: int):
         self.total, self.done, self.t0 = total, 0, time.monotonic()
 
@@ -151,9 +154,9 @@ class Progress:
         print(f"[{self.done:3d}/{self.total}] {text:<78} {_mmss(elapsed)} eta {_mmss(eta)}",
               file=sys.stderr, flush=True)
 
-    @staticmethod
-    def note(text: str) -> None:
-        print(f"bench: {text}", file=sys.stderr, flush=True)
+    @classmethod
+    def note(cls, text: str) -> None:
+        print(f"{cls.PREFIX}: {text}", file=sys.stderr, flush=True)
 
 
 def _mmss(s: float) -> str:

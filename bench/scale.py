@@ -47,6 +47,7 @@ from pathlib import Path
 from mirror.errors import UsageError
 from mirror.lab.netns import cleanup_stale
 
+from . import runner
 from .configs import Mirror, QdiscsOnly, Shared, Thesis, Untraced
 from .lab import Lab, link_stats, taskset
 from .noise import Sample
@@ -310,24 +311,8 @@ def run_one(cfg, lab, point: dict, pct: int, seconds: float, settle: float) -> d
 
 
 # --- the whole run ---------------------------------------------------------------------
-class Progress:
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.monotonic()
-
-    def step(self, text: str) -> None:
-        self.done += 1
-        spent = time.monotonic() - self.t0
-        eta = spent / self.done * (self.total - self.done)
-        print(f"[{self.done:3d}/{self.total}] {text:<80} {_mmss(spent)} eta {_mmss(eta)}",
-              file=sys.stderr, flush=True)
-
-    @staticmethod
-    def note(text: str) -> None:
-        print(f"bench.scale: {text}", file=sys.stderr, flush=True)
-
-
-def _mmss(s: float) -> str:
-    return f"{int(s) // 60}:{int(s) % 60:02d}"
+class Progress(runner.Progress):
+    PREFIX = "bench.scale"
 
 
 def describe(rec: dict) -> str:
