@@ -79,10 +79,18 @@ class MirrorProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; returns the exit status."""
+        """SIGTERM and wait; returns the exit status. A controller that does not stop is
+        killed and the test fails with what it said (its log shows where it stuck)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            self._reader.join(5)
+            raise AssertionError(f"mirror run did not stop within {timeout} s of SIGTERM "
+                                 f"(killed); it said:\n{self.output}") from None
         self._reader.join(5)
         return self.proc.returncode
 
