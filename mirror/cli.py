@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from . import __version__
 from pyroute2.netlink.exceptions import NetlinkError
@@ -207,11 +208,15 @@ def cmd_run(args) -> int:
         from .metrics import MapCollector
         server = serve_metrics(MapCollector(ctl), opts.metrics_addr)
 
+    # Event.set() takes the event's lock, which the interrupted main thread may hold
+    # (a signal landing inside Event.wait deadlocks the handler against its own thread:
+    # seen as a controller that never stopped on SIGTERM): set it from a thread of its
+    # own, never from the handler.
     def on_stop(signum, frame):
-        ctl.stop_event.set()
+        threading.Thread(target=ctl.stop_event.set, name="stop", daemon=True).start()
 
     def on_hup(signum, frame):
-        ctl.reload_event.set()
+        threading.Thread(target=ctl.reload_event.set, name="reload", daemon=True).start()
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 from ..cliutil import count, env, positive_seconds, serve_metrics
@@ -85,9 +86,14 @@ def cmd_capture(args) -> int:
         from .metrics import SidecarCollector
         server = serve_metrics(SidecarCollector(sidecar), opts.metrics_addr)
 
-    def on_stop(signum, frame):
+    # Not in the handler itself: Event.set() and logging take locks the interrupted main
+    # thread may hold (see mirror/cli.py, cmd_run).
+    def stop(signum):
         log.info("capture: %s received, stopping", signal.Signals(signum).name)
         sidecar.stop_event.set()
+
+    def on_stop(signum, frame):
+        threading.Thread(target=stop, args=(signum,), name="stop", daemon=True).start()
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     try:
