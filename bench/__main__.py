@@ -110,11 +110,6 @@ def write_outputs(result: dict, outdir: Path, stem: str, make_plots: bool) -> Pa
     return json_path
 
 
-def _interrupt(signum, frame):
-    """SIGTERM unwinds like Ctrl-C, through every cleanup."""
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -136,7 +131,7 @@ def main(argv=None) -> int:
             print(f"bench: unknown configuration {', '.join(unknown)}; choose from "
                   f"{', '.join(KEYS)}", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, runner.raise_interrupt)
     passes = [x.strip() for x in args.passes.split(",") if x.strip()]
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:

@@ -140,6 +140,11 @@ def preflight() -> None:
     check_environment()
 
 
+def raise_interrupt(signum, frame):
+    """A SIGTERM handler: the run unwinds like Ctrl-C, through every cleanup."""
+    raise KeyboardInterrupt
+
+
 class Progress:
     """One line per step on stderr, with the time spent and the time left."""
     PREFIX = "bench"

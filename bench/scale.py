@@ -560,17 +560,12 @@ def _notes(result: dict, rows: list[dict]) -> list[str]:
 
 
 # --- entry point -----------------------------------------------------------------------
-def _interrupt(signum, frame):
-    """SIGTERM unwinds like Ctrl-C, through every cleanup."""
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         print(markdown(json.loads(args.report.read_text())), end="")
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, runner.raise_interrupt)
     try:
         result = run(args)
     except UsageError as exc:
