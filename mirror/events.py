@@ -295,6 +295,10 @@ class EventStream:
                 # the sidecar marks the record's original length when it reorders, and
                 # tshark then takes it for a frame cut at capture, dissectable.
                 self.writer.write(ev.request, ifindex)
+        # Written before it is counted: a reader that waits for the count of events
+        # read (the lab, the tests) then finds the line in the file.
+        if self.file:
+            self.file.write(json.dumps(self.render(ev, iface), separators=(", ", ": ")))
         with self._lock:
             self.seq += 1
             self.recent.append((self.seq, ev, iface))
@@ -304,8 +308,6 @@ class EventStream:
                 self.response_sum += seconds
                 self.response_count += 1
                 self.bucket_counts[_bucket(seconds)] += 1
-        if self.file:
-            self.file.write(json.dumps(self.render(ev, iface), separators=(", ", ": ")))
         return ev
 
     def _ifname(self, ifindex: int) -> str:

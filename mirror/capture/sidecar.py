@@ -82,7 +82,7 @@ class Options:
     file_size: int = 50
     files: int = 10
     flow_idle: float = 60.0
-    buffer_kib: int = 4096
+    buffer_kib: int = 32768
     metrics_addr: str | None = None
     poll_interval: float = 0.2
     stats_interval: float = 5.0

@@ -174,11 +174,16 @@ def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> int:
 
 
 def _wait_for_capture(ctl, dump, timeout: float = 30.0) -> None:
-    """Until tcpdump has every clone and request frame the controller sent (its own
-    counters, asked with SIGUSR1), the connections' last ACKs included."""
+    """Until the controller has read every event the classifier emitted (each may write a
+    request frame, and its line goes to the events file) and tcpdump has every clone and
+    request frame the controller sent (its own counters, asked with SIGUSR1), the
+    connections' last ACKs included."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         c = ctl.counters()
+        if c["events_read"] < c["events"]:
+            time.sleep(0.02)
+            continue
         want = c["mirrored_packets"] + c["request_frames_written"]
         reports = dump.stats_reports
         dump.request_stats()
