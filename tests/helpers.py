@@ -133,6 +133,33 @@ def same_packets(a: list[Packet], b: list[Packet]) -> bool:
     return Counter(map(signature, a)) == Counter(map(signature, b))
 
 
+def crossed_trigger(packets: list[Packet], first: int) -> tuple[list[Packet], list[Packet]]:
+    """The packets of one connection from its trigger segment `packets[first]` on, split
+    into those the mirror must clone and those it may: a packet the peer sent before it
+    received the trigger (its ACK does not cover the trigger's last byte) crossed the
+    trigger in flight. It can come through the classifier on another CPU before the
+    flow is marked, even though the capture, which taps received packets before tc
+    ingress and sent ones after tc egress, lists it after the trigger. h2 clients send
+    such frames (WINDOW_UPDATE, PING and SETTINGS acknowledgements) at any time."""
+    trigger = packets[first]
+    end = (trigger.seq + len(trigger.payload)) & 0xFFFFFFFF
+    must, may = [], []
+    for p in packets[first:]:
+        covers = ((p.ack - end) & 0xFFFFFFFF) < 1 << 31
+        (may if p.sport != trigger.sport and not covers else must).append(p)
+    return must, may
+
+
+def assert_mirrored_from(mirrored: list[Packet], packets: list[Packet], first: int) -> None:
+    """`mirrored` holds every packet of `packets` from the trigger at `first` on, and
+    nothing else but packets that crossed the trigger in flight (crossed_trigger)."""
+    must, may = crossed_trigger(packets, first)
+    got, want, extra = (Counter(map(signature, x)) for x in (mirrored, must, may))
+    assert not want - got, (f"not mirrored: {sorted(want - got)}\n"
+                            f"mirrored {[signature(p) for p in mirrored]}")
+    assert not got - want - extra, f"mirrored but not expected: {sorted(got - want - extra)}"
+
+
 def env_with(**kw) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in kw.items()})
