@@ -227,7 +227,13 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
         L += [f"Other work on the machine (CPU time not the bench's, bench/noise.py), per "
               f"run: median {_pct(statistics.median(foreign), 0)}, max {_pct(foreign[-1], 0)}"
               f"; {over} of {len(foreign)} runs above 5 %; {summary['discarded_runs']} runs "
-              f"discarded and their group run again (over {_pct(st['max_foreign'], 0)}).", ""]
+              f"discarded and their group run again (over {_pct(st['max_foreign'], 0)})."]
+        kernel = sorted(r["kernel_cpu"] for r in kept if r.get("kernel_cpu") is not None)
+        if kernel:
+            L += [f"Kernel threads (ksoftirqd, kworkers), counted as the bench's: median "
+                  f"{_pct(statistics.median(kernel), 0)}, max {_pct(kernel[-1], 0)} of all "
+                  "CPU time per run."]
+        L += [""]
     L += ["## Targets", "", "Verdicts: met when the whole 95 % interval is within the "
           "limit, not met when it is wholly beyond it, inconclusive when it straddles it.", "",
           "| target | measured: mean [95 % interval] (n) | verdict |", "|---|---|---|"]
