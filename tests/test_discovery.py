@@ -515,6 +515,44 @@ def test_podman_containers_attached_as_they_start(images, tmp_path, namespaces):
         shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
 
 
+@pytest.mark.container
+def test_bench_containers_reports_consistent_numbers(images):
+    """bench/containers.py end to end with two real podman containers: every container's
+    veth was attached, and its figures add up (no threshold: the numbers belong to the
+    bench)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.containers", "--count", "2",
+                             "--packets", "50", "--image", images[0], "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()        # it cleans up on SIGTERM
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    out = json.loads(stdout)
+    rows = out["per_container"]
+    assert out["containers"] == out["attached"] == len(rows) == 2
+    for key in ("attach_ms", "event_to_attached_ms", "first_packet_ms", "margin_ms"):
+        assert out[f"{key}_p50"] is not None and out[f"{key}_p99"] >= out[f"{key}_p50"]
+    for row in rows:
+        assert row["veth"].startswith("veth") and row["attached_at"] is not None
+        assert row["t_run"] < row["event_at"] <= row["attached_at"]
+        assert row["t_run"] < row["first_send"]
+        assert 0 < row["sent"] <= 50 and 0 <= row["arrived"] <= row["sent"]
+        assert row["seen"] >= 0 and row["missed"] == row["sent"] - row["seen"] >= 0
+    assert len({row["ifindex"] for row in rows}) == 2
+    assert out["packets_sent"] == sum(r["sent"] for r in rows)
+    assert out["packets_missed"] == out["packets_sent"] - out["packets_seen"]
+    assert out["first_packet_before_attach"] == sum(
+        1 for r in rows if r["first_send"] < r["attached_at"])
+    # Nothing left behind: its namespace, containers and network are named after its pid.
+    assert f"{PREFIX}-{proc.pid}-" not in sh("ip", "netns", "list").stdout
+    assert f"mbench{proc.pid}" not in podman("ps", "--all", "--format", "{{.Names}}").stdout
+    assert f"mbench{proc.pid}" not in podman("network", "ls", "--format", "{{.Name}}").stdout
+    assert not os.path.exists(f"/var/lib/cni/networks/mbench{proc.pid}")
+
+
 def test_bench_attach_reports_numbers():
     """bench/attach.py end to end with a few links: it produces its numbers, and what it
     calls missed is what arrived less what the classifier saw (no threshold: the numbers
