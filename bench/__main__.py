@@ -23,6 +23,7 @@ examples:
   python -m bench --passes cost --configs mirror-clsact,thesis   # one question only
   python -m bench --report bench/results/latest.json   # redo table and plots from a JSON
   python -m bench.attach --help    # the attach experiment alone
+  python -m bench.containers --help   # the same with real podman containers
   python -m bench.scale --help     # every CPU of a bigger machine
 """
 PASSES = ("micro", "cost", "saturation", "in_traffic", "attach")

@@ -351,6 +351,8 @@ def _attach_section(summary) -> list[str]:
          "| hook | interfaces | attach p50 (ms) | p99 | max | packets missed / sent | "
          "interfaces with a miss |", "|---|---|---|---|---|---|---|"]
     for hook, r in att.items():
+        if hook == "containers":
+            continue
         if "error" in r:
             L.append(f"| {hook} | failed: {r['error'][:80]} | | | | | |")
             continue
@@ -358,7 +360,30 @@ def _attach_section(summary) -> list[str]:
                  f"{_num(r['attach_ms_p99'], '{:.1f}')} | {_num(r['attach_ms_max'], '{:.1f}')}"
                  f" | {r['packets_missed']} / {r['packets_sent']} | "
                  f"{r['interfaces_with_misses']} |")
+    if "containers" in att:
+        L += ["", _containers_line(att["containers"])]
     return L
+
+
+def _containers_line(r: dict) -> str:
+    """The operator's case (python -m bench.containers), next to ConMon's figure."""
+    head = "Real podman containers (`python -m bench.containers`, clsact)"
+    if "skipped" in r or "error" in r:
+        why = r.get("skipped") or f"failed: {r['error'][:200]}"
+        return f"{head}: not measured ({why})."
+    return (f"{head}, {r['containers']} containers on a bridge network, each sending UDP "
+            f"at {r['rate_pps']:g} packets/s from its first instruction: `podman run` to both "
+            f"hooks attached p50 {_num(r['attach_ms_p50'], '{:.1f}')} / p99 "
+            f"{_num(r['attach_ms_p99'], '{:.1f}')} ms (link event to attached "
+            f"{_num(r['event_to_attached_ms_p50'], '{:.1f}')} / "
+            f"{_num(r['event_to_attached_ms_p99'], '{:.1f}')} ms); first packet sent p50 "
+            f"{_num(r['first_packet_ms_p50'], '{:.1f}')} ms after `podman run`, "
+            f"{_num(r['margin_ms_p50'], '{:.1f}')} ms after the attach (smallest margin "
+            f"{_num(r['margin_ms_min'], '{:.1f}')} ms; first packet before the attach in "
+            f"{r['first_packet_before_attach']} of {r['containers']}); "
+            f"{r['packets_missed']} of {r['packets_sent']} packets missed. ConMon: attached "
+            f"{CONMON_ATTACH_MS} ms after the container started, {CONMON_MISSED} packets "
+            f"missed.")
 
 
 PER_PACKET_SUBJECTS = ("thesis", "mirror", "mirror+clone")

@@ -7,7 +7,8 @@
   saturation  each workload as fast as it goes: the throughput an operator loses
   in-traffic  the cost runs again with program run-time statistics on: ns per
               invocation of each classifier in real traffic, the clone shown apart
-  attach      python -m bench.attach: new interfaces attached, latency and packets missed
+  attach      python -m bench.attach: new interfaces attached, latency and packets missed;
+              then python -m bench.containers: the same for real podman containers
 
 Every pass runs in rounds; in each round the workloads, and the configurations within a
 workload, run in a random order (seeded; the seed is in the JSON). Every run of every
@@ -109,6 +110,7 @@ class Settings:
     micro_singles: int
     settle_seconds: float            # pause between attaching and starting traffic
     attach_count: int                # new interfaces per hook layout in the attach pass
+    container_count: int = 20        # podman containers in the attach pass (bench.containers)
     seed: int = 0
     max_foreign: float = 1.0         # a group of runs with more foreign CPU is run again...
     retry_budget: int = 0            # ...at most this many times per bench run
@@ -118,12 +120,12 @@ QUICK = Settings("quick", rounds=1, seconds=1, http_rate=10000, h2c_rate=5000,
                  iperf_bitrate=1e9,
                  saturation_rounds=1, saturation_seconds=1, iperf_omit=0, stats_rounds=1,
                  micro_rounds=2, micro_repeat=20000, micro_singles=100, settle_seconds=0.1,
-                 attach_count=5)
+                 attach_count=5, container_count=2)
 FULL = Settings("full", rounds=20, seconds=2.5, http_rate=25000, h2c_rate=12000,
                 iperf_bitrate=2e9,
                 saturation_rounds=5, saturation_seconds=3, iperf_omit=1, stats_rounds=8,
                 micro_rounds=7, micro_repeat=500000, micro_singles=3000, settle_seconds=0.3,
-                attach_count=200, max_foreign=0.10, retry_budget=10)
+                attach_count=200, container_count=20, max_foreign=0.10, retry_budget=10)
 
 TOOLS = ("h2load", "iperf3", "nginx", "tcpdump", "taskset", "ip", "ss")
 
@@ -384,7 +386,32 @@ def attach_pass(st: Settings, progress: Progress) -> dict:
         progress.step(f"attach {hook}: p50 {r.get('attach_ms_p50') or 0:.1f} ms, p99 "
                       f"{r.get('attach_ms_p99') or 0:.1f} ms, {r.get('packets_missed')} "
                       f"packets missed of {r.get('packets_sent')}")
+    out["containers"] = containers_pass(st, progress)
     return out
+
+
+def containers_pass(st: Settings, progress: Progress) -> dict:
+    """python -m bench.containers (clsact): real podman containers. Skipped, with the
+    reason in the JSON, where podman or the image is missing."""
+    from .containers import missing_prerequisite
+    reason = missing_prerequisite()
+    if reason:
+        progress.step(f"attach podman containers: skipped ({reason})")
+        return {"skipped": reason}
+    cmd = [sys.executable, "-m", "bench.containers", "--count", str(st.container_count),
+           "--json"]
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True,
+                          timeout=300 + 10 * st.container_count)
+    if proc.returncode != 0:
+        progress.step("attach podman containers: FAILED")
+        return {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+    r = json.loads(proc.stdout)
+    progress.step(f"attach podman containers: podman run -> attached p50 "
+                  f"{r.get('attach_ms_p50') or 0:.1f} ms, margin to the first packet p50 "
+                  f"{r.get('margin_ms_p50') or 0:.1f} ms, {r.get('packets_missed')} packets "
+                  f"missed of {r.get('packets_sent')}")
+    return r
 
 
 def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "saturation",
@@ -411,7 +438,7 @@ def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "s
               "in_traffic": st.stats_rounds}
     total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs]) for _, cfgs in PLANS[p])
                 for p in PLANS if p in passes)
-    total += ("micro" in passes) + 2 * ("attach" in passes)
+    total += ("micro" in passes) + 3 * ("attach" in passes)
     progress = Progress(total)
     result = {"settings": asdict(st), "seed": seed, "machine": info, "started": started,
               "configs": [{"key": c.key, "label": c.label, "mirrors": c.mirrors}
