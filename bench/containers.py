@@ -333,10 +333,6 @@ class Bench:
                 raise RuntimeError(f"the controller still holds {name}'s veth after 10 s")
             time.sleep(0.005)
 
-    def event_latencies(self) -> list[float]:
-        """The controller's own link-event-to-attached figures, the anchor's left out."""
-        return self.request("ask attach")["latency_s"][2 if self.args.anchor else 0:]
-
     # --- clean-up -------------------------------------------------------------------------
     def teardown(self) -> None:
         if self.running and self.running.poll() is None:
@@ -378,7 +374,7 @@ def _pct(rows: list[dict], key: str, q: float) -> float | None:
     return percentile(values, q) if values else None
 
 
-def summarize(rows: list[dict], event_latencies: list[float], args) -> dict:
+def summarize(rows: list[dict], args) -> dict:
     rows = [derive(r) for r in rows]
     out = {"containers": len(rows), "hook": args.hook, "rate_pps": args.rate,
            "packets_per_container": args.packets, "anchor": args.anchor,
@@ -389,8 +385,6 @@ def summarize(rows: list[dict], event_latencies: list[float], args) -> dict:
         out[f"{key}_p99"] = _pct(rows, key, 99)
     margins = [r["margin_ms"] for r in rows if r["margin_ms"] is not None]
     out["margin_ms_min"] = min(margins) if margins else None
-    out["controller_event_to_attached_ms_p50"] = (
-        percentile(event_latencies, 50) * 1e3 if event_latencies else None)
     out["first_packet_before_attach"] = sum(1 for m in margins if m < 0)
     for key in ("sent", "arrived", "seen", "missed"):
         out[f"packets_{key}"] = sum(r[key] for r in rows)
@@ -435,10 +429,9 @@ def run(args) -> dict:
             progress(f"[{i + 1}/{args.count}] {row['veth']}: attached "
                      f"{row['attach_ms']} ms after podman run, first datagram "
                      f"{row['first_packet_ms']} ms, {row['missed']} of {row['sent']} missed")
-        events = bench.event_latencies()
     finally:
         bench.teardown()
-    return summarize(rows, events, args)
+    return summarize(rows, args)
 
 
 def main(argv=None) -> int:
