@@ -224,15 +224,21 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     foreign = sorted(r["foreign_cpu"] for r in kept if r.get("foreign_cpu") is not None)
     if foreign:
         over = sum(1 for f in foreign if f > 0.05)
-        L += [f"Other work on the machine (CPU time not the bench's, bench/noise.py), per "
+        L += [f"Other work on the machine (CPU time of processes not the bench's and of "
+              f"other guests, bench/noise.py), per "
               f"run: median {_pct(statistics.median(foreign), 0)}, max {_pct(foreign[-1], 0)}"
               f"; {over} of {len(foreign)} runs above 5 %; {summary['discarded_runs']} runs "
               f"discarded and their group run again (over {_pct(st['max_foreign'], 0)})."]
-        kernel = sorted(r["kernel_cpu"] for r in kept if r.get("kernel_cpu") is not None)
-        if kernel:
-            L += [f"Kernel threads (ksoftirqd, kworkers), counted as the bench's: median "
-                  f"{_pct(statistics.median(kernel), 0)}, max {_pct(kernel[-1], 0)} of all "
-                  "CPU time per run."]
+        for key, what in (("kernel_cpu", "Kernel threads (ksoftirqd, kworkers), counted as "
+                           "the bench's"),
+                          ("unattributed_cpu", "Busy time charged to no process and no "
+                           "interrupt tick (most likely softirq work on an otherwise idle "
+                           "CPU, which this kernel's tick-sampled accounting does not "
+                           "attribute), counted as the bench's")):
+            shares = sorted(r[key] for r in kept if r.get(key) is not None)
+            if shares:
+                L += [f"{what}: median {_pct(statistics.median(shares), 0)}, max "
+                      f"{_pct(shares[-1], 0)} of all CPU time per run."]
         L += [""]
     L += ["## Targets", "", "Verdicts: met when the whole 95 % interval is within the "
           "limit, not met when it is wholly beyond it, inconclusive when it straddles it.", "",

@@ -110,6 +110,27 @@ def test_cpu_meter_counts_a_busy_loop():
     got = m.stop()
     # at least most of the busy loop's 0.3 s (the meter's unit is 10 ms per CPU)
     assert got["cpu_s"] >= 0.2 and got["wall_s"] >= 0.3
+
+
+def test_foreign_work_is_other_processes_not_the_bench_tree():
+    """bench/noise.py charges the bench's descendants to the bench and an orphaned
+    process (outside its tree, as another tenant's) to foreign work."""
+    import subprocess
+
+    from bench.noise import _process_ticks
+    child = subprocess.Popen(["sleep", "30"])
+    # `sh` starts sleep in the background and exits: the sleep is re-parented away
+    # from this process's tree, as another tenant's process would be.
+    orphan = int(subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"],
+                                capture_output=True, text=True).stdout)
+    try:
+        own, _kernel, others = _process_ticks(os.getpid())
+        assert orphan in others and child.pid not in others
+        assert 2 not in others      # kthreadd and its kernel threads are told apart
+    finally:
+        child.kill()
+        child.wait()
+        os.kill(orphan, 9)
 @pytest.mark.unit
 def test_large_map_filler_keys_are_the_programs_key_layouts():
     import ipaddress
