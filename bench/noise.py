@@ -32,15 +32,16 @@ def _cpu_ticks() -> tuple[int, int, int, int]:
     return sum(fields[:8]), idle + iowait, irq + softirq, steal
 
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, utime + stime + cutime + cstime) of a process, None if gone."""
+def _proc_stat(pid: int, children: bool = True) -> tuple[int, int] | None:
+    """(ppid, utime + stime, + cutime + cstime with `children`) of a process, None if
+    gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
     rest = text[text.rfind(")") + 2:].split()
-    return int(rest[1]), sum(int(x) for x in rest[11:15])
+    return int(rest[1]), sum(int(x) for x in rest[11:15 if children else 13])
 
 
 def _process_ticks(root: int) -> tuple[int, int, dict[int, int]]:
@@ -58,7 +59,10 @@ def _process_ticks(root: int) -> tuple[int, int, dict[int, int]]:
     own, kernel = _tree(kids, root), _tree(kids, _KTHREADD)
     others = {pid: t for pid, (_, t) in stats.items()
               if pid not in own and pid not in kernel and pid != 1}
-    others[1] = stats.get(1, (0, 0))[1]     # init: its own time only (it reaps orphans)
+    # init: its own time only. It reaps every orphan, the bench's own among them (a
+    # process whose parent exited first), so its children's time is nobody's in particular.
+    init = _proc_stat(1, children=False)
+    others[1] = init[1] if init else 0
     return (sum(stats[p][1] for p in own if p in stats),
             sum(stats[p][1] for p in kernel if p in stats), others)
 
