@@ -160,6 +160,22 @@ def assert_mirrored_from(mirrored: list[Packet], packets: list[Packet], first: i
     assert not got - want - extra, f"mirrored but not expected: {sorted(got - want - extra)}"
 
 
+def run_module(*args: str, timeout: float) -> tuple[subprocess.Popen, str, str]:
+    """`python -m ARGS` from the repository root: (the finished process, its stdout, its
+    stderr); its pid names what it made in the kernel. On a timeout, or any exception
+    while waiting, the process gets SIGTERM (the bench's commands clean up their kernel
+    state on it) and is waited for."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate()
+    return proc, stdout, stderr
+
+
 def env_with(**kw) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in kw.items()})

@@ -210,14 +210,8 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()        # the bench cleans up on SIGTERM
-            proc.communicate()
+    from helpers import run_module
+    proc, stdout, stderr = run_module("bench", "--quick", "--out", str(tmp_path), timeout=900)
     assert proc.returncode == 0, stderr[-4000:]
     assert "Targets:" in stdout
 
@@ -346,16 +340,10 @@ def test_scale_end_to_end(tmp_path):
     from bench import scale
     out = tmp_path / "scale.json"
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--cpus", "1,2",
-                             "--rounds", "1", "--seconds", "1", "--settle", "0.1",
-                             "--out", str(out), "--json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()        # it cleans up on SIGTERM
-            proc.communicate()
+    from helpers import run_module
+    proc, stdout, stderr = run_module("bench.scale", "--cpus", "1,2", "--rounds", "1",
+                                      "--seconds", "1", "--settle", "0.1", "--out", str(out),
+                                      "--json", timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
     data = json.loads(out.read_text())
     assert json.loads(stdout) == data

@@ -520,15 +520,9 @@ def test_bench_containers_reports_consistent_numbers(images):
     """bench/containers.py end to end with two real podman containers: every container's
     veth was attached, and its figures add up (no threshold: the numbers belong to the
     bench)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.containers", "--count", "2",
-                             "--packets", "50", "--image", images[0], "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()        # it cleans up on SIGTERM
-            proc.communicate()
+    from helpers import run_module
+    proc, stdout, stderr = run_module("bench.containers", "--count", "2", "--packets",
+                                      "50", "--image", images[0], "--json", timeout=600)
     assert proc.returncode == 0, stderr
     out = json.loads(stdout)
     rows = out["per_container"]
