@@ -101,6 +101,12 @@ class Sample:
         """Share of all CPU time between two samples that kernel threads took."""
         return self._share(later, later.kernel - self.kernel)
 
+    def shares(self, later: "Sample") -> dict[str, float | None]:
+        """The run record's three figures: foreign_cpu, kernel_cpu, unattributed_cpu."""
+        return {"foreign_cpu": self.foreign_share(later),
+                "kernel_cpu": self.kernel_share(later),
+                "unattributed_cpu": self.unattributed_share(later)}
+
     def unattributed_share(self, later: "Sample") -> float | None:
         """Busy time charged to nothing: not the bench's processes, not a kernel thread,
         not a foreign process or guest, not an interrupt tick."""

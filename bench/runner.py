@@ -242,9 +242,7 @@ def run_one(cfg, lab, wl: Workload, st: Settings, pass_: str, app: Apparatus) ->
             res = workloads.h2load(lab, wl.error_pct, seconds, wl.proto,
                                    rate if fixed else None)
         cpu = meter.stop()
-        s1 = Sample()
-        rec["foreign_cpu"], rec["kernel_cpu"] = s0.foreign_share(s1), s0.kernel_share(s1)
-        rec["unattributed_cpu"] = s0.unattributed_share(s1)
+        rec.update(s0.shares(Sample()))
         after = {k: run_stats(fd) for k, fd in fds.items()}
         sink1 = run_stats(sink) if sink is not None else None
         if counters0 is not None:

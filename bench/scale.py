@@ -305,8 +305,7 @@ def run_one(cfg, lab, point: dict, pct: int, seconds: float, settle: float) -> d
     span = t1[0] - t0[0]
     rec.update({"req_per_s": h2["req_per_s"], "requests": h2["requests"],
                 "status": h2["status"], "failed": h2["errored"] + h2["timeout"],
-                "latency": h2["latency"], "foreign_cpu": s0.foreign_share(s1),
-                "kernel_cpu": s0.kernel_share(s1),
+                "latency": h2["latency"], **s0.shares(s1),
                 "cpu_busy": round(1 - (t1[1] - t0[1]) / span, 3) if span > 0 else None})
     return rec
 
