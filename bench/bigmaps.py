@@ -17,13 +17,11 @@ import struct
 import time
 from typing import Callable
 
-from mirror.bpfprog import FLOW_KEY_SIZE, FLOW_VALUE_SIZE
-from mirror.bpfsys import BatchAttr, batch_lookup, call, possible_cpus
-
-# include/uapi/linux/bpf.h, enum bpf_cmd; hash maps of every kind implement both
-# (kernel/bpf/hashtab.c, generic_map_update_batch and generic_map_delete_batch).
-BPF_MAP_UPDATE_BATCH = 26
-BPF_MAP_DELETE_BATCH = 27
+from mirror.abi import FLOW_KEY, FLOW_VALUE
+# Hash maps of every kind implement both batch commands (kernel/bpf/hashtab.c,
+# generic_map_update_batch and generic_map_delete_batch).
+from mirror.bpfsys import (BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, batch_lookup,
+                           call, possible_cpus)
 
 FILL_SHARE = 0.9        # of each map's max_entries
 SERVER = "198.18.0.2"
@@ -41,7 +39,7 @@ def mirror_keys(count: int) -> bytes:
     """struct flow_key of `count` filler connections, back to back. Packed here rather
     than with FlowKey (ten times slower for 60,000 keys): the server, 198.18.0.2, sorts
     below every 198.19 client, so it is always the key's lo endpoint."""
-    layout = struct.Struct("!16s16sHHB3x")
+    layout = FLOW_KEY.struct
     server = ipaddress.ip_address(SERVER).packed.ljust(16, b"\0")
     return b"".join(layout.pack(server, addr.to_bytes(4, "big").ljust(16, b"\0"),
                                 SERVER_PORT, port, 4)
@@ -68,9 +66,8 @@ def marked_flow_value() -> bytes:
     # The classifier stamps CLOCK_MONOTONIC_COARSE, which Python does not name: the
     # fine clock is within a tick of it.
     now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    slot = struct.pack("=QQQQIHH", 1, 200, now, now, 1, 500, 0)
-    assert len(slot) == FLOW_VALUE_SIZE
-    return slot + bytes(FLOW_VALUE_SIZE * (possible_cpus() - 1))
+    slot = FLOW_VALUE.struct.pack(1, 200, now, now, 1, 500, 0)
+    return slot + bytes(FLOW_VALUE.size * (possible_cpus() - 1))
 
 
 class Filler:
@@ -127,9 +124,9 @@ def mirror_fillers(classifier, share: float = FILL_SHARE) -> dict[str, Filler]:
     n_flows = int(classifier.max_flows * share)
     n_req = int(classifier.max_requests * share)
     req_value = bytes(ctypes.sizeof(requests.Leaf))
-    return {"flows": Filler(flows.map_fd, FLOW_KEY_SIZE, mirror_keys(n_flows),
+    return {"flows": Filler(flows.map_fd, FLOW_KEY.size, mirror_keys(n_flows),
                             marked_flow_value()),
-            "requests": Filler(requests.map_fd, FLOW_KEY_SIZE, mirror_keys(n_req), req_value)}
+            "requests": Filler(requests.map_fd, FLOW_KEY.size, mirror_keys(n_req), req_value)}
 
 
 def thesis_filler(thesis, share: float = FILL_SHARE) -> Filler:

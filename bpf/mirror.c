@@ -26,7 +26,7 @@
 #include "mirror.h"
 
 #ifndef MAX_FLOWS
-#define MAX_FLOWS 65536
+#define MAX_FLOWS DEFAULT_MAX_FLOWS
 #endif
 #ifndef MAX_REQUESTS
 #define MAX_REQUESTS 16384
@@ -41,8 +41,6 @@
 #ifndef EVENT_PAGES
 #define EVENT_PAGES 256
 #endif
-/* Interfaces this controller monitors (set by user space on attach and detach). */
-#define MAX_MONITORED 4096
 
 /* The verdict for every packet. TC_ACT_UNSPEC means "no opinion": the packet goes on to the
  * next filter of the hook (another tool's), or passes when there is none. TC_ACT_OK would
@@ -75,6 +73,7 @@ struct h2_pending {
     __u32 src_is_lo;
 };
 BPF_PERCPU_ARRAY(h2_pending, struct h2_pending, 1);
+/* Interfaces this controller monitors (set by user space on attach and detach). */
 BPF_HASH(monitored, __u32, __u8, MAX_MONITORED);
 
 static __always_inline void count(__u32 idx, __u64 n)

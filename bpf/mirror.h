@@ -1,6 +1,7 @@
-/* Structures shared by the classifier (bpf/mirror.c and the parse headers it includes)
- * and user space (mirror/bpfprog.py).
- * Any change here must be mirrored in the ctypes layouts of mirror/bpfprog.py. */
+/* Structures, enums and constants shared by the classifier (bpf/mirror.c and the parse
+ * headers it includes) and user space. User space reads the enums and the #defines of this
+ * file (mirror/abi.py); struct layouts are stated once more in mirror/abi.py, and checked
+ * against what was compiled when the classifier loads: change both together. */
 #ifndef MIRROR_H
 #define MIRROR_H
 
@@ -11,6 +12,10 @@
 /* HTTP statuses below this never trigger: slots 0-16 of the trigger array are gRPC's
  * grpc-status codes (bpf/http2.h), set by a trigger spec's grpc: part. */
 #define MIN_HTTP_STATUS 100
+/* Defaults and limits user space applies too (mirror/abi.py reads them from here). */
+#define DEFAULT_MAX_FLOWS 65536         /* --max-flows */
+#define DEFAULT_REQUEST_BYTES 512       /* --request-bytes */
+#define MAX_MONITORED 4096              /* interfaces in the `monitored` map: --max-ifaces */
 /* IPv6 extension headers skipped before giving up (hop-by-hop, routing, fragment, dest opts). */
 #define MAX_IPV6_EXT_HDRS 6
 
@@ -120,7 +125,7 @@ struct clone_window {
 /* Bytes of a request frame the snapshot map can hold (the loader's --request-bytes,
  * rounded up to a multiple of 8). */
 #ifndef REQUEST_BYTES
-#define REQUEST_BYTES 512
+#define REQUEST_BYTES DEFAULT_REQUEST_BYTES
 #endif
 
 enum app_proto {

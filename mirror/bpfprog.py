@@ -1,7 +1,7 @@
 """Compiles and loads the classifier with bcc, and reads and writes its maps.
 
-The C sources live in bpf/ at the top of the repository (MIRROR_BPF_DIR overrides).
-Everything here is the user-space half of the contract in bpf/mirror.h."""
+The C sources are found by mirror.abi.bpf_dir(); the layouts, enums and constants both
+sides share are in mirror.abi, checked against what bcc compiled at every load."""
 from __future__ import annotations
 
 import ctypes
@@ -9,40 +9,16 @@ import functools
 import operator
 import os
 import platform
-import re
-import struct
 from pathlib import Path
 
-from . import bpfsys
+from . import abi, bpfsys
+from .abi import (CLONE_WINDOW_NS, COUNTERS, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
+                  DIRECTIONS, FLOW_KEY, FLOW_VALUE, GRPC_CLASSES, IFACE_SLOTS, IFACE_STATS,
+                  MARKS_CLEARED, MARKS_MADE, STATUS_CLASSES, STATUS_CODES, bpf_dir,
+                  cut_reasons, request_capacity, request_slots)
 from .bpfsys import TestRun, batch_lookup, possible_cpus, test_run
 from .errors import UsageError
 from .flowkey import FlowKey
-
-TC_ACT_UNSPEC = -1
-TC_ACT_OK = 0
-TC_ACT_SHOT = 2
-STATUS_CODES = 1000
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
-DIRECTIONS = ("ingress", "egress")
-
-
-def bpf_dir() -> Path:
-    env = os.environ.get("MIRROR_BPF_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "bpf"
-
-
-def _counter_names() -> list[str]:
-    """Counter names in index order, read from enum counter in bpf/mirror.h so that the
-    header stays the one place that defines them."""
-    text = (bpf_dir() / "mirror.h").read_text()
-    body = re.search(r"enum counter \{(.*?)\};", text, re.S).group(1)
-    names = re.findall(r"^\s*C_([A-Z0-9_]+)", body, re.M)
-    return [n.lower() for n in names]
-
-
-COUNTERS = _counter_names()
 
 
 def check_environment() -> None:
@@ -65,39 +41,7 @@ def check_environment() -> None:
         raise UsageError(f"classifier source not found in {bpf_dir()}; set MIRROR_BPF_DIR")
 
 
-FLOW_KEY_SIZE = 40     # struct flow_key
-FLOW_VALUE_SIZE = 40   # struct flow_value (a multiple of 8: per-CPU slots are not padded)
-_FLOW_VALUE = struct.Struct("=QQQQIHH")
-IFACE_SLOTS = 1024      # bpf/mirror.h
-DEFAULT_REQUEST_BYTES = 512
-MAX_REQUEST_BYTES = 4096
-EVENT_HEAD_SIZE = 88    # struct error_event up to data[]
-# enum cut_reason bits (flow_value.cut, error_event.cut), as the metrics name them.
-CUT_REASONS = {1: "flow_packets", 2: "flow_bytes", 4: "cpu_rate"}
-CLONE_WINDOW_NS = 10**9     # the rate window of --max-clones-per-second
-
-
-def cut_reasons(bits: int) -> list[str]:
-    return [name for bit, name in CUT_REASONS.items() if bits & bit]
-
-
-def request_capacity(request_bytes: int) -> int:
-    """The snapshot buffer compiled in: --request-bytes rounded up to 8 (at least 8, so
-    that the map exists even with the snapshot off)."""
-    return max(8, (request_bytes + 7) // 8 * 8)
-
-
-def request_slots(max_flows: int) -> int:
-    """Entries of the request snapshot map: a quarter of the flow map (a snapshot lives
-    only from a request to its response; an evicted one costs its event the request, not
-    the error: an unpaired response still counts)."""
-    return max(16, max_flows // 4)
-
-
-IFACE_STATS_SIZE = 136  # struct iface_stats
-_IFACE_STATS = struct.Struct("=8QI4x8Q")
-# gRPC responses in iface_stats, by grpc-status: 0, then 1-16
-GRPC_CLASSES = ("ok", "error")
+_LAST_NS_WORD = FLOW_VALUE.offset("last_ns") // 8
 
 
 class Classifier:
@@ -105,9 +49,11 @@ class Classifier:
 
     PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
 
-    def __init__(self, max_flows: int = 65536, request_bytes: int = DEFAULT_REQUEST_BYTES,
-                 http2: bool = True):
-        """`http2=False` compiles the HTTP/2 parser out (what the bench compares against)."""
+    def __init__(self, max_flows: int = DEFAULT_MAX_FLOWS,
+                 request_bytes: int = DEFAULT_REQUEST_BYTES, http2: bool = True):
+        """`http2=False` compiles the HTTP/2 parser out (what the bench compares against).
+        Raises abi.ContractMismatch (a UsageError) when the compiled layouts are not
+        the ones mirror.abi states; nothing is attached yet then."""
         from bcc import BPF
         src = bpf_dir() / "mirror.c"
         self.request_capacity = request_capacity(request_bytes)
@@ -118,6 +64,7 @@ class Classifier:
                                f"-DMAX_REQUESTS={self.max_requests}",
                                f"-DMIRROR_HTTP2={int(http2)}",
                                "-Wno-unused-function"])
+        abi.check_tables(self.bpf, self.request_capacity)
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}
         self.max_flows = max_flows
@@ -260,15 +207,15 @@ class Classifier:
                 for i, name in enumerate(COUNTERS)}
 
     def _flow_slots(self):
-        """Yields (key bytes, [(packets, bytes, first_ns, last_ns, ifindex, status, cut)
-        per CPU]) for every marked flow."""
+        """Yields (key bytes, [struct flow_value as a dict, per CPU]) for every marked
+        flow."""
         ncpu = possible_cpus()
-        stride = FLOW_VALUE_SIZE * ncpu
-        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY_SIZE,
-                                                FLOW_VALUE_SIZE):
+        stride = FLOW_VALUE.size * ncpu
+        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
+                                                FLOW_VALUE.size):
             for i in range(count):
-                yield (keys[i * FLOW_KEY_SIZE:(i + 1) * FLOW_KEY_SIZE],
-                       [_FLOW_VALUE.unpack_from(values, i * stride + c * FLOW_VALUE_SIZE)
+                yield (keys[i * FLOW_KEY.size:(i + 1) * FLOW_KEY.size],
+                       [FLOW_VALUE.decode(values, i * stride + c * FLOW_VALUE.size)
                         for c in range(ncpu)])
 
     def flows(self) -> dict[FlowKey, dict]:
@@ -277,17 +224,18 @@ class Classifier:
         for key, vals in self._flow_slots():
             # The trigger status lives in the slots of the CPUs that saw a trigger
             # response; the others carry later packets only.
-            with_status = [v for v in vals if v[5]]
+            with_status = [v for v in vals if v["status"]]
             out[FlowKey.from_bytes(key)] = {
-                "packets": sum(v[0] for v in vals),
-                "bytes": sum(v[1] for v in vals),
-                "first_ns": min((v[2] for v in vals if v[2]), default=0),
-                "last_ns": max(v[3] for v in vals),
-                "status": max(with_status, key=lambda v: v[3])[5] if with_status else 0,
-                "cpus": [i for i, v in enumerate(vals) if v[0]],
-                "cpu_packets": [v[0] for v in vals if v[0]],
+                "packets": sum(v["packets"] for v in vals),
+                "bytes": sum(v["bytes"] for v in vals),
+                "first_ns": min((v["first_ns"] for v in vals if v["first_ns"]), default=0),
+                "last_ns": max(v["last_ns"] for v in vals),
+                "status": (max(with_status, key=lambda v: v["last_ns"])["status"]
+                           if with_status else 0),
+                "cpus": [i for i, v in enumerate(vals) if v["packets"]],
+                "cpu_packets": [v["packets"] for v in vals if v["packets"]],
                 # A clone skipped for a budget on any CPU: the capture was cut.
-                "cut": cut_reasons(functools.reduce(operator.or_, (v[6] for v in vals), 0)),
+                "cut": cut_reasons(functools.reduce(operator.or_, (v["cut"] for v in vals), 0)),
             }
         return out
 
@@ -296,35 +244,37 @@ class Classifier:
         classifier's mark count, then scans the map, and if it is empty publishes the
         count read before the scan (bpf/mirror.h, enum marks_index). Returns whether
         the map was empty."""
-        made = self._marks[self._marks.Key(0)].value
+        made = self._marks[self._marks.Key(MARKS_MADE)].value
         if self.flow_count():
             return False
-        self._marks[self._marks.Key(1)] = ctypes.c_uint64(made)
+        self._marks[self._marks.Key(MARKS_CLEARED)] = ctypes.c_uint64(made)
         return True
 
     def lookups_skipped(self) -> bool:
         """True while the classifier skips flow lookups (the map is known empty)."""
-        return self._marks[self._marks.Key(0)].value == self._marks[self._marks.Key(1)].value
+        return (self._marks[self._marks.Key(MARKS_MADE)].value ==
+                self._marks[self._marks.Key(MARKS_CLEARED)].value)
 
     def flow_count(self) -> int:
-        return sum(count for _, _, count in batch_lookup(self._flows.map_fd, FLOW_KEY_SIZE,
-                                                         FLOW_VALUE_SIZE))
+        return sum(count for _, _, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
+                                                         FLOW_VALUE.size))
 
     def expire_idle(self, now_ns: int, idle_ns: int) -> int:
         """Deletes flows whose newest packet on any CPU is older than idle_ns; returns how
         many. A flow that sends between the read and the delete loses its mark, which its
         next trigger response restores."""
         ncpu = possible_cpus()
-        words = FLOW_VALUE_SIZE // 8 * ncpu          # u64 words per entry
+        words = FLOW_VALUE.size // 8 * ncpu          # u64 words per entry
         idle = []
-        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY_SIZE,
-                                                FLOW_VALUE_SIZE):
+        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
+                                                FLOW_VALUE.size):
             u64 = memoryview(values).cast("Q")[:count * words]
-            # last_ns is word 3 of each CPU's slot: one strided slice per CPU.
-            per_cpu = [u64[3 + c * FLOW_VALUE_SIZE // 8::words] for c in range(ncpu)]
+            # last_ns in each CPU's slot: one strided slice per CPU.
+            per_cpu = [u64[_LAST_NS_WORD + c * FLOW_VALUE.size // 8::words]
+                       for c in range(ncpu)]
             for i, last in enumerate(map(max, *per_cpu) if ncpu > 1 else per_cpu[0]):
                 if last and now_ns - last > idle_ns:
-                    idle.append(keys[i * FLOW_KEY_SIZE:(i + 1) * FLOW_KEY_SIZE])
+                    idle.append(keys[i * FLOW_KEY.size:(i + 1) * FLOW_KEY.size])
         expired = 0
         for raw in idle:
             expired += self._expire_one(raw, now_ns, idle_ns)
@@ -335,11 +285,11 @@ class Classifier:
         so a packet that refreshed the flow since the scan is seen: the flow is then put
         back as it was (BPF_NOEXIST: unless the classifier re-marked it meanwhile)."""
         ncpu = possible_cpus()
-        value = bpfsys.lookup_and_delete(self._flows.map_fd, key, FLOW_VALUE_SIZE * ncpu)
+        value = bpfsys.lookup_and_delete(self._flows.map_fd, key, FLOW_VALUE.size * ncpu)
         if value is None:
             return 0            # gone already (evicted, or expired by someone else)
         u64 = memoryview(value).cast("Q")
-        last = max(u64[3 + c * FLOW_VALUE_SIZE // 8] for c in range(ncpu))
+        last = max(u64[_LAST_NS_WORD + c * FLOW_VALUE.size // 8] for c in range(ncpu))
         if not last or now_ns - last > idle_ns:
             return 1
         bpfsys.update(self._flows.map_fd, key, value, bpfsys.BPF_NOEXIST)
@@ -352,25 +302,25 @@ class Classifier:
         gRPC ones under "grpc_ok" and "grpc_error"."""
         out: dict[tuple[int, str], dict] = {}
         ncpu = possible_cpus()
-        for keys, values, count in batch_lookup(self._iface_stats.map_fd, 4, IFACE_STATS_SIZE):
+        for keys, values, count in batch_lookup(self._iface_stats.map_fd, 4, IFACE_STATS.size):
             for i in range(count):
                 slot = int.from_bytes(keys[i * 4:i * 4 + 4], "little")
                 for c in range(ncpu):
-                    v = _IFACE_STATS.unpack_from(values, (i * ncpu + c) * IFACE_STATS_SIZE)
-                    if not v[8]:
+                    v = IFACE_STATS.decode(values, (i * ncpu + c) * IFACE_STATS.size)
+                    if not v["ifindex"]:
                         continue        # this CPU's copy of the slot is unused
-                    stats = out.setdefault((v[8], DIRECTIONS[slot & 1]), {
+                    stats = out.setdefault((v["ifindex"], DIRECTIONS[slot & 1]), {
                         **{cls: 0 for cls in STATUS_CLASSES},
                         "mirrored_packets": 0, "mirrored_bytes": 0,
                         **{f"h2_{cls}": 0 for cls in STATUS_CLASSES},
                         **{f"grpc_{cls}": 0 for cls in GRPC_CLASSES}})
                     for j, cls in enumerate(STATUS_CLASSES):
-                        stats[cls] += v[j]
-                        stats[f"h2_{cls}"] += v[9 + j]
+                        stats[cls] += v["responses"][j]
+                        stats[f"h2_{cls}"] += v["h2_responses"][j]
                     for j, cls in enumerate(GRPC_CLASSES):
-                        stats[f"grpc_{cls}"] += v[15 + j]
-                    stats["mirrored_packets"] += v[6]
-                    stats["mirrored_bytes"] += v[7]
+                        stats[f"grpc_{cls}"] += v["grpc_responses"][j]
+                    stats["mirrored_packets"] += v["mirrored_packets"]
+                    stats["mirrored_bytes"] += v["mirrored_bytes"]
         return out
 
     def forget_iface(self, ifindex: int) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 from dataclasses import dataclass
 
-KEY_SIZE = 40
-_LAYOUT = struct.Struct("!16s16sHHB3x")
+from .abi import FLOW_KEY
+
+KEY_SIZE = FLOW_KEY.size
+_LAYOUT = FLOW_KEY.struct
 
 
 @dataclass(frozen=True, order=True)
