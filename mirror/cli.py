@@ -1,4 +1,4 @@
-"""Command line: `mirror run|status|flows|detach|lab`."""
+"""Command line: `mirror run|status|flows|events|detach|lab|capture`."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,16 @@ import signal
 import sys
 import threading
 
-from . import __version__
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import __version__
+from .abi import DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES
+from .capture.command import add_parser as add_capture
 from .cliutil import count, env, positive_seconds, serve_metrics
 from .discovery import DEFAULT_MAX_IFACES
 from .errors import UsageError
+from .hooks import NAMES as HOOK_NAMES
+from .lab.demo import add_parser as add_lab
 
 log = logging.getLogger("mirror")
 
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "e.g. 5xx, 500-504, 429,5xx; gRPC codes (grpc-status in h2c "
                      "trailers) after grpc:, e.g. 5xx,grpc:2,13,14 or grpc:unavailable, "
                      "or grpc-error for 1-16; or none (default %(default)s)")
-    run.add_argument("--hook", choices=["clsact", "htb", "tcx"],
+    run.add_argument("--hook", choices=list(HOOK_NAMES),
                      default=env("MIRROR_HOOK", "clsact"),
                      help="clsact: lockless, leaves the root qdisc alone (default); htb: "
                      "ingress qdisc + htb root qdisc, the original design's layout; tcx "
@@ -107,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)s)")
-    run.add_argument("--max-flows", type=count(), default=env("MIRROR_MAX_FLOWS", "65536"),
+    run.add_argument("--max-flows", type=count(), default=env("MIRROR_MAX_FLOWS", str(DEFAULT_MAX_FLOWS)),
                      metavar="N", help="flow map size; the least recently used flow is evicted "
                      "beyond it (default %(default)s)")
     run.add_argument("--request-bytes", type=count(0),
-                     default=env("MIRROR_REQUEST_BYTES", "512"), metavar="N",
+                     default=env("MIRROR_REQUEST_BYTES", str(DEFAULT_REQUEST_BYTES)),
+                     metavar="N",
                      help="keep the first N bytes of each HTTP/1.x request frame, so that an "
                      "error response comes with its request (captured and in the event); 0: "
                      "off, and a status line then counts from either side (default "
@@ -171,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--iface", action="append", required=True, metavar="IF")
     de.set_defaults(func=cmd_detach)
 
-    from .lab.demo import add_parser as add_lab
     add_lab(sub)
-    from .capture.command import add_parser as add_capture
     add_capture(sub)
     return p
 
@@ -184,9 +187,9 @@ def _require_root() -> None:
 
 
 def cmd_run(args) -> int:
-    from .config import read_config
-    from .controller import Controller, Options
-    opts = Options(ifaces=args.iface or args.env_ifaces, debug_iface=args.debug_iface,
+    from .controller import Controller
+    from .options import Options
+    flags = Options(ifaces=args.iface or args.env_ifaces, debug_iface=args.debug_iface,
                    trigger=args.trigger, hook=args.hook, idle_timeout=args.idle_timeout,
                    max_flows=args.max_flows, metrics_addr=args.metrics_addr,
                    config=args.config, request_bytes=int(args.request_bytes),
@@ -196,17 +199,12 @@ def cmd_run(args) -> int:
                    max_packets_per_flow=int(args.max_packets_per_flow),
                    max_bytes_per_flow=int(args.max_bytes_per_flow),
                    max_clones_per_second=int(args.max_clones_per_second))
-    if opts.config:
-        _require_root()
-        cfg = read_config(opts.config)
-        opts.trigger = cfg.get("trigger", opts.trigger)
-        opts.idle_timeout = cfg.get("idle_timeout", opts.idle_timeout)
-    ctl = Controller(opts)
+    ctl = Controller(flags)
     indexes = ctl.preflight()
     server = None
-    if opts.metrics_addr:
+    if ctl.opts.metrics_addr:
         from .metrics import MapCollector
-        server = serve_metrics(MapCollector(ctl), opts.metrics_addr)
+        server = serve_metrics(MapCollector(ctl), ctl.opts.metrics_addr)
 
     # Event.set() takes the event's lock, which the interrupted main thread may hold
     # (a signal landing inside Event.wait deadlocks the handler against its own thread:
@@ -242,7 +240,7 @@ def cmd_status(args) -> int:
 
 def cmd_flows(args) -> int:
     _require_root()
-    from .status import collect_flows, render_flows
+    from .flows import collect_flows, render_flows
     flows = collect_flows()
     print(json.dumps(flows, indent=2) if args.json else render_flows(flows))
     return 0
@@ -250,13 +248,13 @@ def cmd_flows(args) -> int:
 
 def cmd_events(args) -> int:
     _require_root()
-    from .status import follow_events
+    from .events.follow import follow_events
     return follow_events(args.follow, args.json)
 
 
 def cmd_detach(args) -> int:
     _require_root()
-    from .status import detach
+    from .detach import detach
     return detach(args.iface)
 
 

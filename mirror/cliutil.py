@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 
+from .config import parse_seconds
 from .errors import UsageError
 
 
@@ -16,14 +17,11 @@ def env(name: str, default=None):
 
 
 def positive_seconds(text: str) -> float:
-    """argparse type: a positive number of seconds."""
+    """argparse type: a positive, finite number of seconds (mirror.config.parse_seconds)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def count(minimum: int | None = None):
@@ -59,3 +57,9 @@ def serve_metrics(collector, addr: str):
         return start_http_server(port, addr=host, registry=registry)
     except (OSError, socket.gaierror) as exc:
         raise UsageError(f"cannot serve metrics on {addr}: {exc}") from None
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of strings as lines of left-aligned columns (the first row: the headings)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -1,19 +1,57 @@
 """The reloadable settings file of `mirror run --config`: `key = value` lines for the
-settings that can change without reloading the classifier (trigger, idle_timeout). Read
-at start, over the flags, and again on SIGHUP."""
+settings that can change without reloading the classifier (trigger, idle_timeout). Which
+source wins over which is said in one place, mirror.options.resolve(), at start and on
+SIGHUP alike; this module only reads and checks the file."""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 from .errors import UsageError
 from .trigger import parse_trigger
 
+# Durations (--idle-timeout, idle_timeout, --flow-idle) are kept to what the kernel's
+# nanosecond clocks and the sweep can hold: a finite number of seconds, at most 30 days.
+MAX_SECONDS = 30 * 86400
 
-def read_config(path: str) -> dict:
-    """The settings in `path`; UsageError naming the line when one is wrong."""
-    out = {}
+
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds up to MAX_SECONDS; ValueError (with the reason
+    as its message) otherwise. "nan", "inf" and 1e308 are refused: each stopped a running
+    controller or a sidecar's flush somewhere downstream."""
     try:
-        lines = open(path).read().splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number of seconds, got {text!r}")
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be more than 0 and at most {MAX_SECONDS} seconds (30 days), "
+                         f"got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """What the file says; None where it says nothing (the flag's value stands)."""
+    trigger: str | None = None
+    codes: frozenset[int] | None = None     # the trigger, parsed
+    idle_timeout: float | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("trigger", self.trigger),
+                                  ("idle_timeout", self.idle_timeout)) if v is not None}
+
+
+def read_config(path: str) -> FileSettings:
+    """The settings in `path`; UsageError naming the line when one is wrong."""
+    trigger = codes = idle = None
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not a text file"
+        raise UsageError(f"cannot read config {path}: {reason}") from None
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -24,14 +62,14 @@ def read_config(path: str) -> dict:
             raise UsageError(f"{path}:{n}: expected 'trigger = SPEC' or "
                              f"'idle_timeout = SECONDS', got {line!r}")
         if key == "trigger":
-            parse_trigger(value)
-            out[key] = value
+            try:
+                codes = parse_trigger(value)
+            except UsageError as exc:
+                raise UsageError(f"{path}:{n}: {exc}") from None
+            trigger = value
         else:
             try:
-                out[key] = float(value)
-            except ValueError:
-                raise UsageError(f"{path}:{n}: idle_timeout must be seconds, got {value!r}") \
-                    from None
-            if out[key] <= 0:
-                raise UsageError(f"{path}:{n}: idle_timeout must be positive")
-    return out
+                idle = parse_seconds(value)
+            except ValueError as exc:
+                raise UsageError(f"{path}:{n}: idle_timeout {exc}") from None
+    return FileSettings(trigger, codes, idle)

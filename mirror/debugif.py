@@ -5,18 +5,29 @@
 direct-action program returning TC_ACT_SHOT, so no clone ever enters a network stack.
 The far end stays up: without carrier the clone would be dropped before packet taps run.
 IPv6 is disabled on both ends so their own router solicitations and MLD reports never
-show up in the capture."""
+show up in the capture.
+
+`DebugLink` is the interface's life for one controller: found or created at start (with
+the shared lock and record of mirror.ownership, so that controllers can share one and
+the last one out removes it only if this tool made it), found again or recreated when it
+disappears, released at shutdown. `is_mirror_iface` says whether an interface is a debug
+interface or a sink end, which is never monitored."""
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import tc
+from . import ownership
 from .errors import UsageError
+from .hooks import tc
+
+log = logging.getLogger("mirror")
 
 # The kernel's IFNAMSIZ is 16 bytes with the terminating NUL: names hold 15 characters.
 MAX_IFNAME_LEN = 15
@@ -154,10 +165,12 @@ def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
     return DebugIface(name, idx, kind, peer, created=True)
 
 
-def remove(ipr, name: str) -> bool:
-    """Deletes the debug interface (a veth's peer goes with it); False if already gone."""
+def remove(ipr, name: str, ifindex: int | None = None) -> bool:
+    """Deletes the debug interface (a veth's peer goes with it); False if already gone.
+    With `ifindex`, only that interface, and only while it still has this name: an
+    interface that took the name since is someone else's."""
     idx = lookup(ipr, name)
-    if idx is None:
+    if idx is None or (ifindex is not None and idx != ifindex):
         return False
     try:
         ipr.link("del", index=idx)
@@ -166,3 +179,135 @@ def remove(ipr, name: str) -> bool:
             raise
         return False
     return True
+
+
+def is_mirror_iface(ipr, ifindex: int, name: str, event=None) -> bool:
+    """Whether an interface is a debug interface or the sink end of one (any controller's,
+    by record or by its sink filter): never monitored, mirroring clones would loop.
+    `event`, the link event that announced it (mirror.discovery.LinkEvent), may settle
+    it without a request."""
+    if event is not None and event.link_kind == "veth" and event.peer_elsewhere:
+        # A container's host end: its peer is in another namespace, and a debug veth
+        # keeps both ends in one. Deciding from the event spares a link request and the
+        # records' reads, about 2 ms before the first hook (bench/attach.py).
+        return False
+    names = set()
+    for rec in ownership.records("debug"):
+        names |= {rec.get("name"), rec.get("peer")}
+    if name in names:
+        return True
+    try:
+        # A sink sits on a clsact qdisc: without one (a new interface), no filter dump is
+        # needed, and the attach starts a few milliseconds sooner.
+        if tc.ingress_qdisc(ipr, ifindex) == "clsact" and has_sink(ipr, ifindex):
+            return True         # a sink end
+        return is_sink_peer_of(ipr, ifindex)   # another controller's debug end
+    except NetlinkError:
+        return True     # gone already
+
+
+class DebugLink:
+    """The debug interface of one controller, from start to shutdown. Controllers may
+    share one: each holds a shared lock on it, only the record written by the creator
+    says this tool made it, and the last user out removes it."""
+
+    def __init__(self, ipr, name: str, sink_fd_factory):
+        """`sink_fd_factory()` gives the drop program's fd, loaded only if a veth pair
+        is created."""
+        self.ipr = ipr
+        self.name = name
+        self._sink_fd = sink_fd_factory
+        self.iface: DebugIface | None = None
+        self.recreated_total = 0
+        self._lock: ownership.Lock | None = None
+        self._missing_logged = False
+
+    @property
+    def ifindex(self) -> int:
+        return self.iface.ifindex if self.iface else 0
+
+    def setup(self) -> DebugIface:
+        """Finds or creates the interface. Only a controller holding the lock exclusively
+        may create it: two controllers starting together would otherwise both try, and
+        one fail on EEXIST. The creator shares the lock once the interface is complete; a
+        controller that finds it shared uses what is there."""
+        self._lock = ownership.Lock(f"debug-{self.name}")
+        creator = self._lock.acquire(wait=0.5)
+        if not creator and not self._lock.acquire(shared=True, wait=30):
+            raise UsageError(f"debug interface {self.name} is being set up by another "
+                             "controller that has not finished; try again")
+        self.iface = ensure(self.ipr, self.name, self._sink_fd)
+        if self.iface.created:
+            self._write_record()
+        else:
+            check_existing(self.ipr, self.name, self.iface.ifindex,
+                           recorded=self._recorded(self.iface.ifindex))
+        if creator:
+            self._lock.share()
+        log.info("debug interface %s (ifindex %d, %s%s)", self.name, self.iface.ifindex,
+                 self.iface.kind, ", created" if self.iface.created else "")
+        return self.iface
+
+    def _recorded(self, ifindex: int) -> bool:
+        rec = ownership.read("debug", self.name)
+        return bool(rec and rec.get("ifindex") == ifindex)
+
+    def _write_record(self) -> None:
+        d = self.iface
+        ownership.write("debug", d.name, {"name": d.name, "ifindex": d.ifindex,
+                                          "kind": d.kind, "peer": d.peer, "created": True,
+                                          "pid": os.getpid()})
+
+    def present(self) -> bool:
+        """Whether the interface is still there under its name."""
+        try:
+            return self.ipr.get_links(self.iface.ifindex)[0].get_attr("IFLA_IFNAME") == \
+                self.name
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+
+    def replace(self) -> bool:
+        """The interface was deleted (or renamed away): recreates it, or takes the one
+        someone else recreated. True when there is one again (the classifier must then
+        be pointed at the new ifindex)."""
+        if not self._missing_logged:
+            log.warning("debug interface %s disappeared; recreating it", self.name)
+            self._missing_logged = True
+        if self.iface.created and self._recorded(self.iface.ifindex):
+            ownership.remove("debug", self.name)    # ours, and gone: not someone's new one
+        try:
+            if (idx := lookup(self.ipr, self.name)) is not None:
+                check_existing(self.ipr, self.name, idx, recorded=False)
+            found = ensure(self.ipr, self.name, self._sink_fd)
+        except (NetlinkError, OSError, UsageError) as exc:
+            log.warning("cannot recreate %s yet: %s", self.name, exc)
+            return False
+        self.iface = found
+        if found.created:
+            self._write_record()
+        self.recreated_total += 1
+        self._missing_logged = False
+        log.info("debug interface %s %s (ifindex %d)", self.name,
+                 "recreated" if found.created else "found again", found.ifindex)
+        return True
+
+    def release(self) -> None:
+        """Removes the interface if this tool created it and no other controller still
+        uses it (the shared lock becomes exclusive only for the last user)."""
+        if self._lock is None:
+            return
+        if self._lock.try_exclusive():
+            rec = ownership.read("debug", self.name)
+            if self.iface and rec and rec.get("created") and \
+                    rec.get("ifindex") == self.iface.ifindex:
+                if remove(self.ipr, self.name, self.iface.ifindex):
+                    log.info("removed debug interface %s", self.name)
+                ownership.remove("debug", self.name)
+        else:
+            log.info("debug interface %s is still used by another controller; leaving it",
+                     self.name)
+        self._lock.release()
+        self._lock = None
+        self.iface = None

@@ -23,10 +23,10 @@ import socket
 import struct
 import threading
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .abi import MAX_MONITORED
 from .errors import UsageError
 from .rtnl import attr_string
 
@@ -40,7 +40,7 @@ GLOB_CHARS = frozenset("*?[")
 # file descriptor (plus two link descriptors with --hook tcx), so 256 stays under the
 # common soft limit of 1024 open files, and under the 1024 per-interface statistics slots.
 DEFAULT_MAX_IFACES = 256
-MAX_IFACES_LIMIT = 4096         # size of the classifier's `monitored` map (bpf/mirror.c)
+MAX_IFACES_LIMIT = MAX_MONITORED     # size of the classifier's `monitored` map
 
 # Netlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h).
 RTMGRP_LINK = 1
@@ -206,7 +206,8 @@ def _has_done(data: bytes) -> bool:
 
 
 class Target(Protocol):
-    """What the controller offers discovery (mirror.controller.Controller)."""
+    """What discovery asks of the controller's attached interfaces
+    (mirror.attachments.Attachments)."""
 
     def attached_indexes(self) -> dict[int, str]: ...
     def attach_matched(self, name: str, ifindex: int, since: float) -> bool: ...
@@ -365,30 +366,3 @@ class Discovery:
         if self.sock:
             self.sock.close()
             self.sock = None
-
-
-class Histogram:
-    """Observations in fixed buckets, for a Prometheus histogram read at scrape time."""
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)       # the last one: above every bound
-        self.sum = 0.0
-        self.values: list[float] = []               # kept for the bench; bounded below
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        if len(self.values) < 100_000:
-            self.values.append(value)
-
-    def buckets(self) -> list[tuple[str, int]]:
-        """Cumulative (upper bound, count) pairs, +Inf last."""
-        out, total = [], 0
-        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts):
-            total += n
-            out.append((bound, total))
-        return out
-
-
-ATTACH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)

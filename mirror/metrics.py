@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from .bpfprog import CUT_REASONS
+from .abi import CUT_REASONS, GRPC_CLASSES, STATUS_CLASSES
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -47,9 +47,9 @@ _SIMPLE = {
 }
 
 
-_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+_CLASSES = STATUS_CLASSES
 # gRPC responses by grpc-status: 0 ("ok") and 1-16 ("error"), under proto="grpc".
-_GRPC_CLASSES = ("ok", "error")
+_GRPC_CLASSES = GRPC_CLASSES
 _ZERO_STATS = dict.fromkeys((*_CLASSES, *(f"h2_{c}" for c in _CLASSES), "mirrored_packets",
                              "mirrored_bytes", *(f"grpc_{c}" for c in _GRPC_CLASSES)), 0)
 # proto label -> prefix of the iface_stats keys
@@ -136,20 +136,17 @@ class MapCollector:
 
     @staticmethod
     def _events(stream):
-        from .events import RESPONSE_BUCKETS
         errors = CounterMetricFamily("mirror_error_responses",
                                      "Error responses (trigger statuses) reported as events, "
                                      "by interface and status", labels=["iface", "status"])
         for (iface, status), n in sorted(stream.by_iface_status.items()):
             errors.add_metric([iface, str(status)], n)
         yield errors
-        cumulative, total, count = stream.histogram()
-        buckets = [(f"{le:g}", n) for le, n in zip(RESPONSE_BUCKETS, cumulative)]
-        buckets.append(("+Inf", cumulative[-1]))
+        hist = stream.response_time
         yield HistogramMetricFamily("mirror_error_response_seconds",
                                     "Time from a request to its error response, as the "
                                     "classifier saw them (errors whose request was kept)",
-                                    buckets=buckets, sum_value=total)
+                                    buckets=hist.buckets(), sum_value=hist.sum)
         yield CounterMetricFamily("mirror_request_frames_written",
                                   "Request frames of error responses written to the debug "
                                   "interface", value=stream.writer.written)
@@ -157,13 +154,16 @@ class MapCollector:
 
 def _discovery_metrics(ctl):
     """Interfaces attached as they appear (mirror.discovery)."""
-    hist = ctl.attach_latency
+    atts = ctl.attachments
+    if atts is None:
+        return
+    hist = atts.latency
     yield HistogramMetricFamily(
         "mirror_attach_latency_seconds", "From an interface's link event reaching the "
         "controller to both of its hooks attached", buckets=hist.buckets(), sum_value=hist.sum)
     yield CounterMetricFamily("mirror_attach_failures",
                               "Interfaces a pattern selected that could not be attached",
-                              value=ctl.attach_failures_total)
+                              value=atts.failures_total)
     disc = ctl.discovery
     yield CounterMetricFamily("mirror_interfaces_skipped",
                               "Interfaces a pattern selected but not attached: --max-ifaces "

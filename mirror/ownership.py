@@ -1,6 +1,6 @@
 """Ownership of kernel state: records and locks, so that a controller removes exactly what
-it added and a restarted one finds what a killed one left behind, and the removal of what
-a record (or, for this tool's recognisable filters, no record) describes.
+it added and a restarted one finds what a killed one left behind (what a record describes
+is removed by the kind of hook it names: mirror.hooks).
 
 Records live under $MIRROR_STATE_DIR (default /run/tc-mirror, a tmpfs that lives as long
 as the kernel state it describes), one directory per network namespace, named by the
@@ -20,7 +20,9 @@ import struct
 import time
 from pathlib import Path
 
-from . import jsonfile, tc
+from typing import Callable
+
+from . import jsonfile
 from .errors import UsageError
 
 
@@ -164,29 +166,35 @@ def iface_lock_name(ifindex: int) -> str:
     return f"iface-{iface_key(ifindex)}"
 
 
-# --- detaching what a record (or nothing) describes ---------------------------------------
-
-def detach_record(ipr, record: dict, ifindex: int) -> list[str]:
-    """Removes what a (possibly dead) controller's record says it added to one interface:
-    its filters, and the qdiscs it created unless someone else's filters now use them.
-    Returns what was done, for the log."""
-    done = []
-    for direction, parent in record.get("parents", {}).items():
-        if tc.del_filter(ipr, ifindex, parent):
-            done.append(f"filter {direction}")
-    for kind in reversed(record.get("created", [])):
-        if tc.qdisc_has_foreign_filters(ipr, ifindex, kind):
-            done.append(f"kept {kind} qdisc (other filters use it)")
-        elif tc.del_qdisc(ipr, ifindex, kind):
-            done.append(f"qdisc {kind}")
-    return done
+def live_controllers() -> list[dict]:
+    """The records of the controllers of this namespace that are running (their lock is
+    held)."""
+    return [rec for rec in records("controller")
+            if "id" in rec and is_held(f"controller-{rec['id']}")]
 
 
-def detach_unrecorded(ipr, ifindex: int) -> list[str]:
-    """Removes filters of this tool that no record describes (qdiscs are left alone: with
-    no record, nothing says this tool created them)."""
-    done = []
-    for f in tc.our_filters(ipr, ifindex):
-        if tc.del_filter(ipr, ifindex, f.parent):
-            done.append(f"filter at {tc.fmt_handle(f.parent)}")
-    return done
+def prune(own_id: str, iface_exists: Callable[[int], bool],
+          debug_exists: Callable[[str], bool]) -> None:
+    """Drops what stopped controllers left in the state directory that no longer describes
+    anything: records of interfaces that are gone, records of dead controllers, and
+    unheld lock files of those (so /run does not fill up). `own_id`: the calling
+    controller's id, whose record and lock are kept."""
+    for rec in records("iface"):
+        if not iface_exists(rec["ifindex"]) and not is_held(iface_lock_name(rec["ifindex"])):
+            remove("iface", iface_key(rec["ifindex"]))
+    for rec in records("debug"):
+        if not debug_exists(rec["name"]) and not is_held(f"debug-{rec['name']}"):
+            remove("debug", rec["name"])
+    for rec in records("controller"):
+        if rec.get("id") != own_id and not is_held(f"controller-{rec.get('id')}"):
+            remove("controller", str(rec.get("id")))
+    for path in netns_dir().glob("*.lock"):
+        name = path.name[:-len(".lock")]
+        if name.startswith("iface-if"):
+            gone = not iface_exists(int(name[len("iface-if"):]))
+        elif name.startswith("debug-"):
+            gone = not debug_exists(name[len("debug-"):])
+        else:
+            gone = name.startswith("controller-") and name != f"controller-{own_id}"
+        if gone:
+            remove_if_free(name)

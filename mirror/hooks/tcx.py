@@ -1,4 +1,5 @@
-"""The tcx hook (Linux 6.6+): BPF links on a device's ingress and egress, no qdisc.
+"""The tcx hooks (mirror.hooks; Linux 6.6+): BPF links on a device's ingress and egress, no
+qdisc.
 
 Why a third layout: adding or deleting a qdisc on a running device (clsact and ingress
 included) makes the kernel deactivate the device's transmit queues for a moment
@@ -12,11 +13,13 @@ import ctypes
 import errno
 import os
 import platform
+import time
 from dataclasses import dataclass
 
-from . import bpfsys
-from .bpfsys import IdAttr, LinkCreateAttr, ProgInfo, QueryAttr
-from .errors import UsageError
+from .. import bpfsys
+from ..bpfsys import IdAttr, LinkCreateAttr, ProgInfo, QueryAttr
+from ..errors import UsageError
+from . import tc
 
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
@@ -24,9 +27,20 @@ BPF_F_BEFORE = 1 << 3
 ATTACH_TYPES = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
 
 
+# The classifier's program names (bcc names a program after its function): how a tcx link
+# is recognised as this tool's.
+PROG_NAMES = ("mirror_ingress", "mirror_egress")
+
+
+def supported(release: str | None = None) -> bool:
+    """Whether the kernel (`release`, default this one's) has tcx: Linux 6.6 and newer."""
+    major, minor = (int(x) for x in
+                    (release or platform.release()).split("-")[0].split(".")[:2])
+    return (major, minor) >= (6, 6)
+
+
 def check_supported() -> None:
-    major, minor = (int(x) for x in platform.release().split(".")[:2])
-    if (major, minor) < (6, 6):
+    if not supported():
         raise UsageError(f"--hook tcx needs Linux 6.6 or newer (this is {platform.release()}); "
                          "use --hook clsact")
 
@@ -85,3 +99,50 @@ def links(ifindex: int) -> list[Link]:
                 out.append(Link(link_ids[i], ifindex, direction, prog_ids[i],
                                 _prog_name(prog_ids[i])))
     return out
+
+
+class Tcx:
+    """The face of mirror.hooks for tcx links. Links belong to this process's
+    descriptors: nothing of a stopped controller is left to adopt or remove, so its
+    record describes nothing in the kernel."""
+
+    name = "tcx"
+
+    def check_supported(self) -> None:
+        check_supported()
+
+    def check(self, ipr, ifindex: int, ifname: str, stale: dict | None) -> None:
+        """tcx links never disturb anyone's qdiscs or filters."""
+
+    def attach(self, ipr, att, prog_fds: dict[str, int], stale: dict | None) -> list[str]:
+        done = []
+        if not stale:
+            # The classifier twice on one device would clone every packet twice.
+            removed = tc.remove_unrecorded(ipr, att.ifindex)
+            if removed:
+                done.append(f"removed this tool's tc filters found with no record: "
+                            f"{', '.join(removed)}")
+        # Links first, record after (the caller writes it): a link belongs to this
+        # process's descriptor, so a controller killed before the record is written
+        # leaves nothing in the kernel.
+        for direction in ("ingress", "egress"):
+            att.links[direction] = attach(prog_fds[direction], att.ifindex, direction)
+            att.ingress_at = att.ingress_at or time.monotonic()
+        return done + ["tcx links: ingress, egress"]
+
+    def detach(self, ipr, att) -> list[str]:
+        for fd in att.links.values():
+            os.close(fd)                # releases the link: detached
+        done = ["tcx links released"] if att.links else []
+        att.links.clear()
+        return done
+
+    def remove_record(self, ipr, record: dict, ifindex: int) -> list[str]:
+        return []
+
+    def remove_unrecorded(self, ipr, ifindex: int) -> list[str]:
+        return []
+
+    def ours(self, ipr, ifindex: int) -> list[str]:
+        return [f"tcx:{link.direction}" for link in links(ifindex)
+                if link.prog_name in PROG_NAMES]

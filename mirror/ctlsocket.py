@@ -4,8 +4,8 @@ for what only its process holds, such as the contents of its BPF maps.
 Each controller serves an abstract unix socket named `@tc-mirror-ID` (scoped to the
 network namespace, gone with the process, no path to clean up), recorded in its
 controller record (mirror.ownership). A client sends one request line (a word, and an
-argument after a space for some) and reads one JSON document until the server closes. Only root and the controller's own user
-may ask (SO_PEERCRED)."""
+argument after a space for some) and reads one JSON document until the server closes.
+Only root and the controller's own user may ask (SO_PEERCRED)."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
-"""qdiscs and filters through pyroute2, with ownership: this module adds and removes only
-what the caller says it owns, and recognises this tool's filters by handle and name.
+"""The tc hooks (mirror.hooks): qdiscs and cls_bpf filters through pyroute2 and
+mirror.rtnl, with ownership: this module adds and removes only what the caller says it
+owns, and recognises this tool's filters by handle, priority and name.
 
 Hook layouts:
   clsact  one clsact qdisc, filters on its ingress and egress hooks (lockless; leaves the
@@ -14,11 +15,13 @@ import errno
 import socket
 from dataclasses import dataclass, field
 
+import time
+
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import UsageError
-from . import rtnl
-from .rtnl import get_qdisc
+from .. import rtnl
+from ..errors import UsageError
+from ..rtnl import get_qdisc
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1       # parent of the ingress or clsact qdisc
@@ -33,7 +36,6 @@ FILTER_HANDLE = 0x4D49          # "MI"
 FILTER_NAME_PREFIX = "tc-mirror:"     # + direction: the classifier's filters
 SINK_FILTER_NAME = "tc-mirror-sink"    # the debug veth's drop filter (not a hook)
 ETH_P_ALL = 0x0003
-
 
 
 def fmt_handle(h: int) -> str:
@@ -238,3 +240,102 @@ def snapshot(ipr, ifindex: int) -> list[tuple]:
     fl = sorted((f.parent, f.prio, f.handle, f.kind, f.name)
                 for p in parents_in_use(ipr, ifindex) for f in list_filters(ipr, ifindex, p))
     return qd + fl
+
+
+# --- the face of mirror.hooks, for the two tc layouts ---------------------------------------
+
+class _TcLayout:
+    """clsact and htb: the same filters, on the parents their qdiscs provide."""
+
+    name = ""
+
+    def check_supported(self) -> None:
+        """cls_bpf and these qdiscs are in every kernel this tool runs on."""
+
+    def check(self, ipr, ifindex: int, ifname: str, stale: dict | None) -> None:
+        plan(ipr, ifindex, ifname, self.name, adopt_htb=self._adoptable(ipr, ifindex, stale))
+
+    def _adoptable(self, ipr, ifindex: int, stale: dict | None) -> bool:
+        """Whether hooks found on the interface are this tool's to replace in place: a
+        stopped controller's record of this layout, or (the state directory was lost)
+        this tool's filters with no record."""
+        if stale:
+            return stale.get("hook") == self.name
+        return bool(our_filters(ipr, ifindex))
+
+    def attach(self, ipr, att, prog_fds: dict[str, int], stale: dict | None) -> list[str]:
+        done = []
+        adopt = self._adoptable(ipr, att.ifindex, stale)
+        if stale:
+            att.created = list(stale.get("created", []))
+            done.append(f"replacing the hooks of a stopped controller (pid "
+                        f"{stale.get('pid')}) in place")
+        elif adopt:
+            done.append("found this tool's filters with no record; replacing them")
+        p = plan(ipr, att.ifindex, att.ifname, self.name, adopt_htb=adopt)
+        att.parents = p.parents
+        # Each hook as soon as its qdisc exists, ingress first: on a new interface the
+        # first packets are often the container's own, arriving at the ingress hook. The
+        # caller writes the record once both hooks are in place (a file write is slower
+        # than a netlink request): a failure in between is rolled back from `att`, and a
+        # SIGKILL in that sub-millisecond window leaves filters the next controller
+        # recognises and replaces (only a qdisc it then cannot know it created).
+        for direction, parent in p.parents.items():
+            for kind in p.create:
+                if kind not in att.created and holds(kind, parent):
+                    add_qdisc(ipr, att.ifindex, kind)
+                    att.created.append(kind)
+            replace_filter(ipr, att.ifindex, parent, prog_fds[direction], direction)
+            att.ingress_at = att.ingress_at or time.monotonic()
+        for kind in p.create:         # none left for this tool's layouts; kept safe
+            if kind not in att.created:
+                add_qdisc(ipr, att.ifindex, kind)
+                att.created.append(kind)
+        done.append(", ".join(f"{d} at {fmt_handle(par)}" for d, par in p.parents.items()))
+        return done
+
+    def detach(self, ipr, att) -> list[str]:
+        return self.remove_record(ipr, att.record(), att.ifindex)
+
+    def remove_record(self, ipr, record: dict, ifindex: int) -> list[str]:
+        """Its filters, and the qdiscs it created unless someone else's filters now use
+        them."""
+        done = []
+        for direction, parent in record.get("parents", {}).items():
+            if del_filter(ipr, ifindex, parent):
+                done.append(f"filter {direction}")
+        for kind in reversed(record.get("created", [])):
+            if qdisc_has_foreign_filters(ipr, ifindex, kind):
+                done.append(f"kept {kind} qdisc (other filters use it)")
+            elif del_qdisc(ipr, ifindex, kind):
+                done.append(f"qdisc {kind}")
+        return done
+
+    def remove_unrecorded(self, ipr, ifindex: int) -> list[str]:
+        return remove_unrecorded(ipr, ifindex)
+
+    def ours(self, ipr, ifindex: int) -> list[str]:
+        """Handles of this tool's filters on the parents of this layout's qdiscs (an htb
+        attachment that shares an existing clsact's ingress hook shows there)."""
+        return [fmt_handle(f.parent) for f in our_filters(ipr, ifindex)
+                if _PARENT_OWNER.get(f.parent) in self.qdiscs]
+
+
+class Clsact(_TcLayout):
+    name = "clsact"
+    qdiscs = ("clsact",)
+
+
+class Htb(_TcLayout):
+    name = "htb"
+    qdiscs = ("ingress", "htb")
+
+
+def remove_unrecorded(ipr, ifindex: int) -> list[str]:
+    """Removes this tool's filters that no record describes (qdiscs are left alone: with
+    no record, nothing says this tool created them)."""
+    done = []
+    for f in our_filters(ipr, ifindex):
+        if del_filter(ipr, ifindex, f.parent):
+            done.append(f"filter at {fmt_handle(f.parent)}")
+    return done

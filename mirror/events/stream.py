@@ -1,0 +1,121 @@
+"""The reader of the classifier's `events` ring buffer: one thread that counts every event,
+keeps the recent ones for `mirror events`, and hands each to the events file and the
+request-frame writer."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+
+from ..histogram import RESPONSE_BUCKETS, Histogram
+from .file import EventsFile
+from .frames import RequestWriter
+from .record import Event, status_label
+
+log = logging.getLogger("mirror")
+
+RECENT = 1000                           # events kept for `mirror events`
+
+
+class EventStream:
+    """Reads the classifier's ring buffer in a thread and hands each event on."""
+
+    def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None,
+                 budget: dict | None = None):
+        """`classifier`: whose `events` ring buffer to read (mirror.bpfprog.Classifier);
+        `ifname_of(ifindex)` names an interface; `debug_ifindex()` is where request frames
+        go (0: nowhere); `budget`: the budgets in force, copied into every event."""
+        self.classifier = classifier
+        self.ifname_of = ifname_of
+        self.debug_ifindex = debug_ifindex
+        self.file = events_file
+        self.budget = budget
+        self.writer = RequestWriter()
+        self.recent: collections.deque = collections.deque(maxlen=RECENT)
+        self.seq = 0
+        self.by_iface_status: collections.Counter = collections.Counter()
+        # Seconds from request to error response, for errors whose request was kept.
+        self.response_time = Histogram(RESPONSE_BUCKETS, le=lambda b: f"{b:g}")
+        self.errors = 0                 # records that could not be handled
+        self.realtime_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._names: dict[int, tuple[str, float]] = {}     # ifindex -> (name, when asked)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "EventStream":
+        self.classifier.on_events(self._on_record)
+        self._thread = threading.Thread(target=self._poll, name="events", daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.classifier.poll_events(100)
+
+    def _on_record(self, raw: bytes) -> None:
+        try:
+            self.handle(raw)
+        except Exception as exc:        # one bad record must not stop the stream
+            self.errors += 1
+            log.error("error event dropped: %s", exc)
+
+    def handle(self, raw: bytes) -> Event:
+        """Counts an event and keeps it; its JSON object is built only when someone reads
+        it (the events file, `mirror events`): in an error storm this thread handles every
+        error response, so what it does per event is kept to the metrics' needs."""
+        ev = Event.from_record(raw)
+        iface = self._ifname(ev.ifindex)
+        # A response whose clone a budget skipped (the rate, or a byte budget smaller
+        # than the response's packet) goes without its request frame too: the
+        # capture would hold a request with no answer, and the frames written from
+        # here stay bounded by the clone rate in an error storm.
+        if ev.request and ev.new_flow and not ev.cut:
+            ifindex = self.debug_ifindex()
+            if ifindex:
+                # Cut frames go out as cut, their IP lengths kept (as `tcpdump -s` cuts):
+                # the sidecar marks the record's original length when it reorders, and
+                # tshark then takes it for a frame cut at capture, dissectable.
+                self.writer.write(ev.request, ifindex)
+        # Written before it is counted: a reader that waits for the count of events
+        # read (the lab, the tests) then finds the line in the file.
+        if self.file:
+            self.file.write(json.dumps(self.render(ev, iface), separators=(", ", ": ")))
+        with self._lock:
+            self.seq += 1
+            self.recent.append((self.seq, ev, iface))
+            self.by_iface_status[(iface, status_label(ev))] += 1
+        if ev.request:
+            self.response_time.observe((ev.response_ns - ev.request_ns) / 1e9)
+        return ev
+
+    def _ifname(self, ifindex: int) -> str:
+        """The interface's name, asked of the controller at most once a second per
+        ifindex (a rename shows within a second)."""
+        now = time.monotonic()
+        cached = self._names.get(ifindex)
+        if cached and now - cached[1] < 1.0:
+            return cached[0]
+        name = self.ifname_of(ifindex) or f"ifindex{ifindex}"
+        self._names[ifindex] = (name, now)
+        return name
+
+    def render(self, ev: Event, iface: str) -> dict:
+        return ev.to_json(iface, self.realtime_offset_ns, self.budget)
+
+    def since(self, seq: int) -> list[dict]:
+        """Recent events after `seq`, each with its sequence number."""
+        with self._lock:
+            kept = [(s, ev, iface) for s, ev, iface in self.recent if s > seq]
+        return [dict(self.render(ev, iface), seq=s) for s, ev, iface in kept]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(2)
+        self.classifier.on_events(None)
+        self.writer.close()
+        if self.file:
+            self.file.close()

@@ -1,0 +1,96 @@
+"""What `mirror run` is asked to do: the options (flags, environment, --config), checked
+before anything touches the kernel, and the one rule for which source wins."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from . import debugif, hooks
+from .abi import DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES, MAX_REQUEST_BYTES
+from .cliutil import parse_metrics_addr
+from .config import MAX_SECONDS, read_config
+from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Selector
+from .errors import UsageError
+from .trigger import parse_trigger
+
+
+@dataclass
+class Options:
+    ifaces: list[str]
+    debug_iface: str = "mirror0"
+    trigger: str = "5xx"
+    hook: str = "clsact"
+    idle_timeout: float = 30.0
+    max_flows: int = DEFAULT_MAX_FLOWS
+    metrics_addr: str | None = None
+    config: str | None = None
+    request_bytes: int = DEFAULT_REQUEST_BYTES
+    events_file: str | None = None
+    events_file_bytes: int = 16 << 20
+    exclude: list[str] = field(default_factory=list)
+    max_ifaces: int = DEFAULT_MAX_IFACES
+    # Budgets (0: unlimited); the defaults and why: README, "Budgets".
+    max_packets_per_flow: int = 1000
+    max_bytes_per_flow: int = 1 << 20
+    max_clones_per_second: int = 10000
+    # The trigger, parsed (resolve() fills it in).
+    codes: frozenset[int] = frozenset()
+
+    def budget(self) -> dict[str, int]:
+        return {"max_packets_per_flow": self.max_packets_per_flow,
+                "max_bytes_per_flow": self.max_bytes_per_flow,
+                "max_clones_per_second": self.max_clones_per_second}
+
+    def validate(self) -> Selector:
+        """Checks everything that can be checked without the kernel; UsageError naming
+        the option and the fix. Returns the interface selector the options make."""
+        hooks.kind(self.hook)
+        if not self.ifaces:
+            raise UsageError("no interface to monitor: give --iface IF or a pattern such as "
+                             "--iface 'veth*' (or MIRROR_IFACE)")
+        selector = Selector.parse(self.ifaces, self.exclude)
+        if not 1 <= self.max_ifaces <= MAX_IFACES_LIMIT:
+            raise UsageError(f"--max-ifaces must be between 1 and {MAX_IFACES_LIMIT}")
+        if len(selector.names) > self.max_ifaces:
+            raise UsageError(f"{len(selector.names)} interfaces named but --max-ifaces "
+                             f"is {self.max_ifaces}; raise --max-ifaces")
+        debugif.check_name(self.debug_iface)
+        if self.debug_iface in selector.names:
+            raise UsageError(f"debug interface {self.debug_iface} is also monitored: "
+                             "mirroring onto a monitored interface would loop; pick another "
+                             "--debug-iface")
+        if not 0 < self.idle_timeout <= MAX_SECONDS:
+            raise UsageError(f"--idle-timeout must be a positive number of seconds, at most "
+                             f"{MAX_SECONDS}")
+        if not 16 <= self.max_flows <= 1 << 24:
+            raise UsageError("--max-flows must be between 16 and 16777216")
+        if not 0 <= self.request_bytes <= MAX_REQUEST_BYTES:
+            raise UsageError(f"--request-bytes must be between 0 (off) and {MAX_REQUEST_BYTES}")
+        for name, value in self.budget().items():
+            limit = (1 << 64) - 1 if name == "max_bytes_per_flow" else (1 << 32) - 1
+            if not 0 <= value <= limit:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 0 (unlimited) "
+                                 f"and {limit}")
+        if self.events_file and self.events_file != "-":
+            parent = os.path.dirname(os.path.abspath(self.events_file))
+            if not os.access(parent, os.W_OK):
+                raise UsageError(f"cannot write the events file {self.events_file}: "
+                                 f"{parent} is not a writable directory")
+        if self.metrics_addr:
+            parse_metrics_addr(self.metrics_addr)
+        return selector
+
+
+def resolve(flags: Options) -> Options:
+    """The settings in force: the flags (and environment), with what --config says over
+    them. The one place that says which source wins, applied at start and again on
+    SIGHUP, so that a line removed from the file gives the flag's value back. Reads and
+    parses the file once; UsageError when it is bad."""
+    if not flags.config:
+        return replace(flags, codes=parse_trigger(flags.trigger))
+    file = read_config(flags.config)
+    if file.trigger is None:
+        return replace(flags, codes=parse_trigger(flags.trigger),
+                       idle_timeout=file.idle_timeout or flags.idle_timeout)
+    return replace(flags, trigger=file.trigger, codes=file.codes,
+                   idle_timeout=file.idle_timeout or flags.idle_timeout)
