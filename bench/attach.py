@@ -175,7 +175,7 @@ class Bench:
             time.sleep(0.005)
 
     def ask(self, what: str):
-        from mirror.control import ask
+        from mirror.ctlsocket import ask
         return ask(self.socket, what)
 
     def one(self, i: int) -> dict:

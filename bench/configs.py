@@ -29,8 +29,9 @@ import threading
 
 from pyroute2 import IPRoute
 
-from mirror import debugif, tc
-from mirror.bpfprog import DEFAULT_REQUEST_BYTES
+from mirror import debugif
+from mirror.abi import DEFAULT_REQUEST_BYTES
+from mirror.hooks import tc
 from mirror.controller import Controller, Options
 from mirror.lab.netns import unique_name
 

@@ -109,7 +109,7 @@ sys.stdin.read()
 AGENT = r'''
 import collections, json, socket, sys, threading
 from mirror import ownership
-from mirror.control import ask
+from mirror.ctlsocket import ask
 received = collections.Counter()
 sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sink.bind(("0.0.0.0", int(sys.argv[1])))

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror.bpfprog import bpf_dir
+from mirror.abi import bpf_dir
 
 from . import frames as fr
 

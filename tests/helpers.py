@@ -185,7 +185,7 @@ def env_with(**kw) -> dict:
 def controller_ask(state_dir, what: str = "counters"):
     """Asks the one controller recorded in `state_dir` over its control socket."""
     from mirror import ownership
-    from mirror.control import ask
+    from mirror.ctlsocket import ask
     old = os.environ.get("MIRROR_STATE_DIR")
     os.environ["MIRROR_STATE_DIR"] = str(state_dir)
     try:

@@ -159,7 +159,7 @@ from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
 
 from fastmaps import TEST_RUN_MAX_FRAME
-from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC
+from mirror.abi import COUNTERS, TC_ACT_UNSPEC
 from mirror.flowkey import FlowKey
 
 ETH_LEN = 14

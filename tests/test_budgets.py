@@ -15,7 +15,7 @@ import time
 import pytest
 
 from frames import TCP_ACK, TCP_SYN, tcp4
-from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC, cut_reasons
+from mirror.abi import COUNTERS, TC_ACT_UNSPEC, cut_reasons
 from mirror.flowkey import FlowKey
 
 CLOCK_MONOTONIC_COARSE = 6    # bpf_ktime_get_coarse_ns() reads it
@@ -367,10 +367,10 @@ def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
 
 def _record(cut: int, new_flow: bool = True) -> bytes:
     """A raw error event as the classifier hands it over: a 500 answering a kept GET."""
-    from mirror.events import _HEAD
+    from mirror.abi import EVENT_HEAD
     req = c2s(b"GET /orders/7 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-    head = _HEAD.pack(2_000_000, 1, 500, 1, int(new_flow), 1, 1, cut, KEY.to_bytes(),
-                      1_000_000, 1, 0, 0, 0, len(req), len(req))
+    head = EVENT_HEAD.struct.pack(2_000_000, 1, 500, 1, int(new_flow), 1, 1, cut,
+                                  KEY.to_bytes(), 1_000_000, 1, 0, 0, len(req), len(req))
     return head + req
 
 
@@ -378,7 +378,7 @@ def _record(cut: int, new_flow: bool = True) -> bytes:
 def test_event_json_and_request_frame_of_a_cut_response(debug_iface, cut, written):
     """The event names the cut and the budgets in force; the request frame goes to the
     debug interface only when the response it answers was cloned."""
-    from mirror.events import EventStream
+    from mirror.events.stream import EventStream
     budget = {"max_packets_per_flow": 7, "max_bytes_per_flow": 0, "max_clones_per_second": 9}
     stream = EventStream(None, lambda i: "eth0", lambda: debug_iface.ifindex, None, budget)
     try:

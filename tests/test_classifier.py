@@ -23,7 +23,7 @@ from frames import (IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_NONE, IPPROTO_TCP, IPP
                     TCP_ACK, TCP_FIN, TCP_SYN, cut, dest_opts, eth, fragment,
                     hop_by_hop, ipv4, ipv4_options, ipv6, routing, tcp, tcp4, tcp6,
                     tcp_options)
-from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC
+from mirror.abi import COUNTERS, TC_ACT_UNSPEC
 from mirror.flowkey import FlowKey
 
 LO_IFINDEX = 1          # skb->ifindex in BPF_PROG_TEST_RUN

@@ -25,10 +25,11 @@ from conftest import tc_show
 import helpers
 from helpers import (ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
-from mirror import ownership, status
+from mirror import hooks, ownership, status
+from mirror.histogram import Histogram
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
-from mirror.discovery import Histogram, Selector
+from mirror.discovery import Selector
 from mirror.errors import UsageError
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
@@ -69,7 +70,7 @@ def hooks(name: str) -> list[str]:
     """This tool's hooks on the interface now ([] when it has none or is gone)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
-        return status._hooks_of(ipr, found[0]) if found else []
+        return hooks.ours(ipr, found[0]) if found else []
 
 
 def recorded(state_dir) -> dict:

@@ -174,7 +174,7 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
 def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
     """With tcx the whole lifecycle (attach, SIGTERM detach, attach, SIGKILL) happens
     under load: no qdisc is touched, so nothing is lost."""
-    from mirror import tcx
+    from mirror.hooks import tcx
     env = env_with(MIRROR_STATE_DIR=state_dir)
     dbg = unique_name("d")
     server = _udp_server(host)

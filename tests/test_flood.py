@@ -11,7 +11,8 @@ import pytest
 from helpers import (MirrorProcess, counted_from_now, env_with, mirrored_packets, wait_captured,
                      wait_closed)
 from mirror import bpfsys
-from mirror.bpfprog import TC_ACT_UNSPEC, Classifier
+from mirror.abi import TC_ACT_UNSPEC
+from mirror.bpfprog import Classifier
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name

@@ -39,7 +39,7 @@ import reference as R
 from frames import (TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, cut, dest_opts, eth,
                     fragment, hop_by_hop, ipv4, ipv4_options, ipv6, routing, tcp,
                     tcp_options)
-from mirror.bpfprog import COUNTERS, DIRECTIONS, TC_ACT_UNSPEC
+from mirror.abi import COUNTERS, DIRECTIONS, TC_ACT_UNSPEC
 from mirror.flowkey import KEY_SIZE, FlowKey
 
 LO_IFINDEX = 1          # skb->ifindex in BPF_PROG_TEST_RUN

@@ -16,7 +16,7 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
 import reference as R
-from mirror.bpfprog import COUNTERS
+from mirror.abi import COUNTERS
 from test_http2 import LO_IFINDEX, data, headers, response_frame
 
 HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -255,7 +255,7 @@ def test_trigger_spec_refused(spec, words):
 
 
 def test_event_json_names_the_grpc_code():
-    from mirror.events import Event, grpc_name, status_label
+    from mirror.events.record import Event, grpc_name, status_label
     from mirror.flowkey import FlowKey
     key = FlowKey(4, "198.18.0.80", 50051, "198.19.7.10", 40000)
     ev = Event(0, 1, 14, "egress", True, "grpc", key.to_bytes(), True, 0, 0, 0, b"")

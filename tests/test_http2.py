@@ -20,7 +20,7 @@ from hyperframe.frame import (DataFrame, HeadersFrame, PingFrame,
 import fastmaps
 import reference as R
 from frames import TCP_ACK, tcp4, tcp6
-from mirror.bpfprog import COUNTERS
+from mirror.abi import COUNTERS
 
 LO_IFINDEX = 1
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"

@@ -13,7 +13,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from helpers import ROOT, MirrorProcess, env_with, links_of_this_run, mirror_cmd, run_cli
-from mirror import tc
+from mirror.hooks import tc
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
@@ -52,7 +52,7 @@ def env(state_dir):
 
 @pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
 def test_detach_restores_qdiscs_exactly(host, env, hook):
-    from mirror import tcx
+    from mirror.hooks import tcx
     before = snapshot(host.host_if)
     dbg = debug_name()
     idx = int(open(f"/sys/class/net/{host.host_if}/ifindex").read())
@@ -477,7 +477,7 @@ def test_tcx_runs_before_a_foreign_tcx_program(host, nginx, env):
     """A foreign tcx program that returns a final verdict (TC_ACT_OK) is attached first;
     the mirror attaches ahead of it and still sees (and mirrors) the error flow."""
     from bcc import BPF
-    from mirror import tcx
+    from mirror.hooks import tcx
     prog = BPF(text=b"""
 #include <uapi/linux/pkt_cls.h>
 int pass_all(struct __sk_buff *skb) { return TC_ACT_OK; }

@@ -10,7 +10,7 @@ import select
 
 from pyroute2 import IPRoute
 
-from mirror.controller import Controller, Options
+from mirror.attachments import Attachments
 from mirror.discovery import LinkSocket
 from mirror.lab.netns import PREFIX, sh, unique_name
 
@@ -55,7 +55,8 @@ def test_never_monitor_settles_a_containers_veth_from_its_event(state_dir):
     container, here_a, here_b = (unique_name("e") for _ in range(3))
     debug = unique_name("d")
     sock = LinkSocket()
-    ctl = Controller(Options(ifaces=[f"{container[:-1]}*"], debug_iface=debug))
+    netlink = IPRoute()
+    ctl = Attachments(netlink, "clsact", None, debug)
     sh("ip", "netns", "add", ns)
     try:
         sh("ip", "link", "add", container, "type", "veth", "peer", "name", "eth0",
@@ -71,7 +72,7 @@ def test_never_monitor_settles_a_containers_veth_from_its_event(state_dir):
         # No such interface: the checks that ask the kernel say "leave it alone".
         assert ctl.never_monitor(gone, here_b) is True
     finally:
-        ctl.close()
+        netlink.close()
         sock.close()
         for name in (container, here_a):
             sh("ip", "link", "del", name, check=False)

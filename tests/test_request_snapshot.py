@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from frames import TCP_ACK, TCP_SYN, tcp4, tcp6
-from mirror.bpfprog import COUNTERS, TC_ACT_UNSPEC
-from mirror.events import HEAD_SIZE, Event, describe_request
+from mirror.abi import COUNTERS, TC_ACT_UNSPEC
+from mirror.events.record import HEAD_SIZE, Event, describe_request
 from mirror.flowkey import FlowKey
 
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"

@@ -13,7 +13,7 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
 from helpers import wait_until
-from mirror import tc
+from mirror.hooks import tc
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.metrics import MapCollector
@@ -62,9 +62,9 @@ def test_sweep_and_watch_failures_are_retried_not_fatal(running, host):
     ctl = running
     ctl.classifier.expire_idle = Faulty(ctl.classifier.expire_idle,
                                         OSError(errno.ENOMEM, "injected"), 3)
-    ctl._ifname_of = Faulty(ctl._ifname_of, NetlinkError(errno.ENOBUFS, "injected"), 2)
+    ctl.attachments.ifname_of = Faulty(ctl.attachments.ifname_of, NetlinkError(errno.ENOBUFS, "injected"), 2)
     # Each stage fails, backs off, and works again.
-    wait_until(lambda: (ctl.classifier.expire_idle.calls > 3 and ctl._ifname_of.calls > 2
+    wait_until(lambda: (ctl.classifier.expire_idle.calls > 3 and ctl.attachments.ifname_of.calls > 2
                         and not any(ctl._failures.values()), dict(ctl._failures)),
                "both stages to fail and recover")
     assert (ctl.stage_errors["sweep"], ctl.stage_errors["watch"]) == (3, 2)

@@ -69,12 +69,16 @@ def test_flow_key_is_direction_free_and_round_trips():
 def test_config_file(tmp_path):
     cfg = tmp_path / "m.conf"
     cfg.write_text("# comment\ntrigger = '429,5xx'\nidle_timeout = 12.5\n")
-    assert read_config(str(cfg)) == {"trigger": "429,5xx", "idle_timeout": 12.5}
+    assert read_config(str(cfg)).as_dict() == {"trigger": "429,5xx", "idle_timeout": 12.5}
     cfg.write_text("triger = 5xx\n")
     with pytest.raises(UsageError, match="m.conf:1: expected"):
         read_config(str(cfg))
-    cfg.write_text("idle_timeout = -1\n")
-    with pytest.raises(UsageError, match="must be positive"):
+    for bad in ("-1", "0", "nan", "inf", "-inf", "1e308", "abc", ""):
+        cfg.write_text(f"idle_timeout = {bad}\n")
+        with pytest.raises(UsageError, match="m.conf:1: idle_timeout"):
+            read_config(str(cfg))
+    cfg.write_text("trigger = 7xx\n")
+    with pytest.raises(UsageError, match="m.conf:1: .*7xx"):
         read_config(str(cfg))
     with pytest.raises(UsageError, match="cannot read config"):
         read_config(str(tmp_path / "missing.conf"))
