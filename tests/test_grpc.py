@@ -270,7 +270,7 @@ def test_mutated_trailers_agree_with_reference(clf, capsys):
     """20,000 segments from the fuzz's gRPC generator (mutated frames around gRPC
     trailers): the classifier's counters equal the reference's on every one."""
     import random
-    from test_fuzz import h2_payload
+    from fuzz_frames import h2_payload
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     clf.set_trigger(TRIGGER)
