@@ -24,9 +24,14 @@ BPF_F_BEFORE = 1 << 3
 ATTACH_TYPES = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
 
 
-def check_supported() -> None:
+def supported() -> bool:
+    """Whether this kernel has tcx (Linux 6.6 or newer), from its release string."""
     major, minor = (int(x) for x in platform.release().split(".")[:2])
-    if (major, minor) < (6, 6):
+    return (major, minor) >= (6, 6)
+
+
+def check_supported() -> None:
+    if not supported():
         raise UsageError(f"--hook tcx needs Linux 6.6 or newer (this is {platform.release()}); "
                          "use --hook clsact")
 

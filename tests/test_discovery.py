@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 
 from conftest import tc_show
 import helpers
-from helpers import (ROOT, MirrorProcess, drop_link, env_with, from_first_status,
+from helpers import (HOOKS, ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
 from mirror import ownership, status
 from mirror.capture.pcap import read_flows
@@ -224,7 +224,7 @@ def test_histogram_is_cumulative():
 
 
 # --- the kernel ------------------------------------------------------------------------
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.parametrize("hook", HOOKS)
 def test_first_connection_on_a_new_veth_is_mirrored(tmp_path, namespaces, hook):
     """The controller starts with nothing matching; a container-like namespace gets its
     veth afterwards and makes an error connection the moment the link is up, without

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import ROOT, MirrorProcess, env_with, run_cli
+from helpers import NEEDS_TCX, ROOT, MirrorProcess, env_with, run_cli
 from mirror.debugif import MAX_IFNAME_LEN, sink_name
 from mirror.lab.netns import Host, unique_name
 
@@ -54,6 +54,7 @@ def test_two_controllers_starting_together_share_one_debug_interface(tmp_path):
 
 
 @pytest.mark.integration
+@NEEDS_TCX
 def test_status_shows_only_this_namespaces_tcx_links(tmp_path):
     """A controller in another network namespace with tcx links on its loopback (ifindex
     1, as the root namespace's): `mirror status` here does not list them."""
