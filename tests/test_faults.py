@@ -18,7 +18,7 @@ from mirror.lab.netns import Host, unique_name
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):

@@ -52,6 +52,7 @@ CHECKPOINT_REQUESTS = 200
 
 # --- tests -----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_generator_is_deterministic():
     """A seed gives the same frames, and a shorter run is a prefix of a longer one (so a
     failure at frame N replays with MIRROR_FUZZ_FRAMES=N+1)."""
@@ -64,12 +65,14 @@ def test_generator_is_deterministic():
     assert a != frames_of(43, 3000)
 
 
+@pytest.mark.unit
 def test_generated_addresses_allowed():
     frames = [x[0] for x in Generator(7, 20000) if x is not None]
     assert len(frames) == 20000
     assert all(addresses_allowed(f) for f in frames)
 
 
+@pytest.mark.unit
 def test_reference_reads_realistic_frames_like_dpkt():
     """On well-formed frames the reference sees what dpkt sees: the same flow key and
     the same status line."""
@@ -101,6 +104,7 @@ def test_reference_reads_realistic_frames_like_dpkt():
     assert checked > 500
 
 
+@pytest.mark.testrun
 def test_test_run_limits(clf):
     """The harness limits the reference models: frames this kernel's test run refuses."""
     h = Harness(clf)
@@ -218,6 +222,7 @@ def _crafted():
     return c
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frames_", _crafted())
 def test_crafted(clf, pinned, debug_iface, frames_):
     for d in DIRECTIONS:
@@ -234,6 +239,7 @@ BUDGETS = {"packets-1": (1, 0, 0), "packets-2": (2, 0, 0), "bytes-1": (0, 1, 0),
            "all": (3, 300, 4)}
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("limits", BUDGETS.values(), ids=BUDGETS.keys())
 @pytest.mark.parametrize("frames_", _crafted()[:12] + _crafted()[-9:])
 def test_crafted_with_budgets(clf, pinned, debug_iface, frames_, limits):
@@ -247,6 +253,7 @@ def test_crafted_with_budgets(clf, pinned, debug_iface, frames_, limits):
         assert not h.disagreements, report(h)
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frames_", _crafted()[:12])
 def test_crafted_byte_budget_boundaries(clf, pinned, debug_iface, frames_):
     """Byte budgets that a flow's bytes reach exactly (whichever frame marks it), and one
@@ -262,6 +269,7 @@ def test_crafted_byte_budget_boundaries(clf, pinned, debug_iface, frames_):
         assert not h.disagreements, f"byte budget {budget}: " + report(h)
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("debug, ifindex", [(R.DEBUG_NONE, 0), (R.DEBUG_NONE, LO_IFINDEX),
                                             (R.DEBUG_FAIL, BOGUS_IFINDEX)])
 def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
@@ -274,6 +282,7 @@ def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
     assert not h.disagreements, report(h)
 
 
+@pytest.mark.unit
 def test_classifier_cases_agree_with_reference():
     """The hand-written expectations of tests/test_classifier.py's parse-path cases, as
     the reference computes them (no kernel involved)."""
@@ -289,6 +298,7 @@ def test_classifier_cases_agree_with_reference():
 
 # --- the fuzz --------------------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.slow
 def test_fuzz(clf, pinned, debug_iface, capsys):
     seed = int(os.environ.get("MIRROR_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -348,6 +358,7 @@ FUZZ_BUDGETS = [R.Budget(3, 0, 0), R.Budget(0, 1500, 0), R.Budget(0, 0, 60),
                 R.Budget(6, 4000, 150), R.Budget(1, 0, 0)]
 
 
+@pytest.mark.testrun
 @pytest.mark.slow
 def test_fuzz_with_budgets(clf, pinned, debug_iface, capsys):
     """The fuzz's frames with budgets on: a new set of budgets (and an empty rate window)

@@ -18,7 +18,7 @@ from mirror.lab.netns import unique_name
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 _seq = itertools.count()

@@ -18,7 +18,7 @@ from mirror import tc
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 def snapshot(ifname: str):

@@ -24,7 +24,7 @@ from mirror.flowkey import FlowKey, endpoint
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 EVENT_FIELDS = {"time", "iface", "direction", "client", "server", "method", "target", "host",
                 "status", "response_ns", "new_flow", "proto", "request_bytes",
