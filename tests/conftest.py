@@ -1,7 +1,10 @@
-"""Shared fixtures. Tests marked `unit` are pure Python and run as any user. Every other
-test runs against the real kernel: it needs root, bcc and kernel headers (scripts/setup
-installs them), builds its own hosts in network namespaces and removes them again even
-when it fails; without root those tests are skipped, with the reason."""
+"""Shared fixtures, and the test tiers. Every test carries exactly one tier marker
+(pyproject.toml names them): `unit` runs as any user; `testrun` loads BPF programs and
+runs frames through them with BPF_PROG_TEST_RUN; `kernel` builds hosts in network
+namespaces and runs real servers and `mirror run`; `container` builds or runs images.
+All but `unit` need root, bcc and kernel headers (scripts/setup installs them) and
+remove what they build even when they fail; without root they are skipped, with the
+reason."""
 from __future__ import annotations
 
 import os
@@ -28,7 +31,26 @@ def pytest_sessionstart(session):
         cleanup_stale()
 
 
+TIERS = ("unit", "testrun", "kernel", "container")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    """Refuses a test without a tier marker or with more than one, so that `-m TIER`
+    selects every test exactly once (checked before `-m` deselects anything: a test
+    without a tier would otherwise just never run). Without root, skips all but `unit`."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: "
+                         + (f"{len(tiers)} tier markers ({', '.join(tiers)})" if tiers
+                            else "no tier marker"))
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker of {', '.join(TIERS)} "
+            "(pytestmark = pytest.mark.TIER in the module, or @pytest.mark.TIER on the "
+            "test; pyproject.toml says what each means):\n" + "\n".join(wrong))
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason=NEEDS_ROOT)

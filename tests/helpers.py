@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -13,10 +14,20 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from mirror.hooks import tcx
 from mirror.capture.pcap import Packet
 from mirror.http1 import status_line
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# tcx exists from Linux 6.6 on: on an older kernel a tcx test skips (and says why) instead
+# of failing on `mirror run --hook tcx` refusing to start. NEEDS_TCX marks a test that
+# uses tcx only; HOOKS is the parameter list of a test run once per hook layout.
+NEEDS_TCX = pytest.mark.skipif(not tcx.supported(), reason="tcx needs Linux 6.6 or newer, "
+                               f"this is {platform.release()}")
+HOOKS = ["clsact", "htb", pytest.param("tcx", marks=NEEDS_TCX)]
 
 
 def mirror_cmd(*args: str) -> list[str]:

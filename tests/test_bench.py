@@ -34,6 +34,7 @@ time for request:       23us     20.10ms       181us      1.24ms    98.58%
 """
 
 
+@pytest.mark.unit
 def test_parse_h2load_summary():
     out = workloads.parse_h2load(H2LOAD_OUTPUT)
     assert out["req_per_s"] == pytest.approx(21882.33)
@@ -41,16 +42,19 @@ def test_parse_h2load_summary():
     assert out["status"] == {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 21882}
 
 
+@pytest.mark.unit
 def test_parse_h2load_duration_in_milliseconds():
     text = H2LOAD_OUTPUT.replace("finished in 1.00s, 21882.33", "finished in 998.60ms, 21882.33")
     assert workloads.parse_h2load(text)["req_per_s"] == pytest.approx(21882.33)
 
 
+@pytest.mark.unit
 def test_parse_h2load_rejects_garbage():
     with pytest.raises(RuntimeError):
         workloads.parse_h2load("connect: Connection refused\n")
 
 
+@pytest.mark.unit
 def test_latency_summary_percentiles_and_log2_histogram(tmp_path):
     log = tmp_path / "requests.log"
     log.write_text("".join(f"1700000000{i:06d}\t500\t{us}\n"
@@ -65,6 +69,7 @@ def test_latency_summary_percentiles_and_log2_histogram(tmp_path):
     assert s["log2_hist"][9] == 9       # 1000 us is in [512, 1024)
 
 
+@pytest.mark.unit
 def test_frames_have_the_lengths_their_headers_claim():
     for fc in frames.frame_classes():
         f = fc.frame
@@ -74,6 +79,7 @@ def test_frames_have_the_lengths_their_headers_claim():
             assert int.from_bytes(f[18:20], "big") == len(f) - 14 - 40
 
 
+@pytest.mark.unit
 def test_bootstrap_interval_contains_the_mean_and_narrows_with_rounds():
     from bench import stats
     few = stats.bootstrap_mean([0.9, 1.1, 1.0, 0.95, 1.05])
@@ -84,6 +90,7 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_rounds():
     assert stats.bootstrap_mean([]) is None
 
 
+@pytest.mark.unit
 def test_verdicts():
     from bench import stats
     assert stats.verdict_at_most({"mean": 1.0, "lo": 0.99, "hi": 1.01, "n": 20}, 1.02) == "met"
@@ -96,11 +103,13 @@ def test_verdicts():
         "inconclusive"
 
 
+@pytest.mark.unit
 def test_paired_ratios_pair_rounds():
     from bench import stats
     assert stats.paired({1: 90.0, 2: 50.0, 3: 99.0}, {1: 100.0, 3: 100.0}) == [0.9, 0.99]
 
 
+@pytest.mark.unit
 def test_cpu_meter_counts_a_busy_loop():
     from bench.noise import CpuMeter
     m = CpuMeter()
@@ -112,6 +121,7 @@ def test_cpu_meter_counts_a_busy_loop():
     assert got["cpu_s"] >= 0.2 and got["wall_s"] >= 0.3
 
 
+@pytest.mark.unit
 def test_foreign_work_is_other_processes_not_the_bench_tree():
     """bench/noise.py charges the bench's descendants to the bench and an orphaned
     process (outside its tree, as another tenant's) to foreign work."""
@@ -153,7 +163,7 @@ def test_large_map_filler_keys_are_the_programs_key_layouts():
         ipaddress.ip_address(addr).packed, socket.htons(80), socket.htons(port))
 
 
-@pytest.mark.integration
+@pytest.mark.testrun
 def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debug_iface):
     """The large-map rows time what they claim: both programs find the filler flows
     (the mirror counts a filler flow's packet as marked, the thesis mirrors it), the maps
@@ -206,7 +216,7 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
 
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
@@ -290,6 +300,7 @@ def test_quick_bench_end_to_end(tmp_path):
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
+@pytest.mark.unit
 def test_scale_default_cpu_counts_are_powers_of_two_and_all():
     from bench import scale
     assert scale.default_counts(1) == [1]
@@ -298,6 +309,7 @@ def test_scale_default_cpu_counts_are_powers_of_two_and_all():
     assert scale.default_counts(8) == [1, 2, 4, 8]
 
 
+@pytest.mark.unit
 def test_scale_layout_splits_clients_and_servers_and_scales_connections():
     from bench import scale
     one = scale.layout(1, [0, 1], "split", 8)
@@ -312,6 +324,7 @@ def test_scale_layout_splits_clients_and_servers_and_scales_connections():
     assert (four["h2load_threads"], four["nginx_workers"]) == (4, 4)
 
 
+@pytest.mark.unit
 def test_scale_reads_h2load_request_time_and_writes_durations_it_accepts():
     from bench import scale
     t = scale.request_time(H2LOAD_OUTPUT)
@@ -319,6 +332,7 @@ def test_scale_reads_h2load_request_time_and_writes_durations_it_accepts():
     assert scale.duration(1.0) == "1000ms" and scale.duration(0.5) == "500ms"
 
 
+@pytest.mark.unit
 def test_scale_rejects_bad_arguments_with_exit_2():
     for bad in (["--cpus", "0"], ["--errors", "50"], ["--configs", "tcpdump"]):
         proc = subprocess.run([sys.executable, "-m", "bench.scale", *bad], cwd=ROOT,
@@ -334,7 +348,7 @@ def _kernel_clean(pid: int) -> None:
     assert f"m{pid:06x}" not in links
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 @pytest.mark.slow
 def test_scale_end_to_end(tmp_path):
     from bench import scale
@@ -384,7 +398,7 @@ def test_scale_end_to_end(tmp_path):
     _kernel_clean(proc.pid)
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 @pytest.mark.slow
 def test_scale_sigterm_mid_run_cleans_up():
     proc = subprocess.Popen([sys.executable, "-m", "bench.scale", "--cpus", "1",

@@ -60,6 +60,7 @@ def two_cpus():
 
 # --- per-flow packets ------------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("budget", [1, 2, 5])
 def test_flow_cloned_exactly_n_packets_then_skipped(clf, pinned, debug_iface, budget):
     clf.set_budgets(max_packets_per_flow=budget)
@@ -82,6 +83,7 @@ def test_flow_cloned_exactly_n_packets_then_skipped(clf, pinned, debug_iface, bu
         k for d in got for k in d)
 
 
+@pytest.mark.testrun
 def test_flow_within_budget_is_not_flagged(clf, pinned):
     clf.set_budgets(max_packets_per_flow=3, max_bytes_per_flow=10_000,
                     max_clones_per_window=10, window_ns=WIDE)
@@ -90,6 +92,7 @@ def test_flow_within_budget_is_not_flagged(clf, pinned):
     assert clf.flows()[KEY]["cut"] == []
 
 
+@pytest.mark.testrun
 def test_packet_budget_changed_at_run_time(clf, pinned):
     """The budgets sit in the config map: a new one applies to the next packet, no reload;
     it counts against the flow's packets since the mark, skipped ones included."""
@@ -104,6 +107,7 @@ def test_packet_budget_changed_at_run_time(clf, pinned):
 
 # --- per-flow bytes --------------------------------------------------------------------
 
+@pytest.mark.testrun
 def test_byte_budget(clf, pinned, debug_iface):
     resp, ack, body = s2c(ERR500), c2s(), s2c(b"y" * 100)
     # Room for the response, one ACK and part of the body: the body is skipped (it would
@@ -116,12 +120,14 @@ def test_byte_budget(clf, pinned, debug_iface):
     assert clf.flows()[KEY]["cut"] == ["flow_bytes"]
 
 
+@pytest.mark.testrun
 def test_byte_budget_is_inclusive(clf, pinned):
     resp, ack = s2c(ERR500), c2s()
     clf.set_budgets(max_bytes_per_flow=len(resp) + 2 * len(ack))
     assert [mirrored(run(clf, f)) for f in (resp, ack, ack, ack)] == [1, 1, 1, 0]
 
 
+@pytest.mark.testrun
 def test_marking_packet_larger_than_the_byte_budget(clf, pinned):
     """The flow is still marked and its event reported; only the clone is skipped."""
     resp = s2c(ERR500)
@@ -131,6 +137,7 @@ def test_marking_packet_larger_than_the_byte_budget(clf, pinned):
     assert clf.flows()[KEY]["cut"] == ["flow_bytes"]
 
 
+@pytest.mark.testrun
 def test_packet_budget_is_checked_before_bytes(clf, pinned):
     """A packet over both budgets counts once, under flow_packets."""
     resp = s2c(ERR500)
@@ -140,6 +147,7 @@ def test_packet_budget_is_checked_before_bytes(clf, pinned):
     assert (d.get("skip_flow_packets"), d.get("skip_flow_bytes")) == (1, None)
 
 
+@pytest.mark.testrun
 def test_syn_starts_a_new_budget(clf, pinned):
     """A SYN unmarks a reused 4-tuple; the next error connection on it starts afresh."""
     clf.set_budgets(max_packets_per_flow=1)
@@ -150,6 +158,7 @@ def test_syn_starts_a_new_budget(clf, pinned):
     assert clf.flows()[KEY]["cut"] == []
 
 
+@pytest.mark.testrun
 def test_http2_flow_budget(clf, pinned):
     """The HTTP/2 path marks and mirrors through the same budget."""
     headers_500 = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x8e"   # HEADERS :status 500 (idx 14)
@@ -162,6 +171,7 @@ def test_http2_flow_budget(clf, pinned):
     assert clf.flows()[KEY]["cut"] == ["flow_packets"]
 
 
+@pytest.mark.testrun
 def test_per_flow_budget_is_per_cpu(clf):
     """Decided and documented: each CPU that carries a flow has the flow's budget (the
     flow value is per CPU; summing over CPUs in the datapath is not cheap)."""
@@ -182,6 +192,7 @@ def test_per_flow_budget_is_per_cpu(clf):
 
 # --- per-CPU clone rate ----------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("limit,repeat", [(1, 2), (5, 50), (100, 1000)])
 def test_rate_exactly_k_clones_in_one_window(clf, pinned, debug_iface, limit, repeat):
     run(clf, s2c(ERR500))                           # marked while unlimited
@@ -195,6 +206,7 @@ def test_rate_exactly_k_clones_in_one_window(clf, pinned, debug_iface, limit, re
     assert clf.flows()[KEY]["cut"] == ["cpu_rate"]
 
 
+@pytest.mark.testrun
 def test_rate_spans_flows(clf, pinned):
     """The rate is per CPU, not per flow: a second flow finds the window spent."""
     clf.set_budgets(max_clones_per_window=3, window_ns=WIDE)
@@ -207,6 +219,7 @@ def test_rate_spans_flows(clf, pinned):
     assert flows[FlowKey.from_endpoints(SRV4, SPORT, CLI4, CPORT + 1)]["cut"] == ["cpu_rate"]
 
 
+@pytest.mark.testrun
 def test_flow_budget_skips_take_no_clone_from_the_rate(clf, pinned):
     clf.set_budgets(max_packets_per_flow=1, max_clones_per_window=2, window_ns=WIDE)
     run(clf, s2c(ERR500))
@@ -216,6 +229,7 @@ def test_flow_budget_skips_take_no_clone_from_the_rate(clf, pinned):
     assert mirrored(run(clf, other)) == 1           # the window's second clone
 
 
+@pytest.mark.testrun
 def test_rate_window_restarts(clf, pinned):
     run(clf, s2c(ERR500))
     clf.set_budgets(max_clones_per_window=4, window_ns=WIDE)
@@ -233,6 +247,7 @@ def test_rate_window_restarts(clf, pinned):
     assert t0 <= start <= t1 and clones == 1
 
 
+@pytest.mark.testrun
 def test_rate_is_per_cpu(clf):
     original = two_cpus()
     try:
@@ -248,6 +263,7 @@ def test_rate_is_per_cpu(clf):
     assert clf.counters()["skip_cpu_rate"] == 6
 
 
+@pytest.mark.testrun
 def test_no_budget_no_skip(clf, pinned):
     """0 everywhere (the fixture's setting): nothing is ever skipped."""
     run(clf, s2c(ERR500))
@@ -257,6 +273,7 @@ def test_no_budget_no_skip(clf, pinned):
     assert clf.flows()[KEY]["cut"] == []
 
 
+@pytest.mark.testrun
 def test_no_debug_interface_spends_no_budget(clf, pinned):
     """Without a debug interface there is no clone to bound: counted as before."""
     clf.set_debug_ifindex(0)
@@ -266,6 +283,7 @@ def test_no_debug_interface_spends_no_budget(clf, pinned):
     assert not any(k.startswith("skip_") for x in d for k in x)
 
 
+@pytest.mark.testrun
 def test_bad_budgets_rejected(clf):
     with pytest.raises(ValueError):
         clf.set_budgets(max_packets_per_flow=-1)
@@ -291,7 +309,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
     """`mirror run --max-packets-per-flow 6`: a keep-alive connection answering 500, four
     200s, 500, 200 is captured from its first 500 for 6 packets (per CPU that carries it),
@@ -374,6 +392,7 @@ def _record(cut: int, new_flow: bool = True) -> bytes:
     return head + req
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("cut,written", [(0, 1), (4, 0), (2, 0)])
 def test_event_json_and_request_frame_of_a_cut_response(debug_iface, cut, written):
     """The event names the cut and the budgets in force; the request frame goes to the

@@ -337,7 +337,7 @@ def pcap_count_ok(path: Path) -> int:
         return sum(1 for _ in dpkt.pcap.Reader(f))
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_ring_stays_bounded_while_traffic_flows(host, nginx, tmp_path, capture_proc):
     cap_dir = tmp_path / "cap"
     files, size_mb = 3, 1
@@ -382,7 +382,7 @@ def test_ring_stays_bounded_while_traffic_flows(host, nginx, tmp_path, capture_p
     assert "dropped by kernel" in cap.output
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_waits_for_interface_and_follows_it_when_recreated(tmp_path, capture_proc):
     name, peer = unique_name("c"), unique_name("p")
     cap = capture_proc(name, tmp_path / "cap")
@@ -403,7 +403,7 @@ def test_waits_for_interface_and_follows_it_when_recreated(tmp_path, capture_pro
         sh("ip", "link", "del", name, check=False)
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_refuses_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -411,7 +411,7 @@ def test_refuses_unwritable_directory(tmp_path):
     assert r.returncode == 2 and "not writable" in r.stderr
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_behind_mirror_run_index_holds_error_flows_only(host, nginx, tmp_path, capture_proc):
     debug = unique_name("d")
     cap_dir = tmp_path / "cap"
@@ -603,6 +603,7 @@ def test_reorder_puts_each_request_before_its_response(tmp_path, name):
     assert reorder_file(path) is None                       # done once: nothing moves again
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_reordered_files_pair_in_tshark(tmp_path, name):
     """Real tshark, default preferences: after the reorder the error response names its
@@ -849,7 +850,7 @@ def filler(count: int) -> list[bytes]:
     return [frame_] * count
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_path,
                                                             capture_proc):
     """The real sidecar on the debug veth. The test writes frames onto it with an

@@ -111,6 +111,7 @@ def tx_packets(iface) -> int:
 
 # --- the frame helper itself -----------------------------------------------------------
 
+@pytest.mark.unit
 def test_frames_parse_with_dpkt():
     """The crafted frames are what they claim to be, checksums included."""
     dpkt = pytest.importorskip("dpkt")
@@ -132,6 +133,7 @@ def test_frames_parse_with_dpkt():
     assert len(f6) == 14 + 40 + 16 + 8 + 24 + 8 + 32 + 20 + len(b"HTTP/1.1 503 Reason\r\n\r\n")
 
 
+@pytest.mark.testrun
 def test_short_frame_rejected(clf):
     """BPF_PROG_TEST_RUN needs a whole Ethernet header; shorter frames never reach the
     program and count nothing."""
@@ -333,6 +335,7 @@ def _cases():
     return c
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frame, expected", _cases())
 @pytest.mark.parametrize("direction", ["egress", "ingress"])
 def test_parse_path(clf, frame, expected, direction):
@@ -343,6 +346,7 @@ def test_parse_path(clf, frame, expected, direction):
                                  if classes else {})
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frame", [
     pytest.param(cut(resp4(200), 14 + n), id=f"ipv4-{n}") for n in (0, 1, 19)] + [
     pytest.param(cut(resp6(200), 14 + n), id=f"ipv6-{n}") for n in (0, 1, 39)])
@@ -366,6 +370,7 @@ def test_ip_header_cut_untagged(clf, frame):
 
 # --- status lines ----------------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("code, cls", [
     (100, "1xx"), (101, "1xx"), (199, "1xx"), (200, "2xx"), (204, "2xx"), (299, "2xx"),
     (301, "3xx"), (304, "3xx"), (399, "3xx"), (400, "4xx"), (404, "4xx"), (499, "4xx"),
@@ -381,6 +386,7 @@ def test_status_class(clf, code, cls):
     assert clf.iface_stats() == {(LO_IFINDEX, "egress"): empty_stats(**{cls: 2})}
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("payload", [
     b"HTTP/1.1 200 OK\r\n\r\n",
     b"HTTP/1.0 200 OK\r\n\r\n",
@@ -430,10 +436,12 @@ NEAR_MISSES = [
 ]
 
 
+@pytest.mark.testrun
 def test_status_000_counts_as_other(clf):
     assert send(clf, resp4(b"HTTP/1.1 000 Zero\r\n")) == counts(TCP4, RESP["other"])
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("payload", NEAR_MISSES, ids=lambda p: repr(p)[2:-1])
 def test_status_line_near_miss(clf, payload):
     check(clf, resp4(payload), TCP4)
@@ -442,6 +450,7 @@ def test_status_line_near_miss(clf, payload):
     assert clf.iface_stats() == {}
 
 
+@pytest.mark.testrun
 def test_status_line_split_across_segments(clf):
     """A status line is only recognised whole at the start of one segment."""
     check(clf, resp4(b"HTTP/1.1 50"), TCP4)
@@ -449,6 +458,7 @@ def test_status_line_split_across_segments(clf):
     assert clf.flow_count() == 0
 
 
+@pytest.mark.testrun
 def test_non_tcp_status_line_not_counted(clf):
     check(clf, F.udp4(SRV4, SPORT, CLI4, CPORT, ERR500), counts(IP4, other=1))
     check(clf, F.udp6(SRV6, SPORT, CLI6, CPORT, ERR500), counts(IP6, other=1))
@@ -458,6 +468,7 @@ def test_non_tcp_status_line_not_counted(clf):
 
 # --- marking and mirroring -------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("family", [4, 6])
 def test_trigger_marks_flow_and_mirrors(clf, debug_iface, family):
     tcpx, base, key = (tcp4, TCP4, key4()) if family == 4 else (tcp6, TCP6, key6())
@@ -483,6 +494,7 @@ def test_trigger_marks_flow_and_mirrors(clf, debug_iface, family):
                                             mirrored_bytes=len(resp))}
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("code", [200, 204, 301, 404, 499, 600, 99, 1])
 def test_non_trigger_code_does_not_mark(clf, code):
     cls = "other" if not 100 <= code < 600 else f"{code // 100}xx"
@@ -495,6 +507,7 @@ def test_non_trigger_code_does_not_mark(clf, code):
     check(clf, tcp6(CLI6, CPORT, SRV6, SPORT, flags=TCP_ACK), TCP6)
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("family", [4, 6])
 def test_later_packets_mirrored_both_directions_and_hooks(clf, family):
     tcpx, udpx, base, key = ((tcp4, F.udp4, TCP4, key4()) if family == 4
@@ -529,6 +542,7 @@ def test_later_packets_mirrored_both_directions_and_hooks(clf, family):
     assert flows[key]["first_ns"] <= flows[key]["last_ns"]    # coarse clock: same tick
 
 
+@pytest.mark.testrun
 def test_nonfirst_fragment_of_marked_flow_not_mirrored(clf):
     check(clf, resp4(500), counts(TCP4, RESP["5xx"], mirrored(resp4(500)), flows_marked=1, events=1))
     check(clf, resp4(b"more", ip={"frag_offset": 2}), counts(IP4, other=1))
@@ -537,6 +551,7 @@ def test_nonfirst_fragment_of_marked_flow_not_mirrored(clf):
     assert {k: v["packets"] for k, v in clf.flows().items()} == {key4(): 1, key6(): 1}
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("srv, sport, cli, cport", [
     (SRV4, 80, CLI4, 40000),                            # server address lower
     ("198.19.255.254", 80, "198.18.0.1", 40000),        # server address higher
@@ -564,6 +579,7 @@ def test_flow_key_normalised(clf, srv, sport, cli, cport):
     assert {k: v["packets"] for k, v in clf.flows().items()} == {key: 2}
 
 
+@pytest.mark.testrun
 def test_repeated_trigger_and_non_trigger_response_on_marked_flow(clf):
     f500, f503, f200, f100 = resp4(500), resp4(503), resp4(200), resp4(100)
     check(clf, f500, counts(TCP4, RESP["5xx"], mirrored(f500), flows_marked=1, events=1))
@@ -584,6 +600,7 @@ def test_repeated_trigger_and_non_trigger_response_on_marked_flow(clf):
     }
 
 
+@pytest.mark.testrun
 def test_trigger_change_without_reload(clf):
     fds = {d: clf.fd(d) for d in ("ingress", "egress")}
     a = resp4(500, dport=40001)
@@ -609,6 +626,7 @@ def test_trigger_change_without_reload(clf):
     assert {d: clf.fd(d) for d in ("ingress", "egress")} == fds
 
 
+@pytest.mark.testrun
 def test_cross_cpu(clf):
     original = os.sched_getaffinity(0)
     if not {0, 1} <= original:
@@ -641,6 +659,7 @@ def test_cross_cpu(clf):
         os.sched_setaffinity(0, original)
 
 
+@pytest.mark.testrun
 def test_flow_status_survives_cpu_change(clf):
     original = os.sched_getaffinity(0)
     if not {0, 1} <= original:
@@ -655,6 +674,7 @@ def test_flow_status_survives_cpu_change(clf):
     assert clf.flows()[key4()]["status"] == 500
 
 
+@pytest.mark.testrun
 def test_no_debug_interface(clf, debug_iface):
     clf.set_debug_ifindex(0)
     first = resp4(500)
@@ -670,6 +690,7 @@ def test_no_debug_interface(clf, debug_iface):
     check(clf, ack, counts(TCP4, mirrored(ack)), "ingress")
 
 
+@pytest.mark.testrun
 def test_debug_interface_is_packet_interface(clf):
     """Mirroring a packet to the interface it is on would loop: counted as no_debug_if."""
     clf.set_debug_ifindex(LO_IFINDEX)
@@ -677,6 +698,7 @@ def test_debug_interface_is_packet_interface(clf):
     check(clf, tcp4(CLI4, CPORT, SRV4, SPORT), counts(TCP4, no_debug_if=1), "ingress")
 
 
+@pytest.mark.testrun
 def test_clone_failure(clf, debug_iface):
     clf.set_debug_ifindex(BOGUS_IFINDEX)
     tx = tx_packets(debug_iface)
@@ -692,6 +714,7 @@ def test_clone_failure(clf, debug_iface):
 
 # --- per-interface statistics ----------------------------------------------------------
 
+@pytest.mark.testrun
 def test_iface_stats_by_direction(clf):
     plain = [tcp4(CLI4, CPORT, SRV4, SPORT, flags=TCP_SYN), F.arp_frame(CLI4, SRV4),
              resp4(b"HTTP/2 500 x\r\n"), resp4(200, ip={"frag_offset": 1})]
@@ -717,6 +740,7 @@ def test_iface_stats_by_direction(clf):
             c["resp_5xx"], c["resp_other"]) == (10, 1, 3, 2, 1, 1, 2)
 
 
+@pytest.mark.testrun
 def test_iface_stats_mirrored_response_on_ingress(clf):
     marking = resp4(500)
     send(clf, marking, "egress")
@@ -726,6 +750,7 @@ def test_iface_stats_mirrored_response_on_ingress(clf):
         **{"4xx": 1}, mirrored_packets=1, mirrored_bytes=len(again))
 
 
+@pytest.mark.testrun
 def test_iface_stats_count_every_mirrored_packet(clf):
     """Mirrored packets without a status line count in the interface's stats too, under
     the direction they were seen in; unmirrored ones create no entry."""

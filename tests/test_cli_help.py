@@ -11,6 +11,8 @@ import pytest
 
 from helpers import run_cli
 
+pytestmark = pytest.mark.unit
+
 # A command line in argparse's "positional arguments" block: four spaces, then the name.
 # Wrapped help text is indented further, so it never matches.
 COMMAND_LINE = re.compile(r"^ {4}([a-z][a-z0-9-]*)(?:\s|$)")

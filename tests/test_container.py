@@ -7,8 +7,8 @@ a podman pod in that namespace with the example application (nginx: 200 and 500)
 mirror controller and the capture sidecar; requests from the root namespace; the pod
 stopped with SIGTERM; the pcaps read with dpkt and the index read back.
 
-Unmarked: the Kubernetes manifests validated offline with kubernetes-validate in strict
-mode, and the compose file's shape."""
+Marked `unit` (no root, no container): the Kubernetes manifests validated offline with
+kubernetes-validate in strict mode, and the compose file's shape."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,7 @@ def k8s_documents():
                 yield path.name, doc
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_kubernetes_manifests_validate_strictly(version):
     import kubernetes_validate
@@ -58,6 +59,7 @@ def test_kubernetes_manifests_validate_strictly(version):
     assert ("sidecars.yaml", "Deployment") in kinds and ("daemonset.yaml", "DaemonSet") in kinds
 
 
+@pytest.mark.unit
 def test_strict_validation_rejects_an_unknown_field():
     """The validator really is strict: a misspelt field is an error, not ignored."""
     import kubernetes_validate
@@ -74,6 +76,7 @@ def pod_specs():
             yield name, doc["spec"]["template"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,template", list(pod_specs()),
                          ids=[name for name, _ in pod_specs()])
 def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
@@ -105,6 +108,7 @@ def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
     assert spec.get("hostNetwork", False) == (name == "daemonset.yaml")
 
 
+@pytest.mark.unit
 def test_compose_sidecars_share_the_app_network():
     compose = yaml.safe_load((CONTAINER / "compose.yaml").read_text())
     services = compose["services"]
@@ -126,6 +130,7 @@ def test_compose_sidecars_share_the_app_network():
         assert (CONTAINER / build["context"] / build["dockerfile"]).is_file()
 
 
+@pytest.mark.container
 def test_build_takes_the_archive_from_apt_sources_only(tmp_path):
     """container/build names no package archive of its own: with apt sources that list
     nothing and no DEBIAN_MIRROR, it stops with a message instead of using a default."""

@@ -16,7 +16,7 @@ from mirror.lab.netns import unique_name
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 def test_status_line_in_page_fragments_of_gso_packets(host, nginx, state_dir, tmp_path):

@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 
 from conftest import tc_show
 import helpers
-from helpers import (ROOT, MirrorProcess, drop_link, env_with, from_first_status,
+from helpers import (HOOKS, ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
 from mirror import hooks, ownership, status
 from mirror.histogram import Histogram
@@ -225,7 +225,8 @@ def test_histogram_is_cumulative():
 
 
 # --- the kernel ------------------------------------------------------------------------
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.kernel
+@pytest.mark.parametrize("hook", HOOKS)
 def test_first_connection_on_a_new_veth_is_mirrored(tmp_path, namespaces, hook):
     """The controller starts with nothing matching; a container-like namespace gets its
     veth afterwards and makes an error connection the moment the link is up, without
@@ -259,6 +260,7 @@ def test_first_connection_on_a_new_veth_is_mirrored(tmp_path, namespaces, hook):
     assert f"{host_if}: interface is gone" not in proc.output
 
 
+@pytest.mark.kernel
 def test_non_matching_untouched_rename_in_and_out(tmp_path, links):
     with watching(tmp_path) as (proc, _debug):
         state = tmp_path / "state"
@@ -290,6 +292,7 @@ def test_non_matching_untouched_rename_in_and_out(tmp_path, links):
     assert "which no --iface pattern selects; no longer monitored" in proc.output
 
 
+@pytest.mark.kernel
 def test_removed_interfaces_are_forgotten(tmp_path, links):
     with watching(tmp_path) as (proc, _debug):
         state = tmp_path / "state"
@@ -304,6 +307,7 @@ def test_removed_interfaces_are_forgotten(tmp_path, links):
         assert not [p for p in locks if ownership.is_held(p.name[:-5])]
 
 
+@pytest.mark.kernel
 def test_burst_of_fifty_all_attached_and_all_detached(tmp_path, links):
     names = [unique_name("x") for _ in range(50)]
     batch = "".join(f"link add {a} type veth peer name {b}\n"
@@ -321,6 +325,7 @@ def test_burst_of_fifty_all_attached_and_all_detached(tmp_path, links):
     assert all(hooks(n) == [] and "clsact" not in tc_show(n) for n in names)
 
 
+@pytest.mark.kernel
 def test_max_ifaces_bound(tmp_path, links):
     port = free_port()
     with watching(tmp_path, "--max-ifaces", "2", "--metrics-addr",
@@ -340,6 +345,7 @@ def test_max_ifaces_bound(tmp_path, links):
         assert recorded(state)["max_ifaces"] == 2
 
 
+@pytest.mark.kernel
 def test_status_shows_patterns_and_matches(tmp_path, links):
     with watching(tmp_path, "--exclude", f"m{os.getpid():06x}??y") as (proc, _debug):
         state = tmp_path / "state"
@@ -359,6 +365,7 @@ def test_status_shows_patterns_and_matches(tmp_path, links):
         assert f"{PATTERN}: {', '.join(sorted([a, b]))}" in text
 
 
+@pytest.mark.kernel
 def test_plain_name_must_exist_pattern_need_not(tmp_path):
     missing = unique_name("x")
     res = subprocess.run([sys.executable, "-m", "mirror", "run", "--iface", missing],
@@ -367,6 +374,7 @@ def test_plain_name_must_exist_pattern_need_not(tmp_path):
     assert res.returncode == 2 and f"unknown interface {missing!r}" in res.stderr
 
 
+@pytest.mark.kernel
 def test_bridge_packets_cloned_once(tmp_path, namespaces):
     """Two namespaces on one bridge, both host-side ends monitored (the controller runs in
     a third namespace playing the host): exactly one clone per packet of the error
@@ -548,6 +556,7 @@ def test_bench_containers_reports_consistent_numbers(images):
     assert not os.path.exists(f"/var/lib/cni/networks/mbench{proc.pid}")
 
 
+@pytest.mark.kernel
 def test_bench_attach_reports_numbers():
     """bench/attach.py end to end with a few links: it produces its numbers, and what it
     calls missed is what arrived less what the classifier saw (no threshold: the numbers
@@ -591,6 +600,7 @@ class RecordingTarget:
         return False
 
 
+@pytest.mark.kernel
 def test_lost_link_events_are_recovered_by_a_full_read(links):
     """A receive buffer far too small for a burst: the kernel drops link events (ENOBUFS),
     discovery reads the whole link table again, and every interface is still attached,
@@ -617,6 +627,7 @@ def test_lost_link_events_are_recovered_by_a_full_read(links):
         disc.stop()
 
 
+@pytest.mark.kernel
 def test_debug_interface_never_attached_even_when_matched(tmp_path, links):
     """A pattern wide enough to match the debug interface and its sink end: both are left
     alone (mirroring clones onto a monitored interface would loop); the rest attaches."""

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from test_flood import RESPONSE, frame
 from mirror import bpfsys
 from mirror.flowkey import FlowKey
+
+pytestmark = pytest.mark.testrun
 
 KEY = FlowKey.from_endpoints("198.18.0.1", 80, "198.19.0.7", 1024 + 7)
 

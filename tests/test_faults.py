@@ -9,16 +9,16 @@ import subprocess
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import (MirrorProcess, controller_ask, counted_from_now, drop_link, env_with,
-                     link_packets, mirrored_packets, run_cli, wait_captured, wait_closed,
-                     wait_until)
+from helpers import (HOOKS, NEEDS_TCX, MirrorProcess, controller_ask, counted_from_now,
+                     drop_link, env_with, link_packets, mirrored_packets, run_cli,
+                     wait_captured, wait_closed, wait_until)
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import Host, unique_name
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
 def test_debug_iface_deleted_is_recreated(host, nginx, state_dir, tmp_path):
@@ -139,7 +139,7 @@ def _no_loss(stdout: bytes) -> None:
     assert end["lost_packets"] == 0, end
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.parametrize("hook", HOOKS)
 def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
     """UDP at a fixed rate crosses the monitored interface while the controller is killed
     with SIGKILL and started again (adopting, or for tcx re-creating, the hooks): the
@@ -171,6 +171,7 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
     _no_loss(stdout)
 
 
+@NEEDS_TCX
 def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
     """With tcx the whole lifecycle (attach, SIGTERM detach, attach, SIGKILL) happens
     under load: no qdisc is touched, so nothing is lost."""

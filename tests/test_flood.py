@@ -43,6 +43,7 @@ def fdinfo(fd: int) -> dict[str, str]:
     return dict(re.findall(r"^(\w+):\s+(\S+)", text, re.M))
 
 
+@pytest.mark.testrun
 @pytest.mark.slow
 def test_flood_through_test_run(debug_iface):
     clf = Classifier(max_flows=MAX_FLOWS)
@@ -80,7 +81,7 @@ def test_flood_through_test_run(debug_iface):
           f"{len(active)} resident, {FLOOD - len(active)} evicted")
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 @pytest.mark.slow
 def test_flood_with_real_connections(host, nginx, state_dir, tmp_path):
     """More real error connections than --max-flows: every one is mirrored from its error

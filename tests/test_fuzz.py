@@ -1,17 +1,11 @@
 """Differential tests: the classifier (bpf/mirror.c, through BPF_PROG_TEST_RUN on the real
-kernel) against the reference model (tests/reference.py), frame by frame.
-
-For every frame both must agree on: whether the program runs at all (this kernel's test
-run refuses some frames with EINVAL), the verdict (TC_ACT_UNSPEC), the packet coming back
-unchanged, the exact delta of every counter, and the flow map (the frame's flow marked or
-not, looked up by the key the reference computes); the whole flow set and the
-per-interface statistics are compared at checkpoints. The model keeps its own set of
-marked flows across frames, so sequences (a trigger, then later packets of the flow in
-both directions and on both hooks) are checked too.
+kernel) against the reference model (tests/reference.py), frame by frame, through the
+harness in tests/fuzz_harness.py (what is compared is described there).
 
 test_fuzz generates MIRROR_FUZZ_FRAMES frames (default 100000) from a seeded random
-generator: seed from MIRROR_FUZZ_SEED, else random, printed, and quoted in every failure.
-The same seed and frame count replay the same frames in the same order.
+generator (tests/fuzz_frames.py): seed from MIRROR_FUZZ_SEED, else random, printed, and
+quoted in every failure. The same seed and frame count replay the same frames in the same
+order.
 
     MIRROR_FUZZ_SEED=1234 .venv/bin/python -m pytest tests/test_fuzz.py::test_fuzz
 
@@ -20,32 +14,26 @@ the same seed stops right after frame #N.
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import random
-import re
-import struct
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
-from hpack import Encoder
 
 import fastmaps
 import frames as F
 import reference as R
-from frames import (TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, cut, dest_opts, eth,
-                    fragment, hop_by_hop, ipv4, ipv4_options, ipv6, routing, tcp,
-                    tcp_options)
-from mirror.abi import COUNTERS, DIRECTIONS, TC_ACT_UNSPEC
-from mirror.flowkey import KEY_SIZE, FlowKey
+from frames import (TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, cut, dest_opts, eth, fragment,
+                    hop_by_hop, ipv4, ipv6, tcp_options)
+from fuzz_frames import (NEAR_MISSES, Generator, addresses_allowed, build, conversation,
+                         random_conn, response)
+from fuzz_harness import LO_IFINDEX, TRIGGER_5XX, Harness, report
+from mirror.abi import COUNTERS, DIRECTIONS
+from mirror.flowkey import FlowKey
 
-LO_IFINDEX = 1          # skb->ifindex in BPF_PROG_TEST_RUN
 BOGUS_IFINDEX = 999999
-FLOW_VALUE_SIZE = 40    # struct flow_value
-TRIGGER_5XX = frozenset(range(500, 600))
 # The last tenth of every TRIGGER_CYCLE frames of the fuzz runs with this trigger set:
 # codes outside 100-599 (0 and 14 are also gRPC codes), a 1xx, a 2xx.
 TRIGGER_ODD = frozenset({0, 14, 100, 204, 404, 599, 600, 999})
@@ -59,856 +47,12 @@ CHECKPOINT_FLOWS = 200
 # first half with it off, as the crafted cases do). The snapshot map (a quarter of the
 # flow map, 1024 entries here) is an LRU too: checkpoints empty it before it could evict.
 SNAPSHOT_CYCLE = 10000
-SNAPSHOT_BYTES = 256
 CHECKPOINT_REQUESTS = 200
-REQUEST_VALUE_SIZE = 88 + 512       # struct error_event, as the session classifier has it
-REQUEST_FROM_LO = 77                # offset of request_from_lo in it
-WIDE_WINDOW = 1 << 62               # a rate window no run outlasts (the model's never turns)
-
-
-# --- the harness -----------------------------------------------------------------------
-
-@dataclass
-class Disagreement:
-    index: int
-    direction: str
-    frame: bytes
-    was_marked: bool | None
-    expected: R.Decision
-    problems: list
-
-    triggers: frozenset = TRIGGER_5XX
-
-    def describe(self, seed=None) -> str:
-        head = f"frame #{self.index}"
-        if seed is not None:
-            head += (f" (seed {seed}; replay: MIRROR_FUZZ_SEED={seed} "
-                     f"MIRROR_FUZZ_FRAMES={self.index + 1})")
-        if not self.frame:  # a checkpoint
-            return f"at {head}: {'; '.join(self.problems)}"
-        key = self.expected.key
-        trig = ("frozenset(range(500, 600))" if self.triggers == TRIGGER_5XX
-                else repr(set(sorted(self.triggers))))
-        marked = f"{{FlowKey.from_bytes(bytes.fromhex('{key.to_bytes().hex()}'))}}" \
-            if self.was_marked else "set()"
-        return (f"{head} on {self.direction}: {'; '.join(self.problems)}\n"
-                f"  reference: path={self.expected.path} ({self.expected.reason}) "
-                f"counters={dict(self.expected.counters)} key={key} "
-                f"marked before={self.was_marked}\n"
-                f"  the reference alone: reference.decide(bytes.fromhex('{self.frame.hex()}'), "
-                f"'{self.direction}', {trig}, {marked})")
-
-
-class Harness:
-    """Runs frames through the classifier and the reference and compares them."""
-
-    def __init__(self, clf, triggers=TRIGGER_5XX, debug=R.DEBUG_OK, debug_iface=None,
-                 budget: R.Budget | None = None):
-        """`budget`: the budgets to run with (set in the classifier here, its rate window
-        as wide as WIDE_WINDOW); None: none, as the fixture leaves the classifier. The
-        model tracks every marked flow's packets, bytes and cut reasons either way, and
-        checkpoints compare them with the kernel's."""
-        self.clf = clf
-        self.budget = budget or R.Budget()
-        if budget is not None:
-            clf.set_budgets(budget.max_packets, budget.max_bytes, budget.max_clones,
-                            window_ns=WIDE_WINDOW)
-            budget.clones = 0
-        # With the debug interface: checkpoints also count the clones that left it.
-        self.tx_path = (f"/sys/class/net/{debug_iface.name}/statistics/tx_packets"
-                        if debug_iface is not None else None)
-        self.tx_base = self.tx_packets()
-        self.mirrored = 0
-        self.runners = {d: fastmaps.TestRunner(clf.fd(d)) for d in DIRECTIONS}
-        self.counters = fastmaps.PerCpuArray(clf._counters.map_fd, len(COUNTERS))
-        self.flows = fastmaps.Hash(clf._flows.map_fd, KEY_SIZE, FLOW_VALUE_SIZE, percpu=True)
-        self.request_map = fastmaps.Hash(clf._requests.map_fd, KEY_SIZE, REQUEST_VALUE_SIZE,
-                                         percpu=False)
-        self.requests: dict[FlowKey, bool] | None = None      # None: snapshot off
-        self.triggers = frozenset(triggers)
-        self.debug = debug
-        self.marked: set[FlowKey] = set(FlowKey.from_bytes(k) for k in self.flows.keys())
-        self.budget.flows = self.kernel_use()
-        self.iface: dict[str, Counter] = {d: Counter() for d in DIRECTIONS}
-        self.iface_base = {d: Counter(v) for (i, d), v in clf.iface_stats().items()
-                           if i == LO_IFINDEX}
-        self.sums = self.counters.sums()
-        self.paths = Counter()
-        self.reasons = Counter()
-        self.disagreements: list[Disagreement] = []
-        self.frames = 0
-        self.non_pass = 0       # verdicts other than TC_ACT_UNSPEC
-        self.checkpoints = 0
-
-    def tx_packets(self) -> int:
-        return int(open(self.tx_path).read()) if self.tx_path else 0
-
-    def set_triggers(self, codes) -> None:
-        self.clf.set_trigger(frozenset(codes))
-        self.triggers = frozenset(codes)
-
-    def set_budget(self, budget: R.Budget) -> None:
-        """New budgets; every CPU's rate window starts empty again, the model's too."""
-        self.clf.set_budgets(budget.max_packets, budget.max_bytes, budget.max_clones,
-                             window_ns=WIDE_WINDOW)
-        budget.clones = 0
-        budget.flows = self.budget.flows
-        self.budget = budget
-
-    def set_snapshot(self, on: bool) -> None:
-        """Turns the request snapshot on (the model starts from what the kernel holds)
-        or off."""
-        self.clf.set_request_bytes(SNAPSHOT_BYTES if on else 0)
-        self.requests = self.kernel_requests() if on else None
-
-    def kernel_use(self) -> dict[FlowKey, list]:
-        """Each marked flow's [packets, bytes, cut reasons] in the kernel (one CPU's:
-        the harness runs pinned)."""
-        return {k: [v["packets"], v["bytes"], set(v["cut"])]
-                for k, v in self.clf.flows().items()}
-
-    def kernel_requests(self) -> dict[FlowKey, bool]:
-        return {FlowKey.from_bytes(k): bool(self.request_map.lookup(k)[REQUEST_FROM_LO])
-                for k in self.request_map.keys()}
-
-    def feed(self, frame: bytes, direction: str) -> R.Decision:
-        exp = R.decide(frame, direction, self.triggers, self.marked, self.debug,
-                       self.requests, self.budget)
-        was_marked = exp.key in self.marked if exp.key is not None else None
-        err, retval, out = self.runners[direction].run(frame)
-        sums = self.counters.sums()
-        deltas = {name: a - b for name, a, b in zip(COUNTERS, sums, self.sums) if a != b}
-        self.sums = sums
-        problems = []
-        if exp.ran:
-            if err:
-                problems.append(f"kernel refused it: {errno.errorcode.get(err, err)}")
-            else:
-                if retval != TC_ACT_UNSPEC:
-                    self.non_pass += 1
-                if retval != exp.verdict:
-                    problems.append(f"verdict {retval}, expected {exp.verdict}")
-                if out != frame:
-                    problems.append("the packet came back changed")
-        elif err != errno.EINVAL:
-            problems.append(f"expected EINVAL ({exp.reason}), got "
-                            f"{errno.errorcode.get(err, err) if err else 'a run'}")
-        if deltas != dict(exp.counters):
-            problems.append(f"counters {deltas}, expected {dict(exp.counters)}")
-        if exp.key is not None:
-            present = self.flows.contains(exp.key.to_bytes())
-            if present != exp.marked_after:
-                problems.append(f"flow {exp.key} {'marked' if present else 'not marked'} "
-                                f"in the map, expected {'marked' if exp.marked_after else 'not'}")
-            # Follow the kernel from here on, so one disagreement does not cascade.
-            (self.marked.add if present else self.marked.discard)(exp.key)
-            if not present:
-                self.budget.flows.pop(exp.key, None)
-            if self.requests is not None and exp.request_from_lo is not None:
-                self.requests[exp.key] = exp.request_from_lo
-        for k, v in exp.iface.items():
-            self.iface[direction][k] += v
-        self.mirrored += exp.counters.get("mirrored_packets", 0)
-        self.frames += 1
-        self.paths[exp.path] += 1
-        self.reasons[re.sub(r"0x[0-9a-f]+|(?<![A-Za-z])\d+", "N", exp.reason)] += 1
-        if problems:
-            self.disagreements.append(Disagreement(self.frames - 1, direction, frame,
-                                                   was_marked, exp, problems, self.triggers))
-        return exp
-
-    def checkpoint(self, empty: bool) -> None:
-        """Compares the whole flow set and the per-interface statistics with the model;
-        with `empty`, deletes every flow from the map and the model."""
-        self.checkpoints += 1
-        keys = self.flows.keys()
-        kernel = {FlowKey.from_bytes(k) for k in keys}
-        problems = []
-        if kernel != self.marked:
-            problems.append(f"flow map differs: only in the kernel {sorted(kernel - self.marked)}"
-                            f", only in the model {sorted(self.marked - kernel)}")
-        got = {d: {k: v for k, v in s.items() if v} for (i, d), s in
-               self.clf.iface_stats().items() if i == LO_IFINDEX}
-        want = {}
-        for d in DIRECTIONS:
-            total = self.iface_base.get(d, Counter()) + self.iface[d]
-            if +total:
-                want[d] = dict(+total)
-        if got != want:
-            problems.append(f"iface_stats {got}, expected {want}")
-        use = self.kernel_use()
-        if use != self.budget.flows:
-            diff = sorted(k for k in set(use) | set(self.budget.flows)
-                          if use.get(k) != self.budget.flows.get(k))
-            problems.append(f"flow packets/bytes/cut differ for {len(diff)} flows, e.g. "
-                            + "; ".join(f"{k}: kernel {use.get(k)} model "
-                                        f"{self.budget.flows.get(k)}" for k in diff[:3]))
-        self.budget.flows = use
-        if self.requests is not None and self.kernel_requests() != self.requests:
-            kernel_req = self.kernel_requests()
-            diff = {k for k in set(kernel_req) | set(self.requests)
-                    if kernel_req.get(k) != self.requests.get(k)}
-            problems.append(f"request snapshots differ for {sorted(diff)[:5]} "
-                            f"({len(diff)} flows)")
-        if self.tx_path and self.tx_packets() - self.tx_base != self.mirrored:
-            problems.append(f"{self.tx_packets() - self.tx_base} clones left the debug "
-                            f"interface, expected {self.mirrored}")
-        if problems:
-            dummy = R.Decision(True, None, {}, "checkpoint", "checkpoint")
-            self.disagreements.append(
-                Disagreement(self.frames, "-", b"", None, dummy, problems, self.triggers))
-        self.marked = kernel
-        if self.requests is not None:
-            self.requests = self.kernel_requests()
-        if empty:
-            for k in keys:
-                self.flows.delete(k)
-            self.marked = set()
-            self.budget.flows = {}
-            for k in self.request_map.keys():
-                self.request_map.delete(k)
-            if self.requests is not None:
-                self.requests = {}
-
-
-def report(h: Harness, seed=None, limit: int = 20) -> str:
-    lines = [d.describe(seed) for d in h.disagreements[:limit]]
-    more = len(h.disagreements) - limit
-    if more > 0:
-        lines.append(f"... and {more} more")
-    return "\n".join(lines)
-
-
-# --- realistic frames ------------------------------------------------------------------
-
-SRV4 = ["198.18.0.80", "198.18.0.81", "198.19.200.1"]
-SRV6 = ["2001:db8::80", "2001:db8::81", "2001:db8:ffff::1"]
-SYN_OPTS = (struct.pack("!BBH", 2, 4, 1460) + b"\x04\x02" + struct.pack("!BBII", 8, 10, 1, 0)
-            + b"\x01" + b"\x03\x03\x07")
-TS_OPTS = b"\x01\x01" + struct.pack("!BBII", 8, 10, 1234567, 7654321)
-REASONS = {100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 201: b"Created",
-           204: b"No Content", 206: b"Partial Content", 301: b"Moved Permanently",
-           302: b"Found", 304: b"Not Modified", 400: b"Bad Request", 401: b"Unauthorized",
-           403: b"Forbidden", 404: b"Not Found", 418: b"I'm a teapot",
-           429: b"Too Many Requests", 500: b"Internal Server Error", 502: b"Bad Gateway",
-           503: b"Service Unavailable", 504: b"Gateway Timeout", 599: b"Network Timeout"}
-CODE_WEIGHTS = [(200, 40), (404, 10), (500, 10), (503, 6), (502, 5), (301, 4), (304, 4),
-                (204, 3), (100, 2), (401, 2), (403, 2), (429, 2), (504, 2), (599, 1),
-                (201, 2), (206, 1), (101, 1), (418, 1), (0, 1), (99, 1), (600, 1), (999, 1)]
-PATHS_REQ = [b"/", b"/index.html", b"/api/v1/items?id=42", b"/static/app.js", b"/health",
-             b"/login", b"/images/logo.png"]
-
-
-def request(rng: random.Random, host: str) -> bytes:
-    method = rng.choice([b"GET", b"GET", b"GET", b"POST", b"HEAD", b"PUT"])
-    body = b'{"name":"x","qty":3}' if method in (b"POST", b"PUT") else b""
-    head = (method + b" " + rng.choice(PATHS_REQ) + b" HTTP/1.1\r\nHost: " + host.encode()
-            + b"\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n")
-    if body:
-        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-    return head + b"\r\n" + body
-
-
-def response(code: int, version: bytes = b"1.1", body_len: int = 60, reason=True) -> bytes:
-    body = (b"<html><head><title>%03d</title></head><body>" % code
-            + b"x" * max(0, body_len - 60) + b"</body></html>\n")[:body_len]
-    line = b"HTTP/%s %03d" % (version, code)
-    line += (b" " + REASONS.get(code, b"Unknown")) if reason else b""
-    return (line + b"\r\nServer: nginx/1.22.1\r\nDate: Mon, 02 Jun 2025 10:00:00 GMT\r\n"
-            b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
-            % len(body) + body)
-
-
-@dataclass(frozen=True)
-class Conn:
-    family: int
-    cli: str
-    cport: int
-    srv: str
-    sport: int
-    vlans: tuple = ()
-    ext: tuple = ()         # IPv6 extension headers on every packet
-    ipopts: bytes = b""     # IPv4 options on every packet
-
-
-def random_addr(rng: random.Random, family: int) -> str:
-    """An address of 198.18.0.0/15 or 2001:db8::/32; a third of them share all but the
-    last bits with the servers, so the flow key's order is decided late in the address."""
-    near = rng.random() < 0.33
-    if family == 4:
-        if near:
-            return f"198.18.0.{rng.randrange(1, 255)}"
-        return f"198.{rng.choice((18, 19))}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-    if near:
-        return f"2001:db8::{rng.randrange(0x10000):x}"
-    words = ["2001", "db8"] + [f"{rng.randrange(0x10000):x}" for _ in range(6)]
-    return ":".join(words)
-
-
-def random_conn(rng: random.Random) -> Conn:
-    family = 4 if rng.random() < 0.6 else 6
-    srv = rng.choice(SRV4 if family == 4 else SRV6)
-    r = rng.random()
-    vlans = () if r < 0.7 else ((rng.randrange(1, 4095),) if r < 0.9
-                                else ((F.ETH_P_8021AD, rng.randrange(1, 4095)),))
-    ext, opts = (), b""
-    if family == 6 and rng.random() < 0.1:
-        ext = tuple(rng.choice([[hop_by_hop()], [dest_opts(1)], [fragment(0, False)],
-                                [hop_by_hop(), routing(1)]]))
-    if family == 4 and rng.random() < 0.05:
-        opts = ipv4_options(4 * rng.randrange(1, 11))
-    cli, cport, sport = random_addr(rng, family), rng.randrange(32768, 61000), 80
-    if rng.random() < 0.08:
-        # A host talking to itself: only the ports order the key, in network byte order
-        # (256 < 511 < 512, although 0x0002 < 0x0001 when the bytes are swapped).
-        cli = srv
-        sport, cport = rng.choice([(511, 512), (512, 511), (256, 1), (1, 256), (8080, 80),
-                                   (80, 8080), (rng.randrange(1, 65536), rng.randrange(65536))])
-    else:
-        sport = rng.choice((80, 80, 8080))
-    return Conn(family, cli, cport, srv, sport, vlans, ext, opts)
-
-
-def tcp_spec(conn: Conn, from_client: bool, payload: bytes = b"", flags: int = TCP_ACK,
-             options: bytes = TS_OPTS, seq: int = 1000, ack: int = 2000,
-             window: int = 502) -> dict:
-    src, sport, dst, dport = ((conn.cli, conn.cport, conn.srv, conn.sport) if from_client
-                              else (conn.srv, conn.sport, conn.cli, conn.cport))
-    ip = {"ext": list(conn.ext)} if conn.family == 6 else {"options": conn.ipopts, "df": True}
-    return {"family": conn.family, "l4": "tcp", "src": src, "sport": sport, "dst": dst,
-            "dport": dport, "payload": payload, "flags": flags, "options": options,
-            "seq": seq, "ack": ack, "window": window, "doff": None, "vlans": list(conn.vlans),
-            "ip": ip, "trailer": b""}
-
-
-def conversation(rng: random.Random, conn: Conn, codes=None) -> list:
-    """(spec, from_client) for a whole HTTP/1.1 connection: handshake, 1-3 exchanges,
-    close (FIN or RST)."""
-    out = []
-    cseq, sseq = rng.randrange(1 << 32), rng.randrange(1 << 32)
-
-    def c(payload=b"", flags=TCP_ACK, **kw):
-        nonlocal cseq
-        s = tcp_spec(conn, True, payload, flags, seq=cseq, ack=sseq, **kw)
-        cseq = (cseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
-        out.append((s, True))
-
-    def s(payload=b"", flags=TCP_ACK, **kw):
-        nonlocal sseq
-        sp = tcp_spec(conn, False, payload, flags, seq=sseq, ack=cseq, **kw)
-        sseq = (sseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
-        out.append((sp, False))
-
-    c(flags=TCP_SYN, options=SYN_OPTS, window=64240)
-    s(flags=TCP_SYN | TCP_ACK, options=SYN_OPTS, window=65160)
-    c(flags=TCP_ACK)
-    codes = list(codes) if codes else [
-        rng.choices([x for x, _ in CODE_WEIGHTS], [w for _, w in CODE_WEIGHTS])[0]
-        for _ in range(rng.randrange(1, 4))]
-    for code in codes:
-        c(request(rng, conn.srv), TCP_PSH | TCP_ACK)
-        if rng.random() < 0.3:
-            s(flags=TCP_ACK)
-        if code == 100:
-            s(b"HTTP/1.1 100 Continue\r\n\r\n", TCP_PSH | TCP_ACK)
-            code = 200
-        version = b"1.0" if rng.random() < 0.1 else b"1.1"
-        body = response(code, version, rng.choice((0, 60, 120, 300)), rng.random() < 0.95)
-        if len(body) > 400 and rng.random() < 0.5:
-            s(body[:300], TCP_ACK)
-            s(body[300:], TCP_PSH | TCP_ACK)
-        else:
-            s(body, TCP_PSH | TCP_ACK)
-        c(flags=TCP_ACK)
-    if rng.random() < 0.8:
-        c(flags=TCP_FIN | TCP_ACK)
-        s(flags=TCP_FIN | TCP_ACK)
-        c(flags=TCP_ACK)
-    else:
-        s(flags=TCP_RST | TCP_ACK, options=b"")
-    return out
-
-
-def non_tcp_specs(rng: random.Random) -> list:
-    """Realistic frames of other protocols."""
-    a4, b4 = random_addr(rng, 4), rng.choice(SRV4)
-    a6, b6 = random_addr(rng, 6), rng.choice(SRV6)
-    dns = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01"
-    base = {"vlans": [], "trailer": b"", "ip": {}}
-    return [
-        dict(base, family=4, l4="udp", src=a4, sport=53000, dst=b4, dport=53, payload=dns),
-        dict(base, family=6, l4="udp", src=a6, sport=53000, dst=b6, dport=53, payload=dns),
-        dict(base, family=4, l4="udp", src=b4, sport=80, dst=a4, dport=40000,
-             payload=b"HTTP/1.1 500 Internal Server Error\r\n\r\n"),
-        dict(base, family=4, l4="raw", proto=F.IPPROTO_ICMP, src=a4, dst=b4,
-             payload=b"\x08\x00\xf7\xfe\x00\x01\x00\x01" + b"abcdefgh" * 4),
-        dict(base, family=6, l4="raw", proto=F.IPPROTO_ICMPV6, src=a6, dst=b6,
-             payload=b"\x80\x00\x00\x00\x00\x01\x00\x01" + b"abcdefgh" * 4),
-        dict(base, family=6, l4="raw", proto=F.IPPROTO_ICMPV6, src=a6, dst=b6,
-             ip={"ext": [hop_by_hop()]},
-             payload=b"\x87\x00\x00\x00\x00\x00\x00\x00" + ipaddress.IPv6Address(b6).packed),
-        dict(base, family=0, ethertype=F.ETH_P_ARP, payload=F.arp(a4, b4, 1)),
-        dict(base, family=0, ethertype=F.ETH_P_ARP, payload=F.arp(b4, a4, 2), vlans=[10]),
-        dict(base, family=0, ethertype=F.ETH_P_LLDP, payload=b"\x02\x07\x04" + b"\x02" * 6
-             + b"\x04\x03\x05\x65\x30\x06\x02\x00\x78\x00\x00"),
-    ]
-
-
-def build(s: dict) -> tuple[bytes, int | None]:
-    """The frame a spec describes, and the offset of its TCP header (None if none)."""
-    fam = s["family"]
-    l4 = s.get("l4")
-    if l4 == "tcp":
-        seg = tcp(s["sport"], s["dport"], s["payload"], flags=s["flags"], seq=s["seq"],
-                  ack=s["ack"], options=s["options"], doff=s["doff"], window=s["window"],
-                  pseudo=F._pseudo(s["src"], s["dst"], F.IPPROTO_TCP))
-        proto = F.IPPROTO_TCP
-    elif l4 == "udp":
-        seg = F.udp(s["sport"], s["dport"], s["payload"],
-                    pseudo=F._pseudo(s["src"], s["dst"], F.IPPROTO_UDP))
-        proto = F.IPPROTO_UDP
-    else:
-        seg = s["payload"]
-        proto = s.get("proto", 0)
-    prefix = s.get("l4_prefix", b"")
-    proto = s.get("proto_override", proto)
-    if fam == 4:
-        body, et = ipv4(prefix + seg, s["src"], s["dst"], proto, **s["ip"]), F.ETH_P_IP
-    elif fam == 6:
-        body, et = ipv6(prefix + seg, s["src"], s["dst"], proto, **s["ip"]), F.ETH_P_IPV6
-    else:
-        body, et = seg, s["ethertype"]
-    frame = eth(body, s.get("ethertype_override", et), vlans=s["vlans"], trailer=s["trailer"])
-    l4off = len(frame) - len(s["trailer"]) - len(seg) if l4 == "tcp" else None
-    return frame, l4off
-
-
-def copy_spec(s: dict) -> dict:
-    c = dict(s)
-    c["ip"] = dict(s["ip"])
-    if "ext" in c["ip"]:
-        c["ip"]["ext"] = list(c["ip"]["ext"])
-    c["vlans"] = list(s["vlans"])
-    return c
-
-
-def addresses_allowed(frame: bytes) -> bool:
-    """Whatever the classifier could read as an IP address lies in 198.18.0.0/15 or
-    2001:db8::/32 (a mutated ethertype or VLAN tag makes it read other bytes)."""
-    off, et = 14, int.from_bytes(frame[12:14], "big")
-    if et in R.VLAN_TPIDS and len(frame) >= 18:
-        off, et = 18, int.from_bytes(frame[16:18], "big")
-    if et == F.ETH_P_IP and len(frame) >= off + 20:
-        return all(frame[a] == 198 and frame[a + 1] in (18, 19) for a in (off + 12, off + 16))
-    if et == F.ETH_P_IPV6 and len(frame) >= off + 40:
-        return all(frame[a:a + 4] == b"\x20\x01\x0d\xb8" for a in (off + 8, off + 24))
-    if et == F.ETH_P_ARP and len(frame) >= off + 28:
-        return all(frame[a] == 198 and frame[a + 1] in (18, 19) for a in (off + 14, off + 24))
-    return True
-
-
-# --- status lines ----------------------------------------------------------------------
-
-STATUS_BASES = [b"HTTP/1.1 500 Internal Server Error\r\n", b"HTTP/1.0 503 Service Unavailable\r\n",
-                b"HTTP/1.1 502\r\n", b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.1 200 OK\r\n",
-                b"HTTP/1.1 599 \r\n"]
-NEAR_MISSES = [
-    b"HTTP/1.1 50", b"HTTP/1.1 500", b"HTTP/2 500 ", b"HTTP/2 500 Internal Server Error\r\n",
-    b"HTTP/2.0 500 Internal\r\n", b"HTTP/3 500 x\r\n", b"HTTP/1.1 5000", b"HTTP/1.1 5000 x\r\n",
-    b"http/1.1 500 ", b"Http/1.1 500 Internal\r\n", b"HTTP/1.2 500 ", b"HTTP/1.  500 ",
-    b"HTTP/0.9 500 ", b"HTTP/11 500 x\r\n", b"HTTP/1,1 500 ", b"HTTPS/1.1 500 ",
-    b" HTTP/1.1 500 ", b"\r\nHTTP/1.1 500 x", b"\0HTTP/1.1 500 ", b"HTTP/1.1 5x0 ",
-    b"HTTP/1.1 50x ", b"HTTP/1.1 x00 ", b"HTTP/1.1 5 0 ", b"HTTP/1.1 -50 ", b"HTTP/1.1 5\xb00 ",
-    b"HTTP/1.1 500\n", b"HTTP/1.1 500\t", b"HTTP/1.1 500-", b"HTTP/1.1 500:", b"HTTP/1.1  500 ",
-    b"HTTP/1.1\t500 ", b"HTTP/1.1\r500 ", b"HTTP/1.1 500\0", b"GET /500 HTTP/1.1\r\n\r\n",
-    b"HTTP/1.1 \xd9\xd0\xd0 ", b"HTTP/1.1 500\r", b"HTTP/1.0 500 ", b"HTTP/1.1 000 x\r\n",
-    b"HTTP/1.1 \xd9\xa1\xd9\xa2\xd9\xa3 ", b"HTTP/1.1 +50 ", b"HTTP/1.1 5.0 ", b"HTTP/1.1 50\r\n\r\n",
-]
-ALPHABET = b"0123456789 \r\n\t./HTPhtp12x\x00\xff\xb0-:;"
-
-
-def status_payload(rng: random.Random) -> bytes:
-    """A valid status line, or a near miss of one, with or without headers after it."""
-    op = rng.randrange(8)
-    line = bytearray(rng.choice(STATUS_BASES))
-    if op == 0:
-        line[rng.randrange(13)] = rng.choice(ALPHABET)
-    elif op == 1:
-        del line[rng.randrange(13)]
-    elif op == 2:
-        line.insert(rng.randrange(14), rng.choice(ALPHABET))
-    elif op == 3:
-        i = rng.randrange(13)
-        line[i:i + 1] = bytes(line[i:i + 1]).swapcase()
-    elif op == 4:
-        line = line[:rng.randrange(9, 16)]
-    elif op == 5:
-        line = bytearray(rng.choice(NEAR_MISSES))
-    else:
-        line = bytearray(b"HTTP/1.%c %03d%c" % (rng.choice(b"01"), rng.randrange(1000),
-                                                rng.choice(b"   \r\r\n\t\0x")))
-    tail = rng.choice([b"", b"", b"\r\n", b"Reason\r\nServer: nginx\r\n\r\n",
-                       response(404)[12:]])
-    return bytes(line) + tail
-
-
-def h2_frame(ftype: int, flags: int, stream: int, body: bytes) -> bytes:
-    return len(body).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + body
-
-
-def h2_block(rng: random.Random) -> bytes:
-    """A response header block from hpack's encoder (a fresh one, or one that already
-    sent the status: a dynamic reference), or a hand-made :status form."""
-    code = rng.choice([c for c, _ in CODE_WEIGHTS])
-    enc = Encoder()
-    if rng.random() < 0.2:
-        enc.encode([(":status", str(code))])
-    if rng.random() < 0.15:
-        enc.header_table_size = rng.choice([0, 4096])
-    block = enc.encode([(":status", str(code)), ("server", "fuzz")],
-                       huffman=rng.random() < 0.5)
-    if rng.random() < 0.3:
-        value = str(code).encode()
-        form = rng.choice([b"\x40", b"\x00", b"\x10"])
-        name = rng.choice([bytes([form[0] | 8]), bytes([form[0] | 14]),
-                           form + b"\x07:status", form + b"\x85\xb8\x84\x8d\x36\xa3"])
-        block = name + bytes([len(value)]) + value
-        if rng.random() < 0.3:       # a Huffman-flagged value of random bits
-            n = rng.choice([1, 2, 2, 3, 3, 4])
-            block = name + bytes([0x80 | n]) + rng.randbytes(n)
-    if rng.random() < 0.1:
-        block = rng.choice([b"\x20", b"\x3f\xe1\x1f"]) * rng.randrange(1, 4) + block
-    return block
-
-
-GRPC_BEFORE = [b"", b"", b"\x88", b"\x88\xc0", b"\x88\x5f\x10application/grpc", b"\xbf",
-               b"\x40\x03x-a\x01" + b"v" * 40 + b"\x00\x02x-b\x011"]
-
-
-def grpc_block(rng: random.Random) -> bytes:
-    """A gRPC trailers (or trailers-only) block: a few fields, then grpc-status as a new
-    name (raw or Huffman) in one of the literal forms, its value raw, Huffman (hpack's
-    encoder), out of range or random bits; or a dynamic reference in its place."""
-    code = str(rng.choice([0, 0, 1, 2, 5, 13, 14, 16, 17, 99])).encode()
-    form = rng.choice([b"\x40", b"\x00", b"\x10"])
-    name = rng.choice([b"\x0bgrpc-status", bytes.fromhex("889acac8b21234da8f")] * 2 +
-                      [b"\x0bgrpc-statux"])
-    value = Encoder().encode([("v", code.decode())], huffman=rng.random() < 0.5)[3:]
-    if rng.random() < 0.15:
-        value = bytes([0x80 | rng.choice([1, 2, 3])]) + rng.randbytes(3)
-    field = rng.choice([form + name + value] * 4 + [b"\xbe", b"\x7f\x00\x0214"])
-    return rng.choice(GRPC_BEFORE) + field + rng.choice([b"", b"\x00\x0cgrpc-message\x02no"])
-
-
-def h2_payload(rng: random.Random) -> bytes:
-    """Server frames around a response HEADERS frame, mutated: a byte set or flipped in
-    a frame header or the block, a cut, random bytes before it (a segment starting
-    mid-frame), or a wrong length."""
-    frames = [rng.choice([h2_frame(4, 0, 0, b"\x00\x03\x00\x00\x00\x80"), h2_frame(4, 1, 0, b""),
-                          h2_frame(8, 0, 0, b"\x00\x00\xff\xff"), h2_frame(6, 1, 0, b"8bytes!!"),
-                          h2_frame(0, 0, 1, b"<html>x</html>")])
-              for _ in range(rng.randrange(3))]
-    grpc = rng.random() < 0.4
-    block = grpc_block(rng) if grpc else h2_block(rng)
-    flags = 0x04 | rng.choice([0, 0, 1, 8, 0x20, 0x29])
-    if grpc and rng.random() < 0.8:
-        flags |= 0x01                   # trailers end the stream
-
-    body = block
-    if flags & 0x20:
-        body = b"\x00\x00\x00\x03\x10" + body
-    if flags & 0x08:
-        pad = rng.randrange(4)
-        body = bytes([pad]) + body + b"\x00" * pad
-    frames.append(h2_frame(1, flags, rng.choice([1, 1, 3, 2, 0]), body))
-    frames.append(h2_frame(0, 1, 1, b"body" * rng.randrange(10)))
-    out = bytearray(b"".join(frames))
-    op = rng.randrange(6)
-    if op == 0:
-        out[rng.randrange(len(out))] = rng.choice(INTERESTING + [0x01, 0x04, 0x8e, 0x48, 0x82])
-    elif op == 1:
-        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
-    elif op == 2:
-        out = out[:rng.randrange(len(out) + 1)]
-    elif op == 3:
-        out = bytearray(rng.randbytes(rng.randrange(1, 12))) + out
-    elif op == 4:
-        out = out[rng.randrange(1, len(out)):]
-    return bytes(out)
-
-
-# --- mutations -------------------------------------------------------------------------
-
-def _ext_kinds(rng):
-    return rng.choice([hop_by_hop, routing, dest_opts])(rng.randrange(4))
-
-
-def tcp_header_len(s: dict) -> int:
-    """The real length of the spec's TCP header (whatever its data offset says)."""
-    if s.get("l4") != "tcp":
-        return 8 if s.get("l4") == "udp" else 0
-    return 20 + len(s["options"]) + (-len(s["options"]) % 4)
-
-
-def mutate_spec(rng: random.Random, s: dict) -> str:
-    """Applies one random structural mutation to `s` (in place); returns its name."""
-    fam, is_tcp = s["family"], s.get("l4") == "tcp"
-    choices = ["vlans", "ethertype", "trailer"]
-    if fam in (4, 6):
-        choices += ["version", "proto"]
-    if fam == 4:
-        choices += ["ihl", "ihl", "tot_len", "tot_len", "frag4", "frag4", "ipopts"]
-    if fam == 6:
-        choices += ["plen", "plen", "ext_lie", "ext_lie", "frag6", "frag6", "ext_chain",
-                    "ext_chain", "ah"]
-    if is_tcp:
-        choices += ["doff", "doff", "window0", "flags", "flags", "status", "status", "status",
-                    "topts", "ports", "swap", "h2", "h2", "h2"]
-    m = rng.choice(choices)
-    ip = s["ip"]
-    if m == "vlans":
-        tpids = (F.ETH_P_8021Q, F.ETH_P_8021AD, 0x9100, F.ETH_P_8021Q)
-        s["vlans"] = [(rng.choice(tpids), rng.randrange(4096)) for _ in range(rng.randrange(4))]
-    elif m == "ethertype":
-        s["ethertype_override"] = rng.choice([F.ETH_P_IP, F.ETH_P_IPV6, F.ETH_P_ARP,
-                                              F.ETH_P_LLDP, F.ETH_P_8021Q, F.ETH_P_8021AD,
-                                              0x0600, 0x05DC, 0x0000, 0xFFFF,
-                                              rng.randrange(0x10000)])
-    elif m == "trailer":
-        s["trailer"] = rng.choice([b"\0" * rng.randrange(1, 40), b" OK\r\n",
-                                   bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20))),
-                                   b"HTTP/1.1 500 Internal Server Error\r\n"])
-    elif m == "version":
-        ip["version"] = rng.randrange(16)
-    elif m == "proto":
-        s["proto_override"] = rng.choice([F.IPPROTO_UDP, F.IPPROTO_ICMP, F.IPPROTO_ICMPV6, 51,
-                                          50, 59, 0, 43, 44, 60, 132, rng.randrange(256)])
-    elif m == "ihl":
-        ip["ihl"] = rng.randrange(16)
-        if rng.random() < 0.3:
-            ip["options"] = ipv4_options(4 * rng.randrange(11))
-    elif m == "tot_len":
-        opts = ip.get("options", b"")
-        ihl = 20 + len(opts) + (-len(opts) % 4)
-        real = len(build(s)[0]) - 14 - 4 * len(s["vlans"]) - len(s["trailer"])
-        th = tcp_header_len(s)
-        ip["tot_len"] = rng.choice([0, 1, 19, 20, ihl - 1, ihl, ihl + 19, ihl + 20, ihl + th - 1,
-                                    ihl + th, ihl + th + 12, ihl + th + 13, real - 1, real + 1,
-                                    real + 100, 65535, rng.randrange(65536)])
-    elif m == "frag4":
-        ip["frag_offset"] = rng.choice([0, 0, 1, 2, 185, 0x1000, 0x1FFF, rng.randrange(8192)])
-        ip["mf"] = rng.random() < 0.5
-        ip["df"] = rng.random() < 0.5
-    elif m == "ipopts":
-        ip["options"] = ipv4_options(4 * rng.randrange(11))
-    elif m == "plen":
-        body = len(build(s)[0]) - 14 - 4 * len(s["vlans"]) - 40 - len(s["trailer"])
-        chain = sum(len(e.pack(0)) for e in ip.get("ext", [])) + len(s.get("l4_prefix", b""))
-        th = tcp_header_len(s)
-        ip["payload_len"] = rng.choice([0, 1, 7, 8, 19, 20, chain, chain + th - 1, chain + th,
-                                        chain + th + 12, chain + th + 13, body - 1, body + 1,
-                                        body + 100, 65535, rng.randrange(65536)])
-    elif m == "ext_lie":
-        ext = ip.setdefault("ext", [])
-        if not ext or rng.random() < 0.3:
-            ext.insert(rng.randrange(len(ext) + 1), _ext_kinds(rng))
-        i = rng.randrange(len(ext))
-        if ext[i].kind == F.IPPROTO_FRAGMENT:
-            ext[i] = _ext_kinds(rng)
-        e = ext[i]
-        ext[i] = F.Ext(e.kind, units=e.units, hdrlen=rng.choice(
-            [0, 1, 2, e.units + 1, max(0, e.units - 1), 255, rng.randrange(256)]))
-    elif m == "frag6":
-        ext = ip.setdefault("ext", [])
-        ext.insert(rng.randrange(len(ext) + 1),
-                   fragment(rng.choice([0, 0, 1, 2, 0x1FFF, rng.randrange(8192)]),
-                            rng.random() < 0.5))
-    elif m == "ext_chain":
-        ip["ext"] = [rng.choice([hop_by_hop, routing, dest_opts, lambda u: fragment(0, True),
-                                 lambda u: fragment(rng.randrange(3), False)])(rng.randrange(3))
-                     for _ in range(rng.randrange(9))]
-    elif m == "ah":
-        nh = F.IPPROTO_TCP if is_tcp else rng.randrange(256)
-        s["l4_prefix"] = bytes([nh, 4, 0, 0]) + b"\0" * 20
-        s["proto_override"] = 51
-    elif m == "doff":
-        s["doff"] = rng.randrange(16)
-    elif m == "window0":
-        s["window"] = 0
-    elif m == "flags":
-        s["flags"] = rng.randrange(256)
-    elif m == "status":
-        s["payload"] = status_payload(rng)
-    elif m == "h2":
-        s["payload"] = h2_payload(rng)
-    elif m == "topts":
-        s["options"] = tcp_options(4 * rng.randrange(11))
-    elif m == "ports":
-        s["sport"], s["dport"] = rng.choice([(s["dport"], s["sport"]), (80, 80),
-                                             (rng.randrange(65536), rng.randrange(65536)),
-                                             (0, 0), (65535, 0), (511, 512), (512, 511)])
-        if rng.random() < 0.3:
-            s["dst"] = s["src"]  # one host talking to itself: the ports decide the order
-    elif m == "swap":
-        s["src"], s["dst"] = s["dst"], s["src"]
-        s["sport"], s["dport"] = s["dport"], s["sport"]
-    return m
-
-
-INTERESTING = [0x00, 0xFF, 0x45, 0x4F, 0x60, 0x06, 0x11, 0x2C, 0x3C, 0x2B, 0x81, 0x88, 0x86,
-               0xDD, 0x08, 0x50, 0xF0, 0x48]
-
-
-def mutate_bytes(rng: random.Random, frame: bytes, l4: int | None) -> tuple[bytes, str]:
-    m = rng.choice(["cut", "cut", "flip", "flip", "set", "append", "tcpres"])
-    b = bytearray(frame)
-    if not b and m in ("flip", "set"):
-        m = "append"
-    if m == "cut":
-        return frame[:rng.randrange(len(frame) + 1)], m
-    if m == "flip":
-        for _ in range(rng.randrange(1, 5)):
-            i = rng.randrange(min(len(b), 120) if rng.random() < 0.8 else len(b))
-            b[i] ^= 1 << rng.randrange(8)
-    elif m == "set":
-        b[rng.randrange(min(len(b), 120))] = rng.choice(INTERESTING)
-    elif m == "append":
-        b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30)))
-    elif m == "tcpres" and l4 is not None and l4 + 12 < len(b):
-        b[l4 + 12] = (b[l4 + 12] & 0xF0) | rng.randrange(16)  # reserved bits and AE/NS
-    return bytes(b), m
-
-
-# --- the generator ---------------------------------------------------------------------
-
-# A truncation sweep (one realistic frame cut at every offset) starts every this many
-# frames until all are done: within the default 100,000 frames.
-SWEEP_EVERY = 900
-# Shares of the frames that are not truncation sweeps.
-SHARES = {"mutation": 0.6, "conversation": 0.3, "flag": 0.1}
-
-
-class Generator:
-    """The seeded stream of (frame, direction, what) tuples."""
-
-    def __init__(self, seed: int, total: int):
-        self.rng = rng = random.Random(seed)
-        self.total = total
-        self.conns = [random_conn(rng) for _ in range(400)]
-        # The realistic set that every offset of is tried: the same exchanges over each
-        # kind of link and network layer.
-        kinds = [Conn(4, "198.19.7.10", 40000, "198.18.0.80", 80),
-                 Conn(4, "198.19.7.11", 40001, "198.18.0.80", 80, vlans=(100,)),
-                 Conn(4, "198.19.7.12", 40002, "198.18.0.80", 80, ipopts=ipv4_options(12)),
-                 Conn(6, "2001:db8:7::10", 40000, "2001:db8::80", 80),
-                 Conn(6, "2001:db8:7::11", 40001, "2001:db8::80", 8080,
-                      vlans=((F.ETH_P_8021AD, 200),)),
-                 Conn(6, "2001:db8:7::12", 40002, "2001:db8::80", 80,
-                      ext=(hop_by_hop(), dest_opts(1), fragment(0, True)))]
-        self.sweep_base = []
-        for i, conn in enumerate(kinds):
-            codes = [(200, 404, 500)[i % 3], (503, 200, 301)[i % 3]]
-            self.sweep_base += [build(s)[0] for s, _ in conversation(rng, conn, codes)]
-        self.sweep_base += [build(s)[0] for s in non_tcp_specs(rng)]
-        self.templates = [s for c in self.conns for s, _ in conversation(rng, c)]
-        self.non_tcp = [s for _ in range(20) for s in non_tcp_specs(rng)]
-
-    def __iter__(self):
-        """Yields (frame, direction, source) and None at episode boundaries. The stream
-        does not depend on `total` (which only ends it): the first N frames of a seed are
-        the same in a run of N frames as in a longer one."""
-        rng = self.rng
-        sweeps = list(self.sweep_base)
-        rng.shuffle(sweeps)
-        self.sweeps_done = 0
-        made = 0
-        next_sweep = 0
-        made_by = Counter()
-        while made < self.total:
-            if sweeps and made >= next_sweep:
-                next_sweep += SWEEP_EVERY
-                frame = sweeps.pop()
-                self.sweeps_done += 1
-                direction = rng.choice(DIRECTIONS)
-                offsets = list(range(len(frame) + 1))
-                if rng.random() < 0.5:
-                    offsets.reverse()
-                episode = [(frame[:n], direction, "sweep") for n in offsets]
-            else:
-                # The kind furthest behind its share of the frames made so far.
-                kind = max(SHARES, key=lambda k: SHARES[k] * (made_by[""] + 1) - made_by[k])
-                episode = getattr(self, f"{kind}_episode")()
-                made_by[""] += len(episode)
-                made_by[kind] += len(episode)
-            for item in episode:
-                if made >= self.total:
-                    return
-                yield item
-                made += 1
-            yield None  # episode boundary: a checkpoint may run here
-
-    def direction(self, from_client: bool) -> str:
-        d = "ingress" if from_client else "egress"
-        if self.rng.random() < 0.15:
-            d = "egress" if from_client else "ingress"
-        return d
-
-    def mutated(self, spec: dict, structural: int, byte_level: int) -> tuple[bytes, str]:
-        rng = self.rng
-        for _ in range(20):
-            s = copy_spec(spec)
-            names = [mutate_spec(rng, s) for _ in range(structural)]
-            frame, l4 = build(s)
-            for _ in range(byte_level):
-                frame, m = mutate_bytes(rng, frame, l4)
-                names.append(m)
-            if addresses_allowed(frame):
-                return frame, "+".join(names) or "plain"
-        return build(spec)[0], "plain"
-
-    def conversation_episode(self) -> list:
-        rng = self.rng
-        conn = rng.choice(self.conns)
-        out = []
-        for spec, from_client in conversation(rng, conn):
-            if rng.random() < 0.1:
-                frame, what = self.mutated(spec, 1, rng.randrange(2))
-            else:
-                frame, what = build(spec)[0], "conversation"
-            out.append((frame, self.direction(from_client), what))
-        return out
-
-    def flag_episode(self) -> list:
-        """Every TCP flag byte on a response and on a bare segment of one flow."""
-        rng = self.rng
-        conn = rng.choice(self.conns)
-        out = []
-        flags = list(range(256))
-        rng.shuffle(flags)
-        for fl in flags[:rng.randrange(16, 65)]:
-            payload = rng.choice([b"", response(rng.choice((200, 500, 503, 404)))])
-            spec = tcp_spec(conn, rng.random() < 0.5, payload, fl,
-                            window=rng.choice((0, 0, 502, 65535)))
-            out.append((build(spec)[0], rng.choice(DIRECTIONS), "flags"))
-        return out
-
-    def mutation_episode(self) -> list:
-        rng = self.rng
-        spec = rng.choice(self.non_tcp if rng.random() < 0.15 else self.templates)
-        structural = rng.choice((0, 1, 1, 1, 2, 2, 3))
-        byte_level = rng.choice((0, 0, 1, 1, 2)) if structural else rng.randrange(1, 4)
-        frame, what = self.mutated(spec, structural, byte_level)
-        out = [(frame, rng.choice(DIRECTIONS), what)]
-        if spec.get("l4") == "tcp" and rng.random() < 0.5:
-            # A later packet of the same flow, the other way: was the flow marked?
-            back = tcp_spec(Conn(spec["family"], spec["dst"], spec["dport"], spec["src"],
-                                 spec["sport"], tuple(spec["vlans"])), True, b"")
-            out.append((build(back)[0], rng.choice(DIRECTIONS), "follow-up"))
-        return out
 
 
 # --- tests -----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_generator_is_deterministic():
     """A seed gives the same frames, and a shorter run is a prefix of a longer one (so a
     failure at frame N replays with MIRROR_FUZZ_FRAMES=N+1)."""
@@ -921,12 +65,14 @@ def test_generator_is_deterministic():
     assert a != frames_of(43, 3000)
 
 
+@pytest.mark.unit
 def test_generated_addresses_allowed():
     frames = [x[0] for x in Generator(7, 20000) if x is not None]
     assert len(frames) == 20000
     assert all(addresses_allowed(f) for f in frames)
 
 
+@pytest.mark.unit
 def test_reference_reads_realistic_frames_like_dpkt():
     """On well-formed frames the reference sees what dpkt sees: the same flow key and
     the same status line."""
@@ -958,6 +104,7 @@ def test_reference_reads_realistic_frames_like_dpkt():
     assert checked > 500
 
 
+@pytest.mark.testrun
 def test_test_run_limits(clf):
     """The harness limits the reference models: frames this kernel's test run refuses."""
     h = Harness(clf)
@@ -1075,6 +222,7 @@ def _crafted():
     return c
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frames_", _crafted())
 def test_crafted(clf, pinned, debug_iface, frames_):
     for d in DIRECTIONS:
@@ -1091,6 +239,7 @@ BUDGETS = {"packets-1": (1, 0, 0), "packets-2": (2, 0, 0), "bytes-1": (0, 1, 0),
            "all": (3, 300, 4)}
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("limits", BUDGETS.values(), ids=BUDGETS.keys())
 @pytest.mark.parametrize("frames_", _crafted()[:12] + _crafted()[-9:])
 def test_crafted_with_budgets(clf, pinned, debug_iface, frames_, limits):
@@ -1104,6 +253,7 @@ def test_crafted_with_budgets(clf, pinned, debug_iface, frames_, limits):
         assert not h.disagreements, report(h)
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("frames_", _crafted()[:12])
 def test_crafted_byte_budget_boundaries(clf, pinned, debug_iface, frames_):
     """Byte budgets that a flow's bytes reach exactly (whichever frame marks it), and one
@@ -1119,6 +269,7 @@ def test_crafted_byte_budget_boundaries(clf, pinned, debug_iface, frames_):
         assert not h.disagreements, f"byte budget {budget}: " + report(h)
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("debug, ifindex", [(R.DEBUG_NONE, 0), (R.DEBUG_NONE, LO_IFINDEX),
                                             (R.DEBUG_FAIL, BOGUS_IFINDEX)])
 def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
@@ -1131,6 +282,7 @@ def test_crafted_debug_interface_states(clf, pinned, debug, ifindex):
     assert not h.disagreements, report(h)
 
 
+@pytest.mark.unit
 def test_classifier_cases_agree_with_reference():
     """The hand-written expectations of tests/test_classifier.py's parse-path cases, as
     the reference computes them (no kernel involved)."""
@@ -1146,6 +298,7 @@ def test_classifier_cases_agree_with_reference():
 
 # --- the fuzz --------------------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.slow
 def test_fuzz(clf, pinned, debug_iface, capsys):
     seed = int(os.environ.get("MIRROR_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -1205,6 +358,7 @@ FUZZ_BUDGETS = [R.Budget(3, 0, 0), R.Budget(0, 1500, 0), R.Budget(0, 0, 60),
                 R.Budget(6, 4000, 150), R.Budget(1, 0, 0)]
 
 
+@pytest.mark.testrun
 @pytest.mark.slow
 def test_fuzz_with_budgets(clf, pinned, debug_iface, capsys):
     """The fuzz's frames with budgets on: a new set of budgets (and an empty rate window)
@@ -1237,3 +391,4 @@ def test_fuzz_with_budgets(clf, pinned, debug_iface, capsys):
     assert not h.disagreements, (f"seed {seed}: {len(h.disagreements)} disagreements\n"
                                  + report(h, seed))
     assert all(skips.values()), f"a budget never skipped anything: {dict(skips)}"
+

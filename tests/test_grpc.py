@@ -107,6 +107,7 @@ def expect_nothing(clf, payload: bytes) -> None:
 
 # --- representations --------------------------------------------------------------------
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("huffman_value", [False, True], ids=["value-raw", "value-huffman"])
 @pytest.mark.parametrize("huffman_name", [False, True], ids=["name-raw", "name-huffman"])
 @pytest.mark.parametrize("form", list(FORMS))
@@ -117,6 +118,7 @@ def test_literal_forms_every_code(clf, form, huffman_name, huffman_value):
         expect_code(clf, trailers(block + literal(b"grpc-message", b"boom")), code)
 
 
+@pytest.mark.testrun
 def test_hpack_encoder_trailers(clf):
     """The blocks hpack's own encoder writes (Huffman where shorter, else raw)."""
     for code in (0, 2, 13, 14, 16):
@@ -126,6 +128,7 @@ def test_hpack_encoder_trailers(clf):
             expect_code(clf, trailers(block), code)
 
 
+@pytest.mark.testrun
 def test_trigger_set_chooses_codes(clf):
     """Only the codes in the set mark: 14 does with {14}, 13 does not; with every error
     code armed (grpc-error) 5 marks and 0 does not."""
@@ -151,6 +154,7 @@ BEFORE = {
 }
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("before", list(BEFORE))
 def test_after_other_fields(clf, before):
     """A trailers-only response: grpc-status after :status and other fields."""
@@ -158,18 +162,21 @@ def test_after_other_fields(clf, before):
         expect_code(clf, trailers(BEFORE[before] + grpc_status(code)), code)
 
 
+@pytest.mark.testrun
 def test_beyond_the_step_bound(clf):
     """Four literals (8 steps) before it: grpc-status is not reached (the bound)."""
     block = b"".join(literal(b"x-%d" % i, b"v") for i in range(4)) + grpc_status(14)
     expect_nothing(clf, trailers(block))
 
 
+@pytest.mark.testrun
 def test_long_value_skipped(clf):
     """A literal with a value longer than a step sees (32 bytes) is skipped by length."""
     block = literal(b"grpc-message", b"m" * 300) + grpc_status(13)
     expect_code(clf, trailers(block), 13)
 
 
+@pytest.mark.testrun
 def test_trailers_after_data_in_one_segment(clf):
     """A response's HEADERS, DATA and trailers in one segment; and two streams' trailers,
     the second one an error."""
@@ -183,12 +190,14 @@ def test_trailers_after_data_in_one_segment(clf):
 
 # --- what is not read --------------------------------------------------------------------
 
+@pytest.mark.testrun
 def test_no_end_stream(clf):
     """A HEADERS frame without END_STREAM is not trailers: nothing is read."""
     expect_nothing(clf, trailers(grpc_status(14), end_stream=False))
     expect_nothing(clf, trailers(b"\x88" + grpc_status(14), end_stream=False))
 
 
+@pytest.mark.testrun
 def test_dynamic_references_unknown(clf):
     """A repeated grpc-status (grpcio: indexed 63; grpc-js: a literal with name index
     63) cannot be read: unknown, nothing marked."""
@@ -197,16 +206,19 @@ def test_dynamic_references_unknown(clf):
     expect_unknown(clf, trailers(b"\x88\xc1\xc0"))
 
 
+@pytest.mark.testrun
 @pytest.mark.parametrize("value", [b"17", b"99", b"1x", b"", b"100", b"-1"])
 def test_bad_values_unknown(clf, value):
     expect_unknown(clf, trailers(literal(b"grpc-status", value)))
 
 
+@pytest.mark.testrun
 def test_value_cut_by_segment_end(clf):
     frame = trailers(grpc_status(14))
     expect_unknown(clf, frame[:-1])
 
 
+@pytest.mark.testrun
 def test_other_names_and_plain_h2(clf):
     """A name like grpc-status is not it; a plain h2 response with END_STREAM reads no
     grpc-status (its static fields are no dynamic references)."""
@@ -215,6 +227,7 @@ def test_other_names_and_plain_h2(clf):
     expect_nothing(clf, trailers(Encoder().encode([(":status", "204"), ("server", "x")])))
 
 
+@pytest.mark.testrun
 def test_http_status_below_100_never_triggers(clf):
     """Slots 0-16 of the trigger array are gRPC's: an HTTP/2 :status "014" or an HTTP/1.x
     "HTTP/1.1 014" is counted but marks nothing."""
@@ -229,6 +242,7 @@ def test_http_status_below_100_never_triggers(clf):
 
 # --- the trigger spec --------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec, codes, text", [
     ("5xx,grpc:2,13,14", set(range(500, 600)) | {2, 13, 14}, "5xx,grpc:2,13-14"),
     ("grpc:unavailable,INTERNAL,503", {13, 14, 503}, "503,grpc:13-14"),
@@ -243,6 +257,7 @@ def test_trigger_spec(spec, codes, text):
     assert parse_trigger(text) == codes
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec, words", [
     ("13", "cannot read '13'"), ("grpc:17", "0-16"), ("grpc:teapot", "no gRPC code"),
     ("grpc:9-3", "ascending"), ("grpc:", "no gRPC code"),
@@ -254,6 +269,7 @@ def test_trigger_spec_refused(spec, words):
         parse_trigger(spec)
 
 
+@pytest.mark.unit
 def test_event_json_names_the_grpc_code():
     from mirror.events.record import Event, grpc_name, status_label
     from mirror.flowkey import FlowKey
@@ -266,11 +282,12 @@ def test_event_json_names_the_grpc_code():
 
 # --- mutations, against the reference ----------------------------------------------------
 
+@pytest.mark.testrun
 def test_mutated_trailers_agree_with_reference(clf, capsys):
     """20,000 segments from the fuzz's gRPC generator (mutated frames around gRPC
     trailers): the classifier's counters equal the reference's on every one."""
     import random
-    from test_fuzz import h2_payload
+    from fuzz_frames import h2_payload
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     clf.set_trigger(TRIGGER)

@@ -29,7 +29,7 @@ from helpers import controller_ask, same_packets, signature
 from test_integration import Session
 from mirror.lab.netns import stop_process
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 PORT = 50051
 TRIGGER = "5xx,grpc:13,14"

@@ -22,6 +22,8 @@ import reference as R
 from frames import TCP_ACK, tcp4, tcp6
 from mirror.abi import COUNTERS
 
+pytestmark = pytest.mark.testrun
+
 LO_IFINDEX = 1
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"
 SRV6, CLI6 = "2001:db8::80", "2001:db8:7::10"

@@ -24,7 +24,7 @@ from helpers import assert_mirrored_from, controller_ask
 from test_integration import Session
 from mirror.lab.netns import stop_process
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 PORT = 8080
 

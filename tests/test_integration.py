@@ -9,16 +9,16 @@ import time
 
 import pytest
 
-from helpers import (MirrorProcess, counted_from_now, env_with, from_first_status, link_packets,
-                     mirrored_packets, request_of, same_packets, signature, wait_captured,
-                     wait_closed, wait_until)
+from helpers import (HOOKS, MirrorProcess, counted_from_now, env_with, from_first_status,
+                     link_packets, mirrored_packets, request_of, same_packets, signature,
+                     wait_captured, wait_closed, wait_until)
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 _seq = itertools.count()
@@ -84,7 +84,7 @@ def connect(host, family, paths):
     return FlowKey.from_endpoints(*tuple5), statuses
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("family", [4, 6])
 def test_error_connections_mirrored_whole_and_nothing_else(host, nginx, tmp_path, hook, family):
     with Session(host, tmp_path, hook) as s:

@@ -12,12 +12,13 @@ import time
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import ROOT, MirrorProcess, env_with, links_of_this_run, mirror_cmd, run_cli
+from helpers import (HOOKS, NEEDS_TCX, ROOT, MirrorProcess, env_with, links_of_this_run,
+                     mirror_cmd, run_cli)
 from mirror.hooks import tc
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 def snapshot(ifname: str):
@@ -50,7 +51,7 @@ def env(state_dir):
     return env_with(MIRROR_STATE_DIR=state_dir)
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.parametrize("hook", HOOKS)
 def test_detach_restores_qdiscs_exactly(host, env, hook):
     from mirror.hooks import tcx
     before = snapshot(host.host_if)
@@ -473,6 +474,7 @@ def test_idle_control_client_does_not_block_sigterm(host, env, state_dir):
         assert m.stop(timeout=30) == 0, m.output
 
 
+@NEEDS_TCX
 def test_tcx_runs_before_a_foreign_tcx_program(host, nginx, env):
     """A foreign tcx program that returns a final verdict (TC_ACT_OK) is attached first;
     the mirror attaches ahead of it and still sees (and mirrors) the error flow."""

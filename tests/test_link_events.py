@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import select
 
+import pytest
 from pyroute2 import IPRoute
 
 from mirror.attachments import Attachments
 from mirror.discovery import LinkSocket
 from mirror.lab.netns import PREFIX, sh, unique_name
+
+pytestmark = pytest.mark.kernel
 
 
 def _new_link_events(sock: LinkSocket, names: set[str]) -> dict:

@@ -15,7 +15,7 @@ from mirror.lab.netns import unique_name
 from mirror.capture.pcap import read_packets
 from mirror.capture.tcpdump import Tcpdump
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 def free_port() -> int:

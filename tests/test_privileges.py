@@ -18,6 +18,7 @@ def status_file(tmp_path, cap_eff: str):
     return str(path)
 
 
+@pytest.mark.unit
 def test_effective_caps_decodes_the_mask(tmp_path):
     # bits 12 (NET_ADMIN), 38 (PERFMON), 39 (BPF)
     mask = f"{(1 << 12) | (1 << 38) | (1 << 39):016x}"
@@ -27,6 +28,7 @@ def test_effective_caps_decodes_the_mask(tmp_path):
     assert "cap_45" in privileges.effective_caps(status_file(tmp_path, f"{1 << 45:016x}"))
 
 
+@pytest.mark.unit
 def test_bit_numbers_match_the_kernel_headers():
     """Against capsh, which has its own table (libcap): `capsh --decode` of each bit."""
     for name, bit in privileges.CAP_BITS.items():
@@ -35,6 +37,7 @@ def test_bit_numbers_match_the_kernel_headers():
         assert out.strip().endswith(name.lower()), (name, out)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("release,has", [("6.18.44-fc-v657", True), ("5.8.0", True),
                                          ("5.7.19-custom", False), ("4.19.0-21-amd64", False),
                                          ("5.10.0-28-amd64", True)])
@@ -44,6 +47,7 @@ def test_cap_bpf_from_kernel_release(release, has):
     assert privileges.required_caps(release) == expected
 
 
+@pytest.mark.unit
 def test_missing_caps_counts_sys_admin_for_bpf_and_perfmon():
     needed = privileges.CONTROLLER_CAPS
     assert privileges.missing_caps(needed, {"CAP_NET_ADMIN"}) == ["CAP_BPF", "CAP_PERFMON"]
@@ -51,6 +55,7 @@ def test_missing_caps_counts_sys_admin_for_bpf_and_perfmon():
     assert privileges.missing_caps(needed, {"CAP_SYS_ADMIN"}) == ["CAP_NET_ADMIN"]
 
 
+@pytest.mark.testrun
 def test_this_process_as_root_has_what_it_needs():
     """The suite runs as root with the controller's capabilities: no error, and bpf(2) is
     not refused (the probe map is created and closed)."""
@@ -58,6 +63,7 @@ def test_this_process_as_root_has_what_it_needs():
     assert privileges.bpf_syscall_refused() is False
 
 
+@pytest.mark.testrun
 def test_setpriv_dropped_process_sees_its_own_set():
     code = "from mirror import privileges; print(sorted(privileges.effective_caps()))"
     out = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all,+net_admin,+bpf",

@@ -43,6 +43,7 @@ def fetch(port: int) -> bytes:
         return resp.read()
 
 
+@pytest.mark.unit
 def test_promtool_lints_for_real(promtool):
     """The check below means something: promtool does object to a badly named counter
     and to a metric without help."""
@@ -53,7 +54,7 @@ def test_promtool_lints_for_real(promtool):
     assert r.returncode != 0 and 'should have "_total" suffix' in out and "no help" in out, out
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_endpoints_pass_promtool_check_metrics(promtool, host, nginx, tmp_path, capture_proc):
     debug = unique_name("d")
     ctl_port, cap_port = free_port(), free_port()
@@ -77,6 +78,7 @@ def test_endpoints_pass_promtool_check_metrics(promtool, host, nginx, tmp_path, 
         assert (r.returncode, r.stdout + r.stderr) == (0, b""), (name, r.stdout + r.stderr)
 
 
+@pytest.mark.unit
 def test_alert_rules_pass_check_and_unit_tests(promtool):
     r = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                        text=True, timeout=60)
@@ -86,6 +88,7 @@ def test_alert_rules_pass_check_and_unit_tests(promtool):
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.unit
 def test_rules_cover_what_the_issue_asks():
     """Error response rate, clone failures, lost events, capture drops, controller errors,
     each on the metric that counts it."""

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import ROOT, MirrorProcess, env_with, run_cli
+from helpers import NEEDS_TCX, ROOT, MirrorProcess, env_with, run_cli
 from mirror.debugif import MAX_IFNAME_LEN, sink_name
 from mirror.lab.netns import Host, unique_name
 
@@ -23,7 +23,7 @@ def test_sink_names_fit_and_do_not_collide():
         assert len(sink_name(name)) <= MAX_IFNAME_LEN and sink_name(name).endswith("-sink")
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
 def test_two_controllers_starting_together_share_one_debug_interface(tmp_path):
     """Two controllers on two interfaces, started at the same moment with the same new
     debug interface name: one creates it, the other uses it; the last one out removes it."""
@@ -53,7 +53,8 @@ def test_two_controllers_starting_together_share_one_debug_interface(tmp_path):
         b.destroy()
 
 
-@pytest.mark.integration
+@pytest.mark.kernel
+@NEEDS_TCX
 def test_status_shows_only_this_namespaces_tcx_links(tmp_path):
     """A controller in another network namespace with tcx links on its loopback (ifindex
     1, as the root namespace's): `mirror status` here does not list them."""

@@ -15,15 +15,16 @@ import urllib.request
 
 import pytest
 
-from helpers import (MirrorProcess, controller_ask, env_with, from_first_status, mirrored_packets,
-                     request_of, run_cli, same_packets, wait_captured, wait_closed, wait_until)
+from helpers import (HOOKS, MirrorProcess, controller_ask, env_with, from_first_status,
+                     mirrored_packets, request_of, run_cli, same_packets, wait_captured,
+                     wait_closed, wait_until)
 from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 from mirror.flowkey import FlowKey, endpoint
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 EVENT_FIELDS = {"time", "iface", "direction", "client", "server", "method", "target", "host",
                 "status", "response_ns", "new_flow", "proto", "request_bytes",
@@ -91,7 +92,7 @@ def tshark_fields(pcap, display_filter: str, *fields: str) -> list[list[str]]:
     return [line.split("\t") for line in out.stdout.splitlines() if line]
 
 
-@pytest.mark.parametrize("hook", ["clsact", "htb", "tcx"])
+@pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("family", [4, 6])
 def test_request_of_the_error_is_captured_and_reported(host, nginx, tmp_path, hook, family):
     server, source = (host.ns_v4, host.host_v4) if family == 4 else (host.ns_v6, host.host_v6)

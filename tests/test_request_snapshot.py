@@ -11,6 +11,8 @@ from mirror.abi import COUNTERS, TC_ACT_UNSPEC
 from mirror.events.record import HEAD_SIZE, Event, describe_request
 from mirror.flowkey import FlowKey
 
+pytestmark = pytest.mark.testrun
+
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"
 SRV6, CLI6 = "2001:db8::80", "2001:db8:7::10"
 SPORT, CPORT = 80, 40000

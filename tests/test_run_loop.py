@@ -18,7 +18,7 @@ from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.metrics import MapCollector
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.kernel
 
 
 class Faulty:
