@@ -200,11 +200,15 @@ def cmd_run(args) -> int:
                    max_bytes_per_flow=int(args.max_bytes_per_flow),
                    max_clones_per_second=int(args.max_clones_per_second))
     ctl = Controller(flags)
-    indexes = ctl.preflight()
-    server = None
-    if ctl.opts.metrics_addr:
-        from .metrics import MapCollector
-        server = serve_metrics(MapCollector(ctl), ctl.opts.metrics_addr)
+    try:
+        indexes = ctl.preflight()
+        server = None
+        if ctl.opts.metrics_addr:
+            from .metrics import MapCollector
+            server = serve_metrics(MapCollector(ctl), ctl.opts.metrics_addr)
+    except BaseException:
+        ctl.close()         # nothing was added yet: this only releases its sockets
+        raise
 
     # Event.set() takes the event's lock, which the interrupted main thread may hold
     # (a signal landing inside Event.wait deadlocks the handler against its own thread:

@@ -324,8 +324,8 @@ class Controller:
             except Exception as exc:
                 log.error("removing debug interface %s failed: %s", self.debug.name, exc)
             self.debug = None
-        ownership.remove("controller", self.id)
-        if self._ctl_lock:
+        if self._ctl_lock:         # taken at start: before it, nothing was recorded
+            ownership.remove("controller", self.id)
             self._ctl_lock.path.unlink(missing_ok=True)     # unique to this process
             self._ctl_lock.release()
             self._ctl_lock = None
