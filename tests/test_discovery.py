@@ -26,7 +26,7 @@ import helpers
 from helpers import (ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
 from mirror import ownership, status
-from mirror.capture.pcap import read_flows
+from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
 from mirror.discovery import Histogram, Selector
 from mirror.errors import UsageError
