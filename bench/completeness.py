@@ -31,7 +31,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from mirror.capture.pcap import read_packets
+from mirror.capture.flow import read_packets
 from mirror.capture.tcpdump import Tcpdump
 
 from .lab import link_stats

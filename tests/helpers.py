@@ -14,10 +14,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import dpkt
 import pytest
 
+from mirror.capture.flow import Flow, Packet, flows_of
+from mirror.flowkey import FlowKey
 from mirror.hooks import tcx
-from mirror.capture.pcap import Packet
 from mirror.http1 import status_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,17 @@ class MirrorProcess:
             self.proc.wait()
         if self._reader:
             self._reader.join(5)
+
+
+def dpkt_flows(path) -> dict[FlowKey, Flow]:
+    """The connections of a pcap the product wrote (the sidecar's reordered ring files),
+    its records framed by dpkt's reader instead of mirror.capture.pcap, so that what the
+    product wrote is checked by a reader that is not its own."""
+    with open(path, "rb") as f:
+        reader = dpkt.pcap.Reader(f)
+        link = reader.datalink()
+        packets = (Packet.decode(link, ts, frame) for ts, frame in reader)
+        return flows_of((p for p in packets if p is not None), os.path.basename(path))
 
 
 def signature(p: Packet) -> tuple:

@@ -26,7 +26,8 @@ import pytest
 from helpers import (MirrorProcess, counted_from_now, env_with, link_packets, mirror_cmd,
                      mirrored_packets, run_cli, wait_closed, wait_until)
 from mirror.capture.command import render_index
-from mirror.capture.index import Cursor, Indexer, read_index
+from mirror.capture.index import Indexer, read_index
+from mirror.capture.pcap import FILE_HEADER_SIZE, MAX_SNAPLEN, RECORD_HEADER_SIZE, Cursor
 from mirror.capture.reorder import Changed, reorder_file
 from mirror.capture.request import MAX_SPAN, covers, parse_request
 from mirror.capture.ring import FILE_RE, current_file, list_pcaps
@@ -346,7 +347,7 @@ def test_ring_stays_bounded_while_traffic_flows(host, nginx, tmp_path, capture_p
     assert cap.wait_state("capturing"), cap.stop_output()
     crossed = counted_from_now(lambda: link_packets(host.host_if))
     # tcpdump closes a file once it is larger than the cap: one packet may pass it.
-    limit = size_mb * 1_000_000 + 262144 + 16
+    limit = size_mb * 1_000_000 + RECORD_HEADER_SIZE + MAX_SNAPLEN
     seen_names = set()
     for round_ in range(30):                                # ~256 KiB x 2 per round
         send(host.ns_v4, host.host_v4, ["/big", "/big"])
@@ -868,9 +869,9 @@ def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_pa
     sent = []
 
     def recorded() -> int:
-        """Bytes of records tcpdump has written (each file has a 24-byte header)."""
+        """Bytes of records tcpdump has written (each file starts with a file header)."""
         files = list_pcaps(cap_dir)
-        return sum(f.signature[1] for f in files) - 24 * len(files)
+        return sum(f.signature[1] for f in files) - FILE_HEADER_SIZE * len(files)
 
     def write(sock, frames):
         """A few frames at a time, each batch waited for on disk: written in bursts of
@@ -880,7 +881,7 @@ def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_pa
             for fr in frames[i:i + 8]:
                 sock.send(fr)
                 sent.append(fr)
-            total = sum(16 + len(fr) for fr in sent)
+            total = sum(RECORD_HEADER_SIZE + len(fr) for fr in sent)
             wait_until(lambda: (recorded() == total, (recorded(), total)),
                        "the frames on disk")
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import dpkt_flows
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import Host
-from mirror.capture.pcap import read_flows
 from mirror.capture.index import read_index
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,7 +360,7 @@ def test_sidecars_in_a_pod_capture_the_error_flows_only(images, pod_host, captur
     captured = {}
     for p in pcaps:
         assert p.stat().st_uid == CAPTURE_UID and stat.S_IMODE(p.stat().st_mode) == 0o600
-        captured.update(read_flows(str(p)))
+        captured.update(dpkt_flows(p))
     assert set(captured) == errors and not set(captured) & oks
     for key, flow in captured.items():
         assert flow.statuses[0] == 500, key

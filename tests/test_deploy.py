@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 import dockerengine
+from helpers import dpkt_flows
 from mirror.lab.netns import Host
-from mirror.capture.pcap import read_flows
 from mirror.capture.index import read_index
 from test_container import CONTAINER, images, podman, port_open, scrape, wait_for  # noqa: F401
 
@@ -53,7 +53,7 @@ def assert_one_error_flow(captures: Path) -> dict:
     assert rec["statuses"] == [500] and rec["server_port"] == 80, rec
     flows = {}
     for pcap in sorted(captures.glob("mirror-*.pcap*")):
-        flows.update(read_flows(str(pcap)))
+        flows.update(dpkt_flows(pcap))
     assert len(flows) == 1 and next(iter(flows.values())).statuses == [500], flows
     return rec
 

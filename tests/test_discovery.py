@@ -26,8 +26,8 @@ import helpers
 from helpers import (HOOKS, ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
 from mirror import hooks, ownership, status
+from mirror.capture.flow import read_flows
 from mirror.histogram import Histogram
-from mirror.capture.pcap import read_flows
 from mirror.capture.tcpdump import Tcpdump
 from mirror.discovery import Selector
 from mirror.errors import UsageError

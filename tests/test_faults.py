@@ -15,7 +15,7 @@ from helpers import (HOOKS, NEEDS_TCX, MirrorProcess, controller_ask, counted_fr
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import Host, unique_name
-from mirror.capture.pcap import read_flows
+from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -16,7 +16,7 @@ from mirror.bpfprog import Classifier
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
-from mirror.capture.pcap import read_flows
+from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
 MAX_FLOWS = 1024

@@ -15,7 +15,7 @@ from helpers import (HOOKS, MirrorProcess, counted_from_now, env_with, from_firs
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
-from mirror.capture.pcap import read_flows
+from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = pytest.mark.kernel

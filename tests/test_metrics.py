@@ -12,7 +12,7 @@ from helpers import (MirrorProcess, counted_from_now, env_with, mirrored_packets
                      wait_closed)
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
-from mirror.capture.pcap import read_packets
+from mirror.capture.flow import read_packets
 from mirror.capture.tcpdump import Tcpdump
 
 pytestmark = pytest.mark.kernel

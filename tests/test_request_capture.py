@@ -18,7 +18,7 @@ import pytest
 from helpers import (HOOKS, MirrorProcess, controller_ask, env_with, from_first_status,
                      mirrored_packets, request_of, run_cli, same_packets, wait_captured,
                      wait_closed, wait_until)
-from mirror.capture.pcap import read_flows
+from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
 from mirror.flowkey import FlowKey, endpoint
 from mirror.lab.client import send

@@ -1,13 +1,14 @@
 """The capture index: what the capture sidecar recorded, one JSON line per error flow.
 
-The sidecar hands the pcap files tcpdump writes to an Indexer, which reads them with
-dpkt, incrementally (a Cursor remembers where each file's last read stopped, and which
-generation of a ring file it was), and accumulates per-connection facts: first and last
-packet time, packets, bytes, the HTTP status codes and request lines seen, and the files
-holding the connection. A connection is written to the index (appended, one JSON object
-per line) once it is over: closed by FIN from both sides or by a RST and nothing new of
-it read for `linger_seconds` (so that the last ACK joins it), idle for `idle_seconds`, or
-when the sidecar stops.
+The sidecar hands the pcap files tcpdump writes to an Indexer, which reads them
+incrementally (mirror.capture.pcap: a Cursor remembers where each file's last read
+stopped, and which generation of a ring file it was) and accumulates each connection's
+packets into a mirror.capture.flow.Flow: first and last packet time, packets, bytes, the
+HTTP status codes and request lines seen, and the files holding the connection. A
+connection is written to the index (appended, one JSON object per line) once it is over:
+closed by FIN from both sides or by a RST and nothing new of it read for
+`linger_seconds` (so that the last ACK joins it), idle for `idle_seconds`, or when the
+sidecar stops.
 
 Only what the mirror sent is in the pcaps: packets from the error response on, and the
 request that got that response, which the controller writes onto the debug interface
@@ -30,193 +31,44 @@ the file's cursor to the new file's signature and first record, so the file is n
 again: no packet is counted twice and no flow indexed twice, and what the index holds is
 what the file held before the reorder.
 
-TCP is read the way a retransmission or reordering cannot fool: status and request lines
-are taken from segment starts deduplicated by sequence number and ordered by sequence
-number (32-bit wrap-around aware), not by capture order; packets and bytes count every
-captured frame, retransmissions included."""
+Status and request lines are read by sequence number, as a retransmission or reordering
+cannot fool (mirror.capture.flow); packets and bytes count every captured frame."""
 from __future__ import annotations
 
-import ipaddress
 import json
-import logging
 import os
-import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import dpkt
-
 from ..flowkey import FlowKey
-from ..http1 import METHODS, is_request_line, status_line
-from .request import answered, parse_request
-
-log = logging.getLogger("mirror")
-
-MAX_LINE = 8192
+from .flow import Flow, Packet
+from .pcap import Cursor, read_new
 
 
-def _seq_order(seqs, base: int) -> list[int]:
-    """Sequence numbers sorted by their distance from `base`, modulo 2**32."""
-    def rel(s):
-        d = (s - base) & 0xFFFFFFFF
-        return d - (1 << 32) if d >= 1 << 31 else d
-    return sorted(seqs, key=rel)
-
-
-@dataclass
-class Direction:
-    """One direction of a connection: its data segments by sequence number, and when
-    each was first captured with which acknowledgement number."""
-    segments: dict[int, bytes] = field(default_factory=dict)
-    first_seen: dict[int, tuple[float, int]] = field(default_factory=dict)
-    first_seq: int | None = None
-
-    def add(self, seq: int, payload: bytes, ts: float = 0.0, ack: int = 0) -> bool:
-        """Stores a data segment; False if that sequence number was already seen (a
-        retransmission; the longer copy is kept)."""
-        if self.first_seq is None:
-            self.first_seq = seq
-        old = self.segments.get(seq)
-        if old is None or len(payload) > len(old):
-            self.segments[seq] = payload
-        self.first_seen.setdefault(seq, (ts, ack))
-        return old is None
-
-    def ordered(self) -> list[tuple[int, bytes]]:
-        if self.first_seq is None:
-            return []
-        return [(s, self.segments[s]) for s in _seq_order(self.segments, self.first_seq)]
-
-    def statuses(self) -> list[int]:
-        return [int(p[9:12]) for _, p in self.ordered() if status_line(p)]
-
-    def first_response(self) -> tuple[int, bytes] | None:
-        """The first status-line segment in sequence order: behind the mirror, the
-        response that made it clone the connection."""
-        return next(((s, p) for s, p in self.ordered() if status_line(p)), None)
-
-    def request_starts(self) -> list[tuple[int, bytes]]:
-        return [(s, p) for s, p in self.ordered() if parse_request(p) is not None]
-
-    def request_lines(self, skip: frozenset[int] = frozenset()) -> list[str]:
-        """Request lines starting a segment (but those at the `skip` sequence numbers),
-        completed from the following contiguous segments when a line is split across
-        segments."""
-        segs = self.ordered()
-        out = []
-        for i, (seq, payload) in enumerate(segs):
-            if payload.split(b" ", 1)[0] not in METHODS or seq in skip:
-                continue
-            line, end = payload, (seq + len(payload)) & 0xFFFFFFFF
-            for nseq, npayload in segs[i + 1:]:
-                if b"\r\n" in line or len(line) > MAX_LINE or nseq != end:
-                    break
-                line += npayload
-                end = (nseq + len(npayload)) & 0xFFFFFFFF
-            line = line.split(b"\r\n", 1)[0]
-            if is_request_line(line[:MAX_LINE]):
-                out.append(line.decode("latin-1"))
-        return out
-
-
-@dataclass
-class Flow:
-    key: FlowKey
-    first_ts: float
-    last_ts: float
-    packets: int = 0
-    bytes: int = 0
-    retransmissions: int = 0
-    files: list[str] = field(default_factory=list)
-    dirs: dict[tuple[str, int], Direction] = field(default_factory=dict)
-    fin_from: set = field(default_factory=set)
-    rst: bool = False
-    last_update: float = field(default_factory=time.time)
-
-    def add(self, ts: float, length: int, src: tuple[str, int], tcp: dpkt.tcp.TCP,
-            fname: str) -> None:
-        self.first_ts = min(self.first_ts, ts)
-        self.last_ts = max(self.last_ts, ts)
-        self.packets += 1
-        self.bytes += length
-        if fname not in self.files:
-            self.files.append(fname)
-        d = self.dirs.setdefault(src, Direction())
-        if tcp.data and not d.add(tcp.seq, bytes(tcp.data), ts, tcp.ack):
-            self.retransmissions += 1
-        if tcp.flags & dpkt.tcp.TH_FIN:
-            self.fin_from.add(src)
-        if tcp.flags & dpkt.tcp.TH_RST:
-            self.rst = True
-        self.last_update = time.time()
-
-    @property
-    def finished(self) -> bool:
-        return self.rst or len(self.fin_from) >= 2
-
-    def endpoints(self) -> tuple[tuple[str, int], tuple[str, int]]:
-        """(client, server): the server sends status lines, the client request lines;
-        failing both, the lower port is taken for the server."""
-        lo = (self.key.addr_lo, self.key.port_lo)
-        hi = (self.key.addr_hi, self.key.port_hi)
-        for ep, d in self.dirs.items():
-            if d.statuses():
-                return (hi if ep == lo else lo), ep
-        for ep, d in self.dirs.items():
-            if d.request_lines():
-                return ep, (hi if ep == lo else lo)
-        return (lo, hi) if lo[1] > hi[1] else (hi, lo)
-
-    def error_request(self, client, server) -> dict:
-        """The first response (the error: the capture starts at it) and the request it
-        answered, paired by acknowledgement number (mirror.capture.request), wherever
-        the capture put the request. response_ms is None when no request was captured,
-        and also when the request's capture time is not when it was sent: captured
-        after its response (the controller writes the request's snapshot after the
-        kernel cloned the response) or exactly 1 us before it (where the sidecar's
-        reorder put it)."""
-        out = {"method": None, "target": None, "host": None, "status": None,
-               "response_ms": None, "request_seq": None}
-        srv, cli = self.dirs.get(server), self.dirs.get(client)
-        first = srv.first_response() if srv else None
-        if first is None:
-            return out
-        resp_ts, ack = srv.first_seen[first[0]]
-        out["status"] = int(first[1][9:12])
-        pair = answered(cli.request_starts(), ack) if cli else None
-        if pair is None:
-            return out
-        head = parse_request(pair[1])
-        req_ts = cli.first_seen[pair[0]][0]
-        if round((resp_ts - req_ts) * 1e6) > 1:
-            out["response_ms"] = round((resp_ts - req_ts) * 1000, 3)
-        out.update(method=head.method, target=head.target, host=head.host,
-                   request_seq=pair[0])
-        return out
-
-    def record(self, reason: str) -> dict:
-        client, server = self.endpoints()
-        error = self.error_request(client, server)
-        paired = error.pop("request_seq")
-        statuses, requests = [], []
-        if server in self.dirs:
-            statuses = self.dirs[server].statuses()
-        if client in self.dirs:
-            skip = frozenset() if paired is None else frozenset([paired])
-            requests = self.dirs[client].request_lines(skip)
-        return {**error,
-            "family": self.key.family,
-            "client": client[0], "client_port": client[1],
-            "server": server[0], "server_port": server[1],
-            "first": round(self.first_ts, 6), "last": round(self.last_ts, 6),
-            "first_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.first_ts))
-            + f".{int(self.first_ts * 1e6) % 1000000:06d}Z",
-            "packets": self.packets, "bytes": self.bytes,
-            "retransmissions": self.retransmissions,
-            "statuses": statuses, "requests": requests,
-            "files": list(self.files), "end": reason,
-        }
+def index_record(flow: Flow, reason: str) -> dict:
+    """A finished flow's line in the index; `reason` says how it ended."""
+    client, server = flow.endpoints()
+    error = flow.error_request(client, server)
+    paired = error.pop("request_seq")
+    statuses, requests = [], []
+    if server in flow.dirs:
+        statuses = flow.dirs[server].statuses()
+    if client in flow.dirs:
+        skip = frozenset() if paired is None else frozenset([paired])
+        requests = flow.dirs[client].request_lines(skip)
+    return {**error,
+        "family": flow.key.family,
+        "client": client[0], "client_port": client[1],
+        "server": server[0], "server_port": server[1],
+        "first": round(flow.first_ts, 6), "last": round(flow.last_ts, 6),
+        "first_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(flow.first_ts))
+        + f".{int(flow.first_ts * 1e6) % 1000000:06d}Z",
+        "packets": flow.packet_count, "bytes": flow.bytes,
+        "retransmissions": flow.retransmissions,
+        "statuses": statuses, "requests": requests,
+        "files": list(flow.files), "end": reason,
+    }
 
 
 @dataclass
@@ -226,89 +78,6 @@ class FileStats:
     skipped: int = 0        # not Ethernet/SLL + IP + TCP
     partial: bool = False   # ends in an incomplete record (being written, or cut short)
     new_generation: bool = False    # the file was rewritten since the cursor was taken
-
-
-@dataclass
-class Cursor:
-    """How far a pcap file has been read: `first` identifies the file's generation (the
-    header of its first record: a ring file rewritten by tcpdump starts with another
-    packet), `offset` is where the next unread record starts."""
-    first: str = ""
-    offset: int = 0
-
-    def to_json(self) -> dict:
-        return {"first": self.first, "offset": self.offset}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Cursor":
-        return cls(str(data.get("first", "")), int(data.get("offset", 0)))
-
-
-FILE_HDR = 24
-REC_HDR = 16
-MAGICS = {0xA1B2C3D4: ("<", 1e-6), 0xA1B23C4D: ("<", 1e-9),
-           0xD4C3B2A1: (">", 1e-6), 0x4D3CB2A1: (">", 1e-9)}
-
-
-def ntoa(raw: bytes) -> str:
-    return str(ipaddress.ip_address(raw))
-
-
-def decode_tcp(link: int, buf: bytes):
-    """(ip, tcp) of a frame decoded with dpkt, or None when it is not IP + TCP."""
-    try:
-        if link == dpkt.pcap.DLT_LINUX_SLL:
-            ip = dpkt.sll.SLL(buf).data
-        else:
-            ip = dpkt.ethernet.Ethernet(buf).data     # VLAN tags are skipped by dpkt
-    except (dpkt.NeedData, dpkt.UnpackError):
-        return None
-    tcp = getattr(ip, "data", None)
-    if isinstance(ip, (dpkt.ip.IP, dpkt.ip6.IP6)) and isinstance(tcp, dpkt.tcp.TCP):
-        return ip, tcp
-    return None
-
-
-def read_tcp(f, cursor: Cursor | None, stats: FileStats):
-    """Yields (ts, frame length, ip, tcp) for the TCP packets of an open pcap file from
-    `cursor` on (the whole file when None or of another generation), stopping at an
-    incomplete record; the cursor is updated in place as records are consumed.
-    Frames are decoded by dpkt: Ethernet or Linux cooked, IPv4 or IPv6 (dpkt walks the
-    extension headers). Records are framed here, so a file can be read while tcpdump
-    is still appending to it (-U writes whole records) and resumed at an offset."""
-    head = f.read(FILE_HDR)
-    if len(head) < FILE_HDR:
-        stats.partial = True
-        return
-    magic = struct.unpack("<I", head[:4])[0]
-    if magic not in MAGICS:
-        raise ValueError(f"not a pcap file (magic {magic:#x})")
-    endian, unit = MAGICS[magic]
-    link = struct.unpack(endian + "I", head[20:24])[0]
-    first = f.read(REC_HDR).hex()
-    if cursor.first != first or cursor.offset < FILE_HDR:
-        stats.new_generation = bool(cursor.first) and cursor.first != first
-        cursor.first, cursor.offset = first, FILE_HDR
-    f.seek(cursor.offset)
-    rec = struct.Struct(endian + "IIII")
-    while True:
-        hdr = f.read(REC_HDR)
-        if len(hdr) < REC_HDR:
-            stats.partial = bool(hdr)
-            return
-        sec, frac, caplen, _origlen = rec.unpack(hdr)
-        buf = f.read(caplen)
-        if len(buf) < caplen:
-            stats.partial = True
-            return
-        cursor.offset += REC_HDR + caplen
-        stats.packets += 1
-        decoded = decode_tcp(link, buf)
-        if decoded is None:
-            stats.skipped += 1
-            continue
-        stats.tcp += 1
-        yield sec + frac * unit, len(buf), decoded[0], decoded[1]
 
 
 class Indexer:
@@ -336,13 +105,19 @@ class Indexer:
         stats = FileStats()
         self.reads += 1
         with open(path, "rb") as f:
-            for ts, length, ip, tcp in read_tcp(f, cursor, stats):
-                src, dst = ntoa(ip.src), ntoa(ip.dst)
-                key = FlowKey.from_endpoints(src, tcp.sport, dst, tcp.dport)
-                flow = self.flows.get(key)
-                if flow is None:
-                    flow = self.flows[key] = Flow(key, ts, ts)
-                flow.add(ts, length, (src, tcp.sport), tcp, fname)
+            new = read_new(f, cursor)
+        stats.partial, stats.new_generation = new.partial, new.new_generation
+        for rec in new.records:
+            stats.packets += 1
+            packet = Packet.decode(new.header.linktype, new.header.timestamp(rec), rec.frame)
+            if packet is None:
+                stats.skipped += 1
+                continue
+            stats.tcp += 1
+            flow = self.flows.get(packet.key)
+            if flow is None:
+                flow = self.flows[packet.key] = Flow(packet.key)
+            flow.add(packet, fname)
         self.packets_indexed += stats.packets
         return stats
 
@@ -362,7 +137,7 @@ class Indexer:
                 reason = "idle"
             else:
                 continue
-            done.append(flow.record(reason))
+            done.append(index_record(flow, reason))
             del self.flows[key]
         done.sort(key=lambda r: r["first"])
         return done

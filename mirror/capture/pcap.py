@@ -1,76 +1,193 @@
-"""Reading a whole pcap back with dpkt: its TCP packets, grouped into flows (the demo's
-report, the bench's completeness check, the tests' comparisons)."""
+"""The pcap file format (libpcap's classic one, what tcpdump -w writes): the one place
+that knows its bytes, for reading and for writing.
+
+A file is a 24-byte file header (magic, version, time zone, significant figures, snaplen,
+link type) and records, each a 16-byte record header (seconds, the fraction of the second,
+captured length, original length) and the captured bytes. The magic tells the writer's
+byte order and whether the fraction counts microseconds or nanoseconds. Every header field
+is kept when read, so that a header written back is the bytes it was read from: the
+reorder rewrites a file and keeps all it does not move.
+
+Why the records are framed here and not by dpkt's pcap.Reader: the index reads files
+tcpdump is still appending to, resumes at the record where it stopped, and must stop at a
+record not yet whole (tcpdump -U writes whole records, but a read may meet one half
+written); the reorder needs each record's place and header fields. What a frame holds is
+decoded elsewhere (mirror.capture.flow); the tests check what the product wrote with
+dpkt's framing and with tshark, not with this module.
+
+Reading: read_whole (a file held in memory: the reorder, mirror.capture.flow's whole-file
+readers), read_new (what was appended after a Cursor: the index). Writing: Writer, the
+classic format only (another format's writer would stand beside it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
 
-import dpkt
+FILE_HEADER_SIZE = 24
+RECORD_HEADER_SIZE = 16
+# The longest frame a record holds as tcpdump writes it: its default snaplen (-s 0 and no
+# -s alike), libpcap's maximum.
+MAX_SNAPLEN = 262144
+LINKTYPE_ETHERNET = 1
+LINKTYPE_LINUX_SLL = 113        # Linux cooked capture (tcpdump -i any)
 
-from ..flowkey import FlowKey
-from ..http1 import is_request_line, status_line
+_MICRO, _NANO = 0xA1B2C3D4, 0xA1B23C4D
+# The first four bytes read little-endian: the writer's byte order (a struct prefix) and
+# whether the timestamps' fraction counts nanoseconds.
+_MAGICS = {_MICRO: ("<", False), _NANO: ("<", True),
+           0xD4C3B2A1: (">", False), 0x4D3CB2A1: (">", True)}
+_RECORD = {endian: struct.Struct(endian + "IIII") for endian in "<>"}
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    endian: str = "<"
+    nano: bool = False
+    version: tuple[int, int] = (2, 4)
+    thiszone: int = 0
+    sigfigs: int = 0
+    snaplen: int = MAX_SNAPLEN
+    linktype: int = LINKTYPE_ETHERNET
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "FileHeader":
+        """ValueError when `raw` does not start with a pcap file header."""
+        if len(raw) < FILE_HEADER_SIZE:
+            raise ValueError(f"not a pcap file ({len(raw)} bytes, shorter than a header)")
+        magic = struct.unpack_from("<I", raw)[0]
+        if magic not in _MAGICS:
+            raise ValueError(f"not a pcap file (magic {magic:#x})")
+        endian, nano = _MAGICS[magic]
+        major, minor, zone, sigfigs, snaplen, link = struct.unpack_from(endian + "HHiIII",
+                                                                        raw, 4)
+        return cls(endian, nano, (major, minor), zone, sigfigs, snaplen, link)
+
+    def pack(self) -> bytes:
+        return struct.pack(self.endian + "IHHiIII", _NANO if self.nano else _MICRO,
+                           *self.version, self.thiszone, self.sigfigs, self.snaplen,
+                           self.linktype)
+
+    @property
+    def unit(self) -> float:
+        """A record's fraction of a second, in seconds."""
+        return 1e-9 if self.nano else 1e-6
+
+    def timestamp(self, record: "Record") -> float:
+        return record.sec + record.frac * self.unit
+
+    def pack_record(self, record: "Record") -> bytes:
+        """The record's 16-byte header in this file's byte order."""
+        return _RECORD[self.endian].pack(record.sec, record.frac, len(record.frame),
+                                         record.orig_len)
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int             # of its record header in the file it was read from
+    sec: int
+    frac: int               # the fraction of the second, in the file's unit
+    orig_len: int           # the frame's length when captured; more than the bytes kept
+                            # when a snaplen cut it
+    frame: bytes | memoryview   # the bytes kept (the captured length is theirs)
+
+    @property
+    def size(self) -> int:
+        return RECORD_HEADER_SIZE + len(self.frame)
+
+
+def _frame(buf: bytes | memoryview, header: FileHeader,
+           base: int) -> tuple[list[Record], int]:
+    """The whole records at the start of `buf`, which holds a file from offset `base` on,
+    and the offset where the rest (nothing, or a record not whole) starts. The frames are
+    views of `buf`: framing a file copies none of it."""
+    view, records, pos = memoryview(buf), [], 0
+    unpack = _RECORD[header.endian].unpack_from
+    while pos + RECORD_HEADER_SIZE <= len(view):
+        sec, frac, caplen, orig_len = unpack(view, pos)
+        end = pos + RECORD_HEADER_SIZE + caplen
+        if end > len(view):
+            break
+        records.append(Record(base + pos, sec, frac, orig_len,
+                              view[pos + RECORD_HEADER_SIZE:end]))
+        pos = end
+    return records, base + pos
 
 
 @dataclass
-class Packet:
-    ts: float
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    flags: int
-    seq: int
-    ack: int
-    payload: bytes
+class Contents:
+    header: FileHeader
+    records: list[Record]
+    tail: memoryview        # a last record cut short (its writer killed mid-write), or empty
 
 
-@dataclass
-class Flow:
-    key: FlowKey
-    packets: list[Packet] = field(default_factory=list)
-
-    @property
-    def statuses(self) -> list[int]:
-        return [int(p.payload[9:12]) for p in self.packets if status_line(p.payload)]
-
-    @property
-    def requests(self) -> list[str]:
-        out = []
-        for p in self.packets:
-            line = p.payload.split(b"\r\n", 1)[0]
-            if is_request_line(line):
-                out.append(line.decode(errors="replace"))
-        return out
+def read_whole(data: bytes) -> Contents:
+    """A whole pcap file held in memory; ValueError when it is not one."""
+    header = FileHeader.parse(data[:FILE_HEADER_SIZE])
+    records, end = _frame(memoryview(data)[FILE_HEADER_SIZE:], header, FILE_HEADER_SIZE)
+    return Contents(header, records, memoryview(data)[end:])
 
 
-def read_packets(path: str) -> list[Packet]:
-    """TCP packets of a pcap (Ethernet link type), IPv4 and IPv6, VLAN tags skipped."""
-    out = []
+def read_file(path) -> Contents:
     with open(path, "rb") as f:
-        for ts, buf in dpkt.pcap.Reader(f):
-            eth = dpkt.ethernet.Ethernet(buf)
-            ip = eth.data
-            if isinstance(ip, dpkt.ip.IP):
-                src, dst = _ntoa(ip.src), _ntoa(ip.dst)
-            elif isinstance(ip, dpkt.ip6.IP6):
-                src, dst = _ntoa(ip.src), _ntoa(ip.dst)
-            else:
-                continue
-            tcp = ip.data
-            if not isinstance(tcp, dpkt.tcp.TCP):
-                continue
-            out.append(Packet(ts, src, tcp.sport, dst, tcp.dport, tcp.flags, tcp.seq, tcp.ack,
-                              bytes(tcp.data)))
-    return out
+        return read_whole(f.read())
 
 
-def _ntoa(raw: bytes) -> str:
-    import ipaddress
-    return str(ipaddress.ip_address(raw))
+@dataclass
+class Cursor:
+    """How far a pcap file has been read: `first` identifies the file's generation (the
+    header of its first record: a ring file rewritten by tcpdump starts with another
+    packet), `offset` is where the next unread record starts."""
+    first: str = ""
+    offset: int = 0
+
+    def to_json(self) -> dict:
+        return {"first": self.first, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Cursor":
+        return cls(str(data.get("first", "")), int(data.get("offset", 0)))
 
 
-def read_flows(path: str) -> dict[FlowKey, Flow]:
-    flows: dict[FlowKey, Flow] = {}
-    for p in read_packets(path):
-        key = FlowKey.from_endpoints(p.src, p.sport, p.dst, p.dport)
-        flows.setdefault(key, Flow(key)).packets.append(p)
-    return flows
+@dataclass
+class NewRecords:
+    header: FileHeader | None       # None while the file header is not whole
+    records: list[Record]
+    partial: bool = False           # ends in a record not whole (being written, or cut)
+    new_generation: bool = False    # the file was rewritten since the cursor was taken
+
+
+def read_new(f: BinaryIO, cursor: Cursor) -> NewRecords:
+    """The whole records of an open pcap file after `cursor` (all of them when the cursor
+    is new or of another generation), the cursor moved past them; a record not yet whole
+    is left for the next read. ValueError when the file is not a pcap."""
+    raw = f.read(FILE_HEADER_SIZE)
+    if len(raw) < FILE_HEADER_SIZE:
+        return NewRecords(None, [], partial=True)
+    header = FileHeader.parse(raw)
+    first = f.read(RECORD_HEADER_SIZE).hex()
+    new_generation = False
+    if cursor.first != first or cursor.offset < FILE_HEADER_SIZE:
+        new_generation = bool(cursor.first) and cursor.first != first
+        cursor.first, cursor.offset = first, FILE_HEADER_SIZE
+    f.seek(cursor.offset)
+    rest = f.read()         # at most a ring file (--file-size MB and a packet), as the
+                            # reorder holds whole
+    records, end = _frame(rest, header, cursor.offset)
+    partial = end < cursor.offset + len(rest)
+    cursor.offset = end
+    return NewRecords(header, records, partial, new_generation)
+
+
+class Writer:
+    """Writes a pcap file: its header, then records, each with its own original length
+    (a frame cut at capture says so, and readers decode what it holds instead of waiting
+    for the rest of it)."""
+
+    def __init__(self, f: BinaryIO, header: FileHeader):
+        self.f, self.header = f, header
+        f.write(header.pack())
+
+    def write(self, record: Record) -> None:
+        self.f.write(self.header.pack_record(record))
+        self.f.write(record.frame)

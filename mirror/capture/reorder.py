@@ -15,7 +15,7 @@ such response, with that response's timestamp less 1 microsecond, and nothing el
 the file changes: the file header, every other record and its timestamp, and a cut-short
 last record (kept at the end) stay as tcpdump wrote them. (One more fact may change on a
 moved request: a frame shorter than its IP header says, a snapshot cut the way tcpdump -s
-cuts, gets that length as its record's original length; see moved_header.)
+cuts, gets that length as its record's original length; see moved.)
 
 What stays: a request already before its response; a request with no response in the
 same file, in particular one whose response tcpdump wrote into the previous ring file
@@ -40,33 +40,16 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
-import dpkt
-
-from ..flowkey import FlowKey
 from ..http1 import status_line
-from .index import FILE_HDR, MAGICS, REC_HDR, decode_tcp, ntoa
+from .flow import Packet
+from .pcap import (FILE_HEADER_SIZE, LINKTYPE_ETHERNET, Contents, FileHeader, Record, Writer,
+                   read_whole)
 from .request import SEQ_MOD, ack_distance, covers, parse_request
-
-
-@dataclass
-class Record:
-    offset: int             # of its record header in the file
-    size: int               # record header plus captured bytes
-
-
-@dataclass
-class Segment:
-    """The TCP facts of one record that pairing needs."""
-    record: int             # its number in the file
-    key: FlowKey
-    src: tuple[str, int]
-    dst: tuple[str, int]
-    seq: int
-    ack: int
-    payload: bytes
+from .ring import file_signature
 
 
 @dataclass
@@ -80,33 +63,17 @@ class Changed(Exception):
     """The file changed while it was being reordered (tcpdump reopened it)."""
 
 
-def frame_records(data: bytes, endian: str) -> tuple[list[Record], int]:
-    """The whole records of a pcap held in memory, and where a cut-short tail starts."""
-    records, offset = [], FILE_HDR
-    hdr = struct.Struct(endian + "IIII")
-    while offset + REC_HDR <= len(data):
-        caplen = hdr.unpack_from(data, offset)[2]
-        if offset + REC_HDR + caplen > len(data):
-            break
-        records.append(Record(offset, REC_HDR + caplen))
-        offset += REC_HDR + caplen
-    return records, offset
+# A data segment: its record's number in the file, and its packet.
+Segment = tuple[int, Packet]
 
 
-def segments(data: bytes, records: list[Record], link: int) -> list[Segment]:
+def segments(contents: Contents) -> list[Segment]:
     """The TCP segments with a payload among the records."""
-    out = []
-    for n, rec in enumerate(records):
-        decoded = decode_tcp(link, data[rec.offset + REC_HDR:rec.offset + rec.size])
-        if decoded is None:
-            continue
-        ip, tcp = decoded
-        if not tcp.data:
-            continue
-        src, dst = ntoa(ip.src), ntoa(ip.dst)
-        out.append(Segment(n, FlowKey.from_endpoints(src, tcp.sport, dst, tcp.dport),
-                           (src, tcp.sport), (dst, tcp.dport), tcp.seq, tcp.ack,
-                           bytes(tcp.data)))
+    header, out = contents.header, []
+    for n, rec in enumerate(contents.records):
+        packet = Packet.decode(header.linktype, header.timestamp(rec), rec.frame)
+        if packet is not None and packet.payload:
+            out.append((n, packet))
     return out
 
 
@@ -116,36 +83,36 @@ def plan(segs: list[Segment]) -> dict[int, int]:
     moves: dict[int, int] = {}
     taken: set[int] = set()
     seen: set[tuple] = set()        # (key, src, seq) of the request starts met so far
-    for seg in segs:
+    for n, seg in segs:
         if status_line(seg.payload):
-            sent_by.setdefault((seg.key, seg.src), []).append(seg)
+            sent_by.setdefault((seg.key, seg.source), []).append((n, seg))
             continue
         if parse_request(seg.payload) is None:
             continue
-        ident = (seg.key, seg.src, seg.seq)
+        ident = (seg.key, seg.source, seg.seq)
         if ident not in seen:
-            resp = answered_by(seg, sent_by.get((seg.key, seg.dst), []), taken)
+            resp = answered_by(seg, sent_by.get((seg.key, seg.dest), []), taken)
             if resp is not None:
-                moves[seg.record] = resp.record
-                taken.add(resp.record)
+                moves[n] = resp
+                taken.add(resp)
         seen.add(ident)
     return moves
 
 
-def answered_by(req: Segment, responses: list[Segment], taken: set[int]) -> Segment | None:
-    """The earliest of the earlier responses (of the other side, in file order) that
-    answered `req` and has no request moved to it yet. Looked for backwards and no
-    further than a response sent before the request arrived (its acknowledgement at or
-    before the request's first byte): a sender's acknowledgement numbers only grow, so
-    the responses before that one are older still, and a request in its place costs
-    one look."""
+def answered_by(req: Packet, responses: list[Segment], taken: set[int]) -> int | None:
+    """The record of the earliest of the earlier responses (of the other side, in file
+    order) that answered `req` and has no request moved to it yet. Looked for backwards
+    and no further than a response sent before the request arrived (its acknowledgement
+    at or before the request's first byte): a sender's acknowledgement numbers only
+    grow, so the responses before that one are older still, and a request in its place
+    costs one look."""
     found = None
-    for resp in reversed(responses):
+    for n, resp in reversed(responses):
         d = ack_distance(req.seq, resp.ack)
         if d == 0 or d >= SEQ_MOD // 2:
             break
-        if resp.record not in taken and covers(req.seq, req.payload, resp.ack):
-            found = resp
+        if n not in taken and covers(req.seq, req.payload, resp.ack):
+            found = n
     return found
 
 
@@ -172,7 +139,7 @@ def earlier(sec: int, frac: int, unit: float) -> tuple[int, int]:
 def wire_length(frame: bytes, link: int) -> int | None:
     """The length of an Ethernet frame as its IP header states it (VLAN tags included),
     None when it is not Ethernet + IPv4/IPv6 or too short to tell."""
-    if link != dpkt.pcap.DLT_EN10MB:
+    if link != LINKTYPE_ETHERNET:
         return None
     offset = 12
     while frame[offset:offset + 2] in (b"\x81\x00", b"\x88\xa8"):
@@ -185,33 +152,21 @@ def wire_length(frame: bytes, link: int) -> int | None:
     return None
 
 
-def moved_header(data: bytes, rec: Record, resp: Record, endian: str, unit: float,
-                 link: int) -> bytes:
-    """The record header of a moved request: the response's time less 1 us, and, when
-    the frame is shorter than its IP header says (a snapshot cut as tcpdump -s cuts, IP
-    lengths kept), that length as the original length, so that readers see a frame cut
-    at capture and decode what it holds instead of waiting for the rest of it."""
-    hdr = struct.Struct(endian + "IIII")
-    sec, frac = hdr.unpack_from(data, resp.offset)[:2]
-    caplen, origlen = hdr.unpack_from(data, rec.offset)[2:]
-    wire = wire_length(data[rec.offset + REC_HDR:rec.offset + rec.size], link)
-    return hdr.pack(*earlier(sec, frac, unit), caplen, max(origlen, wire or 0))
+def moved(req: Record, resp: Record, header: FileHeader) -> Record:
+    """A moved request's record: the response's time less 1 us, and, when the frame is
+    shorter than its IP header says (a snapshot cut as tcpdump -s cuts, IP lengths
+    kept), that length as the original length, so that readers see a frame cut at
+    capture and decode what it holds instead of waiting for the rest of it."""
+    sec, frac = earlier(resp.sec, resp.frac, header.unit)
+    wire = wire_length(bytes(req.frame), header.linktype)
+    return replace(req, sec=sec, frac=frac, orig_len=max(req.orig_len, wire or 0))
 
 
-def rewritten(data: bytes, records: list[Record], tail: int, moves: dict[int, int],
-              endian: str, unit: float, link: int):
-    """The file's bytes with the moved requests before their responses, in pieces (views
-    of `data`, so that the file is not copied whole)."""
-    view = memoryview(data)
-    yield view[:FILE_HDR]
-    for n in new_order(len(records), moves):
-        rec = records[n]
-        if n in moves:
-            yield moved_header(data, rec, records[moves[n]], endian, unit, link)
-            yield view[rec.offset + REC_HDR:rec.offset + rec.size]
-        else:
-            yield view[rec.offset:rec.offset + rec.size]
-    yield view[tail:]
+def reordered(contents: Contents, moves: dict[int, int]) -> list[Record]:
+    """The records with the moved requests before their responses."""
+    records = contents.records
+    return [moved(records[n], records[moves[n]], contents.header) if n in moves
+            else records[n] for n in new_order(len(records), moves)]
 
 
 def reorder_file(path: str | os.PathLike, expect: tuple | None = None) -> Result | None:
@@ -223,27 +178,27 @@ def reorder_file(path: str | os.PathLike, expect: tuple | None = None) -> Result
     path = Path(path)
     with open(path, "rb") as f:
         before = os.fstat(f.fileno())
-        if expect is not None and _signature(before) != tuple(expect):
+        if expect is not None and file_signature(before) != tuple(expect):
             raise Changed(f"{path.name} is not the file that was read")
         data = f.read()
-    if len(data) < FILE_HDR:
+    if len(data) < FILE_HEADER_SIZE:
         return None
-    magic = struct.unpack("<I", data[:4])[0]
-    if magic not in MAGICS:
-        raise ValueError(f"not a pcap file (magic {magic:#x})")
-    endian, unit = MAGICS[magic]
-    link = struct.unpack(endian + "I", data[20:24])[0]
-    records, tail = frame_records(data, endian)
-    moves = plan(segments(data, records, link))
+    contents = read_whole(data)
+    moves = plan(segments(contents))
     if not moves:
         return None
-    signature = _replace(path, rewritten(data, records, tail, moves, endian, unit, link),
-                         before)
-    n = new_order(len(records), moves)[0]
-    rec = records[n]
-    first = (moved_header(data, rec, records[moves[n]], endian, unit, link) if n in moves
-             else data[rec.offset:rec.offset + REC_HDR])
-    return Result(len(moves), first.hex(), signature)
+    records = reordered(contents, moves)
+
+    def write(f: BinaryIO) -> None:
+        """The records as they were but for the moves, and a cut-short tail as it was
+        (views of `data`: the file is not copied whole)."""
+        writer = Writer(f, contents.header)
+        for rec in records:
+            writer.write(rec)
+        f.write(contents.tail)
+
+    signature = _replace(path, write, before)
+    return Result(len(moves), contents.header.pack_record(records[0]).hex(), signature)
 
 
 def temporary_files(directory: Path) -> list[Path]:
@@ -251,28 +206,23 @@ def temporary_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.reorder"))
 
 
-def _signature(st: os.stat_result) -> tuple:
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _replace(path: Path, pieces, before: os.stat_result) -> tuple:
-    """Writes the pieces beside `path` and renames the result over `path`, keeping the
-    mode and the modification time; returns the new file's signature."""
+def _replace(path: Path, write, before: os.stat_result) -> tuple:
+    """Writes the new file beside `path` with `write` and renames it over `path`,
+    keeping the mode and the modification time; returns the new file's signature."""
     tmp = path.with_name(f".{path.name}.reorder")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        for piece in pieces:
-            f.write(piece)
+        write(f)
         f.flush()
         os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
         os.fsync(fd)
         after = os.fstat(fd)
     try:
-        if _signature(os.stat(path)) != _signature(before):
+        if file_signature(os.stat(path)) != file_signature(before):
             raise Changed(f"{path.name} changed while it was reordered")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _signature(after)
+    return file_signature(after)

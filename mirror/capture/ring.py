@@ -2,11 +2,18 @@
 being written, in what order they were written."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 FILE_RE = re.compile(r"^mirror-\d{8}T\d{6}Z-r(\d+)\.pcap(\d+)$")
+
+
+def file_signature(st: os.stat_result) -> tuple:
+    """(inode, size, mtime_ns): changes when tcpdump rewrites a file, and when the
+    reorder replaces one (the sidecar's cursors compare it, whoever took it)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,7 @@ def list_pcaps(directory: Path) -> list[PcapFile]:
             st = p.stat()
         except FileNotFoundError:
             continue
-        out.append(PcapFile(p, int(m.group(1)), int(m.group(2)),
-                            (st.st_ino, st.st_size, st.st_mtime_ns)))
+        out.append(PcapFile(p, int(m.group(1)), int(m.group(2)), file_signature(st)))
     out.sort(key=lambda f: (f.signature[2], f.run, f.number))
     return out
 

@@ -7,8 +7,8 @@ bounded ring of pcap files and indexes the error flows it recorded.
   directory never holds more than FILES pcaps. Files are 0600, the directory 0700.
 - Waits for the debug interface to exist and be up instead of failing when it starts
   before the mirror controller that creates it.
-- Index: the files are read back with dpkt as tcpdump writes them (every 0.2 s, from
-  where the last read stopped; -U makes tcpdump write whole records), and one JSON line
+- Index: the files are read back as tcpdump writes them (every 0.2 s, from where the
+  last read stopped; -U makes tcpdump write whole records), and one JSON line
   per error flow is appended to index.jsonl once the flow is over (mirror.capture.index).
   `mirror capture --list` prints the index as a table. Read positions are kept in
   .cursors.json, so a restarted sidecar indexes what a killed one left unread.
@@ -49,6 +49,7 @@ from .. import jsonfile
 from ..errors import UsageError
 from ..privileges import effective_caps
 from .index import Indexer
+from .pcap import Cursor
 from .reorder import Changed, reorder_file, temporary_files
 from .ring import PcapFile, current_file, list_pcaps
 from .tcpdump import Tcpdump
@@ -286,7 +287,6 @@ class CaptureSidecar:
 
     def _read(self, f: PcapFile, live: bool) -> bool:
         """Reads the new records of one file; False if it had not changed."""
-        from .index import Cursor
         entry = self.cursors.get(f.name)
         if entry and entry["sig"] == list(f.signature):
             entry["live"] = live            # closed without a write since the last read

@@ -16,6 +16,8 @@ import subprocess
 import threading
 import time
 
+from .pcap import MAX_SNAPLEN
+
 log = logging.getLogger("mirror")
 
 # At exit tcpdump prints one counter a line; on SIGUSR1 all three on one line, after
@@ -40,7 +42,7 @@ class Tcpdump:
         # stopped). The backlog tcpdump can ride out while it waits for a CPU is then
         # buffer_kib / 64 packets.
         self.cmd = prefix + ["tcpdump", "-n", "-U", "--immediate-mode", "-B", str(buffer_kib),
-                             "-s", str(snaplen or 262144), "-i", iface, "-w", self.path]
+                             "-s", str(snaplen or MAX_SNAPLEN), "-i", iface, "-w", self.path]
         if ring:
             self.cmd += ["-C", str(ring[0]), "-W", str(ring[1])]
         if os.geteuid() == 0:

@@ -58,7 +58,7 @@ H2_MIX = [
 
 
 def cmd_lab(args) -> int:
-    from ..capture.pcap import read_flows
+    from ..capture.flow import read_flows
     from ..capture.tcpdump import Tcpdump
     from ..controller import Controller, Options
     from ..flowkey import FlowKey
