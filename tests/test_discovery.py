@@ -25,7 +25,8 @@ from conftest import tc_show
 import helpers
 from helpers import (HOOKS, ROOT, MirrorProcess, drop_link, env_with, from_first_status,
                      request_of, same_packets, signature, wait_captured)
-from mirror import hooks, ownership, status
+from mirror import hooks as mirror_hooks
+from mirror import ownership
 from mirror.capture.flow import read_flows
 from mirror.histogram import Histogram
 from mirror.capture.tcpdump import Tcpdump
@@ -70,7 +71,7 @@ def hooks(name: str) -> list[str]:
     """This tool's hooks on the interface now ([] when it has none or is gone)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
-        return hooks.ours(ipr, found[0]) if found else []
+        return mirror_hooks.ours(ipr, found[0]) if found else []
 
 
 def recorded(state_dir) -> dict:
