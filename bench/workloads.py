@@ -67,8 +67,6 @@ _FINISHED = re.compile(r"finished in ([\d.]+)(?:s|ms|us), ([\d.]+) req/s")
 _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
                        r"(\d+) failed, (\d+) errored, (\d+) timeout")
 _STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
-
-
 _REQUEST_TIME = re.compile(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
 _UNIT_US = {"us": 1.0, "ms": 1000.0, "s": 1e6}
 
@@ -124,11 +122,12 @@ def run_h2load(commands: list[list[str]], seconds: float) -> tuple[list[dict], f
     """Runs h2load processes side by side, each for `seconds`; returns each one's parsed
     summary and the wall time from all started to all finished. RuntimeError when one
     fails; none outlives the call."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for cmd in commands]
-    t0 = time.monotonic()
-    outs = []
+    procs, outs = [], []
     try:
+        for cmd in commands:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        t0 = time.monotonic()
         for p in procs:
             text, _ = p.communicate(timeout=seconds + 60)
             if p.returncode != 0:
