@@ -20,8 +20,12 @@ Passes (bench/runner.py), in rounds, every round in a random order:
   - attach: new interfaces, latency and packets missed (bench/attach.py).
 Statistics (bench/stats.py): paired ratios, 95 % bootstrap intervals, verdicts met / not
 met / inconclusive. Reports (bench/report.py, bench/plots.py):
-bench/results/<timestamp>.{json,md,png} and latest.{json,md}. Apart: bench/scale.py
-(every CPU of a bigger machine), bench/profile.py (where the per-packet time goes),
+bench/results/<timestamp>.{json,md,png} and latest.{json,md}.
+
+The scale mode (python -m bench.scale, bench/scale.py): every CPU of a bigger machine,
+through the same pipeline: the same preflight and machine record (bench/machine.py),
+runner (bench/runner.py), h2load runner (bench/workloads.py) and result writer
+(bench/report.py). Apart: bench/profile.py (where the per-packet time goes),
 bench/snapshot_cost.py (the request snapshot by length).
 
 OVERHEAD: the bench keeps both CPUs busy for its whole run (about 45 minutes in full mode,

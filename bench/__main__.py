@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import plots, report, runner
+from .configs import KEYS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,42 +72,18 @@ def settings_from(args) -> runner.Settings:
     return st
 
 
-ONE_LINE_EACH = ("runs", "microbench", "plans")
-
-
-def to_json(obj, level: int = 0, expand: int = 5) -> str:
-    """JSON with the outer `expand` levels indented and everything deeper on one line;
-    one line per run: readable and diffable at a fraction of fully indented size."""
-    pad = " " * level
-    if level < expand and isinstance(obj, dict) and obj:
-        items = [f'{pad} {json.dumps(str(k))}: '
-                 f'{to_json(v, level + 1, 2 if k in ONE_LINE_EACH else expand).lstrip()}'
-                 for k, v in obj.items()]
-        return pad + "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if level < expand and isinstance(obj, list) and obj and isinstance(obj[0], (dict, list)):
-        return pad + "[\n" + ",\n".join(to_json(v, level + 1, expand) for v in obj) + \
-            "\n" + pad + "]"
-    return pad + json.dumps(obj, separators=(", ", ": "))
-
-
 def write_outputs(result: dict, outdir: Path, stem: str, make_plots: bool) -> Path:
-    outdir.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(result)
     result["summary"] = summary
     labels = {c["key"]: c["label"] for c in result["configs"]}
     pngs = {}
     if make_plots and plots.available():
+        outdir.mkdir(parents=True, exist_ok=True)
         pngs = plots.make_all(summary, labels, outdir, stem)
     elif make_plots:
         print("bench: matplotlib missing (pip install '.[bench]'): no plots", file=sys.stderr)
     md = report.markdown(result, summary, pngs)
-    json_path = outdir / f"{stem}.json"
-    json_path.write_text(to_json(result) + "\n")
-    (outdir / f"{stem}.md").write_text(md)
-    if stem != "latest":
-        shutil.copyfile(json_path, outdir / "latest.json")
-        (outdir / "latest.md").write_text(md)
-    return json_path
+    return report.write(result, outdir / f"{stem}.json", md, latest=stem != "latest")
 
 
 def main(argv=None) -> int:
@@ -125,26 +100,22 @@ def main(argv=None) -> int:
     st = settings_from(args)
     only = None
     if args.configs:
-        from .configs import KEYS
         only = {"untraced", *(c.strip() for c in args.configs.split(",") if c.strip())}
         unknown = sorted(only - set(KEYS))
         if unknown:
             print(f"bench: unknown configuration {', '.join(unknown)}; choose from "
                   f"{', '.join(KEYS)}", file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, runner.raise_interrupt)
     passes = [x.strip() for x in args.passes.split(",") if x.strip()]
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:
         print(f"bench: unknown pass {', '.join(unknown)}; choose from {', '.join(PASSES)}",
               file=sys.stderr)
         return 2
-    try:
-        result = runner.run(st, sorted(only) if only else None, passes)
-    except KeyboardInterrupt:
-        print("bench: interrupted; namespaces, qdiscs, filters and debug interfaces removed",
-              file=sys.stderr)
-        return 130
+    result, status = runner.guarded("bench", runner.run, st, sorted(only) if only else None,
+                                    passes)
+    if result is None:
+        return status
     outdir = args.out or (RESULTS / "quick" if st.mode == "quick" else RESULTS)
     stem = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(result["started"]))
     path = write_outputs(result, outdir, stem, not args.no_plots)

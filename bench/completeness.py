@@ -25,7 +25,11 @@ connection reaches user space. Complete then means every error connection and no
 connection showed up; the packet count is only reported.
 
 The same watch runs in every configuration, mirroring or not (on a debug interface made
-for it where the configuration has none), so that its cost is the same in every ratio."""
+for it where the configuration has none), so that its cost is the same in every ratio.
+
+The scale mode (bench/scale.py) runs no tcpdump at all, so that every configuration runs
+the same apparatus there too; it judges by counters only (counters_check): the debug
+interface's packets against h2load's 5xx responses."""
 from __future__ import annotations
 
 import tempfile
@@ -117,3 +121,19 @@ class Watch:
             "complete": not problems,
             "problems": problems,
         }
+
+
+def counters_check(mirrored: int, h2: dict, budgeted: bool = False) -> dict:
+    """Counters-only completeness: at least one clone per request and per 500 response
+    after each connection's first 500 (with per-flow budgets, at least one per
+    connection), none when no 500 was sent."""
+    n5xx = h2["status"]["5xx"]
+    conns = h2["connections"] if n5xx else 0
+    least = conns if budgeted else max(0, 2 * n5xx - conns)
+    problems = []
+    if mirrored < least:
+        problems.append(f"{mirrored} packets mirrored, expected at least {least}")
+    if not n5xx and mirrored:
+        problems.append(f"{mirrored} packets mirrored without a single error response")
+    return {"mirrored_packets": mirrored, "min_packets_expected": least,
+            "complete": not problems, "problems": problems}

@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 
 from bench.attach import percentile
+from bench.machine import raise_interrupt
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("MIRROR_IMAGE", "localhost/mirror:latest")
@@ -446,7 +447,6 @@ def main(argv=None) -> int:
         return 2
     sys.path.insert(0, str(ROOT))
     # SIGTERM unwinds like Ctrl-C, through the clean-up.
-    from bench.runner import raise_interrupt
     signal.signal(signal.SIGTERM, raise_interrupt)
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else render(result))

@@ -87,7 +87,7 @@ def taskset(cpu: int | str, *cmd: str) -> list[str]:
 
 class Lab:
     def __init__(self, workers: int = 1, server_cpus: list[int] | None = None):
-        # The defaults are the 2-CPU layout above; bench/scale.py passes more workers and
+        # The defaults are the 2-CPU layout above; the scale mode passes more workers and
         # the CPUs to spread them over (one worker per CPU, round robin).
         self.workers, self.server_cpus = workers, server_cpus
         self.host: Host | None = None

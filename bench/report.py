@@ -1,12 +1,17 @@
 """From raw runs to what an operator reads: per-configuration figures, ratios with 95 %
-intervals (bench/stats.py), a verdict per target, a Markdown report.
+intervals (bench/stats.py), a verdict per target, a Markdown report; the same for the
+scale mode (scale_summary, scale_markdown); and the one writer of result files (write),
+for every mode.
 
 Every ratio is paired by round: configuration A's value in round r over configuration B's
 in the same round, then the mean over rounds with a bootstrap interval."""
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 from . import stats
 
@@ -471,3 +476,170 @@ def print_targets(summary: dict) -> None:
     for t in summary["targets"]:
         meas = t["note"] if t["ci"] is None else _ci(t["ci"])
         print(f"  {t['verdict'].upper():<12} {t['text']}: {meas}")
+
+
+# --- the scale mode (python -m bench.scale) -------------------------------------------
+SATURATED = 0.9             # busy share of the k CPUs below which a run was not saturated
+
+
+def scale_summary(result: dict) -> list[dict]:
+    """Per CPU count, error level and configuration: median req/s and mean request time
+    over rounds, the paired ratio to untraced, and the speedup over the smallest k."""
+    ok = [r for r in result["runs"] if "error" not in r]
+    rows = []
+    for point in result["points"]:
+        for pct in result["settings"]["error_levels"]:
+            cell = [r for r in ok if r["k"] == point["k"] and r["error_pct"] == pct]
+            base = {r["round"]: r["req_per_s"] for r in cell if r["config"] == BASE}
+            for c in result["configs"]:
+                mine = [r for r in cell if r["config"] == c["key"]]
+                ratios = [r["req_per_s"] / base[r["round"]] for r in mine
+                          if base.get(r["round"])]
+                rows.append({
+                    "k": point["k"], "error_pct": pct, "config": c["key"], "rounds": len(mine),
+                    "req_per_s": _median([r["req_per_s"] for r in mine]),
+                    "mean_us": _median([r["latency"].get("mean_us") for r in mine]),
+                    "cpu_busy": _median([r["cpu_busy"] for r in mine]),
+                    "ratio": round(_median(ratios), 4) if ratios else None,
+                    "ratios": [round(x, 4) for x in ratios],
+                    "complete": all(r["mirror"]["complete"] for r in mine if "mirror" in r),
+                    "max_foreign_cpu": max((r["foreign_cpu"] or 0 for r in mine), default=None),
+                })
+    first = {}
+    for row in rows:            # points are in increasing k: the first seen is the smallest
+        key = (row["error_pct"], row["config"])
+        first.setdefault(key, row["req_per_s"])
+        row["speedup"] = (round(row["req_per_s"] / first[key], 3)
+                          if row["req_per_s"] and first[key] else None)
+    return rows
+
+
+def _scale_cell(row: dict | None) -> str:
+    if not row or row["req_per_s"] is None:
+        return "failed"
+    text = f"{row['req_per_s'] / 1000:,.1f}"
+    if row["config"] != BASE and row["ratio"] is not None:
+        text += f" ({100 * row['ratio']:.0f} %)"
+    if row["speedup"] is not None:
+        text += f", x{row['speedup']:.2f}"
+    if row["mean_us"] is not None:
+        text += f", {row['mean_us']:,.0f} us"
+    if not row["complete"]:
+        text += ", **mirror incomplete**"
+    return text
+
+
+def scale_markdown(result: dict) -> str:
+    """The scale section of a report: the machine's CPU count, the layout per k and one
+    table per error level."""
+    rows = result.get("summary") or scale_summary(result)
+    m, st = result["machine"], result["settings"]
+    labels = {c["key"]: c["label"] for c in result["configs"]}
+    keys = [c["key"] for c in result["configs"]]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result["started"]))
+    out = [
+        "## Scale: HTTP throughput by CPU count", "",
+        f"Machine: **{m['cpus']} CPUs** ({m['usable_cpus']} usable by the bench), "
+        f"{m['cpu_model'] or 'unknown model'}, Linux {m['kernel']}; {m['h2load']}, "
+        f"{m['nginx']}. Run of {when} at commit {m['git_commit'] or 'unknown'}: "
+        f"{st['rounds']} round(s) of {st['seconds']:g} s per configuration, error level and "
+        f"CPU count, configurations in a random order in every round (seed {st['seed']}).",
+        "",
+        "The thesis's figure 5.8 (48-core server): untraced throughput grew linearly to 24 "
+        "cores; the monitored one followed it to 12 cores and then stopped growing. Read "
+        "the speedup (throughput over the smallest CPU count's) down each column: a "
+        "monitor with a bottleneck shared by all CPUs stops growing while untraced goes on.",
+        "",
+        f"Layout ({st['layout']}): h2load `--h1 -m 1`, {st['connections_per_cpu']} "
+        "connections per CPU, all asking `/ok` (0 % errors) or `/error` (100 %); nginx "
+        "workers pinned one per server CPU.",
+        "",
+        "| k | clients: CPUs (h2load threads) | servers: CPUs (nginx workers) | connections |",
+        "|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        out.append(f"| {p['k']} | {_span(p['client_cpus'])} ({p['h2load_threads']}) | "
+                   f"{_span(p['server_cpus'])} ({p['nginx_workers']}) | {p['connections']} |")
+    for pct in st["error_levels"]:
+        out += ["", f"Thousands of requests/s at {pct} % errors (median over rounds; "
+                "paired ratio to untraced; speedup over the smallest k; mean request time):",
+                "", "| k | " + " | ".join(labels[k] for k in keys) + " |",
+                "|---|" + "---|" * len(keys)]
+        for p in result["points"]:
+            by = {r["config"]: r for r in rows if r["k"] == p["k"] and r["error_pct"] == pct}
+            out.append(f"| {p['k']} | " + " | ".join(_scale_cell(by.get(k)) for k in keys)
+                       + " |")
+    out += ["", *_scale_notes(result, rows)]
+    return "\n".join(out) + "\n"
+
+
+def _span(cpus: list[int]) -> str:
+    if len(cpus) > 2 and cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def _scale_notes(result: dict, rows: list[dict]) -> list[str]:
+    notes = []
+    failed = [r for r in result["runs"] if "error" in r]
+    if failed:
+        notes.append(f"- {len(failed)} run(s) failed: " + "; ".join(
+            f"k={r['k']} {r['config']} {r['error_pct']} %: {one_line(r['error'])[:80]}"
+            for r in failed[:3]))
+    foreign = max((r["max_foreign_cpu"] or 0 for r in rows), default=0)
+    notes.append(f"- Foreign CPU (other processes' share of all CPUs during a run, "
+                 f"bench/noise.py): at most {100 * foreign:.0f} %.")
+    idle = sorted({(r["k"], r["error_pct"]) for r in rows
+                   if r["cpu_busy"] is not None and r["cpu_busy"] < SATURATED})
+    if idle:
+        notes.append(f"- The k CPUs had idle time (less than {100 * SATURATED:.0f} % busy, "
+                     "median over rounds) at " +
+                     ", ".join(f"k={k} ({p} % errors)" for k, p in idle) +
+                     ": there the throughput is not a saturation figure (more "
+                     "--connections-per-cpu may help).")
+    mirroring = [r for r in result["runs"] if "mirror" in r]
+    if mirroring:
+        bad = [r for r in mirroring if not r["mirror"]["complete"]]
+        notes.append(f"- Mirroring checked by the debug interface's packet counter in "
+                     f"{len(mirroring)} runs: {len(bad)} incomplete.")
+    if result["machine"]["usable_cpus"] < 4:
+        notes.append(f"- With {result['machine']['usable_cpus']} CPUs this only shows the "
+                     "method; the thesis's bottleneck appeared past 12 cores.")
+    return notes
+
+
+def one_line(text: str) -> str:
+    """An error message (h2load's output, a traceback's last line) on one line."""
+    return " ".join(text.split())
+
+
+# --- result files ----------------------------------------------------------------------
+ONE_LINE_EACH = ("runs", "microbench", "plans")
+
+
+def to_json(obj, level: int = 0, expand: int = 5) -> str:
+    """JSON with the outer `expand` levels indented and everything deeper on one line;
+    one line per run: readable and diffable at a fraction of fully indented size."""
+    pad = " " * level
+    if level < expand and isinstance(obj, dict) and obj:
+        items = [f'{pad} {json.dumps(str(k))}: '
+                 f'{to_json(v, level + 1, 2 if k in ONE_LINE_EACH else expand).lstrip()}'
+                 for k, v in obj.items()]
+        return pad + "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if level < expand and isinstance(obj, list) and obj and isinstance(obj[0], (dict, list)):
+        return pad + "[\n" + ",\n".join(to_json(v, level + 1, expand) for v in obj) + \
+            "\n" + pad + "]"
+    return pad + json.dumps(obj, separators=(", ", ": "))
+
+
+def write(result: dict, json_path: Path, md: str, latest: bool = False) -> Path:
+    """The one writer of result files, for every mode: the JSON at `json_path`, the
+    Markdown beside it (.md); with `latest`, copies of both as latest.json and latest.md
+    in the same directory, for whoever reads the newest run without knowing its time."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(to_json(result) + "\n")
+    json_path.with_suffix(".md").write_text(md)
+    if latest:
+        shutil.copyfile(json_path, json_path.parent / "latest.json")
+        (json_path.parent / "latest.md").write_text(md)
+    return json_path

@@ -1,4 +1,5 @@
-"""Runs the whole bench and returns everything measured as one JSON-able dict:
+"""Runs the bench and returns everything measured as one JSON-able dict, in either of its
+modes. The passes (python -m bench, run):
 
   microbench  BPF_PROG_TEST_RUN per frame class (bench/microbench.py): the breakdown
   cost        each workload at a fixed offered load, the same for every configuration;
@@ -14,26 +15,43 @@ Every pass runs in rounds; in each round the workloads, and the configurations w
 workload, run in a random order (seeded; the seed is in the JSON). Every run of every
 configuration runs the same apparatus: a FIN/RST tcpdump on a debug interface (the
 configuration's own, or one made for the watch), the CPU meter and the foreign-CPU
-estimate; the mirror's controller with its sweep loop is part of what the mirror costs."""
+estimate; the mirror's controller with its sweep loop is part of what the mirror costs.
+
+The scale mode (python -m bench.scale, run_scale; the experiment is described in
+bench/scale.py): h2load saturation throughput at each CPU count k, on a lab spread over
+the first k CPUs, every configuration once per error level in every round, in a random
+order; judged by counters only.
+
+Both modes begin and end the same way (Session), run their workloads through the same
+h2load runner (bench/workloads.py), and are written by the same writer
+(bench/report.py); the entry points run them through `guarded`, so that a machine the
+bench cannot use, or an interruption, ends either mode the same way."""
 from __future__ import annotations
 
 import json
 import os
-import platform
 import random
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from pyroute2 import IPRoute
+
+from mirror import debugif
+from mirror.errors import UsageError
 from mirror.lab.netns import cleanup_stale, unique_name
 
 from . import microbench, workloads
-from .completeness import Watch
+from .completeness import Watch, counters_check
 from .configs import Shared, all_configs
-from .lab import CLIENT_CPU, H2_PORT, OFFLOADS, SERVER_CPU, Lab
+from .containers import missing_prerequisite
+from .lab import CLIENT_CPU, H2_PORT, OFFLOADS, SERVER_CPU, Lab, link_stats
+from .machine import (LAB_TOOLS, TOOLS, machine_info, preflight, raise_interrupt,
+                      usable_cpus)
 from .noise import CpuMeter, Sample
 from .progs import EnabledStats, run_stats
 
@@ -127,31 +145,16 @@ FULL = Settings("full", rounds=20, seconds=2.5, http_rate=25000, h2c_rate=12000,
                 micro_rounds=7, micro_repeat=500000, micro_singles=3000, settle_seconds=0.3,
                 attach_count=200, container_count=20, max_foreign=0.10, retry_budget=10)
 
-TOOLS = ("h2load", "iperf3", "nginx", "tcpdump", "taskset", "ip", "ss")
-
-
-def preflight() -> None:
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root: it loads BPF programs and builds network namespaces")
-    missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
-        sys.exit(f"bench: missing {', '.join(missing)}; scripts/setup installs them")
-    if os.cpu_count() < 2:
-        sys.exit("bench: needs two CPUs (client and server are pinned to one each)")
-    from mirror.bpfprog import check_environment
-    check_environment()
-
-
-def raise_interrupt(signum, frame):
-    """A SIGTERM handler: the run unwinds like Ctrl-C, through every cleanup."""
-    raise KeyboardInterrupt
-
-
 class Progress:
-    """One line per step on stderr, with the time spent and the time left."""
-    PREFIX = "bench"
+    """One line per step on stderr, with the time spent and the time left; notes in
+    between. Everything prefixed with the mode's name."""
 
-    def __init__(self, total: int):
+    def __init__(self, prefix: str):
+        self.prefix, self.total, self.done, self.t0 = prefix, 0, 0, time.monotonic()
+
+    def start(self, total: int) -> None:
+        """The clock starts here, after the programs are compiled: the time left is
+        estimated from the runs alone."""
         self.total, self.done, self.t0 = total, 0, time.monotonic()
 
     def step(self, text: str) -> None:
@@ -161,39 +164,53 @@ class Progress:
         print(f"[{self.done:3d}/{self.total}] {text:<78} {_mmss(elapsed)} eta {_mmss(eta)}",
               file=sys.stderr, flush=True)
 
-    @classmethod
-    def note(cls, text: str) -> None:
-        print(f"{cls.PREFIX}: {text}", file=sys.stderr, flush=True)
+    def note(self, text: str) -> None:
+        print(f"{self.prefix}: {text}", file=sys.stderr, flush=True)
 
 
 def _mmss(s: float) -> str:
     return f"{int(s) // 60}:{int(s) % 60:02d}"
 
 
-def machine_info() -> dict:
-    def first(cmd):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True).stdout
-            return (out.strip().splitlines() or [""])[0]
-        except OSError:
-            return ""
-    model = ""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = first(["git", "-C", top, "rev-parse", "--short", "HEAD"])
-    dirty = first(["git", "-C", top, "status", "--porcelain", "--", "bpf", "mirror", "bench",
-                   ":!bench/results"])
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
-            "git_commit": commit + ("+uncommitted changes" if dirty else ""),
-            "loadavg": open("/proc/loadavg").read().split()[:3],
-            "h2load": first(["h2load", "--version"]), "iperf3": first(["iperf3", "--version"]),
-            "nginx": subprocess.run(["nginx", "-v"], capture_output=True,
-                                    text=True).stderr.strip(),
-            "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
+class Session:
+    """What every mode does before its first run, in the same order: the preflight; the
+    controller's ownership records in a private directory (they mean nothing once the
+    bench is over); the leftovers of a killed run removed; the machine recorded; the seed
+    of the run order drawn (the start time unless given). close() after the last run
+    that needs the records."""
 
+    def __init__(self, progress: Progress, tools: tuple[str, ...], min_cpus: int,
+                 seed: int | None):
+        preflight(tools, min_cpus)
+        self.state_dir = tempfile.TemporaryDirectory(prefix="bench-state-")
+        os.environ["MIRROR_STATE_DIR"] = self.state_dir.name
+        removed = cleanup_stale()
+        if removed:
+            progress.note(f"removed leftovers of a dead run: {', '.join(removed)}")
+        self.started = time.time()
+        self.machine = machine_info()
+        self.seed = seed if seed is not None else int(self.started)
+        self.rng = random.Random(self.seed)
+
+    def close(self) -> None:
+        self.state_dir.cleanup()
+
+
+def guarded(prog: str, run: Callable[..., dict], *args) -> tuple[dict | None, int]:
+    """Runs one mode as every entry point does: SIGTERM unwinds like Ctrl-C; a machine the
+    bench cannot use ends it with one line on stderr and exit status 2 (as the mirror's
+    CLI), an interruption with one line and 130 once every cleanup has run. Returns the
+    result (None when there is none) and the exit status."""
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return run(*args), 0
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; namespaces, qdiscs, filters and debug interfaces "
+              "removed", file=sys.stderr)
+        return None, 130
 
 
 class Apparatus:
@@ -201,17 +218,11 @@ class Apparatus:
     when the configuration has none (made once, silent: nothing is mirrored to it)."""
 
     def __init__(self, shared):
-        from pyroute2 import IPRoute
-
-        from mirror import debugif
         self.name = unique_name("w")
         with IPRoute() as ipr:
             debugif.ensure(ipr, self.name, lambda: shared.sink.fd)
 
     def close(self) -> None:
-        from pyroute2 import IPRoute
-
-        from mirror import debugif
         with IPRoute() as ipr:
             debugif.remove(ipr, self.name)
 
@@ -336,7 +347,7 @@ def run_pass(pass_: str, rounds: int, configs: dict, lab, st: Settings, app: App
                         r["discarded"] = "other work shared the CPUs: group run again"
                     out.extend(group)
                     progress.total += len(cfgs)
-                    Progress.note(f"{len(busy)} run(s) of this group had more than "
+                    progress.note(f"{len(busy)} run(s) of this group had more than "
                                   f"{st.max_foreign:.0%} foreign CPU; running the group "
                                   f"again ({retries[0]} retries left)")
                     continue
@@ -392,7 +403,6 @@ def attach_pass(st: Settings, progress: Progress) -> dict:
 def containers_pass(st: Settings, progress: Progress) -> dict:
     """python -m bench.containers (clsact): real podman containers. Skipped, with the
     reason in the JSON, where podman or the image is missing."""
-    from .containers import missing_prerequisite
     reason = missing_prerequisite()
     if reason:
         progress.step(f"attach podman containers: skipped ({reason})")
@@ -415,57 +425,51 @@ def containers_pass(st: Settings, progress: Progress) -> dict:
 
 def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "saturation",
                                                             "in_traffic", "attach")) -> dict:
-    preflight()
-    # The controller's ownership records go to a private directory: they mean nothing
-    # once the bench is over.
-    state_dir = tempfile.TemporaryDirectory(prefix="bench-state-")
-    os.environ["MIRROR_STATE_DIR"] = state_dir.name
-    removed = cleanup_stale()
-    if removed:
-        Progress.note(f"removed leftovers of a dead run: {', '.join(removed)}")
-    started = time.time()
-    info = machine_info()
-    seed = st.seed or int(started)
-    rng = random.Random(seed)
-    Progress.note(f"{st.mode} mode: {st.rounds} cost round(s), {st.saturation_rounds} "
-                  f"saturation, {st.stats_rounds} in-traffic; seed {seed}; load average "
-                  f"{' '.join(info['loadavg'])}; compiling the classifiers")
-    shared = Shared()
-    configs = {k: c for k, c in all_configs(shared).items()
-               if not only or k in only or k == "untraced"}
-    rounds = {"cost": st.rounds, "saturation": st.saturation_rounds,
-              "in_traffic": st.stats_rounds}
-    total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs]) for _, cfgs in PLANS[p])
-                for p in PLANS if p in passes)
-    total += ("micro" in passes) + 3 * ("attach" in passes)
-    progress = Progress(total)
-    result = {"settings": asdict(st), "seed": seed, "machine": info, "started": started,
-              "configs": [{"key": c.key, "label": c.label, "mirrors": c.mirrors}
-                          for c in configs.values()],
-              "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
-              "workloads": workloads_meta(st), "runs": [], "microbench": [], "attach": {}}
+    progress = Progress("bench")
+    session = Session(progress, TOOLS, 2, st.seed or None)
+    info = {**session.machine, "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
     lab = Lab()
     app = None
-    retries = [st.retry_budget]
     try:
+        progress.note(f"{st.mode} mode: {st.rounds} cost round(s), {st.saturation_rounds} "
+                      f"saturation, {st.stats_rounds} in-traffic; seed {session.seed}; load "
+                      f"average {' '.join(info['loadavg'])}; compiling the classifiers")
+        shared = Shared()
+        configs = {k: c for k, c in all_configs(shared).items()
+                   if not only or k in only or k == "untraced"}
+        rounds = {"cost": st.rounds, "saturation": st.saturation_rounds,
+                  "in_traffic": st.stats_rounds}
+        total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs])
+                                    for _, cfgs in PLANS[p])
+                    for p in PLANS if p in passes)
+        total += ("micro" in passes) + 3 * ("attach" in passes)
+        progress.start(total)
+        result = {"settings": asdict(st), "seed": session.seed, "machine": info,
+                  "started": session.started,
+                  "configs": [{"key": c.key, "label": c.label, "mirrors": c.mirrors}
+                              for c in configs.values()],
+                  "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
+                  "workloads": workloads_meta(st), "runs": [], "microbench": [],
+                  "attach": {}}
+        retries = [st.retry_budget]
         if "micro" in passes:
             result["microbench"] = microbench_pass(shared, st, progress)
         lab.start()
         app = Apparatus(shared)
-        Progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")
+        progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")
         for p in ("cost", "saturation"):
             if p in passes:
-                result["runs"] += run_pass(p, rounds[p], configs, lab, st, app, rng,
+                result["runs"] += run_pass(p, rounds[p], configs, lab, st, app, session.rng,
                                            progress, retries)
         if "in_traffic" in passes:
             with EnabledStats():
                 result["runs"] += run_pass("in_traffic", st.stats_rounds, configs, lab, st,
-                                           app, rng, progress, retries)
+                                           app, session.rng, progress, retries)
     finally:
         if app:
             app.close()
         lab.stop()
-        state_dir.cleanup()
+        session.close()
     if "attach" in passes:
         result["attach"] = attach_pass(st, progress)
     result["finished"] = time.time()
@@ -474,10 +478,6 @@ def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "s
 
 
 def microbench_pass(shared, st: Settings, progress: Progress) -> list[dict]:
-    from pyroute2 import IPRoute
-
-    from mirror import debugif
-    from mirror.lab.netns import unique_name
     clf = shared.classifier
     clf.clear()
     clf.set_trigger(frozenset(range(500, 600)))
@@ -508,3 +508,138 @@ def workloads_meta(st: Settings) -> dict:
             "http_rate": st.http_rate, "h2c_rate": st.h2c_rate,
             "iperf_bitrate": st.iperf_bitrate,
             "offloads_switched": list(OFFLOADS)}
+
+
+# --- the scale mode (python -m bench.scale) -------------------------------------------
+def layout(k: int, cpus: list[int], how: str, per_cpu: int) -> dict:
+    """Which CPUs clients and servers get at CPU count k, and how many threads, workers
+    and connections."""
+    use = cpus[:k]
+    if k == 1 or how == "shared":
+        clients = servers = use
+    else:
+        half = k - k // 2               # clients get the odd CPU: they send first
+        clients, servers = use[:half], use[half:]
+    threads = len(clients)
+    conns = -(-per_cpu * k // threads) * threads     # a multiple of the threads
+    return {"k": k, "cpus": use, "client_cpus": clients, "server_cpus": servers,
+            "h2load_threads": threads, "nginx_workers": len(servers), "connections": conns,
+            "shared": clients == servers}
+
+
+def cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def _cpu_ticks(cpus: list[int]) -> tuple[int, int]:
+    """(all, idle + iowait) ticks of the given CPUs, from /proc/stat."""
+    total = idle = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                vals = [int(x) for x in fields[:8]]
+                total += sum(vals)
+                idle += vals[3] + vals[4]
+    return total, idle
+
+
+def run_scale_one(cfg, lab, point: dict, pct: int, seconds: float, settle: float) -> dict:
+    """Attach one configuration, saturate it with h2load, detach."""
+    rec = {"k": point["k"], "config": cfg.key, "error_pct": pct}
+    url = lab.error_url if pct == 100 else lab.ok_url
+    try:
+        cfg.setup(lab)              # inside: teardown also undoes a half-done setup
+        time.sleep(settle)
+        dbg0 = link_stats(cfg.debug_iface)["tx_packets"] if cfg.debug_iface else None
+        opens0 = lab.passive_opens()
+        s0, t0 = Sample(), _cpu_ticks(point["cpus"])
+        h2 = workloads.h2load_spread(url, point["client_cpus"], point["connections"],
+                                     point["h2load_threads"], seconds)
+        t1, s1 = _cpu_ticks(point["cpus"]), Sample()
+        h2["connections"] = point["connections"]
+        rec["connections_accepted"] = lab.passive_opens() - opens0
+        if dbg0 is not None:
+            rec["mirror"] = counters_check(link_stats(cfg.debug_iface)["tx_packets"] - dbg0,
+                                           h2, cfg.budgeted)
+    finally:
+        cfg.teardown()
+    span = t1[0] - t0[0]
+    rec.update({"req_per_s": h2["req_per_s"], "requests": h2["requests"],
+                "status": h2["status"], "failed": h2["errored"] + h2["timeout"],
+                "latency": h2["latency"], **s0.shares(s1),
+                "cpu_busy": round(1 - (t1[1] - t0[1]) / span, 3) if span > 0 else None})
+    return rec
+
+
+def describe_scale(rec: dict) -> str:
+    if "error" in rec:
+        return f"FAILED: {' '.join(rec['error'].split())[:60]}"
+    text = (f"{rec['req_per_s']:10,.0f} req/s  mean {rec['latency'].get('mean_us', 0):7.0f} us"
+            f"  busy {100 * (rec['cpu_busy'] or 0):3.0f}%")
+    if rec.get("foreign_cpu"):
+        text += f"  foreign {100 * rec['foreign_cpu']:.0f}%"
+    if "mirror" in rec:
+        text += "  mirrored ok" if rec["mirror"]["complete"] else "  MIRROR INCOMPLETE"
+    return text
+
+
+def run_scale(args) -> dict:
+    """The scale mode. `args`: bench/scale.py's options (cpus, layout, seconds, rounds,
+    configs, errors, settle, connections_per_cpu, seed)."""
+    progress = Progress("bench.scale")
+    session = Session(progress, LAB_TOOLS, 1, args.seed)
+    try:
+        cpus = usable_cpus()
+        points = [layout(k, cpus, args.layout, args.connections_per_cpu) for k in args.cpus]
+        result = {"kind": "scale", "started": session.started, "machine": session.machine,
+                  "settings": {"cpus": args.cpus, "layout": args.layout,
+                               "seconds": args.seconds, "rounds": args.rounds,
+                               "configs": args.configs, "error_levels": args.errors,
+                               "settle": args.settle,
+                               "connections_per_cpu": args.connections_per_cpu,
+                               "seed": session.seed,
+                               "h2load_args": "--h1 -m 1 -c <connections> -t <threads> -D "
+                                              "<seconds>"},
+                  "points": points, "runs": []}
+        progress.note(f"{os.cpu_count()} CPUs ({len(cpus)} usable), CPU counts "
+                      f"{', '.join(map(str, args.cpus))}; compiling the classifiers")
+        every = all_configs(Shared())
+        configs = [every[key] for key in args.configs]
+        result["configs"] = [{"key": c.key, "label": c.label} for c in configs]
+        progress.start(len(points) * args.rounds * len(args.errors) * len(configs))
+        for point in points:
+            result["runs"] += run_point(point, configs, args, session.rng, progress)
+    finally:
+        session.close()
+    result["finished"] = time.time()
+    return result
+
+
+def run_point(point: dict, configs, args, order: random.Random,
+              progress: Progress) -> list[dict]:
+    """Every round at one CPU count, on a lab built for it."""
+    lab = Lab(workers=point["nginx_workers"], server_cpus=point["server_cpus"])
+    runs = []
+    try:
+        lab.start()
+        progress.note(f"k={point['k']}: clients on CPUs {cpu_list(point['client_cpus'])} "
+                      f"({point['h2load_threads']} h2load threads, {point['connections']} "
+                      f"connections), nginx on {cpu_list(point['server_cpus'])} "
+                      f"({point['nginx_workers']} workers)")
+        for rnd in range(1, args.rounds + 1):
+            for pct in args.errors:
+                shuffled = order.sample(configs, len(configs))
+                for pos, cfg in enumerate(shuffled):
+                    try:
+                        rec = run_scale_one(cfg, lab, point, pct, args.seconds, args.settle)
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                        rec = {"k": point["k"], "config": cfg.key, "error_pct": pct,
+                               "error": f"{type(exc).__name__}: {exc}"}
+                    rec.update({"round": rnd, "position": pos})
+                    runs.append(rec)
+                    progress.step(f"k={point['k']:<3} round {rnd} {pct:3d}% errors "
+                                  f"{cfg.key:<14} {describe_scale(rec)}")
+    finally:
+        lab.stop()
+    return runs

@@ -6,6 +6,7 @@ The parsers get fast tests of their own on recorded tool output."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +53,73 @@ def test_parse_h2load_duration_in_milliseconds():
 def test_parse_h2load_rejects_garbage():
     with pytest.raises(RuntimeError):
         workloads.parse_h2load("connect: Connection refused\n")
+
+
+@pytest.mark.unit
+def test_h2load_runner_parses_every_process_and_reports_a_failed_one():
+    """The one h2load runner of both modes, on recorded output (sh prints it)."""
+    ok = ["sh", "-c", 'printf "%s" "$0"', H2LOAD_OUTPUT]
+    outs, wall = workloads.run_h2load([ok, ok], 1)
+    assert [o["requests"] for o in outs] == [21882, 21882] and wall >= 0
+    assert outs[0]["request_time"]["mean_us"] == 181
+    with pytest.raises(RuntimeError, match="h2load exited 3"):
+        workloads.run_h2load([ok, ["sh", "-c", "echo refused; exit 3"]], 1)
+
+
+@pytest.mark.unit
+def test_h2load_commands_of_both_modes():
+    main = workloads.h2load_command("http://198.18.0.2/ok", 0, 4, 2.5, proto="h1", rps=625,
+                                    log=Path("/dev/shm/x.log"))
+    assert main == ["taskset", "-c", "0", "h2load", "--h1", "--rps=625", "-c", "4", "-m", "1",
+                    "-t", "1", "-D", "2500ms", "--log-file=/dev/shm/x.log",
+                    "http://198.18.0.2/ok"]
+    scale = workloads.h2load_command("http://198.18.0.3/error", "0,1", 16, 1.0, threads=2)
+    assert scale == ["taskset", "-c", "0,1", "h2load", "--h1", "-c", "16", "-m", "1", "-t", "2",
+                     "-D", "1000ms", "http://198.18.0.3/error"]
+    h2c = workloads.h2load_command("http://198.18.0.2:8080/ok", 0, 4, 1, proto="h2c")
+    assert "--h1" not in h2c
+
+
+@pytest.mark.unit
+def test_one_writer_for_result_files(tmp_path):
+    """Both modes' files come from report.write: the JSON reads back as written, one line
+    per run, the Markdown beside it, latest.* only when asked."""
+    from bench import report
+    result = {"started": 1.5, "machine": {"cpus": 2}, "runs": [{"k": 1, "req_per_s": 2.0},
+                                                              {"k": 2, "req_per_s": 3.0}]}
+    path = report.write(result, tmp_path / "scale.json", "# scale\n")
+    text = path.read_text()
+    assert json.loads(text) == result
+    assert '  {"k": 1, "req_per_s": 2.0},' in text.splitlines()
+    assert (tmp_path / "scale.md").read_text() == "# scale\n"
+    assert not (tmp_path / "latest.json").exists()
+    report.write(result, tmp_path / "run" / "20261130T000000Z.json", "# run\n", latest=True)
+    assert (tmp_path / "run" / "latest.json").read_text() == \
+        (tmp_path / "run" / "20261130T000000Z.json").read_text()
+    assert (tmp_path / "run" / "latest.md").read_text() == "# run\n"
+
+
+@pytest.mark.unit
+def test_both_modes_fail_preflight_alike():
+    """One preflight: a machine the bench cannot use (here: none of its tools on PATH, or
+    not root) ends either mode with one line and exit status 2, before anything is made."""
+    lines = {}
+    for module in ("bench", "bench.scale"):
+        proc = subprocess.run([sys.executable, "-m", module, "--quick" if module == "bench"
+                               else "--cpus=1"], cwd=ROOT, capture_output=True, text=True,
+                              env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT)},
+                              timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.splitlines()
+        prefix, _, lines[module] = line.partition(": ")
+        assert prefix == module
+    if os.geteuid() == 0:
+        assert lines["bench"].startswith("missing h2load, iperf3, nginx, taskset, ip, ss")
+        assert lines["bench.scale"].startswith("missing h2load, iperf3, nginx, taskset, ip, ss")
+        assert lines["bench"].endswith("; scripts/setup installs them")
+        assert lines["bench.scale"].endswith("; scripts/setup installs them")
+    else:
+        assert lines["bench"] == lines["bench.scale"]
 
 
 @pytest.mark.unit
@@ -311,25 +379,24 @@ def test_scale_default_cpu_counts_are_powers_of_two_and_all():
 
 @pytest.mark.unit
 def test_scale_layout_splits_clients_and_servers_and_scales_connections():
-    from bench import scale
-    one = scale.layout(1, [0, 1], "split", 8)
+    from bench.runner import layout
+    one = layout(1, [0, 1], "split", 8)
     assert (one["client_cpus"], one["server_cpus"], one["connections"]) == ([0], [0], 8)
-    two = scale.layout(2, [0, 1], "split", 8)       # the main bench's 2-CPU layout
+    two = layout(2, [0, 1], "split", 8)       # the main bench's 2-CPU layout
     assert (two["client_cpus"], two["server_cpus"], two["connections"]) == ([0], [1], 16)
-    five = scale.layout(5, list(range(8)), "split", 8)
+    five = layout(5, list(range(8)), "split", 8)
     assert (five["client_cpus"], five["server_cpus"]) == ([0, 1, 2], [3, 4])
     assert five["connections"] == 42 and five["nginx_workers"] == 2   # a multiple of 3 threads
-    four = scale.layout(4, list(range(8)), "shared", 8)
+    four = layout(4, list(range(8)), "shared", 8)
     assert four["client_cpus"] == four["server_cpus"] == [0, 1, 2, 3]
     assert (four["h2load_threads"], four["nginx_workers"]) == (4, 4)
 
 
 @pytest.mark.unit
-def test_scale_reads_h2load_request_time_and_writes_durations_it_accepts():
-    from bench import scale
-    t = scale.request_time(H2LOAD_OUTPUT)
+def test_h2load_request_time_and_durations_it_accepts():
+    t = workloads.request_time(H2LOAD_OUTPUT)
     assert (t["min_us"], t["max_us"], t["mean_us"]) == (23, 20100, 181)
-    assert scale.duration(1.0) == "1000ms" and scale.duration(0.5) == "500ms"
+    assert workloads.duration(1.0) == "1000ms" and workloads.duration(0.5) == "500ms"
 
 
 @pytest.mark.unit
@@ -351,7 +418,7 @@ def _kernel_clean(pid: int) -> None:
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_scale_end_to_end(tmp_path):
-    from bench import scale
+    from bench import report
     out = tmp_path / "scale.json"
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
     from helpers import run_module
@@ -389,7 +456,7 @@ def test_scale_end_to_end(tmp_path):
         assert row["ratio"] == 1.0 if row["config"] == "untraced" else row["ratio"] > 0
 
     md = out.with_suffix(".md").read_text()
-    assert md == scale.markdown(data)
+    assert md == report.scale_markdown(data)
     assert f"**{os.cpu_count()} CPUs**" in md
     assert md.count("| 1 |") == 3 and md.count("| 2 |") == 3    # layout + two error tables
 
