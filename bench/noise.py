@@ -44,25 +44,28 @@ def _proc_stat(pid: int, children: bool = True) -> tuple[int, int] | None:
     return int(rest[1]), sum(int(x) for x in rest[11:15 if children else 13])
 
 
-def _process_ticks(root: int) -> tuple[int, int, dict[int, int]]:
+def _process_ticks(root: int) -> tuple[int, int, dict[int, tuple[int, int, int]]]:
     """(CPU ticks of `root` and all its descendants, reaped children included; CPU ticks
-    of kernel threads; {pid: CPU ticks} of every other process)."""
-    stats = {}
+    of kernel threads; {pid: (ppid, own ticks, reaped children's ticks)} of every other
+    process)."""
+    stats, split = {}, {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             s = _proc_stat(int(d))
-            if s:
+            own = _proc_stat(int(d), children=False)
+            if s and own:
                 stats[int(d)] = s
+                split[int(d)] = (s[0], own[1], s[1] - own[1])
     kids: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         kids.setdefault(ppid, []).append(pid)
     own, kernel = _tree(kids, root), _tree(kids, _KTHREADD)
-    others = {pid: t for pid, (_, t) in stats.items()
+    others = {pid: split[pid] for pid in stats
               if pid not in own and pid not in kernel and pid != 1}
     # init: its own time only. It reaps every orphan, the bench's own among them (a
     # process whose parent exited first), so its children's time is nobody's in particular.
-    init = _proc_stat(1, children=False)
-    others[1] = init[1] if init else 0
+    if 1 in split:
+        others[1] = (0, split[1][1], 0)
     return (sum(stats[p][1] for p in own if p in stats),
             sum(stats[p][1] for p in kernel if p in stats), others)
 
@@ -79,6 +82,22 @@ def _tree(kids, root: int) -> set[int]:
     return found
 
 
+def _foreign_growth(before: dict[int, tuple[int, int, int]],
+                    after: dict[int, tuple[int, int, int]]) -> int:
+    """CPU ticks other processes used between two samples ({pid: (ppid, own, reaped
+    children's)} each). A process gone since the first sample and reaped by one still
+    there had its whole life added to that parent's children's time: what it had used
+    before the first sample is not the window's, and is taken off."""
+    grown = 0
+    for pid, (_, own, kids) in after.items():
+        _, own0, kids0 = before.get(pid, (0, 0, 0))
+        grown += max(0, own - own0) + max(0, kids - kids0)
+    for pid, (ppid, own0, kids0) in before.items():
+        if pid not in after and ppid in after and ppid in before:
+            grown -= own0 + kids0
+    return max(0, grown)
+
+
 class Sample:
     def __init__(self):
         self.all, self.idle, self.irq, self.steal = _cpu_ticks()
@@ -89,8 +108,7 @@ class Sample:
         return round(max(0.0, ticks / span), 3) if span > 0 else None
 
     def _foreign_ticks(self, later: "Sample") -> int:
-        others = sum(max(0, t - self.others.get(pid, 0)) for pid, t in later.others.items())
-        return others + later.steal - self.steal
+        return _foreign_growth(self.others, later.others) + later.steal - self.steal
 
     def foreign_share(self, later: "Sample") -> float | None:
         """Share of all CPU time between two samples that other processes and other

@@ -209,6 +209,19 @@ def test_foreign_work_is_other_processes_not_the_bench_tree():
         child.kill()
         child.wait()
         os.kill(orphan, 9)
+
+
+@pytest.mark.unit
+def test_a_reaped_child_counts_from_the_first_sample_only():
+    """A parent (pid 10) reaps a child (11) that had used 500 ticks before the first
+    sample and 5 after: its children's time jumps by 505, 5 of which are the window's.
+    A child born and reaped within the window (12's 7 ticks) counts whole."""
+    from bench.noise import _foreign_growth
+    before = {10: (1, 100, 0), 11: (10, 400, 100), 20: (1, 0, 0)}
+    after = {10: (1, 103, 505), 20: (1, 0, 7)}
+    assert _foreign_growth(before, after) == 3 + 5 + 7
+
+
 @pytest.mark.unit
 def test_large_map_filler_keys_are_the_programs_key_layouts():
     import ipaddress
