@@ -231,6 +231,24 @@ def batch_lookup(map_fd: int, key_size: int, value_size: int, per_cpu: bool = Tr
         first = False
 
 
+def batch_update(map_fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Writes `count` entries (keys and values back to back) in BPF_MAP_UPDATE_BATCH
+    calls: zeroing a 65536-slot array takes a few calls instead of 65536."""
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    ksize, vsize = len(keys) // count, len(values) // count
+    done = 0
+    while done < count:
+        attr = BatchAttr(keys=ctypes.addressof(kbuf) + done * ksize,
+                         values=ctypes.addressof(vbuf) + done * vsize,
+                         count=count - done, map_fd=map_fd)
+        ret = call(BPF_MAP_UPDATE_BATCH, attr)
+        done += attr.count
+        if ret < 0:
+            raise OSError(-ret, f"BPF_MAP_UPDATE_BATCH: {os.strerror(-ret)} after {done} "
+                          f"of {count} entries")
+
+
 def lookup_and_delete(map_fd: int, key: bytes, value_len: int) -> bytes | None:
     """Reads and deletes one entry atomically; None when it is not there."""
     kbuf = ctypes.create_string_buffer(key, len(key))

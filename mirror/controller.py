@@ -17,10 +17,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import ctlsocket, debugif, hooks, ownership
-from .abi import EVENT_HEAD, FLOW_KEY, FLOW_VALUE, IFACE_SLOTS
+from .abi import CONN, IFACE_SLOTS, KEPT_REQUEST_HEAD
 from .attachments import Attachments
 from .bpfprog import Classifier, Sink, check_environment
-from .bpfsys import possible_cpus
 from .discovery import Discovery
 from .errors import UsageError
 from .events.file import EventsFile
@@ -146,6 +145,9 @@ class Controller:
         self.classifier.set_budgets(self.opts.max_packets_per_flow,
                                     self.opts.max_bytes_per_flow,
                                     self.opts.max_clones_per_second)
+        self.classifier.set_event_limits(self.opts.max_events_per_second,
+                                         self.opts.max_events_per_connection)
+        self.classifier.set_idle_timeout(self.idle_timeout)
         self._warn_shared_stats_slots(indexes)
         self._ctl_lock = ownership.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
@@ -182,15 +184,13 @@ class Controller:
 
     def _log_loaded(self, seconds: float) -> None:
         clf = self.classifier
-        # LRU maps are preallocated: the memory is taken now, whatever the traffic.
-        mib = self.opts.max_flows * (FLOW_KEY.size + FLOW_VALUE.size * possible_cpus()) / 2**20
-        req_mib = clf.max_requests * (FLOW_KEY.size + EVENT_HEAD.size +
-                                      clf.request_capacity) / 2**20
-        log.info("classifier compiled and loaded in %.1f s (flow map: %d flows, about "
-                 "%.0f MiB locked for %d possible CPUs; request snapshot: %s)",
-                 seconds, self.opts.max_flows, mib, possible_cpus(),
-                 f"{self.opts.request_bytes} bytes of each request, {clf.max_requests} "
-                 f"flows, about {req_mib:.0f} MiB" if self.opts.request_bytes else "off")
+        # Arrays are preallocated: the memory is taken now, whatever the traffic.
+        mib = clf.conn_slots * CONN.size / 2**20
+        req_mib = clf.max_requests * (KEPT_REQUEST_HEAD.size + clf.request_capacity) / 2**20
+        log.info("classifier compiled and loaded in %.1f s (connection states: %d slots, "
+                 "%.0f MiB; kept requests: %s)", seconds, clf.conn_slots, mib,
+                 f"{self.opts.request_bytes} bytes of each, {clf.max_requests} slots, "
+                 f"{req_mib:.0f} MiB" if self.opts.request_bytes else "off")
 
     @staticmethod
     def _warn_shared_stats_slots(indexes: dict[str, int]) -> None:
@@ -300,6 +300,7 @@ class Controller:
             self.classifier.set_trigger(new.codes)
         self.opts.trigger, self.opts.codes = new.trigger, new.codes
         self.opts.idle_timeout = new.idle_timeout
+        self.classifier.set_idle_timeout(new.idle_timeout)
         self._write_controller_record()
         log.info("SIGHUP: trigger set is now %s, idle timeout %g s", describe(self.codes),
                  self.idle_timeout)
@@ -345,7 +346,7 @@ class Controller:
             "debug_iface": self.debug.name if self.debug else None,
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
-            "socket": self.socket_name, **self.opts.budget(),
+            "socket": self.socket_name, **self.opts.limits(),
             "patterns": self.selector.patterns, "exclude": self.selector.exclude,
             "max_ifaces": self.opts.max_ifaces,
             "matched": self.discovery.matched() if self.discovery else {},

@@ -21,8 +21,7 @@ def flows_json(flows: dict) -> list[dict]:
                     "packets": v["packets"], "bytes": v["bytes"],
                     "age_s": round((now - v["first_ns"]) / 1e9, 3) if v["first_ns"] else None,
                     "idle_s": round((now - v["last_ns"]) / 1e9, 3) if v["last_ns"] else None,
-                    "cpus": v["cpus"], "cpu_packets": v["cpu_packets"],
-                    "cut": v["cut"]})
+                    "ifindex": v["ifindex"], "events": v["events"], "cut": v["cut"]})
     return out
 
 

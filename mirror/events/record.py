@@ -26,19 +26,18 @@ class Event:
     key_raw: bytes                  # struct flow_key as the kernel wrote it: see `key`
     server_is_lo: bool
     request_ns: int                 # 0: no request kept
-    request_ifindex: int
     request_frame_len: int
     request: bytes                  # the request frame's first bytes (b"": none)
-    cut: int = 0                    # the flow's cut_reason bits on the response's CPU
+    cut: int = 0                    # the connection's cut_reason bits at the response
 
     @classmethod
     def from_record(cls, raw: bytes) -> "Event":
-        (resp_ns, ifindex, status, direction, new_flow, proto, server_lo, cut, key, req_ns,
-         req_ifindex, _req_dir, _req_lo, req_frame_len, req_len) = EVENT_HEAD.unpack_from(raw)
+        (resp_ns, req_ns, key, ifindex, status, direction, proto, new_flow, server_lo, cut,
+         _req_dir, req_frame_len, req_len) = EVENT_HEAD.unpack_from(raw)
         request = raw[HEAD_SIZE:HEAD_SIZE + req_len] if req_ns and len(raw) > HEAD_SIZE else b""
         return cls(resp_ns, ifindex, status, DIRECTIONS[direction & 1], bool(new_flow),
                    APP_PROTOS.get(proto, str(proto)), key, bool(server_lo),
-                   req_ns if request else 0, req_ifindex, req_frame_len, request, cut)
+                   req_ns if request else 0, req_frame_len, request, cut)
 
     @property
     def key(self) -> FlowKey:
