@@ -413,8 +413,11 @@ class Classifier:
                     ctypes.memset(ctypes.addressof(v), 0, ctypes.sizeof(v))
             self._iface_stats[key] = per_cpu
 
-    def test_run(self, direction: str, frame: bytes, repeat: int = 1) -> TestRun:
-        return test_run(self.fd(direction), frame, repeat)
+    def test_run(self, direction: str, frame: bytes, repeat: int = 1,
+                 ifindex: int = 0, ingress_ifindex: int = 0) -> TestRun:
+        """BPF_PROG_TEST_RUN of one entry point; by default on lo (ifindex 1)."""
+        ctx = bpfsys.skb_ctx(ifindex, ingress_ifindex) if ifindex or ingress_ifindex else None
+        return test_run(self.fd(direction), frame, repeat, ctx)
 
 
 class Sink:
