@@ -97,8 +97,9 @@ class RequestWriter:
         sent = 0
         while sent < n:
             self.calls += 1
-            ret = _libc.sendmmsg(self._sock.fileno(), ctypes.byref(msgs, sent * ctypes.sizeof(
-                _Mmsghdr)), n - sent, 0)
+            first = ctypes.cast(ctypes.addressof(msgs) + sent * ctypes.sizeof(_Mmsghdr),
+                                ctypes.POINTER(_Mmsghdr))
+            ret = _libc.sendmmsg(self._sock.fileno(), first, n - sent, 0)
             if ret < 0:
                 err = ctypes.get_errno()
                 # The first message failed: count it and go on with the rest.
