@@ -135,7 +135,7 @@ def test_request_of_the_error_is_captured_and_reported(host, nginx, tmp_path, ho
 
 def test_self_marking_client_is_not_mirrored(host, nginx, tmp_path):
     """A client that sends a status line of its own after its request does not mark its
-    connection: only the side opposite to the request can answer it."""
+    connection: it is the client (its SYN said so), and only the server answers."""
     with Run(host, tmp_path) as r:
         with socket.create_connection((host.ns_v4, 80), timeout=10,
                                       source_address=(host.host_v4, 0)) as s:
@@ -146,7 +146,7 @@ def test_self_marking_client_is_not_mirrored(host, nginx, tmp_path):
         counters = r.counters()
         mirrored, _ = r.finish(expected_events=0)
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert counters["status_same_dir"] == 1 and counters["flows_marked"] == 0
+    assert counters["status_from_client"] == 1 and counters["flows_marked"] == 0
     assert mirrored == {} and r.events() == []
 
 
