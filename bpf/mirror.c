@@ -658,14 +658,13 @@ int mirror_h2(struct __sk_buff *skb)
     }
     if (!c)
         return PASS;
-    if (status >= 0) {
+    int marked = conn_marked(c, cfg, now);
+    c->last_ns = now;
+    if (status >= 0)
         on_trigger(skb, cfg, c, slot, 0, status, direction,
                    status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, p->mode, now);
-    } else if (conn_marked(c, cfg, now)) {
-        c->last_ns = now;
-        if (!p->seen_before)
-            mirror_packet(skb, cfg, c, 0, direction);
-    }
+    else if (marked && !p->seen_before)
+        mirror_packet(skb, cfg, c, 0, direction);
     return PASS;
 }
 
@@ -782,8 +781,12 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         if (request && mode == STATUS_FROM_CLIENT && cfg->request_bytes)
             keep_request(skb, cfg, c, slot, direction);
     }
+    /* A packet that tells the state something, or of a marked connection, touches it:
+     * the slot a new connection takes is the bucket's least recently touched one, and
+     * idle expiry counts from here. (Not every packet that looks up: whether the others
+     * do depends on the marks pre-filter, which says nothing about this connection.) */
     int marked = conn_marked(c, cfg, now);
-    if (c && (marked || code >= 0 || request))
+    if (c && (marked || syn || code >= 0 || request || preface || try_h2))
         c->last_ns = now;
 
     if (try_h2) {

@@ -111,7 +111,8 @@ the bucket when several were touched in the same tick of the classifier's coarse
 that state is gone (`conns_replaced`, and `flows_evicted` when it was marked). A state
 that starts counts `conns_started`; the slot's generation goes up by one; the client
 side is not known yet. A state is touched when it starts or restarts, and by every
-packet that carries a status line or a request start, or that finds it marked.
+packet that carries a SYN, a status line, a request start, the preface or HTTP/2 frames,
+or that finds it marked (an HTTP/2 segment that marks it included).
 
 SYN and SYN-ACK (RFC 9293 section 3.5). A segment with SYN and without ACK opens a
 connection: its sender is the client and the hook it was seen on is the client's
@@ -1219,7 +1220,7 @@ class Model:
                 self._keep(slot, frame, direction, seen)
                 out.kept = True
         marked = c is not None and c.marked
-        if c is not None and (marked or code is not None or request):
+        if c is not None and (marked or p.syn or code is not None or request or preface or h2):
             self._touch(slot)
         out.mode = mode
         out.status = code
@@ -1307,13 +1308,13 @@ class Model:
             return
         if slot is None:
             return
+        self._touch(slot)
         status = armed if armed is not None else grpc_armed
         if status is not None:
             out.status = status
             proto = PROTO_GRPC if status < MIN_HTTP_STATUS else PROTO_H2
             out.trigger(self, slot, status, proto, mode, frame)
         elif self.slots[slot].marked:
-            self._touch(slot)
             if not seen_before:
                 out.mirror(self, self.slots[slot], frame)
 

@@ -544,3 +544,32 @@ def test_a_full_bucket_gives_its_least_recently_active_slot(snap):
     for c in conns[-8:]:
         if c.key in held:
             assert run(snap, c.c2s(ERR500), "ingress") == c.moved(status_from_client=1)
+
+
+def age(clf, key: FlowKey, last_ns: int = 1) -> None:
+    """Makes the connection's state look untouched since `last_ns` (as if opened long
+    ago), writing its slot back with that one field changed."""
+    for slot, c in clf.conns():
+        if c["flow"] == key:
+            table = clf._conns
+            value = table[table.Key(slot)]
+            value.last_ns = last_ns
+            table[table.Key(slot)] = value
+            return
+    raise AssertionError(f"no state for {key}")
+
+
+@pytest.mark.parametrize("payload", [H2_500, ERR500], ids=["h2", "h1"])
+def test_a_mark_touches_an_old_connection(snap, payload):
+    """A connection opened long ago (older than the idle timeout) that gets its first
+    error now stays marked: the mark touches it, whatever the protocol."""
+    snap.set_idle_timeout(60)
+    c = Conn(sport=8080)
+    open_conn(snap, c)
+    if payload is H2_500:
+        run(snap, c.c2s(PREFACE), "ingress")
+    age(snap, c.key)
+    assert run(snap, c.s2c(payload), "egress")["flows_marked"] == 1
+    ack = c.c2s(flags=TCP_ACK)
+    assert run(snap, ack, "ingress") == c.moved(mirrored_packets=1, mirrored_bytes=len(ack))
+    snap.set_idle_timeout(0)
