@@ -21,6 +21,8 @@ from .errors import UsageError
 from .flowkey import FlowKey
 
 _MARKED = abi.CONN_FLAGS["marked"]
+_LAST_NS_WORD = CONN.offset("last_ns") // 8
+_FLAGS_AT = CONN.offset("flags")
 _CLIENT_KNOWN = abi.CONN_FLAGS["client_known"]
 _CLIENT_LO = abi.CONN_FLAGS["client_lo"]
 _CLIENT_EGRESS = abi.CONN_FLAGS["client_egress"]
@@ -249,21 +251,35 @@ class Classifier:
         return {name: int(self._counters.sum(self._counters.Key(i)).value)
                 for i, name in enumerate(COUNTERS)}
 
+    def _conn_slots(self, marked_only: bool = False):
+        """Yields (slot, raw struct conn) of the slots that hold a state (with
+        `marked_only`, a marked one). The whole array is read in batches; which slots
+        are taken is read off strided views of the batch, so that the Python loop runs
+        only over the states there are, not over every slot."""
+        size = CONN.size
+        for keys, values, count in batch_lookup(self._conns.map_fd, 4, size,
+                                                per_cpu=False):
+            view = memoryview(values)[:count * size]
+            last = view.cast("Q")[_LAST_NS_WORD::size // 8]
+            flags = view[_FLAGS_AT::size]
+            slots = memoryview(keys)[:count * 4].cast("I")
+            for i in range(count):
+                if last[i] and (not marked_only or flags[i] & _MARKED):
+                    yield slots[i], view[i * size:(i + 1) * size]
+
+    @staticmethod
+    def _decode_conn(raw) -> dict:
+        c = CONN.decode(raw)
+        key = c.pop("key")
+        c["flow"] = FlowKey.from_bytes(key[:40])
+        c["ifindex"] = int.from_bytes(key[40:44], "little")
+        return c
+
     def conns(self):
         """Yields (slot, struct conn as a dict with `flow`, a FlowKey, and `ifindex`) for
         every slot that holds a connection's state."""
-        for _keys, values, count in batch_lookup(self._conns.map_fd, 4, CONN.size,
-                                                 per_cpu=False):
-            raw_keys = _keys
-            for i in range(count):
-                c = CONN.decode(values, i * CONN.size)
-                if not c["last_ns"]:
-                    continue
-                slot = int.from_bytes(raw_keys[i * 4:i * 4 + 4], "little")
-                key = c.pop("key")
-                c["flow"] = FlowKey.from_bytes(key[:40])
-                c["ifindex"] = int.from_bytes(key[40:44], "little")
-                yield slot, c
+        for slot, raw in self._conn_slots():
+            yield slot, self._decode_conn(raw)
 
     def _idle_ns(self) -> int:
         return self._config[self._config.Key(0)].idle_ns
@@ -272,8 +288,9 @@ class Classifier:
         """(slot, conn) of the marked connections not idle past the idle timeout (the
         classifier unmarks those at their next packet)."""
         idle_ns = self._idle_ns()
-        for slot, c in self.conns():
-            if c["flags"] & _MARKED and not (idle_ns and now_ns - c["last_ns"] > idle_ns):
+        for slot, raw in self._conn_slots(marked_only=True):
+            c = self._decode_conn(raw)
+            if not (idle_ns and now_ns - c["last_ns"] > idle_ns):
                 yield slot, c
 
     def flows(self, now_ns: int | None = None) -> dict[FlowKey, dict]:
@@ -324,8 +341,9 @@ class Classifier:
         classifier may be updating at the same moment."""
         expired = 0
         seen_now = set()
-        for slot, c in self.conns():
-            if c["flags"] & _MARKED and idle_ns and now_ns - c["last_ns"] > idle_ns:
+        for slot, raw in self._conn_slots(marked_only=True):
+            c = CONN.decode(raw)
+            if idle_ns and now_ns - c["last_ns"] > idle_ns:
                 tag = (slot, c["gen"])
                 seen_now.add(tag)
                 if tag not in self._expired_seen:
