@@ -215,11 +215,15 @@ def test_foreign_work_is_other_processes_not_the_bench_tree():
 def test_a_reaped_child_counts_from_the_first_sample_only():
     """A parent (pid 10) reaps a child (11) that had used 500 ticks before the first
     sample and 5 after: its children's time jumps by 505, 5 of which are the window's.
-    A child born and reaped within the window (12's 7 ticks) counts whole."""
+    A child born and reaped within the window (20's 7 ticks) counts whole; so does a
+    process started in the window (30); one that started before it and was not among the
+    others then (40: the bench's own child, re-parented) counts nothing."""
     from bench.noise import _foreign_growth
-    before = {10: (1, 100, 0), 11: (10, 400, 100), 20: (1, 0, 0)}
-    after = {10: (1, 103, 505), 20: (1, 0, 7)}
-    assert _foreign_growth(before, after) == 3 + 5 + 7
+    before = {10: (1, 100, 0, 50), 11: (10, 400, 100, 60), 20: (1, 0, 0, 70)}
+    after = {10: (1, 103, 505, 50), 20: (1, 0, 7, 70),
+             30: (1, 4, 0, 1001),        # started in the window: all of it
+             40: (1, 900, 0, 80)}        # started before, not here then: none of it
+    assert _foreign_growth(before, after, since=1000) == 3 + 5 + 7 + 4
 
 
 @pytest.mark.unit
