@@ -408,7 +408,7 @@ def test_waits_for_interface_and_follows_it_when_recreated(tmp_path, capture_pro
 def test_refuses_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli("capture", "--iface", "lo", "--dir", str(blocker / "sub"))
+    r = run_cli("capture", "--iface", unique_name("x"), "--dir", str(blocker / "sub"))
     assert r.returncode == 2 and "not writable" in r.stderr
 
 
