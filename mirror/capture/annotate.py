@@ -64,8 +64,9 @@ def event_key(event: dict) -> FlowKey | None:
 def describe_event(event: dict) -> str:
     """An error event (the controller's, or an index record) as one comment."""
     request = (f"{event.get('method')} {event.get('target')}" if event.get("method")
-               else "request not captured")
-    parts = [f"mirror: error {event.get('status')} for {request}"]
+               else "a request not captured")
+    proto = f" ({event['proto']})" if event.get("proto") not in (None, "h1") else ""
+    parts = [f"mirror: error {event.get('status')}{proto} for {request}"]
     if event.get("host"):
         parts.append(f"host {event['host']}")
     if event.get("iface"):
@@ -78,7 +79,7 @@ def describe_event(event: dict) -> str:
 @dataclass
 class Connection:
     iface: str | None = None
-    annotated: set = field(default_factory=set)     # statuses whose event is written
+    annotated: set = field(default_factory=set)     # the events written (their numbers)
 
 
 class AnnotatedWriter:
@@ -125,13 +126,9 @@ class AnnotatedWriter:
                 if conn.iface is None:
                     conn.iface = next((e["iface"] for e in events if e.get("iface")), None)
             iface = conn.iface
-            if packet.payload and status_line(packet.payload):
-                status = int(packet.payload[9:12])
-                event = next((e for e in events if e.get("status") == status), None)
-                if event is not None and status not in conn.annotated:
-                    conn.annotated.add(status)
-                    comments.append(describe_event(event))
-                    self.events_written += 1
+            for event in self._events_here(packet, events, conn):
+                comments.append(describe_event(event))
+                self.events_written += 1
             if frame.moved_from_ns is not None:
                 comments.append(
                     "mirror: request moved before the response it got (the controller "
@@ -141,6 +138,27 @@ class AnnotatedWriter:
         self.out.write(frame.ts_ns, frame.data, frame.orig_len, self._interface(iface),
                        comments)
         self.frames += 1
+
+    @staticmethod
+    def _events_here(packet, events: list[dict], conn: Connection) -> list[dict]:
+        """The events written on this frame: an HTTP/1.x error on the response that
+        carries its status; another protocol's (h2, gRPC: the frame holding the status
+        is not told apart here) on the first frame with a payload once it is known.
+        Each event once."""
+        if not packet.payload:
+            return []
+        status = int(packet.payload[9:12]) if status_line(packet.payload) else None
+        out = []
+        for n, event in enumerate(events):
+            if n in conn.annotated:
+                continue
+            h1 = event.get("proto", "h1") == "h1"
+            if (h1 and status is not None and event.get("status") == status) or not h1:
+                conn.annotated.add(n)
+                out.append(event)
+                if h1:
+                    break
+        return out
 
     def _first_note(self, frame: Frame, conn: Connection) -> str:
         p = frame.packet
