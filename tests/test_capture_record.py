@@ -8,7 +8,6 @@ dpkt's pcapng reader, never by this project's readers."""
 from __future__ import annotations
 
 import io
-import json
 import signal
 import struct
 import subprocess
@@ -19,12 +18,12 @@ import pytest
 
 from helpers import (MirrorProcess, counted_from_now, env_with, mirror_cmd, mirrored_packets,
                      run_cli, wait_closed, wait_until)
-from test_capture import (C4, C6, RESP_500, S4, S6, Capture, Conn, injected_basic,  # noqa: F401
-                          injected_keepalive, capture_proc)
+from test_capture import (C4, C6, S4, S6, capture_proc, injected_basic,  # noqa: F401
+                          injected_keepalive)
 from mirror.capture.extract import Selector, Summary, parse_statuses, parse_time
 from mirror.capture.pcap import PcapngWriter
 from mirror.capture.reorder import Frame, Holder
-from mirror.communityid import community_id, of_flow
+from mirror.communityid import of_flow
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send, send_h2
 from mirror.lab.netns import unique_name
@@ -314,6 +313,3 @@ def _key(frame: bytes) -> FlowKey | None:
     p = Packet.decode(1, 0.0, frame)
     return p.key if p else None
 
-
-# Unused names from test_capture are imported for their fixtures.
-_ = (RESP_500, Conn, Capture, json, community_id)
