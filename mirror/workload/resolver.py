@@ -83,11 +83,13 @@ class Inventories:
     """Each runtime's containers, asked of all runtimes at once with one deadline; a
     runtime that fails is reported and its last good list used."""
 
-    def __init__(self, runtimes, timeout: float, stats: Stats, warn: bool = True):
+    def __init__(self, runtimes, timeout: float, stats: Stats, warn: bool = True,
+                 stop: threading.Event | None = None):
         self.runtimes = list(runtimes)
         self.timeout = timeout
         self.stats = stats
         self.warn = warn
+        self.stop = stop or threading.Event()   # set: stop waiting for the answers
         self.last_good: dict[str, list] = {}
         self.failing: dict[str, str] = {}        # runtime -> reason, while it fails
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.runtimes)),
@@ -107,10 +109,15 @@ class Inventories:
             futures[rt.name] = self._running[rt.name] = self._pool.submit(self._timed, rt,
                                                                           deadline)
         # Calls honour the deadline themselves; the margin only covers a slow scheduler.
-        wait(list(futures.values()), timeout=self.timeout + 1.0)
+        # Waited for in slices, so that stopping never waits for a hung runtime.
+        until = deadline + 1.0
+        while not self.stop.is_set() and time.monotonic() < until:
+            if not wait(list(futures.values()), timeout=0.1).not_done:
+                break
         for name, future in futures.items():
             if not future.done():
-                failures[name] = RuntimeFailure("timeout", "no answer within the deadline")
+                if not self.stop.is_set():      # stopping is no failure of the runtime
+                    failures[name] = RuntimeFailure("timeout", "no answer in time")
                 continue
             try:
                 self.last_good[name] = future.result()
@@ -188,14 +195,14 @@ class Workloads:
         self.netns_dir = netns_dir
         self.batch_seconds = batch_seconds
         self.stats = Stats([r.name for r in self.runtimes])
-        self._inventories = Inventories(self.runtimes, timeout, self.stats)
+        self._stop = threading.Event()
+        self._inventories = Inventories(self.runtimes, timeout, self.stats, stop=self._stop)
         self._answers: dict[int, Workload] = {}
         self._wanted: set[int] = set()
         self._asked: dict[int, float] = {}      # ifindex -> when first asked, unanswered
         self._answering: set[int] = set()       # taken by the pass under way
         self._everything = False                # answer every wanted interface again
         self._cond = threading.Condition()
-        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._events_failing: dict[str, str] = {}
 
@@ -268,8 +275,8 @@ class Workloads:
         return self
 
     def stop(self) -> None:
-        """Ends the threads (a pass under way ends within its timeout), then closes the
-        runtimes' connections."""
+        """Ends the threads (a pass under way stops waiting for its runtimes), then closes
+        the runtimes' connections."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
