@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from pyroute2 import IPRoute
 
 import containerdengine
@@ -129,6 +130,29 @@ def test_containerd_spec_says_where_the_network_namespace_is():
     assert paths(entry(own), 42) == ("/proc/42/ns/net",)
     assert paths(entry(own), None) == ()
     assert paths(entry(host), 42) == ()
+
+
+@pytest.mark.unit
+def test_daemonset_gains_two_read_only_mounts_and_nothing_else():
+    """The node-wide controller reads containerd's socket and the node's /run/netns
+    (docs/deployment.md says why both), read-only, without a capability or the host's
+    PID namespace."""
+    doc = yaml.safe_load((ROOT / "container/k8s/daemonset.yaml").read_text())
+    spec = doc["spec"]["template"]["spec"]
+    mirror = next(c for c in spec["containers"] if c["name"] == "mirror")
+    mounts = {m["mountPath"]: m for m in mirror["volumeMounts"]}
+    assert set(mounts) == {"/lib/modules", "/usr/src", "/run/tc-mirror",
+                           "/run/containerd/containerd.sock", "/run/netns"}
+    sock, netns = mounts["/run/containerd/containerd.sock"], mounts["/run/netns"]
+    assert sock["readOnly"] and netns["readOnly"]
+    assert netns["mountPropagation"] == "HostToContainer"
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
+    assert volumes[sock["name"]] == {"path": "/run/containerd/containerd.sock",
+                                     "type": "Socket"}
+    assert volumes[netns["name"]]["path"] == "/run/netns"
+    assert mirror["securityContext"]["capabilities"]["add"] == ["BPF", "NET_ADMIN",
+                                                                "PERFMON", "NET_RAW"]
+    assert not spec.get("hostPID") and "privileged" not in mirror["securityContext"]
 
 
 # --- kernel: namespaces and broken runtime sockets ----------------------------------------
