@@ -390,9 +390,13 @@ def test_stop_does_not_wait_for_a_hung_runtime(made, tmp_path, broken):
     threads = list(w._threads)
     try:
         assert w.lookup(ifindex) == PENDING
-        wait_until(lambda: (server.accepted > 0, server.accepted), "the runtime asked")
+        # The pass's call and the event stream's request both held by the runtime:
+        wait_until(lambda: (server.accepted >= 2, server.accepted), "the runtime asked")
     finally:
-        w.stop()
+        stopping = threading.Thread(target=w.stop)
+        stopping.start()
+        stopping.join(60)       # bounds a hang only: stopping takes milliseconds
+    assert not stopping.is_alive(), "stop() waited for the hung runtime"
     assert not [t.name for t in threads if t.is_alive()]
     assert w.lookup(ifindex) == PENDING and ("docker", "timeout") not in w.stats.failures
 
@@ -463,11 +467,13 @@ class Watcher:
     runtime's veths are): interface names go in as link events would, each answer that
     changes comes out as a JSON line."""
 
-    def __init__(self, netns: str, kind: str, path: str, absent_prefix: str):
-        self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", WATCH, kind,
-             path, absent_prefix], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env_with(PYTHONPATH=ROOT))
+    def __init__(self, netns: str, kind: str, path: str, absent_prefix: str, log: Path):
+        self.log = log          # its warnings (a pipe nobody reads could fill up)
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", WATCH, kind,
+                 path, absent_prefix], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=err, text=True, cwd=ROOT, env=env_with(PYTHONPATH=ROOT))
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.unread: dict[str, list] = {}
@@ -495,19 +501,17 @@ class Watcher:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no answer for {iface}: {what}; seen {self.seen}; "
-                                     f"alive {self.proc.poll() is None}") from None
+                                     f"it said: {self.log.read_text()}") from None
             self.seen.append(line)
-            if "iface" in line:
-                self.unread.setdefault(line["iface"], []).append(line["workload"])
-            else:
-                self.lines.put(line)        # the final stats: finish() reads them
+            self.unread.setdefault(line["iface"], []).append(line["workload"])
 
     def finish(self) -> dict:
+        """Its counters, once it has stopped."""
         self.proc.stdin.close()
         while True:
             line = self.lines.get(timeout=60)
             if "stats" in line:
-                assert self.proc.wait(30) == 0, self.proc.stderr.read()
+                assert self.proc.wait(30) == 0, self.log.read_text()
                 return line["stats"]
 
     def kill(self) -> None:
@@ -642,7 +646,8 @@ def test_docker_containers_by_network_namespace(pause_image, made):
         engine.docker("run", "--detach", "--network", "mwl", "--name", web, pause_image)
         (veth_name,) = veths(host.name)
         web_id = engine.docker("inspect", "--format", "{{.Id}}", web).stdout.strip()
-        watcher = Watcher(host.name, "docker", str(engine.sock), str(engine.dir / "no-"))
+        watcher = Watcher(host.name, "docker", str(engine.sock), str(engine.dir / "no-"),
+                          engine.dir / "watcher.log")
         watcher.follow(veth_name)
         first = watcher.wait_for(veth_name, lambda a: "container.name" in a, "web named")
         assert {k: first[k] for k in ("container.runtime.name", "container.name",
@@ -702,7 +707,8 @@ def test_podman_containers_and_pods_by_network_namespace(pause_image, made, podm
         host_veths = veths(host.name)
         assert len(host_veths) == 2
         watcher = Watcher(host.name, "podman", str(podman_service),
-                          str(podman_service.parent / "no-"))
+                          str(podman_service.parent / "no-"),
+                          podman_service.parent / "watcher.log")
         answers = {}
         for veth_name in host_veths:
             watcher.follow(veth_name)

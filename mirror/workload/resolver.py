@@ -327,6 +327,8 @@ class Workloads:
 
     def _pass(self, todo: set[int], asked: dict[int, float]) -> None:
         inventories, _failures = self._inventories.fetch()
+        if self._stop.is_set():
+            return                  # cut short by stop(): its lists may be incomplete
         answers = match(sorted(todo), inventories, [r.name for r in self.runtimes],
                         self.netns_dir)
         now = time.monotonic()

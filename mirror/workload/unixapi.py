@@ -40,7 +40,7 @@ def failure_of(exc: OSError, path: str) -> RuntimeFailure:
         return RuntimeFailure("refused", f"nothing listens on {path}")
     if isinstance(exc, PermissionError):
         return RuntimeFailure("denied", f"no permission to connect to {path}")
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, socket.timeout)):     # distinct before Python 3.10
         return RuntimeFailure("timeout", f"no answer on {path} in time")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
         return RuntimeFailure("bad-answer", f"{path} closed the connection: {exc}")
@@ -113,22 +113,29 @@ class JsonStream:
         self.url = url
         self.timeout = timeout
         self.on_open = on_open
-        self._conn: _Connection | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._interrupted = False
 
     def __iter__(self):
-        conn = _Connection(self.socket_path, self.timeout)
+        if self._interrupted:
+            return
+        sock = connect(self.socket_path, self.timeout)
         with self._lock:
+            # Registered before anything can block on it, so that interrupt() always
+            # has a socket to shut down.
             if self._interrupted:
+                sock.close()
                 return
-            self._conn = conn
+            self._sock = sock
+        conn = _Connection(self.socket_path, self.timeout)
+        conn.sock = sock
         try:
             conn.request("GET", self.url, headers={"Accept": "application/json"})
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeFailure("bad-answer", f"{self.url}: HTTP {resp.status}")
-            conn.sock.settimeout(None)
+            sock.settimeout(None)
             if self.on_open:
                 self.on_open()
             while True:
@@ -151,15 +158,15 @@ class JsonStream:
             raise failure_of(exc, self.socket_path) from None
         finally:
             with self._lock:
-                self._conn = None
+                self._sock = None
             conn.close()
 
     def interrupt(self) -> None:
         with self._lock:
             self._interrupted = True
-            conn = self._conn
-        if conn is not None and conn.sock is not None:
+            sock = self._sock
+        if sock is not None:
             try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
