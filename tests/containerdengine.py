@@ -3,7 +3,9 @@
 containerd runs with its root, state, socket and config in a temporary directory, without
 its CRI plugin (no kubelet here: the tests play the kubelet with `ctr` and its labels),
 and every container it runs goes into a cgroup parent of the test's own (`ctr run
---cgroup /PARENT/ID`), removed at stop. stop() deletes every task and container (so each
+--cgroup /PARENT/ID`), removed at stop, with its I/O FIFOs and runc's state in that
+directory too (`--fifo-dir`, `--runc-root`; only the shims' sockets go where containerd
+puts them, /run/containerd/s, and each shim removes its own when its task is deleted). stop() deletes every task and container (so each
 shim exits and removes its socket), ends containerd, kills whatever of it outlives that
 and removes the mounts, cgroups and files."""
 from __future__ import annotations
@@ -92,7 +94,8 @@ class ContainerdEngine:
             netns: str | None = None, namespace: str = K8S_NAMESPACE) -> int:
         """`ctr run -d` in the test's cgroup parent; `netns`: join /run/netns/NETNS (else
         the container gets a network namespace of its own). Returns the task's pid."""
-        args = ["run", "--detach", "--cgroup", f"/{self.cgroup_parent}/{cid}"]
+        args = ["run", "--detach", "--cgroup", f"/{self.cgroup_parent}/{cid}",
+                "--fifo-dir", str(self.dir / "fifo"), "--runc-root", str(self.dir / "runc")]
         if netns:
             args += ["--with-ns", f"network:/run/netns/{netns}"]
         for key, value in (labels or {}).items():
