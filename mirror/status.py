@@ -1,11 +1,13 @@
 """`mirror status`: what is attached where, by live or stale controllers, read from the
-ownership records and the kernel."""
+ownership records and the kernel, and the workload behind each interface, asked of the
+container runtimes once (mirror.workload: each runtime's call bounded by its timeout)."""
 from __future__ import annotations
 
 from pyroute2 import IPRoute
 
 from . import hooks, ownership
 from .cliutil import table
+from .workload import Workload, resolve
 
 
 def collect() -> dict:
@@ -13,6 +15,7 @@ def collect() -> dict:
     try:
         links = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
         ifaces = []
+        indexes = []            # the ifindex of each entry of ifaces, None when gone
         recorded = set()
         for rec in ownership.records("iface"):
             present = rec["ifindex"] in links
@@ -24,6 +27,7 @@ def collect() -> dict:
                            "owner": "live" if live else "stale",
                            "present": present, "qdiscs_created": rec["created"],
                            "filters": found})
+            indexes.append(rec["ifindex"] if present else None)
         for idx, name in sorted(links.items()):
             if name in recorded:
                 continue
@@ -31,13 +35,27 @@ def collect() -> dict:
             if found:
                 ifaces.append({"iface": name, "hook": "?", "pid": None, "owner": "unrecorded",
                                "present": True, "qdiscs_created": [], "filters": found})
+                indexes.append(idx)
+        failures = _add_workloads(ifaces, indexes)
         live = {rec["id"] for rec in ownership.live_controllers()}
         controllers = [dict(rec, live=rec.get("id") in live)
                        for rec in ownership.records("controller")]
         return {"interfaces": ifaces, "controllers": controllers,
-                "debug_ifaces": ownership.records("debug")}
+                "debug_ifaces": ownership.records("debug"), "workload_failures": failures}
     finally:
         ipr.close()
+
+
+def _add_workloads(ifaces: list[dict], indexes: list[int | None]) -> dict:
+    """Sets each present interface's "workload" (OpenTelemetry attribute names,
+    mirror.workload); returns runtime -> {reason, detail} of the runtimes that failed."""
+    present = [i for i in indexes if i is not None]
+    answers, failures = resolve(present) if present else ({}, {})
+    for entry, ifindex in zip(ifaces, indexes):
+        answer = answers.get(ifindex) if ifindex is not None else None
+        entry["workload"] = answer.attributes() if answer is not None else None
+    return {name: {"reason": exc.reason, "detail": exc.detail}
+            for name, exc in sorted(failures.items())}
 
 
 def render(report: dict) -> str:
@@ -46,12 +64,19 @@ def render(report: dict) -> str:
         return "no interface has mirror hooks in this network namespace"
     lines = []
     if report["interfaces"]:
-        rows = [("IFACE", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
+        rows = [("IFACE", "WORKLOAD", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
         for i in report["interfaces"]:
             owner = i["owner"] + ("" if i["present"] else " (interface gone)")
-            rows.append((i["iface"], i["hook"], owner, str(i["pid"] or "-"),
-                         ",".join(i["filters"]) or "-", ",".join(i["qdiscs_created"]) or "-"))
+            workload = Workload.from_attributes(i.get("workload"))
+            rows.append((i["iface"], workload.describe() if workload else "-", i["hook"],
+                         owner, str(i["pid"] or "-"), ",".join(i["filters"]) or "-",
+                         ",".join(i["qdiscs_created"]) or "-"))
         lines = table(rows)
+    for name, failure in report.get("workload_failures", {}).items():
+        if failure["reason"] != "absent":       # a runtime not installed here is no news
+            lines.append(f"workloads: {name} gave no answer ({failure['reason']}: "
+                         f"{failure['detail']}); its containers are named by their network "
+                         "namespace")
     for c in live:
         lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
                      f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "

@@ -142,7 +142,7 @@ def kube_play_copy(src: Path, dest: Path, image: str, app_image: str, tag: str) 
             vol["configMap"]["name"] = cm_name
         if vol["name"] == "captures":
             captures = vol["name"] = f"captures-{tag}"
-    for c in pod["spec"]["containers"]:
+    for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
         c["image"] = app_image if c["name"] == "app" else image
         ports = {p["name"]: p["containerPort"] for p in c.pop("ports", [])}
         probe = c.get("livenessProbe", {}).get("httpGet")

@@ -12,7 +12,19 @@ capture order, for whoever compares captures packet by packet.
 TCP is read the way a retransmission or reordering cannot fool: status and request lines
 are taken from segment starts deduplicated by sequence number and ordered by sequence
 number (32-bit wrap-around aware), not by capture order; packets and bytes count every
-captured frame, retransmissions included."""
+captured frame, retransmissions included.
+
+Bounded memory (the index's flows, `Limits`): a connection may stay open for a minute and
+a peer may send anything in it, so what the index keeps of it is capped. Of each data
+segment only what is read later is kept: a status line's first bytes, a request's head,
+another segment's first line (the rest of a request line split over segments), each at
+most MAX_LINE bytes; at most `Limits.payload_bytes` of them per connection (past that a
+segment starting a status or request line keeps its first MIN_KEEP bytes, enough for the
+status code and the method, so that the budget may be passed by MIN_KEEP bytes a segment,
+and any other keeps nothing: `segments_cut`), and at most
+`Limits.segments` segments per direction (past that a new segment is not read at all,
+its retransmissions not told apart: `segments_dropped`). A whole-file read (read_flows)
+has no limits."""
 from __future__ import annotations
 
 import ipaddress
@@ -26,11 +38,34 @@ from functools import cached_property
 import dpkt
 
 from ..flowkey import FlowKey
-from ..http1 import METHODS, is_request_line, status_line
+from ..http1 import METHODS, is_request_line, starts_request, status_line
 from .pcap import LINKTYPE_LINUX_SLL, read_file
 from .request import answered, parse_request
 
 MAX_LINE = 8192
+# What a segment that starts a status or request line keeps once its connection's payload
+# budget is spent: the status code, or the method and the start of the target.
+MIN_KEEP = 16
+STATUS_KEEP = 64            # of a status line: the code and the reason's first bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what an open connection holds in memory (the index's flows)."""
+    segments: int = 128             # data segments tracked per direction
+    payload_bytes: int = 32768      # payload bytes kept per connection
+
+
+def kept_part(payload: bytes) -> bytes:
+    """What is read later of a segment's payload: a status line's first bytes, a
+    request's head, or another segment's first line (it may end a split request line)."""
+    if status_line(payload):
+        return payload[:STATUS_KEEP]
+    if starts_request(payload):
+        end = payload.find(b"\r\n\r\n", 0, MAX_LINE)
+        return payload[:end + 4 if end >= 0 else MAX_LINE]
+    end = payload.find(b"\r\n", 0, MAX_LINE)
+    return payload[:end + 2 if end >= 0 else MAX_LINE]
 
 
 def ntoa(raw: bytes) -> str:
@@ -98,16 +133,17 @@ class Direction:
     first_seen: dict[int, tuple[float, int]] = field(default_factory=dict)
     first_seq: int | None = None
 
-    def add(self, seq: int, payload: bytes, ts: float = 0.0, ack: int = 0) -> bool:
-        """Stores a data segment; False if that sequence number was already seen (a
-        retransmission; the longer copy is kept)."""
+    def add(self, seq: int, payload: bytes, ts: float = 0.0, ack: int = 0) -> int:
+        """Stores a data segment (a retransmission keeps the longer copy); returns how
+        many more payload bytes are stored."""
         if self.first_seq is None:
             self.first_seq = seq
         old = self.segments.get(seq)
+        self.first_seen.setdefault(seq, (ts, ack))
         if old is None or len(payload) > len(old):
             self.segments[seq] = payload
-        self.first_seen.setdefault(seq, (ts, ack))
-        return old is None
+            return len(payload) - len(old or b"")
+        return 0
 
     def ordered(self) -> list[tuple[int, bytes]]:
         if self.first_seq is None:
@@ -162,6 +198,10 @@ class Flow:
     rst: bool = False
     last_update: float = field(default_factory=time.time)
     packets: list[Packet] | None = None     # every packet in capture order, when kept
+    limits: Limits | None = None            # None: every payload kept whole
+    payload_kept: int = 0                   # bytes of payload stored in `dirs`
+    segments_dropped: int = 0               # not read: past Limits.segments
+    segments_cut: int = 0                   # kept shorter: past Limits.payload_bytes
 
     def add(self, packet: Packet, fname: str) -> None:
         """Adds a packet of this connection read from the file named `fname`."""
@@ -172,8 +212,8 @@ class Flow:
         if fname not in self.files:
             self.files.append(fname)
         d = self.dirs.setdefault(packet.source, Direction())
-        if packet.payload and not d.add(packet.seq, packet.payload, packet.ts, packet.ack):
-            self.retransmissions += 1
+        if packet.payload:
+            self._add_segment(d, packet)
         if packet.flags & dpkt.tcp.TH_FIN:
             self.fin_from.add(packet.source)
         if packet.flags & dpkt.tcp.TH_RST:
@@ -181,6 +221,24 @@ class Flow:
         if self.packets is not None:
             self.packets.append(packet)
         self.last_update = time.time()
+
+    def _add_segment(self, d: Direction, packet: Packet) -> None:
+        """Stores a data segment, within the limits when there are some."""
+        seen = packet.seq in d.segments
+        if seen:
+            self.retransmissions += 1
+        payload, limits = packet.payload, self.limits
+        if limits is not None:
+            if not seen and len(d.segments) >= limits.segments:
+                self.segments_dropped += 1
+                return
+            payload = kept_part(payload)
+            room = limits.payload_bytes - self.payload_kept
+            if len(payload) > room:
+                self.segments_cut += 1
+                start = status_line(payload) or starts_request(payload)
+                payload = payload[:MIN_KEEP] if start else b""
+        self.payload_kept += d.add(packet.seq, payload, packet.ts, packet.ack)
 
     @property
     def finished(self) -> bool:

@@ -32,18 +32,40 @@ again: no packet is counted twice and no flow indexed twice, and what the index 
 what the file held before the reorder.
 
 Status and request lines are read by sequence number, as a retransmission or reordering
-cannot fool (mirror.capture.flow); packets and bytes count every captured frame."""
+cannot fool (mirror.capture.flow); packets and bytes count every captured frame. Each
+record carries the connection's `community_id` (mirror.communityid), the string that
+joins it with the controller's events and with other tools' logs.
+
+Bounds, whatever the traffic:
+- memory: at most `max_open` open flows (a new one past that writes out the least
+  recently read one, `end` "evicted": `flows_evicted`), each within mirror.capture.flow's
+  Limits (`segments_dropped`, `segments_cut`, per record and in total);
+- a record: at most MAX_REQUESTS request lines (`requests_dropped`), each at most
+  MAX_LINE bytes, and a target and a host of at most MAX_LINE: a few tens of KB;
+- disk: with `max_bytes`, index.jsonl is renamed index.jsonl.1 (replacing the one
+  before) when the next record would take it past `max_bytes`, so that the two together
+  never hold more than 2 x max_bytes (`rotations`). read_index reads both, older first.
+
+Corrupt input: read_index raises CorruptIndex for a line that is not a record (a torn last
+line, a crash mid-write, is skipped), so that a reader says so instead of showing nothing."""
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..communityid import of_flow
 from ..flowkey import FlowKey
-from .flow import Flow, Packet
+from .flow import MAX_LINE, Flow, Limits, Packet
 from .pcap import Cursor, read_new
+
+MAX_REQUESTS = 16           # request lines listed in one record
+MAX_OPEN_FLOWS = 1024
+ROTATED_SUFFIX = ".1"
 
 
 def index_record(flow: Flow, reason: str) -> dict:
@@ -51,6 +73,9 @@ def index_record(flow: Flow, reason: str) -> dict:
     client, server = flow.endpoints()
     error = flow.error_request(client, server)
     paired = error.pop("request_seq")
+    for name in ("target", "host"):
+        if error[name] is not None:
+            error[name] = error[name][:MAX_LINE]
     statuses, requests = [], []
     if server in flow.dirs:
         statuses = flow.dirs[server].statuses()
@@ -61,12 +86,15 @@ def index_record(flow: Flow, reason: str) -> dict:
         "family": flow.key.family,
         "client": client[0], "client_port": client[1],
         "server": server[0], "server_port": server[1],
+        "community_id": of_flow(flow.key),
         "first": round(flow.first_ts, 6), "last": round(flow.last_ts, 6),
         "first_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(flow.first_ts))
         + f".{int(flow.first_ts * 1e6) % 1000000:06d}Z",
         "packets": flow.packet_count, "bytes": flow.bytes,
         "retransmissions": flow.retransmissions,
-        "statuses": statuses, "requests": requests,
+        "statuses": statuses, "requests": requests[:MAX_REQUESTS],
+        "requests_dropped": max(0, len(requests) - MAX_REQUESTS),
+        "segments_dropped": flow.segments_dropped, "segments_cut": flow.segments_cut,
         "files": list(flow.files), "end": reason,
     }
 
@@ -85,14 +113,24 @@ class Indexer:
     finished ones to the index."""
 
     def __init__(self, index_path: str | os.PathLike, idle_seconds: float = 60.0,
-                 linger_seconds: float = 2.0):
+                 linger_seconds: float = 2.0, max_bytes: int | None = None,
+                 max_open: int = MAX_OPEN_FLOWS, limits: Limits = Limits()):
         self.index_path = Path(index_path)
         self.idle_seconds = idle_seconds
         self.linger_seconds = linger_seconds
-        self.flows: dict[FlowKey, Flow] = {}
+        self.max_bytes = max_bytes
+        self.max_open = max_open
+        self.limits = limits
+        # Least recently read first: the one a new flow evicts when max_open are open.
+        self.flows: collections.OrderedDict[FlowKey, Flow] = collections.OrderedDict()
         self.reads = 0
         self.flows_written = 0
         self.packets_indexed = 0
+        self.flows_evicted = 0
+        self.rotations = 0
+        self.segments_dropped = 0       # of the flows written (and the open ones: dropped())
+        self.segments_cut = 0
+        self.requests_dropped = 0
 
     def add_file(self, path: str | os.PathLike) -> FileStats:
         """Reads a whole pcap file into the open flows."""
@@ -116,10 +154,25 @@ class Indexer:
             stats.tcp += 1
             flow = self.flows.get(packet.key)
             if flow is None:
-                flow = self.flows[packet.key] = Flow(packet.key)
+                if len(self.flows) >= self.max_open:
+                    self._evict()
+                flow = self.flows[packet.key] = Flow(packet.key, limits=self.limits)
+            else:
+                self.flows.move_to_end(packet.key)
             flow.add(packet, fname)
         self.packets_indexed += stats.packets
         return stats
+
+    def _evict(self) -> None:
+        """Writes out the least recently read open flow, to make room for a new one."""
+        _, flow = self.flows.popitem(last=False)
+        self.flows_evicted += 1
+        self._write([index_record(flow, "evicted")])
+
+    @property
+    def payload_kept(self) -> int:
+        """Payload bytes the open flows hold."""
+        return sum(f.payload_kept for f in self.flows.values())
 
     def take_done(self, final: bool = False, now: float | None = None) -> list[dict]:
         """Removes and returns the records of the flows that are over: closed by FIN/FIN
@@ -145,27 +198,102 @@ class Indexer:
     def flush(self, final: bool = False, now: float | None = None) -> int:
         """Appends the finished flows to the index file; returns how many."""
         records = self.take_done(final, now)
-        if records:
-            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a") as f:
-                for r in records:
-                    f.write(json.dumps(r, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.flows_written += len(records)
+        self._write(records)
         return len(records)
+
+    def _write(self, records: list[dict]) -> None:
+        """Appends records to the index, rotating it first when one would take it past
+        max_bytes. O_NOFOLLOW: the index is never written through a symbolic link."""
+        if not records:
+            return
+        lines = [(json.dumps(r, sort_keys=True) + "\n").encode() for r in records]
+        fd = _open_index(self.index_path)
+        try:
+            size = os.fstat(fd).st_size
+            for line, record in zip(lines, records):
+                if self.max_bytes is not None and size and size + len(line) > self.max_bytes:
+                    os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+                    os.replace(self.index_path, rotated(self.index_path))
+                    self.rotations += 1
+                    fd = _open_index(self.index_path)
+                    size = 0
+                os.write(fd, line)
+                size += len(line)
+                self.flows_written += 1
+                self.segments_dropped += record["segments_dropped"]
+                self.segments_cut += record["segments_cut"]
+                self.requests_dropped += record["requests_dropped"]
+            os.fsync(fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _open_index(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, f"{path} is a symbolic link; not written") from None
+        raise
+
+
+def rotated(path: str | os.PathLike) -> Path:
+    """Where the index's previous generation is kept."""
+    path = Path(path)
+    return path.with_name(path.name + ROTATED_SUFFIX)
+
+
+class CorruptIndex(ValueError):
+    """A line of an index file is not a record the sidecar writes."""
+
+
+# The fields a reader of the index relies on, with their types (others are optional or
+# newer than some records: a record without them still reads).
+REQUIRED = {"client": str, "client_port": int, "server": str, "server_port": int,
+            "first_utc": str, "first": (int, float), "packets": int, "bytes": int}
+OPTIONAL = {"files": list, "statuses": list, "requests": list, "method": (str, type(None)),
+            "target": (str, type(None)), "host": (str, type(None)),
+            "status": (int, type(None)), "response_ms": (int, float, type(None)),
+            "community_id": str, "end": str}
+
+
+def check_record(record, where: str) -> dict:
+    """The record if it has the shape the sidecar writes; CorruptIndex otherwise."""
+    if not isinstance(record, dict):
+        raise CorruptIndex(f"{where}: not a JSON object")
+    for name, kind in REQUIRED.items():
+        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
+            raise CorruptIndex(f"{where}: field {name!r} missing or of the wrong type")
+    for name, kind in OPTIONAL.items():
+        if name in record and (not isinstance(record[name], kind)
+                               or isinstance(record[name], bool)):
+            raise CorruptIndex(f"{where}: field {name!r} of the wrong type")
+    for name, kind in (("files", str), ("statuses", int), ("requests", str)):
+        if not all(isinstance(v, kind) and not isinstance(v, bool)
+                   for v in record.get(name, [])):
+            raise CorruptIndex(f"{where}: field {name!r} holds a value of the wrong type")
+    return record
 
 
 def read_index(path: str | os.PathLike) -> list[dict]:
-    """The records of an index file; a torn last line (a crash mid-write) is skipped."""
+    """The records of an index (its previous generation, index.jsonl.1, first); none when
+    there is no index. A torn last line (a crash mid-write) is skipped; any other line
+    that is not a record raises CorruptIndex."""
     out = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return out
-    for line in lines:
+    for p in (rotated(path), Path(path)):
         try:
-            out.append(json.loads(line))
-        except ValueError:
+            data = p.read_bytes()
+        except FileNotFoundError:
             continue
+        # What follows the last newline is a torn line, or nothing.
+        for number, line in enumerate(data.split(b"\n")[:-1], 1):
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                raise CorruptIndex(f"{p} line {number}: not JSON") from None
+            out.append(check_record(record, f"{p} line {number}"))
     return out

@@ -33,6 +33,16 @@ class SidecarCollector:
              "Request frames moved before the response they got"),
             ("tcpdump_restarts", "mirror_capture_tcpdump_restarts",
              "Times tcpdump exited by itself (debug interface gone) and was restarted"),
+            ("flows_evicted", "mirror_capture_flows_evicted",
+             "Open flows written to the index early to stay within the open-flow cap"),
+            ("segments_dropped", "mirror_capture_segments_dropped",
+             "Data segments of indexed flows not read: past the per-direction cap"),
+            ("segments_cut", "mirror_capture_segments_cut",
+             "Data segments of indexed flows kept shorter: past the per-flow payload cap"),
+            ("requests_dropped", "mirror_capture_requests_dropped",
+             "Request lines left out of index records: past the per-record cap"),
+            ("index_rotations", "mirror_capture_index_rotations",
+             "Times index.jsonl was renamed index.jsonl.1 to stay within its size"),
         ]
         for key, name, doc in counters:
             yield CounterMetricFamily(name, doc, value=s[key])
@@ -42,5 +52,11 @@ class SidecarCollector:
         yield GaugeMetricFamily("mirror_capture_flows_open",
                                 "Flows read but not yet written to the index",
                                 value=s["flows_open"])
+        yield GaugeMetricFamily("mirror_capture_index_bytes",
+                                "Bytes of the index (both generations) on disk",
+                                value=s["index_bytes"])
+        yield GaugeMetricFamily("mirror_capture_payload_bytes_kept",
+                                "Payload bytes the open flows hold in memory",
+                                value=s["payload_bytes_kept"])
         yield GaugeMetricFamily("mirror_capture_up", "1 while tcpdump is recording",
                                 value=1 if s["state"] == "capturing" else 0)

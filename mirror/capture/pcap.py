@@ -16,8 +16,16 @@ decoded elsewhere (mirror.capture.flow); the tests check what the product wrote 
 dpkt's framing and with tshark, not with this module.
 
 Reading: read_whole (a file held in memory: the reorder, mirror.capture.flow's whole-file
-readers), read_new (what was appended after a Cursor: the index). Writing: Writer, the
-classic format only (another format's writer would stand beside it)."""
+readers), read_new (what was appended after a Cursor: the index), StreamReader (a pcap
+arriving on a pipe, `tcpdump -w -`: the recording). Writing: Writer (classic pcap) and
+PcapngWriter.
+
+pcapng (the pcap-ng file format, what Wireshark writes) is written for what the classic
+format cannot hold, and libpcap (tcpdump) cannot write: several interfaces, each with a
+name and a description (Interface Description Blocks, which may come anywhere before
+their first use, so a live stream adds one when it learns of an interface), and a
+comment on a packet (the opt_comment option of an Enhanced Packet Block), which tshark
+shows as frame.comment. Little-endian, nanosecond timestamps (if_tsresol 9)."""
 from __future__ import annotations
 
 import struct
@@ -191,3 +199,97 @@ class Writer:
     def write(self, record: Record) -> None:
         self.f.write(self.header.pack_record(record))
         self.f.write(record.frame)
+
+
+class StreamReader:
+    """A pcap arriving in pieces (a pipe from `tcpdump -w -`): feed() takes the bytes read
+    and returns the records now whole; `header` is None until the file header is."""
+
+    def __init__(self):
+        self.header: FileHeader | None = None
+        self._buf = b""
+        self.offset = 0             # of the first byte of _buf in the stream
+
+    def feed(self, data: bytes) -> list[Record]:
+        """ValueError when the stream does not start with a pcap file header."""
+        self._buf += data
+        if self.header is None:
+            if len(self._buf) < FILE_HEADER_SIZE:
+                return []
+            self.header = FileHeader.parse(self._buf[:FILE_HEADER_SIZE])
+            self._buf, self.offset = self._buf[FILE_HEADER_SIZE:], FILE_HEADER_SIZE
+        records, end = _frame(self._buf, self.header, self.offset)
+        # The frames are views of the old buffer: copied before it is dropped.
+        records = [Record(r.offset, r.sec, r.frac, r.orig_len, bytes(r.frame))
+                   for r in records]
+        self._buf, self.offset = self._buf[end - self.offset:], end
+        return records
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a record not yet whole (left over at the end of a stream: cut)."""
+        return len(self._buf)
+
+
+PCAPNG_SHB, PCAPNG_IDB, PCAPNG_EPB = 0x0A0D0D0A, 0x00000001, 0x00000006
+PCAPNG_BYTE_ORDER = 0x1A2B3C4D
+OPT_END, OPT_COMMENT = 0, 1
+SHB_USERAPPL = 4
+IF_NAME, IF_DESCRIPTION, IF_TSRESOL = 2, 3, 9
+MAX_OPTION = 0xFFFF
+
+
+def _option(code: int, value: bytes) -> bytes:
+    value = value[:MAX_OPTION]
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def _text(text: str) -> bytes:
+    """UTF-8, cut to what an option holds without splitting a character."""
+    return text.encode("utf-8")[:MAX_OPTION].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _block(kind: int, body: bytes, options: list[bytes]) -> bytes:
+    if options:
+        body += b"".join(options) + _option(OPT_END, b"")
+    total = 12 + len(body)
+    return struct.pack("<II", kind, total) + body + struct.pack("<I", total)
+
+
+class PcapngWriter:
+    """Writes a pcapng stream: its section header at once, then interfaces (add_interface,
+    at any time before their first packet) and packets, each with its own original length
+    and an optional comment."""
+
+    def __init__(self, f: BinaryIO, application: str = "mirror"):
+        self.f = f
+        self.interfaces: list[str] = []
+        f.write(_block(PCAPNG_SHB, struct.pack("<IHHq", PCAPNG_BYTE_ORDER, 1, 0, -1),
+                       [_option(SHB_USERAPPL, _text(application))]))
+
+    def add_interface(self, name: str, description: str | None = None,
+                      linktype: int = LINKTYPE_ETHERNET, snaplen: int = MAX_SNAPLEN) -> int:
+        """Adds an interface; returns its id (the packets' interface number)."""
+        options = [_option(IF_NAME, _text(name)), _option(IF_TSRESOL, b"\x09")]
+        if description:
+            options.append(_option(IF_DESCRIPTION, _text(description)))
+        self.f.write(_block(PCAPNG_IDB, struct.pack("<HHI", linktype, 0, snaplen), options))
+        self.interfaces.append(name)
+        return len(self.interfaces) - 1
+
+    def write(self, ts_ns: int, frame: bytes, orig_len: int | None = None,
+              interface: int = 0, comments: list[str] | str | None = None) -> None:
+        """One packet; `comments`, one or several, each an opt_comment."""
+        frame = bytes(frame)
+        if isinstance(comments, str):
+            comments = [comments]
+        body = struct.pack("<IIIII", interface, (ts_ns >> 32) & 0xFFFFFFFF,
+                           ts_ns & 0xFFFFFFFF, len(frame), max(orig_len or 0, len(frame)))
+        body += frame + b"\0" * (-len(frame) % 4)
+        options = [_option(OPT_COMMENT, _text(c)) for c in comments or () if c]
+        self.f.write(_block(PCAPNG_EPB, body, options))
+
+
+def timestamp_ns(header: FileHeader, record: Record) -> int:
+    """A record's time in nanoseconds, exactly (no float in between)."""
+    return record.sec * 1_000_000_000 + record.frac * (1 if header.nano else 1000)

@@ -25,9 +25,11 @@ of a request whose sequence number the file already holds before the response (a
 retransmission: the first copy pairs). A response gets at most one request moved to it.
 
 How: the file is read whole (a ring file is at most --file-size MB plus one packet),
-written beside it as ".NAME.reorder" with the original's mode, given the original's
-modification time (the ring tells the file tcpdump is writing by modification time), and
-renamed over it, unless the original changed meanwhile. Only a file tcpdump has closed
+written beside it as ".NAME.reorder" (created O_EXCL|O_NOFOLLOW: never an existing file
+nor through a link) with the original's mode, given the original's modification time
+(the ring tells the file tcpdump is writing by modification time), and renamed over it
+(atomically: a reader sees the old file or the new one), unless the original changed
+meanwhile. Only a file tcpdump has closed
 may be rewritten: the caller (the sidecar) decides which.
 
 What tshark still cannot pair: a request cut by the snapshot whose IP length fields were
@@ -206,11 +208,22 @@ def temporary_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.reorder"))
 
 
+def _create(tmp: Path) -> int:
+    """A new file, never an existing one nor through a symbolic link (O_EXCL and
+    O_NOFOLLOW): one left by a killed rewrite is removed first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        tmp.unlink()
+        return os.open(tmp, flags, 0o600)
+
+
 def _replace(path: Path, write, before: os.stat_result) -> tuple:
     """Writes the new file beside `path` with `write` and renames it over `path`,
     keeping the mode and the modification time; returns the new file's signature."""
     tmp = path.with_name(f".{path.name}.reorder")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = _create(tmp)
     with os.fdopen(fd, "wb") as f:
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
         write(f)
@@ -226,3 +239,105 @@ def _replace(path: Path, write, before: os.stat_result) -> tuple:
         tmp.unlink(missing_ok=True)
         raise
     return file_signature(after)
+
+
+# --- the same, on a stream --------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """A frame on its way through a Holder."""
+    ts_ns: int
+    data: bytes
+    orig_len: int
+    linktype: int = LINKTYPE_ETHERNET
+    arrival: float = 0.0            # when it was read (time.monotonic()): the hold's clock
+    packet: Packet | None = None    # its TCP facts, None when it holds no TCP
+    moved_from_ns: int | None = None    # a moved request's capture time
+    serial: int = 0
+
+
+class Holder:
+    """Frames held for a bounded time (`hold` seconds after they were read) and size
+    (`max_frames`, `max_bytes`), so that a request written after its response can be put
+    back before it while both are held. The rule is the file reorder's (answered_by: the
+    pairing by TCP acknowledgement number, never by time), the moved request's time is
+    the response's less 1 us and its original capture time is kept on the Frame. A
+    request that arrives after its response was released stays where it is: the hold
+    bounds how late a request may come (the controller writes it within milliseconds)."""
+
+    def __init__(self, hold: float = 0.5, max_frames: int = 100_000,
+                 max_bytes: int = 64 << 20):
+        self.hold, self.max_frames, self.max_bytes = hold, max_frames, max_bytes
+        self.held: list[Frame] = []
+        self.held_bytes = 0
+        self.moved = 0
+        self._serial = 0
+        self._responses: dict[tuple, list[Segment]] = {}   # held status lines by sender
+        self._taken: set[int] = set()
+        self._seen: dict[tuple, None] = {}      # recent request starts (key, src, seq)
+
+    def add(self, frame: Frame) -> None:
+        self._serial += 1
+        frame.serial = self._serial
+        if frame.packet is None:
+            frame.packet = Packet.decode(frame.linktype, frame.ts_ns / 1e9, frame.data)
+        seg = frame.packet
+        at = len(self.held)
+        if seg is not None and seg.payload:
+            if status_line(seg.payload):
+                self._responses.setdefault((seg.key, seg.source), []).append(
+                    (frame.serial, seg))
+            elif parse_request(seg.payload) is not None:
+                at = self._place(frame, seg, at)
+        self.held.insert(at, frame)
+        self.held_bytes += len(frame.data)
+
+    def _place(self, frame: Frame, req: Packet, at: int) -> int:
+        """Where a request start goes: before the held response that answered it."""
+        ident = (req.key, req.source, req.seq)
+        first_copy = ident not in self._seen
+        self._seen[ident] = None
+        if len(self._seen) > 65536:
+            del self._seen[next(iter(self._seen))]
+        if not first_copy:
+            return at
+        resp = answered_by(req, self._responses.get((req.key, req.dest), []), self._taken)
+        if resp is None:
+            return at
+        self._taken.add(resp)
+        for n, held in enumerate(self.held):
+            if held.serial == resp:
+                frame.moved_from_ns = frame.ts_ns
+                frame.ts_ns = held.ts_ns - 1000
+                wire = wire_length(frame.data, frame.linktype)
+                frame.orig_len = max(frame.orig_len, wire or 0)
+                self.moved += 1
+                return n
+        return at
+
+    def due(self, now: float, everything: bool = False) -> list[Frame]:
+        """Removes and returns, in order, the frames whose hold is over (all of them with
+        `everything`), and the oldest past the size bounds."""
+        n = 0
+        bytes_left = self.held_bytes
+        for frame in self.held:
+            if not (everything or now - frame.arrival >= self.hold
+                    or len(self.held) - n > self.max_frames or bytes_left > self.max_bytes):
+                break
+            n += 1
+            bytes_left -= len(frame.data)
+        out, self.held = self.held[:n], self.held[n:]
+        self.held_bytes = bytes_left
+        for frame in out:
+            self._forget(frame)
+        return out
+
+    def _forget(self, frame: Frame) -> None:
+        seg = frame.packet
+        self._taken.discard(frame.serial)
+        if seg is not None and seg.payload and status_line(seg.payload):
+            sent = self._responses.get((seg.key, seg.source))
+            if sent:
+                sent[:] = [s for s in sent if s[0] != frame.serial]
+                if not sent:
+                    del self._responses[(seg.key, seg.source)]

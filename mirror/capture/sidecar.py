@@ -1,12 +1,29 @@
 """The capture sidecar: records the debug interface with tcpdump into a
 bounded ring of pcap files and indexes the error flows it recorded.
 
-- Ring: tcpdump -C SIZE -W FILES, so at most FILES files of about SIZE million bytes each
-  (a file may pass SIZE by one packet) per tcpdump run; files of earlier runs (tcpdump is
-  restarted when the debug interface is recreated) are pruned oldest first, so the
-  directory never holds more than FILES pcaps. Files are 0600, the directory 0700.
+- Disk: FILES slots of FILE_SIZE million bytes. FILES - 1 are the ring: tcpdump -C
+  FILE_SIZE -W FILES-1, so at most FILES - 1 pcaps of FILE_SIZE million bytes and one
+  packet each (tcpdump closes a file once a packet took it past the size) per tcpdump
+  run; files of earlier runs (tcpdump is restarted when the debug interface is
+  recreated) are pruned oldest first, so the directory never holds more than FILES - 1
+  pcaps (between a new run's rotation and the next poll, 0.2 s, one more). The last
+  slot is the index's: index.jsonl and index.jsonl.1, each at most FILE_SIZE / 2 million
+  bytes (mirror.capture.index). So the sidecar's files hold at most FILES x FILE_SIZE
+  million bytes plus (FILES - 1) x 262,160 bytes (a packet and its record header per
+  pcap), plus status.json and .cursors.json (a few KB), plus, for the moments a closed
+  pcap is rewritten (mirror.capture.reorder), one copy of it.
+- Memory: the indexer's open flows are bounded in number and size (mirror.capture.index),
+  a file is read from its cursor to its end, and the reorder holds one closed file: about
+  FILE_SIZE MB (--file-size is capped for that reason) plus the flows' bound.
+- The directory: created 0700, or if it exists it must be this user's and writable by
+  no one else (nor a symbolic link of another user): the sidecar writes there as root
+  or as the capture user, and another user's directory would let that user replace
+  what it writes (its temporary files are created O_EXCL|O_NOFOLLOW besides).
 - Waits for the debug interface to exist and be up instead of failing when it starts
-  before the mirror controller that creates it.
+  before the mirror controller that creates it, and records only a mirror debug
+  interface: a dummy, or a veth whose peer drops with the mirror's sink filter. Anything
+  else under that name (a typo, or a real interface renamed to it) is refused: tcpdump
+  would record traffic the mirror never selected.
 - Index: the files are read back as tcpdump writes them (every 0.2 s, from where the
   last read stopped; -U makes tcpdump write whole records), and one JSON line
   per error flow is appended to index.jsonl once the flow is over (mirror.capture.index).
@@ -34,21 +51,26 @@ runs this as a non-root user with a tcpdump carrying those two file capabilities
 it passes `-Z root` so that the files stay owned by the user that indexes them."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import jsonfile
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .. import debugif, jsonfile
 from ..errors import UsageError
 from ..privileges import effective_caps
-from .index import Indexer
+from .index import Indexer, rotated
 from .pcap import Cursor
 from .reorder import Changed, reorder_file, temporary_files
 from .ring import PcapFile, current_file, list_pcaps
@@ -63,6 +85,73 @@ STATE_NAME = ".cursors.json"
 
 SIOCGIFFLAGS = 0x8913
 IFF_UP = 0x1
+
+
+def debug_ifindex(name: str) -> int | None:
+    """The ifindex of `name` when it is a mirror debug interface (a dummy, or a veth whose
+    peer, in this namespace, drops with the mirror's sink filter), None when there is no
+    such interface; UsageError when it is another kind of interface."""
+    try:
+        with IPRoute() as ipr:
+            idx = debugif.lookup(ipr, name)
+            if idx is None:
+                return None
+            kind = debugif.link_kind(ipr, idx)
+            if kind == "dummy" or (kind == "veth" and debugif.is_sink_peer_of(ipr, idx)):
+                return idx
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None             # gone between two requests
+        raise
+    what = ("a veth whose peer has no mirror sink" if kind == "veth" else
+            f"a {kind} device" if kind else "a physical or loopback device")
+    raise UsageError(f"{name} is not a mirror debug interface ({what}): the sidecar records "
+                     "only a dummy, or a veth whose peer drops with the mirror's sink "
+                     "(what `mirror run --debug-iface` creates); check --iface")
+
+
+def prepare_directory(path: Path) -> None:
+    """Creates the capture directory (0700), or checks the one there: a directory, this
+    user's, writable by no one else, and not reached through another user's symbolic
+    link; then makes it 0700 and checks that it is writable. UsageError otherwise (and
+    nothing created but the directory and its missing parents)."""
+    uid = os.geteuid()
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        link = None
+    except OSError as exc:
+        raise UsageError(f"capture directory {path} is not writable: {exc.strerror}") \
+            from None
+    if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in (uid, 0):
+        raise UsageError(f"capture directory {path} is a symbolic link of uid {link.st_uid}: "
+                         "that user chooses where the captures go; give the real path")
+    try:
+        if link is None:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"capture directory {path} is not writable: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"capture directory {path} is not a directory")
+    if st.st_uid != uid:
+        raise UsageError(f"capture directory {path} belongs to uid {st.st_uid}, not to this "
+                         f"user (uid {uid}): that user could replace what the sidecar writes "
+                         "there; give the sidecar a directory of its own (chown it)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UsageError(f"capture directory {path} is writable by others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}): they could replace what the "
+                         "sidecar writes there; chmod 700 it")
+    try:
+        os.chmod(path, 0o700)
+        probe = path / ".write-test"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        probe.unlink()              # a killed sidecar's probe
+    except OSError as exc:
+        raise UsageError(f"capture directory {path} is not writable: {exc.strerror}") \
+            from None
 
 
 def iface_up(name: str) -> bool:
@@ -88,6 +177,16 @@ class Options:
     poll_interval: float = 0.2
     stats_interval: float = 5.0
 
+    @property
+    def ring_files(self) -> int:
+        """The pcaps of the ring: all the slots but the index's."""
+        return self.files - 1
+
+    @property
+    def index_bytes(self) -> int:
+        """The most one generation of the index holds: half a slot."""
+        return self.file_size * 1_000_000 // 2
+
 
 @dataclass
 class Totals:
@@ -103,7 +202,8 @@ class CaptureSidecar:
     def __init__(self, opts: Options):
         self.opts = opts
         self.dir = Path(opts.dir)
-        self.indexer = Indexer(self.dir / INDEX_NAME, idle_seconds=opts.flow_idle)
+        self.indexer = Indexer(self.dir / INDEX_NAME, idle_seconds=opts.flow_idle,
+                               max_bytes=opts.index_bytes)
         self.stop_event = threading.Event()
         self.dump: Tcpdump | None = None
         self.run_number = 0
@@ -118,32 +218,25 @@ class CaptureSidecar:
         self.cursors: dict[str, dict] = {}
         self.disk_files = 0
         self.disk_bytes = 0
+        self.ifindex: int | None = None     # of the interface tcpdump records
         self._last_stats = 0.0
         self._lock = threading.Lock()
 
     # --- start -------------------------------------------------------------------------
     def preflight(self) -> None:
-        from ..debugif import check_name
-        check_name(self.opts.iface)
+        """Everything that can be refused is checked before the directory is made."""
+        debugif.check_name(self.opts.iface)
         if os.geteuid() == 0 and {"CAP_SETUID", "CAP_SETGID"} - effective_caps():
             raise UsageError("running as root without CAP_SETUID and CAP_SETGID: tcpdump "
                              "could not keep (or drop) its user. Run as a non-root user with "
                              "a tcpdump that has the cap_net_raw,cap_net_admin file "
                              "capabilities (the container image does: --user 10001), or "
                              "grant SETUID and SETGID")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if self.dir.stat().st_uid == os.geteuid():
-                self.dir.chmod(0o700)
-            probe = self.dir / ".write-test"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(f"capture directory {self.dir} is not writable: "
-                             f"{exc.strerror}") from None
         if self.opts.metrics_addr:
             from ..cliutil import parse_metrics_addr
             parse_metrics_addr(self.opts.metrics_addr)
+        debug_ifindex(self.opts.iface)      # refuses another kind of interface now
+        prepare_directory(self.dir)
 
     def run(self) -> None:
         os.umask(0o077)
@@ -163,18 +256,34 @@ class CaptureSidecar:
             self._shutdown()
 
     def _wait_for_iface(self) -> bool:
-        if iface_up(self.opts.iface):
+        """Waits until the debug interface is there and up; UsageError when what has the
+        name is not a debug interface."""
+        if self._debug_iface_up():
             return True
         self.state = "waiting"
         self._write_status()
         log.info("capture: waiting for interface %s to appear", self.opts.iface)
         while not self.stop_event.is_set():
-            if iface_up(self.opts.iface):
+            if self._debug_iface_up():
                 log.info("capture: interface %s is up", self.opts.iface)
                 return True
             self._housekeeping()
             self.stop_event.wait(self.opts.poll_interval)
         return False
+
+    def _debug_iface_up(self) -> bool:
+        if not iface_up(self.opts.iface):
+            return False
+        self.ifindex = debug_ifindex(self.opts.iface)
+        return self.ifindex is not None
+
+    def _same_iface(self) -> bool:
+        """Whether the name still belongs to the interface checked before tcpdump opened
+        it by name (a rename in between would have it record another interface)."""
+        try:
+            return socket.if_nametoindex(self.opts.iface) == self.ifindex
+        except OSError:
+            return False
 
     def _start_tcpdump(self) -> bool:
         self.run_number = self._next_run()
@@ -183,7 +292,7 @@ class CaptureSidecar:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         prefix = self.dir / f"mirror-{stamp}-r{self.run_number}.pcap"
         dump = Tcpdump(self.opts.iface, str(prefix), buffer_kib=self.opts.buffer_kib,
-                       ring=(self.opts.file_size, self.opts.files))
+                       ring=(self.opts.file_size, self.opts.ring_files))
         try:
             self.dump = dump.start()
         except RuntimeError as exc:
@@ -193,6 +302,12 @@ class CaptureSidecar:
                     from None
             log.warning("capture: %s; waiting for the interface again", message)
             self.stop_event.wait(self.opts.poll_interval)
+            return False
+        if not self._same_iface():
+            log.warning("capture: %s changed while tcpdump opened it; starting again",
+                        self.opts.iface)
+            self.dump.stop(timeout=10)
+            self.dump = None
             return False
         self.state = "capturing"
         self._last_stats = time.monotonic()
@@ -242,7 +357,7 @@ class CaptureSidecar:
         files = list_pcaps(self.dir)
         live = None
         if self.dump and self.dump.running():
-            live = current_file(files, self.run_number, self.opts.files)
+            live = current_file(files, self.run_number, self.opts.ring_files)
         return files, live
 
     def _maybe_written(self, files: list[PcapFile], live: PcapFile | None) -> set[Path]:
@@ -252,7 +367,7 @@ class CaptureSidecar:
         paths = {live.path} if live is not None else set()
         mine = self.first_run if self.first_run is not None else float("inf")
         for run in {f.run for f in files if f.run < mine}:
-            newest = current_file(files, run, self.opts.files)
+            newest = current_file(files, run, self.opts.ring_files)
             if newest is not None:
                 paths.add(newest.path)
         return paths
@@ -305,9 +420,9 @@ class CaptureSidecar:
         return True
 
     def _prune(self, files: list[PcapFile], live: PcapFile | None) -> None:
-        """Deletes the oldest files beyond --files (files of earlier tcpdump runs: a run's
-        own ring never exceeds the count). A file is read to its end before it goes."""
-        excess = len(files) - self.opts.files
+        """Deletes the oldest files beyond the ring's count (files of earlier tcpdump runs:
+        a run's own ring never exceeds it). A file is read to its end before it goes."""
+        excess = len(files) - self.opts.ring_files
         files = list(files)
         for f in files[:]:                  # oldest first
             if excess <= 0:
@@ -401,7 +516,27 @@ class CaptureSidecar:
             "max_files": self.opts.files, "packets_indexed": self.indexer.packets_indexed,
             "flows_indexed": self.indexer.flows_written,
             "flows_open": len(self.indexer.flows),
+            # The bounds (mirror.capture.index) and what they cost.
+            "ring_files": self.opts.ring_files, "index_max_bytes": self.opts.index_bytes,
+            "index_bytes": self.index_bytes(), "index_rotations": self.indexer.rotations,
+            "flows_open_max": self.indexer.max_open,
+            "flows_evicted": self.indexer.flows_evicted,
+            "payload_bytes_kept": self.indexer.payload_kept,
+            "payload_bytes_max": self.indexer.max_open * self.indexer.limits.payload_bytes,
+            "segments_dropped": self.indexer.segments_dropped,
+            "segments_cut": self.indexer.segments_cut,
+            "requests_dropped": self.indexer.requests_dropped,
         }
+
+    def index_bytes(self) -> int:
+        """Bytes of the index's two generations on disk."""
+        total = 0
+        for p in (self.dir / INDEX_NAME, rotated(self.dir / INDEX_NAME)):
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def _write_status(self) -> None:
         jsonfile.write(self.dir / STATUS_NAME, self.status())

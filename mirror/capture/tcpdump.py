@@ -29,7 +29,7 @@ _STAT_KEYS = {"captured": "captured", "received by filter": "received",
 
 class Tcpdump:
     """Records one interface into `path` (or, with `ring=(file_size_mb, files)`, into a
-    ring of files named `path` + number)."""
+    ring of files named `path` + number; "-": a pipe, read from proc.stdout)."""
 
     def __init__(self, iface: str, path: str, netns: str | None = None, snaplen: int = 0,
                  buffer_kib: int = 131072, ring: tuple[int, int] | None = None):
@@ -59,7 +59,9 @@ class Tcpdump:
 
     def start(self, timeout: float = 10.0) -> "Tcpdump":
         """Returns once tcpdump listens; RuntimeError with its message if it does not."""
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # path "-": the pcap comes on a pipe (proc.stdout), for the recording.
+        out = subprocess.PIPE if self.path == "-" else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         buf = b""
         while time.monotonic() < deadline:
