@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from ..communityid import of_flow
 from ..errors import UsageError
-from ..flowkey import FlowKey, endpoint
+from ..flowkey import FlowKey, endpoint, key_of
 from ..http1 import status_line
 from .pcap import PcapngWriter
 from .reorder import Frame
@@ -43,20 +43,10 @@ def printable(text) -> str:
                    for c in text)
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """"198.18.0.1:80" or "[2001:db8::1]:80" (mirror.flowkey.endpoint) back into its
-    parts; ValueError otherwise."""
-    addr, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"not an endpoint: {text!r}")
-    return addr.strip("[]"), int(port)
-
-
 def event_key(event: dict) -> FlowKey | None:
     """The connection of an event (its client and server), None when they do not read."""
     try:
-        return FlowKey.from_endpoints(*parse_endpoint(event["client"]),
-                                      *parse_endpoint(event["server"]))
+        return key_of(event["client"], event["server"])
     except (KeyError, TypeError, ValueError):
         return None
 

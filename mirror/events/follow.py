@@ -11,7 +11,8 @@ from ..ctlsocket import ask
 
 
 def render_event(e: dict) -> str:
-    took = f"{e['response_ns'] / 1e6:.1f} ms" if e.get("response_ns") is not None else "-"
+    took = (f"{e['response_seconds'] * 1e3:.1f} ms" if e.get("response_seconds") is not None
+            else "-")
     request = f"{e['method']} {e['target']}" if e.get("method") else "(request not seen)"
     host = f" host {e['host']}" if e.get("host") else ""
     return (f"{e['time']}  {e['iface']}  {e['status']}  {request}{host}  {took}  "

@@ -1,14 +1,15 @@
 """An error event as the kernel hands it over (struct error_event, mirror.abi), and the
-JSON object an operator reads: time, iface, direction, client, server, method, target,
-host, status, response_ns, new_flow, proto (h1, h2, grpc: then status is the grpc-status
-code and grpc_status its name), and a few more facts."""
+JSON object an operator reads: time and time_unix, client, server, iface, community_id
+(mirror.connection), the workload, direction, proto (h1, h2, grpc: then status is the
+grpc-status code and grpc_status its name), status, method, target, host,
+response_seconds, and a few more facts."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..abi import APP_PROTOS, DIRECTIONS, EVENT_HEAD, cut_reasons
-from ..flowkey import FlowKey, endpoint
+from ..connection import conn_fields, time_fields
+from ..flowkey import FlowKey
 from ..http1 import METHODS
 from ..trigger import GRPC_MAX, GRPC_NAMES
 
@@ -47,34 +48,31 @@ class Event:
 
     @property
     def server(self) -> str:
-        k = self.key
-        return endpoint(k.addr_lo, k.port_lo) if self.server_is_lo else \
-            endpoint(k.addr_hi, k.port_hi)
+        return conn_fields(self.key, not self.server_is_lo)["server"]
 
     @property
     def client(self) -> str:
-        k = self.key
-        return endpoint(k.addr_hi, k.port_hi) if self.server_is_lo else \
-            endpoint(k.addr_lo, k.port_lo)
+        return conn_fields(self.key, not self.server_is_lo)["client"]
 
-    def to_json(self, iface: str, realtime_offset_ns: int, budget: dict | None = None) -> dict:
-        """The event's JSON object. `budget`: the budgets in force (--max-*), added as
-        is; "capture_cut" names the budgets that had already skipped clones of this
-        connection on the response's CPU when the response was cloned or skipped (an
-        event is emitted at the response, so a cut after it is not in the event: see
-        `mirror flows`)."""
+    def to_json(self, iface: str, realtime_offset_ns: int, budget: dict | None = None,
+                workload: dict | None = None) -> dict:
+        """The event's JSON object, in the connection vocabulary of mirror.connection.
+        `budget`: the budgets in force (--max-*), added as is; "capture_cut" names the
+        budgets that had already skipped clones of this connection when the response was
+        cloned or skipped (an event is emitted at the response, so a cut after it is not
+        in the event: see `mirror flows`); `workload`: the workload behind the interface
+        (mirror.workload attributes)."""
         method, target, host = describe_request(self.request)
-        wall = (self.response_ns + realtime_offset_ns) / 1e9
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall))
         return {
-            "time": f"{stamp}.{int(wall % 1 * 1e6):06d}Z",
-            "iface": iface, "direction": self.direction,
-            "client": self.client, "server": self.server,
-            "method": method, "target": target, "host": host,
-            "status": self.status,
+            **time_fields((self.response_ns + realtime_offset_ns) / 1e9),
+            **conn_fields(self.key, not self.server_is_lo, iface),
+            **(workload or {}),
+            "direction": self.direction, "proto": self.proto, "status": self.status,
             **({"grpc_status": grpc_name(self.status)} if self.proto == "grpc" else {}),
-            "response_ns": self.response_ns - self.request_ns if self.request else None,
-            "new_flow": self.new_flow, "proto": self.proto,
+            "method": method, "target": target, "host": host,
+            "response_seconds": (round((self.response_ns - self.request_ns) / 1e9, 9)
+                                 if self.request else None),
+            "new_flow": self.new_flow,
             "request_bytes": len(self.request),
             "request_truncated": bool(self.request) and
             len(self.request) < self.request_frame_len,
