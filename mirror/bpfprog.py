@@ -422,7 +422,14 @@ class Classifier:
         return out
 
     def forget_iface(self, ifindex: int) -> None:
-        """Frees the interface's statistics slots (on the CPUs where it owns them)."""
+        """Frees the interface's statistics slots (on the CPUs where it owns them) and
+        its error counts: the series of an interface that is gone leave the metrics."""
+        for k in list(self._errors.keys()):
+            if k.ifindex == ifindex:
+                try:
+                    del self._errors[k]
+                except KeyError:
+                    pass
         for direction in range(len(DIRECTIONS)):
             key = self._iface_stats.Key((ifindex % IFACE_SLOTS) * 2 + direction)
             per_cpu = self._iface_stats[key]

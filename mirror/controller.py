@@ -28,6 +28,7 @@ from .flows import flows_json
 from .options import Options, resolve
 from .privileges import can_write_frames, require
 from .trigger import describe
+from .workload import Workloads
 
 log = logging.getLogger("mirror")
 
@@ -68,6 +69,7 @@ class Controller:
         self.selector = None
         self.hook = None
         self.discovery: Discovery | None = None
+        self.workloads: Workloads | None = None
 
     @property
     def codes(self) -> frozenset[int]:
@@ -151,8 +153,12 @@ class Controller:
         self._warn_shared_stats_slots(indexes)
         self._ctl_lock = ownership.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
+        # The pods and containers behind the interfaces: asked of the container runtimes
+        # in a thread of its own, never on the way of an attach or an event.
+        self.workloads = Workloads().start()
         self.attachments = Attachments(self.ipr, self.opts.hook, self.classifier,
-                                       self.opts.debug_iface, self._write_controller_record)
+                                       self.opts.debug_iface, self._write_controller_record,
+                                       self.workloads)
         ownership.prune(self.id, lambda i: self.attachments.ifname_of(i) is not None,
                         lambda n: debugif.lookup(self.ipr, n) is not None)
         try:
@@ -219,7 +225,12 @@ class Controller:
             out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
         self.events = EventStream(self.classifier, self.attachments.name_of,
                                   lambda: self.debug.ifindex if self.debug else 0,
-                                  out, self.opts.budget()).start()
+                                  out, self.opts.budget(), self.workload_of).start()
+
+    def workload_of(self, ifindex: int) -> dict:
+        """The workload behind an interface, as event and JSON attributes ({} before
+        start)."""
+        return self.workloads.lookup(ifindex).attributes() if self.workloads else {}
 
     def _stale_record(self, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if any."""
@@ -317,6 +328,8 @@ class Controller:
         if self.events:
             self.events.close()
             self.events = None
+        if self.workloads:
+            self.workloads.stop()
         if self.attachments:
             self.attachments.detach_all()
         if self.debug:
@@ -368,7 +381,8 @@ class Controller:
         """What only this process holds, for `mirror flows`, `mirror events`, the bench
         and the tests (mirror.ctlsocket)."""
         self._server = ctlsocket.ControlServer(self.socket_name, {
-            "flows": lambda arg: flows_json(self.classifier.flows()),
+            "flows": lambda arg: flows_json(self.classifier.flows(),
+                                            self.attachments.name_of, self.workload_of),
             "counters": lambda arg: self.counters(),
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
             "attach": lambda arg: self.attachments.attach_times(),

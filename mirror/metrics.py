@@ -102,31 +102,39 @@ class MapCollector:
         for reason in CUT_REASONS.values():
             skipped.add_metric([reason], counters[f"skip_{reason}"])
         yield skipped
-        # A snapshot: the run loop renames and forgets interfaces while a scrape runs.
+        # A snapshot: the run loop renames and forgets interfaces while a scrape runs. The
+        # per-interface series are those of the interfaces attached now: an interface
+        # (and so its workload) that is gone has its series removed (its kernel
+        # counts are freed when it is forgotten).
         attached = list(ctl.attached.values())
         names = {att.ifindex: att.ifname for att in attached}
+        who = {i: [names[i], *_workload_labels(ctl, i)] for i in names}
         resp = CounterMetricFamily("mirror_http_responses",
-                                   "HTTP responses seen, by interface, direction, status "
-                                   "class and protocol (h1: HTTP/1.x, h2: HTTP/2; grpc: "
-                                   "grpc-status, class ok or error)",
-                                   labels=["iface", "direction", "class", "proto"])
+                                   "HTTP responses seen, by interface (and its workload), "
+                                   "direction, status class and protocol (h1: HTTP/1.x, "
+                                   "h2: HTTP/2; grpc: grpc-status, class ok or error)",
+                                   labels=[*IFACE_LABELS, "direction", "class", "proto"])
         mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
-                                       "Packets mirrored, by interface and direction",
-                                       labels=["iface", "direction"])
+                                       "Packets mirrored, by interface (and its workload) "
+                                       "and direction",
+                                       labels=[*IFACE_LABELS, "direction"])
         stats_by_key = ctl.classifier.iface_stats()
         for ifindex in names:       # attached interfaces show zeros before any traffic
             for direction in ("ingress", "egress"):
                 stats_by_key.setdefault((ifindex, direction), _ZERO_STATS)
         for (ifindex, direction), stats in sorted(stats_by_key.items()):
-            iface = names.get(ifindex, f"ifindex{ifindex}")
+            if ifindex not in who:
+                continue            # forgotten since the scrape began
             for proto, prefix in _PROTOS.items():
                 for cls in _CLASSES:
-                    resp.add_metric([iface, direction, cls, proto], stats[prefix + cls])
+                    resp.add_metric([*who[ifindex], direction, cls, proto],
+                                    stats[prefix + cls])
             for cls in _GRPC_CLASSES:
-                resp.add_metric([iface, direction, cls, "grpc"], stats[f"grpc_{cls}"])
-            mirrored.add_metric([iface, direction], stats["mirrored_packets"])
+                resp.add_metric([*who[ifindex], direction, cls, "grpc"], stats[f"grpc_{cls}"])
+            mirrored.add_metric([*who[ifindex], direction], stats["mirrored_packets"])
         yield resp
         yield mirrored
+        yield from _workload_metrics(ctl)
         active = ctl.classifier.flow_count()
         yield GaugeMetricFamily("mirror_flows_active", "Marked flows now in the map",
                                 value=active)
@@ -152,27 +160,30 @@ class MapCollector:
         for stage, n in ctl.stage_errors.items():
             errors.add_metric([stage], n + (event_errors if stage == "events" else 0))
         yield errors
-        yield from self._errors(ctl, names)
+        yield from self._errors(ctl, who)
         if ctl.events is not None:
             yield CounterMetricFamily("mirror_request_frames_written",
                                       "Request frames of error responses written to the "
                                       "debug interface", value=ctl.events.writer.written)
 
     @staticmethod
-    def _errors(ctl, names: dict[int, str]):
+    def _errors(ctl, who: dict[int, list[str]]):
         """Error responses as the kernel counted them, exact whatever the events' bounds
         held back, and the time from each kept request to its error response."""
         errors = CounterMetricFamily("mirror_error_responses",
                                      "Error responses (trigger statuses from the server "
-                                     "side), by interface and status (grpc:N for a "
-                                     "grpc-status)", labels=["iface", "status"])
-        by_label: dict[tuple[str, str], int] = {}
+                                     "side), by interface, its workload (namespace, pod, "
+                                     "container) and status (grpc:N for a grpc-status)",
+                                     labels=[*IFACE_LABELS, "status"])
+        by_label: dict[tuple[str, ...], int] = {}
         for (ifindex, status, proto), n in ctl.classifier.errors().items():
+            if ifindex not in who:
+                continue            # an interface forgotten since the scrape began
             label = f"grpc:{status}" if proto == "grpc" else str(status)
-            key = (names.get(ifindex, f"ifindex{ifindex}"), label)
+            key = (*who[ifindex], label)
             by_label[key] = by_label.get(key, 0) + n
-        for (iface, status), n in sorted(by_label.items()):
-            errors.add_metric([iface, status], n)
+        for labels, n in sorted(by_label.items()):
+            errors.add_metric(list(labels), n)
         yield errors
         counts, total = ctl.classifier.response_times()
         buckets, running = [], 0
@@ -183,6 +194,40 @@ class MapCollector:
                                     "Time from a request to its error response, as the "
                                     "classifier saw them (errors whose request was kept)",
                                     buckets=buckets, sum_value=total)
+
+
+IFACE_LABELS = ("iface", "namespace", "pod", "container")
+
+
+def _workload_labels(ctl, ifindex: int) -> list[str]:
+    """namespace, pod and container of the workload behind the interface, as cAdvisor
+    and kube-state-metrics name them ("" when not known, or not known yet)."""
+    if ctl.workloads is None:
+        return ["", "", ""]
+    w = ctl.workloads.lookup(ifindex)
+    labels = w.labels()
+    return [labels["namespace"], labels["pod"], labels["container"]]
+
+
+def _workload_metrics(ctl):
+    """How naming the workloads goes: the runtimes asked, their failures (an absent,
+    refused, slow or hung runtime socket costs a counter and a warning, never an attach
+    or an event)."""
+    if ctl.workloads is None:
+        return
+    s = ctl.workloads.stats
+    yield CounterMetricFamily("mirror_workload_lookups", "Workload names asked for",
+                              value=s.lookups)
+    yield CounterMetricFamily("mirror_workload_lookups_pending",
+                              "Workload names asked for before the runtimes answered "
+                              "(the answer came later)", value=s.pending)
+    failures = CounterMetricFamily("mirror_workload_runtime_failures",
+                                   "Calls to a container runtime that failed, by runtime "
+                                   "and reason (absent, refused, denied, timeout, "
+                                   "bad-answer, error)", labels=["runtime", "reason"])
+    for (runtime, reason), n in sorted(dict(s.failures).items()):
+        failures.add_metric([runtime, reason], n)
+    yield failures
 
 
 def _discovery_metrics(ctl):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..communityid import of_flow
+from ..cliutil import printable
 from ..errors import UsageError
 from ..flowkey import FlowKey, endpoint, key_of
 from ..http1 import status_line
@@ -29,18 +30,6 @@ from .pcap import PcapngWriter
 from .reorder import Frame
 
 MAX_CONNECTIONS = 65536         # connections remembered (their first frame written)
-
-
-def printable(text) -> str:
-    """`text` with every character a terminal would act on (C0 and C1 controls, DEL, and
-    the other non-printing ones such as bidirectional overrides) written as a Python
-    escape: what a packet put there reaches the operator's eyes, not their terminal."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)
 
 
 def event_key(event: dict) -> FlowKey | None:

@@ -17,10 +17,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cliutil import count, env, positive_seconds, serve_metrics
+from ..cliutil import count, env, positive_seconds, printable, serve_metrics
 from ..errors import UsageError
 
-from .annotate import printable
 from .index import CorruptIndex, read_index, rotated
 from .sidecar import INDEX_NAME, STATUS_NAME, CaptureSidecar, Options
 

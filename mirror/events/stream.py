@@ -25,10 +25,13 @@ class EventStream:
     """Reads the classifier's ring buffer in a thread and hands each event on."""
 
     def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None,
-                 budget: dict | None = None):
+                 budget: dict | None = None, workload_of=lambda ifindex: {}):
         """`classifier`: whose `events` ring buffer to read (mirror.bpfprog.Classifier);
         `ifname_of(ifindex)` names an interface; `debug_ifindex()` is where request frames
-        go (0: nowhere); `budget`: the budgets in force, copied into every event."""
+        go (0: nowhere); `budget`: the budgets in force, copied into every event;
+        `workload_of(ifindex)`: the workload's attributes (mirror.workload), asked when
+        the event is read, so that it carries the answer as soon as there is one."""
+        self.workload_of = workload_of
         self.classifier = classifier
         self.ifname_of = ifname_of
         self.debug_ifindex = debug_ifindex
@@ -108,7 +111,8 @@ class EventStream:
         return name
 
     def render(self, ev: Event, iface: str) -> dict:
-        return ev.to_json(iface, self.realtime_offset_ns, self.budget)
+        return ev.to_json(iface, self.realtime_offset_ns, self.budget,
+                          self.workload_of(ev.ifindex))
 
     def since(self, seq: int) -> list[dict]:
         """Recent events after `seq`, each with its sequence number."""
