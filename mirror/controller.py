@@ -362,7 +362,7 @@ class Controller:
 
     @property
     def socket_name(self) -> str:
-        return ctlsocket.socket_name(self.id)
+        return str(ownership.socket_path(self.id))
 
     def _start_control_socket(self) -> None:
         """What only this process holds, for `mirror flows`, `mirror events`, the bench

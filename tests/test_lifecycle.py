@@ -461,16 +461,13 @@ def test_renamed_interface_stays_monitored_and_is_detached(host, nginx, env):
 
 def test_idle_control_client_does_not_block_sigterm(host, env, state_dir):
     import socket
+    from pathlib import Path
+    from mirror import ctlsocket, ownership
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
-    from mirror import ownership
-    import os as _os
-    _os.environ["MIRROR_STATE_DIR"] = str(state_dir)
-    try:
-        name = ownership.records("controller")[0]["socket"]
-    finally:
-        del _os.environ["MIRROR_STATE_DIR"]
+    path = Path(ownership.records("controller")[0]["socket"])   # state_dir set the env
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect("\0" + name[1:])          # connects and says nothing
+        with ctlsocket.address(path) as where:
+            s.connect(where)                # connects and says nothing
         assert m.stop(timeout=30) == 0, m.output
 
 
