@@ -118,9 +118,7 @@ class Controller:
         if dbg in indexes.values():
             raise UsageError(f"debug interface {name} is a monitored interface; pick "
                              "another --debug-iface")
-        rec = ownership.read("debug", name)
-        debugif.check_existing(self.ipr, name, dbg,
-                               recorded=bool(rec and rec.get("ifindex") == dbg))
+        debugif.check_existing(self.ipr, name, dbg)
 
     def _check_iface(self, name: str, idx: int) -> None:
         if debugif.has_sink(self.ipr, idx):
@@ -272,7 +270,8 @@ class Controller:
         return expired
 
     def watch_interfaces(self) -> None:
-        """The debug interface (recreated when it disappears) and, when no link events
+        """The debug interface (recreated when it disappears, not mirrored to while its
+        far end could pass clones on: DebugLink.recheck) and, when no link events
         are followed, the monitored interfaces (gone, renamed)."""
         with self.attachments.lock:
             if self.discovery is None:
@@ -280,8 +279,8 @@ class Controller:
             # With link events (mirror.discovery) following the monitored interfaces,
             # polling them here too would race with its decisions on renames.
             if (self.attachments.ifname_of(self.debug.ifindex) != self.debug.name and
-                    self.debug.replace()):
-                self.classifier.set_debug_ifindex(self.debug.ifindex)
+                    self.debug.replace()) or self.debug.recheck():
+                self.classifier.set_debug_ifindex(self.debug.target_ifindex)
                 self.attachments.debug_ifindex = self.debug.ifindex
 
     def reload(self) -> None:
