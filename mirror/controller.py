@@ -215,9 +215,10 @@ class Controller:
                         self.opts.debug_iface)
         out = None
         if self.opts.events_file:
-            out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
+            out = EventsFile(self.opts.events_file, self.opts.events_file_bytes,
+                             on_error=lambda: self._count_error("events"))
         self.events = EventStream(self.classifier, self.attachments.name_of,
-                                  lambda: self.debug.ifindex if self.debug else 0,
+                                  lambda: self.debug.target_ifindex if self.debug else 0,
                                   out, self.opts.budget()).start()
 
     def _stale_record(self, ifindex: int) -> dict | None:
@@ -259,6 +260,9 @@ class Controller:
         if self._failures.get(stage):
             log.info("%s works again after %d failure(s)", stage, self._failures[stage])
         self._failures[stage] = 0
+
+    def _count_error(self, stage: str) -> None:
+        self.stage_errors[stage] += 1
 
     def sweep(self) -> int:
         """Deletes flows idle for longer than the idle timeout; returns how many."""
