@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyroute2 import IPRoute
 
 from . import hooks, ownership
-from .cliutil import table
+from .cliutil import printable, table
 
 
 def collect() -> dict:
@@ -40,26 +40,56 @@ def collect() -> dict:
         ipr.close()
 
 
+def has_stale_hooks(report: dict) -> bool:
+    """Whether hooks of this tool are in the kernel with no running controller behind
+    them (a controller was killed: they go on mirroring until `mirror detach` or the
+    next `mirror run` on the interface)."""
+    return any(i["owner"] != "live" and i["present"] and i["filters"]
+               for i in report["interfaces"])
+
+
+def no_controller_note() -> str | None:
+    """What `mirror flows` and `mirror events` say when no controller runs here (None
+    when one does): not an error, a state, with what a stopped one left behind."""
+    if ownership.live_controllers():
+        return None
+    stopped = ownership.stopped_controllers()
+    note = "no running controller in this network namespace"
+    if stopped:
+        pids = ", ".join(str(c.get("pid")) for c in stopped)
+        note += (f"; controller pid {pids} stopped without cleaning up (killed?): "
+                 "`mirror status` shows what it left")
+    return note
+
+
 def render(report: dict) -> str:
     live = [c for c in report["controllers"] if c["live"]]
-    if not report["interfaces"] and not live:
+    stopped = [c for c in report["controllers"] if not c["live"]]
+    if not report["interfaces"] and not report["controllers"]:
         return "no interface has mirror hooks in this network namespace"
     lines = []
     if report["interfaces"]:
         rows = [("IFACE", "HOOK", "OWNER", "PID", "FILTERS", "QDISCS CREATED")]
         for i in report["interfaces"]:
             owner = i["owner"] + ("" if i["present"] else " (interface gone)")
-            rows.append((i["iface"], i["hook"], owner, str(i["pid"] or "-"),
-                         ",".join(i["filters"]) or "-", ",".join(i["qdiscs_created"]) or "-"))
+            rows.append((printable(i["iface"]), printable(i["hook"]), owner,
+                         str(i["pid"] or "-"), ",".join(i["filters"]) or "-",
+                         printable(",".join(map(str, i["qdiscs_created"]))) or "-"))
         lines = table(rows)
     for c in live:
-        lines.append(f"controller pid {c['pid']}: trigger {c['trigger']}, debug iface "
-                     f"{c['debug_iface']}, idle timeout {c['idle_timeout']:g} s, "
-                     f"metrics {c['metrics_addr'] or 'off'}{_budgets(c)}")
+        lines.append(f"controller pid {c['pid']}: running; trigger {printable(c['trigger'])}, "
+                     f"debug iface {printable(c['debug_iface'])}, idle timeout "
+                     f"{c['idle_timeout']:g} s, metrics {printable(c['metrics_addr']) or 'off'}"
+                     f"{_budgets(c)}")
         lines += _render_patterns(c)
-    if any(i["owner"] != "live" for i in report["interfaces"]):
+    for c in stopped:
+        lines.append(f"controller pid {c['pid']}: stopped without cleaning up (killed or "
+                     "crashed)")
+    if has_stale_hooks(report):
         lines.append("stale hooks: remove with `mirror detach --iface IF`, or start "
                      "`mirror run` again to replace them")
+    elif not live:
+        lines.append("no running controller, and no hook of this tool left in the kernel")
     return "\n".join(lines)
 
 
@@ -67,10 +97,11 @@ def _render_patterns(c: dict) -> list[str]:
     """The --iface patterns of a controller and the interfaces each one holds now."""
     if not c.get("patterns"):
         return []
-    lines = [f"  {pat}: {', '.join(c['matched'].get(pat, [])) or 'nothing yet'}"
+    lines = [f"  {printable(pat)}: "
+             f"{printable(', '.join(c['matched'].get(pat, []))) or 'nothing yet'}"
              for pat in c["patterns"]]
     if c.get("exclude"):
-        lines.append(f"  excluded: {' '.join(c['exclude'])}")
+        lines.append(f"  excluded: {printable(' '.join(c['exclude']))}")
     lines.append(f"  at most {c['max_ifaces']} interfaces (--max-ifaces)")
     return lines
 
