@@ -280,11 +280,12 @@ class _TcLayout:
         plan(ipr, ifindex, ifname, self.name, adopt_htb=self._adoptable(ipr, ifindex, stale))
 
     def _adoptable(self, ipr, ifindex: int, stale: dict | None) -> bool:
-        """Whether hooks found on the interface are this tool's to replace in place: a
-        stopped controller's record of this layout, or (the state directory was lost)
-        this tool's filters with no record."""
-        if stale:
-            return stale.get("hook") == self.name
+        """Whether hooks found on the interface are this tool's to replace in place:
+        this tool's filters are there (a killed controller's), and no record of another
+        layout says otherwise. A record alone is not enough: a forged one would make an
+        administrator's htb root qdisc ours to take over."""
+        if stale and stale.get("hook") != self.name:
+            return False
         return bool(our_filters(ipr, ifindex))
 
     def attach(self, ipr, att, prog_fds: dict[str, int], stale: dict | None) -> list[str]:
