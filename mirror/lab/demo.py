@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
                    help="how many times to send the request mix, 1 to 1000 (default "
                    "%(default)s)")
     p.add_argument("--output", default="lab-output", metavar="DIR",
+                   type=text_checked(_nonempty),
                    help="where the pcap and the events file are left, replacing those of "
                    "the last run (default %(default)s)")
     p.set_defaults(func=cmd_lab)
@@ -149,6 +150,11 @@ def cmd_lab(args) -> int:
               "see the UNEXPECTED lines above", file=sys.stderr)
         return 1
     return 0
+
+
+def _nonempty(text: str) -> None:
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"expected a directory, got {text!r}")
 
 
 def _check_output(out: Path, *files: Path) -> None:
