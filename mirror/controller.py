@@ -92,7 +92,7 @@ class Controller:
         """Checks everything that can be checked without changing the kernel; returns
         the named interfaces' indexes. UsageError names the problem and the fix."""
         require("`mirror run` (loading BPF programs, changing qdiscs)")
-        ownership.check_state_dir()
+        ownership.check_state_dir(creatable=True)
         self.opts = resolve(self.flags)
         self.selector = self.opts.validate()
         self.hook = hooks.kind(self.opts.hook)

@@ -34,7 +34,7 @@ from typing import Callable
 
 from . import jsonfile
 from .errors import UsageError
-from .safepath import UnsafePath, check_directory
+from .safepath import UnsafePath, check_directory, pseudo_fs
 
 log = logging.getLogger("mirror")
 
@@ -64,26 +64,33 @@ def netns_id() -> str:
 _checked: set[str] = set()      # state directories found safe by this process
 
 
+def _source() -> str:
+    return "MIRROR_STATE_DIR" if os.environ.get("MIRROR_STATE_DIR") else "the state directory"
+
+
 def _refuse(root: Path, why: str) -> UsageError:
-    source = "MIRROR_STATE_DIR" if os.environ.get("MIRROR_STATE_DIR") else "the state directory"
-    return UsageError(f"{source} {root} is not safe to keep root's records in: {why}; use a "
+    return UsageError(f"{_source()} {root} is not safe to keep root's records in: {why}; use a "
                       "directory owned by root and writable by root only (the default "
                       f"{DEFAULT_STATE_DIR} is created so)")
 
 
-def check_state_dir(create: bool = False) -> Path | None:
+def check_state_dir(create: bool = False, creatable: bool = False) -> Path | None:
     """The state directory, checked (mirror.safepath: every directory above it safe to
     write under as root; itself owned by root or the running user and writable by nobody
     else, sticky or not: its records decide which qdiscs are removed and where the control
     sockets are). Created (mode 0700) when missing and `create`; None when missing
-    otherwise. UsageError naming MIRROR_STATE_DIR when it is not safe."""
+    otherwise, after checking that it could be made when `creatable` (a start finds out
+    before it touches the kernel). UsageError naming MIRROR_STATE_DIR when it is not
+    safe."""
     root = state_root()
     try:
-        check_directory(root)
+        real = check_directory(root)
         st = os.stat(root)
     except UnsafePath as exc:
         raise _refuse(root, str(exc)) from None
     except FileNotFoundError:
+        if creatable and not create:
+            _check_creatable(root, real)
         if not create:
             return None
         try:
@@ -93,7 +100,7 @@ def check_state_dir(create: bool = False) -> Path | None:
         except UnsafePath as exc:
             raise _refuse(root, str(exc)) from None
         except OSError as exc:
-            raise UsageError(f"cannot create the state directory {root}: {exc.strerror}; set "
+            raise UsageError(f"cannot create {_source()} {root}: {exc.strerror}; set "
                              "MIRROR_STATE_DIR to a writable directory (a tmpfs such as "
                              "/run)") from None
     except OSError as exc:
@@ -106,6 +113,15 @@ def check_state_dir(create: bool = False) -> Path | None:
                           f"(mode {stat.S_IMODE(st.st_mode):04o})")
         _checked.add(str(root))
     return root
+
+
+def _check_creatable(root: Path, real: Path) -> None:
+    existing = next(p for p in (real, *real.parents) if os.path.lexists(p))
+    why = (None if existing.is_dir() and os.access(existing, os.W_OK) and
+           not pseudo_fs(str(existing)) else f"{existing} is not a directory it can be made in")
+    if why:
+        raise UsageError(f"cannot create {_source()} {root}: {why}; set MIRROR_STATE_DIR to a "
+                         "writable directory (a tmpfs such as /run)")
 
 
 def netns_dir(create: bool = True) -> Path | None:
@@ -124,7 +140,7 @@ def netns_dir(create: bool = True) -> Path | None:
             d.mkdir(mode=0o700, exist_ok=True)
             st = os.lstat(d)
         except OSError as exc:
-            raise UsageError(f"cannot use the state directory {d}: {exc.strerror}; set "
+            raise UsageError(f"cannot use {_source()} {root}: {d}: {exc.strerror}; set "
                              "MIRROR_STATE_DIR to a writable directory (a tmpfs such as /run)") \
                 from None
     if str(d) not in _checked:

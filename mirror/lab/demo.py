@@ -82,7 +82,7 @@ def cmd_lab(args) -> int:
     pcap_path = out / "mirror.pcap"
     events_path = out / "events.jsonl"
     _check_output(out, pcap_path, events_path)
-    ownership.check_state_dir()
+    ownership.check_state_dir(creatable=True)
     out.mkdir(parents=True, exist_ok=True)
     cleanup_stale()
     events_path.unlink(missing_ok=True)
