@@ -173,11 +173,12 @@ def _describes(kind: str, name: str, rec) -> bool:
     if kind == "iface":
         idx = rec.get("ifindex")
         return (type(idx) is int and idx > 0 and iface_key(idx) == name
-                and isinstance(rec.get("hook"), str)
-                and isinstance(rec.get("parents", {}), dict)
-                and isinstance(rec.get("created", []), list))
+                and isinstance(rec.get("ifname"), str) and isinstance(rec.get("hook"), str)
+                and isinstance(rec.get("parents"), dict)
+                and isinstance(rec.get("created"), list))
     if kind == "controller":
-        return rec.get("id") == name and CONTROLLER_ID.fullmatch(name) is not None
+        return (rec.get("id") == name and CONTROLLER_ID.fullmatch(name) is not None
+                and type(rec.get("pid")) is int)
     if kind == "debug":
         return rec.get("name") == name and type(rec.get("ifindex")) is int
     return False
@@ -201,7 +202,7 @@ def _load(kind: str, name: str, path: Path) -> dict | None:
     if not _describes(kind, name, rec):
         if str(path) not in _ignored:
             _ignored.add(str(path))
-            log.warning("ignoring %s: not a %s record of %s", path, kind, name)
+            log.warning("ignoring %s: not a valid %s record for %s", path, kind, name)
         return None
     return rec
 

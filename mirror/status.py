@@ -20,7 +20,7 @@ def collect() -> dict:
             recorded.add(name)
             live = ownership.is_held(ownership.iface_lock_name(rec["ifindex"]))
             found = hooks.ours(ipr, rec["ifindex"]) if present else []
-            ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec["pid"],
+            ifaces.append({"iface": name, "hook": rec["hook"], "pid": rec.get("pid"),
                            "owner": "live" if live else "stale",
                            "present": present, "qdiscs_created": rec["created"],
                            "filters": found})
@@ -77,10 +77,12 @@ def render(report: dict) -> str:
                          printable(",".join(map(str, i["qdiscs_created"]))) or "-"))
         lines = table(rows)
     for c in live:
-        lines.append(f"controller pid {c['pid']}: running; trigger {printable(c['trigger'])}, "
-                     f"debug iface {printable(c['debug_iface'])}, idle timeout "
-                     f"{c['idle_timeout']:g} s, metrics {printable(c['metrics_addr']) or 'off'}"
-                     f"{_budgets(c)}")
+        idle = c.get("idle_timeout")
+        lines.append(f"controller pid {c['pid']}: running; trigger "
+                     f"{printable(c.get('trigger'))}, debug iface "
+                     f"{printable(c.get('debug_iface'))}, idle timeout "
+                     f"{f'{idle:g}' if isinstance(idle, (int, float)) else '?'} s, metrics "
+                     f"{printable(c.get('metrics_addr')) or 'off'}{_budgets(c)}")
         lines += _render_patterns(c)
     for c in stopped:
         lines.append(f"controller pid {c['pid']}: stopped without cleaning up (killed or "
@@ -95,14 +97,15 @@ def render(report: dict) -> str:
 
 def _render_patterns(c: dict) -> list[str]:
     """The --iface patterns of a controller and the interfaces each one holds now."""
-    if not c.get("patterns"):
+    if not isinstance(c.get("patterns"), list):
         return []
+    matched = c.get("matched") if isinstance(c.get("matched"), dict) else {}
     lines = [f"  {printable(pat)}: "
-             f"{printable(', '.join(c['matched'].get(pat, []))) or 'nothing yet'}"
+             f"{printable(', '.join(map(str, matched.get(pat, [])))) or 'nothing yet'}"
              for pat in c["patterns"]]
     if c.get("exclude"):
-        lines.append(f"  excluded: {printable(' '.join(c['exclude']))}")
-    lines.append(f"  at most {c['max_ifaces']} interfaces (--max-ifaces)")
+        lines.append(f"  excluded: {printable(' '.join(map(str, c['exclude'])))}")
+    lines.append(f"  at most {printable(c.get('max_ifaces'))} interfaces (--max-ifaces)")
     return lines
 
 
@@ -113,6 +116,6 @@ def _budgets(rec: dict) -> str:
 
     def n(value, unit):
         return f"{value} {unit}" if value else f"unlimited {unit}"
-    return (f", per flow {n(rec['max_packets_per_flow'], 'packets')} and "
-            f"{n(rec['max_bytes_per_flow'], 'bytes')}, "
-            f"{n(rec['max_clones_per_second'], 'clones/s')} per CPU")
+    return (f", per flow {n(rec.get('max_packets_per_flow'), 'packets')} and "
+            f"{n(rec.get('max_bytes_per_flow'), 'bytes')}, "
+            f"{n(rec.get('max_clones_per_second'), 'clones/s')} per CPU")
