@@ -6,7 +6,6 @@ import argparse
 import os
 import re
 import socket
-import unicodedata
 
 from .config import parse_seconds
 from .errors import UsageError
@@ -104,15 +103,16 @@ def serve_metrics(collector, addr: str):
 
 
 def printable(text) -> str:
-    """`text` safe to print on a terminal: control characters (C0, DEL, C1), Unicode
-    format characters (bidirectional overrides...) and line or paragraph separators
-    become \\xNN or \\uNNNN, and a backslash is doubled so that the escapes cannot be
-    faked. A request target or Host header comes from the network: an ESC, CSI or CR in
-    it would otherwise drive the operator's terminal. None stays None."""
+    """`text` safe to print on a terminal: every character Python does not call
+    printable (C0 and C1 controls, DEL, Unicode format characters such as bidirectional
+    overrides, separators other than the space) becomes \\xNN or \\uNNNN, and a
+    backslash is doubled so that the escapes cannot be faked. A request target or Host
+    header comes from the network: an ESC, CSI or CR in it would otherwise drive the
+    operator's terminal. None stays None."""
     if text is None:
         return None
     text = str(text)
-    if text.isascii() and text.isprintable() and "\\" not in text:
+    if text.isprintable() and "\\" not in text:
         return text
     return "".join(_escape(c) for c in text)
 
@@ -120,9 +120,9 @@ def printable(text) -> str:
 def _escape(c: str) -> str:
     if c == "\\":
         return "\\\\"
-    if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
-    return c
+    if c.isprintable():
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
