@@ -5,6 +5,7 @@ import collections
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -31,8 +32,8 @@ class EventsFile:
     MAX_PENDING; past that the oldest are dropped and counted in `lost`), the failure is
     logged when it starts and when it ends and counted (`failures`, and `on_error()`:
     the controller's mirror_controller_errors_total{stage="events"}), and the file is
-    opened and written again at the next event after a delay that doubles from 0.5 to
-    30 s, and once more at close."""
+    opened and written again after a delay that doubles from 0.5 to 30 s (by a timer,
+    so that no new event is needed), and once more at close."""
 
     def __init__(self, path: str, max_bytes: int = 16 << 20,
                  on_error: Callable[[], None] = lambda: None):
@@ -46,17 +47,29 @@ class EventsFile:
         self._failing: str | None = None    # why the last attempt failed, while failing
         self._streak = 0
         self._retry_at = 0.0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()       # the events thread and the retry timer
 
     def write(self, line: str) -> None:
-        self.pending.append((line + "\n").encode())
-        if len(self.pending) > MAX_PENDING:
-            self.pending.popleft()
-            self.lost += 1
-        if time.monotonic() >= self._retry_at:
-            self.flush()
+        with self._lock:
+            self.pending.append((line + "\n").encode())
+            if len(self.pending) > MAX_PENDING:
+                self.pending.popleft()
+                self.lost += 1
+            if time.monotonic() >= self._retry_at:
+                self._flush()
 
     def flush(self) -> bool:
         """Writes what is pending; True when nothing is left. Never raises."""
+        with self._lock:
+            return self._flush()
+
+    def _retry(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._flush()
+
+    def _flush(self) -> bool:
         try:
             while self.pending:
                 self._write_one()
@@ -97,6 +110,10 @@ class EventsFile:
         self.on_error()
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._streak - 1))
         self._retry_at = time.monotonic() + delay
+        if self._timer is None:
+            self._timer = threading.Timer(delay, self._retry)
+            self._timer.daemon = True
+            self._timer.start()
         why = str(exc)
         if why != self._failing:
             log.error("cannot write the events file %s: %s; %d event line(s) kept in memory "
@@ -113,6 +130,8 @@ class EventsFile:
 
     def close(self) -> None:
         """A last attempt at what is pending; what still cannot be written is reported."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self.pending and not self.flush():
             log.error("events file %s: %d event line(s) could not be written and are lost "
                       "(and %d dropped before, more than %d waiting)", self.path,
