@@ -430,3 +430,40 @@ def test_events_into_a_closed_pipe_exit_quietly(host, nginx, state_dir):
         if follow and follow.poll() is None:
             follow.kill()
         assert m.stop() == 0, m.output
+
+
+# --- the events file -----------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_events_file_that_cannot_be_written_keeps_retries_and_says(tmp_path, monkeypatch,
+                                                                   caplog):
+    """The events file's directory becomes writable by everyone (so the file may not be
+    opened as root): the lines wait in memory, the failure is logged and counted, and a
+    timer retries until the directory is safe again, without a new event; past the
+    bound, lines are dropped and counted, and close() says how many were lost."""
+    from mirror.events import file as events_file
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    path = logs / "events.jsonl"
+    errors = []
+    out = events_file.EventsFile(str(path), on_error=lambda: errors.append(1))
+    os.chmod(logs, 0o777)
+    out.write('{"n": 1}')
+    out.write('{"n": 2}')
+    assert not path.exists() and len(out.pending) == 2 and errors
+    assert "cannot write the events file" in caplog.text
+    os.chmod(logs, 0o700)
+    wait_until(lambda: (path.exists() and len(path.read_text().splitlines()) == 2,
+                        out.pending), "the retry timer to write the waiting lines")
+    assert "is written again" in caplog.text
+    out.close()
+    assert [json.loads(l)["n"] for l in path.read_text().splitlines()] == [1, 2]
+    monkeypatch.setattr(events_file, "MAX_PENDING", 3)
+    os.chmod(logs, 0o777)
+    out = events_file.EventsFile(str(logs / "other.jsonl"))
+    for n in range(5):
+        out.write(f'{{"n": {n}}}')
+    assert out.lost == 2 and len(out.pending) == 3
+    out.close()
+    assert "3 event line(s) could not be written and are lost (and 2 dropped before" \
+        in caplog.text
