@@ -467,3 +467,58 @@ def test_events_file_that_cannot_be_written_keeps_retries_and_says(tmp_path, mon
     out.close()
     assert "3 event line(s) could not be written and are lost (and 2 dropped before" \
         in caplog.text
+
+
+@pytest.mark.unit
+def test_atomic_json_never_follows_what_is_planted_beside_it(tmp_path):
+    """The file written beside a record before the rename is new and unpredictable: a
+    symbolic link planted at the old fixed name (`NAME.tmp`) or anywhere else is neither
+    followed nor overwritten."""
+    from mirror import jsonfile
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "rec.json.tmp").symlink_to(victim)
+    jsonfile.write(tmp_path / "rec.json", {"a": 1})
+    assert victim.read_text() == "precious\n"
+    assert json.loads((tmp_path / "rec.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.json", "rec.json.tmp", "victim"]
+    assert stat_mode(tmp_path / "rec.json") == 0o600
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o7777
+
+
+@pytest.mark.kernel
+def test_control_socket_is_reachable_by_root_only(host, state_dir):
+    """The control socket is a path in the state directory, not an abstract name that
+    any root process of the network namespace could reach: its directory is 0700, the
+    socket 0600, and a process of another user in the same network namespace cannot
+    connect."""
+    from mirror import ownership
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", unique_name("d"),
+                      env=env).start()
+    try:
+        rec = ownership.records("controller")[0]
+        path = Path(rec["socket"])
+        assert path == ownership.socket_path(rec["id"]) and path.is_socket()
+        assert stat_mode(path) == 0o600 and stat_mode(path.parent) == 0o700
+        with open("/proc/net/unix") as f:
+            assert f"@tc-mirror-{rec['id']}" not in f.read()    # no abstract name
+        probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+                 "    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)")
+        for caps in ([], ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]):
+            # From inside the directory (a path this long does not fit sun_path): without
+            # capabilities the directory stops it, with CAP_DAC_READ_SEARCH the socket's
+            # own mode does.
+            other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534",
+                                    "--clear-groups", *caps, sys.executable, "-c", probe,
+                                    path.name], capture_output=True, text=True, timeout=30,
+                                   cwd=path.parent)
+            assert other.returncode == 13, other.stderr     # refused at the connect
+        flows = run_cli("flows", "--json", env=env)
+        assert flows.returncode == 0 and json.loads(flows.stdout) == []
+    finally:
+        assert m.stop() == 0, m.output
+    assert not path.exists()
