@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "pods per node Kubernetes allows by default, within the default limit of "
                      "1024 open files)")
     run.add_argument("--debug-iface", default=env("MIRROR_DEBUG_IFACE", "mirror0"),
-                     type=text_checked(check_debug_name), metavar="NAME", help="where clones go; created if missing and removed "
-                     "at exit only if created here (default %(default)s)")
+                     type=text_checked(check_debug_name), metavar="NAME",
+                     help="where clones go; created if missing and removed at exit only if "
+                     "created here (default %(default)s)")
     run.add_argument("--trigger", default=env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
                      type=text_checked(parse_trigger),
                      help="status codes that mark a connection: codes, ranges, classes, "
@@ -142,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)s)")
-    run.add_argument("--max-flows", type=count(16, 1 << 24), default=env("MIRROR_MAX_FLOWS", str(DEFAULT_MAX_FLOWS)),
-                     metavar="N", help="flow map size; the least recently used flow is evicted "
-                     "beyond it (default %(default)s)")
+    run.add_argument("--max-flows", type=count(16, 1 << 24),
+                     default=env("MIRROR_MAX_FLOWS", str(DEFAULT_MAX_FLOWS)), metavar="N",
+                     help="flow map size; the least recently used flow is evicted beyond it "
+                     "(default %(default)s)")
     run.add_argument("--request-bytes", type=count(0, MAX_REQUEST_BYTES),
                      default=env("MIRROR_REQUEST_BYTES", str(DEFAULT_REQUEST_BYTES)),
                      metavar="N",

@@ -84,14 +84,14 @@ def check_state_dir(create: bool = False, creatable: bool = False) -> Path | Non
     safe."""
     root = state_root()
     try:
-        real = check_directory(root)
+        check_directory(root)
         st = os.stat(root)
     except UnsafePath as exc:
         raise _refuse(root, str(exc)) from None
     except FileNotFoundError:
-        if creatable and not create:
-            _check_creatable(root, real)
         if not create:
+            if creatable:
+                _check_creatable(root)
             return None
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -109,13 +109,17 @@ def check_state_dir(create: bool = False, creatable: bool = False) -> Path | Non
         if not stat.S_ISDIR(st.st_mode):
             raise _refuse(root, "it is not a directory")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise _refuse(root, f"it is writable by {'everyone' if st.st_mode & stat.S_IWOTH else 'its group'} "
-                          f"(mode {stat.S_IMODE(st.st_mode):04o})")
+            who = "everyone" if st.st_mode & stat.S_IWOTH else "its group"
+            raise _refuse(root, f"it is writable by {who} (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o})")
         _checked.add(str(root))
     return root
 
 
-def _check_creatable(root: Path, real: Path) -> None:
+def _check_creatable(root: Path) -> None:
+    """UsageError unless the missing state directory could be made (its nearest existing
+    ancestor is a writable directory outside the kernel's file systems)."""
+    real = check_directory(root)
     existing = next(p for p in (real, *real.parents) if os.path.lexists(p))
     why = (None if existing.is_dir() and os.access(existing, os.W_OK) and
            not pseudo_fs(str(existing)) else f"{existing} is not a directory it can be made in")
