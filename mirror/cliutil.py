@@ -46,13 +46,8 @@ def checked(parse):
     return parse_checked
 
 
-def _seconds(text: str) -> float:
-    return parse_seconds(text)
-
-
-positive_seconds = checked(_seconds)
-positive_seconds.__doc__ = ("argparse type: a positive, finite number of seconds "
-                            "(mirror.config.parse_seconds).")
+# argparse type: a positive, finite number of seconds (mirror.config.parse_seconds).
+positive_seconds = checked(parse_seconds)
 
 _WHOLE = re.compile(r"-?[0-9]+")
 
