@@ -117,7 +117,7 @@ class Attachments:
         ownership.remove("iface", ownership.iface_key(att.ifindex))
         lock = self._locks.pop(att.ifindex, None)
         if lock:
-            lock.release()
+            lock.release(remove=True)       # held exclusively: nobody else uses the file
 
     def forget(self, att: Attachment) -> None:
         """An interface no longer monitored (its hooks are gone): its state in the

@@ -12,14 +12,18 @@ import threading
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import __version__
-from .abi import DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES
+from .abi import (DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
+                  MAX_CONN_SLOTS, MAX_REQUEST_BYTES)
 from .capture.command import add_parser as add_capture
-from .cliutil import count, env, positive_seconds, serve_metrics
-from .discovery import DEFAULT_MAX_IFACES
+from .cliutil import (count, env, parse_metrics_addr, positive_seconds, serve_metrics,
+                      text_checked)
+from .debugif import check_name as check_debug_name
+from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT
 from .errors import UsageError
 from .hooks import NAMES as HOOK_NAMES
 from .lab.demo import add_parser as add_lab
 from .options import DEFAULT_MAX_EVENTS_PER_SECOND
+from .trigger import parse_trigger
 
 log = logging.getLogger("mirror")
 
@@ -69,9 +73,36 @@ also becomes one event line (`mirror events`, --events-file). All other traffic 
 untouched."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with errors in one line: what is wrong and where the help is (argparse
+    prints the whole usage first, seven lines for `mirror run`, which hides the line
+    that matters in a container's log). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"mirror: error: {message} (see `{self.prog} --help`)\n")
+
+
+def hook_name(text: str) -> None:
+    if text not in HOOK_NAMES:
+        raise ValueError(f"unknown hook {text!r}: use {', '.join(HOOK_NAMES)}")
+
+
+def iface_name(text: str) -> None:
+    """An interface name as the kernel allows it (dev_valid_name)."""
+    if not 0 < len(text) <= 15 or text in (".", "..") or "/" in text or ":" in text or \
+            any(c.isspace() for c in text):
+        raise ValueError(f"bad interface name {text!r}: 1-15 characters, no '/', ':' or "
+                         "spaces")
+
+
+def path_text(text: str) -> None:
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"expected a path, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mirror", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="mirror", description=DESCRIPTION,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mirror {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,21 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exclude", action="append", metavar="PATTERN",
                      help="never monitor interfaces matching this pattern, even when an "
                      "--iface pattern selects them (repeatable; env MIRROR_EXCLUDE)")
-    run.add_argument("--max-ifaces", type=count(1), metavar="N",
+    run.add_argument("--max-ifaces", type=count(1, MAX_IFACES_LIMIT), metavar="N",
                      default=env("MIRROR_MAX_IFACES", str(DEFAULT_MAX_IFACES)),
                      help="monitor at most N interfaces; beyond it matching interfaces are "
                      "logged and counted, not attached (default %(default)s: above the 110 "
                      "pods per node Kubernetes allows by default, within the default limit of "
                      "1024 open files)")
     run.add_argument("--debug-iface", default=env("MIRROR_DEBUG_IFACE", "mirror0"),
-                     metavar="NAME", help="where clones go; created if missing and removed "
-                     "at exit only if created here (default %(default)s)")
+                     type=text_checked(check_debug_name), metavar="NAME",
+                     help="where clones go; created if missing and removed at exit only if "
+                     "created here (default %(default)s)")
     run.add_argument("--trigger", default=env("MIRROR_TRIGGER", "5xx"), metavar="SPEC",
+                     type=text_checked(parse_trigger),
                      help="status codes that mark a connection: codes, ranges, classes, "
                      "e.g. 5xx, 500-504, 429,5xx; gRPC codes (grpc-status in h2c "
                      "trailers) after grpc:, e.g. 5xx,grpc:2,13,14 or grpc:unavailable, "
                      "or grpc-error for 1-16; or none (default %(default)s)")
-    run.add_argument("--hook", choices=list(HOOK_NAMES),
+    run.add_argument("--hook", choices=list(HOOK_NAMES), type=text_checked(hook_name),
                      default=env("MIRROR_HOOK", "clsact"),
                      help="clsact: lockless, leaves the root qdisc alone (default); htb: "
                      "ingress qdisc + htb root qdisc, the original design's layout; tcx "
@@ -112,55 +145,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)s)")
-    run.add_argument("--max-flows", type=count(),
+    run.add_argument("--max-flows", type=count(16, MAX_CONN_SLOTS),
                      default=env("MIRROR_MAX_FLOWS", str(DEFAULT_MAX_FLOWS)), metavar="N",
                      help="connection states kept (rounded up to a power of two): a new "
                      "connection takes the slot of the least recently active one of its "
                      "bucket beyond it (default %(default)s)")
-    run.add_argument("--request-bytes", type=count(0),
+    run.add_argument("--request-bytes", type=count(0, MAX_REQUEST_BYTES),
                      default=env("MIRROR_REQUEST_BYTES", str(DEFAULT_REQUEST_BYTES)),
                      metavar="N",
                      help="keep the first N bytes of each HTTP/1.x request frame, so that an "
                      "error response comes with its request (captured and in the event); 0: "
                      "off, and a status line then counts from either side (default "
                      "%(default)s)")
-    run.add_argument("--max-packets-per-flow", type=count(0),
+    run.add_argument("--max-packets-per-flow", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_PACKETS_PER_FLOW", "1000"), metavar="N",
                      help="clone at most N packets of a marked connection, counted from its "
                      "error response on each CPU that handles it; the rest is skipped and "
                      "counted; 0: unlimited (default %(default)s)")
-    run.add_argument("--max-bytes-per-flow", type=count(0),
+    run.add_argument("--max-bytes-per-flow", type=count(0, (1 << 64) - 1),
                      default=env("MIRROR_MAX_BYTES_PER_FLOW", str(1 << 20)), metavar="N",
                      help="the same in bytes: a packet that would take a connection's clones "
                      "past N bytes on a CPU is skipped, and so is the rest; 0: unlimited "
                      "(default %(default)s)")
-    run.add_argument("--max-clones-per-second", type=count(0),
+    run.add_argument("--max-clones-per-second", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_CLONES_PER_SECOND", "10000"), metavar="N",
                      help="clone at most N packets per second on each CPU, whatever the "
                      "connection; the rest is skipped and counted; 0: unlimited (default "
                      "%(default)s)")
-    run.add_argument("--max-events-per-second", type=count(0),
+    run.add_argument("--max-events-per-second", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_EVENTS_PER_SECOND",
                                  str(DEFAULT_MAX_EVENTS_PER_SECOND)), metavar="N",
                      help="hand at most N error events a second to user space on each CPU; "
                      "the rest are counted (mirror_events_suppressed_total) and every error "
                      "still counts in mirror_error_responses_total; 0: unlimited (default "
                      "%(default)s)")
-    run.add_argument("--max-events-per-connection", type=count(0),
+    run.add_argument("--max-events-per-connection", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_EVENTS_PER_CONNECTION",
                                  str(DEFAULT_MAX_EVENTS_PER_CONN)), metavar="N",
                      help="at most N error events for one connection, the same way; 0: "
                      "unlimited (default %(default)s)")
     run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
+                     type=text_checked(path_text),
                      help="append one JSON line per error response to PATH (mode 0600, "
                      "rotated to PATH.1 past --events-file-mb); '-': standard output "
                      "(default: off; `mirror events` works either way)")
-    run.add_argument("--events-file-mb", type=count(1),
+    run.add_argument("--events-file-mb", type=count(1, 1 << 20),
                      default=env("MIRROR_EVENTS_FILE_MB", "16"), metavar="MB",
                      help="rotate the events file past this size (default %(default)s)")
     run.add_argument("--metrics-addr", default=env("MIRROR_METRICS_ADDR"), metavar="HOST:PORT",
+                     type=text_checked(parse_metrics_addr),
                      help="serve Prometheus metrics here (default: off)")
     run.add_argument("--config", default=env("MIRROR_CONFIG"), metavar="FILE",
+                     type=text_checked(path_text),
                      help="file with 'trigger = SPEC' and/or 'idle_timeout = SECONDS' lines, "
                      "applied at start (over the flags) and re-read on SIGHUP")
     run.set_defaults(func=cmd_run, env_ifaces=env_ifaces, env_exclude=env_exclude)
@@ -188,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Remove this tool's filters from IF, and the qdiscs a "
                         "stopped controller recorded as its own. Other tools' qdiscs and "
                         "filters are never touched. Refuses while a live controller owns IF.")
-    de.add_argument("--iface", action="append", required=True, metavar="IF")
+    de.add_argument("--iface", action="append", required=True, metavar="IF",
+                    type=text_checked(iface_name))
     de.set_defaults(func=cmd_detach)
 
     add_lab(sub)
@@ -252,18 +289,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """Exit status 0 when no hook of this tool is without a running controller, 3 when
+    some are (stale: a controller was killed), so that a script can tell."""
     _require_root()
-    from .status import collect, render
+    from .status import collect, has_stale_hooks, render
     report = collect()
     print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
+    return 3 if has_stale_hooks(report) else 0
 
 
 def cmd_flows(args) -> int:
     _require_root()
     from .flows import collect_flows, render_flows
+    from .status import no_controller_note
     flows = collect_flows()
-    print(json.dumps(flows, indent=2) if args.json else render_flows(flows))
+    note = no_controller_note()
+    if args.json:
+        print(json.dumps(flows, indent=2))
+        if note:
+            print(f"mirror: {note}", file=sys.stderr)
+    else:
+        print(note or render_flows(flows))
     return 0
 
 
@@ -281,7 +327,11 @@ def cmd_detach(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:       # a wrong value from the environment (cliutil.checked)
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="mirror: %(message)s", stream=sys.stderr)
     if not args.command:
@@ -295,6 +345,11 @@ def main(argv=None) -> int:
     except NetlinkError as exc:
         print(f"mirror: error: the kernel refused a netlink request: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`mirror events --json | head -3`): it has what it wanted.
+        # Nothing more may reach the closed pipe, not even the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return 1

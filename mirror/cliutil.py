@@ -4,38 +4,76 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 
 from .config import parse_seconds
 from .errors import UsageError
 
 
+class EnvText(str):
+    """An option's value taken from an environment variable (`var`): the argument types
+    below name the variable, not the flag, when it is wrong, since the flag is not what
+    the user wrote."""
+    var = ""
+
+
 def env(name: str, default=None):
-    """The environment variable's value, or `default` when it is unset or empty."""
+    """The environment variable's value, or `default` when it is unset or empty (compose
+    files and manifests write `X=` for "not set")."""
     value = os.environ.get(name)
-    return value if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    text = EnvText(value)
+    text.var = name
+    return text
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type: a positive, finite number of seconds (mirror.config.parse_seconds)."""
-    try:
-        return parse_seconds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def count(minimum: int | None = None):
-    """argparse type: a whole number, at least `minimum` when given."""
-    def parse(text: str) -> int:
+def checked(parse):
+    """An argparse type from `parse(text)`, which raises ValueError, ArgumentTypeError
+    or UsageError with the reason. A wrong value from the environment is a UsageError
+    naming the variable (argparse lets it through, and the CLI prints it as one line);
+    a wrong flag is argparse's usual error naming the flag."""
+    def parse_checked(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") \
-                from None
+            return parse(text)
+        except (ValueError, argparse.ArgumentTypeError, UsageError) as exc:
+            if isinstance(text, EnvText):
+                raise UsageError(f"{text.var}={str(text)!r} (from the environment): {exc}") \
+                    from None
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse_checked.__name__ = getattr(parse, "__name__", "value")
+    return parse_checked
+
+
+# argparse type: a positive, finite number of seconds (mirror.config.parse_seconds).
+positive_seconds = checked(parse_seconds)
+
+_WHOLE = re.compile(r"-?[0-9]+")
+
+
+def count(minimum: int | None = None, maximum: int | None = None):
+    """argparse type: a whole number (ASCII digits, an optional minus: not "1_000" or
+    "1e3"), within [minimum, maximum] where given."""
+    def whole_number(text: str) -> int:
+        if not _WHOLE.fullmatch(text.strip()):
+            raise ValueError(f"expected a whole number, got {str(text)!r}")
+        value = int(text)
         if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}, got {value}")
         return value
-    return parse
+    return checked(whole_number)
+
+
+def text_checked(check):
+    """argparse type: the text itself, after `check(text)` raised nothing."""
+    def check_text(text: str) -> str:
+        check(text)
+        return text
+    check_text.__name__ = getattr(check, "__name__", "value")
+    return checked(check_text)
 
 
 def parse_metrics_addr(text: str) -> tuple[str, int]:
@@ -57,6 +95,29 @@ def serve_metrics(collector, addr: str):
         return start_http_server(port, addr=host, registry=registry)
     except (OSError, socket.gaierror) as exc:
         raise UsageError(f"cannot serve metrics on {addr}: {exc}") from None
+
+
+def printable(text) -> str:
+    """`text` safe to print on a terminal: every character Python does not call
+    printable (C0 and C1 controls, DEL, Unicode format characters such as bidirectional
+    overrides, separators other than the space) becomes \\xNN or \\uNNNN, and a
+    backslash is doubled so that the escapes cannot be faked. A request target or Host
+    header comes from the network: an ESC, CSI or CR in it would otherwise drive the
+    operator's terminal. None stays None."""
+    if text is None:
+        return None
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c.isprintable():
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:

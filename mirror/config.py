@@ -4,7 +4,10 @@ source wins over which is said in one place, mirror.options.resolve(), at start 
 SIGHUP alike; this module only reads and checks the file."""
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -43,12 +46,28 @@ class FileSettings:
                                   ("idle_timeout", self.idle_timeout)) if v is not None}
 
 
+MAX_CONFIG_BYTES = 64 << 10
+
+
+def _read_text(path: str) -> str:
+    """The file's text. Only a regular file (a ConfigMap's symbolic link to one is fine)
+    of at most MAX_CONFIG_BYTES: /dev/zero or a named pipe given by mistake would
+    otherwise be read forever, or block the reload."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def read_config(path: str) -> FileSettings:
     """The settings in `path`; UsageError naming the line when one is wrong."""
     trigger = codes = idle = None
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        lines = _read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not a text file"
         raise UsageError(f"cannot read config {path}: {reason}") from None

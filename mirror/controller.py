@@ -93,6 +93,7 @@ class Controller:
         """Checks everything that can be checked without changing the kernel; returns
         the named interfaces' indexes. UsageError names the problem and the fix."""
         require("`mirror run` (loading BPF programs, changing qdiscs)")
+        ownership.check_state_dir(creatable=True)
         self.opts = resolve(self.flags)
         self.selector = self.opts.validate()
         self.hook = hooks.kind(self.opts.hook)
@@ -118,9 +119,7 @@ class Controller:
         if dbg in indexes.values():
             raise UsageError(f"debug interface {name} is a monitored interface; pick "
                              "another --debug-iface")
-        rec = ownership.read("debug", name)
-        debugif.check_existing(self.ipr, name, dbg,
-                               recorded=bool(rec and rec.get("ifindex") == dbg))
+        debugif.check_existing(self.ipr, name, dbg)
 
     def _check_iface(self, name: str, idx: int) -> None:
         if debugif.has_sink(self.ipr, idx):
@@ -222,9 +221,10 @@ class Controller:
                         self.opts.debug_iface)
         out = None
         if self.opts.events_file:
-            out = EventsFile(self.opts.events_file, self.opts.events_file_bytes)
+            out = EventsFile(self.opts.events_file, self.opts.events_file_bytes,
+                             on_error=lambda: self._count_error("events"))
         self.events = EventStream(self.classifier, self.attachments.name_of,
-                                  lambda: self.debug.ifindex if self.debug else 0,
+                                  lambda: self.debug.target_ifindex if self.debug else 0,
                                   out, self.opts.budget(), self.workload_of).start()
 
     def workload_of(self, ifindex: int) -> dict:
@@ -272,6 +272,9 @@ class Controller:
             log.info("%s works again after %d failure(s)", stage, self._failures[stage])
         self._failures[stage] = 0
 
+    def _count_error(self, stage: str) -> None:
+        self.stage_errors[stage] += 1
+
     def sweep(self) -> int:
         """Deletes flows idle for longer than the idle timeout; returns how many."""
         t0 = time.monotonic()
@@ -282,7 +285,8 @@ class Controller:
         return expired
 
     def watch_interfaces(self) -> None:
-        """The debug interface (recreated when it disappears) and, when no link events
+        """The debug interface (recreated when it disappears, not mirrored to while its
+        far end could pass clones on: DebugLink.recheck) and, when no link events
         are followed, the monitored interfaces (gone, renamed)."""
         with self.attachments.lock:
             if self.discovery is None:
@@ -290,8 +294,8 @@ class Controller:
             # With link events (mirror.discovery) following the monitored interfaces,
             # polling them here too would race with its decisions on renames.
             if (self.attachments.ifname_of(self.debug.ifindex) != self.debug.name and
-                    self.debug.replace()):
-                self.classifier.set_debug_ifindex(self.debug.ifindex)
+                    self.debug.replace()) or self.debug.recheck():
+                self.classifier.set_debug_ifindex(self.debug.target_ifindex)
                 self.attachments.debug_ifindex = self.debug.ifindex
 
     def reload(self) -> None:
@@ -375,7 +379,7 @@ class Controller:
 
     @property
     def socket_name(self) -> str:
-        return ctlsocket.socket_name(self.id)
+        return str(ownership.socket_path(self.id))
 
     def _start_control_socket(self) -> None:
         """What only this process holds, for `mirror flows`, `mirror events`, the bench

@@ -81,12 +81,6 @@ def lookup(ipr, name: str) -> int | None:
     return found[0] if found else None
 
 
-def link_kind(ipr, ifindex: int) -> str | None:
-    link = ipr.get_links(ifindex)[0]
-    info = link.get_attr("IFLA_LINKINFO")
-    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
-
-
 def has_sink(ipr, ifindex: int) -> bool:
     """True when this interface drops at its ingress with this tool's sink program."""
     return any(f.name == tc.SINK_FILTER_NAME
@@ -106,27 +100,39 @@ def is_sink_peer_of(ipr, ifindex: int) -> bool:
     return tc.ingress_qdisc(ipr, peer) == "clsact" and has_sink(ipr, peer)
 
 
-def check_existing(ipr, name: str, ifindex: int, recorded: bool) -> None:
+def sink_problem(ipr, ifindex: int) -> str | None:
+    """Why clones sent to this interface could reach a network stack, or None when they
+    cannot: a dummy, or a veth whose far end is in this namespace and drops everything
+    with this tool's sink. Asked of the kernel every time: a record saying this tool made
+    the interface proves nothing about what it is now."""
+    link = ipr.get_links(ifindex)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    if kind == "dummy":
+        return None
+    if kind != "veth":
+        return f"it is a {kind or 'device of unknown kind'}, not a dummy or a veth pair"
+    if link.get_attr("IFLA_LINK_NETNSID") is not None:
+        return "its far end is in another network namespace"
+    peer = link.get_attr("IFLA_LINK")
+    try:
+        if peer and has_sink(ipr, peer):
+            return None
+    except NetlinkError:
+        pass
+    return "its far end does not drop what it receives (no sink filter)"
+
+
+def check_existing(ipr, name: str, ifindex: int) -> None:
     """Refuses an existing interface as debug interface unless clones sent there can
-    reach no network: a dummy, a veth whose peer drops with this tool's sink, or one
-    this tool's records say it created. A typo must never send clones out of a NIC."""
-    kind = link_kind(ipr, ifindex)
-    if recorded or kind == "dummy":
-        return
-    if kind == "veth":
-        link = ipr.get_links(ifindex)[0]
-        peer = link.get_attr("IFLA_LINK")
-        # This tool keeps both ends in one namespace; a peer elsewhere is someone else's.
-        if peer and link.get_attr("IFLA_LINK_NETNSID") is None:
-            try:
-                if has_sink(ipr, peer):
-                    return
-            except NetlinkError:
-                pass
-    raise UsageError(
-        f"{name} exists and is not a mirror debug interface ({kind or 'unknown kind'}): "
-        f"clones sent there could leave the host. Pick a name that does not exist (it will "
-        f"be created), or a dummy interface")
+    reach no network (sink_problem). A typo must never send clones out of a NIC, and a
+    record in the state directory is no reason to believe otherwise."""
+    why = sink_problem(ipr, ifindex)
+    if why:
+        raise UsageError(
+            f"{name} exists and is not a mirror debug interface ({why}): clones sent there "
+            f"could leave the host. Pick a name that does not exist (it will be created), or "
+            f"a dummy interface")
 
 
 def ensure(ipr, name: str, sink_fd_factory) -> DebugIface:
@@ -221,10 +227,40 @@ class DebugLink:
         self.recreated_total = 0
         self._lock: ownership.Lock | None = None
         self._missing_logged = False
+        self.unsafe: str | None = None      # why clones must not go there now (recheck)
 
     @property
     def ifindex(self) -> int:
         return self.iface.ifindex if self.iface else 0
+
+    @property
+    def target_ifindex(self) -> int:
+        """Where clones and request frames may go now: the interface, or 0 (nowhere:
+        the classifier counts them in no_debug_iface) while it is not safe."""
+        return 0 if self.unsafe else self.ifindex
+
+    def recheck(self) -> bool:
+        """Asks the kernel again whether clones sent to the interface reach no network
+        (sink_problem): its far end may have been moved into another namespace, or its
+        sink filter removed, while running. True when that changed, so the classifier
+        must be pointed at target_ifindex; says so either way. A missing interface is
+        replace()'s business, not this."""
+        try:
+            why = sink_problem(self.ipr, self.iface.ifindex)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+        if why == self.unsafe:
+            return False
+        if why:
+            log.error("debug interface %s is no longer safe to mirror to: %s; no clone or "
+                      "request frame goes there until it is repaired or removed (then "
+                      "recreated)", self.name, why)
+        else:
+            log.info("debug interface %s is safe again; mirroring to it resumes", self.name)
+        self.unsafe = why
+        return True
 
     def setup(self) -> DebugIface:
         """Finds or creates the interface. Only a controller holding the lock exclusively
@@ -240,8 +276,7 @@ class DebugLink:
         if self.iface.created:
             self._write_record()
         else:
-            check_existing(self.ipr, self.name, self.iface.ifindex,
-                           recorded=self._recorded(self.iface.ifindex))
+            check_existing(self.ipr, self.name, self.iface.ifindex)
         if creator:
             self._lock.share()
         log.info("debug interface %s (ifindex %d, %s%s)", self.name, self.iface.ifindex,
@@ -251,6 +286,28 @@ class DebugLink:
     def _recorded(self, ifindex: int) -> bool:
         rec = ownership.read("debug", self.name)
         return bool(rec and rec.get("ifindex") == ifindex)
+
+    def _as_recorded(self, rec: dict) -> bool:
+        """Whether the interface is still what the record says this tool made: of the
+        recorded kind and, for a veth pair, with the recorded far end, which drops with
+        the sink. A record that claims more (forged, or describing an interface that was
+        replaced by another of the same ifindex) removes nothing."""
+        try:
+            link = self.ipr.get_links(self.iface.ifindex)[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind != rec.get("kind") or kind not in ("dummy", "veth"):
+                return False
+            if kind == "dummy":
+                return True
+            peer_index = link.get_attr("IFLA_LINK")
+            if not peer_index:
+                return False
+            peer = self.ipr.get_links(peer_index)[0]
+            return (peer.get_attr("IFLA_IFNAME") == rec.get("peer") and
+                    sink_problem(self.ipr, self.iface.ifindex) is None)
+        except (NetlinkError, TypeError):
+            return False
 
     def _write_record(self) -> None:
         d = self.iface
@@ -279,12 +336,13 @@ class DebugLink:
             ownership.remove("debug", self.name)    # ours, and gone: not someone's new one
         try:
             if (idx := lookup(self.ipr, self.name)) is not None:
-                check_existing(self.ipr, self.name, idx, recorded=False)
+                check_existing(self.ipr, self.name, idx)
             found = ensure(self.ipr, self.name, self._sink_fd)
         except (NetlinkError, OSError, UsageError) as exc:
             log.warning("cannot recreate %s yet: %s", self.name, exc)
             return False
         self.iface = found
+        self.unsafe = None          # made here, or found and checked just above
         if found.created:
             self._write_record()
         self.recreated_total += 1
@@ -298,16 +356,17 @@ class DebugLink:
         uses it (the shared lock becomes exclusive only for the last user)."""
         if self._lock is None:
             return
-        if self._lock.try_exclusive():
+        last = self._lock.try_exclusive()
+        if last:
             rec = ownership.read("debug", self.name)
-            if self.iface and rec and rec.get("created") and \
-                    rec.get("ifindex") == self.iface.ifindex:
+            if self.iface and rec and rec.get("created") is True and \
+                    rec.get("ifindex") == self.iface.ifindex and self._as_recorded(rec):
                 if remove(self.ipr, self.name, self.iface.ifindex):
                     log.info("removed debug interface %s", self.name)
                 ownership.remove("debug", self.name)
         else:
             log.info("debug interface %s is still used by another controller; leaving it",
                      self.name)
-        self._lock.release()
+        self._lock.release(remove=last)
         self._lock = None
         self.iface = None

@@ -37,5 +37,5 @@ def detach(ifaces: list[str]) -> int:
         return 0
     finally:
         for lock in locks:
-            lock.release()      # its file goes when a controller prunes the state directory
+            lock.release(remove=True)
         ipr.close()

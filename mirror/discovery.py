@@ -86,6 +86,13 @@ class Selector:
         for pat in sel.exclude:
             if not pat.strip():
                 raise UsageError("empty --exclude pattern: give a shell pattern, e.g. 'veth0*'")
+        for name in sel.names:
+            excluded = next((ex for ex in sel.exclude if fnmatch.fnmatchcase(name, ex)), None)
+            if excluded is not None:
+                # A name is a request for that interface; an exclusion that cancels it
+                # is a mistake in one of the two, not something to settle silently.
+                raise UsageError(f"{name} is named by --iface and excluded by --exclude "
+                                 f"{excluded!r}: drop one of the two")
         return sel
 
     def pattern_of(self, name: str) -> str | None:

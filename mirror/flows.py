@@ -39,7 +39,7 @@ def collect_flows() -> list[dict]:
     flows = []
     for rec in ownership.live_controllers():
         try:
-            for f in ask(rec["socket"], "flows"):
+            for f in ask(ownership.socket_path(rec["id"]), "flows"):
                 flows.append(dict(f, controller=rec["pid"]))
         except OSError as exc:
             print(f"mirror: controller {rec['pid']} did not answer: {exc}", file=sys.stderr)

@@ -2,7 +2,6 @@
 before anything touches the kernel, and the one rule for which source wins."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 
 from . import debugif, hooks
@@ -12,6 +11,7 @@ from .cliutil import parse_metrics_addr
 from .config import MAX_SECONDS, read_config
 from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Selector
 from .errors import UsageError
+from .safepath import UnsafePath, check_writable_file
 from .trigger import parse_trigger
 
 
@@ -87,10 +87,13 @@ class Options:
                 raise UsageError(f"--{name.replace('_', '-')} must be between 0 (unlimited) "
                                  f"and {limit}")
         if self.events_file and self.events_file != "-":
-            parent = os.path.dirname(os.path.abspath(self.events_file))
-            if not os.access(parent, os.W_OK):
-                raise UsageError(f"cannot write the events file {self.events_file}: "
-                                 f"{parent} is not a writable directory")
+            try:
+                check_writable_file(self.events_file)
+            except (UnsafePath, OSError) as exc:
+                raise UsageError(f"cannot use {self.events_file} as the events file: "
+                                 f"{getattr(exc, 'strerror', None) or exc}; give a new or "
+                                 "regular file of root's in a directory only root can "
+                                 "change") from None
         if self.metrics_addr:
             parse_metrics_addr(self.metrics_addr)
         return selector

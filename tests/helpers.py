@@ -88,6 +88,17 @@ class MirrorProcess:
             time.sleep(0.05)
         return False
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 10) -> bool:
+        """Waits until `text` appears `count` times in the output (or the process ends)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output.count(text) >= count:
+                return True
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        return self.output.count(text) >= count
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 

@@ -86,12 +86,13 @@ def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
     assert mirror["args"] == ["controller"] and capture["args"] == ["capture"]
     msc = mirror["securityContext"]
     assert "privileged" not in msc and msc["allowPrivilegeEscalation"] is False
+    assert msc["readOnlyRootFilesystem"] is True
     assert msc["capabilities"] == {"drop": ["ALL"],
                                    "add": ["BPF", "NET_ADMIN", "PERFMON", "NET_RAW"]}
     assert msc["seccompProfile"] == {"type": "Localhost",
                                      "localhostProfile": "mirror-controller.json"}
     mounts = {m["mountPath"] for m in mirror["volumeMounts"]}
-    assert {"/lib/modules", "/usr/src"} <= mounts
+    assert {"/lib/modules", "/usr/src", "/run/tc-mirror"} <= mounts     # its state: writable
     sc = capture["securityContext"]
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_RAW", "NET_ADMIN"]}
     assert sc["runAsUser"] == CAPTURE_UID and sc["runAsNonRoot"] and "privileged" not in sc
@@ -99,13 +100,41 @@ def test_kubernetes_sidecars_have_what_the_issue_asks(name, template):
         assert c["resources"]["requests"] and c["resources"]["limits"]
         probe = c["livenessProbe"]["httpGet"]
         port = next(p["containerPort"] for p in c["ports"] if p["name"] == probe["port"])
-        env = {e["name"]: e["value"] for e in c["env"]}
+        env = {e["name"]: e.get("value") for e in c["env"]}
         addr = env.get("MIRROR_METRICS_ADDR") or env["MIRROR_CAPTURE_METRICS_ADDR"]
         assert probe["path"] == "/metrics" and addr.endswith(f":{port}")
     annotations = template["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == 9464
     assert spec.get("hostNetwork", False) == (name == "daemonset.yaml")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        if c["image"].startswith("localhost/mirror"):
+            assert c["image"] == f"localhost/mirror:{project_version()}", c["image"]
+
+
+def project_version() -> str:
+    import re
+    return re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(),
+                     re.MULTILINE).group(1)
+
+
+@pytest.mark.unit
+def test_manifests_scrape_both_metrics_ports_and_name_no_moving_tag():
+    """The capture sidecar's port is scraped too (a Service per manifest, as a pod's
+    annotations name one port); no image is :latest or untagged; the Pod Security level
+    the pods need is named."""
+    for path in sorted((CONTAINER / "k8s").glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        services = [d for d in docs if d["kind"] == "Service"]
+        assert [s["metadata"]["annotations"]["prometheus.io/port"] for s in services] == \
+            ["9465"], path.name
+        assert "pod-security.kubernetes.io/enforce=privileged" in path.read_text()
+    compose = yaml.safe_load((CONTAINER / "compose.yaml").read_text())
+    images = [svc["image"] for svc in compose["services"].values()]
+    images += [c["image"] for _, t in pod_specs() for c in t["spec"]["containers"]]
+    for image in images:
+        assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+    assert compose["services"]["mirror"]["read_only"] is True
 
 
 @pytest.mark.unit

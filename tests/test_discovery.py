@@ -546,7 +546,10 @@ def test_bench_containers_reports_consistent_numbers(images):
         assert row["t_run"] < row["event_at"] <= row["attached_at"]
         assert row["t_run"] < row["first_send"]
         assert 0 < row["sent"] <= 50 and 0 <= row["arrived"] <= row["sent"]
-        assert row["seen"] >= 0 and row["missed"] == row["sent"] - row["seen"] >= 0
+        assert row["missed"] == row["sent"] - row["seen"] >= 0
+        if row["first_send"] >= row["attached_at"]:
+            # Both hooks were in place before the first datagram left: none is missed.
+            assert row["seen"] == row["sent"], row
     assert len({row["ifindex"] for row in rows}) == 2
     assert out["packets_sent"] == sum(r["sent"] for r in rows)
     assert out["packets_missed"] == out["packets_sent"] - out["packets_seen"]

@@ -199,3 +199,94 @@ def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
         server.kill()
         drop_link(dbg)
     _no_loss(stdout)
+
+
+def test_debug_iface_that_could_pass_clones_on_is_not_mirrored_to(host, nginx, state_dir):
+    """The debug veth's far end loses its sink filter, or is moved into another network
+    namespace, while the controller runs: clones would enter a network stack. The run
+    loop notices, says so, and mirrors nowhere (counted as no_debug_if) until the
+    interface is safe again: here, deleted and recreated."""
+    from mirror.debugif import sink_name
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    dbg = unique_name("d")
+    sink = sink_name(dbg)
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    try:
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=sink):
+                pytest.skip("the debug interface is a dummy here: it has no far end")
+
+        def error_connection_mirrored() -> tuple[int, int]:
+            """(clones, no_debug_if) that one more error connection added."""
+            before = controller_ask(state_dir)
+            assert send(host.ns_v4, host.host_v4, ["/error"])[1] == [500]
+            after = controller_ask(state_dir)
+            return (after["mirrored_packets"] - before["mirrored_packets"],
+                    after["no_debug_if"] - before["no_debug_if"])
+
+        assert error_connection_mirrored()[0] > 0
+        subprocess.run(["tc", "filter", "del", "dev", sink, "ingress"], check=True)
+        assert m.wait_for(f"debug interface {dbg} is no longer safe to mirror to: its far "
+                          "end does not drop", timeout=30), m.output
+        clones, nowhere = error_connection_mirrored()
+        assert clones == 0 and nowhere > 0
+        subprocess.run(["ip", "link", "del", dbg], check=True)
+        assert m.wait_for(f"debug interface {dbg} recreated", timeout=30), m.output
+        assert error_connection_mirrored()[0] > 0
+        subprocess.run(["ip", "link", "set", sink, "netns", host.ns], check=True)
+        assert m.wait_for_count("is no longer safe to mirror to", 2, timeout=30), m.output
+        assert "its far end is in another network namespace" in m.output
+        clones, nowhere = error_connection_mirrored()
+        assert clones == 0 and nowhere > 0
+        assert m.proc.poll() is None
+    finally:
+        assert m.stop() == 0, m.output
+        drop_link(dbg)
+
+
+def test_events_file_that_fills_up_is_retried_and_nothing_is_lost(host, nginx, state_dir,
+                                                                  tmp_path):
+    """The events file's file system fills up while the controller runs (a 64 KiB tmpfs
+    in a mount namespace of the controller's own): the failure is logged and counted in
+    mirror_controller_errors_total{stage="events"}, `mirror events` still shows every
+    event, and once there is room again every line is in the file, none twice."""
+    from test_metrics import free_port, scrape
+    env = env_with(MIRROR_STATE_DIR=state_dir)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    path = logs / "events.jsonl"
+    port = free_port()
+    mount = f'mount -t tmpfs -o size=64k,mode=0700 tmpfs "{logs}" && exec "$@"'
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", unique_name("d"),
+                      "--events-file", str(path), "--metrics-addr", f"127.0.0.1:{port}",
+                      env=env, wrapper=["unshare", "--mount", "--propagation", "private",
+                                        "sh", "-c", mount, "sh"]).start()
+
+    def inside(script: str) -> str:
+        """A shell command in the controller's mount namespace (where the tmpfs is)."""
+        return subprocess.run(["nsenter", "-t", str(m.proc.pid), "-m", "sh", "-c", script],
+                              capture_output=True, text=True, check=True).stdout
+
+    def lines_in_file() -> list[dict]:
+        return [json.loads(l) for l in inside(f'cat "{path}" 2>/dev/null || true').splitlines()]
+
+    try:
+        send(host.ns_v4, host.host_v4, ["/error"])
+        wait_until(lambda: (len(lines_in_file()) == 1, lines_in_file()), "the first line")
+        inside(f'head -c 1M /dev/zero > "{logs}/fill" || true')      # the disk is full
+        # The file's last page still has room for a few lines (tmpfs allocates pages):
+        # more than a page of lines, then.
+        for _ in range(12):
+            send(host.ns_v4, host.host_v4, ["/error"])
+        assert m.wait_for("cannot write the events file", timeout=30), m.output
+        events = run_cli("events", "--json", env=env)
+        assert len(events.stdout.splitlines()) == 13, events.stdout + events.stderr
+        assert scrape(port)[("mirror_controller_errors_total", (("stage", "events"),))] >= 1
+        inside(f'rm "{logs}/fill"')
+        assert m.wait_for("is written again", timeout=60), m.output
+        got = lines_in_file()
+        assert len(got) == 13, got
+        assert sorted(e["client"] for e in got) == sorted(
+            json.loads(l)["client"] for l in events.stdout.splitlines())
+    finally:
+        assert m.stop() == 0, m.output

@@ -6,14 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 from pyroute2 import IPRoute
 
-from helpers import (HOOKS, NEEDS_TCX, ROOT, MirrorProcess, env_with, links_of_this_run,
-                     mirror_cmd, run_cli)
+from helpers import (HOOKS, NEEDS_TCX, ROOT, MirrorProcess, drop_link, env_with,
+                     links_of_this_run, mirror_cmd, run_cli)
 from mirror.hooks import tc
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
@@ -52,7 +50,7 @@ def env(state_dir):
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_detach_restores_qdiscs_exactly(host, env, hook):
+def test_detach_restores_qdiscs_exactly(host, env, hook, state_dir):
     from mirror.hooks import tcx
     before = snapshot(host.host_if)
     dbg = debug_name()
@@ -77,6 +75,8 @@ def test_detach_restores_qdiscs_exactly(host, env, hook):
     assert snapshot(host.host_if) == before
     assert tcx.links(idx) == []
     assert not link_exists(dbg)
+    # A clean exit leaves nothing in the state directory: no record, lock or socket.
+    assert [p.name for p in state_dir.rglob("*") if not p.is_dir()] == []
 
 
 def test_htb_layout_is_ingress_plus_htb_root(host, env):
@@ -230,34 +230,23 @@ def test_bad_input_exits_2_and_touches_nothing(host, env, tmp_path):
     cfg = tmp_path / "bad.conf"
     cfg.write_text("trigger = 5xy\n")
     _bad(["run", "--iface", i, "--config", str(cfg)], env, "bad trigger spec", host)
+    _bad(["run", "--iface", i, "--idle-timeout", "inf"], env, "finite number of seconds", host)
+    for events in (str(tmp_path), "/proc/version", "/dev/full"):
+        _bad(["run", "--iface", i, "--events-file", events], env,
+             f"cannot use {events} as the events file", host)
 
 
-def _as_nobody(argv: list[str], env: dict) -> tuple[int, str]:
-    """Runs the CLI's main() in a forked child that switched to uid/gid 65534. The modules
-    are imported before the fork, so the child reads nothing from the checkout, which
-    may sit where uid 65534 cannot read (a clone in /root)."""
-    import mirror.cli
-    import mirror.controller  # noqa: F401 (imported here, before the fork)
-    import mirror.privileges  # noqa: F401
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 70
-        try:
-            # main() prints to sys.stderr, which pytest has replaced: point it at the pipe.
-            sys.stderr = open(write_end, "w", closefd=False)
-            os.environ.update(env)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            code = mirror.cli.main(argv)
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        err = f.read()
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+def _as_nobody(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """The CLI as uid and gid 65534 with no groups. It keeps one capability,
+    CAP_DAC_READ_SEARCH (ambient, so that it survives the exec), only so that it can read
+    the checkout and the virtualenv wherever they are (a clone in /root, any 0700
+    directory): without it the interpreter cannot import from there and fails before
+    `mirror` runs, or imports another copy installed elsewhere. It grants no write and
+    nothing the checks under test look at: the uid is what they refuse."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+                           *mirror_cmd(*args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
 
 
 def _as_root_with_caps(caps: list[str], *args: str, env: dict):
@@ -271,13 +260,16 @@ def _as_root_with_caps(caps: list[str], *args: str, env: dict):
 
 
 def test_not_root_exits_2(host, env):
-    code, err = _as_nobody(["run", "--iface", host.host_if], env)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("mirror: error: must run as root:"), err
-    assert "uid 65534 is not root" in err and "--cap-add BPF,NET_ADMIN,PERFMON" in err
-    code, err = _as_nobody(["status"], env)
-    assert code == 2 and "must run as root" in err and "CAP_NET_ADMIN" in err, err
+    out = _as_nobody("run", "--iface", host.host_if, env=env)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("mirror: error: must run as root:"), \
+        out.stderr
+    assert "uid 65534 is not root" in out.stderr
+    assert "--cap-add BPF,NET_ADMIN,PERFMON" in out.stderr
+    out = _as_nobody("status", env=env)
+    assert out.returncode == 2, out.stderr
+    assert "must run as root" in out.stderr and "CAP_NET_ADMIN" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("caps,missing", [
@@ -380,6 +372,63 @@ def test_sighup_reloads_trigger_and_rejects_bad_config(host, nginx, env, tmp_pat
         assert m.stop() == 0, m.output
 
 
+def test_sighup_with_a_bad_duration_keeps_the_settings(host, env, tmp_path):
+    """A duration that is not a finite number of seconds in the config file, sent with
+    SIGHUP: rejected with a message, the controller keeps running with its settings
+    (a nan once killed it); a good one is then taken."""
+    cfg = tmp_path / "mirror.conf"
+    cfg.write_text("idle_timeout = 20\n")
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(),
+                      "--config", str(cfg), env=env).start()
+    try:
+        for n, bad in enumerate(("nan", "inf", "-inf", "1e308", "0", "-5", "ten"), 1):
+            cfg.write_text(f"idle_timeout = {bad}\n")
+            m.signal(signal.SIGHUP)
+            assert m.wait_for_count("config rejected", n), m.output
+            assert m.proc.poll() is None, m.output
+            status = json.loads(run_cli("status", "--json", env=env).stdout)
+            assert [c["idle_timeout"] for c in status["controllers"]] == [20], status
+        cfg.write_text("idle_timeout = 12.5\n")
+        m.signal(signal.SIGHUP)
+        assert m.wait_for("idle timeout 12.5 s"), m.output
+        status = json.loads(run_cli("status", "--json", env=env).stdout)
+        assert [c["idle_timeout"] for c in status["controllers"]] == [12.5]
+    finally:
+        assert m.stop() == 0, m.output
+
+
+def test_after_sigkill_commands_say_stopped(host, env):
+    """A killed controller is a state, not an error: `status` names it stopped and exits
+    3 while its hooks remain (0 once they are removed), `flows` and `events` say that no
+    controller runs and exit 0."""
+    dbg = debug_name()
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", dbg, env=env).start()
+    try:
+        pid = m.proc.pid
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+        status = run_cli("status", env=env)
+        assert status.returncode == 3, status.stdout + status.stderr
+        assert f"controller pid {pid}: stopped without cleaning up" in status.stdout
+        assert "stale hooks" in status.stdout
+        assert run_cli("status", "--json", env=env).returncode == 3
+        for command in ("flows", "events"):
+            out = run_cli(command, env=env)
+            assert out.returncode == 0, out.stderr
+            assert "no running controller in this network namespace" in out.stdout
+            assert f"controller pid {pid} stopped without cleaning up" in out.stdout
+        flows = run_cli("flows", "--json", env=env)
+        assert flows.returncode == 0 and json.loads(flows.stdout) == []
+        assert "no running controller" in flows.stderr
+        events = run_cli("events", "--json", env=env)
+        assert events.returncode == 0 and events.stdout == ""
+        assert run_cli("detach", "--iface", host.host_if, env=env).returncode == 0
+        status = run_cli("status", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        drop_link(dbg)
+
+
 def test_shared_debug_iface_outlives_first_controller(state_dir):
     """Two controllers on two interfaces share one debug interface: the first to stop
     leaves it to the other, the last one removes it."""
@@ -461,16 +510,13 @@ def test_renamed_interface_stays_monitored_and_is_detached(host, nginx, env):
 
 def test_idle_control_client_does_not_block_sigterm(host, env, state_dir):
     import socket
+    from pathlib import Path
+    from mirror import ctlsocket, ownership
     m = MirrorProcess("--iface", host.host_if, "--debug-iface", debug_name(), env=env).start()
-    from mirror import ownership
-    import os as _os
-    _os.environ["MIRROR_STATE_DIR"] = str(state_dir)
-    try:
-        name = ownership.records("controller")[0]["socket"]
-    finally:
-        del _os.environ["MIRROR_STATE_DIR"]
+    path = Path(ownership.records("controller")[0]["socket"])   # state_dir set the env
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect("\0" + name[1:])          # connects and says nothing
+        with ctlsocket.address(path) as where:
+            s.connect(where)                # connects and says nothing
         assert m.stop(timeout=30) == 0, m.output
 
 

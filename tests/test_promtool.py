@@ -82,7 +82,7 @@ def test_endpoints_pass_promtool_check_metrics(promtool, host, nginx, tmp_path, 
 def test_alert_rules_pass_check_and_unit_tests(promtool):
     r = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 9 rules found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
@@ -99,7 +99,8 @@ def test_rules_cover_what_the_issue_asks():
               "MirrorCloneFailures": "mirror_clone_failures_total",
               "MirrorEventsLost": "mirror_events_lost_total",
               "MirrorCaptureDrops": "mirror_capture_packets_dropped_total",
-              "MirrorControllerErrors": "mirror_controller_errors_total"}
+              "MirrorControllerErrors": "mirror_controller_errors_total",
+              "MirrorControllerGone": "mirror_interfaces_attached"}
     for alert, metric in wanted.items():
         assert metric in rules[alert], (alert, rules.get(alert))
     assert "by (job, instance, stage)" in rules["MirrorControllerErrors"]

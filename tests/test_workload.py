@@ -137,7 +137,8 @@ def test_daemonset_gains_two_read_only_mounts_and_nothing_else():
     """The node-wide controller reads containerd's socket and the node's /run/netns
     (docs/deployment.md says why both), read-only, without a capability or the host's
     PID namespace."""
-    doc = yaml.safe_load((ROOT / "container/k8s/daemonset.yaml").read_text())
+    doc = next(d for d in yaml.safe_load_all((ROOT / "container/k8s/daemonset.yaml").read_text())
+               if d and d.get("kind") == "DaemonSet")
     spec = doc["spec"]["template"]["spec"]
     mirror = next(c for c in spec["containers"] if c["name"] == "mirror")
     mounts = {m["mountPath"]: m for m in mirror["volumeMounts"]}

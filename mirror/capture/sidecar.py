@@ -96,16 +96,14 @@ def debug_ifindex(name: str) -> int | None:
             idx = debugif.lookup(ipr, name)
             if idx is None:
                 return None
-            kind = debugif.link_kind(ipr, idx)
-            if kind == "dummy" or (kind == "veth" and debugif.is_sink_peer_of(ipr, idx)):
+            why = debugif.sink_problem(ipr, idx)
+            if why is None:
                 return idx
     except NetlinkError as exc:
         if exc.code == errno.ENODEV:
             return None             # gone between two requests
         raise
-    what = ("a veth whose peer has no mirror sink" if kind == "veth" else
-            f"a {kind} device" if kind else "a physical or loopback device")
-    raise UsageError(f"{name} is not a mirror debug interface ({what}): the sidecar records "
+    raise UsageError(f"{name} is not a mirror debug interface ({why}): the sidecar records "
                      "only a dummy, or a veth whose peer drops with the mirror's sink "
                      "(what `mirror run --debug-iface` creates); check --iface")
 

@@ -138,6 +138,7 @@ def plan(ipr, ifindex: int, ifname: str, hook: str, adopt_htb: bool = False) -> 
 
 _PARENT_OWNER = {CLSACT_INGRESS: "clsact", CLSACT_EGRESS: "clsact",
                  INGRESS_HANDLE: "ingress", HTB_HANDLE: "htb"}
+_LAYOUT_QDISCS = {"clsact": ("clsact",), "htb": ("ingress", "htb")}
 
 
 def holds(kind: str, parent: int) -> bool:
@@ -210,6 +211,29 @@ def del_qdisc(ipr, ifindex: int, kind: str) -> bool:
         raise
 
 
+def created_as_recorded(ipr, ifindex: int, record: dict, layout: str) -> list[str]:
+    """The qdiscs a record says this tool created that the kernel agrees it could have:
+    of a kind `layout` creates, at the handle this tool gives it, holding this tool's
+    filter now (the filter goes in right after the qdisc, before the record is written),
+    and for htb without classes (this tool adds none). A record is only a file: a forged
+    or damaged one must not get an administrator's qdisc deleted, so anything it claims
+    beyond this is ignored (and the qdisc kept)."""
+    ours = {f.parent for f in our_filters(ipr, ifindex)}
+    found = []
+    for kind in record.get("created", []):
+        if kind in found or kind not in _LAYOUT_QDISCS.get(layout, ()):
+            continue
+        if kind in ("clsact", "ingress"):
+            if ingress_qdisc(ipr, ifindex) != kind:
+                continue
+        elif root_qdisc(ipr, ifindex) != ("htb", HTB_HANDLE) or \
+                list(ipr.get_classes(index=ifindex)):
+            continue
+        if ours & {p for p, owner in _PARENT_OWNER.items() if owner == kind}:
+            found.append(kind)
+    return found
+
+
 def qdisc_has_foreign_filters(ipr, ifindex: int, kind: str) -> bool:
     parents = {"clsact": [CLSACT_INGRESS, CLSACT_EGRESS], "ingress": [INGRESS_HANDLE],
                "htb": [HTB_HANDLE]}[kind]
@@ -256,18 +280,19 @@ class _TcLayout:
         plan(ipr, ifindex, ifname, self.name, adopt_htb=self._adoptable(ipr, ifindex, stale))
 
     def _adoptable(self, ipr, ifindex: int, stale: dict | None) -> bool:
-        """Whether hooks found on the interface are this tool's to replace in place: a
-        stopped controller's record of this layout, or (the state directory was lost)
-        this tool's filters with no record."""
-        if stale:
-            return stale.get("hook") == self.name
+        """Whether hooks found on the interface are this tool's to replace in place:
+        this tool's filters are there (a killed controller's), and no record of another
+        layout says otherwise. A record alone is not enough: a forged one would make an
+        administrator's htb root qdisc ours to take over."""
+        if stale and stale.get("hook") != self.name:
+            return False
         return bool(our_filters(ipr, ifindex))
 
     def attach(self, ipr, att, prog_fds: dict[str, int], stale: dict | None) -> list[str]:
         done = []
         adopt = self._adoptable(ipr, att.ifindex, stale)
         if stale:
-            att.created = list(stale.get("created", []))
+            att.created = created_as_recorded(ipr, att.ifindex, stale, self.name)
             done.append(f"replacing the hooks of a stopped controller (pid "
                         f"{stale.get('pid')}) in place")
         elif adopt:
@@ -295,16 +320,35 @@ class _TcLayout:
         return done
 
     def detach(self, ipr, att) -> list[str]:
-        return self.remove_record(ipr, att.record(), att.ifindex)
+        """What this controller added (it knows: `att` is its own memory, not a file)."""
+        return self._remove(ipr, att.ifindex, att.parents, att.created)
 
     def remove_record(self, ipr, record: dict, ifindex: int) -> list[str]:
-        """Its filters, and the qdiscs it created unless someone else's filters now use
-        them."""
+        """What a stopped controller's record says it added, as far as the kernel
+        agrees: only this tool's filters, on the parents of this layout, and only the
+        qdiscs created_as_recorded() finds."""
+        parents = {d: p for d, p in record.get("parents", {}).items()
+                   if isinstance(p, int) and _PARENT_OWNER.get(p) in
+                   ("clsact", "ingress", "htb") and
+                   any(f.ours for f in list_filters(ipr, ifindex, p))}
+        created = created_as_recorded(ipr, ifindex, record, self.name)
+        done = self._remove(ipr, ifindex, parents, created)
+        for kind in set(map(str, record.get("created", []))) - set(created):
+            present = (ingress_qdisc(ipr, ifindex) == kind if kind in ("clsact", "ingress")
+                       else (root_qdisc(ipr, ifindex) or ("",))[0] == kind)
+            if present:
+                done.append(f"kept {kind} qdisc (recorded as this tool's, but nothing in the "
+                            "kernel shows it: no filter of this tool on it)")
+        return done
+
+    def _remove(self, ipr, ifindex: int, parents: dict, created: list[str]) -> list[str]:
+        """The filters at `parents`, then the qdiscs `created`, unless someone else's
+        filters now use them."""
         done = []
-        for direction, parent in record.get("parents", {}).items():
+        for direction, parent in parents.items():
             if del_filter(ipr, ifindex, parent):
                 done.append(f"filter {direction}")
-        for kind in reversed(record.get("created", [])):
+        for kind in reversed(created):
             if qdisc_has_foreign_filters(ipr, ifindex, kind):
                 done.append(f"kept {kind} qdisc (other filters use it)")
             elif del_qdisc(ipr, ifindex, kind):

@@ -14,7 +14,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .. import ownership
+from ..cliutil import count, text_checked
 from ..errors import UsageError
+from ..safepath import UnsafePath, check_directory, check_writable_file, pseudo_fs
+from ..trigger import parse_trigger
 from .client import send
 
 log = logging.getLogger("mirror")
@@ -33,11 +37,15 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0].replace("\n", " "),
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", choices=["clsact", "htb", "tcx"], default="clsact")
-    p.add_argument("--trigger", default="5xx", metavar="SPEC")
-    p.add_argument("--rounds", type=int, default=3, metavar="N",
-                   help="how many times to send the request mix (default %(default)s)")
+    p.add_argument("--trigger", default="5xx", metavar="SPEC",
+                   type=text_checked(parse_trigger))
+    p.add_argument("--rounds", type=count(1, 1000), default=3, metavar="N",
+                   help="how many times to send the request mix, 1 to 1000 (default "
+                   "%(default)s)")
     p.add_argument("--output", default="lab-output", metavar="DIR",
-                   help="where the pcap is left (default %(default)s)")
+                   type=text_checked(_nonempty),
+                   help="where the pcap and the events file are left, replacing those of "
+                   "the last run (default %(default)s)")
     p.set_defaults(func=cmd_lab)
 
 
@@ -68,11 +76,15 @@ def cmd_lab(args) -> int:
 
     if os.geteuid() != 0:
         raise UsageError("the lab builds network namespaces and loads BPF: run it as root")
-    cleanup_stale()
+    # Everything is checked before anything is touched: the last run's output, the
+    # kernel (cleanup_stale, the namespace) and the state directory.
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     pcap_path = out / "mirror.pcap"
     events_path = out / "events.jsonl"
+    _check_output(out, pcap_path, events_path)
+    ownership.check_state_dir(creatable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cleanup_stale()
     events_path.unlink(missing_ok=True)
     steps = 6
     step = iter(range(1, steps + 1))
@@ -138,6 +150,32 @@ def cmd_lab(args) -> int:
               "see the UNEXPECTED lines above", file=sys.stderr)
         return 1
     return 0
+
+
+def _nonempty(text: str) -> None:
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"expected a directory, got {text!r}")
+
+
+def _check_output(out: Path, *files: Path) -> None:
+    """UsageError unless the output directory can be made or used and each file in it
+    written as root (mirror.safepath), before the last run's files are replaced."""
+    try:
+        parent = check_directory(out)
+        if parent.exists() and not parent.is_dir():
+            raise UnsafePath(f"{out} is not a directory")
+        if not parent.exists():
+            existing = next(p for p in [parent, *parent.parents] if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK):
+                raise UnsafePath(f"{existing} is not a writable directory")
+            if pseudo_fs(str(existing)):
+                raise UnsafePath(f"{existing} is in a kernel file system")
+        else:
+            for f in files:
+                check_writable_file(str(f))
+    except (UnsafePath, OSError) as exc:
+        raise UsageError(f"cannot use --output {out}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
 
 
 def _report(sent, flows, counters, tcpdump_summary, pcap_path, codes) -> int:
