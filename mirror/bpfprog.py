@@ -128,7 +128,8 @@ class Classifier:
 
     def set_idle_timeout(self, seconds: float) -> None:
         """A marked connection idle this long is unmarked (by the classifier, at its next
-        packet; flows() leaves it out from then on). 0: never."""
+        packet; flows() leaves it out from then on). 0: never. The classifier reads the
+        coarse clock (a scheduler tick, 1 to 10 ms): idleness is known to that grain."""
         self._set_config(idle_ns=int(seconds * 1e9))
 
     def set_budgets(self, max_packets_per_flow: int = 0, max_bytes_per_flow: int = 0,

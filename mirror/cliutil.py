@@ -125,14 +125,3 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
-
-def printable(text) -> str:
-    """`text` with every character a terminal would act on (C0 and C1 controls, DEL, and
-    the other non-printing ones such as bidirectional overrides) written as a Python
-    escape: what a packet put there reaches the operator's eyes, not their terminal."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)

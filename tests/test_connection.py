@@ -17,6 +17,7 @@ from hpack import Encoder
 from hyperframe.frame import HeadersFrame
 
 from frames import TCP_ACK, TCP_FIN, TCP_SYN, tcp4, tcp6
+from helpers import next_coarse_tick
 from mirror.abi import COUNTERS, TC_ACT_UNSPEC
 from mirror.events.record import Event, describe_request
 from mirror.flowkey import FlowKey
@@ -523,6 +524,7 @@ def test_idle_marked_connection_is_unmarked_at_its_next_packet(snap):
     assert snap.flow_count() == 1
     snap.set_idle_timeout(1e-9)         # everything is idle now
     assert snap.flow_count() == 0       # flows() leaves it out at once
+    next_coarse_tick()
     ack = c.c2s(flags=TCP_ACK)
     assert run(snap, ack, "ingress") == c.moved(flows_expired=1)
     snap.set_idle_timeout(0)

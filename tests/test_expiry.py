@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from helpers import next_coarse_tick
 from test_flood import RESPONSE, frame, syn
 from mirror import bpfsys
 from mirror.flowkey import FlowKey
@@ -52,6 +53,7 @@ def test_the_classifier_unmarks_an_idle_flow_at_its_next_packet(clf):
     assert later_packet_mirrored(clf)
     clf.set_idle_timeout(1e-9)          # everything marked is idle now
     assert KEY not in clf.flows()
+    next_coarse_tick()
     assert not later_packet_mirrored(clf)
     assert clf.counters()["flows_expired"] == 1
     clf.set_idle_timeout(60)
