@@ -18,7 +18,7 @@ import pytest
 
 from frames import TCP_ACK, TCP_SYN, tcp4
 from mirror.abi import COUNTERS, TC_ACT_UNSPEC, cut_reasons
-from mirror.flowkey import FlowKey
+from mirror.flowkey import FlowKey, key_of
 
 CLOCK_MONOTONIC_COARSE = 6    # bpf_ktime_get_coarse_ns() reads it
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"
@@ -370,8 +370,7 @@ def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
             os.sched_setaffinity(0, original)
         mirrored, ref = s.finish()
         flow = [f for f in controller_ask(s.state_dir, "flows")
-                if (f["a"], f["a_port"], f["b"], f["b_port"]) ==
-                (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)][0]
+                if key_of(f["client"], f["server"]) == key][0]
         table = run_cli("flows", env=env_with(MIRROR_STATE_DIR=s.state_dir))
         metrics = scrape(port)
     assert statuses == [500, 200, 200, 200, 200, 500, 200]

@@ -35,7 +35,7 @@ from mirror.capture.request import MAX_SPAN, covers, parse_request
 from mirror.capture.ring import FILE_RE, current_file, list_pcaps
 from mirror.capture.sidecar import CaptureSidecar, Options
 from mirror.communityid import of_flow
-from mirror.flowkey import FlowKey, endpoint, key_of
+from mirror.flowkey import FlowKey, endpoint, key_of, parse_endpoint
 from mirror.lab.client import send
 from mirror.lab.netns import sh, unique_name
 
@@ -927,9 +927,10 @@ def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_pa
     assert sorted(paired[500]) == sorted(["http://shop.example/fail?id=7"] * 3
                                          + ["/search?q=" + "q" * 50])  # no Host: cut off
     assert paired[200] == ["http://s/ok"]
-    records = sorted(read_index(cap_dir / "index.jsonl"), key=lambda r: r["client_port"])
-    assert [(r["client_port"], r["method"], r["target"], r["host"], r["status"],
-             r["response_ms"]) for r in records] == [
+    records = sorted(read_index(cap_dir / "index.jsonl"),
+                     key=lambda r: parse_endpoint(r["client"])[1])
+    assert [(parse_endpoint(r["client"])[1], r["method"], r["target"], r["host"], r["status"],
+             r["response_seconds"]) for r in records] == [
         (41000, "GET", "/fail?id=7", "shop.example", 500, None),
         (41001, "GET", "/fail?id=7", "shop.example", 500, None),
         (41002, "GET", "/fail?id=7", "shop.example", 500, None),
