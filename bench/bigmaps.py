@@ -1,12 +1,18 @@
-"""Other flows for the per-packet microbenchmark's large-map rows: fills a BPF hash map
-with synthetic entries, in one BPF_MAP_UPDATE_BATCH, and removes exactly those again.
+"""Other connections for the per-packet microbenchmark's large-map rows.
 
-A host under load keeps many flows in the mirror's maps (marked error connections in
-`flows`, the last request of each connection in `requests`) and many connections in the
-thesis's LRU map. The large-map rows time the same packets with the maps that full: a
-lookup walks a bucket that other flows share, an insert into an LRU map near its size
-may evict. The filler flows are IPv4 connections between 198.19.0.0/16 clients
-and one server, none of them the measured flow (bench/frames.py uses 198.18.0.1/2)."""
+A host under load keeps many connections in the mirror's state arrays (a state per
+connection in `conns`, the last request of many in `requests`) and many in the thesis's
+LRU map. The large-map rows time the same packets with those that full: a lookup meets
+other connections' slots in its bucket, a new connection takes the slot of another, an
+insert into an LRU map near its size may evict. The filler connections are IPv4
+connections between 198.19.0.0/16 clients and one server, none of them the measured one
+(bench/frames.py uses 198.18.0.1/2).
+
+The thesis's map is filled with synthetic entries in one BPF_MAP_UPDATE_BATCH and emptied
+of exactly those. The mirror's states are made the way the classifier makes them, by
+running each filler connection's SYN and request through it (BPF_PROG_TEST_RUN), so that
+each lands in the slot of its bucket the classifier chose; emptying them empties the
+arrays."""
 from __future__ import annotations
 
 import ctypes
@@ -17,11 +23,12 @@ import struct
 import time
 from typing import Callable
 
-from mirror.abi import FLOW_KEY, FLOW_VALUE
 # Hash maps of every kind implement both batch commands (kernel/bpf/hashtab.c,
 # generic_map_update_batch and generic_map_delete_batch).
 from mirror.bpfsys import (BPF_MAP_DELETE_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, batch_lookup,
-                           call, possible_cpus)
+                           call, test_run)
+
+from . import frames
 
 FILL_SHARE = 0.9        # of each map's max_entries
 SERVER = "198.18.0.2"
@@ -33,17 +40,6 @@ def filler_endpoints(count: int) -> list[tuple[int, int]]:
     from 1024 up)."""
     base = int(ipaddress.ip_address("198.19.0.0"))
     return [(base + i % 65536, 1024 + i // 65536 * 64 + i % 64) for i in range(count)]
-
-
-def mirror_keys(count: int) -> bytes:
-    """struct flow_key of `count` filler connections, back to back. Packed here rather
-    than with FlowKey (ten times slower for 60,000 keys): the server, 198.18.0.2, sorts
-    below every 198.19 client, so it is always the key's lo endpoint."""
-    layout = FLOW_KEY.struct
-    server = ipaddress.ip_address(SERVER).packed.ljust(16, b"\0")
-    return b"".join(layout.pack(server, addr.to_bytes(4, "big").ljust(16, b"\0"),
-                                SERVER_PORT, port, 4)
-                    for addr, port in filler_endpoints(count))
 
 
 def thesis_keys(count: int) -> bytes:
@@ -58,16 +54,6 @@ def thesis_keys(count: int) -> bytes:
 
 def filler_address(addr: int) -> str:
     return str(ipaddress.ip_address(addr))
-
-
-def marked_flow_value() -> bytes:
-    """The per-CPU value of a flow marked just now by a 500 on CPU 0 (the other CPUs'
-    slots zero, as they are until a CPU sees the flow)."""
-    # The classifier stamps CLOCK_MONOTONIC_COARSE, which Python does not name: the
-    # fine clock is within a tick of it.
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    slot = FLOW_VALUE.struct.pack(1, 200, now, now, 1, 500, 0)
-    return slot + bytes(FLOW_VALUE.size * (possible_cpus() - 1))
 
 
 class Filler:
@@ -117,16 +103,63 @@ class Filler:
                           f" after {done} of {self.count} entries")
 
 
-def mirror_fillers(classifier, share: float = FILL_SHARE) -> dict[str, Filler]:
-    """Fillers for the classifier's flows map and its requests map, `share` of each."""
-    flows = classifier.bpf.get_table(b"flows")
-    requests = classifier.bpf.get_table(b"requests")
-    n_flows = int(classifier.max_flows * share)
-    n_req = int(classifier.max_requests * share)
-    req_value = bytes(ctypes.sizeof(requests.Leaf))
-    return {"flows": Filler(flows.map_fd, FLOW_KEY.size, mirror_keys(n_flows),
-                            marked_flow_value()),
-            "requests": Filler(requests.map_fd, FLOW_KEY.size, mirror_keys(n_req), req_value)}
+class ConnFiller:
+    """`share` of the classifier's connection slots taken by filler connections, each
+    opened by its client's SYN and carrying a request (the classifier keeps it), through
+    the egress entry point (the client's packets' hook in the bench's frames)."""
+
+    def __init__(self, classifier, share: float, on_empty: Callable[[], None]):
+        self.classifier = classifier
+        self.count = int(classifier.conn_slots * share)
+        self.on_empty = on_empty
+        self.filled = False
+
+    def _frames(self, addr: int, port: int) -> tuple[bytes, bytes]:
+        return (frames.to_server_from(4, filler_address(addr), port, b"", frames.TCP_SYN),
+                frames.to_server_from(4, filler_address(addr), port, frames.REQUEST))
+
+    def fill(self) -> None:
+        if self.filled:
+            return
+        fd = self.classifier.fd("egress")
+        for addr, port in filler_endpoints(self.count):
+            for frame in self._frames(addr, port):
+                test_run(fd, frame, 1)
+        self.filled = True
+
+    def empty(self) -> None:
+        if self.filled:
+            self.classifier.clear()
+            self.on_empty()
+            self.filled = False
+
+    def entries(self) -> int:
+        return self.classifier.conn_count()
+
+
+class RequestsHeld:
+    """The kept requests the filler connections left (read only: ConnFiller fills and
+    empties both arrays)."""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def fill(self) -> None:
+        pass
+
+    def empty(self) -> None:
+        pass
+
+    def entries(self) -> int:
+        return len(self.classifier.kept_requests())
+
+
+def mirror_fillers(classifier, share: float = FILL_SHARE,
+                   on_empty: Callable[[], None] = lambda: None) -> dict:
+    """Fillers of the classifier's connection and request arrays; `on_empty()` runs after
+    they are emptied (the microbenchmark opens its measured connections again)."""
+    return {"conns": ConnFiller(classifier, share, on_empty),
+            "requests": RequestsHeld(classifier)}
 
 
 def thesis_filler(thesis, share: float = FILL_SHARE) -> Filler:
@@ -160,8 +193,9 @@ class MapSet:
         return self.held
 
 
-def mirror_maps(classifier, share: float = FILL_SHARE) -> MapSet:
-    return MapSet(lambda: mirror_fillers(classifier, share))
+def mirror_maps(classifier, share: float = FILL_SHARE,
+                on_empty: Callable[[], None] = lambda: None) -> MapSet:
+    return MapSet(lambda: mirror_fillers(classifier, share, on_empty))
 
 
 def thesis_maps(thesis, share: float = FILL_SHARE) -> MapSet:

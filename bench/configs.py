@@ -11,8 +11,9 @@ run and removed after it:
   mirror-htb     the same in the design card's ingress + htb layout
   mirror-nosnap  mirror-clsact with the request snapshot off (--request-bytes 0)
   mirror-noh2    mirror-clsact with the HTTP/2 parser compiled out
-  mirror-nobudget mirror-clsact with no budgets: every packet of every error connection
-                 cloned, as the thesis does (the error storm without budgets)
+  mirror-nobudget mirror-clsact with no budgets and no event limits: every packet of
+                 every error connection cloned, as the thesis does, and every error
+                 response an event (the error storm without bounds)
   mirror-decide  mirror-nobudget with its debug interface unset: it decides and marks
                  but never clones (in-traffic pass only: the clone's share, apart)
   thesis         the thesis monitor reproduced (bench/bpf/thesis.c): ingress + htb
@@ -148,7 +149,8 @@ class Mirror(Config):
         clf.set_request_bytes(request_bytes)
         self.debug_iface = unique_name("d")
         budgets = {} if self.budgeted else {
-            "max_packets_per_flow": 0, "max_bytes_per_flow": 0, "max_clones_per_second": 0}
+            "max_packets_per_flow": 0, "max_bytes_per_flow": 0, "max_clones_per_second": 0,
+            "max_events_per_second": 0, "max_events_per_connection": 0}
         opts = Options(ifaces=[lab.host_if], debug_iface=self.debug_iface, hook=self.hook,
                        trigger="5xx", request_bytes=request_bytes, **budgets)
         self.ctl = Controller(opts, classifier_factory=lambda: clf,

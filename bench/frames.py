@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
-TCP_ACK, TCP_PSH = 0x10, 0x08
+TCP_SYN, TCP_ACK, TCP_PSH = 0x02, 0x10, 0x08
 
 CLIENT = {4: "198.18.0.1", 6: "2001:db8::1"}
 SERVER = {4: "198.18.0.2", 6: "2001:db8::2"}
@@ -50,6 +50,18 @@ def udp_datagram(sport: int, dport: int, payload: bytes) -> bytes:
 def to_server(family: int, payload: bytes, port: int = CLIENT_PORT) -> bytes:
     return ip_packet(family, CLIENT[family], SERVER[family], IPPROTO_TCP,
                      tcp_segment(port, SERVER_PORT, payload))
+
+
+def to_server_from(family: int, client: str, port: int, payload: bytes,
+                   flags: int = TCP_ACK | TCP_PSH) -> bytes:
+    return ip_packet(family, client, SERVER[family], IPPROTO_TCP,
+                     tcp_segment(port, SERVER_PORT, payload, flags))
+
+
+def syn(family: int, port: int = CLIENT_PORT) -> bytes:
+    """The client's SYN that opens the connection (the classifier learns who the client
+    is from it: only then do the server's statuses count)."""
+    return to_server_from(family, CLIENT[family], port, b"", TCP_SYN)
 
 
 def to_client(family: int, payload: bytes, port: int = CLIENT_PORT) -> bytes:

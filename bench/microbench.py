@@ -67,19 +67,25 @@ def _flow_key(fc: fr.FrameClass) -> FlowKey:
 
 
 def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
-    requests = classifier.bpf.get_table(b"requests")
-    maps = bigmaps.mirror_maps(classifier)
+    def open_measured():
+        # The measured connections, and the other one the "other flows marked" rows
+        # mark, as a real connection starts: its client's SYN (the classifier counts a
+        # status only from the server of a connection whose client it knows).
+        for fam in (4, 6):
+            for port in (fr.CLIENT_PORT, fr.CLIENT_PORT + 1):
+                test_run(classifier.fd("egress"), fr.syn(fam, port), 1)
+
+    maps = bigmaps.mirror_maps(classifier, on_empty=open_measured)
 
     def mirror_unmark(fc):
-        # The request snapshot goes too: left from a large-map request row, it would
-        # send the next row's response down another path than in the one-flow rows
-        # (where the maps start empty).
-        key = _flow_key(fc)
-        classifier.delete_flow(key)
-        try:
-            del requests[requests.Key.from_buffer_copy(key.to_bytes())]
-        except KeyError:
-            pass
+        # A new SYN on the 4-tuple restarts the connection: unmarked, no request kept
+        # (left from a request row, it would send the next row's response down another
+        # path than in the one-flow rows).
+        test_run(classifier.fd("egress"), fr.syn(fc.family), 1)
+
+    def mirror_clear():
+        classifier.clear()
+        open_measured()
 
     def decide_only():
         classifier.set_debug_ifindex(0)
@@ -87,14 +93,14 @@ def subjects(classifier, thesis, empty, debug_ifindex: int) -> list[Subject]:
     def with_clone():
         classifier.set_debug_ifindex(debug_ifindex)
 
-    # Classifier.clear() empties the flow map and, where the classifier has a pre-filter
-    # that skips lookups while the map is empty, tells it so: "nothing marked" then
+    # Classifier.clear() empties the states and, as the classifier skips the lookups of
+    # packets that only ask "marked?" while none is, tells it so: "nothing marked" then
     # really is the state a host with no error connection is in.
     return baseline_subjects(thesis, empty) + [
-        Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, classifier.clear,
+        Subject("mirror", classifier.fd, lambda fc: True, mirror_unmark, mirror_clear,
                 decide_only, maps.set),
         Subject("mirror+clone", classifier.fd, lambda fc: True, mirror_unmark,
-                classifier.clear, with_clone, maps.set),
+                mirror_clear, with_clone, maps.set),
     ]
 
 

@@ -32,42 +32,46 @@ def _cpu_ticks() -> tuple[int, int, int, int]:
     return sum(fields[:8]), idle + iowait, irq + softirq, steal
 
 
-def _proc_stat(pid: int, children: bool = True) -> tuple[int, int] | None:
-    """(ppid, utime + stime, + cutime + cstime with `children`) of a process, None if
-    gone."""
+def _proc_stat(pid: int) -> tuple[int, int, int, int] | None:
+    """(ppid, utime + stime, cutime + cstime, start time in ticks since boot) of a
+    process, None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
     rest = text[text.rfind(")") + 2:].split()
-    return int(rest[1]), sum(int(x) for x in rest[11:15 if children else 13])
+    return (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[13]) + int(rest[14]),
+            int(rest[19]))
 
 
-def _process_ticks(root: int) -> tuple[int, int, dict[int, tuple[int, int, int]]]:
+def _uptime_ticks() -> int:
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * _CLK_TCK)
+
+
+def _process_ticks(root: int) -> tuple[int, int, dict[int, tuple[int, int, int, int]]]:
     """(CPU ticks of `root` and all its descendants, reaped children included; CPU ticks
-    of kernel threads; {pid: (ppid, own ticks, reaped children's ticks)} of every other
-    process)."""
-    stats, split = {}, {}
+    of kernel threads; {pid: (ppid, own ticks, reaped children's ticks, start)} of every
+    other process)."""
+    stats = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             s = _proc_stat(int(d))
-            own = _proc_stat(int(d), children=False)
-            if s and own:
+            if s:
                 stats[int(d)] = s
-                split[int(d)] = (s[0], own[1], s[1] - own[1])
     kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        kids.setdefault(ppid, []).append(pid)
+    for pid, s in stats.items():
+        kids.setdefault(s[0], []).append(pid)
     own, kernel = _tree(kids, root), _tree(kids, _KTHREADD)
-    others = {pid: split[pid] for pid in stats
+    others = {pid: s for pid, s in stats.items()
               if pid not in own and pid not in kernel and pid != 1}
     # init: its own time only. It reaps every orphan, the bench's own among them (a
     # process whose parent exited first), so its children's time is nobody's in particular.
-    if 1 in split:
-        others[1] = (0, split[1][1], 0)
-    return (sum(stats[p][1] for p in own if p in stats),
-            sum(stats[p][1] for p in kernel if p in stats), others)
+    if 1 in stats:
+        others[1] = (0, stats[1][1], 0, stats[1][3])
+    return (sum(stats[p][1] + stats[p][2] for p in own if p in stats),
+            sum(stats[p][1] + stats[p][2] for p in kernel if p in stats), others)
 
 
 _KTHREADD = 2       # the parent of every kernel thread
@@ -82,24 +86,34 @@ def _tree(kids, root: int) -> set[int]:
     return found
 
 
-def _foreign_growth(before: dict[int, tuple[int, int, int]],
-                    after: dict[int, tuple[int, int, int]]) -> int:
+def _foreign_growth(before: dict[int, tuple[int, int, int, int]],
+                    after: dict[int, tuple[int, int, int, int]], since: int) -> int:
     """CPU ticks other processes used between two samples ({pid: (ppid, own, reaped
-    children's)} each). A process gone since the first sample and reaped by one still
-    there had its whole life added to that parent's children's time: what it had used
-    before the first sample is not the window's, and is taken off."""
+    children's, start)} each; `since`: the first sample's time in ticks since boot).
+    A process gone since the first sample and reaped by one still there had its whole
+    life added to that parent's children's time: what it had used before the first
+    sample is not the window's, and is taken off. A process not among the others at the
+    first sample counts only if it started after it: one that started before was then in
+    another tree (the bench's, whose child it was until its parent exited) or had another
+    pid's slot, and its past is not the window's either."""
     grown = 0
-    for pid, (_, own, kids) in after.items():
-        _, own0, kids0 = before.get(pid, (0, 0, 0))
-        grown += max(0, own - own0) + max(0, kids - kids0)
-    for pid, (ppid, own0, kids0) in before.items():
-        if pid not in after and ppid in after and ppid in before:
+    for pid, (_, own, kids, start) in after.items():
+        prev = before.get(pid)
+        if prev is None or prev[3] != start:
+            if start >= since:
+                grown += own + kids
+            continue
+        grown += max(0, own - prev[1]) + max(0, kids - prev[2])
+    for pid, (ppid, own0, kids0, start0) in before.items():
+        if pid not in after and ppid in after and ppid in before and \
+                after[ppid][3] == before[ppid][3]:
             grown -= own0 + kids0
     return max(0, grown)
 
 
 class Sample:
     def __init__(self):
+        self.uptime = _uptime_ticks()
         self.all, self.idle, self.irq, self.steal = _cpu_ticks()
         self.own, self.kernel, self.others = _process_ticks(os.getpid())
 
@@ -108,12 +122,15 @@ class Sample:
         return round(max(0.0, ticks / span), 3) if span > 0 else None
 
     def _foreign_ticks(self, later: "Sample") -> int:
-        return _foreign_growth(self.others, later.others) + later.steal - self.steal
+        return _foreign_growth(self.others, later.others, self.uptime) + later.steal - self.steal
 
     def foreign_share(self, later: "Sample") -> float | None:
         """Share of all CPU time between two samples that other processes and other
-        guests (steal) took."""
-        return self._share(later, self._foreign_ticks(later))
+        guests (steal) took. At most 1: an orphan that another subreaper than its old
+        parent reaps in the window brings its whole life into that reaper's children's
+        time, which _foreign_growth cannot tell apart (it then reads as all foreign)."""
+        share = self._share(later, self._foreign_ticks(later))
+        return None if share is None else min(1.0, share)
 
     def kernel_share(self, later: "Sample") -> float | None:
         """Share of all CPU time between two samples that kernel threads took."""

@@ -95,7 +95,7 @@ COST_PLAN = (
 )
 SATURATION_PLAN = (
     (H1_0, ("untraced", "thesis", "mirror-clsact", "mirror-nobudget")),
-    (H1_100, ("untraced", "thesis", "mirror-clsact", "mirror-nobudget")),
+    (H1_100, ("untraced", "thesis", "tcpdump-w", "mirror-clsact", "mirror-nobudget")),
     (IPERF_OFF, ("untraced", "thesis", "mirror-clsact")),
     (IPERF_ON, ("untraced", "thesis", "mirror-clsact")),
 )
@@ -106,8 +106,10 @@ IN_TRAFFIC_PLAN = (
     (H2C_100, ("mirror-clsact", "mirror-nobudget")),
 )
 # Classifier counters recorded per run (their deltas), to read a storm's cost against.
-CLASSIFIER_COUNTERS = ("flows_marked", "mirrored_packets", "mirrored_bytes", "events",
-                       "events_lost", "skip_flow_packets", "skip_flow_bytes", "skip_cpu_rate")
+CLASSIFIER_COUNTERS = ("flows_marked", "mirrored_packets", "mirrored_bytes", "errors",
+                       "events", "events_lost", "events_rate_limited",
+                       "events_conn_limited", "skip_flow_packets", "skip_flow_bytes",
+                       "skip_cpu_rate", "conns_started", "conns_replaced")
 PLANS = {"cost": COST_PLAN, "saturation": SATURATION_PLAN, "in_traffic": IN_TRAFFIC_PLAN}
 
 

@@ -64,6 +64,19 @@ def nearest_rank(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
 
 
+def verdict_at_least(ci: dict | None, limit: float) -> str:
+    """'met', 'not met' or 'inconclusive' for "the quantity is at least `limit`"."""
+    if not ci:
+        return "no data"
+    if ci.get("n", 2) < 2:
+        return "inconclusive"
+    if ci["lo"] >= limit:
+        return "met"
+    if ci["hi"] < limit:
+        return "not met"
+    return "inconclusive"
+
+
 def verdict_at_most(ci: dict | None, limit: float, low_key="lo", high_key="hi") -> str:
     """'met', 'not met' or 'inconclusive' for "the quantity is at most `limit`"."""
     if not ci:

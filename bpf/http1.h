@@ -62,4 +62,13 @@ static __always_inline int http1_request_start(const char *b)
     return 0;
 }
 
+/* Whether `b` starts the HTTP/2 connection preface (RFC 9113 3.4: "PRI * HTTP/2.0\r\n\r\n
+ * SM\r\n\r\n"), which only a client sends, first thing on a connection. */
+static __always_inline int http2_preface(const char *b)
+{
+    return b[0] == 'P' && b[1] == 'R' && b[2] == 'I' && b[3] == ' ' && b[4] == '*' &&
+           b[5] == ' ' && b[6] == 'H' && b[7] == 'T' && b[8] == 'T' && b[9] == 'P' &&
+           b[10] == '/' && b[11] == '2' && b[12] == '.';
+}
+
 #endif

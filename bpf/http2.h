@@ -1,8 +1,10 @@
 /* HTTP/2 :status in the classifier (RFC 9113 frames, RFC 7541 HPACK), without HPACK state.
  *
- * Included by bpf/mirror.c after its helpers (count, stats_of, is_trigger): bcc rewrites
- * map calls (table.lookup()) only in the main source file, so the maps are reached
- * through those helpers.
+ * Included by bpf/mirror.c after its helpers (count, stats_of, may_trigger, status_mode,
+ * status_counts, count_unknown, note_h2_request): bcc rewrites map calls (table.lookup())
+ * only in the main source file, so the maps are reached through those helpers. Whether a
+ * status found here counts, is counted apart or only marks is the packet's status mode,
+ * decided by mirror.c from which side of the connection sent it.
  *
  * A segment is tried as HTTP/2 only when it is not an HTTP/1.x status line and its first
  * 9 bytes are a plausible frame header (h2_frame_ok). The walk then reads frame headers
@@ -93,6 +95,7 @@ static __always_inline __u32 h2_idx(__u32 i)
 /* Outcomes of decoding a header block's first field (a status is 0-999). */
 #define H2_NOT_STATUS (-1)
 #define H2_UNKNOWN (-2)
+#define H2_REQUEST (-3)     /* a request's pseudo-header (:authority, :method, :path, :scheme) */
 
 /* The static table's :status entries 8-14. If-chains rather than a switch here and below:
  * clang turns a dense switch into a jump table, an indirect jump the verifier refuses. */
@@ -267,6 +270,8 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
         index = f & 0x7f;
         if (index == 0x7f || index >= 62)
             return H2_UNKNOWN;          /* a dynamic table entry */
+        if (index >= 1 && index <= 7)
+            return H2_REQUEST;          /* static 1-7: a request's pseudo-headers */
         return h2_static_status(index);
     }
     if ((f & 0xe0) == 0x20)
@@ -296,6 +301,8 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
     }
     if (index >= 62)
         return H2_UNKNOWN;
+    if (index >= 1 && index <= 7)
+        return H2_REQUEST;
     if (index < 8 || index > 14)
         return H2_NOT_STATUS;
     return h2_status_value(b, i + 1, avail);
@@ -451,6 +458,8 @@ struct h2_grpc_blocks {
 static __always_inline void grpc_count_status(struct __sk_buff *skb, __u32 direction,
                                               __u32 code)
 {
+    if (!status_counts(status_mode()))
+        return;
     count(code ? C_GRPC_ERRORS : C_GRPC_OK, 1);
     struct iface_stats *st = stats_of(skb->ifindex, direction);
     if (st)
@@ -514,14 +523,14 @@ static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_bl
         }
         if (done == 2) {
             if (field == H2_UNKNOWN) {
-                count(C_GRPC_STATUS_UNKNOWN, 1);
+                count_unknown(C_GRPC_STATUS_UNKNOWN);
             } else {
                 grpc_count_status(skb, direction, field);
-                if (armed < 0 && is_trigger(field))
+                if (armed < 0 && may_trigger(field))
                     armed = field;
             }
         } else if (done && dyn) {
-            count(C_GRPC_STATUS_UNKNOWN, 1);
+            count_unknown(C_GRPC_STATUS_UNKNOWN);
         }
         if (done) {                     /* on to the next recorded block */
             r++;
@@ -584,6 +593,8 @@ static __always_inline int h2_headers_status(struct __sk_buff *skb, __u32 off, _
 static __always_inline void h2_count_status(struct __sk_buff *skb, __u32 direction,
                                             __u32 code)
 {
+    if (!status_counts(status_mode()))
+        return;
     count(C_H2_RESPONSES, 1);
     __u32 cls = (code >= 100 && code < 600) ? code / 100 - 1 : 5;
     struct iface_stats *st = stats_of(skb->ifindex, direction);
@@ -621,10 +632,12 @@ static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, _
         if (h[3] == H2_HEADERS) {
             int status = opaque(h2_headers_status(skb, off, len, h[4], end, &g));
             if (status == H2_UNKNOWN) {
-                count(C_H2_STATUS_UNKNOWN, 1);
+                count_unknown(C_H2_STATUS_UNKNOWN);
+            } else if (status == H2_REQUEST) {
+                note_h2_request();
             } else if (status >= 0 && status < STATUS_CODES) {
                 h2_count_status(skb, direction, status);
-                if (armed_status < 0 && status >= MIN_HTTP_STATUS && is_trigger(status))
+                if (armed_status < 0 && status >= MIN_HTTP_STATUS && may_trigger(status))
                     armed_status = status;
             }
         }

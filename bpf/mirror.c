@@ -6,30 +6,34 @@
  * It parses Ethernet (one 802.1Q/802.1ad tag), IPv4 or IPv6 (with extension headers),
  * TCP, and reads the first bytes of the TCP payload with bpf_skb_load_bytes(), because a
  * socket's data usually sits in page fragments that direct packet access cannot see.
- * An HTTP/1.x response whose status code is in the trigger set marks the connection in
- * an LRU per-CPU hash; that packet and every later packet of the connection, both
- * directions, is cloned to the debug interface.
  *
- * An HTTP/2 HEADERS frame whose :status is in the trigger set (bpf/http2.h) marks the
- * connection the same way, and so does a gRPC grpc-status in a stream-ending HEADERS
- * frame whose code is in the trigger array's slots 0-16.
+ * One state per connection and interface (struct conn, in the `conns` array) says which
+ * side is the client (from the SYN, the SYN-ACK, or a request when the start went unseen),
+ * holds the mark and the budgets, and tags the request kept for it. A status (an HTTP/1.x
+ * status line, an HTTP/2 :status, a gRPC grpc-status) counts only when it comes from the
+ * server side of a connection whose client is known, in the server's direction on this
+ * interface: a client's bytes, a lone spoofed segment and a client's HTTP/2 HEADERS never
+ * mark, count or report. A counted status in the trigger set marks the connection; that
+ * packet and every later one of the connection, both directions, is cloned to the debug
+ * interface within the budgets, the error is counted by (interface, status, protocol) and,
+ * within the event bounds, reported with its request through a ring buffer.
  *
  * The parse is split by layer: parse.h (Ethernet, IP, TCP), http1.h (status line and
- * request start), http2.h (frames and :status). This file holds the maps, the counters
- * and the decisions: keep a request, pair a response with it, mark, mirror, report, pass.
+ * request start), http2.h (frames, :status, grpc-status). This file holds the maps, the
+ * counters and the decisions.
  *
- * Compiled by bcc; MAX_FLOWS comes from the loader's cflags.
+ * Compiled by bcc; CONN_SLOTS and REQUEST_SLOTS come from the loader's cflags.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "mirror.h"
 
-#ifndef MAX_FLOWS
-#define MAX_FLOWS DEFAULT_MAX_FLOWS
+#ifndef CONN_SLOTS
+#define CONN_SLOTS DEFAULT_MAX_FLOWS    /* a power of two, a multiple of CONN_WAYS */
 #endif
-#ifndef MAX_REQUESTS
-#define MAX_REQUESTS 16384
+#ifndef REQUEST_SLOTS
+#define REQUEST_SLOTS (CONN_SLOTS / CONN_WAYS)  /* a power of two */
 #endif
 /* 0 compiles the HTTP/2 parser out (the bench's "HTTP/2 parser off"), leaving HTTP/1.x. */
 #ifndef MIRROR_HTTP2
@@ -47,34 +51,58 @@
  * end the filter chain and silently disable every filter behind ours. */
 #define PASS TC_ACT_UNSPEC
 
-BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows, MAX_FLOWS);
+BPF_ARRAY(conns, struct conn, CONN_SLOTS);
+BPF_ARRAY(requests, struct kept_request, REQUEST_SLOTS);
 BPF_ARRAY(trigger, __u8, STATUS_CODES);
 BPF_ARRAY(config, struct mirror_config, 1);
 BPF_ARRAY(marks, __u64, NR_MARKS);
 BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
-/* The request snapshot: per flow, the last request start seen (struct error_event's
- * request part). Shared by all CPUs: the response may run on another CPU. */
-BPF_TABLE("lru_hash", struct flow_key, struct error_event, requests, MAX_REQUESTS);
-/* Where an event or a snapshot is put together: too large for the stack. */
+BPF_PERCPU_HASH(errors, struct error_count_key, __u64, ERROR_COUNT_KEYS);
+BPF_PERCPU_ARRAY(response_time, __u64, RESPONSE_BUCKETS + 2);
+/* Where an event is put together: too large for the stack. */
 BPF_PERCPU_ARRAY(event_scratch, struct error_event, 1);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 /* When this CPU last woke the events reader (ns): see report_error. */
 BPF_PERCPU_ARRAY(event_wakeup, __u64, 1);
 BPF_PERCPU_ARRAY(scratch, int, 1);
-/* Each CPU's clones in its current rate window (struct clone_window). */
-BPF_PERCPU_ARRAY(clone_rate, struct clone_window, 1);
+/* Each CPU's clones and events in their current rate windows. */
+BPF_PERCPU_ARRAY(clone_rate, struct rate_window, 1);
+BPF_PERCPU_ARRAY(event_rate, struct rate_window, 1);
 
-/* What the HTTP/2 path needs of the packet's flow, handed over through a per-CPU slot
- * rather than kept on the stack: see classify_h2. */
-struct h2_pending {
-    struct flow_key key;
-    __u32 was_marked;
-    __u32 src_is_lo;
+/* What a packet's decision needs beyond its own stack frame, handed to the HTTP/2 walk
+ * (a program of its own: see mirror_h2) through a per-CPU slot, and read by the status
+ * counting of http2.h. */
+struct pending {
+    struct conn_key key;
+    __u32 payload_off;
+    __u32 payload_end;
+    __u32 direction;
+    __u32 slot;             /* the connection's slot, and */
+    __u32 gen;              /* its gen when it was looked up (0 slot: none) */
+    __u8 has_conn;
+    __u8 src_is_lo;         /* the sender is the key's lo endpoint */
+    __u8 mode;              /* enum status_mode: what a status found in this packet does */
+    __u8 saw_request;       /* HTTP/2: a request's header block was seen (http2.h) */
+    __u8 seen_before;
+    __u8 pad[3];
 };
-BPF_PERCPU_ARRAY(h2_pending, struct h2_pending, 1);
+BPF_PERCPU_ARRAY(pending, struct pending, 1);
+/* The HTTP/2 walk, reached by a tail call (slot 0; user space puts mirror_h2 there): the
+ * verifier checks it once, from one state, instead of once for every way a packet can
+ * reach it (which is more than its complexity limit allows). */
+BPF_PROG_ARRAY(h2_walk, 1);
 /* Interfaces this controller monitors (set by user space on attach and detach). */
 BPF_HASH(monitored, __u32, __u8, MAX_MONITORED);
+
+/* What a status found in a packet does, by who sent it (struct pending's mode). */
+enum status_mode {
+    STATUS_COUNTS = 0,      /* the server's, first seen here: counted, may trigger */
+    STATUS_SILENT = 1,      /* the server's, already counted at a monitored ingress: may
+                             * mark this interface's state, counts nothing */
+    STATUS_UNKNOWN_SIDE = 2,/* the connection's client side is not known */
+    STATUS_FROM_CLIENT = 3, /* sent by the client side, or in its direction */
+};
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -99,7 +127,7 @@ static __always_inline struct iface_stats *stats_of(__u32 ifindex, __u32 directi
     return 0;
 }
 
-/* False only when the flow map is known to be empty (enum marks_index). */
+/* False only when no connection is known to be marked (enum marks_index). */
 static __always_inline int maybe_marked(void)
 {
     __u32 made_idx = MARKS_MADE, cleared_idx = MARKS_CLEARED;
@@ -134,76 +162,281 @@ static __always_inline int opaque(int v)
     return v;
 }
 
-#include "http2.h"
-
-/* Takes one clone from this CPU's rate window; 0 when the window's clones are spent.
- * The window restarts at the first clone at least clone_window_ns after its start. The
- * difference is unsigned: a start ahead of the clock (tests write one) reads as past,
- * unless it is ahead by more than 2^64 minus the window. */
-static __always_inline int take_clone_token(const struct mirror_config *cfg)
+/* The status mode of the packet at hand (struct pending), for http2.h. */
+static __always_inline int status_mode(void)
 {
     __u32 zero = 0;
-    struct clone_window *w = clone_rate.lookup(&zero);
+    struct pending *p = pending.lookup(&zero);
+    return p ? p->mode : STATUS_UNKNOWN_SIDE;
+}
+
+/* A status found by http2.h that is not the server's counts apart, here. Returns whether
+ * it counts as the server's (and so may be counted by class and may trigger). */
+static __always_inline int status_counts(int mode)
+{
+    if (mode == STATUS_UNKNOWN_SIDE)
+        count(C_STATUS_SIDE_UNKNOWN, 1);
+    else if (mode == STATUS_FROM_CLIENT)
+        count(C_STATUS_FROM_CLIENT, 1);
+    return mode == STATUS_COUNTS;
+}
+
+/* Whether a status found by http2.h may mark the connection: the server's (counted here
+ * or where it entered) and in the trigger set. */
+static __always_inline int may_trigger(__u32 code)
+{
+    int mode = status_mode();
+    return (mode == STATUS_COUNTS || mode == STATUS_SILENT) && is_trigger(code);
+}
+
+/* An undecodable status, counted only where the server's statuses count. */
+static __always_inline void count_unknown(__u32 idx)
+{
+    if (status_mode() == STATUS_COUNTS)
+        count(idx, 1);
+}
+
+/* http2.h found a request's header block in the packet at hand. */
+static __always_inline void note_h2_request(void)
+{
+    __u32 zero = 0;
+    struct pending *p = pending.lookup(&zero);
+    if (p)
+        p->saw_request = 1;
+}
+
+#include "http2.h"
+
+/* --- the connection state --------------------------------------------------------------- */
+
+static __always_inline __u32 rotl32(__u32 x, __u32 r)
+{
+    return (x << r) | (x >> (32 - r));
+}
+
+/* The first slot of the key's bucket: a seeded hash (murmur3's rounds and finalizer) of
+ * the key's eleven words. The seed, random per load, keeps a sender from choosing 4-tuples
+ * that land in a victim's bucket. */
+static __always_inline __u32 conn_bucket(const struct conn_key *k, __u32 seed)
+{
+    const __u32 *w = (const __u32 *)k;
+    __u32 h = seed;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*k) / 4); i++) {
+        __u32 x = w[i] * 0xcc9e2d51;
+        x = rotl32(x, 15) * 0x1b873593;
+        h ^= x;
+        h = rotl32(h, 13) * 5 + 0xe6546b64;
+    }
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h & (CONN_SLOTS - 1) & ~(CONN_WAYS - 1);
+}
+
+static __always_inline int conn_key_eq(const struct conn_key *a, const struct conn_key *b)
+{
+    const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    int same = 1;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+        same &= x[i] == y[i];
+    return same;
+}
+
+/* The connection's slot index in *slot, and its state, or 0 when it has none. With
+ * `create`, a connection without one gets a slot of its bucket: a free one, else the one
+ * idle longest (its state is gone: C_CONNS_REPLACED), started afresh with a new gen.
+ * The slot found or chosen goes through opaque() and is looked up once more: however the
+ * bucket's ways compared, the caller goes on from one verifier state. */
+static __always_inline struct conn *conn_find(const struct conn_key *k, __u32 seed,
+                                              int create, __u64 now, __u32 *slot)
+{
+    __u32 base = conn_bucket(k, seed);
+    __u32 found = CONN_SLOTS, victim = base;
+    __u64 oldest = ~0ULL;
+#pragma unroll
+    for (int w = 0; w < CONN_WAYS; w++) {
+        __u32 i = base + w;
+        struct conn *c = conns.lookup(&i);
+        if (!c)
+            break;
+        if (c->last_ns && conn_key_eq(&c->key, k)) {
+            found = i;
+            break;
+        }
+        if (c->last_ns < oldest) {
+            oldest = c->last_ns;
+            victim = i;
+        }
+    }
+    found = opaque(found);
+    if (found < CONN_SLOTS) {
+        *slot = found;
+        return conns.lookup(&found);
+    }
+    if (!create)
+        return 0;
+    victim = opaque(victim);
+    struct conn *c = conns.lookup(&victim);
+    if (!c)
+        return 0;
+    if (c->last_ns) {
+        count(C_CONNS_REPLACED, 1);
+        if (c->flags & CONN_MARKED)
+            count(C_FLOWS_EVICTED, 1);
+    }
+    __u32 gen = c->gen + 1;
+    __builtin_memset(c, 0, sizeof(*c));
+    __builtin_memcpy(&c->key, k, sizeof(*k));
+    c->gen = gen;
+    c->last_ns = now;
+    count(C_CONNS_STARTED, 1);
+    *slot = victim;
+    return c;
+}
+
+/* The connection starts (afresh) with its client side known: `client_lo` says whether the
+ * client is the key's lo endpoint, `client_egress` whether its packets pass this
+ * interface's egress hook. A new connection that reuses the 4-tuple of a marked one
+ * forgets the mark and the kept request. */
+static __always_inline void conn_restart(struct conn *c, int client_lo, int client_egress,
+                                         __u64 now)
+{
+    if (c->flags & CONN_MARKED)
+        count(C_SYN_UNMARKED, 1);
+    c->flags = CONN_CLIENT_KNOWN | (client_lo ? CONN_CLIENT_LO : 0) |
+               (client_egress ? CONN_CLIENT_EGRESS : 0);
+    c->gen++;
+    c->cut = 0;
+    c->status = 0;
+    c->events = 0;
+    c->packets = 0;
+    c->bytes = 0;
+    c->first_ns = 0;
+    c->last_ns = now;
+}
+
+/* The client side of a connection whose start went unseen, from a request it sent. */
+static __always_inline void conn_learn_client(struct conn *c, int sender_lo, __u32 direction)
+{
+    c->flags |= CONN_CLIENT_KNOWN | (sender_lo ? CONN_CLIENT_LO : 0) |
+                (direction == DIR_EGRESS ? CONN_CLIENT_EGRESS : 0);
+    count(C_SIDE_FROM_REQUEST, 1);
+}
+
+/* What a status in this packet does (enum status_mode). On a monitored lo every packet is
+ * seen at egress, both sides', so only the side tells. */
+static __always_inline int conn_status_mode(const struct conn *c, int sender_lo,
+                                            __u32 direction, int on_lo, int seen_before)
+{
+    if (!c || !(c->flags & CONN_CLIENT_KNOWN))
+        return STATUS_UNKNOWN_SIDE;
+    int client_lo = !!(c->flags & CONN_CLIENT_LO);
+    int client_egress = !!(c->flags & CONN_CLIENT_EGRESS);
+    if (sender_lo == client_lo || (!on_lo && (direction == DIR_EGRESS) == client_egress))
+        return STATUS_FROM_CLIENT;
+    return seen_before ? STATUS_SILENT : STATUS_COUNTS;
+}
+
+/* Whether the connection is marked, unmarking it (C_FLOWS_EXPIRED) when it has been idle
+ * longer than the idle timeout. */
+static __always_inline int conn_marked(struct conn *c, const struct mirror_config *cfg,
+                                       __u64 now)
+{
+    if (!c || !(c->flags & CONN_MARKED))
+        return 0;
+    if (cfg && cfg->idle_ns && now - c->last_ns > cfg->idle_ns) {
+        c->flags &= ~CONN_MARKED;
+        count(C_FLOWS_EXPIRED, 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* Marks the connection with a trigger status; returns whether it was not marked before. */
+static __always_inline int conn_mark(struct conn *c, __u32 status, __u64 now)
+{
+    if (c->flags & CONN_MARKED) {
+        c->status = status;
+        return 0;
+    }
+    c->flags |= CONN_MARKED;
+    c->status = status;
+    c->first_ns = now;
+    c->packets = 0;
+    c->bytes = 0;
+    c->cut = 0;
+    count(C_FLOWS_MARKED, 1);
+    /* After the mark: see enum marks_index for why the order matters. */
+    __u32 made = MARKS_MADE;
+    __u64 *n = marks.lookup(&made);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    return 1;
+}
+
+/* --- budgets and the clone -------------------------------------------------------------- */
+
+/* Takes one from this CPU's window `w` of `limit` per `window_ns`; 0 when they are spent.
+ * The window restarts at the first use at least window_ns after its start. The difference
+ * is unsigned: a start ahead of the clock (tests write one) reads as past, unless it is
+ * ahead by more than 2^64 minus the window. */
+static __always_inline int take_token(struct rate_window *w, __u64 limit, __u64 window_ns)
+{
     if (!w)
         return 1;
     __u64 now = bpf_ktime_get_coarse_ns();
-    if (now - w->start_ns >= cfg->clone_window_ns) {
+    if (now - w->start_ns >= window_ns) {
         w->start_ns = now;
-        w->clones = 0;
+        w->count = 0;
     }
-    if (w->clones >= cfg->max_clones_per_window)
+    if (w->count >= limit)
         return 0;
-    w->clones++;
+    w->count++;
     return 1;
 }
 
 /* The budgets (struct mirror_config): the enum cut_reason that skips this clone, 0 to
- * clone. `fv` is the flow's value on this CPU with this packet already counted (0 only
- * if the flow left the map under us: then only the rate applies). A skip is counted by
- * reason and flagged on the flow. */
-static __always_inline __u32 over_budget(const struct mirror_config *cfg,
-                                         struct flow_value *fv)
+ * clone. `c` is the marked connection with this packet already counted. A skip is counted
+ * by reason and flagged on the connection. */
+static __always_inline __u32 over_budget(const struct mirror_config *cfg, struct conn *c)
 {
-    __u32 why = 0;
-    if (fv && cfg->max_packets_per_flow && fv->packets > cfg->max_packets_per_flow) {
+    __u32 why = 0, zero = 0;
+    if (cfg->max_packets_per_flow && c->packets > cfg->max_packets_per_flow) {
         why = CUT_FLOW_PACKETS;
         count(C_SKIP_FLOW_PACKETS, 1);
-    } else if (fv && cfg->max_bytes_per_flow && fv->bytes > cfg->max_bytes_per_flow) {
+    } else if (cfg->max_bytes_per_flow && c->bytes > cfg->max_bytes_per_flow) {
         why = CUT_FLOW_BYTES;
         count(C_SKIP_FLOW_BYTES, 1);
-    } else if (cfg->max_clones_per_window && !take_clone_token(cfg)) {
+    } else if (cfg->max_clones_per_window &&
+               !take_token(clone_rate.lookup(&zero), cfg->max_clones_per_window,
+                           cfg->rate_window_ns)) {
         why = CUT_CPU_RATE;
         count(C_SKIP_CPU_RATE, 1);
     }
-    if (why && fv)
-        fv->cut |= why;
+    if (why)
+        c->cut |= why;
     return why;
 }
 
-/* Clones the packet to the debug interface. `st` is the interface's stats when the
- * caller already looked them up; the lookup is done here otherwise (cheap next to the
- * clone itself). `fv`: the flow's value on this CPU, for the budgets. */
-static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_stats *st,
-                                          __u32 direction, struct flow_value *fv)
+/* Counts the packet against its marked connection's budgets and clones it to the debug
+ * interface. `st`: the interface's stats when the caller looked them up already. */
+static __always_inline void mirror_packet(struct __sk_buff *skb, const struct mirror_config *cfg,
+                                          struct conn *c, struct iface_stats *st,
+                                          __u32 direction)
 {
-    __u32 zero = 0;
     __u32 len = skb->len;
-    struct mirror_config *cfg = config.lookup(&zero);
-    if (!cfg || !cfg->debug_ifindex || cfg->debug_ifindex == skb->ifindex) {
+    __sync_fetch_and_add(&c->packets, 1);
+    __sync_fetch_and_add(&c->bytes, len);
+    if (!cfg->debug_ifindex || cfg->debug_ifindex == skb->ifindex) {
         count(C_NO_DEBUG_IF, 1);
         return;
     }
-    /* A packet forwarded from one monitored interface out of another (container to
-     * container through a bridge, or routed between two host-side veths) was cloned at
-     * the ingress hook of the first already: at egress, clone only packets that did not
-     * enter through a monitored interface (locally sent ones have ingress_ifindex 0). */
-    __u32 in_ifindex = skb->ingress_ifindex;
-    if (direction == DIR_EGRESS && in_ifindex && monitored.lookup(&in_ifindex)) {
-        count(C_CLONES_DEDUPLICATED, 1);
-        return;
-    }
-    /* Budgets: the cost of an error storm is bounded (per flow, per CPU). */
-    if (over_budget(cfg, fv))
+    /* Budgets: the cost of an error storm is bounded (per connection, per CPU). */
+    if (over_budget(cfg, c))
         return;
     /* Invalidates packet pointers: nothing below touches packet data. Negative: the
      * clone was not sent (no such device, no memory); positive: a NET_XMIT_* drop or
@@ -222,21 +455,20 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, struct iface_st
     }
 }
 
+/* --- the request, the error, the event -------------------------------------------------- */
+
 /* Keeps the first bytes of a request frame (the whole frame from its Ethernet header, up
- * to config.request_bytes) as the flow's request snapshot, replacing the previous one.
- * Only request starts pay this. A connection's first request is put together in the
- * per-CPU scratch and inserted (an LRU element allocation and a copy); later ones on the
- * same keep-alive connection overwrite its entry in place, which costs about half. A
- * response being reported on another CPU at that moment could copy a mix of two
- * requests: only when a client sends its next request before the previous response
- * (pipelining), where the README already says which request is reported. */
-static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segment *seg,
-                                         __u32 direction, const struct mirror_config *cfg)
+ * to config.request_bytes) for the connection in `slot`, replacing what its requests
+ * entry held. Only a client's request starts pay this: a copy and the clock. A response
+ * being reported on another CPU at that moment could copy a mix of two requests: only when
+ * a client sends its next request before the previous response (pipelining), where the
+ * README already says which request is reported. */
+static __always_inline void keep_request(struct __sk_buff *skb, const struct mirror_config *cfg,
+                                         struct conn *c, __u32 slot, __u32 direction)
 {
-    __u32 zero = 0;
-    struct error_event *kept = requests.lookup(&seg->key);
-    struct error_event *ev = kept ? kept : event_scratch.lookup(&zero);
-    if (!ev)
+    __u32 ri = slot & (REQUEST_SLOTS - 1);
+    struct kept_request *r = requests.lookup(&ri);
+    if (!r)
         return;
     __u64 len = skb->len;
     if (len > cfg->request_bytes)
@@ -245,121 +477,217 @@ static __always_inline void keep_request(struct __sk_buff *skb, struct tcp_segme
         len = REQUEST_BYTES;
     if (len == 0)
         return;
-    if (bpf_skb_load_bytes(skb, 0, ev->data, len) < 0)
+    if (bpf_skb_load_bytes(skb, 0, r->data, len) < 0)
         return;
-    ev->request_ns = bpf_ktime_get_ns();
-    ev->request_ifindex = skb->ifindex;
-    ev->request_direction = direction;
-    ev->request_from_lo = seg->src_is_lo;
-    ev->request_frame_len = skb->len;
-    ev->request_len = len;
-    if (!kept)
-        requests.update(&seg->key, ev);
+    r->request_ns = bpf_ktime_get_ns();
+    r->frame_len = skb->len;
+    r->len = len;
+    r->direction = direction;
+    r->slot = slot;
+    r->gen = c->gen;
+    c->flags |= CONN_REQUEST;
     count(C_REQUESTS, 1);
 }
 
-/* Hands an error event to user space: the response's facts and, when there is one, the
- * request snapshot they are written into (`req`, the flow's entry in `requests`). Never
- * waits: a full ring buffer loses the event, counted. */
-static __always_inline void report_error(struct __sk_buff *skb, const struct flow_key *key,
-                                         __u8 src_is_lo, struct error_event *req,
+/* The request kept for the connection in `slot`, or 0 (none kept, or its entry was taken
+ * by another connection's since). */
+static __always_inline struct kept_request *kept_request_of(const struct conn *c, __u32 slot)
+{
+    if (!(c->flags & CONN_REQUEST))
+        return 0;
+    __u32 ri = slot & (REQUEST_SLOTS - 1);
+    struct kept_request *r = requests.lookup(&ri);
+    if (!r || r->slot != slot || r->gen != c->gen)
+        return 0;
+    return r;
+}
+
+/* Counts an error response by (interface, status, protocol), and the time since its
+ * request in the response-time buckets: exact whatever the events' bounds drop. */
+static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
+                                        const struct kept_request *r, __u64 now_ns)
+{
+    struct error_count_key k = {.ifindex = ifindex, .status = status, .proto = proto};
+    __u64 *n = errors.lookup(&k);
+    if (n) {
+        *n += 1;
+    } else {
+        __u64 one = 1;
+        if (errors.update(&k, &one))
+            count(C_ERRORS_UNCOUNTED, 1);
+    }
+    count(C_ERRORS, 1);
+    if (!r || !r->request_ns || now_ns < r->request_ns)
+        return;
+    __u64 took = now_ns - r->request_ns;
+    const __u64 bounds[RESPONSE_BUCKETS] = RESPONSE_BOUNDS_NS;
+    __u32 b = RESPONSE_BUCKETS;
+#pragma unroll
+    for (int i = RESPONSE_BUCKETS - 1; i >= 0; i--) {
+        if (took <= bounds[i])
+            b = i;
+    }
+    __u64 *slot = response_time.lookup(&b);
+    if (slot)
+        *slot += 1;
+    __u32 sum = RESPONSE_BUCKETS + 1;
+    slot = response_time.lookup(&sum);
+    if (slot)
+        *slot += took;
+}
+
+/* Hands an error event to user space: the response's facts and the request kept for it,
+ * within the bounds (max_events_per_conn, max_events_per_window per CPU). Never waits: a
+ * full ring buffer loses the event, counted. */
+static __always_inline void report_error(struct __sk_buff *skb, const struct mirror_config *cfg,
+                                         struct conn *c, const struct kept_request *r,
                                          __u32 status, __u32 direction, __u8 new_flow,
-                                         __u8 proto, const struct flow_value *fv)
+                                         __u8 proto, __u64 now_ns)
 {
     __u32 zero = 0;
-    struct error_event *ev = req;
-    if (!ev) {
-        ev = event_scratch.lookup(&zero);
-        if (!ev)
-            return;
-        ev->request_ns = 0;
-        ev->request_len = 0;
+    if (cfg->max_events_per_conn && c->events >= cfg->max_events_per_conn) {
+        count(C_EVENTS_CONN_LIMITED, 1);
+        return;
     }
-    ev->response_ns = bpf_ktime_get_ns();
+    if (cfg->max_events_per_window &&
+        !take_token(event_rate.lookup(&zero), cfg->max_events_per_window, cfg->rate_window_ns)) {
+        count(C_EVENTS_RATE_LIMITED, 1);
+        return;
+    }
+    __sync_fetch_and_add(&c->events, 1);
+    struct error_event *ev = event_scratch.lookup(&zero);
+    if (!ev)
+        return;
+    ev->response_ns = now_ns;
+    __builtin_memcpy(&ev->key, &c->key.flow, sizeof(ev->key));
     ev->ifindex = skb->ifindex;
     ev->status = status;
     ev->direction = direction;
-    ev->new_flow = new_flow;
     ev->proto = proto;
-    ev->server_is_lo = src_is_lo;
-    ev->cut = fv ? fv->cut : 0;
-    __builtin_memcpy(&ev->key, key, sizeof(ev->key));
+    ev->new_flow = new_flow;
+    ev->server_is_lo = !(c->flags & CONN_CLIENT_LO);
+    ev->cut = c->cut;
+    ev->request_ns = 0;
+    ev->request_len = 0;
+    ev->request_frame_len = 0;
+    if (r) {
+        ev->request_ns = r->request_ns;
+        ev->request_direction = r->direction;
+        ev->request_frame_len = r->frame_len;
+        ev->request_len = r->len;
+        __builtin_memcpy(ev->data, r->data, sizeof(ev->data));
+    }
     /* Wake the reader for the first event after a quiet spell, then at most once per
      * EVENT_WAKEUP_NS on this CPU: in an error storm a wakeup per event (a context switch
      * for every error response) cost more than everything else the mirror does. Events
      * written without one wait for the reader's next poll (it also reads on a timer). */
     __u64 flags = BPF_RB_NO_WAKEUP;
     __u64 *woke = event_wakeup.lookup(&zero);
-    if (woke && ev->response_ns - *woke >= EVENT_WAKEUP_NS) {
-        *woke = ev->response_ns;
+    if (woke && now_ns - *woke >= EVENT_WAKEUP_NS) {
+        *woke = now_ns;
         flags = BPF_RB_FORCE_WAKEUP;
     }
     int err;
-    if (req)
+    if (r)
         err = events.ringbuf_output(ev, sizeof(*ev), flags);
     else
         err = events.ringbuf_output(ev, __builtin_offsetof(struct error_event, data), flags);
     count(err ? C_EVENTS_LOST : C_EVENTS, 1);
 }
 
-/* Marks the flow (or records the new status in the already marked flow's slot).
- * Returns the flow's value on this CPU (the budgets count against it), 0 if the new
- * entry is already gone again. */
-static __always_inline struct flow_value *mark_flow(struct __sk_buff *skb,
-                                                    struct flow_key *key,
-                                                    struct flow_value *fv, __u64 now,
-                                                    __u32 status)
+/* A counted trigger status (`mode` STATUS_COUNTS) or one seen before (STATUS_SILENT):
+ * marks the connection, mirrors the packet and, when counted here, counts the error and
+ * reports it. */
+static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirror_config *cfg,
+                                       struct conn *c, __u32 slot, struct iface_stats *st,
+                                       __u32 status, __u32 direction, __u8 proto, int mode,
+                                       __u64 now)
 {
-    if (fv) {
-        fv->status = status;
-        return fv;
+    int new_flow = conn_mark(c, status, now);
+    if (mode != STATUS_COUNTS) {
+        __sync_fetch_and_add(&c->packets, 1);   /* its clone was made where it entered */
+        __sync_fetch_and_add(&c->bytes, skb->len);
+        return;
     }
-    if (!now)
-        now = bpf_ktime_get_coarse_ns();
-    struct flow_value nv = {
-        .packets = 1, .bytes = skb->len, .first_ns = now, .last_ns = now,
-        .ifindex = skb->ifindex, .status = status,
-    };
-    flows.update(key, &nv);
-    count(C_FLOWS_MARKED, 1);
-    /* After the insert: see enum marks_index for why the order matters. */
-    __u32 made = MARKS_MADE;
-    __u64 *n = marks.lookup(&made);
-    if (n)
-        __sync_fetch_and_add(n, 1);
-    return flows.lookup(key);
+    mirror_packet(skb, cfg, c, st, direction);
+    /* After the clone: the request frame user space writes for this event follows the
+     * response on the debug interface, never precedes it. */
+    struct kept_request *r = kept_request_of(c, slot);
+    if (!r)
+        count(C_RESP_NO_REQUEST, 1);
+    __u64 now_ns = bpf_ktime_get_ns();
+    count_error(skb->ifindex, status, proto, r, now_ns);
+    report_error(skb, cfg, c, r, status, direction, new_flow, proto, now_ns);
 }
 
-/* The HTTP/2 path of a segment whose first bytes are a plausible frame header: reads
- * the statuses (bpf/http2.h), marks the flow on a trigger status, mirrors what is
- * marked and reports the error (HTTP/2 requests are not kept: their header blocks are
- * HPACK-compressed against the connection's state). The flow key and whether the flow
- * was marked come from h2_pending, not from the caller's stack: nothing of the caller is
- * live here, so the verifier walks the frame loop once, not once per way the caller got
- * here (IPv4 or IPv6, marked or not). */
-static __always_inline void classify_h2(struct __sk_buff *skb, __u32 off, __u32 end,
-                                        __u32 direction)
+/* --- the decisions ---------------------------------------------------------------------- */
+
+/* The HTTP/2 path of a segment whose first bytes are a plausible frame header: reads the
+ * statuses in the mode `pending` says (bpf/http2.h), then marks, mirrors and reports on a
+ * trigger status (HTTP/2 requests are not kept: their header blocks are HPACK-compressed
+ * against the connection's state). Its own program, tail-called by classify() with what it
+ * needs in `pending`; the connection is found again by its slot. */
+int mirror_h2(struct __sk_buff *skb)
 {
-    int status = h2_trigger_status(skb, off, end, direction);
     __u32 zero = 0;
-    struct h2_pending *p = h2_pending.lookup(&zero);
+    struct pending *p = pending.lookup(&zero);
     if (!p)
-        return;
-    struct flow_value *fv = p->was_marked ? flows.lookup(&p->key) : 0;
+        return PASS;
+    __u32 direction = p->direction & 1;
+    int status = h2_trigger_status(skb, p->payload_off, p->payload_end, direction);
+    p = pending.lookup(&zero);
+    struct mirror_config *cfg = config.lookup(&zero);
+    if (!p || !cfg)
+        return PASS;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u32 slot = p->slot;
+    struct conn *c = 0;
+    if (p->has_conn) {
+        c = conns.lookup(&slot);
+        if (c && c->gen != p->gen)
+            c = 0;      /* taken by another connection meanwhile */
+    }
+    if (p->saw_request && p->mode == STATUS_UNKNOWN_SIDE) {
+        /* A request's header block: its sender is the client (a connection whose start
+         * and preface went unseen). */
+        if (!c)
+            c = conn_find(&p->key, cfg->hash_seed, 1, now, &slot);
+        if (c && !(c->flags & CONN_CLIENT_KNOWN))
+            conn_learn_client(c, p->src_is_lo, direction);
+        return PASS;
+    }
+    if (!c)
+        return PASS;
+    int marked = conn_marked(c, cfg, now);
+    c->last_ns = now;
     if (status >= 0)
-        fv = mark_flow(skb, &p->key, fv, 0, status);
-    if (status >= 0 || p->was_marked)
-        mirror_packet(skb, 0, direction, fv);
-    if (status >= 0)
-        report_error(skb, &p->key, p->src_is_lo, 0, status, direction, !p->was_marked,
-                     status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, fv);
+        on_trigger(skb, cfg, c, slot, 0, status, direction,
+                   status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, p->mode, now);
+    else if (marked && !p->seen_before)
+        mirror_packet(skb, cfg, c, 0, direction);
+    return PASS;
 }
 
 static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 {
     struct tcp_segment seg = {};
+    __u32 zero = 0;
 
     count(C_PACKETS, 1);
+    /* Read once: clang would otherwise keep a pointer into the context for later reads,
+     * which the verifier refuses. */
+    __u32 ifindex = skb->ifindex;
+    asm volatile("" : "+r"(ifindex));
+    /* On a monitored lo every packet passes egress, then ingress: it is handled once. */
+    int on_lo = 0;
+    if (ifindex == LOOPBACK_IFINDEX) {
+        __u32 lo = LOOPBACK_IFINDEX;
+        on_lo = monitored.lookup(&lo) != 0;
+        if (on_lo && direction == DIR_INGRESS) {
+            count(C_LO_SECOND_PASS, 1);
+            return PASS;
+        }
+    }
     switch (parse_tcp_segment(skb, &seg)) {
     case PARSED_TCP:
         break;
@@ -375,110 +703,146 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     }
     count(C_TCP, 1);
 
-    /* The hot path: every TCP segment pays this one lookup (normalised key, so one
-     * lookup covers both directions), unless the map is known to be empty (see enum
-     * marks_index). The clock is read only when a flow is touched, and it is the coarse
-     * one (tick resolution, a few ms): enough for idle expiry, several times cheaper. */
-    __u64 now = 0;
-    struct flow_value *fv = 0;
-    if (maybe_marked())
-        fv = flows.lookup(&seg.key);
-    if (fv && seg.syn) {
-        /* A new connection reusing the 4-tuple of a marked one (the client port came
-         * round again within the idle timeout): not the connection that failed. */
-        flows.delete(&seg.key);
-        count(C_SYN_UNMARKED, 1);
-        fv = 0;
-    }
-    if (fv) {
-        now = bpf_ktime_get_coarse_ns();
-        fv->packets++;
-        fv->bytes += skb->len;
-        if (!fv->first_ns)
-            fv->first_ns = now;
-        fv->last_ns = now;
-        fv->ifindex = skb->ifindex;
+    /* A packet forwarded from one monitored interface out of another (container to
+     * container through a bridge, or routed between two host-side veths) was counted,
+     * cloned and reported at the ingress hook of the first: here it only keeps this
+     * interface's connection state. Locally sent packets have ingress_ifindex 0. */
+    int seen_before = 0;
+    __u32 in_ifindex = skb->ingress_ifindex;
+    asm volatile("" : "+r"(in_ifindex));
+    if (direction == DIR_EGRESS && in_ifindex && monitored.lookup(&in_ifindex)) {
+        seen_before = 1;
+        count(C_SEEN_BEFORE, 1);
     }
 
-    /* One load of the payload's first bytes answers all three: an HTTP/1.x status line,
-     * a request start, or (only when neither) a plausible HTTP/2 frame header. HTTP/1.x
-     * and bulk data pay the compares of h2_header_ok and nothing more: bulk data passes
-     * them about 4 times in 100,000 (a zero byte, a length <= 0x40xx, a type <= 9, valid
-     * flags). */
+    /* One load of the payload's first bytes answers it all: an HTTP/1.x status line, a
+     * request start (or the HTTP/2 preface), or (only when neither) a plausible HTTP/2
+     * frame header. HTTP/1.x and bulk data pay the compares of h2_header_ok and nothing
+     * more: bulk data passes them about 4 times in 100,000. */
     char head[STATUS_LINE_LEN];
-    int code = -1, try_h2 = 0;
-    struct mirror_config *cfg = 0;
-    struct error_event *req = 0;
-    __u32 zero = 0;
+    int code = -1, request = 0, preface = 0, try_h2 = 0;
     __u32 payload_len = seg.payload_end - seg.payload_off;
     if (payload_len >= STATUS_LINE_LEN) {
         if (http1_load(skb, seg.payload_off, head) == 0) {
             code = http1_status(head);
-            if (code < 0 && http1_request_start(head)) {
-                cfg = config.lookup(&zero);
-                if (cfg && cfg->request_bytes)
-                    keep_request(skb, &seg, direction, cfg);
-            } else {
-                try_h2 = code < 0;
+            if (code < 0) {
+                request = http1_request_start(head);
+                preface = !request && http2_preface(head);
+                try_h2 = !request && !preface;
             }
         }
     } else if (payload_len >= H2_MIN_SEGMENT) {
         try_h2 = bpf_skb_load_bytes(skb, seg.payload_off, head, H2_FRAME_HEADER_LEN) == 0;
     }
-    if (MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head)) {
-        struct h2_pending *p = h2_pending.lookup(&zero);
-        if (p) {
-            p->key = seg.key;
-            p->was_marked = fv != 0;
-            p->src_is_lo = seg.src_is_lo;
-            classify_h2(skb, seg.payload_off, seg.payload_end, direction);
-        } else if (fv) {
-            mirror_packet(skb, 0, direction, fv);
+    try_h2 = MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head);
+    /* From here on the packet's facts are one word and the status code, each through
+     * opaque(): the paths that computed them join in one verifier state before the
+     * connection's lookup, whose branches would otherwise multiply with theirs. */
+    __u32 facts = opaque(seg.syn | seg.ack << 1 | request << 2 | preface << 3 | try_h2 << 4 |
+                         seen_before << 5 | on_lo << 6 | seg.src_is_lo << 7);
+    code = opaque(code);
+    int syn = facts & 1, ack = facts >> 1 & 1;
+    request = facts >> 2 & 1;
+    preface = facts >> 3 & 1;
+    try_h2 = facts >> 4 & 1;
+    seen_before = facts >> 5 & 1;
+    on_lo = facts >> 6 & 1;
+
+    /* The hot path: the packets that tell a connection's state something look it up;
+     * the others only to learn whether it is marked, and not at all while no connection
+     * is (enum marks_index). */
+    if (!syn && code < 0 && !request && !preface && !try_h2 && !maybe_marked())
+        return PASS;
+    struct mirror_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return PASS;
+    struct conn_key ck = {};
+    __builtin_memcpy(&ck.flow, &seg.key, sizeof(ck.flow));
+    ck.ifindex = ifindex;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u32 slot = 0;
+    int sender_lo = facts >> 7 & 1;
+    struct conn *c = conn_find(&ck, cfg->hash_seed, syn || request || preface, now, &slot);
+
+    if (syn && c) {
+        /* A new connection: the SYN's sender is the client, a SYN-ACK's receiver. */
+        int client_lo = ack ? !sender_lo : sender_lo;
+        int client_egress = ack ? direction == DIR_INGRESS : direction == DIR_EGRESS;
+        if (!ack || !(c->flags & CONN_CLIENT_KNOWN) ||
+            !!(c->flags & CONN_CLIENT_LO) != client_lo || (c->flags & CONN_MARKED))
+            conn_restart(c, client_lo, client_egress, now);
+    }
+    int mode = conn_status_mode(c, sender_lo, direction, on_lo, seen_before);
+    if ((request || preface) && c) {
+        if (!(c->flags & CONN_CLIENT_KNOWN)) {
+            conn_learn_client(c, sender_lo, direction);
+            mode = STATUS_FROM_CLIENT;
         }
+        if (request && mode == STATUS_FROM_CLIENT && cfg->request_bytes)
+            keep_request(skb, cfg, c, slot, direction);
+    }
+    /* A packet that tells the state something, or of a marked connection, touches it:
+     * the slot a new connection takes is the bucket's least recently touched one, and
+     * idle expiry counts from here. (Not every packet that looks up: whether the others
+     * do depends on the marks pre-filter, which says nothing about this connection.) */
+    int marked = conn_marked(c, cfg, now);
+    if (c && (marked || syn || code >= 0 || request || preface || try_h2))
+        c->last_ns = now;
+
+    if (try_h2) {
+        if (mode == STATUS_FROM_CLIENT) {
+            /* The client's frames: requests, never statuses (not even walked). */
+            if (marked && !seen_before)
+                mirror_packet(skb, cfg, c, 0, direction);
+            return PASS;
+        }
+        struct pending *p = pending.lookup(&zero);
+        if (p) {
+            __builtin_memcpy(&p->key, &ck, sizeof(ck));
+            p->has_conn = c != 0;
+            p->slot = slot;
+            p->gen = c ? c->gen : 0;
+            p->src_is_lo = sender_lo;
+            p->mode = mode;
+            p->saw_request = 0;
+            p->seen_before = seen_before;
+            p->payload_off = seg.payload_off;
+            p->payload_end = seg.payload_end;
+            p->direction = direction;
+            h2_walk.call(skb, 0);
+        }
+        /* Only when the tail call did not happen (no walk loaded: MIRROR_HTTP2 0). */
+        if (marked && !seen_before)
+            mirror_packet(skb, cfg, c, 0, direction);
         return PASS;
     }
-    if (code >= 0) {
-        /* With the request snapshot on, a status line counts only when it travels
-         * opposite to the flow's last request: a client cannot mark its own connection
-         * by sending one. With no request kept for the flow, it counts (as with the
-         * snapshot off): a response whose request was missed is still an error. */
-        cfg = config.lookup(&zero);
-        if (cfg && cfg->request_bytes) {
-            req = requests.lookup(&seg.key);
-            if (!req) {
-                count(C_RESP_NO_REQUEST, 1);
-            } else if (req->request_from_lo == seg.src_is_lo) {
-                count(C_STATUS_SAME_DIR, 1);
-                code = -1;
-            }
-        }
+
+    if (code >= 0 && mode != STATUS_COUNTS && mode != STATUS_SILENT) {
+        status_counts(mode);    /* counted apart, and nothing more */
+        code = -1;
     }
     if (code < 0) {
-        if (fv)
-            mirror_packet(skb, 0, direction, fv);
+        if (marked && !seen_before)
+            mirror_packet(skb, cfg, c, 0, direction);
         return PASS;
     }
 
     __u32 status = code;
-    count(C_RESPONSES, 1);
-    __u32 cls = (status >= 100 && status < 600) ? status / 100 - 1 : 5;
-    count(C_RESP_1XX + cls, 1);
-    struct iface_stats *st = stats_of(skb->ifindex, direction);
-    /* Keep the bound check: clang proves cls < 6 and drops it, the verifier cannot. */
-    asm volatile("" : "+r"(cls));
-    if (st && cls < 6)
-        st->responses[cls]++;
-
-    if (status >= MIN_HTTP_STATUS && is_trigger(status)) {
-        struct flow_value *mfv = mark_flow(skb, &seg.key, fv, now, status);
-        mirror_packet(skb, st, direction, mfv);
-        /* After the clone: the request frame user space writes for this event follows
-         * the response on the debug interface, never precedes it. */
-        report_error(skb, &seg.key, seg.src_is_lo, req, status, direction, !fv, PROTO_HTTP1,
-                     mfv);
-    } else if (fv) {
-        mirror_packet(skb, st, direction, fv);
+    struct iface_stats *st = 0;
+    if (mode == STATUS_COUNTS) {
+        count(C_RESPONSES, 1);
+        __u32 cls = (status >= 100 && status < 600) ? status / 100 - 1 : 5;
+        count(C_RESP_1XX + cls, 1);
+        st = stats_of(ifindex, direction);
+        /* Keep the bound check: clang proves cls < 6 and drops it, the verifier cannot. */
+        asm volatile("" : "+r"(cls));
+        if (st && cls < 6)
+            st->responses[cls]++;
     }
+    if (status >= MIN_HTTP_STATUS && is_trigger(status))
+        on_trigger(skb, cfg, c, slot, st, status, direction, PROTO_HTTP1, mode, now);
+    else if (marked && !seen_before)
+        mirror_packet(skb, cfg, c, st, direction);
     return PASS;
 }
 

@@ -13,11 +13,18 @@
  * grpc-status codes (bpf/http2.h), set by a trigger spec's grpc: part. */
 #define MIN_HTTP_STATUS 100
 /* Defaults and limits user space applies too (mirror/abi.py reads them from here). */
-#define DEFAULT_MAX_FLOWS 65536         /* --max-flows */
+#define DEFAULT_MAX_FLOWS 65536         /* --max-flows: connection slots */
 #define DEFAULT_REQUEST_BYTES 512       /* --request-bytes */
+#define DEFAULT_MAX_EVENTS_PER_CONN 10  /* --max-events-per-connection */
 #define MAX_MONITORED 4096              /* interfaces in the `monitored` map: --max-ifaces */
 /* IPv6 extension headers skipped before giving up (hop-by-hop, routing, fragment, dest opts). */
 #define MAX_IPV6_EXT_HDRS 6
+/* Every network namespace's loopback device has this ifindex (include/net/net_namespace.h). */
+#define LOOPBACK_IFINDEX 1
+/* A connection slot array is divided into buckets of this many slots (see struct conn). */
+#define CONN_WAYS 4
+/* Distinct (interface, status, protocol) error counts kept (the `errors` map). */
+#define ERROR_COUNT_KEYS 4096
 
 enum direction {
     DIR_INGRESS = 0,
@@ -33,41 +40,58 @@ enum counter {
     C_OTHER,            /* not IP, not TCP, or a non-first fragment: passed after counting */
     C_MALFORMED,        /* truncated or bogus headers (IHL, data offset, ext header lengths) */
     C_NONLINEAR,        /* headers valid but not in the linear part of the skb: skipped */
-    C_RESPONSES,        /* HTTP/1.x status lines seen */
+    C_RESPONSES,        /* HTTP/1.x status lines counted as responses (from the server side) */
     C_RESP_1XX,         /* ... by class; C_RESP_1XX + (code / 100 - 1) */
     C_RESP_2XX,
     C_RESP_3XX,
     C_RESP_4XX,
     C_RESP_5XX,
     C_RESP_OTHER,       /* a status code outside 100-599 */
-    C_FLOWS_MARKED,     /* flows newly marked by a trigger code */
+    C_FLOWS_MARKED,     /* connections newly marked by a trigger status */
     C_MIRRORED_PACKETS, /* clones sent to the debug interface */
     C_MIRRORED_BYTES,
     C_CLONE_FAILURES,   /* clone not sent or dropped by the debug interface; original unaffected */
     C_NO_DEBUG_IF,      /* wanted to mirror but no debug interface is configured */
     C_IFACE_SLOT_TAKEN, /* per-interface stats not kept: slot owned by another ifindex */
-    C_SYN_UNMARKED,     /* a SYN on a marked flow: a new connection reusing the 4-tuple,
-                         * unmarked and not mirrored */
-    C_REQUESTS,         /* HTTP/1.x request starts (a method and a space at the start of a
-                         * payload) kept in the request snapshot (snapshot on) */
-    C_STATUS_SAME_DIR,  /* status lines sent by the side that sent the flow's last request:
-                         * not a response (snapshot on) */
-    C_RESP_NO_REQUEST,  /* responses on a flow with no request snapshot (not seen, evicted,
-                         * or snapshot off) */
+    C_SYN_UNMARKED,     /* a SYN on a marked connection: a new connection reusing the
+                         * 4-tuple, which starts unmarked */
+    C_REQUESTS,         /* HTTP/1.x request starts from the client kept (snapshot on) */
+    C_STATUS_FROM_CLIENT,  /* statuses sent by a connection's client side, or travelling
+                            * in the client's direction: not responses, never counted */
+    C_RESP_NO_REQUEST,  /* error responses with no request kept for them (the request went
+                         * by before the attach, was replaced, or the snapshot is off) */
     C_EVENTS,           /* error events handed to user space */
     C_EVENTS_LOST,      /* error events lost: the ring buffer was full */
     C_H2_RESPONSES,     /* HTTP/2 :status decoded (bpf/http2.h); by class in iface_stats */
     C_H2_STATUS_UNKNOWN,/* HTTP/2 HEADERS whose :status needs HPACK state or is cut/bogus */
-    C_CLONES_DEDUPLICATED, /* not cloned at egress: entered through a monitored interface,
-                            * whose ingress hook cloned it already */
-    C_SKIP_FLOW_PACKETS,/* clones skipped: the flow's packet budget on this CPU is spent */
-    C_SKIP_FLOW_BYTES,  /* clones skipped: the flow's byte budget on this CPU is spent */
+    C_SEEN_BEFORE,      /* packets at an egress hook that entered through a monitored
+                         * interface (or looped back on a monitored lo): their ingress
+                         * hook counted, cloned and reported them; here they only update
+                         * this interface's connection state */
+    C_SKIP_FLOW_PACKETS,/* clones skipped: the connection's packet budget is spent */
+    C_SKIP_FLOW_BYTES,  /* clones skipped: the connection's byte budget is spent */
     C_SKIP_CPU_RATE,    /* clones skipped: this CPU's clones per window are spent */
     C_GRPC_OK,          /* grpc-status 0 read (bpf/http2.h) */
     C_GRPC_ERRORS,      /* grpc-status 1-16 read */
     C_GRPC_STATUS_UNKNOWN, /* a stream-ending HEADERS block with no readable grpc-status but
                             * a dynamic table reference that may be one, or a grpc-status
                             * whose value is cut or not 0-16 */
+    C_CONNS_STARTED,    /* connection states started: a SYN, a SYN-ACK whose SYN was not
+                         * seen, or the client side learned from a request */
+    C_CONNS_REPLACED,   /* a connection's state gave its slot to a new one (the least
+                         * recently active of its bucket) */
+    C_SIDE_FROM_REQUEST,/* connections whose start was not seen, their client side learned
+                         * from a request (HTTP/1.x, the HTTP/2 preface or request headers) */
+    C_STATUS_SIDE_UNKNOWN, /* statuses on a connection whose client side is not known (its
+                            * start and every request since went unseen): not counted */
+    C_FLOWS_EXPIRED,    /* marked connections found idle past the idle timeout: unmarked */
+    C_ERRORS,           /* error responses (trigger statuses from the server side) counted
+                         * in the `errors` map */
+    C_ERRORS_UNCOUNTED, /* error responses not in the `errors` map: it was full */
+    C_EVENTS_RATE_LIMITED, /* events not emitted: this CPU's events per window were spent */
+    C_EVENTS_CONN_LIMITED, /* events not emitted: the connection had its share */
+    C_LO_SECOND_PASS,   /* packets at a monitored lo's ingress: already seen at its egress */
+    C_FLOWS_EVICTED,    /* marked connections whose slot a new connection took */
     NR_COUNTERS,
 };
 
@@ -83,21 +107,59 @@ struct flow_key {
     __u8 pad[3];
 };
 
-/* Per-CPU value of a marked flow. "Marked" means the key exists; the slot of a CPU that
- * has not seen the flow since it was marked is all zero. */
-struct flow_value {
-    __u64 packets;      /* packets of the flow seen on this CPU since it was marked (each
-                         * one cloned, or counted as a clone failure / no_debug_if) */
-    __u64 bytes;
-    __u64 first_ns;     /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the first
-                         * one on this CPU */
-    __u64 last_ns;
-    __u32 ifindex;      /* interface of the last packet on this CPU */
-    __u16 status;       /* last trigger status code seen on this CPU, 0 if none */
-    __u16 cut;          /* enum cut_reason bits: clones of the flow skipped on this CPU */
+/* What tells a connection's state apart: its flow on one interface. Two interfaces never
+ * share a state (their address ranges may overlap, and a request seen on one is none of
+ * the other's business). */
+struct conn_key {
+    struct flow_key flow;
+    __u32 ifindex;
 };
 
-/* Why a clone was skipped (bits of flow_value.cut and error_event.cut). */
+/* Bits of struct conn's flags. */
+enum conn_flag {
+    CONN_CLIENT_KNOWN = 1,  /* which side is the client is known: */
+    CONN_CLIENT_LO = 2,     /*   the client is the key's lo endpoint */
+    CONN_CLIENT_EGRESS = 4, /*   the client's packets pass this interface's egress hook */
+    CONN_MARKED = 8,        /* a trigger status marked it: every packet is mirrored */
+    CONN_REQUEST = 16,      /* a request is kept for it (kept_request with its gen) */
+};
+
+/* One connection's state on one interface: the one lookup a packet of a connection pays.
+ * The `conns` array is indexed by a seeded hash of the key into buckets of CONN_WAYS
+ * slots; a lookup compares the key (the slot's tag) in each slot of the bucket, and a new
+ * connection takes a free slot of its bucket or the one idle longest. Shared by all CPUs:
+ * the SYN, the request and the response of a connection may each run on another CPU.
+ * What a packet touches is in the first 64 bytes. */
+struct conn {
+    struct conn_key key;    /* 0: the tag */
+    __u8 flags;             /* 44: enum conn_flag */
+    __u8 cut;               /* 45: enum cut_reason bits: clones skipped since marked */
+    __u16 status;           /* 46: the trigger status that marked it, 0 if none */
+    __u32 gen;              /* 48: bumped whenever the slot starts a connection: tags the
+                             * kept request, so that it never goes with another one */
+    __u32 events;           /* 52: error events emitted for it */
+    __u64 last_ns;          /* 56: bpf_ktime_get_coarse_ns() of the last packet that
+                             * touched it (idle expiry, and which slot a new one takes) */
+    __u64 first_ns;         /* 64: when it was marked (coarse) */
+    __u64 packets;          /* 72: packets since it was marked (budgets), both directions,
+                             * every CPU */
+    __u64 bytes;            /* 80 */
+};
+
+/* A request kept for a connection: the `requests` array holds one per CONN_WAYS
+ * connection slots (slot % its size), tagged with the slot and the slot's gen. */
+struct kept_request {
+    __u64 request_ns;       /* bpf_ktime_get_ns() */
+    __u32 slot;             /* the conns slot it was kept for */
+    __u32 gen;              /* that slot's gen then */
+    __u32 frame_len;        /* the whole frame (skb->len) */
+    __u32 len;              /* of which data[] holds this many bytes */
+    __u8 direction;         /* enum direction */
+    __u8 pad[7];
+    __u8 data[REQUEST_BYTES];
+};
+
+/* Why a clone was skipped (bits of conn.cut and error_event.cut). */
 enum cut_reason {
     CUT_FLOW_PACKETS = 1,
     CUT_FLOW_BYTES = 2,
@@ -107,22 +169,26 @@ enum cut_reason {
 struct mirror_config {
     __u32 debug_ifindex;    /* 0: nowhere to mirror (counted in C_NO_DEBUG_IF) */
     __u32 request_bytes;    /* bytes of a request frame kept (<= REQUEST_BYTES); 0: off */
-    /* Budgets (0: unlimited). Per flow they count against the flow's value on the CPU
-     * at hand (flow_value.packets/bytes since the mark, the clone included), so a flow
-     * handled by several CPUs gets the budget on each. */
+    /* Budgets (0: unlimited). Per connection, counted from the packet that marked it on
+     * (the clone included), whatever CPU handles it. */
     __u32 max_packets_per_flow;
-    __u32 max_clones_per_window;    /* per CPU, per clone_window_ns */
+    __u32 max_clones_per_window;    /* per CPU, per rate_window_ns */
     __u64 max_bytes_per_flow;
-    __u64 clone_window_ns;  /* the rate window: 1 s (user space sets it; tests widen it) */
+    __u64 rate_window_ns;   /* the rate windows: 1 s (user space sets it; tests widen it) */
+    __u32 max_events_per_window;    /* per CPU, per rate_window_ns; 0: unlimited */
+    __u32 max_events_per_conn;      /* 0: unlimited */
+    __u64 idle_ns;          /* a marked connection idle this long is unmarked; 0: never */
+    __u32 hash_seed;        /* of the conns index: chosen at random by user space */
+    __u32 pad;
 };
 
-/* A CPU's clone count in its current rate window (the clone_rate per-CPU array). */
-struct clone_window {
-    __u64 start_ns;         /* bpf_ktime_get_coarse_ns() at the window's first clone */
-    __u64 clones;
+/* A CPU's count in its current rate window (the clone_rate and event_rate arrays). */
+struct rate_window {
+    __u64 start_ns;         /* bpf_ktime_get_coarse_ns() at the window's first use */
+    __u64 count;
 };
 
-/* Bytes of a request frame the snapshot map can hold (the loader's --request-bytes,
+/* Bytes of a request frame the requests array can hold (the loader's --request-bytes,
  * rounded up to a multiple of 8). */
 #ifndef REQUEST_BYTES
 #define REQUEST_BYTES DEFAULT_REQUEST_BYTES
@@ -134,39 +200,53 @@ enum app_proto {
     PROTO_GRPC = 3,     /* status: the grpc-status code */
 };
 
-/* One error event: a trigger status seen, and the request that got it. The request
- * part is what the request snapshot map (`requests`, keyed by flow) holds; the response
- * part is filled in when a trigger status arrives, and the whole struct goes to user
- * space through the `events` ring buffer (without data[] when no request was kept).
+/* An error response, counted by the kernel whether or not an event is emitted for it:
+ * the `errors` per-CPU hash, read by the metrics at scrape time. */
+struct error_count_key {
+    __u32 ifindex;
+    __u16 status;           /* HTTP status, or the grpc-status code with PROTO_GRPC */
+    __u8 proto;             /* enum app_proto */
+    __u8 pad;
+};
+
+/* Upper bounds (ns) of the buckets of the time from a kept request to its error
+ * response (mirror_error_response_seconds); the `response_time` per-CPU array holds a
+ * count per bucket, one more for the rest, then the sum in ns. */
+#define RESPONSE_BUCKETS 14
+#define RESPONSE_BOUNDS_NS {1000000ULL, 5000000ULL, 10000000ULL, 25000000ULL, 50000000ULL, \
+    100000000ULL, 250000000ULL, 500000000ULL, 1000000000ULL, 2500000000ULL, 5000000000ULL, \
+    10000000000ULL, 30000000000ULL, 60000000000ULL}
+
+/* One error event: an error response, and the request that got it, handed to user space
+ * through the `events` ring buffer (without data[] when no request was kept). Bounded:
+ * at most max_events_per_conn per connection and max_events_per_window per CPU; the
+ * rest are counted (C_EVENTS_*_LIMITED) and, like every error, in `errors`.
  * Times are bpf_ktime_get_ns() (CLOCK_MONOTONIC). */
 struct error_event {
-    /* the response */
     __u64 response_ns;
+    __u64 request_ns;       /* 0: no request kept */
+    struct flow_key key;
     __u32 ifindex;
     __u16 status;
-    __u8 direction;         /* enum direction */
-    __u8 new_flow;          /* 1: this response marked the flow */
+    __u8 direction;         /* of the response: enum direction */
     __u8 proto;             /* enum app_proto */
-    __u8 server_is_lo;      /* the response's sender is key's lo endpoint */
-    __u8 cut;               /* the flow's enum cut_reason bits on this CPU, this response's
-                             * clone decision included */
-    __u8 pad0[5];
-    struct flow_key key;
-    /* the request (request_ns 0: none kept) */
-    __u64 request_ns;
-    __u32 request_ifindex;
+    __u8 new_flow;          /* 1: this response marked the connection */
+    __u8 server_is_lo;      /* the server is key's lo endpoint */
+    __u8 cut;               /* the connection's enum cut_reason bits, this response's clone
+                             * decision included */
     __u8 request_direction;
-    __u8 request_from_lo;   /* the request's sender is key's lo endpoint */
-    __u16 pad1;
     __u32 request_frame_len;/* the whole frame (skb->len) */
     __u32 request_len;      /* of which data[] holds this many bytes */
+    __u32 pad;
     __u8 data[REQUEST_BYTES];
 };
 
-/* The flow-lookup pre-filter. marks[MARKS_MADE] counts the flows the classifier has
- * marked (incremented after the insert); user space writes into marks[MARKS_CLEARED] the
- * count it read before a scan that found the flow map empty. While the two are equal no
- * flow can be in the map, and packets skip the hash lookup. A mark made after user space
+/* The pre-filter of packets that carry nothing a connection's state needs (no SYN, no
+ * payload that starts a request or a status): they look their connection up only to
+ * learn whether it is marked. marks[MARKS_MADE] counts the connections the classifier has
+ * marked (incremented after the mark); user space writes into marks[MARKS_CLEARED] the
+ * count it read before a scan that found none marked. While the two are equal no
+ * connection is marked, and such packets skip the lookup. A mark made after user space
  * read the count makes them differ, so no mark is ever missed. */
 enum marks_index {
     MARKS_MADE = 0,

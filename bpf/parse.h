@@ -29,6 +29,7 @@ struct tcp_segment {
     __u32 payload_end;      /* end of the TCP payload (IP length, capped at skb->len) */
     __u8 src_is_lo;         /* the sender is key.addr_lo/port_lo */
     __u8 syn;               /* the SYN flag is set */
+    __u8 ack;               /* the ACK flag is set */
 };
 
 struct vlan_tag {
@@ -178,6 +179,7 @@ static __always_inline int parse_tcp_segment(struct __sk_buff *skb, struct tcp_s
     seg->payload_off = payload_off;
     seg->payload_end = payload_end;
     seg->syn = tcp->syn;
+    seg->ack = tcp->ack;
     return PARSED_TCP;
 
 truncated:

@@ -103,6 +103,17 @@ IFACE_SLOTS = define("IFACE_SLOTS")
 MAX_MONITORED = define("MAX_MONITORED")
 DEFAULT_MAX_FLOWS = define("DEFAULT_MAX_FLOWS")
 DEFAULT_REQUEST_BYTES = define("DEFAULT_REQUEST_BYTES")
+DEFAULT_MAX_EVENTS_PER_CONN = define("DEFAULT_MAX_EVENTS_PER_CONN")
+CONN_WAYS = define("CONN_WAYS")
+ERROR_COUNT_KEYS = define("ERROR_COUNT_KEYS")
+LOOPBACK_IFINDEX = define("LOOPBACK_IFINDEX")
+CONN_FLAGS = {k[len("CONN_"):].lower(): v for k, v in enum("conn_flag").items()}
+RESPONSE_BUCKETS = define("RESPONSE_BUCKETS")
+# The response-time buckets' upper bounds, in seconds (RESPONSE_BOUNDS_NS in bpf/mirror.h).
+RESPONSE_BOUNDS_S = tuple(
+    int(x.rstrip("ULul")) / 1e9 for x in re.search(
+        r"#define RESPONSE_BOUNDS_NS \{(.*?)\}", header(), re.S).group(1)
+    .replace("\\", " ").split(","))
 MARKS_MADE = enum("marks_index")["MARKS_MADE"]
 MARKS_CLEARED = enum("marks_index")["MARKS_CLEARED"]
 # Responses in iface_stats by class: 1xx..5xx, then any code outside 100-599.
@@ -112,7 +123,8 @@ GRPC_CLASSES = ("ok", "error")
 
 # Limits user space puts on what it compiles in (not in the header: C takes any value).
 MAX_REQUEST_BYTES = 4096
-CLONE_WINDOW_NS = 10**9     # the rate window of --max-clones-per-second
+MAX_CONN_SLOTS = 1 << 24
+RATE_WINDOW_NS = 10**9      # the rate windows of --max-clones-per-second and events
 
 # tc verdicts (linux/pkt_cls.h): the classifier returns UNSPEC for every packet.
 TC_ACT_UNSPEC = -1
@@ -205,60 +217,83 @@ FLOW_KEY = Layout("flow_key", "!", (
     ("family", "B"), (None, "3x")))
 
 # A multiple of 8: the slots of a per-CPU value are not padded.
-FLOW_VALUE = Layout("flow_value", "=", (
-    ("packets", "Q"), ("bytes", "Q"), ("first_ns", "Q"), ("last_ns", "Q"),
-    ("ifindex", "I"), ("status", "H"), ("cut", "H")))
+# struct conn: its key is struct conn_key (the flow key, then the ifindex) as raw bytes:
+# the flow key's ports are in network order, the rest native.
+CONN_KEY_SIZE = FLOW_KEY.size + 4
+CONN = Layout("conn", "=", (
+    ("key", f"{CONN_KEY_SIZE}s"), ("flags", "B"), ("cut", "B"), ("status", "H"),
+    ("gen", "I"), ("events", "I"), ("last_ns", "Q"), ("first_ns", "Q"), ("packets", "Q"),
+    ("bytes", "Q")))
 
 IFACE_STATS = Layout("iface_stats", "=", (
     ("responses", f"{len(STATUS_CLASSES)}Q"), ("mirrored_packets", "Q"),
     ("mirrored_bytes", "Q"), ("ifindex", "I"), (None, "4x"),
     ("h2_responses", f"{len(STATUS_CLASSES)}Q"), ("grpc_responses", f"{len(GRPC_CLASSES)}Q")))
 
-# struct error_event up to data[]: the response part, the key, the request part. Its
-# data[] holds REQUEST_BYTES as compiled (the loader's --request-bytes, rounded up).
+# struct kept_request up to data[] (REQUEST_BYTES as compiled follow).
+KEPT_REQUEST_HEAD = Layout("kept_request", "=", (
+    ("request_ns", "Q"), ("slot", "I"), ("gen", "I"), ("frame_len", "I"), ("len", "I"),
+    ("direction", "B"), (None, "7x")))
+
+# struct error_event up to data[]: the response, the key, the request.
 EVENT_HEAD = Layout("error_event", "=", (
-    ("response_ns", "Q"), ("ifindex", "I"), ("status", "H"), ("direction", "B"),
-    ("new_flow", "B"), ("proto", "B"), ("server_is_lo", "B"), ("cut", "B"), (None, "5x"),
-    ("key", f"{FLOW_KEY.size}s"), ("request_ns", "Q"), ("request_ifindex", "I"),
-    ("request_direction", "B"), ("request_from_lo", "B"), (None, "2x"),
-    ("request_frame_len", "I"), ("request_len", "I")))
+    ("response_ns", "Q"), ("request_ns", "Q"), ("key", f"{FLOW_KEY.size}s"),
+    ("ifindex", "I"), ("status", "H"), ("direction", "B"), ("proto", "B"),
+    ("new_flow", "B"), ("server_is_lo", "B"), ("cut", "B"), ("request_direction", "B"),
+    ("request_frame_len", "I"), ("request_len", "I"), (None, "4x")))
 
 MIRROR_CONFIG = Layout("mirror_config", "=", (
     ("debug_ifindex", "I"), ("request_bytes", "I"), ("max_packets_per_flow", "I"),
-    ("max_clones_per_window", "I"), ("max_bytes_per_flow", "Q"), ("clone_window_ns", "Q")))
+    ("max_clones_per_window", "I"), ("max_bytes_per_flow", "Q"), ("rate_window_ns", "Q"),
+    ("max_events_per_window", "I"), ("max_events_per_conn", "I"), ("idle_ns", "Q"),
+    ("hash_seed", "I"), (None, "4x")))
 
-CLONE_WINDOW = Layout("clone_window", "=", (("start_ns", "Q"), ("clones", "Q")))
+RATE_WINDOW = Layout("rate_window", "=", (("start_ns", "Q"), ("count", "Q")))
+
+ERROR_COUNT_KEY = Layout("error_count_key", "=", (
+    ("ifindex", "I"), ("status", "H"), ("proto", "B"), (None, "x")))
+
+
+def with_data(head: Layout, request_capacity: int) -> Layout:
+    """A struct whose data[] holds REQUEST_BYTES = request_capacity, as compiled."""
+    return Layout(head.c_name, head.order, head.fields + (("data", f"{request_capacity}s"),))
 
 
 def event_layout(request_capacity: int) -> Layout:
-    """The whole struct error_event of a classifier compiled with REQUEST_BYTES =
-    request_capacity."""
-    return Layout("error_event", "=", EVENT_HEAD.fields + (("data", f"{request_capacity}s"),))
+    return with_data(EVENT_HEAD, request_capacity)
 
 
 def request_capacity(request_bytes: int) -> int:
-    """The snapshot buffer compiled in: --request-bytes rounded up to 8 (at least 8, so
-    that the map exists even with the snapshot off)."""
+    """The request buffer compiled in: --request-bytes rounded up to 8 (at least 8, so
+    that the array exists even with the snapshot off)."""
     return max(8, (request_bytes + 7) // 8 * 8)
 
 
-def request_slots(max_flows: int) -> int:
-    """Entries of the request snapshot map: a quarter of the flow map (a snapshot lives
-    only from a request to its response; an evicted one costs its event the request, not
-    the error: an unpaired response still counts)."""
-    return max(16, max_flows // 4)
+def conn_slots(max_flows: int) -> int:
+    """Slots of the connection array: --max-flows rounded up to a power of two (the
+    index is a hash masked to it), at least two buckets."""
+    return max(2 * CONN_WAYS, 1 << max(0, max_flows - 1).bit_length())
+
+
+def request_slots(conn_slots: int) -> int:
+    """Entries of the kept-request array: one per bucket of connection slots (a request
+    lives only from itself to its response; one taken by another connection's costs its
+    event the request, never the error)."""
+    return conn_slots // CONN_WAYS
 
 
 def table_layouts(request_capacity: int) -> dict[str, tuple[Layout | None, Layout | None]]:
     """map name -> (key layout, value layout) of the classifier's maps whose structs user
     space reads or writes (None: a plain integer or byte)."""
     return {
-        "flows": (FLOW_KEY, FLOW_VALUE),
-        "requests": (FLOW_KEY, event_layout(request_capacity)),
+        "conns": (None, CONN),
+        "requests": (None, with_data(KEPT_REQUEST_HEAD, request_capacity)),
         "event_scratch": (None, event_layout(request_capacity)),
         "iface_stats": (None, IFACE_STATS),
         "config": (None, MIRROR_CONFIG),
-        "clone_rate": (None, CLONE_WINDOW),
+        "clone_rate": (None, RATE_WINDOW),
+        "event_rate": (None, RATE_WINDOW),
+        "errors": (ERROR_COUNT_KEY, None),
     }
 
 

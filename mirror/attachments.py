@@ -24,10 +24,12 @@ log = logging.getLogger("mirror")
 
 class Attachments:
     def __init__(self, ipr, hook: str, classifier, debug_name: str,
-                 on_change=lambda: None):
+                 on_change=lambda: None, workloads=None):
         """`classifier`: the loaded program (mirror.bpfprog.Classifier), told which
         interfaces it runs on; `debug_name`: the debug interface, never monitored;
-        `on_change()`: called after the set changed (the controller rewrites its record)."""
+        `on_change()`: called after the set changed (the controller rewrites its record);
+        `workloads`: mirror.workload.Workloads, told which interfaces to name."""
+        self.workloads = workloads
         self.ipr = ipr
         self.hook = hook
         self.kind = hooks.kind(hook)
@@ -77,6 +79,8 @@ class Attachments:
             att.hooked_at = time.monotonic()
             ownership.write("iface", ownership.iface_key(ifindex), att.record())
             self.classifier.set_monitored(ifindex, True)
+            if self.workloads is not None:
+                self.workloads.refresh(ifindex)
             log.info("%s: attached (%s: %s)", name, self.hook, "; ".join(done))
             return att
 
@@ -120,6 +124,8 @@ class Attachments:
         classifier, its record, its lock."""
         self.classifier.set_monitored(att.ifindex, False)
         self.classifier.forget_iface(att.ifindex)
+        if self.workloads is not None:
+            self.workloads.forget(att.ifindex)
         for fd in att.links.values():
             os.close(fd)
         att.links.clear()

@@ -5,20 +5,27 @@ sides share are in mirror.abi, checked against what bcc compiled at every load."
 from __future__ import annotations
 
 import ctypes
-import functools
-import operator
 import os
 import platform
+import time
 from pathlib import Path
 
 from . import abi, bpfsys
-from .abi import (CLONE_WINDOW_NS, COUNTERS, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
-                  DIRECTIONS, FLOW_KEY, FLOW_VALUE, GRPC_CLASSES, IFACE_SLOTS, IFACE_STATS,
-                  MARKS_CLEARED, MARKS_MADE, STATUS_CLASSES, STATUS_CODES, bpf_dir,
-                  cut_reasons, request_capacity, request_slots)
+from .abi import (CONN, COUNTERS, DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS,
+                  DEFAULT_REQUEST_BYTES, DIRECTIONS, ERROR_COUNT_KEY, GRPC_CLASSES,
+                  IFACE_SLOTS, IFACE_STATS, KEPT_REQUEST_HEAD, MARKS_CLEARED, MARKS_MADE,
+                  RATE_WINDOW_NS, RESPONSE_BUCKETS, STATUS_CLASSES, STATUS_CODES, bpf_dir,
+                  conn_slots, cut_reasons, request_capacity, request_slots)
 from .bpfsys import TestRun, batch_lookup, possible_cpus, test_run
 from .errors import UsageError
 from .flowkey import FlowKey
+
+_MARKED = abi.CONN_FLAGS["marked"]
+_LAST_NS_WORD = CONN.offset("last_ns") // 8
+_FLAGS_AT = CONN.offset("flags")
+_CLIENT_KNOWN = abi.CONN_FLAGS["client_known"]
+_CLIENT_LO = abi.CONN_FLAGS["client_lo"]
+_CLIENT_EGRESS = abi.CONN_FLAGS["client_egress"]
 
 
 def check_environment() -> None:
@@ -41,9 +48,6 @@ def check_environment() -> None:
         raise UsageError(f"classifier source not found in {bpf_dir()}; set MIRROR_BPF_DIR")
 
 
-_LAST_NS_WORD = FLOW_VALUE.offset("last_ns") // 8
-
-
 class Classifier:
     """The compiled classifier: two entry points (ingress, egress) over one set of maps."""
 
@@ -51,37 +55,52 @@ class Classifier:
 
     def __init__(self, max_flows: int = DEFAULT_MAX_FLOWS,
                  request_bytes: int = DEFAULT_REQUEST_BYTES, http2: bool = True):
-        """`http2=False` compiles the HTTP/2 parser out (what the bench compares against).
-        Raises abi.ContractMismatch (a UsageError) when the compiled layouts are not
-        the ones mirror.abi states; nothing is attached yet then."""
+        """`max_flows`: connection slots (rounded up to a power of two); `http2=False`
+        compiles the HTTP/2 parser out (what the bench compares against). Raises
+        abi.ContractMismatch (a UsageError) when the compiled layouts are not the ones
+        mirror.abi states; nothing is attached yet then."""
         from bcc import BPF
         src = bpf_dir() / "mirror.c"
         self.request_capacity = request_capacity(request_bytes)
-        self.max_requests = request_slots(max_flows)
+        self.conn_slots = conn_slots(max_flows)
+        self.max_requests = request_slots(self.conn_slots)
         self.bpf = BPF(src_file=str(src).encode(),
-                       cflags=[f"-I{bpf_dir()}", f"-DMAX_FLOWS={max_flows}",
+                       cflags=[f"-I{bpf_dir()}", f"-DCONN_SLOTS={self.conn_slots}",
                                f"-DREQUEST_BYTES={self.request_capacity}",
-                               f"-DMAX_REQUESTS={self.max_requests}",
+                               f"-DREQUEST_SLOTS={self.max_requests}",
                                f"-DMIRROR_HTTP2={int(http2)}",
                                "-Wno-unused-function"])
         abi.check_tables(self.bpf, self.request_capacity)
         self.progs = {d: self.bpf.load_func(n.encode(), BPF.SCHED_CLS)
                       for d, n in self.PROG_NAMES.items()}
-        self.max_flows = max_flows
-        self._flows = self.bpf.get_table(b"flows")
+        if http2:
+            # The HTTP/2 walk, a program of its own reached by a tail call (bpf/mirror.c).
+            self.progs["h2"] = self.bpf.load_func(b"mirror_h2", BPF.SCHED_CLS)
+            walk = self.bpf.get_table(b"h2_walk")
+            walk[walk.Key(0)] = walk.Leaf(self.progs["h2"].fd)
+        self.max_flows = self.conn_slots
+        self._conns = self.bpf.get_table(b"conns")
+        self._requests = self.bpf.get_table(b"requests")
         self._trigger = self.bpf.get_table(b"trigger")
         self._config = self.bpf.get_table(b"config")
         self._counters = self.bpf.get_table(b"counters")
         self._iface_stats = self.bpf.get_table(b"iface_stats")
+        self._errors = self.bpf.get_table(b"errors")
+        self._response_time = self.bpf.get_table(b"response_time")
         self._marks = self.bpf.get_table(b"marks")
-        self._requests = self.bpf.get_table(b"requests")
         self._clone_rate = self.bpf.get_table(b"clone_rate")
+        self._event_rate = self.bpf.get_table(b"event_rate")
+        self._monitored = self.bpf.get_table(b"monitored")
         self.events = self.bpf.get_table(b"events")
         self._event_handler = None
         self._events_open = False
+        self._expired_seen: set[tuple[int, int]] = set()
+        # The seed of the connection index: a sender who cannot know it cannot choose
+        # 4-tuples that land in another connection's bucket.
+        self._set_config(hash_seed=int.from_bytes(os.urandom(4), "little"))
         self.set_request_bytes(request_bytes)
-        self._monitored = self.bpf.get_table(b"monitored")
         self.set_budgets()
+        self.set_event_limits()
 
     def fd(self, direction: str) -> int:
         return self.progs[direction].fd
@@ -100,6 +119,106 @@ class Classifier:
 
     def set_debug_ifindex(self, ifindex: int) -> None:
         self._set_config(debug_ifindex=ifindex)
+
+    def set_request_bytes(self, n: int) -> None:
+        """How much of a request frame is kept for its connection (0: none)."""
+        if not 0 <= n <= self.request_capacity:
+            raise ValueError(f"request bytes {n} beyond the compiled {self.request_capacity}")
+        self._set_config(request_bytes=n)
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        """A marked connection idle this long is unmarked (by the classifier, at its next
+        packet; flows() leaves it out from then on). 0: never. The classifier reads the
+        coarse clock (a scheduler tick, 1 to 10 ms): idleness is known to that grain."""
+        self._set_config(idle_ns=int(seconds * 1e9))
+
+    def set_budgets(self, max_packets_per_flow: int = 0, max_bytes_per_flow: int = 0,
+                    max_clones_per_window: int = 0, window_ns: int = RATE_WINDOW_NS) -> None:
+        """Per-connection budgets and the per-CPU clone rate, 0: unlimited; take effect on
+        the next packet. `window_ns` is the width of the rate windows (clones and events).
+        Restarts every CPU's windows, so that a new limit starts from zero."""
+        for name, value in (("max_packets_per_flow", max_packets_per_flow),
+                            ("max_bytes_per_flow", max_bytes_per_flow),
+                            ("max_clones_per_window", max_clones_per_window)):
+            if value < 0:
+                raise ValueError(f"{name} must be 0 (unlimited) or more, not {value}")
+        if window_ns <= 0:
+            raise ValueError(f"the rate window must be positive, not {window_ns} ns")
+        self._set_config(max_packets_per_flow=max_packets_per_flow,
+                         max_bytes_per_flow=max_bytes_per_flow,
+                         max_clones_per_window=max_clones_per_window,
+                         rate_window_ns=window_ns)
+        self.set_clone_window()
+        self.set_event_window()
+
+    def set_event_limits(self, per_window: int = 0,
+                         per_conn: int = DEFAULT_MAX_EVENTS_PER_CONN) -> None:
+        """Events per CPU per rate window and per connection, 0: unlimited. What they
+        hold back is counted (events_rate_limited, events_conn_limited), and every error
+        response is counted in errors() whatever they do."""
+        if per_window < 0 or per_conn < 0:
+            raise ValueError("event limits must be 0 (unlimited) or more")
+        self._set_config(max_events_per_window=per_window, max_events_per_conn=per_conn)
+
+    def _set_window(self, table, start_ns: int, count: int) -> None:
+        key = table.Key(0)
+        per_cpu = table[key]
+        for w in per_cpu:
+            w.start_ns, w.count = start_ns, count
+        table[key] = per_cpu
+
+    def set_clone_window(self, start_ns: int = 0, clones: int = 0) -> None:
+        """Sets every CPU's clone rate window (tests use it to fill or age a window)."""
+        self._set_window(self._clone_rate, start_ns, clones)
+
+    def set_event_window(self, start_ns: int = 0, events: int = 0) -> None:
+        self._set_window(self._event_rate, start_ns, events)
+
+    def clone_window(self) -> list[tuple[int, int]]:
+        """(start_ns, clones) of each possible CPU's clone rate window."""
+        return [(w.start_ns, w.count) for w in self._clone_rate[self._clone_rate.Key(0)]]
+
+    def _set_config(self, **fields) -> None:
+        key = self._config.Key(0)
+        cfg = self._config[key]
+        for name, value in fields.items():
+            setattr(cfg, name, value)
+        self._config[key] = cfg
+
+    def config(self) -> dict:
+        cfg = self._config[self._config.Key(0)]
+        return {name: getattr(cfg, name) for name in abi.MIRROR_CONFIG.offsets()}
+
+    def set_monitored(self, ifindex: int, monitored: bool) -> None:
+        """Tells the classifier whether `ifindex` carries its hooks: a packet that entered
+        through a monitored interface is not counted, cloned or reported again at egress,
+        and a monitored lo is handled at its egress only (bpf/mirror.c)."""
+        key = self._monitored.Key(ifindex)
+        if monitored:
+            self._monitored[key] = ctypes.c_uint8(1)
+        else:
+            try:
+                del self._monitored[key]
+            except KeyError:
+                pass
+
+    def clear(self) -> None:
+        """Empties the connection states, kept requests, error counts and counters (tests
+        reset state between cases this way)."""
+        for table, size in ((self._conns, CONN.size),
+                            (self._requests, KEPT_REQUEST_HEAD.size + self.request_capacity)):
+            n = table.max_entries
+            keys = b"".join(i.to_bytes(4, "little") for i in range(n))
+            bpfsys.batch_update(table.map_fd, keys, bytes(size * n), n)
+        self._errors.clear()
+        self._expired_seen.clear()
+        self.note_if_empty()
+        self._iface_stats.clear()       # zeroes every slot of the array
+        for table, entries in ((self._counters, len(COUNTERS)),
+                               (self._response_time, RESPONSE_BUCKETS + 2)):
+            zero = table.Leaf(*([0] * len(table.Leaf())))
+            for i in range(entries):
+                table[table.Key(i)] = zero
 
     # --- the events ring buffer ------------------------------------------------------
     def on_events(self, handler) -> None:
@@ -128,122 +247,83 @@ class Classifier:
             self.bpf.ring_buffer_poll(timeout_ms)
             self.bpf.ring_buffer_consume()
 
-    def set_request_bytes(self, n: int) -> None:
-        """How much of a request frame the snapshot keeps (0: the snapshot is off, and a
-        status line counts whichever side sends it)."""
-        if not 0 <= n <= self.request_capacity:
-            raise ValueError(f"request bytes {n} beyond the compiled {self.request_capacity}")
-        self._set_config(request_bytes=n)
-
-    def set_budgets(self, max_packets_per_flow: int = 0, max_bytes_per_flow: int = 0,
-                    max_clones_per_window: int = 0, window_ns: int = CLONE_WINDOW_NS) -> None:
-        """Per-flow budgets (per flow and CPU) and the per-CPU clone rate, 0: unlimited;
-        take effect on the next packet. Restarts every CPU's rate window, so that a new
-        limit starts from zero clones."""
-        for name, value in (("max_packets_per_flow", max_packets_per_flow),
-                            ("max_bytes_per_flow", max_bytes_per_flow),
-                            ("max_clones_per_window", max_clones_per_window)):
-            if value < 0:
-                raise ValueError(f"{name} must be 0 (unlimited) or more, not {value}")
-        if window_ns <= 0:
-            raise ValueError(f"the rate window must be positive, not {window_ns} ns")
-        self._set_config(max_packets_per_flow=max_packets_per_flow,
-                         max_bytes_per_flow=max_bytes_per_flow,
-                         max_clones_per_window=max_clones_per_window,
-                         clone_window_ns=window_ns)
-        self.set_clone_window()
-
-    def set_clone_window(self, start_ns: int = 0, clones: int = 0) -> None:
-        """Sets every CPU's rate window (tests use it to fill or age a window)."""
-        key = self._clone_rate.Key(0)
-        per_cpu = self._clone_rate[key]
-        for w in per_cpu:
-            w.start_ns, w.clones = start_ns, clones
-        self._clone_rate[key] = per_cpu
-
-    def clone_window(self) -> list[tuple[int, int]]:
-        """(start_ns, clones) of each possible CPU's rate window."""
-        return [(w.start_ns, w.clones) for w in self._clone_rate[self._clone_rate.Key(0)]]
-
-    def _set_config(self, **fields) -> None:
-        key = self._config.Key(0)
-        cfg = self._config[key]
-        for name, value in fields.items():
-            setattr(cfg, name, value)
-        self._config[key] = cfg
-
-    def set_monitored(self, ifindex: int, monitored: bool) -> None:
-        """Tells the classifier whether `ifindex` carries its hooks: a packet that entered
-        through a monitored interface is not cloned again at egress (bpf/mirror.c)."""
-        key = self._monitored.Key(ifindex)
-        if monitored:
-            self._monitored[key] = ctypes.c_uint8(1)
-        else:
-            try:
-                del self._monitored[key]
-            except KeyError:
-                pass
-
-    def delete_flow(self, key: FlowKey) -> bool:
-        try:
-            del self._flows[self._flows.Key.from_buffer_copy(key.to_bytes())]
-            return True
-        except KeyError:
-            return False
-
-    def clear(self) -> None:
-        """Empties flows and counters (tests reset state between cases this way)."""
-        self._flows.clear()
-        self._requests.clear()
-        self.note_if_empty()
-        self._iface_stats.clear()       # zeroes every slot of the array
-        zero = self._counters.Leaf(*([0] * len(self._counters.Leaf())))
-        for i in range(len(COUNTERS)):
-            self._counters[self._counters.Key(i)] = zero
-
     # --- reading ---------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         return {name: int(self._counters.sum(self._counters.Key(i)).value)
                 for i, name in enumerate(COUNTERS)}
 
-    def _flow_slots(self):
-        """Yields (key bytes, [struct flow_value as a dict, per CPU]) for every marked
-        flow."""
-        ncpu = possible_cpus()
-        stride = FLOW_VALUE.size * ncpu
-        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
-                                                FLOW_VALUE.size):
+    def _conn_slots(self, marked_only: bool = False):
+        """Yields (slot, raw struct conn) of the slots that hold a state (with
+        `marked_only`, a marked one). The whole array is read in batches; which slots
+        are taken is read off strided views of the batch, so that the Python loop runs
+        only over the states there are, not over every slot."""
+        size = CONN.size
+        for keys, values, count in batch_lookup(self._conns.map_fd, 4, size,
+                                                per_cpu=False):
+            view = memoryview(values)[:count * size]
+            last = view.cast("Q")[_LAST_NS_WORD::size // 8]
+            flags = view[_FLAGS_AT::size]
+            slots = memoryview(keys)[:count * 4].cast("I")
             for i in range(count):
-                yield (keys[i * FLOW_KEY.size:(i + 1) * FLOW_KEY.size],
-                       [FLOW_VALUE.decode(values, i * stride + c * FLOW_VALUE.size)
-                        for c in range(ncpu)])
+                if last[i] and (not marked_only or flags[i] & _MARKED):
+                    yield slots[i], view[i * size:(i + 1) * size]
 
-    def flows(self) -> dict[FlowKey, dict]:
-        """Marked flows with their per-CPU values summed (timestamps: min first, max last)."""
-        out = {}
-        for key, vals in self._flow_slots():
-            # The trigger status lives in the slots of the CPUs that saw a trigger
-            # response; the others carry later packets only.
-            with_status = [v for v in vals if v["status"]]
-            out[FlowKey.from_bytes(key)] = {
-                "packets": sum(v["packets"] for v in vals),
-                "bytes": sum(v["bytes"] for v in vals),
-                "first_ns": min((v["first_ns"] for v in vals if v["first_ns"]), default=0),
-                "last_ns": max(v["last_ns"] for v in vals),
-                "status": (max(with_status, key=lambda v: v["last_ns"])["status"]
-                           if with_status else 0),
-                "cpus": [i for i, v in enumerate(vals) if v["packets"]],
-                "cpu_packets": [v["packets"] for v in vals if v["packets"]],
-                # A clone skipped for a budget on any CPU: the capture was cut.
-                "cut": cut_reasons(functools.reduce(operator.or_, (v["cut"] for v in vals), 0)),
-            }
+    @staticmethod
+    def _decode_conn(raw) -> dict:
+        c = CONN.decode(raw)
+        key = c.pop("key")
+        c["flow"] = FlowKey.from_bytes(key[:40])
+        c["ifindex"] = int.from_bytes(key[40:44], "little")
+        return c
+
+    def conns(self):
+        """Yields (slot, struct conn as a dict with `flow`, a FlowKey, and `ifindex`) for
+        every slot that holds a connection's state."""
+        for slot, raw in self._conn_slots():
+            yield slot, self._decode_conn(raw)
+
+    def _idle_ns(self) -> int:
+        return self._config[self._config.Key(0)].idle_ns
+
+    def _marked(self, now_ns: int):
+        """(slot, conn) of the marked connections not idle past the idle timeout (the
+        classifier unmarks those at their next packet)."""
+        idle_ns = self._idle_ns()
+        for slot, raw in self._conn_slots(marked_only=True):
+            c = self._decode_conn(raw)
+            if not (idle_ns and now_ns - c["last_ns"] > idle_ns):
+                yield slot, c
+
+    def flows(self, now_ns: int | None = None) -> dict[FlowKey, dict]:
+        """The marked connections. A connection seen on several interfaces is one entry
+        per interface in the kernel; here the entry of the interface that marked it
+        first."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        out: dict[FlowKey, dict] = {}
+        for _slot, c in self._marked(now_ns):
+            if c["flow"] in out and out[c["flow"]]["first_ns"] <= c["first_ns"]:
+                continue
+            client_known = bool(c["flags"] & _CLIENT_KNOWN)
+            out[c["flow"]] = {
+                "packets": c["packets"], "bytes": c["bytes"], "first_ns": c["first_ns"],
+                "last_ns": c["last_ns"], "status": c["status"], "ifindex": c["ifindex"],
+                "client_lo": bool(c["flags"] & _CLIENT_LO) if client_known else None,
+                "cut": cut_reasons(c["cut"]), "events": c["events"]}
         return out
 
+    def flow_count(self, now_ns: int | None = None) -> int:
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        return sum(1 for _ in self._marked(now_ns))
+
+    def conn_count(self) -> int:
+        """Connection states held now (marked or not)."""
+        return sum(1 for _ in self.conns())
+
     def note_if_empty(self) -> bool:
-        """Lets the classifier skip flow lookups while the map is empty: reads the
-        classifier's mark count, then scans the map, and if it is empty publishes the
-        count read before the scan (bpf/mirror.h, enum marks_index). Returns whether
-        the map was empty."""
+        """Lets the classifier skip the lookups of packets that only ask whether their
+        connection is marked: reads the classifier's mark count, then scans the states,
+        and if none is marked publishes the count read before the scan (bpf/mirror.h,
+        enum marks_index). Returns whether none was."""
         made = self._marks[self._marks.Key(MARKS_MADE)].value
         if self.flow_count():
             return False
@@ -251,49 +331,68 @@ class Classifier:
         return True
 
     def lookups_skipped(self) -> bool:
-        """True while the classifier skips flow lookups (the map is known empty)."""
+        """True while the classifier skips those lookups (no connection is marked)."""
         return (self._marks[self._marks.Key(MARKS_MADE)].value ==
                 self._marks[self._marks.Key(MARKS_CLEARED)].value)
 
-    def flow_count(self) -> int:
-        return sum(count for _, _, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
-                                                         FLOW_VALUE.size))
-
     def expire_idle(self, now_ns: int, idle_ns: int) -> int:
-        """Deletes flows whose newest packet on any CPU is older than idle_ns; returns how
-        many. A flow that sends between the read and the delete loses its mark, which its
-        next trigger response restores."""
-        ncpu = possible_cpus()
-        words = FLOW_VALUE.size // 8 * ncpu          # u64 words per entry
-        idle = []
-        for keys, values, count in batch_lookup(self._flows.map_fd, FLOW_KEY.size,
-                                                FLOW_VALUE.size):
-            u64 = memoryview(values).cast("Q")[:count * words]
-            # last_ns in each CPU's slot: one strided slice per CPU.
-            per_cpu = [u64[_LAST_NS_WORD + c * FLOW_VALUE.size // 8::words]
-                       for c in range(ncpu)]
-            for i, last in enumerate(map(max, *per_cpu) if ncpu > 1 else per_cpu[0]):
-                if last and now_ns - last > idle_ns:
-                    idle.append(keys[i * FLOW_KEY.size:(i + 1) * FLOW_KEY.size])
+        """Marked connections idle past `idle_ns` seen for the first time: the classifier
+        unmarks them at their next packet (and never clones another of theirs), so this
+        only counts them, once each; nothing is written to the kernel's states, which the
+        classifier may be updating at the same moment."""
         expired = 0
-        for raw in idle:
-            expired += self._expire_one(raw, now_ns, idle_ns)
+        seen_now = set()
+        for slot, raw in self._conn_slots(marked_only=True):
+            c = CONN.decode(raw)
+            if idle_ns and now_ns - c["last_ns"] > idle_ns:
+                tag = (slot, c["gen"])
+                seen_now.add(tag)
+                if tag not in self._expired_seen:
+                    expired += 1
+        self._expired_seen = seen_now
         return expired
 
-    def _expire_one(self, key: bytes, now_ns: int, idle_ns: int) -> int:
-        """Deletes one idle flow atomically with reading it (BPF_MAP_LOOKUP_AND_DELETE_ELEM),
-        so a packet that refreshed the flow since the scan is seen: the flow is then put
-        back as it was (BPF_NOEXIST: unless the classifier re-marked it meanwhile)."""
-        ncpu = possible_cpus()
-        value = bpfsys.lookup_and_delete(self._flows.map_fd, key, FLOW_VALUE.size * ncpu)
-        if value is None:
-            return 0            # gone already (evicted, or expired by someone else)
-        u64 = memoryview(value).cast("Q")
-        last = max(u64[_LAST_NS_WORD + c * FLOW_VALUE.size // 8] for c in range(ncpu))
-        if not last or now_ns - last > idle_ns:
-            return 1
-        bpfsys.update(self._flows.map_fd, key, value, bpfsys.BPF_NOEXIST)
-        return 0
+    def kept_requests(self) -> dict[int, dict]:
+        """slot -> the request kept for the connection in that slot (what it holds, with
+        the bytes), for every kept request whose connection still has it."""
+        conns = dict(self.conns())
+        size = KEPT_REQUEST_HEAD.size + self.request_capacity
+        out = {}
+        for keys, values, count in batch_lookup(self._requests.map_fd, 4, size,
+                                                per_cpu=False):
+            for i in range(count):
+                r = KEPT_REQUEST_HEAD.decode(values, i * size)
+                c = conns.get(r["slot"])
+                if not r["request_ns"] or not c or c["gen"] != r["gen"] or \
+                        not c["flags"] & abi.CONN_FLAGS["request"]:
+                    continue
+                start = i * size + KEPT_REQUEST_HEAD.size
+                r["data"] = values[start:start + r["len"]]
+                r["flow"], r["ifindex"] = c["flow"], c["ifindex"]
+                out[r["slot"]] = r
+        return out
+
+    def errors(self) -> dict[tuple[int, int, str], int]:
+        """Error responses counted by the classifier: (ifindex, status, proto) -> count,
+        summed over CPUs; proto "h1", "h2" or "grpc" (then status is the grpc-status)."""
+        out = {}
+        for keys, values, count in batch_lookup(self._errors.map_fd, ERROR_COUNT_KEY.size, 8):
+            ncpu = possible_cpus()
+            for i in range(count):
+                k = ERROR_COUNT_KEY.decode(keys, i * ERROR_COUNT_KEY.size)
+                n = sum(int.from_bytes(values[(i * ncpu + c) * 8:(i * ncpu + c + 1) * 8],
+                                       "little") for c in range(ncpu))
+                proto = abi.APP_PROTOS.get(k["proto"], str(k["proto"]))
+                out[(k["ifindex"], k["status"], proto)] = n
+        return out
+
+    def response_times(self) -> tuple[list[int], float]:
+        """The time from kept requests to their error responses: the count of each
+        bucket (upper bounds abi.RESPONSE_BOUNDS_S, then above them) and the sum in
+        seconds, over every CPU."""
+        sums = [int(self._response_time.sum(self._response_time.Key(i)).value)
+                for i in range(RESPONSE_BUCKETS + 2)]
+        return sums[:RESPONSE_BUCKETS + 1], sums[RESPONSE_BUCKETS + 1] / 1e9
 
     def iface_stats(self) -> dict[tuple[int, str], dict]:
         """Per-interface, per-direction statistics summed over CPUs, keyed by
@@ -324,7 +423,14 @@ class Classifier:
         return out
 
     def forget_iface(self, ifindex: int) -> None:
-        """Frees the interface's statistics slots (on the CPUs where it owns them)."""
+        """Frees the interface's statistics slots (on the CPUs where it owns them) and
+        its error counts: the series of an interface that is gone leave the metrics."""
+        for k in list(self._errors.keys()):
+            if k.ifindex == ifindex:
+                try:
+                    del self._errors[k]
+                except KeyError:
+                    pass
         for direction in range(len(DIRECTIONS)):
             key = self._iface_stats.Key((ifindex % IFACE_SLOTS) * 2 + direction)
             per_cpu = self._iface_stats[key]
@@ -333,8 +439,11 @@ class Classifier:
                     ctypes.memset(ctypes.addressof(v), 0, ctypes.sizeof(v))
             self._iface_stats[key] = per_cpu
 
-    def test_run(self, direction: str, frame: bytes, repeat: int = 1) -> TestRun:
-        return test_run(self.fd(direction), frame, repeat)
+    def test_run(self, direction: str, frame: bytes, repeat: int = 1,
+                 ifindex: int = 0, ingress_ifindex: int = 0) -> TestRun:
+        """BPF_PROG_TEST_RUN of one entry point; by default on lo (ifindex 1)."""
+        ctx = bpfsys.skb_ctx(ifindex, ingress_ifindex) if ifindex or ingress_ifindex else None
+        return test_run(self.fd(direction), frame, repeat, ctx)
 
 
 class Sink:

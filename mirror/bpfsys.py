@@ -185,9 +185,26 @@ class TestRun:
     data_out: bytes
 
 
-def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
+# struct __sk_buff as BPF_PROG_TEST_RUN takes it for a tc program (include/uapi/linux/bpf.h):
+# only a few fields may be set, among them these two.
+SKB_CTX_SIZE = 192
+SKB_INGRESS_IFINDEX_OFF = 36
+SKB_IFINDEX_OFF = 40
+
+
+def skb_ctx(ifindex: int = 0, ingress_ifindex: int = 0) -> bytes:
+    """A struct __sk_buff for BPF_PROG_TEST_RUN: the device the packet is on (the kernel
+    needs a real one of that index, and takes it only above 1: 0 and 1 both mean lo) and
+    the one it came in through."""
+    ctx = bytearray(SKB_CTX_SIZE)
+    ctx[SKB_INGRESS_IFINDEX_OFF:SKB_INGRESS_IFINDEX_OFF + 4] = ingress_ifindex.to_bytes(4, "little")
+    ctx[SKB_IFINDEX_OFF:SKB_IFINDEX_OFF + 4] = ifindex.to_bytes(4, "little")
+    return bytes(ctx)
+
+
+def test_run(prog_fd: int, frame: bytes, repeat: int = 1, ctx: bytes | None = None) -> TestRun:
     """Runs a loaded sched_cls program on one frame with BPF_PROG_TEST_RUN, on the CPU
-    the calling thread is on."""
+    the calling thread is on; `ctx`: a struct __sk_buff (skb_ctx())."""
     if len(frame) < 14:
         raise ValueError("BPF_PROG_TEST_RUN needs a full Ethernet header (14 bytes)")
     data_in = ctypes.create_string_buffer(bytes(frame), len(frame))
@@ -196,6 +213,9 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRun:
                        data_size_out=ctypes.sizeof(data_out),
                        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
                        repeat=repeat)
+    if ctx is not None:
+        ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
+        attr.ctx_in, attr.ctx_size_in = ctypes.addressof(ctx_in), len(ctx)
     check(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     retval = ctypes.c_int32(attr.retval).value
     return TestRun(retval, attr.duration, data_out.raw[:attr.data_size_out])
@@ -229,6 +249,24 @@ def batch_lookup(map_fd: int, key_size: int, value_size: int, per_cpu: bool = Tr
         if ret == -errno.ENOENT:
             return
         first = False
+
+
+def batch_update(map_fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Writes `count` entries (keys and values back to back) in BPF_MAP_UPDATE_BATCH
+    calls: zeroing a 65536-slot array takes a few calls instead of 65536."""
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    ksize, vsize = len(keys) // count, len(values) // count
+    done = 0
+    while done < count:
+        attr = BatchAttr(keys=ctypes.addressof(kbuf) + done * ksize,
+                         values=ctypes.addressof(vbuf) + done * vsize,
+                         count=count - done, map_fd=map_fd)
+        ret = call(BPF_MAP_UPDATE_BATCH, attr)
+        done += attr.count
+        if ret < 0:
+            raise OSError(-ret, f"BPF_MAP_UPDATE_BATCH: {os.strerror(-ret)} after {done} "
+                          f"of {count} entries")
 
 
 def lookup_and_delete(map_fd: int, key: bytes, value_len: int) -> bytes | None:

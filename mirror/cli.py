@@ -12,7 +12,8 @@ import threading
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import __version__
-from .abi import DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES, MAX_REQUEST_BYTES
+from .abi import (DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
+                  MAX_CONN_SLOTS, MAX_REQUEST_BYTES)
 from .capture.command import add_parser as add_capture
 from .cliutil import (count, env, parse_metrics_addr, positive_seconds, serve_metrics,
                       text_checked)
@@ -21,6 +22,7 @@ from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT
 from .errors import UsageError
 from .hooks import NAMES as HOOK_NAMES
 from .lab.demo import add_parser as add_lab
+from .options import DEFAULT_MAX_EVENTS_PER_SECOND
 from .trigger import parse_trigger
 
 log = logging.getLogger("mirror")
@@ -38,7 +40,7 @@ environment (for containers; flags win): MIRROR_IFACE and MIRROR_EXCLUDE (comma-
 MIRROR_MAX_IFACES, MIRROR_DEBUG_IFACE, MIRROR_TRIGGER, MIRROR_HOOK, MIRROR_IDLE_TIMEOUT,
 MIRROR_MAX_FLOWS, MIRROR_REQUEST_BYTES, MIRROR_EVENTS_FILE, MIRROR_EVENTS_FILE_MB,
 MIRROR_METRICS_ADDR, MIRROR_CONFIG, MIRROR_MAX_PACKETS_PER_FLOW, MIRROR_MAX_BYTES_PER_FLOW,
-MIRROR_MAX_CLONES_PER_SECOND.
+MIRROR_MAX_CLONES_PER_SECOND, MIRROR_MAX_EVENTS_PER_SECOND, MIRROR_MAX_EVENTS_PER_CONNECTION.
 
 interfaces: a plain name must exist at start and is followed through renames. A shell
 pattern (*, ?, [...]) also selects interfaces created later: each is attached as soon as
@@ -143,10 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-timeout", type=positive_seconds, metavar="SECONDS",
                      default=env("MIRROR_IDLE_TIMEOUT", "30"),
                      help="stop mirroring a connection idle this long (default %(default)s)")
-    run.add_argument("--max-flows", type=count(16, 1 << 24),
+    run.add_argument("--max-flows", type=count(16, MAX_CONN_SLOTS),
                      default=env("MIRROR_MAX_FLOWS", str(DEFAULT_MAX_FLOWS)), metavar="N",
-                     help="flow map size; the least recently used flow is evicted beyond it "
-                     "(default %(default)s)")
+                     help="connection states kept (rounded up to a power of two): a new "
+                     "connection takes the slot of the least recently active one of its "
+                     "bucket beyond it (default %(default)s)")
     run.add_argument("--request-bytes", type=count(0, MAX_REQUEST_BYTES),
                      default=env("MIRROR_REQUEST_BYTES", str(DEFAULT_REQUEST_BYTES)),
                      metavar="N",
@@ -169,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="clone at most N packets per second on each CPU, whatever the "
                      "connection; the rest is skipped and counted; 0: unlimited (default "
                      "%(default)s)")
+    run.add_argument("--max-events-per-second", type=count(0, (1 << 32) - 1),
+                     default=env("MIRROR_MAX_EVENTS_PER_SECOND",
+                                 str(DEFAULT_MAX_EVENTS_PER_SECOND)), metavar="N",
+                     help="hand at most N error events a second to user space on each CPU; "
+                     "the rest are counted (mirror_events_suppressed_total) and every error "
+                     "still counts in mirror_error_responses_total; 0: unlimited (default "
+                     "%(default)s)")
+    run.add_argument("--max-events-per-connection", type=count(0, (1 << 32) - 1),
+                     default=env("MIRROR_MAX_EVENTS_PER_CONNECTION",
+                                 str(DEFAULT_MAX_EVENTS_PER_CONN)), metavar="N",
+                     help="at most N error events for one connection, the same way; 0: "
+                     "unlimited (default %(default)s)")
     run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
                      type=text_checked(path_text),
                      help="append one JSON line per error response to PATH (mode 0600, "
@@ -235,7 +250,9 @@ def cmd_run(args) -> int:
                    exclude=args.exclude or args.env_exclude, max_ifaces=args.max_ifaces,
                    max_packets_per_flow=int(args.max_packets_per_flow),
                    max_bytes_per_flow=int(args.max_bytes_per_flow),
-                   max_clones_per_second=int(args.max_clones_per_second))
+                   max_clones_per_second=int(args.max_clones_per_second),
+                   max_events_per_second=int(args.max_events_per_second),
+                   max_events_per_connection=int(args.max_events_per_connection))
     ctl = Controller(flags)
     try:
         indexes = ctl.preflight()

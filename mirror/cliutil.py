@@ -124,3 +124,4 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
     """Rows of strings as lines of left-aligned columns (the first row: the headings)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+

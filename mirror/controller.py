@@ -17,10 +17,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import ctlsocket, debugif, hooks, ownership
-from .abi import EVENT_HEAD, FLOW_KEY, FLOW_VALUE, IFACE_SLOTS
+from .abi import CONN, IFACE_SLOTS, KEPT_REQUEST_HEAD
 from .attachments import Attachments
 from .bpfprog import Classifier, Sink, check_environment
-from .bpfsys import possible_cpus
 from .discovery import Discovery
 from .errors import UsageError
 from .events.file import EventsFile
@@ -29,6 +28,7 @@ from .flows import flows_json
 from .options import Options, resolve
 from .privileges import can_write_frames, require
 from .trigger import describe
+from .workload import Workloads
 
 log = logging.getLogger("mirror")
 
@@ -69,6 +69,7 @@ class Controller:
         self.selector = None
         self.hook = None
         self.discovery: Discovery | None = None
+        self.workloads: Workloads | None = None
 
     @property
     def codes(self) -> frozenset[int]:
@@ -145,11 +146,18 @@ class Controller:
         self.classifier.set_budgets(self.opts.max_packets_per_flow,
                                     self.opts.max_bytes_per_flow,
                                     self.opts.max_clones_per_second)
+        self.classifier.set_event_limits(self.opts.max_events_per_second,
+                                         self.opts.max_events_per_connection)
+        self.classifier.set_idle_timeout(self.idle_timeout)
         self._warn_shared_stats_slots(indexes)
         self._ctl_lock = ownership.Lock(f"controller-{self.id}")
         self._ctl_lock.acquire()
+        # The pods and containers behind the interfaces: asked of the container runtimes
+        # in a thread of its own, never on the way of an attach or an event.
+        self.workloads = Workloads().start()
         self.attachments = Attachments(self.ipr, self.opts.hook, self.classifier,
-                                       self.opts.debug_iface, self._write_controller_record)
+                                       self.opts.debug_iface, self._write_controller_record,
+                                       self.workloads)
         ownership.prune(self.id, lambda i: self.attachments.ifname_of(i) is not None,
                         lambda n: debugif.lookup(self.ipr, n) is not None)
         try:
@@ -181,15 +189,13 @@ class Controller:
 
     def _log_loaded(self, seconds: float) -> None:
         clf = self.classifier
-        # LRU maps are preallocated: the memory is taken now, whatever the traffic.
-        mib = self.opts.max_flows * (FLOW_KEY.size + FLOW_VALUE.size * possible_cpus()) / 2**20
-        req_mib = clf.max_requests * (FLOW_KEY.size + EVENT_HEAD.size +
-                                      clf.request_capacity) / 2**20
-        log.info("classifier compiled and loaded in %.1f s (flow map: %d flows, about "
-                 "%.0f MiB locked for %d possible CPUs; request snapshot: %s)",
-                 seconds, self.opts.max_flows, mib, possible_cpus(),
-                 f"{self.opts.request_bytes} bytes of each request, {clf.max_requests} "
-                 f"flows, about {req_mib:.0f} MiB" if self.opts.request_bytes else "off")
+        # Arrays are preallocated: the memory is taken now, whatever the traffic.
+        mib = clf.conn_slots * CONN.size / 2**20
+        req_mib = clf.max_requests * (KEPT_REQUEST_HEAD.size + clf.request_capacity) / 2**20
+        log.info("classifier compiled and loaded in %.1f s (connection states: %d slots, "
+                 "%.0f MiB; kept requests: %s)", seconds, clf.conn_slots, mib,
+                 f"{self.opts.request_bytes} bytes of each, {clf.max_requests} slots, "
+                 f"{req_mib:.0f} MiB" if self.opts.request_bytes else "off")
 
     @staticmethod
     def _warn_shared_stats_slots(indexes: dict[str, int]) -> None:
@@ -219,7 +225,12 @@ class Controller:
                              on_error=lambda: self._count_error("events"))
         self.events = EventStream(self.classifier, self.attachments.name_of,
                                   lambda: self.debug.target_ifindex if self.debug else 0,
-                                  out, self.opts.budget()).start()
+                                  out, self.opts.budget(), self.workload_of).start()
+
+    def workload_of(self, ifindex: int) -> dict:
+        """The workload behind an interface, as event and JSON attributes ({} before
+        start)."""
+        return self.workloads.lookup(ifindex).attributes() if self.workloads else {}
 
     def _stale_record(self, ifindex: int) -> dict | None:
         """The record a stopped controller left for this interface, if any."""
@@ -304,6 +315,7 @@ class Controller:
             self.classifier.set_trigger(new.codes)
         self.opts.trigger, self.opts.codes = new.trigger, new.codes
         self.opts.idle_timeout = new.idle_timeout
+        self.classifier.set_idle_timeout(new.idle_timeout)
         self._write_controller_record()
         log.info("SIGHUP: trigger set is now %s, idle timeout %g s", describe(self.codes),
                  self.idle_timeout)
@@ -320,6 +332,8 @@ class Controller:
         if self.events:
             self.events.close()
             self.events = None
+        if self.workloads:
+            self.workloads.stop()
         if self.attachments:
             self.attachments.detach_all()
         if self.debug:
@@ -349,7 +363,7 @@ class Controller:
             "debug_iface": self.debug.name if self.debug else None,
             "trigger": describe(self.codes), "idle_timeout": self.idle_timeout,
             "max_flows": self.opts.max_flows, "metrics_addr": self.opts.metrics_addr,
-            "socket": self.socket_name, **self.opts.budget(),
+            "socket": self.socket_name, **self.opts.limits(),
             "patterns": self.selector.patterns, "exclude": self.selector.exclude,
             "max_ifaces": self.opts.max_ifaces,
             "matched": self.discovery.matched() if self.discovery else {},
@@ -371,7 +385,8 @@ class Controller:
         """What only this process holds, for `mirror flows`, `mirror events`, the bench
         and the tests (mirror.ctlsocket)."""
         self._server = ctlsocket.ControlServer(self.socket_name, {
-            "flows": lambda arg: flows_json(self.classifier.flows()),
+            "flows": lambda arg: flows_json(self.classifier.flows(),
+                                            self.attachments.name_of, self.workload_of),
             "counters": lambda arg: self.counters(),
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
             "attach": lambda arg: self.attachments.attach_times(),

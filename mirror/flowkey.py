@@ -55,3 +55,17 @@ class FlowKey:
 def endpoint(addr: str, port: int) -> str:
     """"198.18.0.1:80", "[2001:db8::1]:80": an address and port as operators write them."""
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """"198.18.0.1:80" or "[2001:db8::1]:80" (endpoint()) back into its parts; ValueError
+    otherwise."""
+    addr, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not an endpoint: {text!r}")
+    return addr.strip("[]"), int(port)
+
+
+def key_of(client: str, server: str) -> FlowKey:
+    """The flow key of a connection named by its endpoints (mirror.connection)."""
+    return FlowKey.from_endpoints(*parse_endpoint(client), *parse_endpoint(server))

@@ -6,23 +6,32 @@ import sys
 import time
 
 from . import ownership
+from .abi import MIN_HTTP_STATUS
+from .cliutil import printable, table
+from .connection import conn_fields
 from .ctlsocket import ask
-from .cliutil import table
-from .flowkey import endpoint
+from .events.record import grpc_name
+from .workload import Workload
 
 
-def flows_json(flows: dict) -> list[dict]:
-    """The rows of `mirror flows --json`, from mirror.bpfprog.Classifier.flows()."""
+def flows_json(flows: dict, ifname_of=lambda ifindex: None,
+               workload_of=lambda ifindex: {}) -> list[dict]:
+    """The rows of `mirror flows --json`, from mirror.bpfprog.Classifier.flows(), in the
+    connection vocabulary of mirror.connection (and the workload's attributes)."""
     now = time.monotonic_ns()
     out = []
     for key, v in sorted(flows.items()):
-        out.append({"family": key.family, "a": key.addr_lo, "a_port": key.port_lo,
-                    "b": key.addr_hi, "b_port": key.port_hi, "status": v["status"],
+        status = v["status"]
+        grpc = 0 <= status < MIN_HTTP_STATUS
+        out.append({**conn_fields(key, v["client_lo"], ifname_of(v["ifindex"])),
+                    **workload_of(v["ifindex"]),
+                    "status": status, **({"grpc_status": grpc_name(status)} if grpc else {}),
                     "packets": v["packets"], "bytes": v["bytes"],
-                    "age_s": round((now - v["first_ns"]) / 1e9, 3) if v["first_ns"] else None,
-                    "idle_s": round((now - v["last_ns"]) / 1e9, 3) if v["last_ns"] else None,
-                    "cpus": v["cpus"], "cpu_packets": v["cpu_packets"],
-                    "cut": v["cut"]})
+                    "age_seconds": round((now - v["first_ns"]) / 1e9, 3) if v["first_ns"]
+                    else None,
+                    "idle_seconds": round((now - v["last_ns"]) / 1e9, 3) if v["last_ns"]
+                    else None,
+                    "events": v["events"], "cut": v["cut"]})
     return out
 
 
@@ -40,13 +49,18 @@ def collect_flows() -> list[dict]:
 def render_flows(flows: list[dict]) -> str:
     if not flows:
         return "no marked flows"
-    rows = [("FLOW", "STATUS", "PACKETS", "BYTES", "AGE s", "IDLE s", "CAPTURE")]
+    rows = [("CLIENT", "SERVER", "IFACE", "WORKLOAD", "STATUS", "PACKETS", "BYTES", "AGE s",
+             "IDLE s", "CAPTURE")]
     for f in flows:
-        flow = f"{endpoint(f['a'], f['a_port'])} <-> {endpoint(f['b'], f['b_port'])}"
+        client, server = (f["client"], f["server"]) if f.get("client") else \
+            tuple(f.get("endpoints") or ("?", "?"))
         cut = f.get("cut") or []
-        rows.append((flow, str(f["status"] or "-"),
-                     str(f["packets"]), str(f["bytes"]), str(f["age_s"]), str(f["idle_s"]),
-                     f"cut: {','.join(cut)}" if cut else "whole"))
+        workload = Workload.from_attributes({k: v for k, v in f.items() if "." in k})
+        status = f"grpc:{f['status']}" if "grpc_status" in f else str(f["status"] or "-")
+        rows.append((printable(client), printable(server), printable(f.get("iface") or "-"),
+                     printable(workload.describe()) if workload else "-", status,
+                     str(f["packets"]), str(f["bytes"]), str(f["age_seconds"]),
+                     str(f["idle_seconds"]), f"cut: {','.join(cut)}" if cut else "whole"))
     lines = table(rows)
     cut = sum(1 for f in flows if f.get("cut"))
     if cut:

@@ -3,8 +3,8 @@
 prometheus-client's own Histogram lives in a registry and is updated as things happen;
 the mirror's metrics are collected at scrape time from what the controller holds (the
 BPF maps, these objects), and the bench needs the raw values of the attach latency, so
-the buckets are counted here. Both the attach latency (mirror.discovery) and the error
-response time (mirror.events) use it."""
+the buckets are counted here (the error response time is counted in the kernel: see
+mirror.bpfprog.Classifier.response_times)."""
 from __future__ import annotations
 
 import threading
@@ -12,9 +12,6 @@ from bisect import bisect_left
 
 # Seconds from a link event to both hooks attached.
 ATTACH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-# Seconds from a request to its error response.
-RESPONSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0, 60.0)
 
 
 class Histogram:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from .abi import CUT_REASONS, GRPC_CLASSES, STATUS_CLASSES
+from .abi import CUT_REASONS, GRPC_CLASSES, RESPONSE_BOUNDS_S, STATUS_CLASSES
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -31,19 +31,37 @@ _SIMPLE = {
                          "Responses/mirrored packets missing from per-interface stats: "
                          "their slot belongs to another interface"),
     "syn_unmarked": ("mirror_flows_unmarked_syn",
-                     "Marked flows unmarked by a SYN: a new connection reusing the 4-tuple"),
-    "requests": ("mirror_requests_kept", "HTTP/1.x request starts kept in the request snapshot"),
-    "status_same_dir": ("mirror_status_lines_ignored",
-                        "Status lines sent by the side that sent the flow's last request "
-                        "(not responses)"),
+                     "Marked connections unmarked by a SYN: a new connection reusing the "
+                     "4-tuple"),
+    "requests": ("mirror_requests_kept", "HTTP/1.x request starts from clients kept"),
+    "status_from_client": ("mirror_statuses_from_client",
+                           "Statuses sent by a connection's client side, or travelling in "
+                           "its direction: never counted as responses"),
+    "status_side_unknown": ("mirror_statuses_side_unknown",
+                            "Statuses on connections whose client side is not known (start "
+                            "and requests unseen, e.g. open before the attach): not counted"),
     "resp_no_request": ("mirror_responses_without_request",
-                        "Responses on a flow with no request kept (not seen or evicted)"),
+                        "Error responses with no request kept for them"),
     "events": ("mirror_events", "Error events handed from the kernel to user space"),
     "events_lost": ("mirror_events_lost",
                     "Error events lost because the ring buffer was full"),
-    "clones_deduplicated": ("mirror_clones_deduplicated",
-                            "Clones not made at egress: the packet entered through a "
-                            "monitored interface, whose ingress hook cloned it"),
+    "seen_before": ("mirror_packets_seen_before",
+                    "Packets at egress that entered through a monitored interface: counted, "
+                    "cloned and reported there, not again"),
+    "lo_second_pass": ("mirror_loopback_second_pass",
+                       "Packets at a monitored lo's ingress, already handled at its egress"),
+    "conns_started": ("mirror_connections_started",
+                      "Connection states started (SYN, SYN-ACK, or a request when the start "
+                      "went unseen)"),
+    "conns_replaced": ("mirror_connections_replaced",
+                       "Connection states whose slot a new connection took (the least "
+                       "recently active of its bucket)"),
+    "side_from_request": ("mirror_connections_side_from_request",
+                          "Connections whose start was not seen, their client side learned "
+                          "from a request"),
+    "errors_uncounted": ("mirror_error_responses_uncounted",
+                         "Error responses missing from mirror_error_responses_total: the "
+                         "kernel's table of (interface, status, protocol) was full"),
 }
 
 
@@ -59,7 +77,6 @@ _PROTOS = {"h1": "", "h2": "h2_"}
 class MapCollector:
     def __init__(self, controller):
         self.ctl = controller
-        self.evicted = 0
 
     def collect(self):
         ctl = self.ctl
@@ -68,53 +85,65 @@ class MapCollector:
         counters = ctl.classifier.counters()
         for key, (name, doc) in _SIMPLE.items():
             yield CounterMetricFamily(name, doc, value=counters[key])
+        held = CounterMetricFamily("mirror_events_suppressed",
+                                   "Error events not emitted (every error is still counted in "
+                                   "mirror_error_responses_total): the CPU's events per second "
+                                   "(--max-events-per-second) or the connection's "
+                                   "(--max-events-per-connection) were spent",
+                                   labels=["reason"])
+        held.add_metric(["rate"], counters["events_rate_limited"])
+        held.add_metric(["connection"], counters["events_conn_limited"])
+        yield held
         skipped = CounterMetricFamily("mirror_clones_skipped",
-                                      "Clones of marked flows skipped by a budget: the "
-                                      "flow's packets or bytes on a CPU (--max-packets/"
+                                      "Clones of marked connections skipped by a budget: "
+                                      "the connection's packets or bytes (--max-packets/"
                                       "bytes-per-flow), the CPU's clones per second "
                                       "(--max-clones-per-second)", labels=["reason"])
         for reason in CUT_REASONS.values():
             skipped.add_metric([reason], counters[f"skip_{reason}"])
         yield skipped
-        # A snapshot: the run loop renames and forgets interfaces while a scrape runs.
+        # A snapshot: the run loop renames and forgets interfaces while a scrape runs. The
+        # per-interface series are those of the interfaces attached now: an interface
+        # (and so its workload) that is gone has its series removed (its kernel
+        # counts are freed when it is forgotten).
         attached = list(ctl.attached.values())
         names = {att.ifindex: att.ifname for att in attached}
+        who = {i: [names[i], *_workload_labels(ctl, i)] for i in names}
         resp = CounterMetricFamily("mirror_http_responses",
-                                   "HTTP responses seen, by interface, direction, status "
-                                   "class and protocol (h1: HTTP/1.x, h2: HTTP/2; grpc: "
-                                   "grpc-status, class ok or error)",
-                                   labels=["iface", "direction", "class", "proto"])
+                                   "HTTP responses seen, by interface (and its workload), "
+                                   "direction, status class and protocol (h1: HTTP/1.x, "
+                                   "h2: HTTP/2; grpc: grpc-status, class ok or error)",
+                                   labels=[*IFACE_LABELS, "direction", "class", "proto"])
         mirrored = CounterMetricFamily("mirror_iface_mirrored_packets",
-                                       "Packets mirrored, by interface and direction",
-                                       labels=["iface", "direction"])
+                                       "Packets mirrored, by interface (and its workload) "
+                                       "and direction",
+                                       labels=[*IFACE_LABELS, "direction"])
         stats_by_key = ctl.classifier.iface_stats()
         for ifindex in names:       # attached interfaces show zeros before any traffic
             for direction in ("ingress", "egress"):
                 stats_by_key.setdefault((ifindex, direction), _ZERO_STATS)
         for (ifindex, direction), stats in sorted(stats_by_key.items()):
-            iface = names.get(ifindex, f"ifindex{ifindex}")
+            if ifindex not in who:
+                continue            # forgotten since the scrape began
             for proto, prefix in _PROTOS.items():
                 for cls in _CLASSES:
-                    resp.add_metric([iface, direction, cls, proto], stats[prefix + cls])
+                    resp.add_metric([*who[ifindex], direction, cls, proto],
+                                    stats[prefix + cls])
             for cls in _GRPC_CLASSES:
-                resp.add_metric([iface, direction, cls, "grpc"], stats[f"grpc_{cls}"])
-            mirrored.add_metric([iface, direction], stats["mirrored_packets"])
+                resp.add_metric([*who[ifindex], direction, cls, "grpc"], stats[f"grpc_{cls}"])
+            mirrored.add_metric([*who[ifindex], direction], stats["mirrored_packets"])
         yield resp
         yield mirrored
+        yield from _workload_metrics(ctl)
         active = ctl.classifier.flow_count()
         yield GaugeMetricFamily("mirror_flows_active", "Marked flows now in the map",
                                 value=active)
-        # The LRU map evicts silently; what left the map and was neither expired by the
-        # sweep nor unmarked by a SYN was evicted (or, rarely, re-marked after an expiry).
-        # The counters and the map are read at slightly different moments, so the
-        # difference can dip: a counter must never go back.
-        left = counters["flows_marked"] - active - ctl.expired_total - counters["syn_unmarked"]
-        self.evicted = max(self.evicted, left)
         yield CounterMetricFamily(
-            "mirror_flows_evicted", "Marked flows pushed out of the full map (LRU)",
-            value=self.evicted)
-        yield GaugeMetricFamily("mirror_flows_capacity", "Size of the flow map (--max-flows)",
-                                value=ctl.opts.max_flows)
+            "mirror_flows_evicted", "Marked connections whose state slot a new connection "
+            "took", value=counters["flows_evicted"])
+        yield GaugeMetricFamily("mirror_flows_capacity", "Connection state slots (--max-flows, "
+                                "rounded up to a power of two)",
+                                value=ctl.classifier.max_flows)
         yield CounterMetricFamily("mirror_flows_expired",
                                   "Flows removed by the idle sweep", value=ctl.expired_total)
         yield CounterMetricFamily("mirror_debug_iface_recreated",
@@ -131,25 +160,74 @@ class MapCollector:
         for stage, n in ctl.stage_errors.items():
             errors.add_metric([stage], n + (event_errors if stage == "events" else 0))
         yield errors
+        yield from self._errors(ctl, who)
         if ctl.events is not None:
-            yield from self._events(ctl.events)
+            yield CounterMetricFamily("mirror_request_frames_written",
+                                      "Request frames of error responses written to the "
+                                      "debug interface", value=ctl.events.writer.written)
 
     @staticmethod
-    def _events(stream):
+    def _errors(ctl, who: dict[int, list[str]]):
+        """Error responses as the kernel counted them, exact whatever the events' bounds
+        held back, and the time from each kept request to its error response."""
         errors = CounterMetricFamily("mirror_error_responses",
-                                     "Error responses (trigger statuses) reported as events, "
-                                     "by interface and status", labels=["iface", "status"])
-        for (iface, status), n in sorted(stream.by_iface_status.items()):
-            errors.add_metric([iface, str(status)], n)
+                                     "Error responses (trigger statuses from the server "
+                                     "side), by interface, its workload (namespace, pod, "
+                                     "container) and status (grpc:N for a grpc-status)",
+                                     labels=[*IFACE_LABELS, "status"])
+        by_label: dict[tuple[str, ...], int] = {}
+        for (ifindex, status, proto), n in ctl.classifier.errors().items():
+            if ifindex not in who:
+                continue            # an interface forgotten since the scrape began
+            label = f"grpc:{status}" if proto == "grpc" else str(status)
+            key = (*who[ifindex], label)
+            by_label[key] = by_label.get(key, 0) + n
+        for labels, n in sorted(by_label.items()):
+            errors.add_metric(list(labels), n)
         yield errors
-        hist = stream.response_time
+        counts, total = ctl.classifier.response_times()
+        buckets, running = [], 0
+        for bound, n in zip((*(f"{b:g}" for b in RESPONSE_BOUNDS_S), "+Inf"), counts):
+            running += n
+            buckets.append((bound, running))
         yield HistogramMetricFamily("mirror_error_response_seconds",
                                     "Time from a request to its error response, as the "
                                     "classifier saw them (errors whose request was kept)",
-                                    buckets=hist.buckets(), sum_value=hist.sum)
-        yield CounterMetricFamily("mirror_request_frames_written",
-                                  "Request frames of error responses written to the debug "
-                                  "interface", value=stream.writer.written)
+                                    buckets=buckets, sum_value=total)
+
+
+IFACE_LABELS = ("iface", "namespace", "pod", "container")
+
+
+def _workload_labels(ctl, ifindex: int) -> list[str]:
+    """namespace, pod and container of the workload behind the interface, as cAdvisor
+    and kube-state-metrics name them ("" when not known, or not known yet)."""
+    if ctl.workloads is None:
+        return ["", "", ""]
+    w = ctl.workloads.lookup(ifindex)
+    labels = w.labels()
+    return [labels["namespace"], labels["pod"], labels["container"]]
+
+
+def _workload_metrics(ctl):
+    """How naming the workloads goes: the runtimes asked, their failures (an absent,
+    refused, slow or hung runtime socket costs a counter and a warning, never an attach
+    or an event)."""
+    if ctl.workloads is None:
+        return
+    s = ctl.workloads.stats
+    yield CounterMetricFamily("mirror_workload_lookups", "Workload names asked for",
+                              value=s.lookups)
+    yield CounterMetricFamily("mirror_workload_lookups_pending",
+                              "Workload names asked for before the runtimes answered "
+                              "(the answer came later)", value=s.pending)
+    failures = CounterMetricFamily("mirror_workload_runtime_failures",
+                                   "Calls to a container runtime that failed, by runtime "
+                                   "and reason (absent, refused, denied, timeout, "
+                                   "bad-answer, error)", labels=["runtime", "reason"])
+    for (runtime, reason), n in sorted(dict(s.failures).items()):
+        failures.add_metric([runtime, reason], n)
+    yield failures
 
 
 def _discovery_metrics(ctl):

@@ -5,13 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from . import debugif, hooks
-from .abi import DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES, MAX_REQUEST_BYTES
+from .abi import (DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
+                  MAX_CONN_SLOTS, MAX_REQUEST_BYTES)
 from .cliutil import parse_metrics_addr
 from .config import MAX_SECONDS, read_config
 from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Selector
 from .errors import UsageError
 from .safepath import UnsafePath, check_writable_file
 from .trigger import parse_trigger
+
+
+# Events per CPU and second by default (README, "Events"): the reader keeps up with it on
+# one core with room to spare (bench/eventcost.py measures the cost per event).
+DEFAULT_MAX_EVENTS_PER_SECOND = 1000
 
 
 @dataclass
@@ -33,6 +39,10 @@ class Options:
     max_packets_per_flow: int = 1000
     max_bytes_per_flow: int = 1 << 20
     max_clones_per_second: int = 10000
+    # Events (0: unlimited): per CPU and second, and per connection; what they hold back
+    # is counted, and every error response is counted in the metrics whatever they do.
+    max_events_per_second: int = DEFAULT_MAX_EVENTS_PER_SECOND
+    max_events_per_connection: int = DEFAULT_MAX_EVENTS_PER_CONN
     # The trigger, parsed (resolve() fills it in).
     codes: frozenset[int] = frozenset()
 
@@ -40,6 +50,11 @@ class Options:
         return {"max_packets_per_flow": self.max_packets_per_flow,
                 "max_bytes_per_flow": self.max_bytes_per_flow,
                 "max_clones_per_second": self.max_clones_per_second}
+
+    def limits(self) -> dict[str, int]:
+        """The budgets and the event bounds (0: unlimited each)."""
+        return {**self.budget(), "max_events_per_second": self.max_events_per_second,
+                "max_events_per_connection": self.max_events_per_connection}
 
     def validate(self) -> Selector:
         """Checks everything that can be checked without the kernel; UsageError naming
@@ -62,11 +77,11 @@ class Options:
         if not 0 < self.idle_timeout <= MAX_SECONDS:
             raise UsageError(f"--idle-timeout must be a positive number of seconds, at most "
                              f"{MAX_SECONDS}")
-        if not 16 <= self.max_flows <= 1 << 24:
-            raise UsageError("--max-flows must be between 16 and 16777216")
+        if not 16 <= self.max_flows <= MAX_CONN_SLOTS:
+            raise UsageError(f"--max-flows must be between 16 and {MAX_CONN_SLOTS}")
         if not 0 <= self.request_bytes <= MAX_REQUEST_BYTES:
             raise UsageError(f"--request-bytes must be between 0 (off) and {MAX_REQUEST_BYTES}")
-        for name, value in self.budget().items():
+        for name, value in self.limits().items():
             limit = (1 << 64) - 1 if name == "max_bytes_per_flow" else (1 << 32) - 1
             if not 0 <= value <= limit:
                 raise UsageError(f"--{name.replace('_', '-')} must be between 0 (unlimited) "

@@ -1,7 +1,8 @@
 """Raw bpf(2) calls for the differential fuzz (tests/test_fuzz.py), where bcc's per-call
-overhead would dominate: one BPF_PROG_TEST_RUN with preallocated buffers, the whole
-per-CPU counters array in a single BPF_MAP_LOOKUP_BATCH, and plain lookups, key walks
-and deletes on the flows map.
+overhead would dominate: one BPF_PROG_TEST_RUN with preallocated buffers (and a struct
+__sk_buff context, for the ingress_ifindex a packet arrived on), the whole per-CPU
+counters array in a single BPF_MAP_LOOKUP_BATCH, and plain lookups, key walks and
+deletes on hash and array maps (the connection slots, the kept requests).
 
 Test code only: the product reads its maps through mirror/bpfprog.py. The syscall and the
 bpf_attr layouts are mirror.bpfsys's."""
@@ -22,27 +23,46 @@ from mirror.bpfsys import (BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_MAP_LO
 # fuzz stay far below it, and tests/test_fuzz.py checks the limit itself.
 TEST_RUN_MAX_FRAME = 3712
 _BUF = 4096 + 256
+# struct __sk_buff (include/uapi/linux/bpf.h) as BPF_PROG_TEST_RUN takes it in ctx_in:
+# every field but a few (mark, priority, ingress_ifindex, ifindex, cb, tstamp, wire_len,
+# gso_segs, gso_size, hwtstamp) must be zero, or the run is refused with EINVAL.
+SKB_CTX_SIZE = 192
+SKB_INGRESS_IFINDEX = 36
+SKB_IFINDEX = 40
+# The device the test run's skb is on: the kernel looks ctx->ifindex up only when it is
+# over 1, and otherwise runs on the namespace's loopback device, whose ifindex is 1.
+TEST_RUN_IFINDEX = 1
 
 
 class TestRunner:
     """BPF_PROG_TEST_RUN of one tc program with buffers allocated once. `run()` goes
     straight to the kernel (no 14-byte check in user space), so what the kernel refuses
-    is seen as the kernel's errno."""
+    is seen as the kernel's errno. Every run passes a struct __sk_buff context on the
+    loopback device (TEST_RUN_IFINDEX) that sets skb->ingress_ifindex (0: a packet this
+    host sent, not one it received)."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, prog_fd: int):
         self._in = ctypes.create_string_buffer(_BUF)
         self._out = ctypes.create_string_buffer(_BUF)
+        self._ctx = ctypes.create_string_buffer(SKB_CTX_SIZE)
+        struct.pack_into("=I", self._ctx, SKB_IFINDEX, TEST_RUN_IFINDEX)
+        self._ingress_ifindex = 0
         self._attr = TestRunAttr(prog_fd=prog_fd, data_in=ctypes.addressof(self._in),
-                                  data_out=ctypes.addressof(self._out), repeat=1)
+                                  data_out=ctypes.addressof(self._out), repeat=1,
+                                  ctx_in=ctypes.addressof(self._ctx),
+                                  ctx_size_in=SKB_CTX_SIZE)
 
-    def run(self, frame: bytes) -> tuple[int, int | None, bytes]:
+    def run(self, frame: bytes, ingress_ifindex: int = 0) -> tuple[int, int | None, bytes]:
         """(errno, retval, data_out): errno 0 when the program ran, else retval None."""
         n = len(frame)
         if n > _BUF:
             return errno.EINVAL, None, b""
         ctypes.memmove(self._in, frame, n)
+        if ingress_ifindex != self._ingress_ifindex:
+            struct.pack_into("=I", self._ctx, SKB_INGRESS_IFINDEX, ingress_ifindex)
+            self._ingress_ifindex = ingress_ifindex
         a = self._attr
         a.data_size_in = n
         a.data_size_out = _BUF
@@ -87,7 +107,8 @@ class PerCpuArray:
 
 
 class Hash:
-    """Lookups, key walks and deletes on a hash map by raw key bytes."""
+    """Lookups, key walks and deletes on a hash map by raw key bytes (lookups work on an
+    array map too, its key a little-endian u32 index: see slot_key)."""
 
     def __init__(self, map_fd: int, key_size: int, value_size: int, percpu: bool):
         self.map_fd = map_fd
@@ -136,3 +157,8 @@ class Hash:
         if ret < 0:
             raise OSError(-ret, f"BPF_MAP_DELETE_ELEM: {os.strerror(-ret)}")
         return True
+
+
+def slot_key(index: int) -> bytes:
+    """An array map's key: the index as a native (little-endian) u32."""
+    return index.to_bytes(4, "little")

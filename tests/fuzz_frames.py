@@ -1,18 +1,24 @@
-"""The differential fuzz's frames: realistic HTTP/1.1 conversations over every kind of
-link and network layer, status lines and their near misses, HTTP/2 and gRPC header
-blocks, structural and byte-level mutations, and the seeded Generator that mixes them
-(with truncation sweeps) into the stream tests/test_fuzz.py feeds to the harness
-(tests/fuzz_harness.py). Pure Python: frames are built with tests/frames.py.
+"""The differential fuzz's frames: realistic HTTP/1.1, HTTP/2 and gRPC conversations over
+every kind of link and network layer (most opened by a SYN and SYN-ACK, some whose start
+went unseen), status lines and their near misses, HTTP/2 and gRPC header blocks, hostile
+segments (a client's status, a lone spoofed segment, a server's address travelling the
+client's way, a 4-tuple reused), crowds of connections that share a bucket of the
+classifier's slots, structural and byte-level mutations, and the seeded Generator that
+mixes them (with truncation sweeps) into the stream tests/test_fuzz.py feeds to the
+harness (tests/fuzz_harness.py), each frame on a hook, some egress ones forwarded from a
+monitored interface. Pure Python: frames are built with tests/frames.py.
 
 Every address the classifier could read lies in 198.18.0.0/15 or 2001:db8::/32
 (addresses_allowed), and a seed's stream does not depend on its length."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hpack import Encoder
 
@@ -21,6 +27,7 @@ import reference as R
 from frames import (TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, dest_opts, eth, fragment,
                     hop_by_hop, ipv4, ipv4_options, ipv6, routing, tcp, tcp_options)
 from mirror.abi import DIRECTIONS
+from mirror.flowkey import FlowKey
 
 
 # --- realistic frames ------------------------------------------------------------------
@@ -123,54 +130,6 @@ def tcp_spec(conn: Conn, from_client: bool, payload: bytes = b"", flags: int = T
             "dport": dport, "payload": payload, "flags": flags, "options": options,
             "seq": seq, "ack": ack, "window": window, "doff": None, "vlans": list(conn.vlans),
             "ip": ip, "trailer": b""}
-
-
-def conversation(rng: random.Random, conn: Conn, codes=None) -> list:
-    """(spec, from_client) for a whole HTTP/1.1 connection: handshake, 1-3 exchanges,
-    close (FIN or RST)."""
-    out = []
-    cseq, sseq = rng.randrange(1 << 32), rng.randrange(1 << 32)
-
-    def c(payload=b"", flags=TCP_ACK, **kw):
-        nonlocal cseq
-        s = tcp_spec(conn, True, payload, flags, seq=cseq, ack=sseq, **kw)
-        cseq = (cseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
-        out.append((s, True))
-
-    def s(payload=b"", flags=TCP_ACK, **kw):
-        nonlocal sseq
-        sp = tcp_spec(conn, False, payload, flags, seq=sseq, ack=cseq, **kw)
-        sseq = (sseq + len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)) & 0xFFFFFFFF
-        out.append((sp, False))
-
-    c(flags=TCP_SYN, options=SYN_OPTS, window=64240)
-    s(flags=TCP_SYN | TCP_ACK, options=SYN_OPTS, window=65160)
-    c(flags=TCP_ACK)
-    codes = list(codes) if codes else [
-        rng.choices([x for x, _ in CODE_WEIGHTS], [w for _, w in CODE_WEIGHTS])[0]
-        for _ in range(rng.randrange(1, 4))]
-    for code in codes:
-        c(request(rng, conn.srv), TCP_PSH | TCP_ACK)
-        if rng.random() < 0.3:
-            s(flags=TCP_ACK)
-        if code == 100:
-            s(b"HTTP/1.1 100 Continue\r\n\r\n", TCP_PSH | TCP_ACK)
-            code = 200
-        version = b"1.0" if rng.random() < 0.1 else b"1.1"
-        body = response(code, version, rng.choice((0, 60, 120, 300)), rng.random() < 0.95)
-        if len(body) > 400 and rng.random() < 0.5:
-            s(body[:300], TCP_ACK)
-            s(body[300:], TCP_PSH | TCP_ACK)
-        else:
-            s(body, TCP_PSH | TCP_ACK)
-        c(flags=TCP_ACK)
-    if rng.random() < 0.8:
-        c(flags=TCP_FIN | TCP_ACK)
-        s(flags=TCP_FIN | TCP_ACK)
-        c(flags=TCP_ACK)
-    else:
-        s(flags=TCP_RST | TCP_ACK, options=b"")
-    return out
 
 
 def non_tcp_specs(rng: random.Random) -> list:
@@ -381,6 +340,152 @@ def h2_payload(rng: random.Random) -> bytes:
     return bytes(out)
 
 
+# --- conversations ---------------------------------------------------------------------
+
+# How a conversation's start was seen: the whole handshake, only the SYN-ACK (the SYN went
+# by before the capture), or nothing of it (the connection was under way already).
+HANDSHAKE, SYNACK_ONLY, UNSEEN = "handshake", "synack-only", "unseen"
+STARTS = [(HANDSHAKE, 80), (SYNACK_ONLY, 8), (UNSEEN, 12)]
+
+
+def random_start(rng: random.Random) -> str:
+    return rng.choices([s for s, _ in STARTS], [w for _, w in STARTS])[0]
+
+
+class Talk:
+    """The segments of one connection, (spec, from_client) in order, with each side's
+    sequence numbers kept."""
+
+    def __init__(self, rng: random.Random, conn: Conn):
+        self.conn = conn
+        self.seq = {True: rng.randrange(1 << 32), False: rng.randrange(1 << 32)}
+        self.out: list = []
+
+    def send(self, from_client: bool, payload: bytes = b"", flags: int = TCP_ACK, **kw):
+        spec = tcp_spec(self.conn, from_client, payload, flags, seq=self.seq[from_client],
+                        ack=self.seq[not from_client], **kw)
+        grow = len(payload) + (1 if flags & (TCP_SYN | TCP_FIN) else 0)
+        self.seq[from_client] = (self.seq[from_client] + grow) & 0xFFFFFFFF
+        self.out.append((spec, from_client))
+
+    def c(self, payload: bytes = b"", flags: int = TCP_ACK, **kw):
+        self.send(True, payload, flags, **kw)
+
+    def s(self, payload: bytes = b"", flags: int = TCP_ACK, **kw):
+        self.send(False, payload, flags, **kw)
+
+    def start(self, how: str) -> None:
+        if how == HANDSHAKE:
+            self.c(flags=TCP_SYN, options=SYN_OPTS, window=64240)
+        if how != UNSEEN:
+            self.s(flags=TCP_SYN | TCP_ACK, options=SYN_OPTS, window=65160)
+            self.c(flags=TCP_ACK)
+
+    def close(self, rng: random.Random) -> None:
+        if rng.random() < 0.8:
+            self.c(flags=TCP_FIN | TCP_ACK)
+            self.s(flags=TCP_FIN | TCP_ACK)
+            self.c(flags=TCP_ACK)
+        else:
+            self.s(flags=TCP_RST | TCP_ACK, options=b"")
+
+
+def random_codes(rng: random.Random) -> list:
+    return [rng.choices([x for x, _ in CODE_WEIGHTS], [w for _, w in CODE_WEIGHTS])[0]
+            for _ in range(rng.randrange(1, 4))]
+
+
+def conversation(rng: random.Random, conn: Conn, codes=None, start: str = HANDSHAKE,
+                 close: bool = True) -> list:
+    """(spec, from_client) for an HTTP/1.1 connection: its start as `start` says, 1-3
+    exchanges, close (FIN or RST)."""
+    t = Talk(rng, conn)
+    t.start(start)
+    for code in list(codes) if codes else random_codes(rng):
+        t.c(request(rng, conn.srv), TCP_PSH | TCP_ACK)
+        if rng.random() < 0.3:
+            t.s(flags=TCP_ACK)
+        if code == 100:
+            t.s(b"HTTP/1.1 100 Continue\r\n\r\n", TCP_PSH | TCP_ACK)
+            code = 200
+        version = b"1.0" if rng.random() < 0.1 else b"1.1"
+        body = response(code, version, rng.choice((0, 60, 120, 300)), rng.random() < 0.95)
+        if len(body) > 400 and rng.random() < 0.5:
+            t.s(body[:300], TCP_ACK)
+            t.s(body[300:], TCP_PSH | TCP_ACK)
+        else:
+            t.s(body, TCP_PSH | TCP_ACK)
+        t.c(flags=TCP_ACK)
+    if close:
+        t.close(rng)
+    return t.out
+
+
+H2_SETTINGS = h2_frame(4, 0, 0, b"\x00\x03\x00\x00\x00\x64\x00\x04\x00\x00\xff\xff")
+H2_SETTINGS_ACK = h2_frame(4, 1, 0, b"")
+
+
+def h2_request_block(rng: random.Random, host: str) -> bytes:
+    """A request's header block: hpack's encoding (its first field :method, static 2 or
+    3), sometimes after a size update, or starting with :authority as a literal (name
+    index 1), or with a dynamic reference (a later request of the connection: no
+    pseudo-header to see)."""
+    method = rng.choice(["GET", "GET", "POST"])
+    fields = [(":method", method), (":scheme", "https"),
+              (":path", rng.choice(PATHS_REQ).decode()), (":authority", host)]
+    if rng.random() < 0.2:
+        fields.insert(0, fields.pop())
+    block = Encoder().encode(fields + [("user-agent", "fuzz/1")], huffman=rng.random() < 0.5)
+    r = rng.random()
+    if r < 0.1:
+        block = rng.choice([b"\x20", b"\x3f\xe1\x1f"]) + block
+    elif r < 0.15:
+        block = b"\xbe" + block
+    return block
+
+
+def h2_response_frames(rng: random.Random, stream: int, grpc: bool) -> list:
+    """The server's segments answering one stream: HEADERS (a :status, hpack's or hand
+    made) and DATA, or for gRPC HEADERS, DATA and trailers (grpc-status)."""
+    if grpc:
+        head = h2_frame(1, 0x04, stream, b"\x88\x5f\x10application/grpc")
+        trailers = h2_frame(1, 0x05, stream, grpc_block(rng))
+        if rng.random() < 0.3:                   # trailers-only
+            return [h2_frame(1, 0x05, stream, b"\x88" + grpc_block(rng))]
+        return [head + h2_frame(0, 0, stream, b"\x00\x00\x00\x00\x02\x08\x01"), trailers]
+    block = h2_block(rng)
+    if rng.random() < 0.5:
+        return [h2_frame(1, 0x04, stream, block) + h2_frame(0, 1, stream, b"<html>x</html>")]
+    return [h2_frame(1, 0x05 if rng.random() < 0.3 else 0x04, stream, block),
+            h2_frame(0, 1, stream, b"body" * rng.randrange(1, 20))]
+
+
+def h2_conversation(rng: random.Random, conn: Conn, start: str = HANDSHAKE,
+                    grpc: bool = False, close: bool = True) -> list:
+    """(spec, from_client) for an HTTP/2 (or gRPC) connection: its start as `start`
+    says, the preface and SETTINGS (not when the connection was under way already, mostly),
+    1-3 streams, close."""
+    t = Talk(rng, conn)
+    t.start(start)
+    if start != UNSEEN or rng.random() < 0.3:
+        t.c(R.H2_PREFACE + H2_SETTINGS, TCP_PSH | TCP_ACK)
+        t.s(H2_SETTINGS + H2_SETTINGS_ACK, TCP_PSH | TCP_ACK)
+        if rng.random() < 0.7:
+            t.c(H2_SETTINGS_ACK, TCP_PSH | TCP_ACK)
+    for stream in (1, 3, 5)[:rng.randrange(1, 4)]:
+        request_frames = h2_frame(1, 0x04 if grpc else 0x05, stream,
+                                  h2_request_block(rng, conn.srv))
+        if grpc:
+            request_frames += h2_frame(0, 1, stream, b"\x00\x00\x00\x00\x02\x08\x01")
+        t.c(request_frames, TCP_PSH | TCP_ACK)
+        for payload in h2_response_frames(rng, stream, grpc):
+            t.s(payload, TCP_PSH | TCP_ACK)
+        t.c(flags=TCP_ACK)
+    if close:
+        t.close(rng)
+    return t.out
+
+
 # --- mutations -------------------------------------------------------------------------
 
 def _ext_kinds(rng):
@@ -529,15 +634,41 @@ def mutate_bytes(rng: random.Random, frame: bytes, l4: int | None) -> tuple[byte
 # frames until all are done: within the default 100,000 frames.
 SWEEP_EVERY = 900
 # Shares of the frames that are not truncation sweeps.
-SHARES = {"mutation": 0.6, "conversation": 0.3, "flag": 0.1}
+SHARES = {"mutation": 0.45, "conversation": 0.33, "hostile": 0.1, "flag": 0.07,
+          "crowd": 0.05}
+# skb->ingress_ifindex of egress packets: FORWARDED_FROM is an interface the fuzz puts in
+# the `monitored` map (a packet forwarded from it was seen before), NOT_MONITORED is not.
+FORWARDED_FROM = 1001
+NOT_MONITORED = 1002
+# Shares of the conversations that are HTTP/2, and of those, gRPC.
+H2_SHARE, GRPC_SHARE = 0.25, 0.4
+HOSTILE = ("client-status", "client-h2-status", "lone", "wrong-direction", "reuse",
+           "synack-from-client", "server-request")
+
+
+class Item(NamedTuple):
+    """One frame of the stream: what to feed on which hook; `what` made it."""
+    frame: bytes
+    direction: str
+    what: str
+    ingress_ifindex: int = 0
+
+
+def other(direction: str) -> str:
+    return "ingress" if direction == "egress" else "egress"
 
 
 class Generator:
-    """The seeded stream of (frame, direction, what) tuples."""
+    """The seeded stream of Items. `slots`: the classifier's connection slots; the
+    stream's crowds (connections that share a bucket) are computed for them and for
+    hash_seed, which the test sets in the classifier (config.hash_seed) before feeding
+    the stream."""
 
-    def __init__(self, seed: int, total: int):
+    def __init__(self, seed: int, total: int, slots: int = 4096):
         self.rng = rng = random.Random(seed)
         self.total = total
+        self.slots = slots
+        self.hash_seed = random.Random(f"conns-{seed}").getrandbits(32)
         self.conns = [random_conn(rng) for _ in range(400)]
         # The realistic set that every offset of is tried: the same exchanges over each
         # kind of link and network layer.
@@ -553,14 +684,17 @@ class Generator:
         for i, conn in enumerate(kinds):
             codes = [(200, 404, 500)[i % 3], (503, 200, 301)[i % 3]]
             self.sweep_base += [build(s)[0] for s, _ in conversation(rng, conn, codes)]
+            self.sweep_base += [build(s)[0] for s, _ in h2_conversation(rng, conn)][3:6]
         self.sweep_base += [build(s)[0] for s in non_tcp_specs(rng)]
         self.templates = [s for c in self.conns for s, _ in conversation(rng, c)]
+        self.templates += [s for c in self.conns[:100]
+                           for s, _ in h2_conversation(rng, c, grpc=rng.random() < 0.5)]
         self.non_tcp = [s for _ in range(20) for s in non_tcp_specs(rng)]
 
     def __iter__(self):
-        """Yields (frame, direction, source) and None at episode boundaries. The stream
-        does not depend on `total` (which only ends it): the first N frames of a seed are
-        the same in a run of N frames as in a longer one."""
+        """Yields Items, and None at episode boundaries. The stream does not depend on
+        `total` (which only ends it): the first N frames of a seed are the same in a run
+        of N frames as in a longer one."""
         rng = self.rng
         sweeps = list(self.sweep_base)
         rng.shuffle(sweeps)
@@ -577,7 +711,7 @@ class Generator:
                 offsets = list(range(len(frame) + 1))
                 if rng.random() < 0.5:
                     offsets.reverse()
-                episode = [(frame[:n], direction, "sweep") for n in offsets]
+                episode = [Item(frame[:n], direction, "sweep") for n in offsets]
             else:
                 # The kind furthest behind its share of the frames made so far.
                 kind = max(SHARES, key=lambda k: SHARES[k] * (made_by[""] + 1) - made_by[k])
@@ -591,11 +725,36 @@ class Generator:
                 made += 1
             yield None  # episode boundary: a checkpoint may run here
 
-    def direction(self, from_client: bool) -> str:
-        d = "ingress" if from_client else "egress"
-        if self.rng.random() < 0.15:
-            d = "egress" if from_client else "ingress"
-        return d
+    def ingress_ifindex(self, direction: str, forwarded: bool) -> int:
+        """skb->ingress_ifindex for a packet on `direction`: at egress of a forwarded
+        connection, mostly the monitored interface it came in through; else mostly 0 (the
+        host's own packets), now and then either index (which means nothing at ingress)."""
+        r = self.rng.random()
+        if forwarded and direction == "egress":
+            return FORWARDED_FROM if r < 0.9 else 0
+        if r < 0.02:
+            return self.rng.choice((FORWARDED_FROM, NOT_MONITORED))
+        return 0
+
+    def place(self, talk: list, what: str, mutate: float = 0.1) -> list:
+        """Items for a connection's segments: the client's on one hook (either), the
+        server's on the other; a few on the wrong one, a few mutated. A segment given as
+        (spec, from_client, "flip") goes on the other side's hook."""
+        rng = self.rng
+        client_dir = rng.choice(DIRECTIONS)
+        forwarded = rng.random() < 0.15
+        out = []
+        for spec, from_client, *flip in talk:
+            d = client_dir if from_client else other(client_dir)
+            w = what
+            if flip or rng.random() < 0.02:
+                d, w = other(d), "wrong-direction"
+            if rng.random() < mutate:
+                frame, w = self.mutated(spec, 1, rng.randrange(2))
+            else:
+                frame = build(spec)[0]
+            out.append(Item(frame, d, w, self.ingress_ifindex(d, forwarded)))
+        return out
 
     def mutated(self, spec: dict, structural: int, byte_level: int) -> tuple[bytes, str]:
         rng = self.rng
@@ -610,17 +769,94 @@ class Generator:
                 return frame, "+".join(names) or "plain"
         return build(spec)[0], "plain"
 
-    def conversation_episode(self) -> list:
+    def talk(self, conn: Conn, start: str | None = None, close: bool = True, codes=None):
+        """A random conversation of `conn`: HTTP/1.1, HTTP/2 or gRPC."""
         rng = self.rng
+        start = start or random_start(rng)
+        if codes is None and rng.random() < H2_SHARE:
+            return h2_conversation(rng, conn, start, grpc=rng.random() < GRPC_SHARE,
+                                   close=close), "h2-conversation"
+        return conversation(rng, conn, codes, start, close), "conversation"
+
+    def conversation_episode(self) -> list:
+        talk, what = self.talk(self.rng.choice(self.conns))
+        return self.place(talk, what)
+
+    def hostile_episode(self) -> list:
+        """A connection with a hostile segment in it, or a lone one (see HOSTILE)."""
+        rng = self.rng
+        kind = rng.choice(HOSTILE)
         conn = rng.choice(self.conns)
-        out = []
-        for spec, from_client in conversation(rng, conn):
-            if rng.random() < 0.1:
-                frame, what = self.mutated(spec, 1, rng.randrange(2))
-            else:
-                frame, what = build(spec)[0], "conversation"
-            out.append((frame, self.direction(from_client), what))
-        return out
+        talk, _ = self.talk(conn, close=False)
+        at = rng.randrange(min(3, len(talk)), len(talk) + 1)
+        if kind == "client-status":
+            # The client sends a status line (its own data, or an attempt to trigger).
+            payload = rng.choice([response(500), response(503), status_payload(rng)])
+            talk.insert(at, (tcp_spec(conn, True, payload, TCP_PSH | TCP_ACK), True))
+        elif kind == "client-h2-status":
+            payload = h2_frame(1, 0x04, 1, rng.choice([b"\x8e", b"\x48\x03503", h2_block(rng)]))
+            talk.insert(at, (tcp_spec(conn, True, payload, TCP_PSH | TCP_ACK), True))
+        elif kind == "lone":
+            # A segment of a 4-tuple nobody opened, either way, then maybe an ACK back.
+            lone = random_conn(rng)
+            from_client = rng.random() < 0.3
+            payload = rng.choice([response(500), response(502), h2_payload(rng),
+                                  h2_frame(1, 0x04, 1, b"\x8e"), request(rng, lone.srv)])
+            talk = [(tcp_spec(lone, from_client, payload, TCP_PSH | TCP_ACK), from_client)]
+            if rng.random() < 0.5:
+                talk.append((tcp_spec(lone, not from_client), not from_client))
+        elif kind == "wrong-direction":
+            # The server's address on a segment travelling the client's way: spoofed.
+            payload = rng.choice([response(500), response(503), h2_frame(1, 0x04, 1, b"\x8e")])
+            talk.insert(at, (tcp_spec(conn, False, payload, TCP_PSH | TCP_ACK), False, "flip"))
+        elif kind == "reuse":
+            # The 4-tuple reused: a new SYN after a request (kept, when the snapshot is
+            # on) and maybe its error; the new connection's response may come without a
+            # request, or the old server may be the new client.
+            talk, _ = self.talk(conn, HANDSHAKE, close=False, codes=[rng.choice((500, 200))])
+            again = conn if rng.random() < 0.7 else Conn(conn.family, conn.srv, conn.sport,
+                                                         conn.cli, conn.cport, conn.vlans,
+                                                         conn.ext, conn.ipopts)
+            second = conversation(rng, again, [503], HANDSHAKE)
+            if rng.random() < 0.5:
+                second = [x for x in second if not request_start_spec(x[0])]
+            talk = talk + second
+        elif kind == "synack-from-client":
+            # A SYN, then a SYN-ACK from the same side: it says the other one is the client.
+            talk.insert(at, (tcp_spec(conn, True, b"", TCP_SYN | TCP_ACK, options=SYN_OPTS),
+                             True))
+        else:  # server-request: a request start, or a request's HEADERS, from the server
+            payload = rng.choice([request(rng, conn.cli),
+                                  h2_frame(1, 0x05, 1, h2_request_block(rng, conn.cli))])
+            talk.insert(at, (tcp_spec(conn, False, payload, TCP_PSH | TCP_ACK), False))
+        return self.place(talk, kind, mutate=0.03)
+
+    def colliding(self, n: int) -> list:
+        """Up to n connections (one client and server, client ports varied) whose states
+        share a bucket of the classifier's slots."""
+        rng = self.rng
+        base = rng.choice(self.conns)
+        buckets: dict[int, list] = {}
+        for port in rng.sample(range(1024, 65536), 2 * self.slots // R.CONN_WAYS):
+            c = dataclasses.replace(base, cport=port)
+            key = FlowKey.from_endpoints(c.cli, c.cport, c.srv, c.sport)
+            bucket = R.conn_bucket(key, R.LOOPBACK_IFINDEX, self.hash_seed, self.slots)
+            buckets.setdefault(bucket, []).append(c)
+        return max(buckets.values(), key=len)[:n]
+
+    def crowd_episode(self) -> list:
+        """Five to seven connections of one bucket, their segments interleaved: each new
+        state past the fourth takes the slot of the one touched longest ago (marked or
+        not), whose next segments then find no state, or start another."""
+        rng = self.rng
+        talks = [self.talk(c, codes=[rng.choice((500, 503, 200, 404))])[0]
+                 for c in self.colliding(rng.randrange(5, 8))]
+        merged = []
+        while any(talks):
+            for t in talks:
+                if t:
+                    merged.append(t.pop(0))
+        return self.place(merged, "crowd", mutate=0.02)
 
     def flag_episode(self) -> list:
         """Every TCP flag byte on a response and on a bare segment of one flow."""
@@ -630,10 +866,12 @@ class Generator:
         flags = list(range(256))
         rng.shuffle(flags)
         for fl in flags[:rng.randrange(16, 65)]:
-            payload = rng.choice([b"", response(rng.choice((200, 500, 503, 404)))])
+            payload = rng.choice([b"", response(rng.choice((200, 500, 503, 404))),
+                                  request(rng, conn.srv)])
             spec = tcp_spec(conn, rng.random() < 0.5, payload, fl,
                             window=rng.choice((0, 0, 502, 65535)))
-            out.append((build(spec)[0], rng.choice(DIRECTIONS), "flags"))
+            d = rng.choice(DIRECTIONS)
+            out.append(Item(build(spec)[0], d, "flags", self.ingress_ifindex(d, False)))
         return out
 
     def mutation_episode(self) -> list:
@@ -642,10 +880,15 @@ class Generator:
         structural = rng.choice((0, 1, 1, 1, 2, 2, 3))
         byte_level = rng.choice((0, 0, 1, 1, 2)) if structural else rng.randrange(1, 4)
         frame, what = self.mutated(spec, structural, byte_level)
-        out = [(frame, rng.choice(DIRECTIONS), what)]
+        d = rng.choice(DIRECTIONS)
+        out = [Item(frame, d, what, self.ingress_ifindex(d, False))]
         if spec.get("l4") == "tcp" and rng.random() < 0.5:
             # A later packet of the same flow, the other way: was the flow marked?
             back = tcp_spec(Conn(spec["family"], spec["dst"], spec["dport"], spec["src"],
                                  spec["sport"], tuple(spec["vlans"])), True, b"")
-            out.append((build(back)[0], rng.choice(DIRECTIONS), "follow-up"))
+            out.append(Item(build(back)[0], rng.choice(DIRECTIONS), "follow-up"))
         return out
+
+
+def request_start_spec(spec: dict) -> bool:
+    return R.request_start(spec["payload"])

@@ -265,6 +265,18 @@ def wait_until(check, what: str, timeout: float = 60.0):
         time.sleep(0.05)
 
 
+CLOCK_MONOTONIC_COARSE = 6     # linux/time.h; the time module does not name it
+
+
+def next_coarse_tick() -> None:
+    """Returns once the coarse monotonic clock, the one the classifier stamps connections
+    with (bpf_ktime_get_coarse_ns, a tick's resolution), has moved on: only then is a
+    connection touched until now idle longer than 1 ns in the classifier's eyes."""
+    start = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    while time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE) == start:
+        os.sched_yield()
+
+
 def tcpdump_counts(dump) -> dict[str, int]:
     """A running mirror.capture.tcpdump.Tcpdump's own counters, fresh: captured (written
     to its file: it runs with -U), received (handed to its socket by the kernel) and

@@ -1,11 +1,12 @@
-"""Reference model of the classifier (bpf/mirror.c): for any frame, what the classifier
-must decide.
+"""Reference model of the classifier (bpf/mirror.c): for any sequence of frames, what the
+classifier must decide for each, and the connection states it must be left holding.
 
 Written from the protocol specifications (IEEE 802.1Q, RFC 791, RFC 8200, RFC 9293,
-RFC 9112) and the contract stated in bpf/mirror.h and bpf/mirror.c's comments, not by
-translating the C: tests/test_fuzz.py feeds the same frames to both and any difference
-is a finding. Plain byte indexing rather than dpkt: dpkt repairs or rejects exactly the
-frames (lying lengths, truncation) whose handling is being specified.
+RFC 9112, RFC 9113, RFC 7541) and the classifier's contract (bpf/mirror.h, and the
+statement of its connection state), not by translating the C: tests/test_fuzz.py feeds
+the same frames to both and any difference is a finding. Plain byte indexing rather than
+dpkt: dpkt repairs or rejects exactly the frames (lying lengths, truncation) whose
+handling is being specified.
 
 The rules, in the order a frame meets them:
 
@@ -14,6 +15,13 @@ before the program runs, a frame shorter than an Ethernet header, longer than
 fastmaps.TEST_RUN_MAX_FRAME, or whose outer ethertype is IPv4 (IPv6) and which is
 shorter than 14 + 20 (14 + 40) bytes: it reads the network header to set up the test
 socket. No counter moves.
+
+A monitored loopback. On a loopback device every packet passes twice: out through the
+egress hook, back in through the ingress hook. When the loopback (ifindex 1) is in the
+`monitored` set, its egress pass is the one that counts, and its ingress pass counts
+`packets` and `lo_second_pass` and nothing else, not even the parse. The test run
+executes on the loopback device: this applies exactly when a test puts ifindex 1 in
+`monitored`.
 
 Link layer. Every frame the program sees counts `packets`. At most one 802.1Q (0x8100)
 or 802.1ad (0x88A8) tag is skipped; a frame too short for the tag is `malformed`. The
@@ -55,63 +63,130 @@ only on the way to a TCP header. No marking or mirroring decision depends on it.
 TCP (RFC 9293). The 20-byte fixed header must be in the frame, and the data offset must
 be at least 5 words and the header with its options must end inside the IP packet;
 otherwise `malformed`. Then `tcp` counts and the flow key is the two endpoints, lower
-(address bytes, then port) first. TCP flags, window, sequence numbers and checksums play
-no part: the classifier is a passive observer, not a TCP stack.
+(address bytes, then port) first. The sender is the key's lo endpoint when it sorts
+strictly lower; a segment from an endpoint to itself counts as sent by the hi one (both
+directions look the same). Of the TCP header only the ports and the SYN and ACK flags
+matter; window, sequence numbers and checksums play no part: the classifier is a passive
+observer, not a TCP stack (a SYN-ACK is not checked against its SYN's sequence number).
 
-HTTP (RFC 9112, narrowed by the contract). The TCP payload is what lies between the end
-of the TCP header and the end of the IP packet. When it is at least 13 bytes long and
-starts with "HTTP/1.0 " or "HTTP/1.1 ", three ASCII digits, and then a space or a CR,
-the segment is a response with that status code (000-999): `responses` counts and the
-class counter, `resp_1xx` .. `resp_5xx` for 100-599, `resp_other` for the rest. The
-check is case-sensitive (RFC 9112: HTTP-name is "HTTP", %x48.54.54.50).
+Seen before. A packet at an egress hook whose skb->ingress_ifindex is non-zero and in
+`monitored` came in through an interface whose ingress hook already counted, cloned and
+reported it (a packet forwarded between two monitored interfaces). It counts
+`seen_before` and keeps this interface's connection state like any other packet, but is
+never counted as a response, cloned or reported here. A packet the host sends itself
+has ingress_ifindex 0; at an ingress hook ingress_ifindex means nothing.
 
-Requests (RFC 9112 request-line, RFC 9110 section 9 methods plus PATCH). A payload of at
-least 13 bytes that starts with GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or
-PATCH and a space (case-sensitive) starts a request. With the request snapshot on, the
-flow remembers which endpoint sent its last request start (`requests` counts), and a
-status line from that same endpoint is that side's own data, not a response
-(`status_same_dir`; not counted as a response, never marks); a status line on a flow
-with no remembered request is a response as with the snapshot off, counted in
-`resp_no_request` as well. With the snapshot off none of this moves.
+What the payload starts with. The TCP payload is what lies between the end of the TCP
+header and the end of the IP packet. Of a payload of at least 13 bytes the classifier
+asks, in this order:
+- a status line (RFC 9112 status-line, narrowed): "HTTP/1.0 " or "HTTP/1.1 ", three
+  ASCII digits, then a space or a CR; its code is 000-999. Case-sensitive (HTTP-name is
+  "HTTP", %x48.54.54.50);
+- a request start (RFC 9112 request-line; RFC 9110 section 9's methods and PATCH):
+  GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or PATCH and a space,
+  case-sensitive;
+- the HTTP/2 connection preface (RFC 9113 section 3.4), recognised by its first 13
+  bytes "PRI * HTTP/2.": only a client sends it, as the first bytes of a connection;
+- else, as for a payload of 10-12 bytes, whether it starts with a plausible HTTP/2 frame
+  header (below): an HTTP/2 candidate.
 
-A new connection. A segment with the SYN flag on a marked flow is a new connection that
-reuses the 4-tuple: the flow is unmarked (`syn_unmarked`) and the segment is not
-mirrored (unless it itself carries a trigger status, which marks the flow anew).
+Connection state. The classifier keeps one state per connection and interface (the flow
+key and the ifindex: two interfaces never share one). A state knows whether the client
+side is known and, if so, which endpoint is the client (the key's lo or hi) and on which
+hook of this interface the client's packets pass (the client's direction); whether the
+connection is marked, and by which status; whether a request is kept for it; since it
+was marked, its packets, bytes and the reasons clones were skipped; the events reported
+for it; and a generation number, which tells its incarnations apart.
 
-Marking and mirroring. A response whose code is in the trigger set is reported to user
-space as an error event (`events`), whether or not the flow was marked already, and
-marks the flow when it is not marked yet (`flows_marked`). Every TCP packet of a marked flow (marked before,
-or by this very packet) is mirrored: `mirrored_packets` and `mirrored_bytes` (the whole
-frame) when the debug interface takes the clone, else `clone_failures`, or
-`no_debug_if` when no debug interface is configured. A packet that is not TCP, or whose
-TCP headers are malformed, is never mirrored, even if its addresses belong to a marked
-flow (a non-first fragment has no ports to tell).
+States live in an array of slots grouped in buckets of four (CONN_WAYS). A key's bucket
+is a seeded 32-bit hash of the 44-byte key read as 11 little-endian words (the flow key
+as stored: lo address, hi address, the two ports in network byte order, the family and
+three zero bytes; then the ifindex): MurmurHash3 x86_32's rounds over the words, no
+length mixed in, then its finalizer, masked to the slot count and rounded down to a
+multiple of four. The seed is the classifier's config.hash_seed. A key's state is in one
+of its bucket's four slots, or nowhere. Only a SYN, a request start or the preface (and
+an HTTP/2 request header block, below) make a state for a connection that has none. It
+takes the bucket's first empty slot, else the slot touched longest ago (the earliest in
+the bucket when several were touched in the same tick of the classifier's coarse clock):
+that state is gone (`conns_replaced`, and `flows_evicted` when it was marked). A state
+that starts counts `conns_started`; the slot's generation goes up by one; the client
+side is not known yet. A state is touched when it starts or restarts, and by every
+packet that carries a SYN, a status line, a request start, the preface or HTTP/2 frames,
+or that finds it marked (an HTTP/2 segment that marks it included).
 
-Per-interface statistics: a response counts in its class under (ifindex, direction);
-a mirrored packet counts there too.
+SYN and SYN-ACK (RFC 9293 section 3.5). A segment with SYN and without ACK opens a
+connection: its sender is the client and the hook it was seen on is the client's
+direction. A segment with SYN and ACK is the server's answer: its receiver is the client
+and the client's direction is the other hook. Either restarts the state (makes one when
+there is none): client side known as it says, not marked, no request kept, budgets and
+events back to zero, the generation up by one, `syn_unmarked` when it was marked (a new
+connection reusing the 4-tuple). A SYN-ACK restarts it only when it says something new:
+the client side was not known, or was known as the other endpoint, or the state is
+marked. A SYN-ACK that agrees with the SYN before it leaves the state as it is.
 
-HTTP/2 (RFC 9113 frames, RFC 7541 HPACK; bpf/http2.h's contract). A payload that is not
-an HTTP/1.x status line and is at least 10 bytes long (a frame header and one byte) is
-read as a sequence of frames from its first byte, at most 16 of them. Every frame header
-must lie wholly in the payload and be plausible, or the walk ends with nothing: type
-0-9; only that type's defined flags; length <= 16384; reserved bit clear; HEADERS with
-END_HEADERS set and on an odd stream; DATA, PRIORITY, RST_STREAM, PUSH_PROMISE,
-CONTINUATION on a non-zero stream, SETTINGS, PING, GOAWAY on stream 0; PRIORITY 5 bytes, RST_STREAM 4, SETTINGS a multiple of 6 (0 with
-ACK), PING 8, GOAWAY at least 8, WINDOW_UPDATE 4, PUSH_PROMISE at least 4. Every HEADERS
-frame met is read; its header block (after the pad length and the priority
-fields its flags announce; a padding longer than the frame is no status; the frame may be
-cut by the end of the payload) gives the answer from its first field, after at most two
-dynamic table size updates of at most 4 bytes each:
-- an indexed field 8-14: that static :status; 62 and up: unknown; any other: none;
+Whose status it is. What a status (an HTTP/1.x status line, an HTTP/2 :status, a
+grpc-status) does depends on the packet's mode:
+- UNKNOWN_SIDE: no state, or its client side is not known. Every status counts
+  `status_side_unknown`, nothing else;
+- FROM_CLIENT: the client endpoint sent it, or (except on a monitored loopback, where
+  both sides pass the egress hook) it travels in the client's direction. A client does
+  not send responses: a status line counts `status_from_client`, HTTP/2 frames are not
+  read at all;
+- SILENT: from the server side in the server's direction, and seen before: counts
+  nothing, but a trigger marks this interface's state;
+- COUNTS: from the server side in the server's direction: a response.
+A lone spoofed segment (no state), a client's own bytes (a status line or a HEADERS
+frame with :status in its body) and a server's address on a segment travelling the
+client's way never count, mark or report.
+
+Requests. A request start or the preface on a state whose client side is not known (its
+SYN and SYN-ACK went unseen) teaches it: the sender is the client, this hook its
+direction (`side_from_request`); the packet is then the client's. A request start from
+the client (mode FROM_CLIENT), with the request snapshot on (config.request_bytes > 0),
+is kept for the connection (`requests`): the frame's first min(frame length,
+request_bytes) bytes, the frame's length and the hook. Kept requests share an array of
+one entry per four slots (the slot's index modulo the entry count): keeping one replaces
+the entry, and each entry is tagged with the slot and generation it was kept for, so a
+request is only ever used by the connection that sent it. A request start from the server
+side is not kept. Seen-before packets keep requests like any other. A kept request
+stays kept when the snapshot is turned off (until its connection restarts or its entry
+is taken).
+
+HTTP/1.x responses. A status line in mode COUNTS counts `responses` and its class,
+`resp_1xx` .. `resp_5xx` for 100-599, `resp_other` for the rest, and the class under the
+interface and hook. In SILENT nothing is counted. A code of 100 or more in the trigger
+set, in COUNTS or SILENT, is a trigger (below).
+
+HTTP/2 (RFC 9113 frames, RFC 7541 HPACK; bpf/http2.h's contract). An HTTP/2 candidate
+in mode FROM_CLIENT is not read: a client's frames carry requests, never statuses. In
+any other mode the payload is read as a sequence of frames from its first byte, at most
+16 of them. Every frame header must lie wholly in the payload and be plausible, or the
+walk ends there: type 0-9; only that type's defined flags; length <= 16384; reserved bit
+clear; HEADERS with END_HEADERS set and on an odd stream; DATA, PRIORITY, RST_STREAM,
+PUSH_PROMISE, CONTINUATION on a non-zero stream, SETTINGS, PING, GOAWAY on stream 0;
+PRIORITY 5 bytes, RST_STREAM 4, SETTINGS a multiple of 6 (0 with ACK), PING 8, GOAWAY
+at least 8, WINDOW_UPDATE 4, PUSH_PROMISE at least 4. Every HEADERS frame met is read;
+its header block (after the pad length and the priority fields its flags announce; a
+padding longer than the frame is no status; the frame may be cut by the end of the
+payload) gives the answer from its first field, after at most two dynamic table size
+updates of at most 4 bytes each:
+- an indexed field 8-14: that static :status; 1-7 (:authority, :method, :path,
+  :scheme): a request's block; 62 and up: unknown; any other: none;
 - a literal (any of the three forms) whose name index is 8-14 or whose new name is
   ":status" (raw, or Huffman-coded in 5 bytes): its value, which must be 3 raw digits or
   2-3 Huffman bytes that decode (RFC 7541 Appendix B, strict padding) to 3 digits, else
-  unknown; a name index of 62 and up: unknown; other names: none;
+  unknown; a name index of 1-7: a request's block; 62 and up: unknown; other names:
+  none;
 - anything cut by the end of the data before the answer is known: unknown (the block is
   only read up to its first 24 bytes, enough for every form above).
-Each status counts `h2_responses` and its class in the interface's "h2_<class>"; each
-unknown counts `h2_status_unknown`. A segment with a status in the trigger set marks and
-mirrors exactly as an HTTP/1.x response (the flow records the first such status).
+RFC 9113 section 8.3 puts the pseudo-header fields first in a block, and only a request
+has :method, :scheme, :authority or :path. Each status counts, in mode COUNTS,
+`h2_responses` and its class in the interface's "h2_<class>", in mode UNKNOWN_SIDE
+`status_side_unknown`, in SILENT nothing; each unknown counts `h2_status_unknown` in
+mode COUNTS only. A request's block in mode UNKNOWN_SIDE teaches the client side as a
+request start does (`side_from_request`; making a state when there is none, as a request
+start would): its sender is the client. Such a segment does nothing more: nothing in it
+triggers, and no state of an unknown side is marked.
 
 gRPC (bpf/http2.h, h2_grpc_walk). The header block of every HEADERS frame that has
 END_STREAM and whose block starts within the payload (at most the first 4 such frames)
@@ -126,40 +201,70 @@ or cut, end the block. A new name "grpc-status" (11 raw bytes, or Huffman 8 byte
 cut, too long, not digits) unknown. A block ends when its grpc-status is read, when its
 bytes in the payload are used up, or on a bad integer; ending without a grpc-status
 after a dynamic reference counts unknown. A step budget spent mid-block ends the walk
-with nothing more counted. Each grpc-status counts `grpc_ok` (0) or `grpc_errors`
-(1-16) and "grpc_ok"/"grpc_error" in the interface's stats; each unknown counts
-`grpc_status_unknown`. Slots 0-16 of the trigger set are grpc-status codes: a segment
-with no HTTP/2 :status in the trigger set whose first grpc-status in it is (the first
-one in the set) marks and mirrors as a response would, with the gRPC code as its status.
-HTTP statuses below 100 (HTTP/1.x or HTTP/2) never trigger.
+with nothing more counted. Each grpc-status counts, in mode COUNTS, `grpc_ok` (0) or
+`grpc_errors` (1-16) and "grpc_ok"/"grpc_error" in the interface's stats, in mode
+UNKNOWN_SIDE `status_side_unknown`; each unknown counts `grpc_status_unknown` in mode
+COUNTS only.
 
-Budgets (bpf/mirror.h struct mirror_config; modelled for one CPU: the fuzz runs pinned).
-A marked flow's packets and bytes are counted from the packet that marked it (included)
-through every TCP packet of the flow seen since, mirrored or not; a SYN that unmarks the
-flow forgets them, and a trigger that marks it anew starts them again. A packet to be
-mirrored, with a debug interface configured, is skipped when the flow's packets (this
-one counted) exceed max_packets_per_flow (`skip_flow_packets`), else when its bytes
-(this one counted) exceed max_bytes_per_flow (`skip_flow_bytes`), else when the CPU's
-rate window already holds max_clones_per_window clones (`skip_cpu_rate`); otherwise the
-clone takes a place in the window, whether or not the debug interface takes it. 0 is
-unlimited. A skip flags the flow with its reason. The model's window never turns over:
-the tests give it a width no run outlasts.
+Triggers. The trigger of an HTTP/2 segment is its first :status of 100 or more in the
+trigger set, else its first grpc-status in the trigger set (slots 0-16 of the set are
+grpc-status codes; the gRPC code is then the status). HTTP statuses below 100 (HTTP/1.x
+or HTTP/2) never trigger. Only modes COUNTS and SILENT have triggers. A trigger marks the
+connection when it is not marked (`flows_marked`; its packets, bytes and cut reasons
+start from zero) and becomes its status either way. In SILENT the packet is then counted
+in the connection's packets and bytes, and that is all (where it came in it was cloned
+and reported). In COUNTS:
+- the packet is mirrored (below);
+- `resp_no_request` when no request is kept for this connection (its state has a kept
+  request whose entry still carries its slot and generation);
+- the error is counted whatever happens to its event: `errors`, and the `errors` map
+  under (ifindex, status, protocol: h1, h2 or grpc); with a kept request, one more
+  response time in the `response_time` buckets;
+- an event is reported, unless the connection has had max_events_per_conn of them
+  already (`events_conn_limited`), or else this CPU's event window holds
+  max_events_per_window (`events_rate_limited`); 0 is unlimited. A reported event counts
+  `events` (`events_lost` when the ring buffer is full: the harness keeps it drained)
+  and one more event for the connection.
 
-The classifier's "nonlinear" path (headers outside the skb's linear data) cannot occur
-in BPF_PROG_TEST_RUN, which puts the whole frame in the linear part; the model never
-predicts it.
+Mirroring (the marked connection). Every packet of a marked connection is mirrored,
+unless it is seen before: an ACK, a request, a client's HTTP/2 frames, a status of
+either side, a trigger again (the first packet being the one that marked it). A SYN or a
+SYN-ACK restarts a marked state first: it is not mirrored. Mirroring counts the packet
+in the connection's packets and bytes (the whole frame). Then: no debug interface (none
+configured, or the packet's own interface) -> `no_debug_if`; else the budgets
+(bpf/mirror.h struct mirror_config; per connection, and per CPU: the tests run pinned):
+the connection's packets over max_packets_per_flow -> `skip_flow_packets`, else its
+bytes over max_bytes_per_flow -> `skip_flow_bytes`, else the CPU's clone window holding
+max_clones_per_window -> `skip_cpu_rate`, else the clone takes a place in the window; 0
+is unlimited; a skip adds its reason to the connection's cut reasons. A clone that is
+made counts `mirrored_packets` and `mirrored_bytes` and the interface's
+"mirrored_packets"/"mirrored_bytes" when the debug interface takes it, else
+`clone_failures`. A packet that is not TCP, or whose TCP headers are malformed, is
+never mirrored, even when its addresses belong to a marked connection (a non-first
+fragment has no ports to tell). The model's rate windows never turn over: the tests give
+them a width no run outlasts.
+
+Not modelled: idle expiry (config.idle_ns; the tests leave it 0), a full `errors` map
+(it holds far more keys than (ifindex, status, protocol) can take here), a full events
+ring buffer, and the classifier's "nonlinear" path (headers outside the skb's linear
+data), which cannot occur in BPF_PROG_TEST_RUN: it puts the whole frame in the linear
+part.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import struct
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import AbstractSet, Mapping
+from typing import AbstractSet, Callable, Iterable, Mapping
 
 from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
 
 from fastmaps import TEST_RUN_MAX_FRAME
-from mirror.abi import COUNTERS, TC_ACT_UNSPEC
+from mirror.abi import (CONN_FLAGS, CONN_WAYS, COUNTERS, CUT_REASONS, DEFAULT_REQUEST_BYTES,
+                        TC_ACT_UNSPEC, request_capacity)
 from mirror.flowkey import FlowKey
 
 ETH_LEN = 14
@@ -178,6 +283,8 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 DIGITS = b"0123456789"
 
 DEBUG_OK, DEBUG_NONE, DEBUG_FAIL = "ok", "none", "fail"
+# HTTP statuses below this never trigger: 0-16 of the trigger set are grpc-status codes.
+MIN_HTTP_STATUS = 100
 
 
 @dataclass(frozen=True)
@@ -187,18 +294,21 @@ class Decision:
     ran: the program ran (False: BPF_PROG_TEST_RUN refused the frame, nothing moved).
     verdict: the tc verdict, TC_ACT_UNSPEC whenever it ran.
     counters: the exact counter deltas, zero ones left out.
-    path: the counter path taken (see PATHS), for statistics and messages.
+    path: the way the frame went (see PATHS), for statistics and messages.
     reason: a few words saying why.
-    status: the status code of an HTTP/1.x status line or an HTTP/2 :status, else None.
+    status: the code of an HTTP/1.x status line (whoever sent it), or the trigger of an
+        HTTP/2 segment, else None.
     key: the normalised flow key of a TCP segment whose headers parsed, else None.
-    marks: this packet marks its flow (it was not marked before).
+    mode: the packet's status mode (MODES) once its state was seen, else None.
+    slot: the slot of the key's state after the packet (None: it has none).
+    conn: a copy of that state after the packet, else None.
+    before: a copy of the key's state before the packet, else None.
+    marks: this packet marks its connection (it was not marked before).
     mirrored: the packet is (to be) cloned to the debug interface; counters say whether
         the clone went out.
-    marked_after: whether `key` is marked once the packet has been seen.
-    iface: per-interface statistics deltas under (direction): class or
+    kept: the packet's request was kept (in the entry of `slot`).
+    iface: per-interface statistics deltas under the packet's hook: class or
         "mirrored_packets"/"mirrored_bytes" -> delta.
-    request_from_lo: with the request snapshot on, this packet starts a request, sent
-        by the key's lo endpoint (True) or hi endpoint (False); else None.
     """
     ran: bool
     verdict: int | None
@@ -207,44 +317,82 @@ class Decision:
     reason: str
     status: int | None = None
     key: FlowKey | None = None
+    mode: str | None = None
+    slot: int | None = None
+    conn: "Conn | None" = None
+    before: "Conn | None" = None
     marks: bool = False
     mirrored: bool = False
-    marked_after: bool = False
+    kept: bool = False
     iface: Mapping[str, int] = field(default_factory=dict)
-    request_from_lo: bool | None = None
 
 
 @dataclass
 class Budget:
-    """The budgets in force (0: unlimited) and what they have used on the one CPU: per
-    marked flow [packets, bytes, set of cut reasons], and the clones in the window.
-    decide() updates it."""
+    """The clone budgets in force (0: unlimited), and the clones taken so far in the one
+    CPU's rate window (decide() counts them)."""
     max_packets: int = 0
     max_bytes: int = 0
     max_clones: int = 0
     clones: int = 0
-    flows: dict = field(default_factory=dict)
-
-    def skip(self, key: FlowKey) -> str | None:
-        """The reason a clone of `key`'s current packet is skipped, or None (the clone
-        then takes its place in the window)."""
-        packets, nbytes, cut = self.flows[key]
-        why = None
-        if self.max_packets and packets > self.max_packets:
-            why = "flow_packets"
-        elif self.max_bytes and nbytes > self.max_bytes:
-            why = "flow_bytes"
-        elif self.max_clones and self.clones >= self.max_clones:
-            why = "cpu_rate"
-        elif self.max_clones:
-            self.clones += 1
-        if why:
-            cut.add(why)
-        return why
 
 
-PATHS = ("rejected", "malformed", "other", "tcp", "unmarked", "response", "marked",
-         "mirrored")
+# The status modes (see "Whose status it is").
+UNKNOWN_SIDE, FROM_CLIENT, SILENT, COUNTS = "unknown_side", "from_client", "silent", "counts"
+MODES = (UNKNOWN_SIDE, FROM_CLIENT, SILENT, COUNTS)
+
+# struct conn's flags and cut reasons (bpf/mirror.h), by the names mirror.abi reads there.
+CLIENT_KNOWN = CONN_FLAGS["client_known"]
+CLIENT_LO = CONN_FLAGS["client_lo"]
+CLIENT_EGRESS = CONN_FLAGS["client_egress"]
+MARKED = CONN_FLAGS["marked"]
+REQUEST = CONN_FLAGS["request"]
+CUT_BITS = {name: bit for bit, name in CUT_REASONS.items()}
+LOOPBACK_IFINDEX = 1        # every network namespace's loopback device
+# The app protocols of the `errors` map's keys, as Classifier.errors() names them.
+PROTO_H1, PROTO_H2, PROTO_GRPC = "h1", "h2", "grpc"
+
+
+@dataclass
+class Conn:
+    """One connection's state on one interface (struct conn without its clocks).
+    flags: CLIENT_KNOWN | CLIENT_LO | CLIENT_EGRESS | MARKED | REQUEST bits; cut: the
+    cut reason bits; status: the trigger that marked it (0: none)."""
+    key: FlowKey
+    ifindex: int
+    flags: int = 0
+    cut: int = 0
+    status: int = 0
+    gen: int = 0
+    events: int = 0
+    packets: int = 0
+    bytes: int = 0
+
+    @property
+    def marked(self) -> bool:
+        return bool(self.flags & MARKED)
+
+    @property
+    def client_known(self) -> bool:
+        return bool(self.flags & CLIENT_KNOWN)
+
+    def copy(self) -> "Conn":
+        return dataclasses.replace(self)
+
+
+@dataclass
+class KeptRequest:
+    """An entry of the kept-request array: for the connection in `slot` with `gen`."""
+    slot: int
+    gen: int
+    frame_len: int
+    length: int
+    direction: str
+    data: bytes
+
+
+PATHS = ("rejected", "lo_second_pass", "malformed", "other", "tcp", "side_unknown",
+         "from_client", "response", "silent", "marked", "mirrored")
 
 
 def _u16(b: bytes, off: int) -> int:
@@ -284,6 +432,7 @@ class _Parsed:
     sport: int
     dport: int
     syn: bool
+    ack: bool
     payload: bytes
 
 
@@ -368,7 +517,8 @@ def _parse(frame: bytes, seen: dict) -> _Parsed:
     if payload_off > ip_end:
         raise _Path("malformed", "TCP header past the end of the IP packet")
     return _Parsed(family, src, dst, _u16(frame, l4), _u16(frame, l4 + 2),
-                   bool(frame[l4 + 13] & 0x02), frame[payload_off:ip_end])
+                   bool(frame[l4 + 13] & 0x02), bool(frame[l4 + 13] & 0x10),
+                   frame[payload_off:ip_end])
 
 
 def status_code(payload: bytes) -> int | None:
@@ -391,10 +541,19 @@ METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", 
 
 def request_start(payload: bytes) -> bool:
     """A registered method and a space at the start of a payload long enough to be
-    looked at (the classifier reads 13 bytes once for both questions)."""
+    looked at (the classifier reads 13 bytes once for every question)."""
     if len(payload) < STATUS_LINE_LEN:
         return False
     return any(payload.startswith(m + b" ") for m in METHODS)
+
+
+# RFC 9113 section 3.4: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"; its first 13 bytes tell it.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_preface(payload: bytes) -> bool:
+    """The HTTP/2 connection preface at the start of a payload of 13 bytes or more."""
+    return len(payload) >= STATUS_LINE_LEN and payload[:STATUS_LINE_LEN] == H2_PREFACE[:13]
 
 
 H2_MIN_PAYLOAD = 10
@@ -402,7 +561,10 @@ H2_MAX_FRAMES = 16
 H2_MAX_FRAME_LEN = 16384
 H2_BLOCK_READ = 24
 H2_UNKNOWN = "unknown"
+H2_REQUEST = "request"      # a request's header block (its first field a request pseudo-header)
 H2_STATIC_STATUS = {8: 200, 9: 204, 10: 206, 11: 304, 12: 400, 13: 404, 14: 500}
+# RFC 7541 Appendix A: 1 :authority, 2-3 :method, 4-5 :path, 6-7 :scheme.
+H2_REQUEST_INDICES = range(1, 8)
 # frame type -> (allowed flags, stream: "zero"|"nonzero"|"any", length rule)
 H2_FRAME_RULES = {
     0: (0x09, "nonzero", lambda n: True),                  # DATA
@@ -521,7 +683,8 @@ def _is_status_name(block: bytes, pos: int):
 
 
 def h2_block_status(block: bytes):
-    """The answer of a header block's first field: a status, H2_UNKNOWN or None."""
+    """The answer of a header block's first field: a status, H2_UNKNOWN, H2_REQUEST or
+    None."""
     block = block[:H2_BLOCK_READ]
     pos = 0
     try:
@@ -541,6 +704,8 @@ def h2_block_status(block: bytes):
             index, _ = _hpack_int(block, pos, 7)
             if index >= 62:
                 return H2_UNKNOWN
+            if index in H2_REQUEST_INDICES:
+                return H2_REQUEST
             return H2_STATIC_STATUS.get(index)
         if first & 0xE0 == 0x20:                            # a third size update
             return None
@@ -548,6 +713,8 @@ def h2_block_status(block: bytes):
         index, pos = _hpack_int(block, pos, prefix)
         if index >= 62:
             return H2_UNKNOWN
+        if index in H2_REQUEST_INDICES:
+            return H2_REQUEST
         if index in H2_STATIC_STATUS:
             return _status_value(block, pos)
         if index:
@@ -574,9 +741,15 @@ def h2_frames(payload: bytes):
         pos += 9 + length
 
 
-def h2_statuses(payload: bytes) -> list:
-    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status
-    or H2_UNKNOWN (frames whose first field is no status leave nothing)."""
+def h2_candidate(payload: bytes) -> bool:
+    """Whether a payload (not a status line, request start or preface) is read as
+    HTTP/2: 10 bytes or more, starting with a plausible frame header."""
+    return len(payload) >= H2_MIN_PAYLOAD and h2_frame_plausible(payload[:9])
+
+
+def h2_headers(payload: bytes) -> list:
+    """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status,
+    H2_UNKNOWN or H2_REQUEST (frames whose first field is none of these leave nothing)."""
     found = []
     for ftype, flags, pos, length in h2_frames(payload):
         if ftype == 1:
@@ -584,6 +757,11 @@ def h2_statuses(payload: bytes) -> list:
             if result is not None:
                 found.append(result)
     return found
+
+
+def h2_statuses(payload: bytes) -> list:
+    """The statuses and H2_UNKNOWNs of h2_headers, in frame order."""
+    return [r for r in h2_headers(payload) if r != H2_REQUEST]
 
 
 def h2_status(payload: bytes):
@@ -617,7 +795,6 @@ GRPC_VIEW = 32
 GRPC_MAX_CODE = 16
 GRPC_NAME_RAW = b"\x0bgrpc-status"
 GRPC_NAME_HUFFMAN = bytes.fromhex("889acac8b21234da8f")
-MIN_HTTP_STATUS = 100
 
 
 def _grpc_int(view: bytes, pos: int, prefix_bits: int):
@@ -745,125 +922,462 @@ def flow_key(family: int, src: bytes, sport: int, dst: bytes, dport: int) -> Flo
     return FlowKey(family, str(ip(lo[0])), lo[1], str(ip(hi[0])), hi[1])
 
 
-def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
-           marked: AbstractSet[FlowKey], debug: str = DEBUG_OK,
-           requests: Mapping[FlowKey, bool] | None = None,
-           budget: Budget | None = None) -> Decision:
-    """The classifier's decision for `frame` seen on hook `direction` ('ingress' or
-    'egress'), with trigger codes `triggers`, flows `marked` before it, and a debug
-    interface that takes clones (DEBUG_OK), is not configured (DEBUG_NONE), or fails
-    them (DEBUG_FAIL). `requests`: None with the request snapshot off; with it on, for
-    each flow with a remembered request, whether its lo endpoint sent it. `budget`: the
-    budgets and their use so far, updated here (None: no budgets, nothing tracked)."""
-    why = test_run_refuses(frame)
-    if why:
-        return Decision(False, None, {}, "rejected", why)
-    seen = {"packets": 1}
-    try:
-        p = _parse(frame, seen)
-    except _Path as end:
-        seen[end.path] = 1
-        return Decision(True, TC_ACT_UNSPEC, seen, end.path, end.reason)
+# --- where a state lives ------------------------------------------------------------------
 
-    seen["tcp"] = 1
-    key = flow_key(p.family, p.src, p.sport, p.dst, p.dport)
-    # The sender is the lo endpoint when it sorts strictly lower; a segment from an
-    # endpoint to itself counts as sent by the hi one (both directions look the same).
-    src_is_lo = (p.src, p.sport) < (p.dst, p.dport)
-    was_marked = key in marked
-    path, reason = "tcp", "TCP segment"
-    if was_marked and p.syn:
-        was_marked = False
-        if budget is not None:
-            budget.flows.pop(key, None)
-        seen["syn_unmarked"] = 1
-        path, reason = "unmarked", "SYN on a marked flow"
-    code = status_code(p.payload)
-    starts_request = code is None and request_start(p.payload)
-    request_from_lo = None
-    if starts_request and requests is not None:
-        seen["requests"] = 1
-        request_from_lo = src_is_lo
-    if code is not None and requests is not None:
-        if key not in requests:
-            seen["resp_no_request"] = 1
-        elif requests[key] == src_is_lo:
-            seen["status_same_dir"] = 1
-            code = None
-            path, reason = "tcp", "status line from the requesting side"
-    iface: dict[str, int] = {}
-    marks = False
-    grpc_armed = None
-    if code is not None:
-        cls = status_class(code)
-        seen["responses"] = 1
-        seen[f"resp_{cls}"] = 1
-        iface[cls] = 1
-        path, reason = "response", f"status {code:03d}"
-    elif status_code(p.payload) is None and not starts_request:
-        # HTTP/2 only where the payload is neither a status line nor a request start.
-        found = h2_statuses(p.payload)
-        codes = [c for c in found if c != H2_UNKNOWN]
-        if len(codes) < len(found):
-            seen["h2_status_unknown"] = len(found) - len(codes)
-            reason = "h2 status unknown"
-        for c in codes:
-            seen["h2_responses"] = seen.get("h2_responses", 0) + 1
-            cls = f"h2_{status_class(c)}"
-            iface[cls] = iface.get(cls, 0) + 1
-        if codes:
-            armed = [c for c in codes if c in triggers and c >= MIN_HTTP_STATUS]
-            code = armed[0] if armed else codes[0]
-            path, reason = "response", f"h2 status {code:03d}"
-        grpc = grpc_status(p.payload)
-        for c in grpc:
-            name = "grpc_status_unknown" if c == H2_UNKNOWN else \
-                ("grpc_errors" if c else "grpc_ok")
-            seen[name] = seen.get(name, 0) + 1
-            if c != H2_UNKNOWN:
-                cls = "grpc_error" if c else "grpc_ok"
-                iface[cls] = iface.get(cls, 0) + 1
-        grpc_armed = next((c for c in grpc if c != H2_UNKNOWN and c in triggers), None)
-        if grpc_armed is not None and not (codes and armed):
-            code = grpc_armed
-            path, reason = "response", f"grpc-status {code}"
-    if code is not None:
-        armed_now = code in triggers and (code >= MIN_HTTP_STATUS or code == grpc_armed)
-        if armed_now:
-            seen["events"] = 1
-        if armed_now and not was_marked:
-            marks = True
-            seen["flows_marked"] = 1
-            path, reason = "marked", f"trigger status {code:03d}"
-    mirrored = was_marked or marks
-    skipped = None
-    if budget is not None and mirrored:
-        use = budget.flows.setdefault(key, [0, 0, set()])
-        if marks:
-            use[:] = [1, len(frame), set()]
-        else:
-            use[0] += 1
-            use[1] += len(frame)
-        if debug != DEBUG_NONE:
-            skipped = budget.skip(key)
-    if mirrored:
-        if path != "marked":
-            path = "mirrored"
-        if skipped:
-            seen[f"skip_{skipped}"] = 1
-        elif debug == DEBUG_OK:
-            seen["mirrored_packets"] = 1
-            seen["mirrored_bytes"] = len(frame)
-            iface["mirrored_packets"] = 1
-            iface["mirrored_bytes"] = len(frame)
-        elif debug == DEBUG_NONE:
-            seen["no_debug_if"] = 1
-        elif debug == DEBUG_FAIL:
-            seen["clone_failures"] = 1
-        else:
+_M32 = 0xFFFFFFFF
+_KEY_WORDS = struct.Struct("<11I")
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def conn_hash(key: FlowKey, ifindex: int, seed: int) -> int:
+    """The seeded 32-bit hash of a (flow key, ifindex): MurmurHash3 x86_32's rounds over
+    the 44-byte key's 11 little-endian words, then its finalizer (no length mixed in)."""
+    h = seed & _M32
+    for w in _KEY_WORDS.unpack(key.to_bytes() + ifindex.to_bytes(4, "little")):
+        k = (w * 0xCC9E2D51) & _M32
+        k = (_rotl32(k, 15) * 0x1B873593) & _M32
+        h = (_rotl32(h ^ k, 13) * 5 + 0xE6546B64) & _M32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def conn_bucket(key: FlowKey, ifindex: int, seed: int, slots: int) -> int:
+    """The first slot of the key's bucket in an array of `slots` (a power of two)."""
+    return conn_hash(key, ifindex, seed) & (slots - 1) & ~(CONN_WAYS - 1)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+class Model:
+    """The classifier's connection states on one interface (`ifindex`; the test run's is
+    the loopback's), its kept requests, error counts and rate windows, and decide(),
+    which says what a frame does and updates them.
+
+    `slots`, `hash_seed`: the connection array's size and hash seed (config.hash_seed).
+    `triggers`: the trigger set. `debug`: a debug interface that takes clones (DEBUG_OK),
+    none (DEBUG_NONE), or one that fails them (DEBUG_FAIL). `request_bytes`: the request
+    snapshot's length (0: off), within the compiled `capacity`. `budget`: the clone
+    budgets and the CPU's clone window. `events_per_conn`, `events_per_window`: the event
+    bounds (0: unlimited). `monitored`: the ifindexes in the `monitored` map.
+
+    The state is open: a harness may set slots, gens, requests, errors and the window
+    counts to what the kernel holds."""
+
+    def __init__(self, slots: int = 4096, hash_seed: int = 0,
+                 triggers: AbstractSet[int] = frozenset(), debug: str = DEBUG_OK,
+                 request_bytes: int = 0, capacity: int = request_capacity(DEFAULT_REQUEST_BYTES),
+                 budget: Budget | None = None, events_per_conn: int = 0,
+                 events_per_window: int = 0, monitored: Iterable[int] = (),
+                 ifindex: int = LOOPBACK_IFINDEX):
+        if debug not in (DEBUG_OK, DEBUG_NONE, DEBUG_FAIL):
             raise ValueError(f"debug must be ok, none or fail, not {debug!r}")
-    unknown = set(seen) - set(COUNTERS)
-    assert not unknown, f"reference uses unknown counters {unknown}"
-    return Decision(True, TC_ACT_UNSPEC, seen, path, reason, status=code, key=key,
-                    marks=marks, mirrored=mirrored, marked_after=mirrored, iface=iface,
-                    request_from_lo=request_from_lo)
+        self.slot_count = slots
+        self.hash_seed = hash_seed
+        self.triggers = frozenset(triggers)
+        self.debug = debug
+        self.request_bytes = request_bytes
+        self.capacity = capacity
+        self.budget = budget or Budget()
+        self.events_per_conn = events_per_conn
+        self.events_per_window = events_per_window
+        self.events_in_window = 0
+        self.monitored = set(monitored)
+        self.ifindex = ifindex
+        self.slots: list[Conn | None] = [None] * slots
+        self.gens = [0] * slots
+        self.requests: dict[int, KeptRequest] = {}
+        self.errors: Counter = Counter()      # (ifindex, status, proto) -> count
+        self.response_times = 0                 # errors timed from a kept request
+        # When each slot was last touched, in packets: the model's own order for choosing
+        # a slot to replace when decide() is given no `victim`.
+        self.touched = [0] * slots
+        self._clock = 0
+        self._buckets: dict[FlowKey, int] = {}
+
+    # --- lookups -------------------------------------------------------------------------
+    def bucket(self, key: FlowKey) -> int:
+        base = self._buckets.get(key)
+        if base is None:
+            base = conn_bucket(key, self.ifindex, self.hash_seed, self.slot_count)
+            self._buckets[key] = base
+        return base
+
+    def find(self, key: FlowKey) -> int | None:
+        """The slot of the key's state, or None."""
+        base = self.bucket(key)
+        for i in range(base, base + CONN_WAYS):
+            c = self.slots[i]
+            if c is not None and c.key == key and c.ifindex == self.ifindex:
+                return i
+        return None
+
+    def conns(self) -> dict[int, Conn]:
+        return {i: c for i, c in enumerate(self.slots) if c is not None}
+
+    def kept_request(self, slot: int) -> KeptRequest | None:
+        """The request kept for the state in `slot`, if it still has one."""
+        c = self.slots[slot]
+        if c is None or not c.flags & REQUEST:
+            return None
+        r = self.requests.get(slot % self.request_entries)
+        if r is None or r.slot != slot or r.gen != c.gen:
+            return None
+        return r
+
+    @property
+    def request_entries(self) -> int:
+        return self.slot_count // CONN_WAYS
+
+    def kept_requests(self) -> dict[int, KeptRequest]:
+        """slot -> its kept request, for every state that has one."""
+        out = {}
+        for slot in range(self.slot_count):
+            r = self.kept_request(slot)
+            if r is not None:
+                out[slot] = r
+        return out
+
+    # --- changes -------------------------------------------------------------------------
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self.touched[slot] = self._clock
+
+    def _start(self, key: FlowKey, seen: Counter,
+               victim: Callable[[int], int] | None) -> int:
+        """A new state for `key` in its bucket: a free slot, else the one touched longest
+        ago (`victim(bucket)` when given: the caller knows the clock)."""
+        base = self.bucket(key)
+        ways = range(base, base + CONN_WAYS)
+        slot = next((i for i in ways if self.slots[i] is None), None)
+        if slot is None:
+            slot = victim(base) if victim else min(ways, key=lambda i: self.touched[i])
+            seen["conns_replaced"] += 1
+            if self.slots[slot].marked:
+                seen["flows_evicted"] += 1
+        self.gens[slot] += 1
+        self.slots[slot] = Conn(key, self.ifindex, gen=self.gens[slot])
+        self._touch(slot)
+        seen["conns_started"] += 1
+        return slot
+
+    def _restart(self, slot: int, client_lo: bool, client_egress: bool, seen: Counter) -> None:
+        c = self.slots[slot]
+        if c.marked:
+            seen["syn_unmarked"] += 1
+        self.gens[slot] += 1
+        self.slots[slot] = Conn(c.key, c.ifindex, gen=self.gens[slot], flags=CLIENT_KNOWN
+                                | (CLIENT_LO if client_lo else 0)
+                                | (CLIENT_EGRESS if client_egress else 0))
+        self._touch(slot)
+
+    def _learn(self, c: Conn, sender_lo: bool, direction: str, seen: Counter) -> None:
+        c.flags |= CLIENT_KNOWN | (CLIENT_LO if sender_lo else 0) | \
+            (CLIENT_EGRESS if direction == "egress" else 0)
+        seen["side_from_request"] += 1
+
+    def _mode(self, c: Conn | None, sender_lo: bool, direction: str, on_lo: bool,
+              seen_before: bool) -> str:
+        if c is None or not c.client_known:
+            return UNKNOWN_SIDE
+        if sender_lo == bool(c.flags & CLIENT_LO):
+            return FROM_CLIENT
+        if not on_lo and (direction == "egress") == bool(c.flags & CLIENT_EGRESS):
+            return FROM_CLIENT
+        return SILENT if seen_before else COUNTS
+
+    def _keep(self, slot: int, frame: bytes, direction: str, seen: Counter) -> None:
+        c = self.slots[slot]
+        n = min(len(frame), self.request_bytes, self.capacity)
+        self.requests[slot % self.request_entries] = KeptRequest(
+            slot, c.gen, len(frame), n, direction, frame[:n])
+        c.flags |= REQUEST
+        seen["requests"] += 1
+
+    def _mirror(self, c: Conn, frame: bytes, seen: Counter, iface: Counter) -> None:
+        """A packet of a marked connection to clone: its budgets, then the clone."""
+        c.packets += 1
+        c.bytes += len(frame)
+        if self.debug == DEBUG_NONE:
+            seen["no_debug_if"] += 1
+            return
+        b = self.budget
+        why = None
+        if b.max_packets and c.packets > b.max_packets:
+            why = "flow_packets"
+        elif b.max_bytes and c.bytes > b.max_bytes:
+            why = "flow_bytes"
+        elif b.max_clones:
+            if b.clones >= b.max_clones:
+                why = "cpu_rate"
+            else:
+                b.clones += 1
+        if why:
+            c.cut |= CUT_BITS[why]
+            seen[f"skip_{why}"] += 1
+        elif self.debug == DEBUG_OK:
+            seen["mirrored_packets"] += 1
+            seen["mirrored_bytes"] += len(frame)
+            iface["mirrored_packets"] += 1
+            iface["mirrored_bytes"] += len(frame)
+        else:
+            seen["clone_failures"] += 1
+
+    def _trigger(self, slot: int, status: int, proto: str, mode: str, frame: bytes,
+                 seen: Counter, iface: Counter) -> bool:
+        """A trigger in mode COUNTS or SILENT; returns whether it marked the state."""
+        c = self.slots[slot]
+        marks = not c.marked
+        if marks:
+            c.flags |= MARKED
+            c.packets = c.bytes = c.cut = 0
+            seen["flows_marked"] += 1
+        c.status = status
+        if mode == SILENT:
+            c.packets += 1
+            c.bytes += len(frame)
+            return marks
+        self._mirror(c, frame, seen, iface)
+        kept = self.kept_request(slot)
+        if kept is None:
+            seen["resp_no_request"] += 1
+        self.errors[(self.ifindex, status, proto)] += 1
+        seen["errors"] += 1
+        if kept is not None:
+            self.response_times += 1
+        if self.events_per_conn and c.events >= self.events_per_conn:
+            seen["events_conn_limited"] += 1
+        elif self.events_per_window and self.events_in_window >= self.events_per_window:
+            seen["events_rate_limited"] += 1
+        else:
+            if self.events_per_window:
+                self.events_in_window += 1
+            c.events += 1
+            seen["events"] += 1
+        return marks
+
+    # --- the decision ----------------------------------------------------------------------
+    def decide(self, frame: bytes, direction: str, ingress_ifindex: int = 0,
+               victim: Callable[[int], int] | None = None) -> Decision:
+        """What the classifier does with `frame` at hook `direction` ('ingress' or
+        'egress') of this interface, skb->ingress_ifindex being `ingress_ifindex`; the
+        model's state follows. `victim(bucket)`: the slot the classifier gives a new state
+        when the bucket starting there is full (its clock decides; None: the model's)."""
+        why = test_run_refuses(frame)
+        if why:
+            return Decision(False, None, {}, "rejected", why)
+        seen = Counter(packets=1)
+        on_lo = self.ifindex == LOOPBACK_IFINDEX and LOOPBACK_IFINDEX in self.monitored
+        if on_lo and direction == "ingress":
+            seen["lo_second_pass"] = 1
+            return Decision(True, TC_ACT_UNSPEC, dict(seen), "lo_second_pass",
+                            "a monitored loopback's ingress pass")
+        try:
+            p = _parse(frame, seen)
+        except _Path as end:
+            seen[end.path] = 1
+            return Decision(True, TC_ACT_UNSPEC, dict(seen), end.path, end.reason)
+        seen["tcp"] = 1
+        key = flow_key(p.family, p.src, p.sport, p.dst, p.dport)
+        sender_lo = (p.src, p.sport) < (p.dst, p.dport)
+        seen_before = direction == "egress" and bool(ingress_ifindex) and \
+            ingress_ifindex in self.monitored
+        if seen_before:
+            seen["seen_before"] = 1
+        code = status_code(p.payload)
+        request = code is None and request_start(p.payload)
+        preface = code is None and not request and h2_preface(p.payload)
+        h2 = code is None and not request and not preface and h2_candidate(p.payload)
+        iface: Counter = Counter()
+        out = _Outcome(seen, iface, key)
+
+        slot = self.find(key)
+        out.before = self.slots[slot].copy() if slot is not None else None
+        if slot is None and (p.syn or request or preface):
+            slot = self._start(key, seen, victim)
+            out.path, out.reason = "tcp", "new state"
+        c = self.slots[slot] if slot is not None else None
+        if p.syn:
+            client_lo = not sender_lo if p.ack else sender_lo
+            client_egress = (direction == "ingress") if p.ack else (direction == "egress")
+            if not p.ack or not c.client_known or c.marked or \
+                    bool(c.flags & CLIENT_LO) != client_lo:
+                self._restart(slot, client_lo, client_egress, seen)
+                c = self.slots[slot]
+                out.reason = "SYN-ACK: a new connection" if p.ack else "SYN: a new connection"
+        mode = self._mode(c, sender_lo, direction, on_lo, seen_before)
+        if (request or preface) and c is not None:
+            if not c.client_known:
+                self._learn(c, sender_lo, direction, seen)
+                mode = FROM_CLIENT
+                out.reason = "client side learned from a request"
+            if request and mode == FROM_CLIENT and self.request_bytes:
+                self._keep(slot, frame, direction, seen)
+                out.kept = True
+        marked = c is not None and c.marked
+        if c is not None and (marked or p.syn or code is not None or request or preface or h2):
+            self._touch(slot)
+        out.mode = mode
+        out.status = code
+
+        if h2:
+            if mode != FROM_CLIENT:
+                self._h2(p.payload, frame, direction, sender_lo, key, slot, mode, marked,
+                         seen_before, out, victim)
+                return out.decision(self)
+            out.reason = "a client's HTTP/2 frames"
+            code = None
+        elif code is not None and mode in (UNKNOWN_SIDE, FROM_CLIENT):
+            seen["status_side_unknown" if mode == UNKNOWN_SIDE else "status_from_client"] += 1
+            out.path = "side_unknown" if mode == UNKNOWN_SIDE else "from_client"
+            out.reason = f"status {code:03d} {mode.replace('_', ' ')}"
+            code = None
+        if code is None:
+            if marked and not seen_before:
+                out.mirror(self, c, frame)
+            return out.decision(self)
+
+        if mode == COUNTS:
+            cls = status_class(code)
+            seen["responses"] += 1
+            seen[f"resp_{cls}"] += 1
+            iface[cls] += 1
+            out.path, out.reason = "response", f"status {code:03d}"
+        else:
+            out.path, out.reason = "silent", f"status {code:03d} seen before"
+        if code >= MIN_HTTP_STATUS and code in self.triggers:
+            out.trigger(self, slot, code, PROTO_H1, mode, frame)
+        elif marked and not seen_before:
+            out.mirror(self, c, frame)
+        return out.decision(self)
+
+    def _h2(self, payload: bytes, frame: bytes, direction: str, sender_lo: bool,
+            key: FlowKey, slot: int | None, mode: str, marked: bool, seen_before: bool,
+            out: "_Outcome", victim) -> None:
+        """The HTTP/2 walk of a candidate that is not the client's."""
+        seen, iface = out.seen, out.iface
+        counts = mode == COUNTS
+        may_trigger = mode in (COUNTS, SILENT)
+        saw_request = False
+        armed = None
+        for found in h2_headers(payload):
+            if found == H2_REQUEST:
+                saw_request = True
+            elif found == H2_UNKNOWN:
+                if counts:
+                    seen["h2_status_unknown"] += 1
+            elif mode == UNKNOWN_SIDE:
+                seen["status_side_unknown"] += 1
+            elif counts:
+                seen["h2_responses"] += 1
+                iface[f"h2_{status_class(found)}"] += 1
+            if found not in (H2_REQUEST, H2_UNKNOWN):
+                out.path, out.reason = "response", f"h2 status {found:03d}"
+                if armed is None and may_trigger and found >= MIN_HTTP_STATUS \
+                        and found in self.triggers:
+                    armed = found
+        grpc_armed = None
+        for found in grpc_status(payload):
+            if found == H2_UNKNOWN:
+                if counts:
+                    seen["grpc_status_unknown"] += 1
+                continue
+            if mode == UNKNOWN_SIDE:
+                seen["status_side_unknown"] += 1
+            elif counts:
+                seen["grpc_errors" if found else "grpc_ok"] += 1
+                iface["grpc_error" if found else "grpc_ok"] += 1
+            if grpc_armed is None and may_trigger and found in self.triggers:
+                grpc_armed = found
+        if mode == UNKNOWN_SIDE and seen.get("status_side_unknown"):
+            out.path, out.reason = "side_unknown", "h2 status, side unknown"
+        elif mode == SILENT and out.path == "response":
+            out.path = "silent"
+        if saw_request and mode == UNKNOWN_SIDE:
+            if slot is None:
+                slot = self._start(key, seen, victim)
+            c = self.slots[slot]
+            if not c.client_known:
+                self._learn(c, sender_lo, direction, seen)
+            out.reason = "client side learned from an h2 request"
+            return
+        if slot is None:
+            return
+        self._touch(slot)
+        status = armed if armed is not None else grpc_armed
+        if status is not None:
+            out.status = status
+            proto = PROTO_GRPC if status < MIN_HTTP_STATUS else PROTO_H2
+            out.trigger(self, slot, status, proto, mode, frame)
+        elif self.slots[slot].marked:
+            if not seen_before:
+                out.mirror(self, self.slots[slot], frame)
+
+
+class _Outcome:
+    """What decide() has found so far about one frame."""
+
+    def __init__(self, seen: Counter, iface: Counter, key: FlowKey):
+        self.seen, self.iface, self.key = seen, iface, key
+        self.path, self.reason = "tcp", "TCP segment"
+        self.status = None
+        self.mode = None
+        self.before = None
+        self.marks = self.mirrored = self.kept = False
+
+    def mirror(self, model: Model, c: Conn, frame: bytes) -> None:
+        model._mirror(c, frame, self.seen, self.iface)
+        self.mirrored = True
+        if self.path in ("tcp", "from_client", "side_unknown"):
+            self.path = "mirrored"
+
+    def trigger(self, model: Model, slot: int, status: int, proto: str, mode: str,
+                frame: bytes) -> None:
+        self.marks = model._trigger(slot, status, proto, mode, frame, self.seen, self.iface)
+        self.mirrored = mode == COUNTS
+        if self.marks:
+            self.path, self.reason = "marked", f"trigger {proto} {status:03d} ({mode})"
+        elif mode == COUNTS:
+            self.path = "mirrored"
+
+    def decision(self, model: Model) -> Decision:
+        slot = model.find(self.key)
+        seen = {k: v for k, v in self.seen.items() if v}
+        unknown = set(seen) - set(COUNTERS)
+        assert not unknown, f"reference uses unknown counters {unknown}"
+        return Decision(True, TC_ACT_UNSPEC, seen, self.path, self.reason, status=self.status,
+                        key=self.key, mode=self.mode, slot=slot,
+                        conn=model.slots[slot].copy() if slot is not None else None,
+                        before=self.before,
+                        marks=self.marks, mirrored=self.mirrored, kept=self.kept,
+                        iface={k: v for k, v in self.iface.items() if v})
+
+
+def decide(frame: bytes, direction: str, triggers: AbstractSet[int],
+           marked: AbstractSet[FlowKey] = frozenset(), debug: str = DEBUG_OK) -> Decision:
+    """The decision for one frame on a classifier that holds no connection state but,
+    for each flow in `marked`, a marked one as a SYN from this frame's receiver would have
+    started it (the frame is then the server's, in the server's direction), with the
+    request snapshot and every budget and event bound off."""
+    model = Model(triggers=triggers, debug=debug)
+    if marked:
+        try:
+            p = _parse(frame, {}) if not test_run_refuses(frame) else None
+        except _Path:
+            p = None
+        for key in marked:
+            slot = model._start(key, Counter(), None)
+            c = model.slots[slot]
+            if p is not None and flow_key(p.family, p.src, p.sport, p.dst, p.dport) == key:
+                client_lo = not (p.src, p.sport) < (p.dst, p.dport)
+                c.flags = CLIENT_KNOWN | (CLIENT_LO if client_lo else 0) | \
+                    (CLIENT_EGRESS if direction == "ingress" else 0)
+            else:
+                c.flags = CLIENT_KNOWN
+            c.flags |= MARKED
+    return model.decide(frame, direction)

@@ -33,11 +33,11 @@ def test_enum_reader_follows_explicit_values(tmp_path, monkeypatch):
 
 @pytest.mark.unit
 def test_layouts_have_the_sizes_of_the_c_structs():
-    assert abi.FLOW_KEY.size == 40 and abi.FLOW_VALUE.size == 40
-    assert abi.FLOW_VALUE.size % 8 == 0         # per-CPU slots are not padded
-    assert abi.IFACE_STATS.size == 136 and abi.EVENT_HEAD.size == 88
-    assert abi.event_layout(512).size == 600
-    assert abi.FLOW_VALUE.offset("last_ns") == 24
+    assert abi.FLOW_KEY.size == 40 and abi.CONN.size == 88
+    assert abi.CONN.offset("last_ns") == 56     # a packet touches the first 64 bytes
+    assert abi.IFACE_STATS.size == 136 and abi.EVENT_HEAD.size == 80
+    assert abi.event_layout(512).size == 592
+    assert abi.KEPT_REQUEST_HEAD.size == 32 and abi.MIRROR_CONFIG.size == 56
 
 
 @pytest.mark.unit
@@ -50,7 +50,7 @@ def test_decode_names_fields_and_groups_arrays():
 
 @pytest.mark.testrun
 def test_loading_refuses_a_layout_changed_on_one_side(tmp_path, monkeypatch):
-    """A field added to struct flow_value in C and not in mirror/abi.py: the classifier
+    """A field added to struct conn in C and not in mirror/abi.py: the classifier
     compiles, and loading it refuses with the struct named, before anything is
     attached."""
     from mirror.bpfprog import Classifier
@@ -58,9 +58,10 @@ def test_loading_refuses_a_layout_changed_on_one_side(tmp_path, monkeypatch):
     shutil.copytree(abi.bpf_dir(), changed)
     header = changed / "mirror.h"
     text = header.read_text()
-    assert "    __u16 cut;" in text
-    header.write_text(text.replace("    __u16 cut;", "    __u16 cut;\n    __u64 added;", 1))
+    assert "    __u64 bytes;            /* 80 */" in text
+    header.write_text(text.replace("    __u64 bytes;            /* 80 */",
+                                   "    __u64 bytes;\n    __u64 added;", 1))
     monkeypatch.setenv("MIRROR_BPF_DIR", str(changed))
-    with pytest.raises(abi.ContractMismatch, match="struct flow_value .* 48 bytes as "
-                       "compiled, 40 here"):
+    with pytest.raises(abi.ContractMismatch, match="struct conn .* 96 bytes as "
+                       "compiled, 88 here"):
         Classifier(max_flows=64)

@@ -1,10 +1,12 @@
-"""The budgets of bpf/mirror.c (over_budget, take_clone_token) through BPF_PROG_TEST_RUN:
-per flow and CPU, at most max_packets_per_flow packets and max_bytes_per_flow bytes from
-the mark on are cloned; per CPU, at most max_clones_per_window clones per window. What a
-budget skips is counted by reason and flagged on the flow.
+"""The budgets of bpf/mirror.c (over_budget, take_token) through BPF_PROG_TEST_RUN: per
+connection, whatever CPUs carry it, at most max_packets_per_flow packets and
+max_bytes_per_flow bytes from the mark on are cloned; per CPU, at most
+max_clones_per_window clones per window. What a budget skips is counted by reason and
+flagged on the connection.
 
-Every test runs pinned to one CPU (the budgets are per CPU), except the ones that move
-between CPUs on purpose. The rate tests never depend on the clock's speed: their window is
+Every test opens its connection first (the client's SYN at ingress, the server's SYN-ACK
+at egress: only the server's statuses mark). Tests run pinned to one CPU (the rate is per
+CPU), except the ones that move between CPUs on purpose. The rate tests never depend on the clock's speed: their window is
 wider than any run can last (2**62 ns, about 146 years), and a window is made to restart
 by writing its start where the unsigned difference to any clock reading is past it."""
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 from frames import TCP_ACK, TCP_SYN, tcp4
 from mirror.abi import COUNTERS, TC_ACT_UNSPEC, cut_reasons
-from mirror.flowkey import FlowKey
+from mirror.flowkey import FlowKey, key_of
 
 CLOCK_MONOTONIC_COARSE = 6    # bpf_ktime_get_coarse_ns() reads it
 SRV4, CLI4 = "198.18.0.80", "198.19.7.10"
@@ -32,6 +34,11 @@ def s2c(payload=b"", **kw) -> bytes:
 
 def c2s(payload=b"", **kw) -> bytes:
     return tcp4(CLI4, CPORT, SRV4, SPORT, payload, **{"flags": TCP_ACK, **kw})
+
+
+def open_conn(clf, cport: int = CPORT) -> None:
+    run(clf, tcp4(CLI4, cport, SRV4, SPORT, flags=TCP_SYN), "ingress")
+    run(clf, tcp4(SRV4, SPORT, CLI4, cport, flags=TCP_SYN | TCP_ACK), "egress")
 
 
 def run(clf, frame: bytes, direction: str = "egress", repeat: int = 1) -> dict:
@@ -64,11 +71,13 @@ def two_cpus():
 @pytest.mark.parametrize("budget", [1, 2, 5])
 def test_flow_cloned_exactly_n_packets_then_skipped(clf, pinned, debug_iface, budget):
     clf.set_budgets(max_packets_per_flow=budget)
+    open_conn(clf)
     tx = tx_packets(debug_iface)
     first = run(clf, s2c(ERR500))
     assert first["flows_marked"] == 1 and first["events"] == 1 and mirrored(first) == 1
     frames = [c2s(), s2c(b"body"), c2s(b"GET / HTTP/1.1\r\n\r\n"), s2c(ERR500), c2s()] * 2
-    got = [run(clf, f, d) for f, d in zip(frames, ["ingress", "egress"] * len(frames))]
+    got = [run(clf, f, "ingress" if f in (c2s(), c2s(b"GET / HTTP/1.1\r\n\r\n")) else "egress")
+           for f in frames]
     clones = 1 + sum(map(mirrored, got))
     skipped = sum(d.get("skip_flow_packets", 0) for d in got)
     assert (clones, skipped) == (budget, 1 + len(frames) - budget)
@@ -87,6 +96,7 @@ def test_flow_cloned_exactly_n_packets_then_skipped(clf, pinned, debug_iface, bu
 def test_flow_within_budget_is_not_flagged(clf, pinned):
     clf.set_budgets(max_packets_per_flow=3, max_bytes_per_flow=10_000,
                     max_clones_per_window=10, window_ns=WIDE)
+    open_conn(clf)
     for f in (s2c(ERR500), c2s(), s2c(b"x")):
         assert "skip_flow_packets" not in run(clf, f)
     assert clf.flows()[KEY]["cut"] == []
@@ -97,6 +107,7 @@ def test_packet_budget_changed_at_run_time(clf, pinned):
     """The budgets sit in the config map: a new one applies to the next packet, no reload;
     it counts against the flow's packets since the mark, skipped ones included."""
     clf.set_budgets(max_packets_per_flow=2)
+    open_conn(clf)
     assert [mirrored(run(clf, f)) for f in (s2c(ERR500), c2s(), c2s(), c2s())] == [1, 1, 0, 0]
     clf.set_budgets(max_packets_per_flow=6)
     assert [mirrored(run(clf, c2s())) for _ in range(3)] == [1, 1, 0]
@@ -109,6 +120,7 @@ def test_packet_budget_changed_at_run_time(clf, pinned):
 
 @pytest.mark.testrun
 def test_byte_budget(clf, pinned, debug_iface):
+    open_conn(clf)
     resp, ack, body = s2c(ERR500), c2s(), s2c(b"y" * 100)
     # Room for the response, one ACK and part of the body: the body is skipped (it would
     # pass the budget), and so is everything after it, however small.
@@ -122,6 +134,7 @@ def test_byte_budget(clf, pinned, debug_iface):
 
 @pytest.mark.testrun
 def test_byte_budget_is_inclusive(clf, pinned):
+    open_conn(clf)
     resp, ack = s2c(ERR500), c2s()
     clf.set_budgets(max_bytes_per_flow=len(resp) + 2 * len(ack))
     assert [mirrored(run(clf, f)) for f in (resp, ack, ack, ack)] == [1, 1, 1, 0]
@@ -130,6 +143,7 @@ def test_byte_budget_is_inclusive(clf, pinned):
 @pytest.mark.testrun
 def test_marking_packet_larger_than_the_byte_budget(clf, pinned):
     """The flow is still marked and its event reported; only the clone is skipped."""
+    open_conn(clf)
     resp = s2c(ERR500)
     clf.set_budgets(max_bytes_per_flow=len(resp) - 1)
     d = run(clf, resp)
@@ -140,6 +154,7 @@ def test_marking_packet_larger_than_the_byte_budget(clf, pinned):
 @pytest.mark.testrun
 def test_packet_budget_is_checked_before_bytes(clf, pinned):
     """A packet over both budgets counts once, under flow_packets."""
+    open_conn(clf)
     resp = s2c(ERR500)
     clf.set_budgets(max_packets_per_flow=1, max_bytes_per_flow=len(resp))
     run(clf, resp)
@@ -151,9 +166,10 @@ def test_packet_budget_is_checked_before_bytes(clf, pinned):
 def test_syn_starts_a_new_budget(clf, pinned):
     """A SYN unmarks a reused 4-tuple; the next error connection on it starts afresh."""
     clf.set_budgets(max_packets_per_flow=1)
+    open_conn(clf)
     run(clf, s2c(ERR500))
     assert run(clf, c2s()).get("skip_flow_packets") == 1
-    assert run(clf, c2s(flags=TCP_SYN))["syn_unmarked"] == 1
+    assert run(clf, c2s(flags=TCP_SYN), "ingress")["syn_unmarked"] == 1
     assert mirrored(run(clf, s2c(ERR500))) == 1
     assert clf.flows()[KEY]["cut"] == []
 
@@ -164,6 +180,7 @@ def test_http2_flow_budget(clf, pinned):
     headers_500 = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x8e"   # HEADERS :status 500 (idx 14)
     data = b"\x00\x00\x04\x00\x01\x00\x00\x00\x01oops"          # DATA, END_STREAM
     clf.set_budgets(max_packets_per_flow=2)
+    open_conn(clf)
     first = run(clf, s2c(headers_500))
     assert (first["flows_marked"], first["h2_responses"], mirrored(first)) == (1, 1, 1)
     assert [mirrored(run(clf, s2c(data))) for _ in range(3)] == [1, 0, 0]
@@ -172,22 +189,22 @@ def test_http2_flow_budget(clf, pinned):
 
 
 @pytest.mark.testrun
-def test_per_flow_budget_is_per_cpu(clf):
-    """Decided and documented: each CPU that carries a flow has the flow's budget (the
-    flow value is per CPU; summing over CPUs in the datapath is not cheap)."""
+def test_per_flow_budget_is_per_connection_across_cpus(clf):
+    """One budget for the connection, whatever CPUs carry its packets (its state is shared
+    by all CPUs)."""
     original = two_cpus()
     clf.set_budgets(max_packets_per_flow=2)
     try:
         os.sched_setaffinity(0, {0})
+        open_conn(clf)
         assert [mirrored(run(clf, f)) for f in (s2c(ERR500), c2s(), c2s())] == [1, 1, 0]
         os.sched_setaffinity(0, {1})
-        assert [mirrored(run(clf, c2s())) for _ in range(3)] == [1, 1, 0]
+        assert [mirrored(run(clf, c2s())) for _ in range(3)] == [0, 0, 0]
     finally:
         os.sched_setaffinity(0, original)
     flow = clf.flows()[KEY]
-    assert (flow["cpus"], flow["cpu_packets"], flow["cut"]) == ([0, 1], [3, 3],
-                                                              ["flow_packets"])
-    assert clf.counters()["skip_flow_packets"] == 2
+    assert (flow["packets"], flow["cut"]) == (6, ["flow_packets"])
+    assert clf.counters()["skip_flow_packets"] == 4
 
 
 # --- per-CPU clone rate ----------------------------------------------------------------
@@ -195,6 +212,7 @@ def test_per_flow_budget_is_per_cpu(clf):
 @pytest.mark.testrun
 @pytest.mark.parametrize("limit,repeat", [(1, 2), (5, 50), (100, 1000)])
 def test_rate_exactly_k_clones_in_one_window(clf, pinned, debug_iface, limit, repeat):
+    open_conn(clf)
     run(clf, s2c(ERR500))                           # marked while unlimited
     clf.set_budgets(max_clones_per_window=limit, window_ns=WIDE)     # windows emptied
     tx = tx_packets(debug_iface)
@@ -210,6 +228,8 @@ def test_rate_exactly_k_clones_in_one_window(clf, pinned, debug_iface, limit, re
 def test_rate_spans_flows(clf, pinned):
     """The rate is per CPU, not per flow: a second flow finds the window spent."""
     clf.set_budgets(max_clones_per_window=3, window_ns=WIDE)
+    open_conn(clf)
+    open_conn(clf, CPORT + 1)
     other = tcp4(SRV4, SPORT, CLI4, CPORT + 1, ERR500)
     assert [mirrored(run(clf, f)) for f in (s2c(ERR500), c2s(), other, c2s())] == [1, 1, 1, 0]
     d = run(clf, other)
@@ -222,6 +242,8 @@ def test_rate_spans_flows(clf, pinned):
 @pytest.mark.testrun
 def test_flow_budget_skips_take_no_clone_from_the_rate(clf, pinned):
     clf.set_budgets(max_packets_per_flow=1, max_clones_per_window=2, window_ns=WIDE)
+    open_conn(clf)
+    open_conn(clf, CPORT + 1)
     run(clf, s2c(ERR500))
     assert run(clf, c2s(), repeat=10)["skip_flow_packets"] == 10
     assert clf.clone_window()[pinned][1] == 1
@@ -231,6 +253,7 @@ def test_flow_budget_skips_take_no_clone_from_the_rate(clf, pinned):
 
 @pytest.mark.testrun
 def test_rate_window_restarts(clf, pinned):
+    open_conn(clf)
     run(clf, s2c(ERR500))
     clf.set_budgets(max_clones_per_window=4, window_ns=WIDE)
     # A spent window that started at 0: the clock is far less than WIDE past it.
@@ -252,6 +275,7 @@ def test_rate_is_per_cpu(clf):
     original = two_cpus()
     try:
         os.sched_setaffinity(0, {0})
+        open_conn(clf)
         run(clf, s2c(ERR500))
         clf.set_budgets(max_clones_per_window=2, window_ns=WIDE)
         assert mirrored(run(clf, c2s(), repeat=5)) == 2
@@ -266,6 +290,7 @@ def test_rate_is_per_cpu(clf):
 @pytest.mark.testrun
 def test_no_budget_no_skip(clf, pinned):
     """0 everywhere (the fixture's setting): nothing is ever skipped."""
+    open_conn(clf)
     run(clf, s2c(ERR500))
     d = run(clf, c2s(), repeat=2000)
     assert mirrored(d) == 2000
@@ -278,6 +303,7 @@ def test_no_debug_interface_spends_no_budget(clf, pinned):
     """Without a debug interface there is no clone to bound: counted as before."""
     clf.set_debug_ifindex(0)
     clf.set_budgets(max_packets_per_flow=1, max_clones_per_window=1, window_ns=WIDE)
+    open_conn(clf)
     d = [run(clf, f) for f in (s2c(ERR500), c2s(), c2s())]
     assert [x.get("no_debug_if") for x in d] == [1, 1, 1]
     assert not any(k.startswith("skip_") for x in d for k in x)
@@ -312,11 +338,11 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.kernel
 def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
     """`mirror run --max-packets-per-flow 6`: a keep-alive connection answering 500, four
-    200s, 500, 200 is captured from its first 500 for 6 packets (per CPU that carries it),
-    the rest is counted in mirror_clones_skipped_total{reason="flow_packets"}, `mirror
-    flows` says the capture was cut, and the second 500's event says so too. The client
-    and nginx run on one CPU, so the connection's packets usually all count on one CPU's
-    budget; the assertions hold for any spread, and are exact for one CPU."""
+    200s, 500, 200 is captured from its first 500 for 6 packets, the rest is counted in
+    mirror_clones_skipped_total{reason="flow_packets"}, `mirror flows` says the capture
+    was cut, and the second 500's event says so too. The client and nginx run on one CPU,
+    so that the classifier sees the packets in the order the reference capture lists
+    them."""
     import json
 
     from helpers import (controller_ask, env_with, from_first_status, request_of, run_cli,
@@ -344,35 +370,31 @@ def test_capture_cut_at_the_packet_budget(host, nginx, tmp_path):
             os.sched_setaffinity(0, original)
         mirrored, ref = s.finish()
         flow = [f for f in controller_ask(s.state_dir, "flows")
-                if (f["a"], f["a_port"], f["b"], f["b_port"]) ==
-                (key.addr_lo, key.port_lo, key.addr_hi, key.port_hi)][0]
+                if key_of(f["client"], f["server"]) == key][0]
         table = run_cli("flows", env=env_with(MIRROR_STATE_DIR=s.state_dir))
         metrics = scrape(port)
     assert statuses == [500, 200, 200, 200, 200, 500, 200]
     assert ok_key not in mirrored
     after_500 = from_first_status(ref[key].packets, 500)
-    # The classifier saw every packet of the connection from the 500 on.
-    assert flow["packets"] == sum(flow["cpu_packets"]) == len(after_500) > 2 * budget
-    clones = sum(min(budget, n) for n in flow["cpu_packets"])
+    # The classifier saw every packet of the connection from the 500 on, and cloned the
+    # first `budget` of them (the budget is the connection's, whatever CPUs carry it).
+    assert flow["packets"] == len(after_500) > 2 * budget
+    clones = budget
     request = request_of(ref[key].packets, 500)        # written by the controller
     assert len(mirrored[key].packets) == len(request) + clones
-    # The first `budget` packets from the 500 on are in the capture whatever the spread
-    # (each is within the first `budget` of its CPU); with one CPU, exactly those.
     captured = {signature(p) for p in mirrored[key].packets}
     assert all(signature(p) in captured for p in after_500[:budget])
-    if len(flow["cpus"]) == 1:
-        assert same_packets(mirrored[key].packets, request + after_500[:budget])
+    assert same_packets(mirrored[key].packets, request + after_500[:budget])
     skipped = {dict(labels)["reason"]: v for (name, labels), v in metrics.items()
                if name == "mirror_clones_skipped_total"}
     assert skipped == {"flow_packets": len(after_500) - clones, "flow_bytes": 0,
                        "cpu_rate": 0}
     assert metrics[("mirror_mirrored_packets_total", ())] == clones
     assert flow["cut"] == ["flow_packets"]
-    print(f"per-CPU packets of the cut flow: {dict(zip(flow['cpus'], flow['cpu_packets']))}")
     assert table.returncode == 0 and "cut: flow_packets" in table.stdout
     assert "1 of 1 flows: capture cut by a budget" in table.stdout
-    # Events: the first 500 before any cut, the second one after its CPU's budget was
-    # spent (both on nginx's CPU), each with the budgets in force.
+    # Events: the first 500 before any cut, the second one after the connection's budget
+    # was spent, each with the budgets in force.
     records = [json.loads(line) for line in events.read_text().splitlines()]
     assert [(r["status"], r["capture_cut"]) for r in records] == [
         (500, []), (500, ["flow_packets"])]
@@ -387,8 +409,8 @@ def _record(cut: int, new_flow: bool = True) -> bytes:
     """A raw error event as the classifier hands it over: a 500 answering a kept GET."""
     from mirror.abi import EVENT_HEAD
     req = c2s(b"GET /orders/7 HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-    head = EVENT_HEAD.struct.pack(2_000_000, 1, 500, 1, int(new_flow), 1, 1, cut,
-                                  KEY.to_bytes(), 1_000_000, 1, 0, 0, len(req), len(req))
+    head = EVENT_HEAD.struct.pack(2_000_000, 1_000_000, KEY.to_bytes(), 1, 500, 1, 1,
+                                  int(new_flow), 1, cut, 0, len(req), len(req))
     return head + req
 
 

@@ -34,7 +34,8 @@ from mirror.capture.reorder import Changed, reorder_file
 from mirror.capture.request import MAX_SPAN, covers, parse_request
 from mirror.capture.ring import FILE_RE, current_file, list_pcaps
 from mirror.capture.sidecar import CaptureSidecar, Options
-from mirror.flowkey import FlowKey
+from mirror.communityid import of_flow
+from mirror.flowkey import FlowKey, endpoint, key_of, parse_endpoint
 from mirror.lab.client import send
 from mirror.lab.netns import sh, unique_name
 
@@ -118,15 +119,16 @@ def test_index_error_flow_then_keepalive_request(tmp_path, client, server):
     frames = [c.server_sends(RESP_500), c.client_sends(),
               c.client_sends(REQ_OK), c.server_sends(RESP_200), c.client_sends(), *c.close()]
     (rec,), _ = index_files(tmp_path, frames)
-    assert (rec["client"], rec["client_port"], rec["server"], rec["server_port"]) == \
-        (client, 40000, server, 80)
+    assert (rec["client"], rec["server"]) == (endpoint(client, 40000), endpoint(server, 80))
+    assert rec["community_id"] == of_flow(FlowKey.from_endpoints(client, 40000, server, 80))
     assert rec["family"] == (6 if ":" in client else 4)
     assert rec["statuses"] == [500, 200]
     assert rec["requests"] == ["GET /ok HTTP/1.1"]
     assert rec["packets"] == len(frames)
     assert rec["bytes"] == sum(map(len, frames))
-    assert rec["first"] == pytest.approx(1_700_000_000.0)
-    assert rec["last"] == pytest.approx(1_700_000_000.0 + (len(frames) - 1) / 1000)
+    assert rec["time_unix"] == pytest.approx(1_700_000_000.0)
+    assert rec["time"] == "2023-11-14T22:13:20.000000Z"
+    assert rec["last_unix"] == pytest.approx(1_700_000_000.0 + (len(frames) - 1) / 1000)
     assert rec["files"] == ["f0.pcap"] and rec["end"] == "fin" and rec["retransmissions"] == 0
 
 
@@ -155,7 +157,7 @@ def test_index_out_of_order_and_split_request_line(tmp_path):
     (rec,), _ = index_files(tmp_path, frames)
     assert rec["statuses"] == [500, 200, 503]
     assert rec["requests"] == ["GET /a/rather/long/path?q=1 HTTP/1.1", "DELETE /x HTTP/1.0"]
-    assert (rec["client"], rec["server"]) == (C6, S6)
+    assert (rec["client"], rec["server"]) == (endpoint(C6, 40000), endpoint(S6, 80))
 
 
 @pytest.mark.unit
@@ -184,11 +186,11 @@ def test_index_flow_over_two_files_is_one_record(tmp_path):
     ix.add_file(write_pcap(tmp_path / "f2.pcap", third, t0=1_700_000_002.0))
     assert ix.flush(now=time.time() + 3) == 1               # c is over; a still open
     (rec,) = read_index(tmp_path / "index.jsonl")
-    assert rec["client_port"] == 40000 and rec["statuses"] == [500, 200]
+    assert rec["client"].endswith(":40000") and rec["statuses"] == [500, 200]
     assert rec["files"] == ["f0.pcap", "f1.pcap", "f2.pcap"] and rec["packets"] == 6
     assert ix.flush(now=time.time() + 3600) == 1            # a: idle
     recs = read_index(tmp_path / "index.jsonl")
-    assert [r["end"] for r in recs] == ["fin", "idle"] and recs[1]["client_port"] == 40001
+    assert [r["end"] for r in recs] == ["fin", "idle"] and recs[1]["client"].endswith(":40001")
 
 
 @pytest.mark.unit
@@ -393,7 +395,7 @@ def ring_bounded(host, cap, cap_dir, files, size_mb, crossed):
     # Every connection is in the index: the indexer read every packet tcpdump wrote.
     assert status["packets_unindexed"] == 0, status
     assert len(records) == 30, status
-    assert all(r["server_port"] == 80 and set(r["statuses"]) <= {200} for r in records)
+    assert all(r["server"].endswith(":80") and set(r["statuses"]) <= {200} for r in records)
     assert "dropped by kernel" in cap.output
     assert status["index_bytes"] <= size_mb * 1_000_000
 
@@ -454,14 +456,12 @@ def test_behind_mirror_run_index_holds_error_flows_only(host, nginx, tmp_path, c
     finally:
         assert mirror.stop() == 0, mirror.output
     records = read_index(cap_dir / "index.jsonl")
-    keys = {FlowKey.from_endpoints(r["client"], r["client_port"], r["server"],
-                                   r["server_port"]) for r in records}
+    keys = {key_of(r["client"], r["server"]) for r in records}
     assert keys == set(errors) and not keys & set(oks)
-    by_key = {FlowKey.from_endpoints(r["client"], r["client_port"], r["server"],
-                                     r["server_port"]): r for r in records}
+    by_key = {key_of(r["client"], r["server"]): r for r in records}
     for key in errors:
         rec = by_key[key]
-        assert rec["server_port"] == 80 and rec["statuses"][0] == 500
+        assert rec["server"].endswith(":80") and rec["statuses"][0] == 500
         assert all(f in {p.name for p in cap_dir.iterdir()} for f in rec["files"])
     keepalive = [r for r in records if r["statuses"] == [500, 200]]
     # The request that got the 500 (written by the mirror from its request snapshot) is
@@ -760,15 +760,16 @@ def test_index_names_the_request_of_the_error(tmp_path, name):
     assert len(recs) == len(recs_after) == len(errors)
     host = None if name.startswith("cut") else ("s" if name == "interleaved" else "shop.example")
     for rec, rec_after, (status, target) in zip(recs, recs_after, errors):
-        fields = {k: rec[k] for k in ("method", "target", "host", "status", "response_ms")}
+        fields = {k: rec[k] for k in ("method", "target", "host", "status",
+                                      "response_seconds")}
         assert fields == {"method": "POST" if target == "/b" else "GET", "target": target,
-                          "host": host, "status": status, "response_ms": None}, name
+                          "host": host, "status": status, "response_seconds": None}, name
         assert {k: rec_after[k] for k in fields} == fields
         assert rec["requests"] == (["GET /ok HTTP/1.1"] if name == "keepalive" else [])
         # The moved request's new time may make the connection start 1 us earlier.
-        same = set(rec) - {"files", "first", "first_utc"}
+        same = set(rec) - {"files", "time", "time_unix"}
         assert {k: rec_after[k] for k in same} == {k: rec[k] for k in same}
-        assert 0 <= rec["first"] - rec_after["first"] < 2e-6
+        assert 0 <= rec["time_unix"] - rec_after["time_unix"] < 2e-6
 
 
 @pytest.mark.unit
@@ -780,14 +781,15 @@ def test_index_response_time_of_a_request_captured_in_order(tmp_path):
     frames = [c.client_sends(b"GET /first HTTP/1.1\r\n\r\n"), c.client_sends(REQ_FAIL),
               c.server_sends(RESP_500), *c.close()]
     (rec,) = index_record(tmp_path, frames)                 # frames 1 ms apart
-    assert (rec["target"], rec["status"], rec["response_ms"]) == ("/fail?id=7", 500, 1.0)
+    assert (rec["target"], rec["status"], rec["response_seconds"]) == ("/fail?id=7", 500,
+                                                                        0.001)
     assert rec["requests"] == ["GET /first HTTP/1.1"]
     # No request captured at all; or only the next request of the keep-alive connection
     # (sent after the 500, so not the 500's request).
     c = Conn(C4, S4)
     (tmp_path / "n").mkdir()
     (rec,) = index_record(tmp_path / "n", [c.server_sends(RESP_500), *c.close()])
-    assert (rec["method"], rec["target"], rec["host"], rec["status"], rec["response_ms"]) \
+    assert (rec["method"], rec["target"], rec["host"], rec["status"], rec["response_seconds"]) \
         == (None, None, None, 500, None)
     frames, _ = injected_keepalive()
     (tmp_path / "k").mkdir()
@@ -804,7 +806,7 @@ def test_list_shows_the_request_of_the_error(tmp_path):
     row = text.splitlines()[1]
     assert "GET /fail?id=7" in row and "shop.example" in row and " 500 " in row
     assert "GET /ok HTTP/1.1" in row and " 200 " in row     # later status and request
-    recs[0]["response_ms"] = 12.5
+    recs[0]["response_seconds"] = 0.0125
     assert "12.500" in render_index(recs, None, tmp_path)
 
 
@@ -925,9 +927,10 @@ def test_sidecar_files_pair_requests_written_after_responses(debug_iface, tmp_pa
     assert sorted(paired[500]) == sorted(["http://shop.example/fail?id=7"] * 3
                                          + ["/search?q=" + "q" * 50])  # no Host: cut off
     assert paired[200] == ["http://s/ok"]
-    records = sorted(read_index(cap_dir / "index.jsonl"), key=lambda r: r["client_port"])
-    assert [(r["client_port"], r["method"], r["target"], r["host"], r["status"],
-             r["response_ms"]) for r in records] == [
+    records = sorted(read_index(cap_dir / "index.jsonl"),
+                     key=lambda r: parse_endpoint(r["client"])[1])
+    assert [(parse_endpoint(r["client"])[1], r["method"], r["target"], r["host"], r["status"],
+             r["response_seconds"]) for r in records] == [
         (41000, "GET", "/fail?id=7", "shop.example", 500, None),
         (41001, "GET", "/fail?id=7", "shop.example", 500, None),
         (41002, "GET", "/fail?id=7", "shop.example", 500, None),

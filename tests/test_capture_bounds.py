@@ -19,6 +19,7 @@ from mirror.capture.flow import MAX_LINE, MIN_KEEP, Limits
 from mirror.capture.index import MAX_REQUESTS, Indexer, read_index
 from mirror.capture.pcap import MAX_SNAPLEN, RECORD_HEADER_SIZE
 from mirror.communityid import community_id
+from mirror.flowkey import parse_endpoint
 
 SHORT = [b"GET /s%03d HTTP/1.1\r\nHost: s\r\n\r\n" % n for n in range(128)]
 LONG = [b"GET /" + b"l" * 8000 + b"%03d HTTP/1.1\r\nHost: s\r\n\r\n" % n for n in range(8)]
@@ -55,8 +56,9 @@ def test_indexer_bounds(tmp_path):
     assert all(len(json.dumps(r)) <= 20_000 for r in records)
     assert ix.requests_dropped > 0 and ix.segments_dropped > 0 and ix.segments_cut > 0
     for r in records:
+        (c, cp), (s, sp) = parse_endpoint(r["client"]), parse_endpoint(r["server"])
         assert len(r["requests"]) <= MAX_REQUESTS and r["community_id"] == community_id(
-            r["client"], r["server"], r["client_port"], r["server_port"])
+            c, s, cp, sp)
         assert all(len(line) <= MAX_LINE for line in r["requests"])
 
 

@@ -80,8 +80,8 @@ def test_environment_errors_name_the_variable(tmp_path, name, value):
     assert r.returncode == 0 and "no flows indexed" in r.stdout
 
 
-RECORD = {"client": "198.18.7.1", "client_port": 40000, "server": "198.18.7.2",
-          "server_port": 80, "first_utc": "2025-01-01T00:00:00.000000Z", "first": 1.0,
+RECORD = {"client": "198.18.7.1:40000", "server": "198.18.7.2:80",
+          "time": "2025-01-01T00:00:00.000000Z", "time_unix": 1.0,
           "packets": 3, "bytes": 300, "statuses": [500], "method": "GET",
           "target": "/x", "host": "h", "requests": [], "files": []}
 

@@ -93,8 +93,8 @@ def test_corrupt_and_truncated_pcaps(tmp_path, edits, cut, split):
     assert bytes(after.tail) == bytes(contents.tail)
 
 
-RECORD = {"client": C4, "client_port": 40000, "server": S4, "server_port": 80,
-          "first_utc": "2025-01-01T00:00:00.000000Z", "first": 1.0, "packets": 3,
+RECORD = {"client": f"{C4}:40000", "server": f"{S4}:80",
+          "time": "2025-01-01T00:00:00.000000Z", "time_unix": 1.0, "packets": 3,
           "bytes": 300}
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
                        st.text(max_size=20),
@@ -109,7 +109,7 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
     JSONISH.map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.sampled_from(sorted(RECORD) + ["files", "statuses", "requests",
                                                       "method", "target", "host", "status",
-                                                      "response_ms", "community_id"]),
+                                                      "response_seconds", "community_id"]),
                     JSONISH, max_size=12).map(lambda d: json.dumps({**RECORD, **d}).encode())),
     max_size=6), torn=st.binary(max_size=20))
 def test_index_reader_on_corrupt_files(tmp_path, lines, torn):

@@ -1,5 +1,6 @@
-"""Idle expiry against the real map: the sweep deletes idle flows and puts back one that
-a packet refreshed between the sweep's scan and its delete."""
+"""Idle expiry against the real maps: a marked connection idle past the idle timeout is
+left out of the marked flows at once, unmarked by the classifier at its next packet, and
+counted once by the controller's sweep; the lookup pre-filter follows the marks."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,8 @@ import time
 
 import pytest
 
-from test_flood import RESPONSE, frame
+from helpers import next_coarse_tick
+from test_flood import RESPONSE, frame, syn
 from mirror import bpfsys
 from mirror.flowkey import FlowKey
 
@@ -20,31 +22,10 @@ def mark(clf) -> None:
     original = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(original)})
     try:
+        assert bpfsys.test_run(clf.fd("ingress"), syn(7, 1024 + 7)).retval == -1
         assert bpfsys.test_run(clf.fd("egress"), frame(7, 1024 + 7, RESPONSE)).retval == -1
     finally:
         os.sched_setaffinity(0, original)
-
-
-def test_idle_flow_expires_fresh_one_stays(clf):
-    mark(clf)
-    before = clf.flows()[KEY]
-    assert clf.expire_idle(time.monotonic_ns(), 60 * 10**9) == 0
-    assert KEY in clf.flows()
-    assert clf.expire_idle(time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
-    assert KEY not in clf.flows()
-    assert before["status"] == 500
-
-
-def test_flow_refreshed_after_scan_is_put_back(clf):
-    """_expire_one is the delete step: called for a key the scan found idle but whose
-    value (read atomically with the delete) is fresh, it restores the flow unchanged."""
-    mark(clf)
-    before = clf.flows()[KEY]
-    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns(), 60 * 10**9) == 0
-    assert clf.flows()[KEY] == before
-    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
-    assert KEY not in clf.flows()
-    assert clf._expire_one(KEY.to_bytes(), time.monotonic_ns(), 60 * 10**9) == 0   # gone
 
 
 def later_packet_mirrored(clf) -> bool:
@@ -54,15 +35,42 @@ def later_packet_mirrored(clf) -> bool:
     return clf.counters()["mirrored_packets"] == before + 1
 
 
-def test_lookup_prefilter_follows_the_map(clf):
-    """Flow lookups are skipped only while the map is known empty."""
-    assert clf.lookups_skipped()                    # clf starts with an empty map
+def test_idle_flow_expires_fresh_one_stays(clf):
+    clf.set_idle_timeout(60)
+    mark(clf)
+    assert clf.flows()[KEY]["status"] == 500
+    assert clf.expire_idle(time.monotonic_ns(), 60 * 10**9) == 0
+    assert KEY in clf.flows()
+    # Seen idle by a sweep: counted, and counted once.
+    assert clf.expire_idle(time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
+    assert clf.expire_idle(time.monotonic_ns() + 62 * 10**9, 60 * 10**9) == 0
+    assert clf.flows(time.monotonic_ns() + 61 * 10**9) == {}
+
+
+def test_the_classifier_unmarks_an_idle_flow_at_its_next_packet(clf):
+    clf.set_idle_timeout(60)
+    mark(clf)
+    assert later_packet_mirrored(clf)
+    clf.set_idle_timeout(1e-9)          # everything marked is idle now
+    assert KEY not in clf.flows()
+    next_coarse_tick()
+    assert not later_packet_mirrored(clf)
+    assert clf.counters()["flows_expired"] == 1
+    clf.set_idle_timeout(60)
+    assert KEY not in clf.flows()       # unmarked for good, not only hidden
+
+
+def test_lookup_prefilter_follows_the_marks(clf):
+    """Lookups of packets that only ask "marked?" are skipped only while none is."""
+    clf.set_idle_timeout(60)
+    assert clf.lookups_skipped()                    # clf starts with nothing marked
     mark(clf)
     assert not clf.lookups_skipped()
-    assert not clf.note_if_empty()                  # not empty: nothing published
+    assert not clf.note_if_empty()                  # one is marked: nothing published
     assert later_packet_mirrored(clf)
-    assert clf.expire_idle(time.monotonic_ns() + 61 * 10**9, 60 * 10**9) == 1
+    clf.set_idle_timeout(1e-9)
     assert clf.note_if_empty() and clf.lookups_skipped()
+    clf.set_idle_timeout(60)
     mark(clf)                                       # marked again: lookups resume
     assert not clf.lookups_skipped()
     assert later_packet_mirrored(clf)
@@ -70,17 +78,17 @@ def test_lookup_prefilter_follows_the_map(clf):
 
 def test_mark_racing_the_empty_scan_is_not_lost(clf, monkeypatch):
     """The race the generation scheme closes: note_if_empty reads the mark count and its
-    scan finds the map empty, the classifier marks a flow before it publishes the count
-    it read. The classifier must keep looking flows up. The product's note_if_empty runs;
+    scan finds nothing marked, the classifier marks a connection before it publishes the
+    count it read. The classifier must keep looking up. The product's note_if_empty runs;
     only its scan is wrapped, so that the mark lands right after it."""
     scan = clf.flow_count
 
-    def scan_then_mark() -> int:
-        found = scan()
+    def scan_then_mark(*args) -> int:
+        found = scan(*args)
         mark(clf)                                   # the classifier marks meanwhile
         return found
     monkeypatch.setattr(clf, "flow_count", scan_then_mark)
-    assert clf.note_if_empty()                      # the scan found it empty: published
+    assert clf.note_if_empty()                      # the scan found none: published
     monkeypatch.undo()
     assert KEY in clf.flows()
     assert not clf.lookups_skipped()

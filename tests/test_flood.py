@@ -1,5 +1,6 @@
-"""Flow-table flood: far more error flows than the map holds. Nothing fails, the newest
-flows are mirrored, evictions show in the metrics, and the map never grows."""
+"""Connection-state flood: far more error connections than the state slots. Nothing fails,
+the newest connection is mirrored, replacements show in the counters and the metrics, and
+the arrays never grow."""
 from __future__ import annotations
 
 import os
@@ -25,17 +26,23 @@ FLOOD = 200_000
 RESPONSE = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\nerror"
 
 
-def frame(client: int, port: int, payload: bytes, from_server: bool = True) -> bytes:
+def frame(client: int, port: int, payload: bytes, from_server: bool = True,
+          flags: int = 0x18) -> bytes:
     """Ethernet/IPv4/TCP between 198.18.0.1:80 and 198.19.x.y:port (checksums unused)."""
     server = bytes([198, 18, 0, 1])
     cli = bytes([198, 19, client >> 8, client & 0xFF])
     src, dst = (server, cli) if from_server else (cli, server)
     sport, dport = (80, port) if from_server else (port, 80)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, 0x18, 512, 0, 0)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 512, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6,
                      0, src, dst)
     eth = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x08\x00"
     return eth + ip + tcp + payload
+
+
+def syn(client: int, port: int) -> bytes:
+    """The client's SYN that opens the connection (at the ingress hook)."""
+    return frame(client, port, b"", from_server=False, flags=0x02)
 
 
 def fdinfo(fd: int) -> dict[str, str]:
@@ -46,39 +53,49 @@ def fdinfo(fd: int) -> dict[str, str]:
 @pytest.mark.testrun
 @pytest.mark.slow
 def test_flood_through_test_run(debug_iface):
+    """FLOOD connections, each opened by its SYN and marked by a 500, into MAX_FLOWS state
+    slots: nothing fails, every error is cloned, states are replaced (counted) and never
+    more than the slots, the arrays never grow, and the newest connection is still
+    mirrored."""
     clf = Classifier(max_flows=MAX_FLOWS)
     clf.set_trigger(frozenset(range(500, 600)))
     clf.set_debug_ifindex(debug_iface.ifindex)
-    flows_fd = clf._flows.map_fd
-    before = fdinfo(flows_fd)
+    conns_fd = clf._conns.map_fd
+    before = fdinfo(conns_fd)
     original = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     try:
-        fd = clf.fd("egress")
+        ingress, egress = clf.fd("ingress"), clf.fd("egress")
         verdicts = set()
         for i in range(FLOOD):
-            verdicts.add(bpfsys.test_run(fd, frame(i >> 14, 1024 + (i & 0x3FFF), RESPONSE)).retval)
+            client, port = i >> 14, 1024 + (i & 0x3FFF)
+            verdicts.add(bpfsys.test_run(ingress, syn(client, port)).retval)
+            verdicts.add(bpfsys.test_run(egress, frame(client, port, RESPONSE)).retval)
         assert verdicts == {TC_ACT_UNSPEC}
         c = clf.counters()
-        assert c["flows_marked"] == FLOOD
+        assert c["conns_started"] == FLOOD and c["flows_marked"] == FLOOD
         assert c["mirrored_packets"] == FLOOD and c["clone_failures"] == 0
+        resident = clf.conn_count()
+        assert resident == c["conns_started"] - c["conns_replaced"] <= MAX_FLOWS
+        assert c["flows_evicted"] <= c["conns_replaced"]
         active = clf.flows()
         assert 0 < len(active) <= MAX_FLOWS
-        # The newest flows survived the flood, and a later packet of one is mirrored.
-        newest = [FlowKey.from_endpoints("198.18.0.1", 80, f"198.19.{i >> 14 >> 8}.{(i >> 14) & 0xFF}",
-                                         1024 + (i & 0x3FFF)) for i in range(FLOOD - 64, FLOOD)]
-        assert all(k in active for k in newest)
+        # The newest connection survived the flood, and a later packet of it is mirrored.
         i = FLOOD - 1
-        ack = frame(i >> 14, 1024 + (i & 0x3FFF), b"", from_server=False)
-        assert bpfsys.test_run(clf.fd("ingress"), ack).retval == TC_ACT_UNSPEC
+        client, port = i >> 14, 1024 + (i & 0x3FFF)
+        newest = FlowKey.from_endpoints("198.18.0.1", 80, f"198.19.{client >> 8}.{client & 0xFF}",
+                                        port)
+        assert newest in active
+        ack = frame(client, port, b"", from_server=False)
+        assert bpfsys.test_run(ingress, ack).retval == TC_ACT_UNSPEC
         assert clf.counters()["mirrored_packets"] == FLOOD + 1
     finally:
         os.sched_setaffinity(0, original)
-    after = fdinfo(flows_fd)
+    after = fdinfo(conns_fd)
     assert after["max_entries"] == before["max_entries"] == str(MAX_FLOWS)
     assert after["memlock"] == before["memlock"]
-    print(f"flooded {FLOOD} error flows into a {MAX_FLOWS}-entry map: "
-          f"{len(active)} resident, {FLOOD - len(active)} evicted")
+    print(f"flooded {FLOOD} error connections into {MAX_FLOWS} state slots: "
+          f"{len(active)} marked and resident, {c['conns_replaced']} states replaced")
 
 
 @pytest.mark.kernel

@@ -6,7 +6,9 @@ independent of this project); every case is also checked against the reference m
 (tests/reference.py), and the expected status is stated here outright. A status counts
 `h2_responses` and its class in the interface's "h2_<class>"; a 5xx marks the flow
 (the session trigger set) and the packet is mirrored; a status that needs HPACK state
-counts `h2_status_unknown` and marks nothing."""
+counts `h2_status_unknown` and marks nothing. Every test opens its connections first
+(the client's SYN, the server's SYN-ACK) in the classifier and the model alike: only
+the server's statuses count (tests/test_connection.py has the rest of that story)."""
 from __future__ import annotations
 
 import random
@@ -19,7 +21,7 @@ from hyperframe.frame import (DataFrame, HeadersFrame, PingFrame,
 
 import fastmaps
 import reference as R
-from frames import TCP_ACK, tcp4, tcp6
+from frames import TCP_ACK, TCP_SYN, tcp4, tcp6
 from mirror.abi import COUNTERS
 
 pytestmark = pytest.mark.testrun
@@ -120,17 +122,41 @@ def client_frame(payload: bytes = b"", family: int = 4) -> bytes:
 
 # --- running ----------------------------------------------------------------------------
 
-def run(clf, frame: bytes, direction: str = "egress", marked=frozenset()) -> dict:
-    """Runs one frame; asserts that the reference model agrees on every counter; returns
-    the counter deltas."""
-    before = clf.counters()
-    res = clf.test_run(direction, frame)
-    assert res.retval == R.TC_ACT_UNSPEC and res.data_out == frame
-    after = clf.counters()
-    got = {k: after[k] - before[k] for k in COUNTERS if after[k] != before[k]}
-    want = dict(R.decide(frame, direction, TRIGGER_5XX, set(marked)).counters)
-    assert got == want, f"classifier {got}, reference {want}"
-    return got
+class Conns:
+    """The classifier (emptied) and the reference model side by side, each with the
+    test's two connections (IPv4 and IPv6) open, the server's packets passing
+    `server_dir`."""
+
+    def __init__(self, clf, server_dir: str = "egress"):
+        clf.clear()
+        clf.set_trigger(TRIGGER_5XX)
+        cfg = clf.config()
+        self.clf = clf
+        self.model = R.Model(slots=clf.conn_slots, hash_seed=cfg["hash_seed"],
+                             triggers=TRIGGER_5XX,
+                             events_per_conn=cfg["max_events_per_conn"])
+        client_dir = "ingress" if server_dir == "egress" else "egress"
+        for fam, (srv, cli, tcpx) in ((4, (SRV4, CLI4, tcp4)), (6, (SRV6, CLI6, tcp6))):
+            self.run(tcpx(cli, CPORT, srv, SPORT, flags=TCP_SYN), client_dir)
+            self.run(tcpx(srv, SPORT, cli, CPORT, flags=TCP_SYN | TCP_ACK), server_dir)
+
+    def run(self, frame: bytes, direction: str = "egress") -> dict:
+        """Runs one frame; asserts that the reference model agrees on every counter;
+        returns the counter deltas."""
+        clf = self.clf
+        before = clf.counters()
+        res = clf.test_run(direction, frame)
+        assert res.retval == R.TC_ACT_UNSPEC and res.data_out == frame
+        after = clf.counters()
+        got = {k: after[k] - before[k] for k in COUNTERS if after[k] != before[k]}
+        want = dict(self.model.decide(frame, direction).counters)
+        assert got == want, f"classifier {got}, reference {want}"
+        return got
+
+
+def run(clf, frame: bytes, direction: str = "egress") -> dict:
+    """One frame on freshly opened connections (the server's packets at `direction`)."""
+    return Conns(clf, direction).run(frame, direction)
 
 
 def outcome(deltas: dict):
@@ -143,8 +169,6 @@ def outcome(deltas: dict):
 def expect_status(clf, payload: bytes, code: int, direction: str = "egress",
                   family: int = 4) -> None:
     """The segment's status is `code`: counted in its class, marking iff 5xx."""
-    clf.clear()
-    clf.set_trigger(TRIGGER_5XX)
     frame = response_frame(payload, family)
     deltas = run(clf, frame, direction)
     assert deltas.get("h2_responses") == 1, f"{code}: {payload.hex()} not decoded: {deltas}"
@@ -162,14 +186,12 @@ def expect_status(clf, payload: bytes, code: int, direction: str = "egress",
 
 
 def expect_unknown(clf, payload: bytes, direction: str = "egress") -> None:
-    clf.clear()
     deltas = run(clf, response_frame(payload), direction)
     assert outcome(deltas) == UNKNOWN, f"{payload.hex()}: {deltas}"
     assert clf.flow_count() == 0
 
 
 def expect_nothing(clf, payload: bytes, direction: str = "egress") -> None:
-    clf.clear()
     deltas = run(clf, response_frame(payload), direction)
     assert outcome(deltas) is None, f"{payload.hex()}: {deltas}"
     assert clf.flow_count() == 0
@@ -370,15 +392,14 @@ def test_dynamic_reference_is_unknown_then_literal_marks(clf):
     expect_unknown(clf, headers(again))
     expect_unknown(clf, headers(size_update(4096) + b"\xc0"))
     # The same connection: the unknown marks nothing, the first (literal) marks it.
-    clf.clear()
-    run(clf, response_frame(headers(again)))
+    c = Conns(clf)
+    c.run(response_frame(headers(again)))
     assert clf.flow_count() == 0
-    deltas = run(clf, response_frame(headers(first)))
+    deltas = c.run(response_frame(headers(first)))
     assert deltas["flows_marked"] == 1
-    key = next(iter(clf.flows()))
-    later = run(clf, response_frame(headers(again, 3), seq=5000), "egress", {key})
+    later = c.run(response_frame(headers(again, 3), seq=5000))
     assert later.get("h2_status_unknown") == 1 and later["mirrored_packets"] == 1
-    back = run(clf, client_frame(), "ingress", {key})
+    back = c.run(client_frame(), "ingress")
     assert back["mirrored_packets"] == 1
 
 
@@ -514,6 +535,7 @@ def test_parser_compiled_out_reads_no_h2_and_still_http1():
     clf = Classifier(max_flows=1024, request_bytes=0, http2=False)
     try:
         clf.set_trigger(TRIGGER_5XX)
+        clf.test_run("ingress", tcp4(CLI4, CPORT, SRV4, SPORT, flags=TCP_SYN))
         before = clf.counters()
         clf.test_run("egress", response_frame(headers(literal(500))))
         after = clf.counters()

@@ -270,7 +270,8 @@ def test_h2_metrics(host, h2server, tmp_path):
         s.finish()
 
     def resp(cls, proto, direction="ingress"):
-        labels = (("class", cls), ("direction", direction), ("iface", host.host_if),
+        labels = (("class", cls), ("container", ""), ("direction", direction),
+                  ("iface", host.host_if), ("namespace", ""), ("pod", ""),
                   ("proto", proto))
         return metrics[("mirror_http_responses_total", labels)]
 

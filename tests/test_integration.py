@@ -12,7 +12,7 @@ import pytest
 from helpers import (HOOKS, MirrorProcess, counted_from_now, env_with, from_first_status,
                      link_packets, mirrored_packets, request_of, same_packets, signature,
                      wait_captured, wait_closed, wait_until)
-from mirror.flowkey import FlowKey
+from mirror.flowkey import FlowKey, key_of
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.capture.flow import read_flows
@@ -141,8 +141,7 @@ def test_flows_command_lists_marked_flows(host, nginx, tmp_path):
         mirrored, _ = s.finish()
     assert out.returncode == 0, out.stderr
     flows = json.loads(out.stdout)
-    assert [(f["a"], f["a_port"], f["b"], f["b_port"]) for f in flows] == [
-        (err.addr_lo, err.port_lo, err.addr_hi, err.port_hi)]
+    assert [key_of(f["client"], f["server"]) for f in flows] == [err]
     assert flows[0]["status"] == 500
     # Every packet mirrored is counted in the flow's per-CPU values.
     # The kernel's count of the flow's clones, and the request frame of its 500.

@@ -57,7 +57,8 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
         assert m.stop() == 0, m.output
 
     def resp(direction, cls):
-        labels = (("class", cls), ("direction", direction), ("iface", host.host_if),
+        labels = (("class", cls), ("container", ""), ("direction", direction),
+                  ("iface", host.host_if), ("namespace", ""), ("pod", ""),
                   ("proto", "h1"))
         return metrics[("mirror_http_responses_total", labels)]
 
@@ -75,8 +76,10 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
     by_iface = sum(v for (name, labels), v in metrics.items()
                    if name == "mirror_iface_mirrored_packets_total")
     assert by_iface + 4 == captured
-    assert metrics[("mirror_error_responses_total", (("iface", host.host_if),
-                                                     ("status", "500")))] == 4
+    # The host's test namespace is no container runtime's: no namespace, pod, container.
+    assert metrics[("mirror_error_responses_total", (
+        ("container", ""), ("iface", host.host_if), ("namespace", ""), ("pod", ""),
+        ("status", "500")))] == 4
     assert metrics[("mirror_error_response_seconds_count", ())] == 4
     assert metrics[("mirror_clone_failures_total", ())] == 0
     assert metrics[("mirror_flows_active", ())] == 4

@@ -20,15 +20,17 @@ from helpers import (HOOKS, MirrorProcess, controller_ask, env_with, from_first_
                      wait_closed, wait_until)
 from mirror.capture.flow import read_flows
 from mirror.capture.tcpdump import Tcpdump
+from mirror.communityid import of_flow
 from mirror.flowkey import FlowKey, endpoint
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 
 pytestmark = pytest.mark.kernel
 
-EVENT_FIELDS = {"time", "iface", "direction", "client", "server", "method", "target", "host",
-                "status", "response_ns", "new_flow", "proto", "request_bytes",
-                "request_truncated", "capture_cut", "budget"}
+EVENT_FIELDS = {"time", "time_unix", "iface", "direction", "client", "server",
+                "community_id", "method", "target", "host", "status", "response_seconds",
+                "new_flow", "proto", "request_bytes", "request_truncated", "capture_cut",
+                "budget"}
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -116,15 +118,20 @@ def test_request_of_the_error_is_captured_and_reported(host, nginx, tmp_path, ho
     assert ["GET", "/error", server if family == 4 else f"[{server}]"] in requests
     # One event line, exactly these fields.
     (ev,) = r.events()
-    assert set(ev) == EVENT_FIELDS
+    # The workload's attributes (dotted, OpenTelemetry's names) beside the event's own:
+    # the test host's network namespace, no container runtime's.
+    assert {k for k in ev if "." not in k} == EVENT_FIELDS
+    assert {k: v for k, v in ev.items() if "." in k} == {"mirror.netns": host.ns}
     assert TIME_RE.match(ev["time"])
+    assert abs(ev["time_unix"] - time.time()) < 3600
+    assert ev["community_id"] == of_flow(FlowKey.from_endpoints(*tuple5))
     assert ev["client"] == endpoint(tuple5[0], tuple5[1])
     assert ev["server"] == endpoint(server, 80)
     assert (ev["method"], ev["target"], ev["status"], ev["new_flow"], ev["proto"]) == \
         ("GET", "/error", 500, True, "h1")
     assert ev["host"] == (server if family == 4 else f"[{server}]")
     assert ev["iface"] == host.host_if and ev["direction"] == "ingress"
-    assert isinstance(ev["response_ns"], int) and ev["response_ns"] > 0
+    assert isinstance(ev["response_seconds"], float) and ev["response_seconds"] > 0
     assert ev["request_truncated"] is False
     # The default budgets, none spent on this short connection.
     assert ev["capture_cut"] == [] and ev["budget"] == {
@@ -135,7 +142,7 @@ def test_request_of_the_error_is_captured_and_reported(host, nginx, tmp_path, ho
 
 def test_self_marking_client_is_not_mirrored(host, nginx, tmp_path):
     """A client that sends a status line of its own after its request does not mark its
-    connection: only the side opposite to the request can answer it."""
+    connection: it is the client (its SYN said so), and only the server answers."""
     with Run(host, tmp_path) as r:
         with socket.create_connection((host.ns_v4, 80), timeout=10,
                                       source_address=(host.host_v4, 0)) as s:
@@ -146,7 +153,7 @@ def test_self_marking_client_is_not_mirrored(host, nginx, tmp_path):
         counters = r.counters()
         mirrored, _ = r.finish(expected_events=0)
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert counters["status_same_dir"] == 1 and counters["flows_marked"] == 0
+    assert counters["status_from_client"] == 1 and counters["flows_marked"] == 0
     assert mirrored == {} and r.events() == []
 
 
@@ -158,7 +165,7 @@ def test_snapshot_off_keeps_the_old_rule(host, nginx, tmp_path):
     key = FlowKey.from_endpoints(*tuple5)
     assert same_packets(mirrored[key].packets, from_first_status(ref[key].packets, 500))
     (ev,) = r.events()
-    assert (ev["method"], ev["target"], ev["host"], ev["response_ns"]) == (None,) * 4
+    assert (ev["method"], ev["target"], ev["host"], ev["response_seconds"]) == (None,) * 4
 
 
 def test_events_command_and_metrics(host, nginx, tmp_path):
@@ -181,7 +188,10 @@ def test_events_command_and_metrics(host, nginx, tmp_path):
     assert listed == r.events()
     assert table.stdout.count("GET /error") == 3 and "500" in table.stdout
     iface = host.host_if
-    assert f'mirror_error_responses_total{{iface="{iface}",status="500"}} 3.0' in metrics
+    errors = [line for line in metrics.splitlines()
+              if line.startswith("mirror_error_responses_total{")]
+    assert errors == [f'mirror_error_responses_total{{container="",iface="{iface}",'
+                      f'namespace="",pod="",status="500"}} 3.0'], errors
     assert "mirror_error_response_seconds_count 3.0" in metrics
     assert 'mirror_error_response_seconds_bucket{le="+Inf"} 3.0' in metrics
     assert "mirror_events_total 3.0" in metrics and "mirror_events_lost_total 0.0" in metrics

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..communityid import of_flow
+from ..cliutil import printable
 from ..errors import UsageError
-from ..flowkey import FlowKey, endpoint
+from ..flowkey import FlowKey, endpoint, key_of
 from ..http1 import status_line
 from .pcap import PcapngWriter
 from .reorder import Frame
@@ -31,32 +32,10 @@ from .reorder import Frame
 MAX_CONNECTIONS = 65536         # connections remembered (their first frame written)
 
 
-def printable(text) -> str:
-    """`text` with every character a terminal would act on (C0 and C1 controls, DEL, and
-    the other non-printing ones such as bidirectional overrides) written as a Python
-    escape: what a packet put there reaches the operator's eyes, not their terminal."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """"198.18.0.1:80" or "[2001:db8::1]:80" (mirror.flowkey.endpoint) back into its
-    parts; ValueError otherwise."""
-    addr, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"not an endpoint: {text!r}")
-    return addr.strip("[]"), int(port)
-
-
 def event_key(event: dict) -> FlowKey | None:
     """The connection of an event (its client and server), None when they do not read."""
     try:
-        return FlowKey.from_endpoints(*parse_endpoint(event["client"]),
-                                      *parse_endpoint(event["server"]))
+        return key_of(event["client"], event["server"])
     except (KeyError, TypeError, ValueError):
         return None
 

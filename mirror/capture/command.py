@@ -17,10 +17,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cliutil import count, env, positive_seconds, serve_metrics
+from ..cliutil import count, env, positive_seconds, printable, serve_metrics
 from ..errors import UsageError
-from ..flowkey import endpoint
-from .annotate import printable
+
 from .index import CorruptIndex, read_index, rotated
 from .sidecar import INDEX_NAME, STATUS_NAME, CaptureSidecar, Options
 
@@ -307,14 +306,13 @@ def _row(r: dict, directory: Path) -> str:
     file_note = f"{present}/{len(files)}" if present < len(files) else str(len(files))
     statuses = r.get("statuses", [])
     status = r.get("status") or (statuses[0] if statuses else "-")
-    ms = r.get("response_ms")
+    seconds = r.get("response_seconds")
     request = printable(f"{r['method']} {r['target']}") if r.get("method") else "-"
     later = ",".join(map(str, statuses[1:])) or "-"
     requests = printable("; ".join(r.get("requests", []))) or "-"
-    client = printable(endpoint(r["client"], r["client_port"]))
-    server = printable(endpoint(r["server"], r["server_port"]))
-    return (f"{printable(r['first_utc'][:26]):26} {client:24} {server:24} {status!s:6} "
-            f"{'-' if ms is None else f'{ms:.3f}':>9}  {_cut(request, 32):32} "
+    client, server = printable(r["client"]), printable(r["server"])
+    return (f"{printable(r['time'][:26]):26} {client:24} {server:24} {status!s:6} "
+            f"{'-' if seconds is None else f'{seconds * 1e3:.3f}':>9}  {_cut(request, 32):32} "
             f"{_cut(printable(r.get('host') or '-'), 20):20} {_cut(later, 8):8} "
             f"{r['packets']:>5} {r['bytes']:>8}  {file_note:8} "
             f"{printable(r.get('community_id', '-')):30} {requests[:60]}")

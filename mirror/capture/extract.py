@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..communityid import of_flow
 from ..errors import UsageError
-from ..flowkey import FlowKey
+from ..flowkey import FlowKey, key_of
 from ..http1 import status_line
 from .annotate import AnnotatedWriter, open_output
 from .flow import Packet
@@ -170,13 +170,12 @@ def index_events(directory: Path) -> dict[FlowKey, list[dict]]:
     out: dict[FlowKey, list[dict]] = {}
     for r in records:
         try:
-            key = FlowKey.from_endpoints(r["client"], r["client_port"], r["server"],
-                                         r["server_port"])
+            key = key_of(r["client"], r["server"])
         except ValueError:
             continue
         out.setdefault(key, []).append({"status": r.get("status"), "method": r.get("method"),
                                         "target": r.get("target"), "host": r.get("host"),
-                                        "time": r.get("first_utc")})
+                                        "time": r.get("time")})
     return out
 
 

@@ -15,9 +15,9 @@ request that got that response, which the controller writes onto the debug inter
 after the response (the kernel's snapshot of its first bytes, perhaps cut). Each record
 names that request and its response: `method`, `target`, `host` (null when absent),
 `status` (of the connection's first response: behind the mirror, the one that
-triggered), `response_ms`; the pairing is by acknowledgement number
+triggered), `response_seconds`; the pairing is by acknowledgement number
 (mirror.capture.request), so it holds whatever the order of the frames in the files and
-across two files. `response_ms` is the response's capture time less the request's, and
+across two files. `response_seconds` is the response's capture time less the request's, and
 null when no request was captured or when the request's capture time is not its send
 time (see Flow.error_request): behind the mirror that is the rule, since the request
 frame is written after the response; the time the server took is in the controller's
@@ -59,7 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..communityid import of_flow
-from ..flowkey import FlowKey
+from ..connection import time_fields
+from ..flowkey import FlowKey, endpoint
 from .flow import MAX_LINE, Flow, Limits, Packet
 from .pcap import Cursor, read_new
 
@@ -82,14 +83,14 @@ def index_record(flow: Flow, reason: str) -> dict:
     if client in flow.dirs:
         skip = frozenset() if paired is None else frozenset([paired])
         requests = flow.dirs[client].request_lines(skip)
-    return {**error,
-        "family": flow.key.family,
-        "client": client[0], "client_port": client[1],
-        "server": server[0], "server_port": server[1],
-        "community_id": of_flow(flow.key),
-        "first": round(flow.first_ts, 6), "last": round(flow.last_ts, 6),
-        "first_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(flow.first_ts))
-        + f".{int(flow.first_ts * 1e6) % 1000000:06d}Z",
+    ms = error.pop("response_ms")
+    return {
+        # The connection vocabulary of mirror.connection: the same names as the events
+        # and `mirror flows` (the capture does not know the interface).
+        **time_fields(flow.first_ts), "last_unix": round(flow.last_ts, 6),
+        "client": endpoint(*client), "server": endpoint(*server), "iface": None,
+        "community_id": of_flow(flow.key), "family": flow.key.family,
+        **error, "response_seconds": None if ms is None else round(ms / 1000, 6),
         "packets": flow.packet_count, "bytes": flow.bytes,
         "retransmissions": flow.retransmissions,
         "statuses": statuses, "requests": requests[:MAX_REQUESTS],
@@ -192,7 +193,7 @@ class Indexer:
                 continue
             done.append(index_record(flow, reason))
             del self.flows[key]
-        done.sort(key=lambda r: r["first"])
+        done.sort(key=lambda r: r["time_unix"])
         return done
 
     def flush(self, final: bool = False, now: float | None = None) -> int:
@@ -253,11 +254,11 @@ class CorruptIndex(ValueError):
 
 # The fields a reader of the index relies on, with their types (others are optional or
 # newer than some records: a record without them still reads).
-REQUIRED = {"client": str, "client_port": int, "server": str, "server_port": int,
-            "first_utc": str, "first": (int, float), "packets": int, "bytes": int}
+REQUIRED = {"client": str, "server": str, "time": str, "time_unix": (int, float),
+            "packets": int, "bytes": int}
 OPTIONAL = {"files": list, "statuses": list, "requests": list, "method": (str, type(None)),
             "target": (str, type(None)), "host": (str, type(None)),
-            "status": (int, type(None)), "response_ms": (int, float, type(None)),
+            "status": (int, type(None)), "response_seconds": (int, float, type(None)),
             "community_id": str, "end": str}
 
 

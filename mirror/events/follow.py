@@ -16,7 +16,8 @@ def render_event(e: dict) -> str:
     """One line for a terminal. What came from the network (target, host, method) and
     the interface name are escaped (mirror.cliutil.printable): an ESC or CR in a request
     must not drive the terminal or fake a line."""
-    took = f"{e['response_ns'] / 1e6:.1f} ms" if e.get("response_ns") is not None else "-"
+    took = (f"{e['response_seconds'] * 1e3:.1f} ms" if e.get("response_seconds") is not None
+            else "-")
     request = (f"{printable(e['method'])} {printable(e['target'])}" if e.get("method")
                else "(request not seen)")
     host = f" host {printable(e['host'])}" if e.get("host") else ""

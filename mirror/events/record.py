@@ -1,14 +1,15 @@
 """An error event as the kernel hands it over (struct error_event, mirror.abi), and the
-JSON object an operator reads: time, iface, direction, client, server, method, target,
-host, status, response_ns, new_flow, proto (h1, h2, grpc: then status is the grpc-status
-code and grpc_status its name), and a few more facts."""
+JSON object an operator reads: time and time_unix, client, server, iface, community_id
+(mirror.connection), the workload, direction, proto (h1, h2, grpc: then status is the
+grpc-status code and grpc_status its name), status, method, target, host,
+response_seconds, and a few more facts."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..abi import APP_PROTOS, DIRECTIONS, EVENT_HEAD, cut_reasons
-from ..flowkey import FlowKey, endpoint
+from ..connection import conn_fields, time_fields
+from ..flowkey import FlowKey
 from ..http1 import METHODS
 from ..trigger import GRPC_MAX, GRPC_NAMES
 
@@ -26,19 +27,18 @@ class Event:
     key_raw: bytes                  # struct flow_key as the kernel wrote it: see `key`
     server_is_lo: bool
     request_ns: int                 # 0: no request kept
-    request_ifindex: int
     request_frame_len: int
     request: bytes                  # the request frame's first bytes (b"": none)
-    cut: int = 0                    # the flow's cut_reason bits on the response's CPU
+    cut: int = 0                    # the connection's cut_reason bits at the response
 
     @classmethod
     def from_record(cls, raw: bytes) -> "Event":
-        (resp_ns, ifindex, status, direction, new_flow, proto, server_lo, cut, key, req_ns,
-         req_ifindex, _req_dir, _req_lo, req_frame_len, req_len) = EVENT_HEAD.unpack_from(raw)
+        (resp_ns, req_ns, key, ifindex, status, direction, proto, new_flow, server_lo, cut,
+         _req_dir, req_frame_len, req_len) = EVENT_HEAD.unpack_from(raw)
         request = raw[HEAD_SIZE:HEAD_SIZE + req_len] if req_ns and len(raw) > HEAD_SIZE else b""
         return cls(resp_ns, ifindex, status, DIRECTIONS[direction & 1], bool(new_flow),
                    APP_PROTOS.get(proto, str(proto)), key, bool(server_lo),
-                   req_ns if request else 0, req_ifindex, req_frame_len, request, cut)
+                   req_ns if request else 0, req_frame_len, request, cut)
 
     @property
     def key(self) -> FlowKey:
@@ -48,34 +48,31 @@ class Event:
 
     @property
     def server(self) -> str:
-        k = self.key
-        return endpoint(k.addr_lo, k.port_lo) if self.server_is_lo else \
-            endpoint(k.addr_hi, k.port_hi)
+        return conn_fields(self.key, not self.server_is_lo)["server"]
 
     @property
     def client(self) -> str:
-        k = self.key
-        return endpoint(k.addr_hi, k.port_hi) if self.server_is_lo else \
-            endpoint(k.addr_lo, k.port_lo)
+        return conn_fields(self.key, not self.server_is_lo)["client"]
 
-    def to_json(self, iface: str, realtime_offset_ns: int, budget: dict | None = None) -> dict:
-        """The event's JSON object. `budget`: the budgets in force (--max-*), added as
-        is; "capture_cut" names the budgets that had already skipped clones of this
-        connection on the response's CPU when the response was cloned or skipped (an
-        event is emitted at the response, so a cut after it is not in the event: see
-        `mirror flows`)."""
+    def to_json(self, iface: str, realtime_offset_ns: int, budget: dict | None = None,
+                workload: dict | None = None) -> dict:
+        """The event's JSON object, in the connection vocabulary of mirror.connection.
+        `budget`: the budgets in force (--max-*), added as is; "capture_cut" names the
+        budgets that had already skipped clones of this connection when the response was
+        cloned or skipped (an event is emitted at the response, so a cut after it is not
+        in the event: see `mirror flows`); `workload`: the workload behind the interface
+        (mirror.workload attributes)."""
         method, target, host = describe_request(self.request)
-        wall = (self.response_ns + realtime_offset_ns) / 1e9
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall))
         return {
-            "time": f"{stamp}.{int(wall % 1 * 1e6):06d}Z",
-            "iface": iface, "direction": self.direction,
-            "client": self.client, "server": self.server,
-            "method": method, "target": target, "host": host,
-            "status": self.status,
+            **time_fields((self.response_ns + realtime_offset_ns) / 1e9),
+            **conn_fields(self.key, not self.server_is_lo, iface),
+            **(workload or {}),
+            "direction": self.direction, "proto": self.proto, "status": self.status,
             **({"grpc_status": grpc_name(self.status)} if self.proto == "grpc" else {}),
-            "response_ns": self.response_ns - self.request_ns if self.request else None,
-            "new_flow": self.new_flow, "proto": self.proto,
+            "method": method, "target": target, "host": host,
+            "response_seconds": (round((self.response_ns - self.request_ns) / 1e9, 9)
+                                 if self.request else None),
+            "new_flow": self.new_flow,
             "request_bytes": len(self.request),
             "request_truncated": bool(self.request) and
             len(self.request) < self.request_frame_len,

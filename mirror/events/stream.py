@@ -1,6 +1,9 @@
-"""The reader of the classifier's `events` ring buffer: one thread that counts every event,
-keeps the recent ones for `mirror events`, and hands each to the events file and the
-request-frame writer."""
+"""The reader of the classifier's `events` ring buffer: one thread that keeps the recent
+events for `mirror events` and hands each to the events file and the request-frame writer.
+
+The kernel bounds the events (per CPU and second, per connection) and counts every error
+response itself (the metrics read its `errors` map), so this thread's work per second is
+bounded however many errors there are; what it does per event is kept small."""
 from __future__ import annotations
 
 import collections
@@ -9,10 +12,9 @@ import logging
 import threading
 import time
 
-from ..histogram import RESPONSE_BUCKETS, Histogram
 from .file import EventsFile
 from .frames import RequestWriter
-from .record import Event, status_label
+from .record import Event
 
 log = logging.getLogger("mirror")
 
@@ -23,10 +25,13 @@ class EventStream:
     """Reads the classifier's ring buffer in a thread and hands each event on."""
 
     def __init__(self, classifier, ifname_of, debug_ifindex, events_file: EventsFile | None,
-                 budget: dict | None = None):
+                 budget: dict | None = None, workload_of=lambda ifindex: {}):
         """`classifier`: whose `events` ring buffer to read (mirror.bpfprog.Classifier);
         `ifname_of(ifindex)` names an interface; `debug_ifindex()` is where request frames
-        go (0: nowhere); `budget`: the budgets in force, copied into every event."""
+        go (0: nowhere); `budget`: the budgets in force, copied into every event;
+        `workload_of(ifindex)`: the workload's attributes (mirror.workload), asked when
+        the event is read, so that it carries the answer as soon as there is one."""
+        self.workload_of = workload_of
         self.classifier = classifier
         self.ifname_of = ifname_of
         self.debug_ifindex = debug_ifindex
@@ -35,9 +40,7 @@ class EventStream:
         self.writer = RequestWriter()
         self.recent: collections.deque = collections.deque(maxlen=RECENT)
         self.seq = 0
-        self.by_iface_status: collections.Counter = collections.Counter()
-        # Seconds from request to error response, for errors whose request was kept.
-        self.response_time = Histogram(RESPONSE_BUCKETS, le=lambda b: f"{b:g}")
+        self._polling = False
         self.errors = 0                 # records that could not be handled
         self.realtime_offset_ns = time.time_ns() - time.monotonic_ns()
         self._names: dict[int, tuple[str, float]] = {}     # ifindex -> (name, when asked)
@@ -53,7 +56,13 @@ class EventStream:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.classifier.poll_events(100)
+            # The frames of one poll's events go out together, once it returns.
+            self._polling = True
+            try:
+                self.classifier.poll_events(100)
+            finally:
+                self._polling = False
+            self.writer.flush()
 
     def _on_record(self, raw: bytes) -> None:
         try:
@@ -63,9 +72,9 @@ class EventStream:
             log.error("error event dropped: %s", exc)
 
     def handle(self, raw: bytes) -> Event:
-        """Counts an event and keeps it; its JSON object is built only when someone reads
-        it (the events file, `mirror events`): in an error storm this thread handles every
-        error response, so what it does per event is kept to the metrics' needs."""
+        """Keeps an event; its JSON object is built only when someone reads it (the events
+        file, `mirror events`). Its request frame is queued, and written at the end of
+        the poll that brought it (or at once when called outside a poll)."""
         ev = Event.from_record(raw)
         iface = self._ifname(ev.ifindex)
         # A response whose clone a budget skipped (the rate, or a byte budget smaller
@@ -86,9 +95,8 @@ class EventStream:
         with self._lock:
             self.seq += 1
             self.recent.append((self.seq, ev, iface))
-            self.by_iface_status[(iface, status_label(ev))] += 1
-        if ev.request:
-            self.response_time.observe((ev.response_ns - ev.request_ns) / 1e9)
+        if not self._polling:
+            self.writer.flush()
         return ev
 
     def _ifname(self, ifindex: int) -> str:
@@ -103,7 +111,8 @@ class EventStream:
         return name
 
     def render(self, ev: Event, iface: str) -> dict:
-        return ev.to_json(iface, self.realtime_offset_ns, self.budget)
+        return ev.to_json(iface, self.realtime_offset_ns, self.budget,
+                          self.workload_of(ev.ifindex))
 
     def since(self, seq: int) -> list[dict]:
         """Recent events after `seq`, each with its sequence number."""

@@ -255,6 +255,7 @@ def _report_events(events_path) -> None:
           "response: HTTP/1.x with its request, h2 without)")
     for line in lines[:1]:
         e = json.loads(line)
-        took = f"{e['response_ns'] / 1e6:.2f} ms" if e["response_ns"] is not None else "-"
+        took = (f"{e['response_seconds'] * 1e3:.2f} ms" if e["response_seconds"] is not None
+                else "-")
         print(f"            e.g. {e['status']} for {e['method']} {e['target']} (host "
               f"{e['host']}) from {e['client']}, answered in {took}")
