@@ -364,6 +364,12 @@ class DebugLink:
                 if remove(self.ipr, self.name, self.iface.ifindex):
                     log.info("removed debug interface %s", self.name)
                 ownership.remove("debug", self.name)
+            else:
+                # Not provably the one this tool made (no record, another ifindex, or
+                # no longer the recorded veth pair with its sink): someone else's now.
+                log.info("debug interface %s left in place: not the one recorded as made "
+                         "by this tool (record %s)", self.name,
+                         "missing" if not rec else f"for ifindex {rec.get('ifindex')}")
         else:
             log.info("debug interface %s is still used by another controller; leaving it",
                      self.name)

@@ -97,8 +97,9 @@ def test_monitored_iface_removed_others_continue(host, nginx, state_dir, tmp_pat
 
 # The load: 5 Mbit/s of 600-byte datagrams, about 1000 a second, for long enough that the
 # steps each test waits for (a few seconds of load, two controller starts) all happen
-# while it runs, even on a busy machine (_load_runs fails if the load ends first).
-RATE_BPS, DATAGRAM, LOAD_SECONDS = 5_000_000, 600, 15
+# while it runs, even on a busy machine where a start compiles for 10 s (_load_runs
+# fails if the load ends first).
+RATE_BPS, DATAGRAM, LOAD_SECONDS = 5_000_000, 600, 45
 
 
 def _iperf_udp(host, seconds: float) -> subprocess.Popen:

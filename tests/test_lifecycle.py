@@ -446,7 +446,7 @@ def test_shared_debug_iface_outlives_first_controller(state_dir):
             assert int(open(f"/sys/class/net/{dbg}/ifindex").read()) == ifindex
         finally:
             assert mb.stop() == 0, mb.output
-        assert "removed debug interface" in mb.output
+        assert "removed debug interface" in mb.output, mb.output
         assert not link_exists(dbg)
     finally:
         a.destroy()
