@@ -93,38 +93,58 @@ def read_events_file(path: str, follow: bool, as_json: bool, flt: EventFilter) -
 def _follow(path: str, reader: Reader) -> int:
     """`tail -F` of the events file: what is there, then what is appended, across
     rotations (PATH moved to PATH.1, a new PATH)."""
-    current = _open(path + ".1")
-    if current is not None:
-        reader.show(EventLines(current).read())
-        current.close()
-    current, waiting = _open(path), False
-    lines = EventLines(current) if current else None
+    rotated = open_if_there(path + ".1")
+    if rotated is not None:
+        reader.show(EventLines(rotated).read())
+        rotated.close()
+    follower = FileFollower(path)
     while True:
-        if lines is not None:
-            reader.show(lines.read())
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        if lines is None or now is None or (now.st_dev, now.st_ino) != _identity(current):
-            if lines is not None and now is not None:
-                # Moved away (to PATH.1): its last lines first, then the new file.
-                reader.show(lines.read())
-                reader.show(lines.rest())
-                _say_if_rotated_twice(path, current)
-                current.close()
-                lines = None
-            if now is not None:
-                current = _open(path)
-                lines = EventLines(current) if current else None
-                waiting = False
-            elif not waiting:
-                note(f"{path} is not there (yet); waiting for it")
-                waiting = True
+        reader.show(follower.poll())
         time.sleep(POLL_SECONDS)
 
 
-def _open(name: str) -> IO[bytes] | None:
+class FileFollower:
+    """The lines appended to a file that its writer rotates (moves to PATH.1, then starts
+    a new PATH), each once: poll() gives what came since the last call. Also what the
+    capture sidecar reads the controller's events file with (mirror.capture.eventjoin)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.current = open_if_there(path)
+        self.lines = EventLines(self.current) if self.current else None
+        self.waiting = False
+
+    def poll(self) -> Iterator[bytes]:
+        if self.lines is not None:
+            yield from self.lines.read()
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        if self.lines is not None and now is not None and \
+                (now.st_dev, now.st_ino) == _identity(self.current):
+            return
+        if self.lines is not None and now is not None:
+            # Moved away (to PATH.1): its last lines first, then the new file.
+            yield from self.lines.read()
+            yield from self.lines.rest()
+            _say_if_rotated_twice(self.path, self.current)
+            self.close()
+        if now is not None:
+            self.current = open_if_there(self.path)
+            self.lines = EventLines(self.current) if self.current else None
+            self.waiting = False
+        elif not self.waiting:
+            note(f"{self.path} is not there (yet); waiting for it")
+            self.waiting = True
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+        self.current, self.lines = None, None
+
+
+def open_if_there(name: str) -> IO[bytes] | None:
     try:
         return open(name, "rb")
     except FileNotFoundError:
