@@ -95,8 +95,10 @@ def _follow(path: str, reader: Reader) -> int:
     rotations (PATH moved to PATH.1, a new PATH)."""
     rotated = open_if_there(path + ".1")
     if rotated is not None:
-        reader.show(EventLines(rotated).read())
-        rotated.close()
+        with rotated:
+            lines = EventLines(rotated)
+            reader.show(lines.read())
+            reader.show(lines.rest())
     follower = FileFollower(path)
     while True:
         reader.show(follower.poll())
