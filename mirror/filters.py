@@ -62,8 +62,9 @@ def time_window(since: str | None, until: str | None,
                 now: float | None = None) -> tuple[float | None, float | None]:
     """(since, until) in epoch seconds (None where not given); UsageError when the
     window runs backwards."""
-    lo = parse_time(since, "--since", now) if since else None
-    hi = parse_time(until, "--until", now) if until else None
+    # An empty value given is a wrong value, not an absent one.
+    lo = parse_time(since, "--since", now) if since is not None else None
+    hi = parse_time(until, "--until", now) if until is not None else None
     if lo is not None and hi is not None and lo > hi:
         raise UsageError("--since is after --until")
     return lo, hi
@@ -170,5 +171,5 @@ def event_filter(namespace=(), pod=(), container=(), iface=(), status=None, sinc
     return EventFilter(
         workload=WorkloadPatterns(tuple(namespace or ()), tuple(pod or ()),
                                   tuple(container or ()), tuple(iface or ())),
-        statuses=Statuses.parse(status) if status else None, since=lo, until=hi,
-        community_id=check_community_id(community_id) if community_id else None)
+        statuses=Statuses.parse(status) if status is not None else None, since=lo, until=hi,
+        community_id=check_community_id(community_id) if community_id is not None else None)
