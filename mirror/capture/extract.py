@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..communityid import of_flow
 from ..errors import UsageError
-from ..filters import WorkloadPatterns, check_community_id, parse_time, time_window
+from ..filters import WorkloadPatterns, check_community_id, time_window
 from ..flowkey import FlowKey, key_of
 from ..http1 import status_line
 from .annotate import AnnotatedWriter, open_output
