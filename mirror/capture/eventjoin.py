@@ -49,6 +49,7 @@ class EventJoin:
             with rotated:
                 self._add(EventLines(rotated).read())
         self.follower = FileFollower(path)
+        self.refresh()                  # what the file holds now; appended lines later
 
     def refresh(self) -> None:
         """Reads what the controller appended since the last call."""
