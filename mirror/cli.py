@@ -60,7 +60,28 @@ trigger set narrow on busy hosts. The --max-* budgets bound that cost in an erro
 EPILOG_EVENTS = """\
 examples:
   mirror events                       # the recent error responses, one line each
-  mirror events --follow --json | jq 'select(.status >= 500) | .target'
+  mirror events -n shop --pod 'checkout-*' --status 5xx --since 15m
+  mirror events --iface 'veth*' --status grpc:unavailable,internal --follow
+  mirror events --follow --json | jq -r '[.time_unix, .status, .target] | @tsv'
+  mirror capture --extract --community-id "$(mirror events --json --pod checkout-7d9f \\
+      | tail -1 | jq -r .community_id)" -w one.pcapng    # its packets, from the sidecar
+
+filters: every one given must hold; a pattern is a shell pattern (*, ?, [...]) and a
+repeated flag matches any of its patterns. --pod matches a podman pod too, --container a
+Docker or podman container's name; --status takes the trigger's syntax (500, 5xx,
+500-504, grpc:14, grpc:unavailable, grpc-error); --since/--until take RFC 3339, epoch
+seconds, or a time before now (30s, 10m, 2h, 1d).
+
+--follow loses nothing silently: a follower that fell behind the controller's last 1000
+events, or error responses the kernel kept from becoming events, are said on standard
+error with their count. A controller that starts is followed; one that stops hands over
+its last events and is said ("controller PID stopped"); once none is left the follower
+ends, with status 0 (1 when a controller vanished without stopping: killed).
+
+--file PATH reads the events file instead (PATH.1, then PATH; --follow as tail -F, across
+its rotations), with the same filters and output:
+  mirror events --file /var/log/mirror/events.jsonl --pod 'checkout-*' --since 1h
+  jq -c 'select(.["k8s.pod.name"] | startswith("checkout-")?)' /var/log/mirror/events.jsonl
 """
 
 DESCRIPTION = """\
@@ -218,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--follow", "-f", action="store_true",
                     help="keep printing new events until interrupted")
     ev.add_argument("--json", action="store_true", help="JSON lines (what --events-file holds)")
+    ev.add_argument("--file", metavar="PATH",
+                    help="read an events file (what `mirror run --events-file PATH` writes; "
+                    "PATH.1 first), not the running controllers; '-': standard input")
+    ev.add_argument("-n", "--namespace", action="append", metavar="PATTERN",
+                    help="events of pods in a Kubernetes namespace matching this")
+    ev.add_argument("--pod", action="append", metavar="PATTERN",
+                    help="events of a pod whose name matches this ('checkout-*')")
+    ev.add_argument("--container", action="append", metavar="PATTERN",
+                    help="events of a pod with a container, or of a container, whose name "
+                         "matches this")
+    ev.add_argument("--iface", action="append", metavar="PATTERN",
+                    help="events seen on an interface matching this")
+    ev.add_argument("--status", metavar="CODES",
+                    help="events with one of these statuses: 500, 5xx, 500-504, grpc:14, "
+                    "grpc-error (comma-separated)")
+    ev.add_argument("--since", metavar="TIME",
+                    help="events at or after TIME: RFC 3339, epoch seconds, or a time "
+                    "before now (10m)")
+    ev.add_argument("--until", metavar="TIME", help="events at or before TIME (as --since)")
+    ev.add_argument("--community-id", metavar="ID",
+                    help="events of the connection with this Community ID (1:...)")
     ev.set_defaults(func=cmd_events)
 
     de = sub.add_parser("detach", help="remove this tool's hooks (only those) from an interface",
@@ -314,9 +356,17 @@ def cmd_flows(args) -> int:
 
 
 def cmd_events(args) -> int:
+    from .filters import event_filter
+    flt = event_filter(namespace=args.namespace, pod=args.pod, container=args.container,
+                       iface=args.iface, status=args.status, since=args.since,
+                       until=args.until, community_id=args.community_id)
+    if args.file:
+        # The file needs only the right to read it: no controller is asked.
+        from .events.tail import read_events_file
+        return read_events_file(args.file, args.follow, args.json, flt)
     _require_root()
     from .events.follow import follow_events
-    return follow_events(args.follow, args.json)
+    return follow_events(args.follow, args.json, flt)
 
 
 def cmd_detach(args) -> int:

@@ -324,14 +324,21 @@ class Controller:
     def shutdown(self) -> None:
         """Removes everything this controller added; safe to call more than once. Each
         step is attempted even when an earlier one fails."""
-        if self._server:
-            self._server.close()
-            self._server = None
         if self.discovery is not None:
             self.discovery.stop()       # no attach may start after this point
         if self.events:
+            # Its last events are numbered now; the control socket stays up until the
+            # followers (`mirror events --follow`) have them, bounded (farewell).
             self.events.close()
+            if self._server:
+                owed = self.events.farewell()
+                if owed:
+                    log.warning("%d `mirror events --follow` did not ask for the last "
+                                "events in time", owed)
             self.events = None
+        if self._server:
+            self._server.close()
+            self._server = None
         if self.workloads:
             self.workloads.stop()
         if self.attachments:
@@ -378,6 +385,19 @@ class Controller:
         return {**self.classifier.counters(), "request_frames_written": written,
                 "events_read": read, **{f"cni_{k}": v for k, v in cni.items()}}
 
+    def event_window(self, arg: str) -> dict:
+        """`mirror events --follow`'s question, "SEQ FOLLOWER": the events after SEQ and
+        where the kept ones start (EventStream.window), with the kernel's counts of error
+        responses that never became events (its ring buffer full: lost; its bounds: held
+        back), so that a follower can say what it did not see and why."""
+        seq, _, follower = arg.partition(" ")
+        window = (self.events.window(int(seq or 0), follower.strip()) if self.events else
+                  {"events": [], "first": 1, "last": 0, "kept": 0, "stopping": True})
+        counters = self.classifier.counters()
+        return {**window, "id": self.id, "pid": os.getpid(),
+                "kernel_lost": counters["events_lost"],
+                "kernel_held": counters["events_rate_limited"] + counters["events_conn_limited"]}
+
     @property
     def socket_name(self) -> str:
         return str(ownership.socket_path(self.id))
@@ -390,6 +410,7 @@ class Controller:
                                             self.attachments.name_of, self.workload_of),
             "counters": lambda arg: self.counters(),
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
+            "window": self.event_window,
             "attach": lambda arg: self.attachments.attach_times(),
             "cni-add": lambda arg: self.discovery.cni_add(cni_request(arg)["names"]),
             "cni-del": lambda arg: self._cni_del(cni_request(arg)),

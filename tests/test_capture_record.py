@@ -20,10 +20,11 @@ from helpers import (MirrorProcess, counted_from_now, env_with, mirror_cmd, mirr
                      run_cli, wait_closed, wait_until)
 from test_capture import (C4, C6, S4, S6, capture_proc, injected_basic,  # noqa: F401
                           injected_keepalive)
-from mirror.capture.extract import Selector, Summary, parse_statuses, parse_time
+from mirror.capture.extract import Selector, Summary, parse_statuses
 from mirror.capture.pcap import PcapngWriter
 from mirror.capture.reorder import Frame, Holder
 from mirror.communityid import of_flow
+from mirror.filters import parse_time
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send, send_h2
 from mirror.lab.netns import unique_name

@@ -13,7 +13,7 @@ with headers, data and trailers), Late sends its headers first and the code in t
 What must hold: a connection is mirrored from the first segment in which the reference
 parser (tests/reference.py) reads a grpc-status in the trigger set, and a connection in
 which it reads none (OK only, NOT_FOUND only, or errors only as dynamic references) is
-not mirrored; and, per server, which connections that is (the README's coverage table)."""
+not mirrored; and, per server, which connections that is (docs/protocols.md's coverage table)."""
 from __future__ import annotations
 
 import os

@@ -117,6 +117,12 @@ def table() -> list[tuple[str, list[str], dict, str]]:
                  ["detach", "--iface=nosuch0"], ["detach", "--iface"],
                  ["--bogus"], ["nosuchcommand"], ["run", "--iface"], ["-v=3", "status"]):
         rows.append((" ".join(argv), argv, {}, ""))
+    for flag, value in (("--status", "7xx"), ("--status", "none"), ("--status", ""),
+                        ("--since", "yesterday"), ("--since", "nan"), ("--until", "-5m"),
+                        ("--community-id", "1:abc"), ("--community-id", "")):
+        rows.append((f"events {flag}={value}", ["events", f"{flag}={value}"], {}, flag))
+    rows.append(("events --since after --until", ["events", "--since=10m", "--until=1h"],
+                 {}, "--since"))
     for value in BAD_IFNAME:
         rows.append((f"detach --iface={value}", ["detach", f"--iface={value}"], {}, ""))
     for value in BAD_COUNT + ["0", "1001"]:

@@ -503,7 +503,7 @@ def non_h2_payloads(rng: random.Random, n: int):
 @pytest.mark.slow
 def test_false_triggers_on_non_h2_traffic(clf, capsys):
     """Counts what the HTTP/2 parser makes of payloads that are not HTTP/2; prints the
-    rates (quoted in the README). A decoded status on them is a false one."""
+    rates (quoted in docs/protocols.md). A decoded status on them is a false one."""
     rng = random.Random(11)
     runner = fastmaps.TestRunner(clf.fd("egress"))
     total = 200000

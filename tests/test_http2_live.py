@@ -157,7 +157,7 @@ def nghttp(host, family: int, codes) -> None:
 
 def status_forms(payload: bytes) -> list[str]:
     """How each HEADERS frame of a server segment sends its first field (for the
-    README's coverage table): static, literal-raw, literal-huffman, dynamic, other."""
+    docs/protocols.md's coverage table): static, literal-raw, literal-huffman, dynamic, other."""
     forms, pos = [], 0
     while pos + 9 <= len(payload) and R.h2_frame_plausible(payload[pos:pos + 9]):
         length, ftype, flags = int.from_bytes(payload[pos:pos + 3], "big"), *payload[pos + 3:pos + 5]

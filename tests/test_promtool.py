@@ -104,3 +104,27 @@ def test_rules_cover_what_the_issue_asks():
     for alert, metric in wanted.items():
         assert metric in rules[alert], (alert, rules.get(alert))
     assert "by (job, instance, stage)" in rules["MirrorControllerErrors"]
+
+
+@pytest.mark.unit
+def test_the_next_commands_of_the_alerts_are_commands_of_this_tool():
+    """The commands the error-rate alert names (as promtool renders them in
+    tests/alerts_test.yaml, which checks the rendering) are read by `mirror`'s own parser:
+    an option renamed here breaks this test, not an operator's night."""
+    import shlex
+
+    import yaml
+    from mirror.cli import build_parser
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    commands = [alert["exp_annotations"][name] for t in tests
+                for case in t.get("alert_rule_test", [])
+                if case["alertname"] == "MirrorHTTPErrorRateHigh"
+                for alert in case.get("exp_alerts", [])
+                for name in ("next_command", "capture_command")]
+    assert len(commands) == 4, commands
+    for command in commands:
+        words = shlex.split(command)
+        assert words[0] == "mirror", command
+        args = build_parser().parse_args(words[1:])
+        assert args.command in ("events", "capture"), command
+        assert args.since == "15m" and args.status == "5xx", command

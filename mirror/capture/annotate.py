@@ -5,9 +5,11 @@ operator reads (there, and in `mirror capture --list`).
 An annotated file has one interface per monitored interface a connection came through,
 where known (named after it, described as mirrored through the debug interface), else
 the debug interface; and comments (pcapng opt_comment, tshark's frame.comment):
-- on a connection's first frame: client -> server, its Community ID, its interface;
-- on an error response: its event (status, method, target, host, interface, time), from
-  the controller's events (the recording) or the capture index (the extract);
+- on a connection's first frame: client -> server, its Community ID, its interface and
+  the workload behind it (ns/pod (containers), as `mirror events` writes it);
+- on an error response: its event (status, method, target, host, interface, workload,
+  time), from the controller's events (the recording) or the capture index and the
+  controller's events file (the extract);
 - on a request moved before its response: that it was, and when it was captured.
 Everything that comes from a packet is escaped (printable): Wireshark shows comments
 as they are, and tshark prints them to a terminal."""
@@ -27,6 +29,7 @@ from ..errors import UsageError
 from ..flowkey import FlowKey, endpoint, key_of
 from ..http1 import status_line
 from .pcap import PcapngWriter
+from ..workload.model import HOST, PENDING_RUNTIME, Workload
 from .reorder import Frame
 
 MAX_CONNECTIONS = 65536         # connections remembered (their first frame written)
@@ -49,15 +52,24 @@ def describe_event(event: dict) -> str:
     if event.get("host"):
         parts.append(f"host {event['host']}")
     if event.get("iface"):
-        parts.append(f"on {event['iface']}")
+        who = workload_phrase(event)
+        parts.append(f"on {event['iface']}" + (f" ({who})" if who else ""))
     if event.get("time"):
         parts.append(f"at {event['time']}")
     return printable(", ".join(parts))
 
 
+def workload_phrase(event: dict) -> str | None:
+    """The workload an event names, as one phrase (mirror.workload.model.Workload
+    .describe), None when it names none (a host interface, an answer still pending)."""
+    w = Workload.from_attributes(event)
+    return None if w.runtime in (HOST, PENDING_RUNTIME) else w.describe()
+
+
 @dataclass
 class Connection:
     iface: str | None = None
+    workload: str | None = None
     annotated: set = field(default_factory=set)     # the events written (their numbers)
 
 
@@ -79,17 +91,25 @@ class AnnotatedWriter:
         self.frames = 0
         self.events_written = 0
 
-    def _interface(self, name: str | None) -> int:
+    @staticmethod
+    def _where(conn: Connection, events: list[dict]) -> None:
+        """The interface (and its workload) of the first event that names one."""
+        event = next((e for e in events if e.get("iface")), None)
+        if event is not None:
+            conn.iface, conn.workload = event["iface"], workload_phrase(event)
+
+    def _interface(self, name: str | None, workload: str | None) -> int:
         if name is None:
             return 0
         if name not in self.interfaces:
+            behind = f" ({printable(workload)})" if workload else ""
             self.interfaces[name] = self.out.add_interface(
-                printable(name), f"mirrored from {printable(name)} through "
+                printable(name), f"mirrored from {printable(name)}{behind} through "
                 f"{printable(self.debug_iface)}", self.linktype)
         return self.interfaces[name]
 
     def write(self, frame: Frame) -> None:
-        packet, comments, iface = frame.packet, [], None
+        packet, comments, iface, workload = frame.packet, [], None, None
         if packet is not None:
             key = packet.key
             conn = self.connections.get(key)
@@ -98,13 +118,13 @@ class AnnotatedWriter:
                 conn = self.connections[key] = Connection()
                 if len(self.connections) > MAX_CONNECTIONS:
                     self.connections.popitem(last=False)
-                conn.iface = next((e["iface"] for e in events if e.get("iface")), None)
+                self._where(conn, events)
                 comments.append(self._first_note(frame, conn))
             else:
                 self.connections.move_to_end(key)
                 if conn.iface is None:
-                    conn.iface = next((e["iface"] for e in events if e.get("iface")), None)
-            iface = conn.iface
+                    self._where(conn, events)
+            iface, workload = conn.iface, conn.workload
             for event in self._events_here(packet, events, conn):
                 comments.append(describe_event(event))
                 self.events_written += 1
@@ -114,7 +134,7 @@ class AnnotatedWriter:
                     "writes it after the response; captured at "
                     f"{frame.moved_from_ns // 1_000_000_000}."
                     f"{frame.moved_from_ns % 1_000_000_000:09d})")
-        self.out.write(frame.ts_ns, frame.data, frame.orig_len, self._interface(iface),
+        self.out.write(frame.ts_ns, frame.data, frame.orig_len, self._interface(iface, workload),
                        comments)
         self.frames += 1
 
@@ -150,7 +170,7 @@ class AnnotatedWriter:
         note = (f"mirror: connection {endpoint(*client)} -> {endpoint(*server)}, "
                 f"community_id {of_flow(p.key)}")
         if conn.iface:
-            note += f", on {conn.iface}"
+            note += f", on {conn.iface}" + (f" ({conn.workload})" if conn.workload else "")
         return printable(note)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..cliutil import count, env, positive_seconds, printable, serve_metrics
 from ..errors import UsageError
+from ..filters import WorkloadPatterns
 
 from .index import CorruptIndex, read_index, rotated
 from .sidecar import INDEX_NAME, STATUS_NAME, CaptureSidecar, Options
@@ -40,12 +41,20 @@ examples:
   mirror capture -w - | wireshark -k -i -         # live, into Wireshark
   mirror capture --extract --community-id '1:LQU9qZlK+B5F3KDmev6m5PMibrg=' -w one.pcapng
   mirror capture --extract --status 5xx --since 2025-01-01T12:00:00Z -w errors.pcapng
+  mirror capture --extract -n shop --pod 'checkout-*' --since 15m -w checkout.pcapng
   tshark -r errors.pcapng -Y http.response_for.uri -T fields -e http.response.code \\
       -e http.response_for.uri -e frame.comment   # h2c: add -d tcp.port==8080,http2
 
 environment (for containers; flags win): MIRROR_CAPTURE_IFACE (else MIRROR_DEBUG_IFACE),
 MIRROR_CAPTURE_DIR, MIRROR_CAPTURE_FILE_SIZE, MIRROR_CAPTURE_FILES,
-MIRROR_CAPTURE_BUFFER_KIB, MIRROR_CAPTURE_FLOW_IDLE, MIRROR_CAPTURE_METRICS_ADDR.
+MIRROR_CAPTURE_BUFFER_KIB, MIRROR_CAPTURE_FLOW_IDLE, MIRROR_CAPTURE_METRICS_ADDR,
+MIRROR_CAPTURE_EVENTS_FILE.
+
+workload: the sidecar records the debug interface, where every connection looks alike;
+the interface and the pod a connection came from are in the controller's events. Given
+the controller's events file (--events-file, a file both can read), the sidecar joins it
+by Community ID: index rows carry `iface` and the workload's attributes (k8s.pod.name...),
+and --extract selects by --namespace/--pod/--container. Without it they stay unnamed.
 
 disk: --files slots of --file-size million bytes: FILES-1 pcaps (each may pass the size
 by one packet, 262,160 bytes at most) and the index (index.jsonl and index.jsonl.1, half
@@ -97,6 +106,7 @@ SIDECAR_SETTINGS = [
             MAX_BUFFER_KIB),
     Setting("flow_idle", "--flow-idle", "MIRROR_CAPTURE_FLOW_IDLE", "60", positive_seconds),
     Setting("metrics_addr", "--metrics-addr", "MIRROR_CAPTURE_METRICS_ADDR", None),
+    Setting("events_file", "--events-file", "MIRROR_CAPTURE_EVENTS_FILE", None),
 ]
 IFACE = Setting("iface", "--iface", "MIRROR_CAPTURE_IFACE", None)
 DIR = Setting("dir", "--dir", "MIRROR_CAPTURE_DIR", "/var/lib/mirror/captures")
@@ -104,16 +114,18 @@ DIR = Setting("dir", "--dir", "MIRROR_CAPTURE_DIR", "/var/lib/mirror/captures")
 # the environment sets the sidecar's and never makes another mode refuse).
 MODE_OPTIONS = {
     "sidecar": {"file_size", "files", "buffer_kib", "flow_idle", "metrics_addr", "iface",
-                "dir"},
+                "dir", "events_file"},
     "list": {"dir", "json"},
     "record": {"iface", "buffer_kib", "hold", "write"},
-    "extract": {"dir", "write", "community_id", "status", "since", "until"},
+    "extract": {"dir", "write", "community_id", "status", "since", "until", "namespace",
+                "pod", "container", "events_file"},
 }
 OPTION_FLAGS = {"file_size": "--file-size", "files": "--files", "buffer_kib": "--buffer-kib",
                 "flow_idle": "--flow-idle", "metrics_addr": "--metrics-addr",
                 "iface": "--iface", "dir": "--dir", "json": "--json", "hold": "--hold",
                 "write": "-w", "community_id": "--community-id", "status": "--status",
-                "since": "--since", "until": "--until"}
+                "since": "--since", "until": "--until", "namespace": "--namespace",
+                "pod": "--pod", "container": "--container", "events_file": "--events-file"}
 MODE_NAMES = {"sidecar": "the sidecar", "list": "--list", "record": "-w (recording)",
               "extract": "--extract"}
 
@@ -172,6 +184,19 @@ def add_parser(sub) -> None:
                    "(RFC 3339, e.g. 2025-01-01T12:00:00Z, or epoch seconds)")
     p.add_argument("--until", metavar="TIME",
                    help="with --extract: connections with a packet at or before TIME")
+    p.add_argument("-n", "--namespace", action="append", metavar="PATTERN",
+                   help="with --extract: connections of pods in a Kubernetes namespace "
+                   "matching this (shell pattern, as `mirror events`)")
+    p.add_argument("--pod", action="append", metavar="PATTERN",
+                   help="with --extract: connections of a pod whose name matches this")
+    p.add_argument("--container", action="append", metavar="PATTERN",
+                   help="with --extract: connections of a pod with a container, or of a "
+                   "container, whose name matches this")
+    p.add_argument("--events-file", metavar="PATH",
+                   help="the controller's events file (`mirror run --events-file`), joined "
+                   "by Community ID: the sidecar's index rows and an extract then name each "
+                   "connection's interface and workload (default: "
+                   "MIRROR_CAPTURE_EVENTS_FILE for the sidecar; none)")
     p.set_defaults(func=cmd_capture)
 
 
@@ -212,12 +237,17 @@ def cmd_capture(args) -> int:
     if mode == "extract":
         from .extract import extract_command
         return extract_command(Path(DIR.value(args)), args.write, args.community_id,
-                               args.status, args.since, args.until)
+                               args.status, args.since, args.until,
+                               workload=WorkloadPatterns(tuple(args.namespace or ()),
+                                                         tuple(args.pod or ()),
+                                                         tuple(args.container or ())),
+                               events_file=args.events_file)
     settings = {s.dest: s.value(args) for s in SIDECAR_SETTINGS}
     opts = Options(iface=iface_of(args), dir=Path(DIR.value(args)),
                    file_size=settings["file_size"], files=settings["files"],
                    flow_idle=float(settings["flow_idle"]),
-                   buffer_kib=settings["buffer_kib"], metrics_addr=settings["metrics_addr"])
+                   buffer_kib=settings["buffer_kib"], metrics_addr=settings["metrics_addr"],
+                   events_file=settings["events_file"])
     sidecar = CaptureSidecar(opts)
     sidecar.preflight()
     server = None

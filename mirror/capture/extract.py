@@ -11,26 +11,29 @@ response (in the file tcpdump is writing, not yet reordered, or in the next ring
 is put before it. A file the ring overwrites between the passes gives what it holds by
 then.
 
-Selector.extra is where further criteria go (the workload of a connection, once the
-index names it): predicates on a connection's Summary, all of which must hold."""
+Selector.extra holds further criteria, predicates on a connection's Summary that must
+all hold: the workload (--namespace/--pod/--container, mirror.filters.WorkloadPatterns),
+matched on what is known of the connection's interface and workload: its index rows
+(named when the sidecar joined the controller's events file) and, with --events-file,
+the controller's events of its Community ID (mirror.capture.eventjoin)."""
 from __future__ import annotations
 
-import base64
-import binascii
+import dataclasses
 import json
 import logging
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..communityid import of_flow
 from ..errors import UsageError
+from ..filters import WorkloadPatterns, check_community_id, time_window
 from ..flowkey import FlowKey, key_of
 from ..http1 import status_line
 from .annotate import AnnotatedWriter, open_output
+from .eventjoin import EventJoin, where_seen
 from .flow import Packet
 from .index import CorruptIndex, read_index
 from .pcap import read_file, timestamp_ns
@@ -89,44 +92,10 @@ def parse_statuses(spec: str) -> frozenset:
     return frozenset(codes)
 
 
-def parse_time(text: str, flag: str) -> float:
-    """RFC 3339 (a time without an offset is UTC) or epoch seconds; UsageError otherwise."""
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00")
-                                          .replace("z", "+00:00"))
-        except ValueError:
-            raise UsageError(f"{flag} {text!r}: use RFC 3339 (2025-01-01T12:00:00Z) or "
-                             "epoch seconds") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        value = when.timestamp()
-    if not math.isfinite(value):
-        raise UsageError(f"{flag} {text!r}: not a finite time")
-    return value
-
-
-def check_community_id(text: str) -> str:
-    try:
-        ok = text.startswith("1:") and len(base64.b64decode(text[2:], validate=True)) == 20
-    except (binascii.Error, ValueError):
-        ok = False
-    if not ok:
-        raise UsageError(f"--community-id {text!r}: a Community ID v1 is '1:' and the "
-                         "base64 of 20 bytes, e.g. 1:LQU9qZlK+B5F3KDmev6m5PMibrg=")
-    return text
-
-
 def selector_of(community_id, status, since, until) -> Selector:
-    sel = Selector(community_id=check_community_id(community_id) if community_id else None,
-                   statuses=parse_statuses(status) if status else None,
-                   since=parse_time(since, "--since") if since else None,
-                   until=parse_time(until, "--until") if until else None)
-    if sel.since is not None and sel.until is not None and sel.since > sel.until:
-        raise UsageError("--since is after --until")
-    return sel
+    lo, hi = time_window(since, until)
+    return Selector(community_id=check_community_id(community_id) if community_id else None,
+                    statuses=parse_statuses(status) if status else None, since=lo, until=hi)
 
 
 def summarise(files) -> dict[FlowKey, Summary]:
@@ -175,23 +144,43 @@ def index_events(directory: Path) -> dict[FlowKey, list[dict]]:
             continue
         out.setdefault(key, []).append({"status": r.get("status"), "method": r.get("method"),
                                         "target": r.get("target"), "host": r.get("host"),
-                                        "time": r.get("time")})
+                                        "time": r.get("time"), **where_seen(r)})
     return out
 
 
 def extract_command(directory: Path, out_path: str, community_id, status, since,
-                    until) -> int:
+                    until, workload: WorkloadPatterns = WorkloadPatterns(),
+                    events_file: str | None = None) -> int:
     selector = selector_of(community_id, status, since, until)
     if not directory.is_dir():
         raise UsageError(f"no capture directory {directory} (--dir)")
+    joined = None
+    if events_file:
+        try:
+            joined = EventJoin(events_file)
+        except OSError as exc:
+            raise UsageError(f"--events-file {events_file}: {exc.strerror}") from None
+    indexed = index_events(directory)
+
+    def events_of(key: FlowKey) -> list[dict]:
+        """The controller's events of the connection when known (they carry its
+        protocol), else what the index says of it."""
+        return (joined.of(of_flow(key)) if joined else []) or indexed.get(key, [])
+
+    if workload:
+        selector = dataclasses.replace(selector, extra=(
+            lambda s: any(workload.matches(e, e.get("iface")) for e in events_of(s.key)),))
     files = list_pcaps(directory)
     summaries = summarise(files)
     keys = {k for k, s in summaries.items() if selector.matches(s)}
     if not keys:
-        log.error("extract: no connection of the %d in %s matches; nothing written",
-                  len(summaries), directory)
+        named = any(where_seen(e) for k in summaries for e in events_of(k))
+        log.error("extract: no connection of the %d in %s matches; nothing written%s",
+                  len(summaries), directory,
+                  "" if not workload or named else
+                  " (no connection's workload is known: run the sidecar with the "
+                  "controller's --events-file, or give it here)")
         return 1
-    events = index_events(directory)
     out = open_output(out_path)
     holder = Holder(hold=math.inf)
     writer: AnnotatedWriter | None = None
@@ -204,8 +193,7 @@ def extract_command(directory: Path, out_path: str, community_id, status, since,
                 continue
             header = contents.header
             if writer is None:
-                writer = AnnotatedWriter(out, debug, header.linktype,
-                                         lambda key: events.get(key, []))
+                writer = AnnotatedWriter(out, debug, header.linktype, events_of)
             elif header.linktype != writer.linktype:
                 log.warning("extract: %s has another link type; left out", f.name)
                 continue

@@ -57,6 +57,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..communityid import of_flow
 from ..connection import time_fields
@@ -86,7 +87,8 @@ def index_record(flow: Flow, reason: str) -> dict:
     ms = error.pop("response_ms")
     return {
         # The connection vocabulary of mirror.connection: the same names as the events
-        # and `mirror flows` (the capture does not know the interface).
+        # and `mirror flows`. The capture does not know the interface: the controller's
+        # events file, when the sidecar reads it, does (Indexer.enrich).
         **time_fields(flow.first_ts), "last_unix": round(flow.last_ts, 6),
         "client": endpoint(*client), "server": endpoint(*server), "iface": None,
         "community_id": of_flow(flow.key), "family": flow.key.family,
@@ -115,8 +117,13 @@ class Indexer:
 
     def __init__(self, index_path: str | os.PathLike, idle_seconds: float = 60.0,
                  linger_seconds: float = 2.0, max_bytes: int | None = None,
-                 max_open: int = MAX_OPEN_FLOWS, limits: Limits = Limits()):
+                 max_open: int = MAX_OPEN_FLOWS, limits: Limits = Limits(),
+                 enrich: Callable[[dict], dict] | None = None):
+        """`enrich(record)`: what else is known of a connection, added to its record
+        before it is written (the interface and workload from the controller's events:
+        mirror.capture.eventjoin)."""
         self.index_path = Path(index_path)
+        self.enrich = enrich
         self.idle_seconds = idle_seconds
         self.linger_seconds = linger_seconds
         self.max_bytes = max_bytes
@@ -207,6 +214,8 @@ class Indexer:
         max_bytes. O_NOFOLLOW: the index is never written through a symbolic link."""
         if not records:
             return
+        if self.enrich is not None:
+            records = [self.enrich(r) for r in records]
         lines = [(json.dumps(r, sort_keys=True) + "\n").encode() for r in records]
         fd = _open_index(self.index_path)
         try:

@@ -70,6 +70,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .. import debugif, jsonfile
 from ..errors import UsageError
 from ..privileges import effective_caps
+from .eventjoin import EventJoin
 from .index import Indexer, rotated
 from .pcap import Cursor
 from .reorder import Changed, reorder_file, temporary_files
@@ -172,6 +173,7 @@ class Options:
     flow_idle: float = 60.0
     buffer_kib: int = 32768
     metrics_addr: str | None = None
+    events_file: str | None = None      # the controller's, to join (eventjoin)
     poll_interval: float = 0.2
     stats_interval: float = 5.0
 
@@ -201,7 +203,9 @@ class CaptureSidecar:
         self.opts = opts
         self.dir = Path(opts.dir)
         self.indexer = Indexer(self.dir / INDEX_NAME, idle_seconds=opts.flow_idle,
-                               max_bytes=opts.index_bytes)
+                               max_bytes=opts.index_bytes, enrich=self._enrich)
+        self.joined: EventJoin | None = None   # the controller's events (--events-file)
+        self._join_failing = False
         self.stop_event = threading.Event()
         self.dump: Tcpdump | None = None
         self.run_number = 0
@@ -234,6 +238,13 @@ class CaptureSidecar:
             from ..cliutil import parse_metrics_addr
             parse_metrics_addr(self.opts.metrics_addr)
         debug_ifindex(self.opts.iface)      # refuses another kind of interface now
+        if self.opts.events_file:
+            try:
+                self.joined = EventJoin(self.opts.events_file)
+            except OSError as exc:
+                raise UsageError(f"--events-file {self.opts.events_file}: {exc.strerror}; "
+                                 "the sidecar joins the controller's events only from a "
+                                 "file it can read") from None
         prepare_directory(self.dir)
 
     def run(self) -> None:
@@ -347,8 +358,30 @@ class CaptureSidecar:
         if changed:
             self._save_state()
             self._write_status()
+        self._refresh_events()
         if self.indexer.flush():
             log.info("capture: %d flows in the index", self.indexer.flows_written)
+
+    def _refresh_events(self) -> None:
+        """The controller's events appended since the last look, for the index rows'
+        interface and workload. A file that cannot be read costs a warning (once while
+        it lasts) and those fields, never the capture."""
+        if self.joined is None:
+            return
+        try:
+            self.joined.refresh()
+        except OSError as exc:
+            if not self._join_failing:
+                log.warning("capture: cannot read the events file %s (%s): index rows name "
+                            "no interface or workload meanwhile", self.opts.events_file, exc)
+            self._join_failing = True
+            return
+        if self._join_failing:
+            log.info("capture: the events file %s is read again", self.opts.events_file)
+        self._join_failing = False
+
+    def _enrich(self, record: dict) -> dict:
+        return self.joined.enrich(record) if self.joined is not None else record
 
     def _scan(self) -> tuple[list[PcapFile], PcapFile | None]:
         """The ring's files, and the one tcpdump is writing (None when it is not running)."""
@@ -482,6 +515,7 @@ class CaptureSidecar:
         if self.indexer.packets_indexed > before:
             log.info("capture: read %d packets left unread by an earlier run",
                      self.indexer.packets_indexed - before)
+        self._refresh_events()
         self.indexer.flush(final=True)
         self._prune(list_pcaps(self.dir), None)
         self._save_state()

@@ -19,6 +19,11 @@ from .record import Event
 log = logging.getLogger("mirror")
 
 RECENT = 1000                           # events kept for `mirror events`
+# A follower asks twice a second (mirror.events.follow); one that asked in the last few
+# seconds is waiting for this controller's last events when it stops, and is given up
+# to FAREWELL_SECONDS to ask for them before the control socket closes.
+FOLLOWER_ACTIVE_SECONDS = 3.0
+FAREWELL_SECONDS = 2.0
 
 
 class EventStream:
@@ -45,7 +50,11 @@ class EventStream:
         self.realtime_offset_ns = time.time_ns() - time.monotonic_ns()
         self._names: dict[int, tuple[str, float]] = {}     # ifindex -> (name, when asked)
         self._lock = threading.Lock()
+        self._farewell = threading.Condition(self._lock)
+        # follower -> (when it last asked, whether that answer said `stopping`)
+        self._followers: dict[str, tuple[float, bool]] = {}
         self._stop = threading.Event()
+        self._closed = False            # read no more: the events kept are the last ones
         self._thread: threading.Thread | None = None
 
     def start(self) -> "EventStream":
@@ -116,15 +125,53 @@ class EventStream:
 
     def since(self, seq: int) -> list[dict]:
         """Recent events after `seq`, each with its sequence number."""
+        return self.window(seq)["events"]
+
+    def window(self, seq: int, follower: str = "") -> dict:
+        """What a follower (`mirror events --follow`) needs to lose nothing silently: the
+        recent events after `seq` (each with its sequence number), the first sequence
+        number still kept (`first`: a follower at `seq` missed first - seq - 1 events when
+        that is above 0, pushed out of the RECENT kept before it asked), the last one
+        handed out (`last`), and `stopping` once the stream is closed: these are then
+        its last events. `follower` names the asker, so that close() can wait for it."""
         with self._lock:
+            first = self.recent[0][0] if self.recent else self.seq + 1
+            last = self.seq
             kept = [(s, ev, iface) for s, ev, iface in self.recent if s > seq]
-        return [dict(self.render(ev, iface), seq=s) for s, ev, iface in kept]
+            stopping = self._closed
+            if follower:
+                now = time.monotonic()
+                for gone in [f for f, (asked, _) in self._followers.items()
+                             if now - asked > FOLLOWER_ACTIVE_SECONDS]:
+                    del self._followers[gone]
+                self._followers[follower] = (now, stopping)
+                if stopping:
+                    self._farewell.notify_all()
+        return {"events": [dict(self.render(ev, iface), seq=s) for s, ev, iface in kept],
+                "first": first, "last": last, "kept": RECENT, "stopping": stopping}
+
+    def farewell(self, timeout: float = FAREWELL_SECONDS) -> int:
+        """After close(): waits, at most `timeout` seconds, until every follower that asked
+        in the last FOLLOWER_ACTIVE_SECONDS has asked again and so has the last events and
+        the word that there are no more (a follower that stopped asking is not waited
+        for past the timeout). Returns how many followers were still owed an answer."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                owed = [f for f, (asked, told) in self._followers.items()
+                        if not told and now - asked < FOLLOWER_ACTIVE_SECONDS]
+                if not owed or now >= deadline:
+                    return len(owed)
+                self._farewell.wait(deadline - now)
 
     def close(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(2)
         self.classifier.on_events(None)
+        with self._lock:
+            self._closed = True
         self.writer.close()
         if self.file:
             self.file.close()
