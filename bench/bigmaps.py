@@ -20,7 +20,6 @@ import errno
 import ipaddress
 import os
 import struct
-import time
 from typing import Callable
 
 # Hash maps of every kind implement both batch commands (kernel/bpf/hashtab.c,

@@ -330,6 +330,7 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     L += _storm_table(result, labels)
     L += _completeness_table(summary, labels)
     L += per_packet_section(summary["microbench"], st["micro_rounds"])
+    L += state_section(result.get("state") or {})
     L += _attach_section(summary)
     if plots:
         L += ["", "## Plots", ""]
@@ -460,6 +461,60 @@ def per_packet_section(rows: list[dict], rounds) -> list[str]:
                  f"{ns['mirror']:.0f} ({x['mirror']:.1f}x) | "
                  f"{ns['mirror+clone']:.0f} ({x['mirror+clone']:.1f}x) | {vs} |")
     return L + _large_map_table(rows)
+
+
+STATE_KINDS = {
+    "lru": "LRU hash (BPF_MAP_TYPE_LRU_HASH), global",
+    "lrupc": "LRU hash, per-CPU lists (BPF_F_NO_COMMON_LRU)",
+    "hash": "hash (BPF_MAP_TYPE_HASH), no eviction",
+    "way1": "array, one slot per hash (direct-mapped), tag = the key",
+    "way4": "array, 4-way buckets by hash, least recently touched slot replaced "
+            "(the classifier's)"}
+EVENT_WAYS = {
+    "keep": "decoded and kept for `mirror events`",
+    "file": "the same, and a JSON line in the events file",
+    "file+frame": "the same, and the request frame written to the debug interface"}
+
+
+def state_section(state: dict) -> list[str]:
+    """The state pass: one connection state's cost per packet by kind of map
+    (bench.statecost), and user space's CPU per error event (bench.eventcost)."""
+    L = []
+    sc, ec = state.get("statecost"), state.get("eventcost")
+    if sc and "error" not in sc:
+        r, med = sc["per_round_ns"], sc["median_ns"]
+        L += ["", "## One connection state per packet (python -m bench.statecost)", "",
+              f"BPF_PROG_TEST_RUN on one pinned CPU, {sc['slots']:,} slots, "
+              f"{sc['hot']:,} connections taking turns; ns per packet above the same program "
+              f"without a map ({med['base']:.1f} ns), median of {sc['rounds']} rounds "
+              "[lowest, highest]. 'hit': a packet of a connection whose state is there; "
+              "'new': a packet that starts a connection, the map as full as it gets (the "
+              "insert and, where the kind evicts, the eviction).", "",
+              "| kind of map | hit | new |", "|---|---|---|"]
+        for kind, what in STATE_KINDS.items():
+            if f"{kind}_hit" in med:
+                L.append(f"| {what} | " + " | ".join(
+                    f"{med[f'{kind}_{w}']:.0f} [{min(r[f'{kind}_{w}']):.0f}, "
+                    f"{max(r[f'{kind}_{w}']):.0f}]" for w in ("hit", "new")) + " |")
+    elif sc:
+        L += ["", f"bench.statecost failed: {one_line(sc['error'])}"]
+    if ec and "error" not in ec:
+        L += ["", "## User space per error event (python -m bench.eventcost)", "",
+              f"Bursts of {ec['events']:,} real events (the classifier answering error "
+              "responses on BPF_PROG_TEST_RUN, each with its 512-byte request) drained by "
+              "the controller's own reader; CPU time of the draining thread per event, "
+              f"median of {ec['rounds']} rounds [lowest, highest], and the events per second "
+              "one core could take at that cost.", "",
+              "| what each event costs | CPU us per event | events/s per core |",
+              "|---|---|---|"]
+        for way, what in EVENT_WAYS.items():
+            us = ec["per_round_us"].get(way)
+            if us:
+                L.append(f"| {what} | {ec['us_per_event'][way]:.1f} [{min(us):.1f}, "
+                         f"{max(us):.1f}] | {ec['events_per_cpu_second'][way]:,} |")
+    elif ec:
+        L += ["", f"bench.eventcost failed: {one_line(ec['error'])}"]
+    return L
 
 
 def _large_map_table(rows: list[dict]) -> list[str]:

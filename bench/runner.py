@@ -2,6 +2,8 @@
 modes. The passes (python -m bench, run):
 
   microbench  BPF_PROG_TEST_RUN per frame class (bench/microbench.py): the breakdown
+  state       python -m bench.statecost (one connection state per packet, by kind of map)
+              and python -m bench.eventcost (user space's CPU per error event)
   cost        each workload at a fixed offered load, the same for every configuration;
               the figure is the CPU time all CPUs spent (softirq included) per request or
               per GB: what the configuration costs for the same work
@@ -130,6 +132,9 @@ class Settings:
     micro_singles: int
     settle_seconds: float            # pause between attaching and starting traffic
     attach_count: int                # new interfaces per hook layout in the attach pass
+    state_rounds: int = 7            # the state pass: rounds of bench.statecost and...
+    state_repeat: int = 200_000      # ...its repetitions per figure; ...
+    event_count: int = 1000          # ...events per bench.eventcost measurement
     container_count: int = 20        # podman containers in the attach pass (bench.containers)
     seed: int = 0
     max_foreign: float = 1.0         # a group of runs with more foreign CPU is run again...
@@ -140,7 +145,8 @@ QUICK = Settings("quick", rounds=1, seconds=1, http_rate=10000, h2c_rate=5000,
                  iperf_bitrate=1e9,
                  saturation_rounds=1, saturation_seconds=1, iperf_omit=0, stats_rounds=1,
                  micro_rounds=2, micro_repeat=20000, micro_singles=100, settle_seconds=0.1,
-                 attach_count=5, container_count=2)
+                 attach_count=5, state_rounds=1, state_repeat=20000, event_count=200,
+                 container_count=2)
 FULL = Settings("full", rounds=20, seconds=2.5, http_rate=25000, h2c_rate=12000,
                 iperf_bitrate=2e9,
                 saturation_rounds=5, saturation_seconds=3, iperf_omit=1, stats_rounds=8,
@@ -402,6 +408,35 @@ def attach_pass(st: Settings, progress: Progress) -> dict:
     return out
 
 
+def state_pass(st: Settings, progress: Progress) -> dict:
+    """python -m bench.statecost (what one connection state costs per packet, by kind of
+    map: the measurements behind the classifier's choice) and python -m bench.eventcost
+    (user space's CPU per error event: what --max-events-per-second's default is chosen
+    from), each in a child process of its own, before the lab's traffic."""
+    out = {}
+    for name, args in (("statecost", ["--rounds", str(st.state_rounds),
+                                      "--repeat", str(st.state_repeat)]),
+                       ("eventcost", ["--rounds", str(st.state_rounds),
+                                      "--events", str(st.event_count)])):
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--json"],
+                              cwd=top, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            out[name] = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+            progress.step(f"{name}: FAILED")
+            continue
+        out[name] = r = json.loads(proc.stdout)
+        if name == "statecost":
+            ns = r["median_ns"]
+            progress.step("state per packet, ns above base: " + ", ".join(
+                f"{k} {ns[k + '_hit']:.0f}/{ns[k + '_new']:.0f}" for k in
+                ("lru", "hash", "way4")) + " (hit/new)")
+        else:
+            progress.step("user space per event: " + ", ".join(
+                f"{w} {v:.1f} us" for w, v in r["us_per_event"].items()))
+    return out
+
+
 def containers_pass(st: Settings, progress: Progress) -> dict:
     """python -m bench.containers (clsact): real podman containers. Skipped, with the
     reason in the JSON, where podman or the image is missing."""
@@ -425,8 +460,8 @@ def containers_pass(st: Settings, progress: Progress) -> dict:
     return r
 
 
-def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "saturation",
-                                                            "in_traffic", "attach")) -> dict:
+def run(st: Settings, only: list[str] | None = None,
+        passes=("micro", "state", "cost", "saturation", "in_traffic", "attach")) -> dict:
     progress = Progress("bench")
     session = Session(progress, TOOLS, 2, st.seed or None)
     info = {**session.machine, "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
@@ -444,7 +479,7 @@ def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "s
         total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs])
                                     for _, cfgs in PLANS[p])
                     for p in PLANS if p in passes)
-        total += ("micro" in passes) + 3 * ("attach" in passes)
+        total += ("micro" in passes) + 2 * ("state" in passes) + 3 * ("attach" in passes)
         progress.start(total)
         result = {"settings": asdict(st), "seed": session.seed, "machine": info,
                   "started": session.started,
@@ -452,10 +487,12 @@ def run(st: Settings, only: list[str] | None = None, passes=("micro", "cost", "s
                               for c in configs.values()],
                   "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
                   "workloads": workloads_meta(st), "runs": [], "microbench": [],
-                  "attach": {}}
+                  "state": {}, "attach": {}}
         retries = [st.retry_budget]
         if "micro" in passes:
             result["microbench"] = microbench_pass(shared, st, progress)
+        if "state" in passes:
+            result["state"] = state_pass(st, progress)
         lab.start()
         app = Apparatus(shared)
         progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")

@@ -181,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-packets-per-flow", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_PACKETS_PER_FLOW", "1000"), metavar="N",
                      help="clone at most N packets of a marked connection, counted from its "
-                     "error response on each CPU that handles it; the rest is skipped and "
-                     "counted; 0: unlimited (default %(default)s)")
+                     "error response on, over every CPU that handles it; the rest is skipped "
+                     "and counted; 0: unlimited (default %(default)s)")
     run.add_argument("--max-bytes-per-flow", type=count(0, (1 << 64) - 1),
                      default=env("MIRROR_MAX_BYTES_PER_FLOW", str(1 << 20)), metavar="N",
                      help="the same in bytes: a packet that would take a connection's clones "
-                     "past N bytes on a CPU is skipped, and so is the rest; 0: unlimited "
+                     "past N bytes is skipped, and so is the rest; 0: unlimited "
                      "(default %(default)s)")
     run.add_argument("--max-clones-per-second", type=count(0, (1 << 32) - 1),
                      default=env("MIRROR_MAX_CLONES_PER_SECOND", "10000"), metavar="N",

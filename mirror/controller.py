@@ -20,7 +20,7 @@ from . import ctlsocket, debugif, hooks, ownership
 from .abi import CONN, IFACE_SLOTS, KEPT_REQUEST_HEAD
 from .attachments import Attachments
 from .bpfprog import Classifier, Sink, check_environment
-from .discovery import Discovery
+from .discovery import Discovery, cni_request
 from .errors import UsageError
 from .events.file import EventsFile
 from .events.stream import EventStream
@@ -381,8 +381,9 @@ class Controller:
         events read so far (the classifier's `events` minus this: still in the ring)."""
         written = self.events.writer.written if self.events else 0
         read = self.events.seq + self.events.errors if self.events else 0
+        cni = self.discovery.cni_requests if self.discovery else {}
         return {**self.classifier.counters(), "request_frames_written": written,
-                "events_read": read}
+                "events_read": read, **{f"cni_{k}": v for k, v in cni.items()}}
 
     def event_window(self, arg: str) -> dict:
         """`mirror events --follow`'s question, "SEQ FOLLOWER": the events after SEQ and
@@ -411,4 +412,13 @@ class Controller:
             "events": lambda arg: self.events.since(int(arg or 0)) if self.events else [],
             "window": self.event_window,
             "attach": lambda arg: self.attachments.attach_times(),
+            "cni-add": lambda arg: self.discovery.cni_add(cni_request(arg)["names"]),
+            "cni-del": lambda arg: self._cni_del(cni_request(arg)),
         }).start()
+
+    def _cni_del(self, req: dict) -> dict:
+        # The id only names the container in the log: kept to what an id is made of.
+        container = "".join(c for c in str(req.get("container_id") or "")[:64]
+                            if c.isascii() and (c.isalnum() or c in "._-")) or "unknown"
+        return self.discovery.cni_del(req["names"], f"its container ({container}) is "
+                                      "going (CNI DEL)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import json
 import logging
 import select
 import socket
@@ -40,6 +41,8 @@ GLOB_CHARS = frozenset("*?[")
 # file descriptor (plus two link descriptors with --hook tcx), so 256 stays under the
 # common soft limit of 1024 open files, and under the 1024 per-interface statistics slots.
 DEFAULT_MAX_IFACES = 256
+# What became of each interface a CNI plugin asked about (mirror_cni_requests_total).
+CNI_OUTCOMES = ("attached", "already", "ignored", "refused", "gone", "detached")
 MAX_IFACES_LIMIT = MAX_MONITORED     # size of the classifier's `monitored` map
 
 # Netlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h).
@@ -53,6 +56,18 @@ SO_RCVBUFFORCE = 33
 RCVBUF = 16 << 20       # 16 MiB: thousands of link messages of a couple of KiB each
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def cni_request(arg: str) -> dict:
+    """The JSON a CNI plugin sends after cni-add or cni-del (cni/tc-mirror): an object
+    whose `names` are interface names. ValueError, answered to the plugin, otherwise."""
+    req = json.loads(arg)
+    names = req.get("names") if isinstance(req, dict) else None
+    if not isinstance(names, list) or not 0 < len(names) <= 16 or not all(
+            isinstance(n, str) and 0 < len(n.encode()) <= IFNAMSIZ and "/" not in n
+            and "\0" not in n for n in names):
+        raise ValueError("expected {\"names\": [1 to 16 interface names]}")
+    return req
 
 
 def is_pattern(spec: str) -> bool:
@@ -240,16 +255,82 @@ class Discovery:
         self.skipped: dict[int, str] = {}       # not attached: --max-ifaces reached
         self.skipped_total = 0
         self.resyncs = 0
+        self.released: dict[int, str] = {}      # ifindex -> name a CNI DEL let go of
+        self.cni_requests: dict[str, int] = dict.fromkeys(CNI_OUTCOMES, 0)
         self.sock: LinkSocket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # The link-event thread and the control socket's (a CNI plugin's request) both
+        # decide; one at a time, so an interface is never attached twice.
+        self._lock = threading.RLock()
 
     # --- decisions -----------------------------------------------------------------
     def handle(self, ev: LinkEvent) -> None:
-        if ev.kind == "del":
-            self._gone(ev.ifindex)
-        elif ev.ifname:
-            self._seen(ev.ifindex, ev.ifname, ev.received, ev)
+        with self._lock:
+            if ev.kind == "del":
+                self._gone(ev.ifindex)
+            elif ev.ifname:
+                self._seen(ev.ifindex, ev.ifname, ev.received, ev)
+
+    def cni_add(self, names: list[str]) -> dict:
+        """A chained CNI plugin's ADD (cni/tc-mirror): the host-side interfaces of a
+        container that does not run yet. Each is decided now, in the caller, as its link
+        event would decide it (the --iface patterns, --exclude, never a debug interface,
+        --max-ifaces, the ownership lock): the plugin returns to the runtime only after
+        this answer, so what it attaches is hooked before the container's first packet.
+        What the patterns do not select is left alone (`ignored`)."""
+        out: dict = {"attached": [], "ignored": {}, "skipped": {}}
+        with self._lock:
+            for name in names:
+                outcome, why = self._cni_add_one(name)
+                self.cni_requests[outcome] += 1
+                if outcome in ("attached", "already"):
+                    out["attached"].append(name)
+                elif outcome == "ignored":
+                    out["ignored"][name] = why
+                else:
+                    out["skipped"][name] = why
+        return out
+
+    def _cni_add_one(self, name: str) -> tuple[str, str]:
+        try:
+            ifindex = socket.if_nametoindex(name)
+        except OSError:
+            ifindex = None
+        if not self.selector.wants(name) and ifindex not in self.pinned:
+            return "ignored", "no --iface pattern selects it"
+        if ifindex is None:
+            return "gone", "no such interface here (gone before the attach, or in " \
+                "another network namespace than this controller's)"
+        if self.target.attached_indexes().get(ifindex) == name:
+            return "already", ""
+        self.released.pop(ifindex, None)
+        self.failed.pop(ifindex, None)      # asked again: try again
+        self._seen(ifindex, name, time.monotonic())
+        if self.target.attached_indexes().get(ifindex) == name:
+            return "attached", ""
+        if ifindex in self.skipped:
+            return "refused", f"--max-ifaces {self.max_ifaces} is reached"
+        if ifindex in self.failed:
+            return "refused", "attaching failed (the controller's log says why)"
+        return "refused", "never monitored (a debug interface or its sink end)"
+
+    def cni_del(self, names: list[str], why: str) -> dict:
+        """A chained CNI plugin's DEL: the container is going; its interfaces are detached
+        and not attached again under that name (the network plugin deletes them next)."""
+        detached = []
+        with self._lock:
+            for name in names:
+                try:
+                    ifindex = socket.if_nametoindex(name)
+                except OSError:
+                    continue            # already gone: the kernel took the hooks with it
+                if self.target.attached_indexes().get(ifindex) == name:
+                    self.target.detach_iface(ifindex, why)
+                    detached.append(name)
+                    self.released[ifindex] = name
+                    self.cni_requests["detached"] += 1
+        return {"detached": detached}
 
     def _seen(self, ifindex: int, name: str, since: float,
               event: LinkEvent | None = None) -> None:
@@ -264,7 +345,8 @@ class Discovery:
                 self.target.detach_iface(ifindex, f"renamed to {name}, which no --iface "
                                          "pattern selects")
             return
-        if self.failed.get(ifindex) == name or not self.selector.wants(name):
+        if self.failed.get(ifindex) == name or self.released.get(ifindex) == name or \
+                not self.selector.wants(name):
             return
         if self.target.never_monitor(ifindex, name, event):
             return
@@ -284,6 +366,7 @@ class Discovery:
     def _gone(self, ifindex: int) -> None:
         self.links.pop(ifindex, None)
         self.failed.pop(ifindex, None)
+        self.released.pop(ifindex, None)
         self.skipped.pop(ifindex, None)
         self.pinned.discard(ifindex)
         if ifindex in self.target.attached_indexes():
@@ -301,6 +384,10 @@ class Discovery:
 
     def resync(self, links: dict[int, str]) -> None:
         """Brings what is attached in line with a full dump of the link table."""
+        with self._lock:
+            self._resync(links)
+
+    def _resync(self, links: dict[int, str]) -> None:
         for ifindex in list(self.target.attached_indexes()):
             if ifindex not in links:
                 self._gone(ifindex)

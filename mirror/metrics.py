@@ -5,6 +5,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from .abi import CUT_REASONS, GRPC_CLASSES, RESPONSE_BOUNDS_S, STATUS_CLASSES
+from .ownership import cni_unanswered
 
 # counter name in bpf/mirror.h -> (metric name, help)
 _SIMPLE = {
@@ -249,3 +250,13 @@ def _discovery_metrics(ctl):
     yield CounterMetricFamily("mirror_link_resyncs",
                               "Full re-reads of the link table after lost link events",
                               value=disc.resyncs if disc else 0)
+    cni = CounterMetricFamily("mirror_cni_requests",
+                              "Interfaces a chained CNI plugin (tc-mirror) asked about, by "
+                              "what became of them", labels=["outcome"])
+    for outcome, n in (disc.cni_requests if disc else {}).items():
+        cni.add_metric([outcome], n)
+    yield cni
+    yield CounterMetricFamily("mirror_cni_unanswered",
+                              "CNI ADDs that no controller of this network namespace answered "
+                              "(counted by the plugin in the state directory): containers "
+                              "not hooked before their first packet", value=cni_unanswered())

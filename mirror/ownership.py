@@ -238,6 +238,25 @@ def records(kind: str) -> list[dict]:
     return out
 
 
+CNI_UNANSWERED = "cni-unanswered"
+
+
+def cni_unanswered() -> int:
+    """How many CNI ADDs found no controller to answer them: the chained plugin
+    (cni/tc-mirror) counts them in this namespace's directory, a decimal number in a
+    file of its own, because no controller runs to count them. 0 when there is none."""
+    d = netns_dir(create=False)
+    if d is None:
+        return 0
+    try:
+        fd = os.open(d / CNI_UNANSWERED, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(32).strip()
+    return int(text) if text.isdigit() else 0
+
+
 def socket_path(controller_id: str) -> Path:
     """Where a controller's control socket is (mirror.ctlsocket): beside its record, in a
     directory only root (or its own user) can enter. Derived from the id, never read

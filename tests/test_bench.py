@@ -355,9 +355,15 @@ def test_quick_bench_end_to_end(tmp_path):
         assert all(v > 0 for v in row["ns"].values())
         assert ("thesis" in row["handled_by"]) == row["frame"].startswith("ipv4")
 
+    state = data["state"]
+    assert "error" not in state["statecost"] and "error" not in state["eventcost"], state
+    assert {"lru_hit", "way4_hit", "way4_new"} <= set(state["statecost"]["median_ns"])
+    assert all(v > 0 for v in state["eventcost"]["us_per_event"].values())
+
     md = (tmp_path / "latest.md").read_text()
     for section in ("## Targets", "## Cost at a fixed offered load", "## Saturation",
-                    "## In-traffic cost", "## Per-packet cost", "## New interfaces"):
+                    "## In-traffic cost", "## Per-packet cost", "## One connection state",
+                    "## User space per error event", "## New interfaces"):
         assert section in md
     for png in tmp_path.glob("*.png"):
         assert png.stat().st_size > 1000

@@ -1,0 +1,245 @@
+"""The chained CNI plugin (cni/tc-mirror) against a real controller: the runtime's side of
+the contract (CNI_COMMAND, the network configuration with its prevResult on stdin, the
+result passed on), the controller's answer on its control socket, and everything that
+may go wrong on a node: no controller, a controller that never answers, an interface
+gone before the attach. Then real podman containers on a CNI network whose
+configuration chains the plugin after the bridge."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from mirror import ownership
+from mirror.lab.netns import unique_name
+from tests.helpers import MirrorProcess, controller_ask, drop_link, env_with
+
+TOP = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> Path:
+    if shutil.which("go") is None:
+        pytest.skip("go is not installed: run scripts/setup (it installs golang-go)")
+    out = tmp_path_factory.mktemp("cni") / "tc-mirror"
+    r = subprocess.run([TOP / "cni" / "build", out], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def prev_result(*host_names: str, sandbox_name: str = "eth0") -> dict:
+    """A bridge plugin's result: the bridge and the veth's host end outside the sandbox."""
+    return {"cniVersion": "1.0.0",
+            "interfaces": [*({"name": n, "mac": "02:00:00:00:00:01"} for n in host_names),
+                           {"name": sandbox_name, "mac": "02:00:00:00:00:02",
+                            "sandbox": "/var/run/netns/test"}],
+            "ips": [{"address": "198.18.99.2/24", "gateway": "198.18.99.1", "interface": 1}]}
+
+
+def run_plugin(plugin: Path, command: str, state_dir, prev: dict | None = None,
+               timeout_seconds: float = 3, **extra) -> subprocess.CompletedProcess:
+    conf = {"cniVersion": "1.0.0", "name": "test", "type": "tc-mirror",
+            "stateDir": str(state_dir), "timeoutSeconds": timeout_seconds, **extra}
+    if prev is not None:
+        conf["prevResult"] = prev
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/var/run/netns/test",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "PATH": os.environ["PATH"]}
+    return subprocess.run([plugin], input=json.dumps(conf), env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def passed_on(r: subprocess.CompletedProcess, prev: dict) -> None:
+    """The runtime gets the previous result back, unchanged, and the pod starts."""
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout) == prev
+
+
+def hooked(name: str) -> bool:
+    out = subprocess.run(["tc", "filter", "show", "dev", name, "ingress"], capture_output=True,
+                         text=True).stdout
+    return "tc-mirror:ingress" in out
+
+
+@pytest.fixture
+def veth():
+    """A veth pair in the root namespace: `host` (what the plugin names) and its peer."""
+    host, peer = unique_name("c"), unique_name("p")
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=host, kind="veth", peer=peer)
+    try:
+        yield host
+    finally:
+        drop_link(host)
+
+
+@pytest.fixture
+def controller(state_dir, veth):
+    """A controller whose pattern selects the test's veths (their names share a prefix)."""
+    m = MirrorProcess("--iface", veth[:-3] + "*c", "--debug-iface", unique_name("d"),
+                      env=env_with(MIRROR_STATE_DIR=state_dir)).start()
+    try:
+        yield m
+    finally:
+        assert m.stop() == 0, m.output
+
+
+@pytest.mark.kernel
+def test_version_lists_the_spec_versions(plugin, state_dir):
+    r = run_plugin(plugin, "VERSION", state_dir)
+    assert r.returncode == 0
+    assert "1.0.0" in json.loads(r.stdout)["supportedVersions"]
+
+
+@pytest.mark.kernel
+def test_add_returns_with_the_hooks_in_place(plugin, state_dir, veth, controller):
+    prev = prev_result("cni-bridge0", veth)
+    r = run_plugin(plugin, "ADD", state_dir, prev)
+    passed_on(r, prev)
+    assert hooked(veth), controller.output         # at return: before any packet
+    assert r.stderr == "", r.stderr                # nothing to warn about
+    counts = controller_ask(state_dir)
+    # The link event may have attached it first ("already"): hooked at return either way.
+    assert counts["cni_attached"] + counts["cni_already"] == 1
+    assert counts["cni_ignored"] == 1              # the bridge: no pattern selects it
+
+
+@pytest.mark.kernel
+def test_del_detaches_and_keeps_it_detached(plugin, state_dir, veth, controller):
+    prev = prev_result(veth)
+    passed_on(run_plugin(plugin, "ADD", state_dir, prev), prev)
+    r = run_plugin(plugin, "DEL", state_dir, prev)
+    assert r.returncode == 0, r.stderr
+    assert not hooked(veth)
+    assert controller_ask(state_dir)["cni_detached"] == 1
+    later = unique_name("c")
+    with IPRoute() as ipr:                      # a link event of the same interface...
+        ipr.link("set", index=ipr.link_lookup(ifname=veth)[0], state="up")
+        ipr.link("add", ifname=later, kind="veth", peer=unique_name("p"))
+    try:
+        # Link events are handled in order: once the later interface is attached, the
+        # first one's event was decided.
+        assert controller.wait_for(f"{later}: attached"), controller.output
+        assert not hooked(veth)                 # ...does not bring the hooks back
+    finally:
+        drop_link(later)
+
+
+@pytest.mark.kernel
+def test_an_interface_gone_before_the_attach(plugin, state_dir, controller):
+    prev = prev_result(unique_name("c"))         # selected by the pattern, never made
+    r = run_plugin(plugin, "ADD", state_dir, prev)
+    passed_on(r, prev)
+    assert "no such interface" in r.stderr
+    assert controller_ask(state_dir)["cni_gone"] == 1
+
+
+@pytest.mark.kernel
+def test_no_controller_passes_the_result_on_and_counts_it(plugin, state_dir, veth):
+    prev = prev_result(veth)
+    r = run_plugin(plugin, "ADD", state_dir, prev)          # no state directory at all
+    passed_on(r, prev)
+    assert "no mirror controller runs" in r.stderr
+    d = ownership.netns_dir()                               # one a controller made before
+    passed_on(run_plugin(plugin, "ADD", state_dir, prev), prev)
+    passed_on(run_plugin(plugin, "ADD", state_dir, prev), prev)
+    assert (d / ownership.CNI_UNANSWERED).read_text().strip() == "2"
+    assert ownership.cni_unanswered() == 2
+
+
+@pytest.mark.kernel
+def test_a_controller_that_never_answers_costs_a_bounded_wait(plugin, state_dir, veth):
+    """A socket that accepts and says nothing (a hung controller): the plugin gives up at
+    its timeout, passes the result on, says why and counts it."""
+    d = ownership.netns_dir()
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(str(d / "controller-hung.sock"))
+    hung.listen(8)
+    accepted = []
+    t = threading.Thread(target=lambda: accepted.append(hung.accept()), daemon=True)
+    t.start()
+    try:
+        prev = prev_result(veth)
+        r = run_plugin(plugin, "ADD", state_dir, prev, timeout_seconds=0.5)
+        passed_on(r, prev)
+        assert "controller-hung.sock did not answer" in r.stderr
+        assert "no controller answered within 0.5s" in r.stderr
+        assert ownership.cni_unanswered() == 1
+    finally:
+        hung.close()
+        for conn, _ in accepted:
+            conn.close()
+
+
+@pytest.mark.kernel
+def test_not_chained_is_a_configuration_error(plugin, state_dir):
+    r = run_plugin(plugin, "ADD", state_dir)
+    assert r.returncode == 1
+    assert "chained plugin" in json.loads(r.stdout)["msg"]
+
+
+@pytest.mark.kernel
+def test_a_bad_request_on_the_socket_is_answered_not_fatal(state_dir, controller):
+    from mirror.ctlsocket import ask
+    sock = ownership.records("controller")[0]["socket"]
+    assert "error" in ask(sock, "cni-add {\"names\": [\"../../etc\"]}")
+    assert "error" in ask(sock, "cni-add not json")
+    assert "error" not in ask(sock, "counters")
+
+
+# --- real containers ------------------------------------------------------------------
+
+def podman(*args, check=True, env=None, timeout=180) -> subprocess.CompletedProcess:
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+@pytest.mark.container
+def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
+    """A CNI network made by podman, its configuration list given the plugin after the
+    bridge: each container's veth is hooked by the plugin before the container runs, and
+    detached at its removal."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: run scripts/setup")
+    if podman("info", "--format", "{{.Host.NetworkBackend}}").stdout.strip() != "cni":
+        pytest.skip("podman's network backend is not CNI")
+    image = "localhost/debian:bookworm"
+    if podman("image", "exists", image, check=False).returncode != 0:
+        pytest.skip(f"{image} is missing: container/build makes it")
+    net, confdir, bindir = f"mcni{os.getpid() % 10000}", tmp_path / "net.d", tmp_path / "bin"
+    confdir.mkdir()
+    bindir.mkdir()
+    shutil.copy(plugin, bindir / "tc-mirror")
+    conf = tmp_path / "containers.conf"
+    conf.write_text(Path("/etc/containers/containers.conf").read_text() +
+                    f'\n[network]\ncni_plugin_dirs = ["{bindir}", "/usr/lib/cni"]\n'
+                    f'network_config_dir = "{confdir}"\n')
+    env = env_with(CONTAINERS_CONF=conf)
+    podman("network", "create", "--subnet", "198.18.230.0/24", net, env=env)
+    listfile = confdir / f"{net}.conflist"
+    chain = json.loads(listfile.read_text())
+    bridge = chain["plugins"][0]["bridge"]
+    chain["plugins"].append({"type": "tc-mirror", "stateDir": str(state_dir)})
+    listfile.write_text(json.dumps(chain))
+    m = MirrorProcess("--iface", "veth*", "--exclude", bridge, "--debug-iface",
+                      unique_name("d"), env=env_with(MIRROR_STATE_DIR=state_dir)).start()
+    try:
+        for i in range(2):
+            name = f"{net}-{i}"
+            podman("run", "--rm", "--name", name, "--network", net, image, "true", env=env)
+        counts = controller_ask(state_dir)
+        assert counts["cni_attached"] + counts["cni_already"] == 2, m.output
+        assert counts["cni_detached"] == 2, m.output
+    finally:
+        assert m.stop() == 0, m.output
+        podman("network", "rm", "--force", net, env=env, check=False)
