@@ -121,6 +121,7 @@ def test_from_the_alert_to_the_packets(containerd, pause_image, capture_proc,  #
                    "every error connection in the index")
         outputs = run_walkthrough(tmp_path, env, events_file)
         check_outputs(outputs, host, tmp_path)
+        check_h2c(tmp_path, env)
     finally:
         if cap is not None:
             cap.stop()
@@ -130,6 +131,34 @@ def test_from_the_alert_to_the_packets(containerd, pause_image, capture_proc,  #
             nginx.stop()
         host.destroy()
         drop_link(debug)
+
+
+def check_h2c(tmp_path, env) -> None:
+    """The README's h2c block, on the extract of one h2c error connection: tshark shows
+    its 500 and mirror's note on the connection, and no request: the kernel kept none (HPACK), so nothing
+    pairs the response with a request path."""
+    events = [json.loads(line) for line in run_cli("events", "--json", "--pod", POD,
+                                                   env=env).stdout.splitlines()]
+    h2 = next(e for e in events if e["proto"] == "h2")
+    assert h2["method"] is None and h2["target"] is None, h2
+    h2_dir = tmp_path / "h2c"
+    h2_dir.mkdir()
+    r = run_cli("capture", "--extract", "--community-id", h2["community_id"], "-w",
+                str(h2_dir / "errors.pcapng"), env=env)
+    assert r.returncode == 0, r.stderr
+    [block] = re.findall(r"```sh walkthrough-h2c\n(.*?)```",
+                         (ROOT / "README.md").read_text(), re.S)
+    r = subprocess.run(["bash", "-e", "-c", block], capture_output=True, text=True,
+                       timeout=120, cwd=h2_dir)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["500"], rows
+    assert f"community_id {h2['community_id']}" in rows[0][1], rows
+    paths = subprocess.run(["tshark", "-r", str(h2_dir / "errors.pcapng"), "-d",
+                            "tcp.port==8080,http2", "-Y", "http2.headers.path", "-T",
+                            "fields", "-e", "http2.headers.path"],
+                           capture_output=True, text=True, timeout=120)
+    assert paths.returncode == 0 and paths.stdout.strip() == "", paths.stdout
 
 
 def run_walkthrough(tmp_path, env, events_file) -> list[str]:
