@@ -46,8 +46,11 @@
 #define MIRROR_HTTP2_H
 
 #define H2_FRAME_HEADER_LEN 9
-/* Smallest segment worth walking: a frame header and a one-byte block (0x8e = 500). */
-#define H2_MIN_SEGMENT (H2_FRAME_HEADER_LEN + 1)
+/* Smallest segment worth walking: a frame header alone. It holds no status, but nghttp2
+ * (Node's grpc-js) sends a DATA frame's header in a segment of its own, the data in the
+ * next: walking the header tells where the next frame starts, which keeps the server's
+ * followed HPACK state in step across the data. */
+#define H2_MIN_SEGMENT H2_FRAME_HEADER_LEN
 /* Frames walked per segment before giving up. A bound the verifier can see, and a cost
  * bound: each frame passed over is one 9-byte load and a few compares. A response's
  * HEADERS frame follows at most a handful of control frames (SETTINGS, its ACK,

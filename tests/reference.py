@@ -87,7 +87,7 @@ asks, in this order:
   case-sensitive;
 - the HTTP/2 connection preface (RFC 9113 section 3.4), recognised by its first 13
   bytes "PRI * HTTP/2.": only a client sends it, as the first bytes of a connection;
-- else, as for a payload of 10-12 bytes, whether it starts with a plausible HTTP/2 frame
+- else, as for a payload of 9-12 bytes, whether it starts with a plausible HTTP/2 frame
   header (below): an HTTP/2 candidate.
 
 Connection state. The classifier keeps one state per connection and interface (the flow
@@ -622,7 +622,7 @@ def h2_preface(payload: bytes) -> bool:
     return len(payload) >= STATUS_LINE_LEN and payload[:STATUS_LINE_LEN] == H2_PREFACE[:13]
 
 
-H2_MIN_PAYLOAD = 10
+H2_MIN_PAYLOAD = 9
 H2_MAX_FRAMES = 16
 H2_MAX_FRAME_LEN = 16384
 H2_BLOCK_READ = 24
@@ -816,7 +816,7 @@ def h2_frames(payload: bytes):
 
 def h2_candidate(payload: bytes) -> bool:
     """Whether a payload (not a status line, request start or preface) is read as
-    HTTP/2: 10 bytes or more, starting with a plausible frame header."""
+    HTTP/2: 9 bytes or more, starting with a plausible frame header."""
     return len(payload) >= H2_MIN_PAYLOAD and h2_frame_plausible(payload[:9])
 
 
