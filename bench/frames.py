@@ -115,6 +115,7 @@ class FrameClass:
     marked: bool = False
     fresh: bool = False
     server_start: bool = False      # before each run, the server's SYN-ACK too (h2 rows)
+    h2: bool = False                # an h2c or gRPC row (the thesis reads none)
     direction: str = "ingress"       # the hook this packet crosses on the server's veth
     others_marked: bool = True
     large_map: bool = False
@@ -162,7 +163,7 @@ def h2_classes(fam: int) -> list[FrameClass]:
             ("gRPC trailers-only response (14)", GRPC_TRAILERS_ONLY),
             ("gRPC call (HEADERS + DATA + trailers, 0)", GRPC_CALL)]
     return [FrameClass(f"{name}, {how}", fam, to_client(fam, payload), fresh=fresh,
-                       server_start=fresh, others_marked=False)
+                       server_start=fresh, others_marked=False, h2=True)
             for name, payload in rows
             for how, fresh in (("in step", True), ("not followed", False))]
 

@@ -119,7 +119,7 @@ def baseline_subjects(thesis, empty) -> list[Subject]:
     return [
         Subject("empty", lambda d: empty.fd, lambda fc: True, lambda fc: None, lambda: None),
         Subject("thesis", lambda d: thesis.fd,
-                lambda fc: fc.family == 4 and not fc.server_start, thesis_unmark,
+                lambda fc: fc.family == 4 and not fc.h2, thesis_unmark,
                 thesis.clear, fill=bigmaps.thesis_maps(thesis).set),
     ]
 
