@@ -38,8 +38,14 @@ def ip_packet(family: int, src: str, dst: str, proto: int, l4: bytes) -> bytes:
     return ethernet(ETH_P_IPV6, hdr + l4)
 
 
-def tcp_segment(sport: int, dport: int, payload: bytes, flags: int = TCP_ACK | TCP_PSH) -> bytes:
-    return struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, flags, 65535, 0, 0) + \
+# The sequence number of every segment; a server's SYN-ACK one below it, so that the
+# server's segment after it is where its HTTP/2 frames start.
+SEQ = 1000
+
+
+def tcp_segment(sport: int, dport: int, payload: bytes, flags: int = TCP_ACK | TCP_PSH,
+                seq: int = SEQ) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, 2000, 5 << 4, flags, 65535, 0, 0) + \
         payload
 
 
@@ -69,6 +75,31 @@ def to_client(family: int, payload: bytes, port: int = CLIENT_PORT) -> bytes:
                      tcp_segment(SERVER_PORT, port, payload))
 
 
+def synack(family: int, port: int = CLIENT_PORT) -> bytes:
+    """The server's SYN-ACK: a classifier that follows the server's HPACK state starts
+    following it here (its next byte is SEQ)."""
+    return ip_packet(family, SERVER[family], CLIENT[family], IPPROTO_TCP,
+                     tcp_segment(SERVER_PORT, port, b"", TCP_SYN | TCP_ACK, SEQ - 1))
+
+
+def h2_frame(ftype: int, flags: int, stream: int, body: bytes) -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + body
+
+
+# HPACK blocks written out (RFC 7541): an indexed :status, literals with incremental
+# indexing of static names (content-type 31, content-length 28, server 54) or new names.
+_SERVER = b"\x76\x0cnginx/1.22.1"
+_GRPC_TYPE = b"\x5f\x10application/grpc"
+H2C_200 = (h2_frame(1, 0x04, 1, b"\x88" + _SERVER + b"\x5f\x0atext/plain" + b"\x5c\x0223")
+           + h2_frame(0, 0x01, 1, b"errorxxxxxxxxxxxxxxxxxx"))
+H2C_204 = h2_frame(1, 0x05, 1, b"\x89" + _SERVER)
+GRPC_TRAILERS_ONLY = h2_frame(1, 0x05, 1, b"\x88" + _GRPC_TYPE + b"\x40\x0bgrpc-status\x0214"
+                              + b"\x40\x0cgrpc-message\x09failed 14")
+GRPC_CALL = (h2_frame(1, 0x04, 1, b"\x88" + _GRPC_TYPE)
+             + h2_frame(0, 0x00, 1, b"\x00\x00\x00\x00\x02ok")
+             + h2_frame(1, 0x05, 1, b"\x40\x0bgrpc-status\x010"))
+
+
 @dataclass
 class FrameClass:
     """One row of the microbenchmark. `marked`: the flow is marked before the timed runs
@@ -83,6 +114,8 @@ class FrameClass:
     frame: bytes
     marked: bool = False
     fresh: bool = False
+    server_start: bool = False      # before each run, the server's SYN-ACK too (h2 rows)
+    h2: bool = False                # an h2c or gRPC row (the thesis reads none)
     direction: str = "ingress"       # the hook this packet crosses on the server's veth
     others_marked: bool = True
     large_map: bool = False
@@ -115,7 +148,24 @@ def frame_classes() -> list[FrameClass]:
                        marked=True),
             marked_flow_class(fam),
         ]
+        out += h2_classes(fam)
     return out + large_map_classes()
+
+
+def h2_classes(fam: int) -> list[FrameClass]:
+    """A server's h2c and gRPC segments, each timed twice: as the first segment after the
+    server's SYN-ACK (a fresh connection every run: a classifier that follows the
+    server's HPACK state walks it in step), and over and over on a connection whose
+    SYN-ACK went unseen (a classifier that follows nothing there reads what it reads
+    without state)."""
+    rows = [("h2c 200 response (HEADERS + DATA)", H2C_200),
+            ("h2c 204 response (bodiless, END_STREAM)", H2C_204),
+            ("gRPC trailers-only response (14)", GRPC_TRAILERS_ONLY),
+            ("gRPC call (HEADERS + DATA + trailers, 0)", GRPC_CALL)]
+    return [FrameClass(f"{name}, {how}", fam, to_client(fam, payload), fresh=fresh,
+                       server_start=fresh, others_marked=False, h2=True)
+            for name, payload in rows
+            for how, fresh in (("in step", True), ("not followed", False))]
 
 
 def unmarked_flow_classes(fam: int, state: str, **kw) -> list[FrameClass]:

@@ -1,4 +1,5 @@
-/* HTTP/2 :status in the classifier (RFC 9113 frames, RFC 7541 HPACK), without HPACK state.
+/* HTTP/2 :status and gRPC's grpc-status in the classifier (RFC 9113 frames, RFC 7541 HPACK),
+ * following each server's HPACK dynamic table where the connection was seen from its start.
  *
  * Included by bpf/mirror.c after its helpers (count, stats_of, may_trigger, status_mode,
  * status_counts, count_unknown, note_h2_request): bcc rewrites map calls (table.lookup())
@@ -15,12 +16,13 @@
  *     static entry 8-14 or a new name ":status" (raw or Huffman), and whose value is three
  *     raw digits or 2-3 bytes of Huffman-coded digits (RFC 7541 Appendix B);
  *   after at most two dynamic table size updates.
- * A field that refers to the dynamic table (index >= 62, as a field or as a literal's
- * name) cannot be decoded without the connection's HPACK state, and neither can a
- * :status value that is not three digits or is cut by the end of the segment: they count
- * in C_H2_STATUS_UNKNOWN. Any other first field (a request's :method, trailers) is not a
- * response. Stream-ending HEADERS frames are read once more for gRPC's grpc-status
- * (h2_grpc_walk, below).
+ * A first field that refers to the dynamic table (index >= 62, as a field or as a
+ * literal's name) is left to the HPACK walk (below) when the segment is in step with the
+ * connection's followed state, which resolves it; else it counts in C_H2_STATUS_UNKNOWN,
+ * as does a :status value that is not three digits or is cut by the end of the segment.
+ * Any other first field (a request's :method, trailers) is not a response. The header
+ * blocks are then walked again, field by field, for gRPC's grpc-status and the server's
+ * dynamic table (h2_walk, below).
  *
  * Plausibility, so that a segment starting in the middle of a frame (or bulk data that is
  * not HTTP/2 at all) does not trigger: every frame header on the way must have a known
@@ -44,8 +46,11 @@
 #define MIRROR_HTTP2_H
 
 #define H2_FRAME_HEADER_LEN 9
-/* Smallest segment worth walking: a frame header and a one-byte block (0x8e = 500). */
-#define H2_MIN_SEGMENT (H2_FRAME_HEADER_LEN + 1)
+/* Smallest segment worth walking: a frame header alone. It holds no status, but nghttp2
+ * (Node's grpc-js) sends a DATA frame's header in a segment of its own, the data in the
+ * next: walking the header tells where the next frame starts, which keeps the server's
+ * followed HPACK state in step across the data. */
+#define H2_MIN_SEGMENT H2_FRAME_HEADER_LEN
 /* Frames walked per segment before giving up. A bound the verifier can see, and a cost
  * bound: each frame passed over is one 9-byte load and a few compares. A response's
  * HEADERS frame follows at most a handful of control frames (SETTINGS, its ACK,
@@ -96,6 +101,9 @@ static __always_inline __u32 h2_idx(__u32 i)
 #define H2_NOT_STATUS (-1)
 #define H2_UNKNOWN (-2)
 #define H2_REQUEST (-3)     /* a request's pseudo-header (:authority, :method, :path, :scheme) */
+#define H2_DYNAMIC (-4)     /* a reference to the dynamic table (the field, or a literal's
+                             * name): resolved by the HPACK walk when the connection's state
+                             * is followed, else unknown */
 
 /* The static table's :status entries 8-14. If-chains rather than a switch here and below:
  * clang turns a dense switch into a jump table, an indirect jump the verifier refuses. */
@@ -269,7 +277,7 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
     if (f & 0x80) {                     /* indexed field, 7-bit prefix */
         index = f & 0x7f;
         if (index == 0x7f || index >= 62)
-            return H2_UNKNOWN;          /* a dynamic table entry */
+            return H2_DYNAMIC;          /* a dynamic table entry */
         if (index >= 1 && index <= 7)
             return H2_REQUEST;          /* static 1-7: a request's pseudo-headers */
         return h2_static_status(index);
@@ -295,12 +303,12 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
             return H2_UNKNOWN;
         __u8 c = H2_AT(b, i + 1);
         if (c & 0x80)
-            return H2_UNKNOWN;          /* >= 128 more: dynamic */
+            return H2_DYNAMIC;          /* >= 128 more: dynamic */
         index += c;
-        return index >= 62 ? H2_UNKNOWN : H2_NOT_STATUS;
+        return index >= 62 ? H2_DYNAMIC : H2_NOT_STATUS;
     }
     if (index >= 62)
-        return H2_UNKNOWN;
+        return H2_DYNAMIC;
     if (index >= 1 && index <= 7)
         return H2_REQUEST;
     if (index < 8 || index > 14)
@@ -308,39 +316,84 @@ static __always_inline int h2_block_status(const unsigned char *b, __u32 avail)
     return h2_status_value(b, i + 1, avail);
 }
 
-/* gRPC's grpc-status (0-16), read in header blocks that end a stream (HEADERS with
+/* --- the HPACK walk: grpc-status, and the server's dynamic table ----------------------
+ *
+ * gRPC's grpc-status (0-16) is read in header blocks that end a stream (HEADERS with
  * END_STREAM: a gRPC response's trailers, or a "trailers-only" response that carries
- * :status 200 and grpc-status in one block). It is not in the static table, so the
- * first time a connection sends a given value it is a literal with the new name
- * "grpc-status" (raw, or Huffman 9a ca c8 b2 12 34 da 8f), any of the three literal
- * forms, value raw or Huffman ("0"-"16"). Later ones on the connection may refer to the
- * dynamic table: a dynamic reference in a block without a readable grpc-status counts
- * in C_GRPC_STATUS_UNKNOWN (it may be one; on h2 traffic that is not gRPC a bodiless
- * response with a dynamic reference counts there too).
+ * :status 200 and grpc-status in one block). It is not in the static table: the first
+ * time a connection's server sends it, it is a literal with the new name "grpc-status"
+ * (raw, or Huffman 9a ca c8 b2 12 34 da 8f), in any of the three literal forms, value raw
+ * or Huffman ("0"-"16"); later ones may refer to the dynamic table, as a whole field
+ * (grpcio repeats a value so) or as a literal's name (@grpc/grpc-js, Go).
  *
- * What servers send (captured): grpcio (C core) puts grpc-status first in trailers and
- * third in trailers-only blocks (:status, content-type, grpc-status), with incremental
- * indexing, raw name and value, a new literal for every new value and a dynamic
- * reference for a repeated one. @grpc/grpc-js (Node's nghttp2) sends it second in
- * trailers-only (:status, grpc-status) and first in trailers, with a Huffman name the
- * first time and a dynamic name reference (index 62+) after: only the first grpc-status
- * of a connection is readable there.
+ * A dynamic reference resolves through the server's encoder state, followed per
+ * connection (struct conn_hpack): the count of its insertions and what the insertions
+ * whose name was grpc-status or :status held. A segment of the server's is walked "in
+ * step" when the connection's state is followed and the segment starts where the last
+ * walked one left off (its sequence number is conn_hpack.next_seq): then every header
+ * block in it is walked field by field, counting the insertions and recording the ones
+ * that matter, and a dynamic reference names the insertion `inserted - (N - 62)`. A
+ * block's first field that is a dynamic reference (which the frame loop cannot read) is
+ * resolved here too: a :status. Anything that keeps a segment from being walked to its
+ * end loses the state for good (C_HPACK_*): then, as for a connection whose start was
+ * not seen, only the stream-ending blocks are walked, and a dynamic reference in one
+ * without a readable grpc-status counts in C_GRPC_STATUS_UNKNOWN, never guessed.
  *
- * The walk: the frame loop records where such blocks start (at most H2_GRPC_BLOCKS per
- * segment), and one flat loop of H2_GRPC_STEPS steps then reads them in turn. A step
- * reads one field's representation (an indexed field, a size update, a literal's name)
- * or one literal's value, skipping over strings of known length. 8 steps reach a
- * grpc-status after an indexed field and one literal (grpcio's trailers-only, 5 steps),
- * or after up to three literals; one flat loop keeps the verifier's work to the steps,
- * not steps times frames. Non-gRPC traffic pays nothing unless a HEADERS frame ends its
- * stream. */
-#define H2_GRPC_BLOCKS 4
-#define H2_GRPC_STEPS 8
+ * The walk: the frame loop records the blocks to walk (at most H2_WALK_BLOCKS per
+ * segment), and one flat loop of H2_WALK_STEPS steps then reads them in turn. A step
+ * reads one field: its representation, its name (an index, or a new name compared with
+ * the two that matter) and its value, skipping strings by their length; a field whose
+ * value starts past the 32 bytes a step sees takes a second step. One flat loop keeps
+ * the verifier's work to the steps, not steps times frames, and the step's state lives
+ * in a per-CPU struct read at the start of each step (struct h2_walk_state): the
+ * verifier knows nothing of it, so every step starts from one verifier state.
+ * Non-gRPC traffic pays the walk only for the header blocks of a followed connection
+ * (once lost, only for stream-ending ones, as before). */
+#define H2_WALK_BLOCKS 8
+#ifndef H2_WALK_STEPS
+#define H2_WALK_STEPS 24
+#endif
 #define GRPC_MAX_CODE 16
-/* Step states (the `expect` variable of the walk). */
-#define H2_GRPC_FIELD 0     /* a field's representation comes next */
-#define H2_GRPC_VALUE 1     /* a literal's value comes next, not a grpc-status */
-#define H2_GRPC_STATUS 2    /* the value of a grpc-status comes next */
+/* Bits of h2_walk_state.bflags. */
+#define H2_B_END_STREAM 1   /* the block ends its stream: read for grpc-status */
+#define H2_B_FIRST_DYN 2    /* its first field is a dynamic reference: its :status is
+                             * resolved by the walk */
+/* What comes next in a block (h2_walk_state.expect). */
+#define H2_W_FIELD 0
+#define H2_W_VALUE 1        /* a literal's value, its name's kind in `kind` */
+/* h2_resolve's answer when the entry cannot be told. */
+#define H2_UNRESOLVED 0xffff
+
+/* What the frame loop hands to the walk, and the walk's state between steps. */
+struct h2_walk_state {
+    __u32 off[H2_WALK_BLOCKS];      /* where each recorded block starts in the skb */
+    __u32 left[H2_WALK_BLOCKS];     /* its bytes within the segment */
+    __u8 bflags[H2_WALK_BLOCKS];    /* H2_B_* */
+    __u32 n;                /* blocks recorded */
+    __u32 track;            /* the segment is in step: every header block is recorded */
+    __u32 lost;             /* in step, but something could not be walked */
+    __u32 next_off;         /* skb offset of the frame header after the last frame */
+    __u32 r;                /* the block being walked */
+    __u32 pos;              /* where its next step reads */
+    __u32 rest;             /* its bytes from there */
+    __u32 expect;           /* H2_W_FIELD or H2_W_VALUE */
+    __u32 kind;             /* the literal's name: HPACK_GRPC, HPACK_STATUS, HPACK_UNSURE, 0 */
+    __u32 incr;             /* the literal is inserted (incremental indexing) */
+    __u32 v;                /* where in the step's bytes the literal's value starts */
+    __u32 code;             /* the value read (HPACK_NO_VALUE: none) */
+    __u32 op;               /* the field's representation (H2_OP_*) */
+    __u32 index;            /* its index (or a size update's size) */
+    __u32 what;             /* what a dynamic index named (h2_resolve), or the literal */
+    __u32 report;           /* the field is one h2_walk_found looks at */
+    __u32 adv;              /* the bytes the step read */
+    __u32 first;            /* no field of the block read yet (size updates aside) */
+    __u32 dyn;              /* an unresolved reference in the block */
+    __u32 got;              /* the block's grpc-status was read */
+    int armed_h2;           /* the first :status the walk resolved in the trigger set */
+    int armed_grpc;         /* the first grpc-status in the trigger set */
+};
+/* A read the compiler cannot cache: see the comment on the walk above. */
+#define H2V(x) (*(volatile __typeof__(x) *)&(x))
 
 /* The HPACK integer (RFC 7541 5.1) at b[i] with prefix `mask`, of at most 3 bytes
  * (values below mask + 2^14, enough for any string of a frame up to 16 KB). Returns the
@@ -388,11 +441,12 @@ static __always_inline int h2_grpc_name(const unsigned char *b, __u32 i, __u32 a
     return 0;
 }
 
-/* One or two digits Huffman-coded in n (1 or 2) bytes b[1..n] (see h2_huffman_digits), padded with fewer than 8 one bits. The value or H2_UNKNOWN. */
-static __always_inline int h2_huffman_small(const unsigned char *b, __u32 n)
+/* One or two digits Huffman-coded in n (1 or 2) bytes b[i+1..i+n] (see
+ * h2_huffman_digits), padded with fewer than 8 one bits. The value or H2_UNKNOWN. */
+static __always_inline int h2_huffman_small(const unsigned char *b, __u32 i, __u32 n)
 {
     __u32 total = n * 8;
-    __u32 w = ((__u32)b[1] << 8) | (n == 2 ? b[2] : 0);   /* left-aligned in 16 bits */
+    __u32 w = ((__u32)H2_AT(b, i + 1) << 8) | (n == 2 ? H2_AT(b, i + 2) : 0);  /* left-aligned */
     __u32 used = 0;
     int code = 0, digits = 0;
 #pragma unroll
@@ -420,39 +474,36 @@ static __always_inline int h2_huffman_small(const unsigned char *b, __u32 n)
     return code;
 }
 
-/* The grpc-status value whose string (its length byte) is b[0], of `avail` bytes read:
+/* The grpc-status value whose string (its length byte) is b[i], of `avail` bytes read:
  * "0"-"16", raw or Huffman. */
-static __always_inline int h2_grpc_value(const unsigned char *b, __u32 avail)
+static __always_inline int h2_grpc_value(const unsigned char *b, __u32 i, __u32 avail)
 {
-    __u8 l = b[0];
+    if (i >= avail)
+        return H2_UNKNOWN;
+    __u8 l = H2_AT(b, i);
     __u32 n = l & 0x7f;
-    if (n < 1 || n > 2 || 1 + n > avail)
+    if (n < 1 || n > 2 || i + 1 + n > avail)
         return H2_UNKNOWN;
     int code;
     if (l & 0x80) {
-        code = h2_huffman_small(b, n);
+        code = h2_huffman_small(b, i, n);
     } else {
-        if (b[1] < '0' || b[1] > '9' || (n == 2 && (b[2] < '0' || b[2] > '9')))
+        __u8 d0 = H2_AT(b, i + 1), d1 = H2_AT(b, i + 2);
+        if (d0 < '0' || d0 > '9' || (n == 2 && (d1 < '0' || d1 > '9')))
             return H2_UNKNOWN;
-        code = n == 2 ? (b[1] - '0') * 10 + (b[2] - '0') : b[1] - '0';
+        code = n == 2 ? (d0 - '0') * 10 + (d1 - '0') : d0 - '0';
     }
     if (code < 0 || code > GRPC_MAX_CODE)
         return H2_UNKNOWN;
     return code;
 }
 
-/* Where the blocks to read for a grpc-status are, filled in by the frame loop. */
 /* A masked slot index the compiler cannot drop (as h2_idx). */
-static __always_inline __u32 h2_grpc_slot(__u32 i)
+static __always_inline __u32 h2_walk_slot(__u32 i)
 {
     asm volatile("" : "+r"(i));
-    return i & (H2_GRPC_BLOCKS - 1);
+    return i & (H2_WALK_BLOCKS - 1);
 }
-struct h2_grpc_blocks {
-    __u32 off[H2_GRPC_BLOCKS];
-    __u32 left[H2_GRPC_BLOCKS];     /* the block's bytes within the segment */
-    __u32 n;
-};
 
 /* Counts a grpc-status: globally and in the interface's stats (ok / error). */
 static __always_inline void grpc_count_status(struct __sk_buff *skb, __u32 direction,
@@ -464,129 +515,6 @@ static __always_inline void grpc_count_status(struct __sk_buff *skb, __u32 direc
     struct iface_stats *st = stats_of(skb->ifindex, direction);
     if (st)
         st->grpc_responses[code ? 1 : 0]++;
-}
-
-/* Reads the recorded blocks (see the comment above H2_GRPC_BLOCKS), counts what it
- * finds, and returns the first grpc-status in the trigger set (slots 0-16 of the
- * trigger array), or -1. */
-static __always_inline int h2_grpc_walk(struct __sk_buff *skb, struct h2_grpc_blocks *g,
-                                        __u32 direction)
-{
-    unsigned char b[H2_BUF_LEN];
-    /* The walk's state but its offset, packed in one word so that one opaque() per step
-     * merges it (each is a helper call): the block's bytes left (<= 16384) in bits
-     * 0-15, expect in 16-17, dyn in 18, the block r in 19-21, armed + 1 in 22-26. */
-    __u32 pos = g->off[0];
-    __u32 st = (g->left[0] & 0xffff) | (H2_GRPC_FIELD << 16);
-    for (int step = 0; step < H2_GRPC_STEPS; step++) {
-        __u32 left = st & 0xffff, expect = (st >> 16) & 3, dyn = (st >> 18) & 1;
-        __u32 r = (st >> 19) & 7;
-        int armed = (int)((st >> 22) & 0x1f) - 1;
-        __u32 n = left > H2_BUF_LEN ? H2_BUF_LEN : left;
-        int done = 0, field = 0;
-        __u32 next = 0;
-        if (n == 0 || bpf_skb_load_bytes(skb, pos, b, ((n - 1) & (H2_BUF_LEN - 1)) + 1) < 0) {
-            done = 1;                   /* the block (or what the segment holds) is read */
-        } else if (expect != H2_GRPC_FIELD) {
-            int len = h2_int(b, 0, n, 0x7f, &next);
-            if (expect == H2_GRPC_STATUS) {
-                field = h2_grpc_value(b, n);
-                done = 2;
-            } else if (len < 0) {
-                done = 1;
-            } else {
-                next += len;
-                expect = H2_GRPC_FIELD;
-            }
-        } else if (b[0] & 0x80) {       /* indexed field */
-            int index = h2_int(b, 0, n, 0x7f, &next);
-            if (index < 0)
-                done = 1;
-            else if (index >= 62)
-                dyn = 1;
-        } else if ((b[0] & 0xe0) == 0x20) {
-            if (h2_int(b, 0, n, 0x1f, &next) < 0)
-                done = 1;
-        } else {                        /* a literal: 6-bit or 4-bit name index */
-            int index = h2_int(b, 0, n, (b[0] & 0x40) ? 0x3f : 0x0f, &next);
-            __u32 after = 0;
-            int nlen = index == 0 ? h2_int(b, next, n, 0x7f, &after) : 0;
-            if (index < 0 || nlen < 0) {
-                done = 1;
-            } else if (index == 0) {
-                expect = h2_grpc_name(b, next, n) ? H2_GRPC_STATUS : H2_GRPC_VALUE;
-                next = after + nlen;
-            } else {
-                dyn |= index >= 62;
-                expect = H2_GRPC_VALUE;
-            }
-        }
-        if (done == 2) {
-            if (field == H2_UNKNOWN) {
-                count_unknown(C_GRPC_STATUS_UNKNOWN);
-            } else {
-                grpc_count_status(skb, direction, field);
-                if (armed < 0 && may_trigger(field))
-                    armed = field;
-            }
-        } else if (done && dyn) {
-            count_unknown(C_GRPC_STATUS_UNKNOWN);
-        }
-        if (done) {                     /* on to the next recorded block */
-            r++;
-            if (r >= g->n || r >= H2_GRPC_BLOCKS)
-                return armed;
-            pos = g->off[h2_grpc_slot(r)];
-            left = g->left[h2_grpc_slot(r)];
-            expect = H2_GRPC_FIELD;
-            dyn = 0;
-        } else {
-            pos += next;
-            left = next >= left ? 0 : left - next;
-        }
-        pos = opaque(pos);
-        st = opaque((left & 0xffff) | (expect << 16) | (dyn << 18) | (r << 19) |
-                    ((__u32)(armed + 1) << 22));
-    }
-    return (int)((st >> 22) & 0x1f) - 1;
-}
-
-/* Decodes the HEADERS frame whose payload starts at `off` and is `len` bytes long (maybe
- * cut by `end`, the end of the segment). */
-static __always_inline int h2_headers_status(struct __sk_buff *skb, __u32 off, __u32 len,
-                                             __u8 flags, __u32 end, struct h2_grpc_blocks *g)
-{
-    unsigned char b[H2_BUF_LEN] = {};
-    __u32 skip = 0, pad = 0;
-    if (flags & H2_F_PADDED) {
-        if (off >= end || bpf_skb_load_bytes(skb, off, b, 1) < 0)
-            return H2_UNKNOWN;
-        pad = b[0];
-        skip = 1;
-    }
-    if (flags & H2_F_PRIORITY)
-        skip += 5;
-    if (skip + pad > len)
-        return H2_NOT_STATUS;           /* PROTOCOL_ERROR in a real frame */
-    __u32 block = off + skip;
-    __u32 block_len = len - skip - pad;
-    if (block >= end || block_len == 0)
-        return block_len ? H2_UNKNOWN : H2_NOT_STATUS;
-    __u32 avail = end - block;
-    if (avail > block_len)
-        avail = block_len;
-    if ((flags & H2_F_END_STREAM) && g->n < H2_GRPC_BLOCKS) {
-        g->off[h2_grpc_slot(g->n)] = block;   /* for h2_grpc_walk */
-        g->left[h2_grpc_slot(g->n)] = avail;
-        g->n++;
-    }
-    if (avail > H2_BLOCK_PEEK)
-        avail = H2_BLOCK_PEEK;
-    /* avail is 1..H2_BLOCK_PEEK here; the mask shows the verifier 1..H2_BUF_LEN. */
-    __u64 size = ((avail - 1) & (H2_BUF_LEN - 1)) + 1;
-    if (bpf_skb_load_bytes(skb, block, b, size) < 0)
-        return H2_UNKNOWN;
-    return h2_block_status(b, avail);
 }
 
 /* Counts an h2 status: globally and in the interface's stats by class. */
@@ -603,9 +531,374 @@ static __always_inline void h2_count_status(struct __sk_buff *skb, __u32 directi
         st->h2_responses[cls]++;
 }
 
+/* What dynamic index `index` (62 and up) names on the connection: the record of that
+ * insertion (HPACK_GRPC | code ...), 0 for an insertion whose name does not matter, or
+ * H2_UNRESOLVED. An index the followed state cannot explain (past every insertion) loses
+ * the state. */
+static __always_inline __u32 h2_resolve(struct h2_walk_state *w, struct conn *c, __u32 index)
+{
+    if (!c || !H2V(w->track) || H2V(w->lost))
+        return H2_UNRESOLVED;
+    __u32 inserted = H2V(c->hpack.inserted), back = index - 62;
+    if (back >= inserted) {
+        w->lost = 1;
+        return H2_UNRESOLVED;
+    }
+    __u32 k = inserted - back;
+    if (k < H2V(c->hpack.floor)) {
+        count_unknown(C_HPACK_FORGOTTEN);
+        return H2_UNRESOLVED;
+    }
+    __u32 what = 0;
+#pragma unroll
+    for (int j = 0; j < HPACK_NAMED; j++) {
+        if (H2V(c->hpack.named_at[j]) == k)
+            what = H2V(c->hpack.named_what[j]);
+    }
+    return (what & HPACK_UNSURE) ? H2_UNRESOLVED : what;
+}
+
+/* The server inserted a field: counted, and recorded when `what` names a kind. The
+ * oldest record gives way: references to it and older insertions are unknown from then
+ * on (the encoder drops its oldest entries first too, but by size, which is not kept). */
+static __always_inline void h2_insert(struct h2_walk_state *w, struct conn *c, __u32 what)
+{
+    if (!c || !H2V(w->track) || H2V(w->lost))
+        return;
+    __u32 k = H2V(c->hpack.inserted) + 1;
+    c->hpack.inserted = k;
+    if (!what)
+        return;
+    __u32 j = h2_walk_slot(H2V(c->hpack.next)) & (HPACK_NAMED - 1);
+    if (H2V(c->hpack.named_what[j]))
+        c->hpack.floor = H2V(c->hpack.named_at[j]) + 1;
+    c->hpack.named_at[j] = k;
+    c->hpack.named_what[j] = what;
+    c->hpack.next = j + 1;
+}
+
+/* A dynamic table size update to 0: the table is empty, no earlier insertion is
+ * referenced again. (Other sizes evict only what the encoder will not reference.) */
+static __always_inline void h2_table_emptied(struct h2_walk_state *w, struct conn *c)
+{
+    if (!c || !H2V(w->track) || H2V(w->lost))
+        return;
+#pragma unroll
+    for (int j = 0; j < HPACK_NAMED; j++) {
+        c->hpack.named_at[j] = 0;
+        c->hpack.named_what[j] = 0;
+    }
+    c->hpack.floor = H2V(c->hpack.inserted) + 1;
+    c->hpack.next = 0;
+}
+
+/* A field whose name and value `what` says (a record, or a literal's kind | its value;
+ * H2_UNRESOLVED when not known): a grpc-status in a stream-ending block, the :status of a
+ * block whose first field the frame loop left to the walk. */
+static __always_inline void h2_walk_found(struct __sk_buff *skb, struct h2_walk_state *w,
+                                          __u32 direction, __u32 what)
+{
+    __u32 bf = H2V(w->bflags[h2_walk_slot(H2V(w->r))]);
+    int first = H2V(w->first) && (bf & H2_B_FIRST_DYN);
+    __u32 code = what & HPACK_NO_VALUE;
+    w->first = 0;
+    if (what == H2_UNRESOLVED || (what & HPACK_UNSURE)) {
+        w->dyn = 1;
+        if (first)
+            count_unknown(C_H2_STATUS_UNKNOWN);
+    } else if (what & HPACK_GRPC) {
+        if ((bf & H2_B_END_STREAM) && !H2V(w->got)) {
+            w->got = 1;
+            if (code > GRPC_MAX_CODE) {
+                count_unknown(C_GRPC_STATUS_UNKNOWN);
+            } else {
+                grpc_count_status(skb, direction, code);
+                if (H2V(w->armed_grpc) < 0 && may_trigger(code))
+                    w->armed_grpc = code;
+            }
+        }
+    } else if ((what & HPACK_STATUS) && first) {
+        if (code >= STATUS_CODES) {
+            count_unknown(C_H2_STATUS_UNKNOWN);
+        } else {
+            h2_count_status(skb, direction, code);
+            if (H2V(w->armed_h2) < 0 && code >= MIN_HTTP_STATUS && may_trigger(code))
+                w->armed_h2 = code;
+        }
+    }
+}
+
+/* What a step found the field to be (h2_walk_state.op). */
+#define H2_OP_END 0         /* nothing readable: the block ends */
+#define H2_OP_INDEXED 1     /* an indexed field, index in `index` */
+#define H2_OP_SIZE 2        /* a dynamic table size update, the size in `index` */
+#define H2_OP_LITERAL 3     /* a literal: its name's index in `index` (0: a new name, or
+                             * the value of one whose name an earlier step read) */
+
+/* A step's first part: what the field's representation and name are, into w (op, index,
+ * kind, incr, v: where the value starts). */
+static __always_inline void h2_walk_decode(struct h2_walk_state *w, const unsigned char *b,
+                                           __u32 n)
+{
+    __u32 next = 0;
+    w->op = H2_OP_END;
+    if (H2V(w->expect) != H2_W_FIELD) {
+        w->op = H2_OP_LITERAL;          /* the value of the literal before: kind, incr kept */
+        w->index = 0;
+        w->v = 0;
+        return;
+    }
+    __u8 f = b[0];
+    if (f & 0x80) {
+        int index = h2_int(b, 0, n, 0x7f, &next);
+        if (index <= 0)
+            return;                     /* index 0 is a decoding error */
+        w->op = H2_OP_INDEXED;
+        w->index = index;
+        w->v = next;
+        return;
+    }
+    if ((f & 0xe0) == 0x20) {
+        int size = h2_int(b, 0, n, 0x1f, &next);
+        if (size < 0)
+            return;
+        w->op = H2_OP_SIZE;
+        w->index = size;
+        w->v = next;
+        return;
+    }
+    /* A literal: incremental indexing (6-bit name index) or not (4-bit). */
+    __u32 incr = (f & 0x40) != 0;
+    int index = h2_int(b, 0, n, incr ? 0x3f : 0x0f, &next);
+    if (index < 0)
+        return;
+    __u32 kind = 0, v = next;
+    if (index == 0) {
+        __u32 after = 0;
+        int nlen = h2_int(b, next, n, 0x7f, &after);
+        if (nlen < 0)
+            return;
+        if (h2_grpc_name(b, next, n))
+            kind = HPACK_GRPC;
+        else if (h2_status_name(b, next, n) > 0)
+            kind = HPACK_STATUS;
+        v = after + nlen;
+    } else if (index >= 8 && index <= 14) {
+        kind = HPACK_STATUS;
+    }
+    w->op = H2_OP_LITERAL;
+    w->index = index;
+    w->kind = kind;
+    w->incr = incr;
+    w->v = v;
+}
+
+/* One step on the block's next bytes b[0..n-1] (`rest` of them left in the block):
+ * returns how many bytes it read, or -1 when the block cannot be read on. Its parts meet
+ * through w (each reads what the one before left there), so that however a part went,
+ * the next starts from one verifier state: the verifier's work stays a sum over the
+ * parts, not a product. */
+static __always_inline int h2_walk_step(struct __sk_buff *skb, struct h2_walk_state *w,
+                                        struct conn *c, const unsigned char *b, __u32 n,
+                                        __u32 rest, __u32 direction)
+{
+    h2_walk_decode(w, b, n);
+    /* A dynamic index, as the field or as a literal's name: one resolution. */
+    __u32 op = H2V(w->op), index = H2V(w->index);
+    w->what = 0;
+    if ((op == H2_OP_INDEXED || op == H2_OP_LITERAL) && index >= 62) {
+        __u32 what = h2_resolve(w, c, index);
+        w->what = what;
+        if (op == H2_OP_LITERAL)
+            w->kind = what == H2_UNRESOLVED ? HPACK_UNSURE
+                                            : what & (HPACK_GRPC | HPACK_STATUS | HPACK_UNSURE);
+    }
+    op = H2V(w->op);
+    if (op == H2_OP_END)
+        return -1;
+    w->report = 0;
+    w->adv = H2V(w->v);
+    if (op == H2_OP_SIZE) {
+        if (H2V(w->index) == 0)
+            h2_table_emptied(w, c);
+    } else if (op == H2_OP_INDEXED) {
+        if (H2V(w->index) >= 62)
+            w->report = 1;              /* what the record says */
+        else
+            w->first = 0;
+    } else {
+        /* The literal's value at b[v]. Its length, and the value itself when its name
+         * matters, must be in view: else, when the block goes on past the view, the
+         * next step reads from the value on. */
+        __u32 v = H2V(w->v), after = 0;
+        int vlen = h2_int(b, v, n, 0x7f, &after);
+        __u32 kind = H2V(w->kind);
+        if (v > 0 && n < rest && (vlen < 0 || (kind && after + vlen > n))) {
+            if (v >= rest)
+                return -1;
+            w->expect = H2_W_VALUE;
+            return v;
+        }
+        if (vlen < 0)
+            return -1;
+        w->code = HPACK_NO_VALUE;
+        if (kind == HPACK_GRPC) {
+            int g = h2_grpc_value(b, v, n);
+            if (g >= 0)
+                w->code = g;
+        } else if (kind == HPACK_STATUS) {
+            int st = h2_status_value(b, v, n);
+            if (st >= 0)
+                w->code = st;
+        }
+        w->adv = after + vlen;
+        w->expect = H2_W_FIELD;
+        kind = H2V(w->kind);
+        __u32 code = H2V(w->code);
+        if (H2V(w->incr))
+            h2_insert(w, c, kind == HPACK_UNSURE ? HPACK_UNSURE : kind ? kind | code : 0);
+        w->what = kind == HPACK_UNSURE ? H2_UNRESOLVED : kind | H2V(w->code);
+        w->report = 1;
+    }
+    if (H2V(w->report))
+        h2_walk_found(skb, w, direction, H2V(w->what));
+    return H2V(w->adv);
+}
+
+/* The end of a block (its bytes read, or not readable on): what it leaves unknown. */
+static __always_inline void h2_walk_block_end(struct h2_walk_state *w)
+{
+    __u32 bf = H2V(w->bflags[h2_walk_slot(H2V(w->r))]);
+    if (H2V(w->first) && (bf & H2_B_FIRST_DYN))
+        count_unknown(C_H2_STATUS_UNKNOWN);
+    if ((bf & H2_B_END_STREAM) && !H2V(w->got) && H2V(w->dyn))
+        count_unknown(C_GRPC_STATUS_UNKNOWN);
+}
+
+/* Starts walking block r. */
+static __always_inline void h2_walk_start(struct h2_walk_state *w, __u32 r)
+{
+    __u32 slot = h2_walk_slot(r);
+    w->r = r;
+    w->pos = H2V(w->off[slot]);
+    w->rest = H2V(w->left[slot]);
+    w->expect = H2_W_FIELD;
+    w->v = 0;
+    w->first = 1;
+    w->dyn = 0;
+    w->got = 0;
+}
+
+/* Walks the recorded blocks (see the comment above H2_WALK_BLOCKS), counting what it
+ * finds; the armed statuses are left in w. */
+static __always_inline void h2_walk_blocks(struct __sk_buff *skb, struct h2_walk_state *w,
+                                    struct conn *c, __u32 direction)
+{
+    unsigned char b[H2_BUF_LEN];
+    if (!H2V(w->n))
+        return;
+    h2_walk_start(w, 0);
+    for (int step = 0; step < H2_WALK_STEPS; step++) {
+        __u32 r = H2V(w->r);
+        if (r >= H2V(w->n) || r >= H2_WALK_BLOCKS)
+            return;
+        __u32 rest = H2V(w->rest);
+        __u32 n = rest > H2_BUF_LEN ? H2_BUF_LEN : rest;
+        int got = -1;
+        if (n && bpf_skb_load_bytes(skb, H2V(w->pos), b, ((n - 1) & (H2_BUF_LEN - 1)) + 1) == 0)
+            got = h2_walk_step(skb, w, c, b, n, rest, direction);
+        rest = H2V(w->rest);
+        if (got < 0 || (__u32)got >= rest) {
+            if (got < 0 || (__u32)got > rest)
+                w->lost |= H2V(w->track);   /* a block that is not what it says */
+            h2_walk_block_end(w);
+            h2_walk_start(w, H2V(w->r) + 1);
+        } else {
+            w->pos = H2V(w->pos) + got;
+            w->rest = rest - got;
+        }
+    }
+    /* The steps ran out: the blocks not walked to their end leave the state unknown,
+     * and their first fields left to the walk unknown. */
+    __u32 r = H2V(w->r);
+    if (r >= H2V(w->n))
+        return;
+    w->lost |= H2V(w->track);
+    if (H2V(w->first) && (H2V(w->bflags[h2_walk_slot(r)]) & H2_B_FIRST_DYN))
+        count_unknown(C_H2_STATUS_UNKNOWN);
+#pragma unroll
+    for (int i = 1; i < H2_WALK_BLOCKS; i++) {
+        if (r + i < H2V(w->n) && (H2V(w->bflags[h2_walk_slot(r + i)]) & H2_B_FIRST_DYN))
+            count_unknown(C_H2_STATUS_UNKNOWN);
+    }
+}
+
+/* Decodes the HEADERS frame whose payload starts at `off` and is `len` bytes long (maybe
+ * cut by `end`, the end of the segment), and records its block for the walk: every block
+ * when the segment is in step, the stream-ending ones otherwise. */
+static __always_inline int h2_headers_status(struct __sk_buff *skb, __u32 off, __u32 len,
+                                             __u8 flags, __u32 end, struct h2_walk_state *w)
+{
+    unsigned char b[H2_BUF_LEN] = {};
+    __u32 skip = 0, pad = 0, track = H2V(w->track);
+    if (flags & H2_F_PADDED) {
+        if (off >= end || bpf_skb_load_bytes(skb, off, b, 1) < 0) {
+            w->lost |= track;
+            return H2_UNKNOWN;
+        }
+        pad = b[0];
+        skip = 1;
+    }
+    if (flags & H2_F_PRIORITY)
+        skip += 5;
+    if (skip + pad > len) {
+        w->lost |= track;
+        return H2_NOT_STATUS;           /* PROTOCOL_ERROR in a real frame */
+    }
+    __u32 block = off + skip;
+    __u32 block_len = len - skip - pad;
+    if (block_len == 0)
+        return H2_NOT_STATUS;
+    if (block >= end) {
+        w->lost |= track;
+        return H2_UNKNOWN;
+    }
+    __u32 avail = end - block;
+    if (avail > block_len)
+        avail = block_len;
+    if (avail < block_len)
+        w->lost |= track;               /* the rest is in the next segment: not followed */
+    __u32 peek = avail > H2_BLOCK_PEEK ? H2_BLOCK_PEEK : avail;
+    /* peek is 1..H2_BLOCK_PEEK here; the mask shows the verifier 1..H2_BUF_LEN. */
+    __u64 size = ((peek - 1) & (H2_BUF_LEN - 1)) + 1;
+    int status = H2_UNKNOWN;
+    if (bpf_skb_load_bytes(skb, block, b, size) == 0)
+        status = h2_block_status(b, peek);
+    /* Recorded for the walk after the status is known: one verifier state for the
+     * decode above, whichever way the recording goes. */
+    if (!H2V(w->track) && !(flags & H2_F_END_STREAM))
+        return status == H2_DYNAMIC ? H2_UNKNOWN : status;
+    __u32 n = H2V(w->n);
+    if (n >= H2_WALK_BLOCKS) {
+        w->lost |= H2V(w->track);
+        return status == H2_DYNAMIC ? H2_UNKNOWN : status;
+    }
+    __u32 slot = h2_walk_slot(n);
+    w->off[slot] = block;
+    w->left[slot] = avail;
+    w->bflags[slot] = ((flags & H2_F_END_STREAM) ? H2_B_END_STREAM : 0) |
+                      ((status == H2_DYNAMIC && H2V(w->track)) ? H2_B_FIRST_DYN : 0);
+    w->n = n + 1;
+    if (status != H2_DYNAMIC)
+        return status;
+    return H2V(w->track) ? H2_NOT_STATUS : H2_UNKNOWN;   /* the walk resolves it */
+}
+
 /* Walks the frames of the segment [off, end), counts the status (or unknown) of every
- * HEADERS frame met, and returns the first status in the trigger set (100-999), else
- * the first grpc-status in it (0-16, from h2_grpc_walk), or -1.
+ * HEADERS frame met, records the header blocks for the HPACK walk and runs it, and
+ * returns the first status in the trigger set (100-999), else the first grpc-status in
+ * it (0-16), or -1. `w` comes with `track` set (the segment is in step) and leaves with
+ * `lost` set when it could not be followed to its end, and next_off.
  *
  * Verifier cost: the loop is not unrolled, and the verifier walks it once per iteration
  * and per distinct state at its head. The values the body refines in different ways
@@ -613,10 +906,10 @@ static __always_inline void h2_count_status(struct __sk_buff *skb, __u32 directi
  * iteration, so that every iteration starts from one state: about 5,000 instructions
  * verified per frame instead of a product over the frames. */
 static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, __u32 end,
-                                             __u32 direction)
+                                             __u32 direction, struct h2_walk_state *w,
+                                             struct conn *c)
 {
     unsigned char h[H2_FRAME_HEADER_LEN];
-    struct h2_grpc_blocks g = {};
     int armed_status = -1;
     off = opaque(off);
     end = opaque(end);
@@ -630,7 +923,7 @@ static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, _
         __u32 len = ((__u32)h[0] << 16) | ((__u32)h[1] << 8) | h[2];
         off += H2_FRAME_HEADER_LEN;
         if (h[3] == H2_HEADERS) {
-            int status = opaque(h2_headers_status(skb, off, len, h[4], end, &g));
+            int status = opaque(h2_headers_status(skb, off, len, h[4], end, w));
             if (status == H2_UNKNOWN) {
                 count_unknown(C_H2_STATUS_UNKNOWN);
             } else if (status == H2_REQUEST) {
@@ -640,17 +933,24 @@ static __always_inline int h2_trigger_status(struct __sk_buff *skb, __u32 off, _
                 if (armed_status < 0 && status >= MIN_HTTP_STATUS && may_trigger(status))
                     armed_status = status;
             }
+        } else if (h[3] == H2_CONTINUATION || h[3] == H2_PUSH_PROMISE) {
+            w->lost |= H2V(w->track);   /* header blocks the walk does not follow */
         }
         off = opaque(off + len);
         end = opaque(end);
         armed_status = opaque(armed_status);
-        g.n = opaque(g.n);
     }
-    if (g.n) {
-        int grpc = h2_grpc_walk(skb, &g, direction);
-        if (armed_status < 0)
-            armed_status = grpc;
-    }
+    /* Frames left unwalked (a header not plausible or cut, the frame bound): the state
+     * cannot account for them. A last frame running past the end is fine unless it holds
+     * a header block (h2_headers_status said so): the next segment starts inside it. */
+    if (off < end)
+        w->lost |= H2V(w->track);
+    w->next_off = off;
+    h2_walk_blocks(skb, w, c, direction);
+    if (armed_status < 0)
+        armed_status = H2V(w->armed_h2);
+    if (armed_status < 0)
+        armed_status = H2V(w->armed_grpc);
     return armed_status;
 }
 

@@ -86,6 +86,7 @@ struct pending {
     __u8 saw_request;       /* HTTP/2: a request's header block was seen (http2.h) */
     __u8 seen_before;
     __u8 pad[3];
+    __u32 seq;              /* the segment's TCP sequence number */
 };
 BPF_PERCPU_ARRAY(pending, struct pending, 1);
 /* The HTTP/2 walk, reached by a tail call (slot 0; user space puts mirror_h2 there): the
@@ -207,6 +208,9 @@ static __always_inline void note_h2_request(void)
 
 #include "http2.h"
 
+/* The HPACK walk's state (bpf/http2.h), per CPU: read afresh at every step. */
+BPF_PERCPU_ARRAY(h2_walk_states, struct h2_walk_state, 1);
+
 /* --- the connection state --------------------------------------------------------------- */
 
 static __always_inline __u32 rotl32(__u32 x, __u32 r)
@@ -317,6 +321,7 @@ static __always_inline void conn_restart(struct conn *c, int client_lo, int clie
     c->bytes = 0;
     c->first_ns = 0;
     c->last_ns = now;
+    __builtin_memset(&c->hpack, 0, sizeof(c->hpack));
 }
 
 /* The client side of a connection whose start went unseen, from a request it sent. */
@@ -620,6 +625,42 @@ static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirro
     report_error(skb, cfg, c, r, status, direction, new_flow, proto, now_ns);
 }
 
+/* --- the server's HPACK state ------------------------------------------------------------ */
+
+/* Whether the server's segment at `seq` (of `len` payload bytes) is in step with the
+ * connection's followed HPACK state: it starts at the frame header after the last one
+ * walked. A segment wholly before that point holds nothing new (a retransmission, or the
+ * inside of a frame that spans segments) and leaves the state as it is; any other loses
+ * it (counted once), as does a connection whose SYN-ACK went unseen. */
+static __always_inline int hpack_in_step(struct conn *c, __u32 seq, __u32 len)
+{
+    if (c->hpack.state == HPACK_NONE) {
+        c->hpack.state = HPACK_LOST;
+        count(C_HPACK_START_UNSEEN, 1);
+        return 0;
+    }
+    if (c->hpack.state != HPACK_FOLLOWING)
+        return 0;
+    __s32 ahead = (__s32)(seq - c->hpack.next_seq);
+    if (ahead == 0)
+        return 1;
+    if (ahead < 0 && (__s64)ahead + len <= 0)
+        return 0;
+    c->hpack.state = HPACK_LOST;
+    count(C_HPACK_GAP, 1);
+    return 0;
+}
+
+/* A SYN-ACK: the server's first data byte comes next. Only a state that has not started
+ * following: a retransmitted SYN-ACK changes nothing. */
+static __always_inline void hpack_start(struct conn *c, __u32 syn_ack_seq)
+{
+    if (c->hpack.state != HPACK_NONE)
+        return;
+    c->hpack.state = HPACK_FOLLOWING;
+    c->hpack.next_seq = syn_ack_seq + 1;
+}
+
 /* --- the decisions ---------------------------------------------------------------------- */
 
 /* The HTTP/2 path of a segment whose first bytes are a plausible frame header: reads the
@@ -631,15 +672,11 @@ int mirror_h2(struct __sk_buff *skb)
 {
     __u32 zero = 0;
     struct pending *p = pending.lookup(&zero);
-    if (!p)
+    struct mirror_config *cfg = config.lookup(&zero);
+    struct h2_walk_state *w = h2_walk_states.lookup(&zero);
+    if (!p || !cfg || !w)
         return PASS;
     __u32 direction = p->direction & 1;
-    int status = h2_trigger_status(skb, p->payload_off, p->payload_end, direction);
-    p = pending.lookup(&zero);
-    struct mirror_config *cfg = config.lookup(&zero);
-    if (!p || !cfg)
-        return PASS;
-    __u64 now = bpf_ktime_get_coarse_ns();
     __u32 slot = p->slot;
     struct conn *c = 0;
     if (p->has_conn) {
@@ -647,6 +684,25 @@ int mirror_h2(struct __sk_buff *skb)
         if (c && c->gen != p->gen)
             c = 0;      /* taken by another connection meanwhile */
     }
+    w->n = 0;
+    w->lost = 0;
+    w->armed_h2 = -1;
+    w->armed_grpc = -1;
+    w->track = c && (p->mode == STATUS_COUNTS || p->mode == STATUS_SILENT) &&
+               hpack_in_step(c, p->seq, p->payload_end - p->payload_off);
+    int status = h2_trigger_status(skb, p->payload_off, p->payload_end, direction, w, c);
+    p = pending.lookup(&zero);
+    if (!p)
+        return PASS;
+    if (c && w->track) {
+        if (w->lost) {
+            c->hpack.state = HPACK_LOST;
+            count(C_HPACK_BOUNDS, 1);
+        } else {
+            c->hpack.next_seq = p->seq + (w->next_off - p->payload_off);
+        }
+    }
+    __u64 now = bpf_ktime_get_coarse_ns();
     if (p->saw_request && p->mode == STATUS_UNKNOWN_SIDE) {
         /* A request's header block: its sender is the client (a connection whose start
          * and preface went unseen). */
@@ -771,6 +827,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         if (!ack || !(c->flags & CONN_CLIENT_KNOWN) ||
             !!(c->flags & CONN_CLIENT_LO) != client_lo || (c->flags & CONN_MARKED))
             conn_restart(c, client_lo, client_egress, now);
+        if (ack)
+            hpack_start(c, seg.seq);
     }
     int mode = conn_status_mode(c, sender_lo, direction, on_lo, seen_before);
     if ((request || preface) && c) {
@@ -809,6 +867,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
             p->payload_off = seg.payload_off;
             p->payload_end = seg.payload_end;
             p->direction = direction;
+            p->seq = seg.seq;
             h2_walk.call(skb, 0);
         }
         /* Only when the tail call did not happen (no walk loaded: MIRROR_HTTP2 0). */

@@ -92,6 +92,17 @@ enum counter {
     C_EVENTS_CONN_LIMITED, /* events not emitted: the connection had its share */
     C_LO_SECOND_PASS,   /* packets at a monitored lo's ingress: already seen at its egress */
     C_FLOWS_EVICTED,    /* marked connections whose slot a new connection took */
+    /* Connections whose server's HPACK encoder stopped being followed (struct conn_hpack;
+     * each counted once, when it happens), by why: */
+    C_HPACK_START_UNSEEN,  /*   an HTTP/2 segment of the server's before any SYN-ACK */
+    C_HPACK_GAP,        /*   a server segment that does not start where the last walked one
+                         * left off: bytes in between were not walked as frames */
+    C_HPACK_BOUNDS,     /*   a server segment not walked to its end: the walk's bounds
+                         * (frames, header blocks, steps), a header block cut by the
+                         * segment's end, CONTINUATION, PUSH_PROMISE, or a field the
+                         * followed state cannot explain */
+    C_HPACK_FORGOTTEN,  /* dynamic table references to an insertion whose record the
+                         * connection had dropped for a newer one: unknown */
     NR_COUNTERS,
 };
 
@@ -124,6 +135,44 @@ enum conn_flag {
     CONN_REQUEST = 16,      /* a request is kept for it (kept_request with its gen) */
 };
 
+/* How far the classifier follows the HPACK encoder of a connection's server (RFC 7541:
+ * the dynamic table of the header blocks it sends), in struct conn_hpack's state. */
+enum hpack_state {
+    HPACK_NONE = 0,         /* not started: no SYN-ACK seen since the connection started */
+    HPACK_FOLLOWING = 1,    /* every header block the server sent since its SYN-ACK was
+                             * walked: dynamic references resolve */
+    HPACK_LOST = 2,         /* not followed (C_HPACK_*): dynamic references are unknown */
+};
+/* Insertions into the server's dynamic table whose name is grpc-status or :status, kept
+ * per connection while they may be referenced. */
+#define HPACK_NAMED 8
+/* What such an insertion holds (conn_hpack.named_what; 0: an empty record): the kind | its
+ * value, HPACK_NO_VALUE when the value was not a code (a reference to it is unknown). */
+#define HPACK_GRPC 0x8000       /* grpc-status, | the code 0-16 */
+#define HPACK_STATUS 0x4000     /* :status, | the code 0-999 */
+#define HPACK_UNSURE 0x2000     /* an insertion whose name referred to a forgotten one */
+#define HPACK_NO_VALUE 0x3ff
+
+/* The server's HPACK encoder as the classifier follows it (bpf/http2.h). An encoder
+ * inserts each "literal with incremental indexing" at the front of its dynamic table
+ * (index 62) and references only entries still in it, so the entry that index N names
+ * is insertion number `inserted - (N - 62)` (numbered from 1): no eviction needs to be
+ * modelled, only the count and what the few insertions that matter named. The count is
+ * right only while every header block the server sent since its SYN-ACK was walked, in
+ * TCP sequence order (next_seq). */
+struct conn_hpack {
+    __u32 next_seq;         /* TCP sequence number of the server's next frame header */
+    __u32 inserted;         /* insertions into the server's dynamic table so far */
+    __u32 floor;            /* records of insertions below this number were dropped for
+                             * newer ones (or emptied by a size update to 0): a reference
+                             * to one is unknown */
+    __u8 state;             /* enum hpack_state */
+    __u8 next;              /* the named_* slot the next record takes (mod HPACK_NAMED) */
+    __u16 pad;
+    __u32 named_at[HPACK_NAMED];    /* insertion numbers whose name matters, */
+    __u16 named_what[HPACK_NAMED];  /* and what they hold (HPACK_GRPC ...) */
+};
+
 /* One connection's state on one interface: the one lookup a packet of a connection pays.
  * The `conns` array is indexed by a seeded hash of the key into buckets of CONN_WAYS
  * slots; a lookup compares the key (the slot's tag) in each slot of the bucket, and a new
@@ -144,6 +193,7 @@ struct conn {
     __u64 packets;          /* 72: packets since it was marked (budgets), both directions,
                              * every CPU */
     __u64 bytes;            /* 80 */
+    struct conn_hpack hpack;/* 88: the server's HTTP/2 header compression, followed */
 };
 
 /* A request kept for a connection: the `requests` array holds one per CONN_WAYS

@@ -30,6 +30,7 @@ struct tcp_segment {
     __u8 src_is_lo;         /* the sender is key.addr_lo/port_lo */
     __u8 syn;               /* the SYN flag is set */
     __u8 ack;               /* the ACK flag is set */
+    __u32 seq;              /* the sequence number (host order) */
 };
 
 struct vlan_tag {
@@ -180,6 +181,7 @@ static __always_inline int parse_tcp_segment(struct __sk_buff *skb, struct tcp_s
     seg->payload_end = payload_end;
     seg->syn = tcp->syn;
     seg->ack = tcp->ack;
+    seg->seq = bpf_ntohl(tcp->seq);
     return PARSED_TCP;
 
 truncated:

@@ -220,10 +220,16 @@ FLOW_KEY = Layout("flow_key", "!", (
 # struct conn: its key is struct conn_key (the flow key, then the ifindex) as raw bytes:
 # the flow key's ports are in network order, the rest native.
 CONN_KEY_SIZE = FLOW_KEY.size + 4
+# struct conn_hpack: the server's HPACK encoder as the classifier follows it.
+HPACK_NAMED = define("HPACK_NAMED")
+HPACK_STATES = {v: k[len("HPACK_"):].lower() for k, v in enum("hpack_state").items()}
+CONN_HPACK = Layout("conn_hpack", "=", (
+    ("next_seq", "I"), ("inserted", "I"), ("floor", "I"), ("state", "B"), ("next", "B"),
+    (None, "2x"), ("named_at", f"{HPACK_NAMED}I"), ("named_what", f"{HPACK_NAMED}H")))
 CONN = Layout("conn", "=", (
     ("key", f"{CONN_KEY_SIZE}s"), ("flags", "B"), ("cut", "B"), ("status", "H"),
     ("gen", "I"), ("events", "I"), ("last_ns", "Q"), ("first_ns", "Q"), ("packets", "Q"),
-    ("bytes", "Q")))
+    ("bytes", "Q"), ("hpack", f"{CONN_HPACK.size}s")))
 
 IFACE_STATS = Layout("iface_stats", "=", (
     ("responses", f"{len(STATUS_CLASSES)}Q"), ("mirrored_packets", "Q"),

@@ -272,6 +272,7 @@ class Classifier:
     def _decode_conn(raw) -> dict:
         c = CONN.decode(raw)
         key = c.pop("key")
+        del c["hpack"]          # the classifier's own: nothing a flow listing shows
         c["flow"] = FlowKey.from_bytes(key[:40])
         c["ifindex"] = int.from_bytes(key[40:44], "little")
         return c

@@ -71,6 +71,8 @@ _CLASSES = STATUS_CLASSES
 _GRPC_CLASSES = GRPC_CLASSES
 _ZERO_STATS = dict.fromkeys((*_CLASSES, *(f"h2_{c}" for c in _CLASSES), "mirrored_packets",
                              "mirrored_bytes", *(f"grpc_{c}" for c in _GRPC_CLASSES)), 0)
+# Why a server's HPACK state is not followed: the hpack_* counters of bpf/mirror.h.
+_HPACK_REASONS = ("start_unseen", "gap", "bounds", "forgotten")
 # proto label -> prefix of the iface_stats keys
 _PROTOS = {"h1": "", "h2": "h2_"}
 
@@ -103,6 +105,18 @@ class MapCollector:
         for reason in CUT_REASONS.values():
             skipped.add_metric([reason], counters[f"skip_{reason}"])
         yield skipped
+        hpack = CounterMetricFamily("mirror_hpack_not_followed",
+                                    "Why dynamic table references of HTTP/2 servers could "
+                                    "not be resolved (they count as unknown statuses): a "
+                                    "connection's HPACK state stopped being followed, once "
+                                    "per connection (start_unseen: its SYN-ACK went unseen; "
+                                    "gap: a server segment not walked; bounds: a segment not "
+                                    "walked to its end), or a reference named an insertion "
+                                    "whose record the connection had dropped (forgotten)",
+                                    labels=["reason"])
+        for reason in _HPACK_REASONS:
+            hpack.add_metric([reason], counters[f"hpack_{reason}"])
+        yield hpack
         # A snapshot: the run loop renames and forgets interfaces while a scrape runs. The
         # per-interface series are those of the interfaces attached now: an interface
         # (and so its workload) that is gone has its series removed (its kernel

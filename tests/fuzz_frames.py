@@ -486,6 +486,77 @@ def h2_conversation(rng: random.Random, conn: Conn, start: str = HANDSHAKE,
     return t.out
 
 
+# gRPC codes a channel's calls end with: mostly OK.
+CHANNEL_CODES = [0] * 10 + [1, 2, 4, 5, 8, 13, 14, 16]
+# A server segment's payload at most (the test run takes frames up to 3712 bytes).
+MSS = 1400
+
+
+def grpc_call_frames(rng: random.Random, server: Encoder, stream: int, code: int,
+                     huffman: bool) -> bytes:
+    """The server's frames answering one call on a channel, through the channel's one
+    encoder: a trailers-only response, or headers, a message and trailers; random
+    metadata in either (request ids, whose new values keep the dynamic table turning
+    over), grpc-message with an error."""
+    def metadata():
+        return [(rng.choice(["x-request-id", "x-trace", "x-shard", "server-timing"]),
+                 rng.choice(["a", "b", "%x" % rng.getrandbits(rng.choice([8, 32, 64]))]))
+                for _ in range(rng.choice([0, 0, 1, 1, 2, 3]))]
+    error = [("grpc-message", rng.choice(["failed %d" % code, "deadline", "x" * 40]))] \
+        if code else []
+    if code and rng.random() < 0.5:
+        fields = [(":status", "200"), ("content-type", "application/grpc"),
+                  ("grpc-status", str(code))] + error + metadata()
+        return h2_frame(1, 0x05, stream, server.encode(fields, huffman=huffman))
+    head = server.encode([(":status", "200"), ("content-type", "application/grpc")]
+                         + metadata(), huffman=huffman)
+    size = rng.choice([2, 2, 20, 300]) if rng.random() < 0.98 else rng.randrange(1500, 5000)
+    message = b"\x00" + size.to_bytes(4, "big") + bytes(size)
+    trailers = server.encode([("grpc-status", str(code))] + error + metadata(),
+                             huffman=huffman)
+    return (h2_frame(1, 0x04, stream, head) + h2_frame(0, 0, stream, message)
+            + h2_frame(1, 0x05, stream, trailers))
+
+
+def grpc_channel(rng: random.Random, conn: Conn, start: str = HANDSHAKE, close: bool = True,
+                 calls: int | None = None) -> list:
+    """(spec, from_client) for a long-lived gRPC channel: one connection whose calls all
+    go through one HPACK encoder per side (hpack's), so that later trailers refer to the
+    grpc-status entries of earlier ones: the server's state that the classifier
+    follows. Now and then the server's table size changes (as after a client's
+    SETTINGS_HEADER_TABLE_SIZE: a size update, 0 empties it), the server answers several
+    calls in one write, or a message spans segments."""
+    t = Talk(rng, conn)
+    t.start(start)
+    server, client = Encoder(), Encoder()
+    if start != UNSEEN or rng.random() < 0.3:
+        t.c(R.H2_PREFACE + H2_SETTINGS, TCP_PSH | TCP_ACK)
+        t.s(H2_SETTINGS + H2_SETTINGS_ACK, TCP_PSH | TCP_ACK)
+        t.c(H2_SETTINGS_ACK, TCP_PSH | TCP_ACK)
+    written = b""
+    calls = calls if calls is not None else rng.randrange(1, 60)
+    for n in range(calls):
+        stream = 2 * n + 1
+        huffman = rng.random() < 0.8
+        request = client.encode([(":method", "POST"), (":scheme", "http"),
+                                 (":path", "/t.S/Call"), (":authority", conn.srv),
+                                 ("content-type", "application/grpc"), ("te", "trailers")],
+                                huffman=huffman)
+        t.c(h2_frame(1, 0x04, stream, request) + h2_frame(0, 1, stream, b"\x00\x00\x00\x00\x00"),
+            TCP_PSH | TCP_ACK)
+        if rng.random() < 0.04:
+            server.header_table_size = rng.choice([0, 0, 64, 256, 4096])
+        written += grpc_call_frames(rng, server, stream, rng.choice(CHANNEL_CODES), huffman)
+        if n == calls - 1 or rng.random() < 0.7:
+            for at in range(0, len(written), MSS):
+                t.s(written[at:at + MSS], TCP_PSH | TCP_ACK)
+            written = b""
+            t.c(flags=TCP_ACK)
+    if close:
+        t.close(rng)
+    return t.out
+
+
 # --- mutations -------------------------------------------------------------------------
 
 def _ext_kinds(rng):
@@ -634,8 +705,8 @@ def mutate_bytes(rng: random.Random, frame: bytes, l4: int | None) -> tuple[byte
 # frames until all are done: within the default 100,000 frames.
 SWEEP_EVERY = 900
 # Shares of the frames that are not truncation sweeps.
-SHARES = {"mutation": 0.45, "conversation": 0.33, "hostile": 0.1, "flag": 0.07,
-          "crowd": 0.05}
+SHARES = {"mutation": 0.4, "conversation": 0.3, "channel": 0.08, "hostile": 0.1,
+          "flag": 0.07, "crowd": 0.05}
 # skb->ingress_ifindex of egress packets: FORWARDED_FROM is an interface the fuzz puts in
 # the `monitored` map (a packet forwarded from it was seen before), NOT_MONITORED is not.
 FORWARDED_FROM = 1001
@@ -781,6 +852,12 @@ class Generator:
     def conversation_episode(self) -> list:
         talk, what = self.talk(self.rng.choice(self.conns))
         return self.place(talk, what)
+
+    def channel_episode(self) -> list:
+        """A long-lived gRPC channel (grpc_channel), now and then a segment mutated."""
+        rng = self.rng
+        talk = grpc_channel(rng, rng.choice(self.conns), random_start(rng))
+        return self.place(talk, "grpc-channel", mutate=0.01)
 
     def hostile_episode(self) -> list:
         """A connection with a hostile segment in it, or a lone one (see HOSTILE)."""

@@ -5,7 +5,8 @@ model (tests/reference.py), and compares what each decided.
 For every frame both must agree on: whether the program runs at all (this kernel's test
 run refuses some frames with EINVAL), the verdict (TC_ACT_UNSPEC), the packet coming back
 unchanged, the exact delta of every counter, the state of the frame's connection after it
-(its slot, flags, cut reasons, status, generation, events, packets and bytes) and the
+(its slot, flags, cut reasons, status, generation, events, packets and bytes, and the
+server's HPACK state as followed: every field of struct conn_hpack) and the
 request it kept. Checkpoints compare every connection slot, the kept requests, the
 `errors` map, the response-time count, the per-interface statistics, the clones that left
 the debug interface and the CPU's clone window.
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 import fastmaps
 import reference as R
 from fastmaps import slot_key
-from mirror.abi import (CONN, COUNTERS, DEFAULT_MAX_EVENTS_PER_CONN, DIRECTIONS, GRPC_CLASSES,
-                        IFACE_SLOTS, IFACE_STATS, KEPT_REQUEST_HEAD, STATUS_CLASSES,
+from mirror.abi import (CONN, CONN_HPACK, COUNTERS, DEFAULT_MAX_EVENTS_PER_CONN, DIRECTIONS,
+                        GRPC_CLASSES, IFACE_SLOTS, IFACE_STATS, KEPT_REQUEST_HEAD, STATUS_CLASSES,
                         TC_ACT_UNSPEC)
 from mirror.bpfsys import batch_lookup, batch_update
 from mirror.flowkey import KEY_SIZE, FlowKey
@@ -75,14 +76,17 @@ _FLOW_KEYS: dict[bytes, FlowKey] = {}
 def decode_conn(fields: tuple) -> tuple[R.Conn | None, int, int]:
     """A struct conn's fields (CONN.struct) as (the model's Conn, or None for an empty
     slot; gen; last_ns)."""
-    key, flags, cut, status, gen, events, last_ns, _first_ns, packets, nbytes = fields
+    key, flags, cut, status, gen, events, last_ns, _first_ns, packets, nbytes, hpack = fields
     if not last_ns:
         return None, gen, 0
     flow = _FLOW_KEYS.get(key)
     if flow is None:
         flow = _FLOW_KEYS[key] = FlowKey.from_bytes(key[:KEY_SIZE])
+    hp = CONN_HPACK.decode(hpack)
     conn = R.Conn(flow, int.from_bytes(key[KEY_SIZE:], "little"), flags, cut, status, gen,
-                  events, packets, nbytes)
+                  events, packets, nbytes,
+                  R.Hpack(hp["state"], hp["next_seq"], hp["inserted"], hp["floor"], hp["next"],
+                          list(hp["named_at"]), list(hp["named_what"])))
     return conn, gen, last_ns
 
 

@@ -87,7 +87,7 @@ asks, in this order:
   case-sensitive;
 - the HTTP/2 connection preface (RFC 9113 section 3.4), recognised by its first 13
   bytes "PRI * HTTP/2.": only a client sends it, as the first bytes of a connection;
-- else, as for a payload of 10-12 bytes, whether it starts with a plausible HTTP/2 frame
+- else, as for a payload of 9-12 bytes, whether it starts with a plausible HTTP/2 frame
   header (below): an HTTP/2 candidate.
 
 Connection state. The classifier keeps one state per connection and interface (the flow
@@ -171,16 +171,19 @@ padding longer than the frame is no status; the frame may be cut by the end of t
 payload) gives the answer from its first field, after at most two dynamic table size
 updates of at most 4 bytes each:
 - an indexed field 8-14: that static :status; 1-7 (:authority, :method, :path,
-  :scheme): a request's block; 62 and up: unknown; any other: none;
+  :scheme): a request's block; 62 and up (the dynamic table; a first byte of 0xff
+  included, whatever follows): dynamic; any other: none;
 - a literal (any of the three forms) whose name index is 8-14 or whose new name is
   ":status" (raw, or Huffman-coded in 5 bytes): its value, which must be 3 raw digits or
   2-3 Huffman bytes that decode (RFC 7541 Appendix B, strict padding) to 3 digits, else
-  unknown; a name index of 1-7: a request's block; 62 and up: unknown; other names:
-  none;
+  unknown; a name index of 1-7: a request's block; 62 and up (or a prefix of all ones
+  followed by a byte with its high bit set): dynamic; other names: none;
 - anything cut by the end of the data before the answer is known: unknown (the block is
   only read up to its first 24 bytes, enough for every form above).
 RFC 9113 section 8.3 puts the pseudo-header fields first in a block, and only a request
-has :method, :scheme, :authority or :path. Each status counts, in mode COUNTS,
+has :method, :scheme, :authority or :path. A dynamic first field is left to the HPACK
+walk (below) when the segment is in step and its block was recorded; else it is
+unknown. Each status counts, in mode COUNTS,
 `h2_responses` and its class in the interface's "h2_<class>", in mode UNKNOWN_SIDE
 `status_side_unknown`, in SILENT nothing; each unknown counts `h2_status_unknown` in
 mode COUNTS only. A request's block in mode UNKNOWN_SIDE teaches the client side as a
@@ -188,26 +191,60 @@ request start does (`side_from_request`; making a state when there is none, as a
 start would): its sender is the client. Such a segment does nothing more: nothing in it
 triggers, and no state of an unknown side is marked.
 
-gRPC (bpf/http2.h, h2_grpc_walk). The header block of every HEADERS frame that has
-END_STREAM and whose block starts within the payload (at most the first 4 such frames)
-is read again for a grpc-status, in frame order, by one walk of at most 8 steps for all
-of them. A step reads, from the start of the block's part in the payload (only its first
-32 bytes are visible to a step), one item: an indexed field (a static or dynamic index;
-62 and up notes a dynamic reference), a size update, a literal's name index and new
-name, or a literal's value (skipped by its length). HPACK integers of more than 3 bytes,
-or cut, end the block. A new name "grpc-status" (11 raw bytes, or Huffman 8 bytes
-9acac8b21234da8f) wholly visible makes the next step read its value: 1-2 raw digits, or
-1-2 Huffman bytes decoding to 1-2 digits with strict padding, of value 0-16; else (value
-cut, too long, not digits) unknown. A block ends when its grpc-status is read, when its
-bytes in the payload are used up, or on a bad integer; ending without a grpc-status
-after a dynamic reference counts unknown. A step budget spent mid-block ends the walk
-with nothing more counted. Each grpc-status counts, in mode COUNTS, `grpc_ok` (0) or
-`grpc_errors` (1-16) and "grpc_ok"/"grpc_error" in the interface's stats, in mode
-UNKNOWN_SIDE `status_side_unknown`; each unknown counts `grpc_status_unknown` in mode
-COUNTS only.
+The server's dynamic table (RFC 7541 section 2.3; bpf/http2.h's HPACK walk). An
+encoder inserts each literal with incremental indexing at index 62 and refers only to
+entries it still holds, so dynamic index N names the insertion numbered
+inserted - (N - 62), insertions being numbered from 1 on the connection's server side.
+Each state follows its server's encoder: state none, following or lost; the sequence
+number of the server's next frame header; the insertions so far; a floor; and records
+of insertions whose name is grpc-status or :status, in 8 slots taken in turn (the next
+slot to take is kept), each the insertion's number and what it holds: 0x8000 | code
+for a grpc-status (0x3ff when the value is not 0-16), 0x4000 | code for a :status
+(0x3ff when not three digits), 0x2000 for an insertion whose own name could not be told.
+A SYN-ACK on a state that is none starts following at its sequence number + 1 (a SYN,
+restarting the state, makes it none again). A candidate in mode COUNTS or SILENT on a
+state: a state that is none becomes lost (`hpack_start_unseen`); a following one whose
+next frame header is where the segment starts walks it "in step"; one ahead of the
+segment's end (the segment lies wholly before: a retransmission, or inside a frame
+that spans segments) walks it as lost, the state unchanged; else the state is lost
+(`hpack_gap`). In step, the frame walk records every HEADERS frame's block (else only
+those with END_STREAM), at most 8; and the state is lost, at the end of the segment
+(`hpack_bounds`), when anything was not followed: a 9th block, a block cut by the end
+of the payload, a padding longer than its frame or a pad length cut, a CONTINUATION or
+PUSH_PROMISE frame, frames left unwalked (an implausible or cut header, the 16-frame
+bound), a reference to no insertion, a block that could not be walked to its end, or
+the steps running out. Otherwise the next frame header is where the last frame walked
+ends.
+
+The walk reads the recorded blocks in frame order with at most 24 steps in all. A step
+sees the block's next 32 bytes (or fewer at its end) and reads one field: an indexed
+field (index 0 ends the block); a size update (0 empties the records and puts the floor
+above every insertion so far); a literal: its name (a new name, "grpc-status" as 11 raw
+bytes or the Huffman 9acac8b21234da8f, ":status" as 7 raw or Huffman b8848d36a3 wholly
+seen within the first 16 bytes; a static index, 8-14 being :status; or a dynamic index)
+and its value, skipped by its length. When the value's length, or for a name that
+matters the value itself, lies past the 32 bytes and the block goes on, the step ends
+at the value and the next reads it. HPACK integers are read up to 3 bytes; longer, cut,
+or a field running past the block's end, end the block (which loses a state in step).
+A dynamic index resolves, in step and not lost, to the record of its insertion (none:
+an insertion that matters not); to nothing when it names no insertion (which loses the
+state), an insertion under the floor (`hpack_forgotten` in mode COUNTS), or one recorded
+0x2000. A literal with incremental indexing is an insertion, in step and not lost:
+counted, and recorded when its name matters (a new record taking the slot of the oldest
+raises the floor above it). In a block with END_STREAM, its first grpc-status (a
+literal with that name, or a resolved record) is read: the code, or unknown for a value
+that is not 0-16; a block that ends without one after an unresolved reference gives
+unknown. The first field of a block left to the walk reads as the :status it resolves
+to (the record's, or the literal's value), unknown when unresolved or when the block
+ends (or the steps run out) before it; any other resolution is no status. Each
+grpc-status counts, in mode COUNTS, `grpc_ok` (0) or `grpc_errors` (1-16) and
+"grpc_ok"/"grpc_error" in the interface's stats, in mode UNKNOWN_SIDE
+`status_side_unknown`; each unknown counts `grpc_status_unknown` in mode COUNTS only;
+the walk's statuses count as the frame walk's.
 
 Triggers. The trigger of an HTTP/2 segment is its first :status of 100 or more in the
-trigger set, else its first grpc-status in the trigger set (slots 0-16 of the set are
+trigger set that the frame walk read, else the first the HPACK walk read, else its first
+grpc-status in the trigger set (slots 0-16 of the set are
 grpc-status codes; the gRPC code is then the status). HTTP statuses below 100 (HTTP/1.x
 or HTTP/2) never trigger. Only modes COUNTS and SILENT have triggers. A trigger marks the
 connection when it is not marked (`flows_marked`; its packets, bytes and cut reasons
@@ -264,7 +301,7 @@ from hpack.huffman_table import decode_huffman
 
 from fastmaps import TEST_RUN_MAX_FRAME
 from mirror.abi import (CONN_FLAGS, CONN_WAYS, COUNTERS, CUT_REASONS, DEFAULT_REQUEST_BYTES,
-                        TC_ACT_UNSPEC, request_capacity)
+                        HPACK_NAMED, HPACK_STATES, TC_ACT_UNSPEC, request_capacity)
 from mirror.flowkey import FlowKey
 
 ETH_LEN = 14
@@ -353,11 +390,38 @@ LOOPBACK_IFINDEX = 1        # every network namespace's loopback device
 PROTO_H1, PROTO_H2, PROTO_GRPC = "h1", "h2", "grpc"
 
 
+# The server's HPACK encoder as followed (struct conn_hpack, enum hpack_state).
+HPACK_NONE, HPACK_FOLLOWING, HPACK_LOST = (
+    next(k for k, v in HPACK_STATES.items() if v == name) for name in ("none", "following", "lost"))
+# What a recorded insertion holds (bpf/mirror.h): the kind | the value.
+HPACK_GRPC, HPACK_STATUS, HPACK_UNSURE, HPACK_NO_VALUE = 0x8000, 0x4000, 0x2000, 0x3FF
+
+
+@dataclass
+class Hpack:
+    """The server's HPACK encoder as the classifier follows it (see "The server's
+    dynamic table"): the state, the sequence number of the next frame header, the
+    insertions so far, the floor below which records were dropped, and the records
+    (insertion number, what it holds) in their slots with the slot the next one takes."""
+    state: int = HPACK_NONE
+    next_seq: int = 0
+    inserted: int = 0
+    floor: int = 0
+    next: int = 0
+    named_at: list = field(default_factory=lambda: [0] * HPACK_NAMED)
+    named_what: list = field(default_factory=lambda: [0] * HPACK_NAMED)
+
+    def copy(self) -> "Hpack":
+        return dataclasses.replace(self, named_at=list(self.named_at),
+                                   named_what=list(self.named_what))
+
+
 @dataclass
 class Conn:
     """One connection's state on one interface (struct conn without its clocks).
     flags: CLIENT_KNOWN | CLIENT_LO | CLIENT_EGRESS | MARKED | REQUEST bits; cut: the
-    cut reason bits; status: the trigger that marked it (0: none)."""
+    cut reason bits; status: the trigger that marked it (0: none); hpack: the server's
+    HPACK encoder as followed."""
     key: FlowKey
     ifindex: int
     flags: int = 0
@@ -367,6 +431,7 @@ class Conn:
     events: int = 0
     packets: int = 0
     bytes: int = 0
+    hpack: Hpack = field(default_factory=Hpack)
 
     @property
     def marked(self) -> bool:
@@ -377,7 +442,7 @@ class Conn:
         return bool(self.flags & CLIENT_KNOWN)
 
     def copy(self) -> "Conn":
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, hpack=self.hpack.copy())
 
 
 @dataclass
@@ -434,6 +499,7 @@ class _Parsed:
     syn: bool
     ack: bool
     payload: bytes
+    seq: int = 0
 
 
 def _parse(frame: bytes, seen: dict) -> _Parsed:
@@ -518,7 +584,7 @@ def _parse(frame: bytes, seen: dict) -> _Parsed:
         raise _Path("malformed", "TCP header past the end of the IP packet")
     return _Parsed(family, src, dst, _u16(frame, l4), _u16(frame, l4 + 2),
                    bool(frame[l4 + 13] & 0x02), bool(frame[l4 + 13] & 0x10),
-                   frame[payload_off:ip_end])
+                   frame[payload_off:ip_end], int.from_bytes(frame[l4 + 4:l4 + 8], "big"))
 
 
 def status_code(payload: bytes) -> int | None:
@@ -556,12 +622,13 @@ def h2_preface(payload: bytes) -> bool:
     return len(payload) >= STATUS_LINE_LEN and payload[:STATUS_LINE_LEN] == H2_PREFACE[:13]
 
 
-H2_MIN_PAYLOAD = 10
+H2_MIN_PAYLOAD = 9
 H2_MAX_FRAMES = 16
 H2_MAX_FRAME_LEN = 16384
 H2_BLOCK_READ = 24
 H2_UNKNOWN = "unknown"
 H2_REQUEST = "request"      # a request's header block (its first field a request pseudo-header)
+H2_DYNAMIC = "dynamic"      # a first field that refers to the dynamic table
 H2_STATIC_STATUS = {8: 200, 9: 204, 10: 206, 11: 304, 12: 400, 13: 404, 14: 500}
 # RFC 7541 Appendix A: 1 :authority, 2-3 :method, 4-5 :path, 6-7 :scheme.
 H2_REQUEST_INDICES = range(1, 8)
@@ -683,7 +750,8 @@ def _is_status_name(block: bytes, pos: int):
 
 
 def h2_block_status(block: bytes):
-    """The answer of a header block's first field: a status, H2_UNKNOWN, H2_REQUEST or
+    """The answer of a header block's first field: a status, H2_UNKNOWN, H2_REQUEST,
+    H2_DYNAMIC (a dynamic table reference: only the connection's state can tell) or
     None."""
     block = block[:H2_BLOCK_READ]
     pos = 0
@@ -701,18 +769,23 @@ def h2_block_status(block: bytes):
             raise _Cut
         first = block[pos]
         if first & 0x80:                                    # indexed field
-            index, _ = _hpack_int(block, pos, 7)
+            if first & 0x7F == 0x7F:
+                return H2_DYNAMIC                           # 127 and up
+            index = first & 0x7F
             if index >= 62:
-                return H2_UNKNOWN
+                return H2_DYNAMIC
             if index in H2_REQUEST_INDICES:
                 return H2_REQUEST
             return H2_STATIC_STATUS.get(index)
         if first & 0xE0 == 0x20:                            # a third size update
             return None
         prefix = 6 if first & 0x40 else 4                   # literal forms
+        limit = (1 << prefix) - 1
+        if first & limit == limit and pos + 1 < len(block) and block[pos + 1] & 0x80:
+            return H2_DYNAMIC                               # limit + 128 and up
         index, pos = _hpack_int(block, pos, prefix)
         if index >= 62:
-            return H2_UNKNOWN
+            return H2_DYNAMIC
         if index in H2_REQUEST_INDICES:
             return H2_REQUEST
         if index in H2_STATIC_STATUS:
@@ -743,20 +816,14 @@ def h2_frames(payload: bytes):
 
 def h2_candidate(payload: bytes) -> bool:
     """Whether a payload (not a status line, request start or preface) is read as
-    HTTP/2: 10 bytes or more, starting with a plausible frame header."""
+    HTTP/2: 9 bytes or more, starting with a plausible frame header."""
     return len(payload) >= H2_MIN_PAYLOAD and h2_frame_plausible(payload[:9])
 
 
 def h2_headers(payload: bytes) -> list:
     """What the HTTP/2 walk finds in a TCP payload: for each HEADERS frame met, a status,
     H2_UNKNOWN or H2_REQUEST (frames whose first field is none of these leave nothing)."""
-    found = []
-    for ftype, flags, pos, length in h2_frames(payload):
-        if ftype == 1:
-            result = _headers_frame_status(payload, pos, length, flags)
-            if result is not None:
-                found.append(result)
-    return found
+    return [H2_UNKNOWN if r == H2_DYNAMIC else r for r in h2_segment(payload, False).found]
 
 
 def h2_statuses(payload: bytes) -> list:
@@ -770,40 +837,99 @@ def h2_status(payload: bytes):
     return found[0] if found else None
 
 
-def _headers_frame_status(payload: bytes, pos: int, length: int, flags: int):
+@dataclass
+class _Block:
+    data: bytes                 # the block's bytes within the payload
+    end_stream: bool
+    first_dyn: bool = False     # its first field is left to the HPACK walk
+
+
+@dataclass
+class _Segment:
+    """What the frame loop makes of a segment: `found`, per HEADERS frame in order, what
+    its first field says (not None); the blocks recorded for the HPACK walk; whether a
+    segment in step could not be followed to its end; the payload offset of the frame
+    header after the last frame walked."""
+    found: list
+    blocks: list
+    lost: bool
+    next_pos: int
+
+
+def _headers_frame(payload: bytes, pos: int, length: int, flags: int, track: bool,
+                   seg: _Segment):
+    """A HEADERS frame: its first field's answer; records its block."""
+    end_stream = bool(flags & 0x01)
     skip = pad = 0
     if flags & 0x08:                                        # PADDED
         if pos >= len(payload):
+            seg.lost |= track
             return H2_UNKNOWN
         pad, skip = payload[pos], 1
     if flags & 0x20:                                        # PRIORITY
         skip += 5
     if skip + pad > length:
+        seg.lost |= track
         return None
     block_len = length - skip - pad
     if block_len == 0:
         return None
     block = payload[pos + skip:pos + skip + block_len]
     if not block:
+        seg.lost |= track
         return H2_UNKNOWN
-    return h2_block_status(block)
+    if len(block) < block_len:
+        seg.lost |= track                                   # goes on in the next segment
+    recorded = None
+    if track or end_stream:
+        if len(seg.blocks) < WALK_BLOCKS:
+            recorded = _Block(block, end_stream)
+            seg.blocks.append(recorded)
+        else:
+            seg.lost |= track
+    found = h2_block_status(block)
+    if found == H2_DYNAMIC and recorded is not None and track:
+        recorded.first_dyn = True
+        return None
+    return found
 
 
-GRPC_BLOCKS = 4
-GRPC_STEPS = 8
-GRPC_VIEW = 32
+def h2_segment(payload: bytes, track: bool) -> _Segment:
+    """The frame loop over a candidate's payload. `track`: the segment is in step with
+    its connection's followed HPACK state (every header block is recorded, and anything
+    not walked loses the state); else only stream-ending blocks are recorded."""
+    seg = _Segment([], [], False, 0)
+    pos = 0
+    for ftype, flags, start, length in h2_frames(payload):
+        if ftype == 1:
+            result = _headers_frame(payload, start, length, flags, track, seg)
+            if result is not None:
+                seg.found.append(result)
+        elif ftype in (5, 9):                               # PUSH_PROMISE, CONTINUATION
+            seg.lost |= track
+        pos = start + length
+    if pos < len(payload):
+        seg.lost |= track
+    seg.next_pos = pos
+    return seg
+
+
+WALK_BLOCKS = 8
+WALK_STEPS = 24
+WALK_VIEW = 32
 GRPC_MAX_CODE = 16
 GRPC_NAME_RAW = b"\x0bgrpc-status"
 GRPC_NAME_HUFFMAN = bytes.fromhex("889acac8b21234da8f")
+STATUS_NAMES = (b"\x07:status", bytes.fromhex("85b8848d36a3"))
+_UNRESOLVED = None
 
 
-def _grpc_int(view: bytes, pos: int, prefix_bits: int):
+def _walk_int(view: bytes, pos: int, prefix_bits: int):
     """An HPACK integer of at most 3 bytes wholly in `view`: (value, next), or None."""
     try:
-        value, nxt = _hpack_int(view, pos, prefix_bits, max_bytes=3)
+        return _hpack_int(view, pos, prefix_bits, max_bytes=3)
     except (_Cut, _TooLong):
         return None
-    return value, nxt
 
 
 def _huffman_digits(raw: bytes):
@@ -825,6 +951,9 @@ def _huffman_digits(raw: bytes):
 
 
 def _grpc_value(view: bytes):
+    """A grpc-status value (its string at view[0]): 0-16, or H2_UNKNOWN."""
+    if not view:
+        return H2_UNKNOWN
     length = view[0] & 0x7F
     if not 1 <= length <= 2 or 1 + length > len(view):
         return H2_UNKNOWN
@@ -836,78 +965,260 @@ def _grpc_value(view: bytes):
     return H2_UNKNOWN if code is None or code > GRPC_MAX_CODE else code
 
 
-def _grpc_step(view: bytes, expect: str):
-    """One step of the walk on `view` (the block's next bytes, at most 32): returns
-    (done, found, advance, expect, dynamic)."""
-    if expect != "field":
-        if expect == "status":
-            return True, _grpc_value(view), 0, expect, False
-        got = _grpc_int(view, 0, 7)
-        if got is None:
-            return True, None, 0, expect, False
-        return False, None, got[1] + got[0], "field", False
-    first = view[0]
-    if first & 0x80 or first & 0xE0 == 0x20:
-        got = _grpc_int(view, 0, 7 if first & 0x80 else 5)
-        if got is None:
-            return True, None, 0, expect, False
-        return False, None, got[1], expect, bool(first & 0x80) and got[0] >= 62
-    got = _grpc_int(view, 0, 6 if first & 0x40 else 4)
-    if got is None:
-        return True, None, 0, expect, False
-    index, nxt = got
-    if index:
-        return False, None, nxt, "value", index >= 62
-    name = _grpc_int(view, nxt, 7)
-    if name is None:
-        return True, None, 0, expect, False
-    is_status = any(view[nxt:nxt + len(n)] == n for n in (GRPC_NAME_RAW, GRPC_NAME_HUFFMAN))
-    return False, None, name[1] + name[0], "status" if is_status else "value", False
+def _status_at(view: bytes, pos: int):
+    """A :status value (its string at view[pos]): 000-999, or H2_UNKNOWN."""
+    try:
+        return _status_value(view, pos)
+    except _Cut:
+        return H2_UNKNOWN
 
 
-def grpc_statuses(blocks: list) -> list:
-    """What the gRPC walk finds in the blocks (their bytes within the payload): a code
-    or H2_UNKNOWN per block that gives one, in order."""
-    found = []
-    steps = 0
-    for block in blocks[:GRPC_BLOCKS]:
-        pos, expect, dynamic = 0, "field", False
-        while True:
-            if steps == GRPC_STEPS:
-                return found
-            steps += 1
-            view = block[pos:pos + GRPC_VIEW]
-            if not view:
-                done, code = True, None
+class _Walk:
+    """The HPACK walk of one segment's recorded blocks (see "The server's dynamic
+    table"): `hp` the connection's followed state (changed as the server's encoder
+    changed its table) when `track`; `found` collects ("status" | "grpc", code or
+    H2_UNKNOWN) and ("forgotten", None) in order."""
+
+    def __init__(self, hp: Hpack | None, track: bool):
+        self.hp, self.track, self.lost = hp, track and hp is not None, False
+        self.found: list = []
+
+    # --- the followed table ---------------------------------------------------------------
+    def resolve(self, index: int):
+        """What insertion `index` names: its record's what, 0, or _UNRESOLVED."""
+        hp = self.hp
+        if not self.track or self.lost:
+            return _UNRESOLVED
+        back = index - 62
+        if back >= hp.inserted:
+            self.lost = True                # a reference to no insertion
+            return _UNRESOLVED
+        k = hp.inserted - back
+        if k < hp.floor:
+            self.found.append(("forgotten", None))
+            return _UNRESOLVED
+        what = next((w for at, w in zip(hp.named_at, hp.named_what) if at == k), 0)
+        return _UNRESOLVED if what & HPACK_UNSURE else what
+
+    def insert(self, what: int) -> None:
+        hp = self.hp
+        if not self.track or self.lost:
+            return
+        hp.inserted = (hp.inserted + 1) & 0xFFFFFFFF
+        if not what:
+            return
+        j = hp.next % HPACK_NAMED
+        if hp.named_what[j]:
+            hp.floor = hp.named_at[j] + 1   # its record gives way
+        hp.named_at[j], hp.named_what[j] = hp.inserted, what
+        hp.next = j + 1
+
+    def emptied(self) -> None:
+        hp = self.hp
+        if not self.track or self.lost:
+            return
+        hp.named_at = [0] * HPACK_NAMED
+        hp.named_what = [0] * HPACK_NAMED
+        hp.floor = hp.inserted + 1
+        hp.next = 0
+
+    # --- one block ---------------------------------------------------------------------------
+    def field(self, what) -> None:
+        """A field whose name and value `what` says (_UNRESOLVED: not known)."""
+        first = self.first and self.block.first_dyn
+        self.first = False
+        if what is _UNRESOLVED or what & HPACK_UNSURE:
+            self.dyn = True
+            if first:
+                self.found.append(("status", H2_UNKNOWN))
+            return
+        code = what & HPACK_NO_VALUE
+        if what & HPACK_GRPC:
+            if self.block.end_stream and not self.got:
+                self.got = True
+                self.found.append(("grpc", H2_UNKNOWN if code > GRPC_MAX_CODE else code))
+        elif what & HPACK_STATUS and first:
+            self.found.append(("status", H2_UNKNOWN if code >= 1000 else code))
+
+    def step(self, view: bytes, rest: int):
+        """One step on the block's next bytes (`rest` left in it): bytes read, or None
+        when the block cannot be read on."""
+        n = len(view)
+        v = 0
+        if self.expect == "field":
+            f = view[0]
+            if f & 0x80:                                    # indexed field
+                got = _walk_int(view, 0, 7)
+                if got is None or got[0] == 0:
+                    return None
+                if got[0] >= 62:
+                    self.field(self.resolve(got[0]))
+                else:
+                    self.first = False
+                return got[1]
+            if f & 0xE0 == 0x20:                            # size update
+                got = _walk_int(view, 0, 5)
+                if got is None:
+                    return None
+                if got[0] == 0:
+                    self.emptied()
+                return got[1]
+            incr = bool(f & 0x40)                           # a literal
+            got = _walk_int(view, 0, 6 if incr else 4)
+            if got is None:
+                return None
+            index, nxt = got
+            if index == 0:
+                name = _walk_int(view, nxt, 7)
+                if name is None:
+                    return None
+                if view[nxt:nxt + len(GRPC_NAME_RAW)] == GRPC_NAME_RAW or \
+                        view[nxt:nxt + len(GRPC_NAME_HUFFMAN)] == GRPC_NAME_HUFFMAN:
+                    kind = HPACK_GRPC
+                elif nxt < 16 and any(view[nxt:nxt + len(x)] == x for x in STATUS_NAMES):
+                    kind = HPACK_STATUS
+                else:
+                    kind = 0
+                v = name[1] + name[0]
+            elif index >= 62:
+                what = self.resolve(index)
+                kind = HPACK_UNSURE if what is _UNRESOLVED else \
+                    what & (HPACK_GRPC | HPACK_STATUS | HPACK_UNSURE)
+                v = nxt
             else:
-                done, code, advance, expect, dyn = _grpc_step(view, expect)
-                dynamic |= dyn
-            if done:
-                if code is not None:
-                    found.append(code)
-                elif dynamic:
-                    found.append(H2_UNKNOWN)
-                break
-            pos += advance
-    return found
+                kind = HPACK_STATUS if 8 <= index <= 14 else 0
+                v = nxt
+            self.kind, self.incr = kind, incr
+        length = _walk_int(view, v, 7)
+        kind = self.kind
+        if v > 0 and n < rest and (length is None or (kind and length[1] + length[0] > n)):
+            if v >= rest:
+                return None
+            self.expect = "value"                           # the next step reads it
+            return v
+        if length is None:
+            return None
+        code = HPACK_NO_VALUE
+        if kind == HPACK_GRPC:
+            g = _grpc_value(view[v:])
+            code = code if g == H2_UNKNOWN else g
+        elif kind == HPACK_STATUS:
+            st = _status_at(view, v)
+            code = code if st == H2_UNKNOWN else st
+        if self.incr:
+            self.insert(HPACK_UNSURE if kind == HPACK_UNSURE else kind | code if kind else 0)
+        self.field(_UNRESOLVED if kind == HPACK_UNSURE else kind | code)
+        self.expect = "field"
+        return length[1] + length[0]
 
+    def start(self, block: _Block) -> None:
+        self.block, self.pos, self.rest = block, 0, len(block.data)
+        self.expect, self.first, self.dyn, self.got = "field", True, False, False
+        self.kind = self.incr = 0
 
-def grpc_blocks(payload: bytes) -> list:
-    """The END_STREAM header blocks the frame walk records (bytes within the payload)."""
-    blocks = []
-    for ftype, flags, pos, length in h2_frames(payload):
-        if ftype == 1 and flags & 0x01 and pos < len(payload):
-            skip = (1 if flags & 0x08 else 0) + (5 if flags & 0x20 else 0)
-            pad = payload[pos] if flags & 0x08 else 0
-            block = payload[pos + skip:pos + skip + length - skip - pad]
-            if skip + pad <= length and length - skip - pad and block:
-                blocks.append(block)
-    return blocks
+    def block_end(self) -> None:
+        if self.first and self.block.first_dyn:
+            self.found.append(("status", H2_UNKNOWN))
+        if self.block.end_stream and not self.got and self.dyn:
+            self.found.append(("grpc", H2_UNKNOWN))
+
+    def run(self, blocks: list) -> None:
+        """At most WALK_STEPS steps over the blocks in turn; a block ends when its bytes
+        are read or it cannot be read on (which loses a followed state)."""
+        r = 0
+        if blocks:
+            self.start(blocks[0])
+        for _ in range(WALK_STEPS):
+            if r >= len(blocks):
+                return
+            got = self.step(self.block.data[self.pos:self.pos + WALK_VIEW], self.rest)
+            if got is None or got >= self.rest:
+                if got is None or got > self.rest:
+                    self.lost |= self.track
+                self.block_end()
+                r += 1
+                if r < len(blocks):
+                    self.start(blocks[r])
+            else:
+                self.pos += got
+                self.rest -= got
+        if r >= len(blocks):
+            return
+        self.lost |= self.track                             # the steps ran out
+        if self.first and self.block.first_dyn:
+            self.found.append(("status", H2_UNKNOWN))
+        for b in blocks[r + 1:]:
+            if b.first_dyn:
+                self.found.append(("status", H2_UNKNOWN))
 
 
 def grpc_status(payload: bytes):
-    """The gRPC walk's findings in a TCP payload (codes and H2_UNKNOWN)."""
-    return grpc_statuses(grpc_blocks(payload))
+    """What the gRPC walk reads in a TCP payload without the connection's HPACK state
+    (codes and H2_UNKNOWN, in order)."""
+    walk = _Walk(None, False)
+    walk.run(h2_segment(payload, False).blocks)
+    return [code for kind, code in walk.found if kind == "grpc"]
+
+
+def in_step(hp: Hpack, seq: int, length: int, seen: Counter) -> bool:
+    """Whether a server segment at `seq` of `length` payload bytes is walked with the
+    followed state (see "The server's dynamic table"); loses the state otherwise, but for
+    bytes already walked."""
+    if hp.state == HPACK_NONE:
+        hp.state = HPACK_LOST
+        seen["hpack_start_unseen"] += 1
+        return False
+    if hp.state != HPACK_FOLLOWING:
+        return False
+    ahead = (seq - hp.next_seq + (1 << 31)) % (1 << 32) - (1 << 31)
+    if ahead == 0:
+        return True
+    if ahead < 0 and ahead + length <= 0:
+        return False
+    hp.state = HPACK_LOST
+    seen["hpack_gap"] += 1
+    return False
+
+
+def h2_follow(payload: bytes, seq: int, hp: Hpack | None, seen: Counter):
+    """The frame loop and the HPACK walk of a server's candidate segment: (the frame
+    loop's findings, the walk's), the followed state `hp` (None: no state, or not the
+    server's segment) updated."""
+    track = hp is not None and in_step(hp, seq, len(payload), seen)
+    seg = h2_segment(payload, track)
+    walk = _Walk(hp, track)
+    walk.lost = seg.lost                # what the frame loop could not follow
+    walk.run(seg.blocks)
+    if track:
+        if walk.lost:
+            hp.state = HPACK_LOST
+            seen["hpack_bounds"] += 1
+        else:
+            hp.next_seq = (seq + seg.next_pos) & 0xFFFFFFFF
+    return seg.found, walk.found
+
+def follow_server(packets) -> list:
+    """What the classifier reads in each of one connection's packets (in the order one
+    hook sees them; objects with sport, flags, seq and payload, as a capture gives
+    them), all on one interface in mode COUNTS, following the server's HPACK state from
+    its SYN-ACK: per packet, (the :status codes and H2_UNKNOWNs, the grpc-status codes
+    and H2_UNKNOWNs). A connection whose SYN-ACK is not among them reads nothing here."""
+    synack = next((p for p in packets if p.flags & 0x12 == 0x12), None)
+    hp = Hpack()
+    if synack is not None:
+        hp.state, hp.next_seq = HPACK_FOLLOWING, (synack.seq + 1) & 0xFFFFFFFF
+    out = []
+    for p in packets:
+        payload = p.payload
+        if synack is None or p.sport != synack.sport or status_code(payload) is not None \
+                or request_start(payload) or h2_preface(payload) or not h2_candidate(payload):
+            out.append(([], []))
+            continue
+        frames, walked = h2_follow(payload, p.seq, hp, Counter())
+        statuses = [H2_UNKNOWN if f == H2_DYNAMIC else f for f in frames if f != H2_REQUEST]
+        statuses += [code for kind, code in walked if kind == "status"]
+        out.append((statuses, [code for kind, code in walked if kind == "grpc"]))
+    return out
 
 
 def status_class(code: int) -> str:
@@ -1210,6 +1521,9 @@ class Model:
                 self._restart(slot, client_lo, client_egress, seen)
                 c = self.slots[slot]
                 out.reason = "SYN-ACK: a new connection" if p.ack else "SYN: a new connection"
+            if p.ack and c.hpack.state == HPACK_NONE:
+                c.hpack.state = HPACK_FOLLOWING     # the server's data starts after its SYN
+                c.hpack.next_seq = (p.seq + 1) & 0xFFFFFFFF
         mode = self._mode(c, sender_lo, direction, on_lo, seen_before)
         if (request or preface) and c is not None:
             if not c.client_known:
@@ -1227,8 +1541,8 @@ class Model:
 
         if h2:
             if mode != FROM_CLIENT:
-                self._h2(p.payload, frame, direction, sender_lo, key, slot, mode, marked,
-                         seen_before, out, victim)
+                self._h2(p.payload, p.seq, frame, direction, sender_lo, key, slot, mode,
+                         marked, seen_before, out, victim)
                 return out.decision(self)
             out.reason = "a client's HTTP/2 frames"
             code = None
@@ -1256,7 +1570,7 @@ class Model:
             out.mirror(self, c, frame)
         return out.decision(self)
 
-    def _h2(self, payload: bytes, frame: bytes, direction: str, sender_lo: bool,
+    def _h2(self, payload: bytes, seq: int, frame: bytes, direction: str, sender_lo: bool,
             key: FlowKey, slot: int | None, mode: str, marked: bool, seen_before: bool,
             out: "_Outcome", victim) -> None:
         """The HTTP/2 walk of a candidate that is not the client's."""
@@ -1264,36 +1578,51 @@ class Model:
         counts = mode == COUNTS
         may_trigger = mode in (COUNTS, SILENT)
         saw_request = False
-        armed = None
-        for found in h2_headers(payload):
-            if found == H2_REQUEST:
-                saw_request = True
-            elif found == H2_UNKNOWN:
+        hp = self.slots[slot].hpack if slot is not None and mode in (COUNTS, SILENT) else None
+        frames, walked = h2_follow(payload, seq, hp, seen)
+
+        def status(found, armed):
+            if found == H2_UNKNOWN:
                 if counts:
                     seen["h2_status_unknown"] += 1
-            elif mode == UNKNOWN_SIDE:
+                return armed
+            if mode == UNKNOWN_SIDE:
                 seen["status_side_unknown"] += 1
             elif counts:
                 seen["h2_responses"] += 1
                 iface[f"h2_{status_class(found)}"] += 1
-            if found not in (H2_REQUEST, H2_UNKNOWN):
-                out.path, out.reason = "response", f"h2 status {found:03d}"
-                if armed is None and may_trigger and found >= MIN_HTTP_STATUS \
-                        and found in self.triggers:
-                    armed = found
-        grpc_armed = None
-        for found in grpc_status(payload):
-            if found == H2_UNKNOWN:
+            out.path, out.reason = "response", f"h2 status {found:03d}"
+            if armed is None and may_trigger and found >= MIN_HTTP_STATUS \
+                    and found in self.triggers:
+                return found
+            return armed
+
+        armed = None
+        for found in frames:
+            if found == H2_REQUEST:
+                saw_request = True
+            else:
+                armed = status(H2_UNKNOWN if found == H2_DYNAMIC else found, armed)
+        walk_armed = grpc_armed = None
+        for kind, found in walked:
+            if kind == "forgotten":
+                if counts:
+                    seen["hpack_forgotten"] += 1
+            elif kind == "status":
+                walk_armed = status(found, walk_armed)
+            elif found == H2_UNKNOWN:
                 if counts:
                     seen["grpc_status_unknown"] += 1
-                continue
-            if mode == UNKNOWN_SIDE:
-                seen["status_side_unknown"] += 1
-            elif counts:
-                seen["grpc_errors" if found else "grpc_ok"] += 1
-                iface["grpc_error" if found else "grpc_ok"] += 1
-            if grpc_armed is None and may_trigger and found in self.triggers:
-                grpc_armed = found
+            else:
+                if mode == UNKNOWN_SIDE:
+                    seen["status_side_unknown"] += 1
+                elif counts:
+                    seen["grpc_errors" if found else "grpc_ok"] += 1
+                    iface["grpc_error" if found else "grpc_ok"] += 1
+                if grpc_armed is None and may_trigger and found in self.triggers:
+                    grpc_armed = found
+        if armed is None:
+            armed = walk_armed
         if mode == UNKNOWN_SIDE and seen.get("status_side_unknown"):
             out.path, out.reason = "side_unknown", "h2 status, side unknown"
         elif mode == SILENT and out.path == "response":

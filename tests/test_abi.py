@@ -33,7 +33,8 @@ def test_enum_reader_follows_explicit_values(tmp_path, monkeypatch):
 
 @pytest.mark.unit
 def test_layouts_have_the_sizes_of_the_c_structs():
-    assert abi.FLOW_KEY.size == 40 and abi.CONN.size == 88
+    assert abi.FLOW_KEY.size == 40 and abi.CONN.size == 152 and abi.CONN_HPACK.size == 64
+    assert abi.CONN.offset("hpack") == 88
     assert abi.CONN.offset("last_ns") == 56     # a packet touches the first 64 bytes
     assert abi.IFACE_STATS.size == 136 and abi.EVENT_HEAD.size == 80
     assert abi.event_layout(512).size == 592
@@ -62,6 +63,6 @@ def test_loading_refuses_a_layout_changed_on_one_side(tmp_path, monkeypatch):
     header.write_text(text.replace("    __u64 bytes;            /* 80 */",
                                    "    __u64 bytes;\n    __u64 added;", 1))
     monkeypatch.setenv("MIRROR_BPF_DIR", str(changed))
-    with pytest.raises(abi.ContractMismatch, match="struct conn .* 96 bytes as "
-                       "compiled, 88 here"):
+    with pytest.raises(abi.ContractMismatch, match="struct conn .* 160 bytes as "
+                       "compiled, 152 here"):
         Classifier(max_flows=64)

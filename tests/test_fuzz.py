@@ -29,9 +29,9 @@ import frames as F
 import reference as R
 from frames import (TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, cut, dest_opts, eth,
                     fragment, hop_by_hop, ipv4, ipv6, tcp_options)
-from fuzz_frames import (FORWARDED_FROM, H2_SETTINGS, NEAR_MISSES, NOT_MONITORED, Generator,
-                         addresses_allowed, build, conversation, h2_frame, other,
-                         random_conn, response)
+from fuzz_frames import (FORWARDED_FROM, H2_SETTINGS, HANDSHAKE, NEAR_MISSES, NOT_MONITORED,
+                         UNSEEN, Generator, addresses_allowed, build, conversation,
+                         grpc_channel, h2_frame, other, random_conn, response)
 from fuzz_harness import LO_IFINDEX, TRIGGER_5XX, Harness, report
 from mirror.abi import DEFAULT_MAX_EVENTS_PER_CONN, DIRECTIONS
 from mirror.flowkey import FlowKey
@@ -65,7 +65,8 @@ COVERAGE = ("conns_started", "conns_replaced", "flows_evicted", "side_from_reque
             "syn_unmarked", "requests", "resp_no_request", "errors", "events",
             "events_conn_limited", "events_rate_limited", "flows_marked", "responses",
             "h2_responses", "h2_status_unknown", "grpc_ok", "grpc_errors",
-            "grpc_status_unknown", "mirrored_packets", "malformed", "other")
+            "grpc_status_unknown", "mirrored_packets", "malformed", "other",
+            "hpack_start_unseen", "hpack_gap", "hpack_bounds")
 COVERAGE_FRAMES = 50000
 
 
@@ -631,6 +632,44 @@ def test_fuzz(clf, pinned, debug_iface, capsys):
     if total >= COVERAGE_FRAMES:
         missed = [k for k in COVERAGE if not h.totals[k]]
         assert not missed and h.victims, f"seed {seed}: the fuzz never met {missed}"
+
+
+@pytest.mark.testrun
+@pytest.mark.slow
+def test_fuzz_grpc_channels(clf, pinned, debug_iface, capsys):
+    """Long-lived gRPC channels, each through one `hpack` Encoder per side (random
+    metadata, table size changes, calls answered together, messages spanning segments;
+    tests/fuzz_frames.py grpc_channel), fed whole to the classifier and the model: 0
+    disagreements on every frame and on every slot, the server's followed HPACK state
+    included, at each channel's end. MIRROR_FUZZ_SEED as for test_fuzz;
+    MIRROR_FUZZ_CHANNELS channels (default 300) of up to 200 calls."""
+    import random as random_module
+    seed = fuzz_seed()
+    channels = int(os.environ.get("MIRROR_FUZZ_CHANNELS") or 300)
+    rng = random_module.Random(seed)
+    h = Harness(clf, debug_iface=debug_iface, triggers=frozenset(range(500, 600)) | {13, 14},
+                hash_seed=rng.getrandbits(32))
+    seen = Counter()
+    try:
+        for n in range(channels):
+            conn = random_conn(rng)
+            start = HANDSHAKE if rng.random() < 0.9 else UNSEEN
+            client_dir = rng.choice(DIRECTIONS)
+            for spec, from_client in grpc_channel(rng, conn, start,
+                                                  calls=rng.randrange(1, 200)):
+                d = client_dir if from_client else other(client_dir)
+                seen.update(h.feed(build(spec)[0], d).counters)
+            if n % 20 == 19:
+                h.checkpoint(reset=True)
+        h.checkpoint(reset=True)
+    finally:
+        h.close()
+    shown = {k: seen[k] for k in sorted(seen) if k.startswith(("grpc", "hpack", "h2", "flows"))}
+    with capsys.disabled():
+        print(f"\nmirror gRPC channel fuzz: seed={seed} channels={channels} "
+              f"frames={h.frames} disagreements={len(h.disagreements)} {shown}", flush=True)
+    assert not h.disagreements, f"seed {seed}:\n" + report(h, seed)
+    assert seen["grpc_errors"] and seen["grpc_ok"] and seen["flows_marked"]
 
 
 # Budgets the budget fuzz cycles through, one per checkpoint interval.

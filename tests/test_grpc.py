@@ -1,5 +1,7 @@
-"""gRPC's grpc-status through the classifier (bpf/http2.h, h2_grpc_walk), frame by frame
-in BPF_PROG_TEST_RUN.
+"""gRPC's grpc-status through the classifier (bpf/http2.h, h2_walk), frame by frame in
+BPF_PROG_TEST_RUN, on connections whose server's HPACK state is not followed (their
+SYN-ACK's sequence number is not the response's: tests/test_hpack.py has the followed
+ones): what any connection reads.
 
 Header blocks come from the `hpack` package (its encoder, or its integer and Huffman
 encoders for hand-made representations) and frames from `hyperframe`; every case is
@@ -165,9 +167,12 @@ def test_after_other_fields(clf, before):
 
 @pytest.mark.testrun
 def test_beyond_the_step_bound(clf):
-    """Four literals (8 steps) before it: grpc-status is not reached (the bound)."""
-    block = b"".join(literal(b"x-%d" % i, b"v") for i in range(4)) + grpc_status(14)
+    """24 literals (a step each) before it: grpc-status is not reached (the bound); 23
+    before it, it is."""
+    block = b"".join(literal(b"x-%d" % i, b"v") for i in range(24)) + grpc_status(14)
     expect_nothing(clf, trailers(block))
+    block = b"".join(literal(b"x-%d" % i, b"v") for i in range(23)) + grpc_status(14)
+    expect_code(clf, trailers(block), 14)
 
 
 @pytest.mark.testrun

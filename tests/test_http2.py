@@ -337,13 +337,14 @@ def test_headers_frame_cut_by_segment_end(clf):
     expect_status(clf, full[:9 + 5], 503)      # the :status literal is in the segment
     expect_unknown(clf, full[:9 + 4])          # cut inside the value
     expect_unknown(clf, full[:9 + 1])          # only the first byte of the field
-    # A HEADERS frame whose header alone ends the segment (10 bytes minimum: a DATA
-    # frame's header first).
+    # A HEADERS frame whose header alone ends the segment, after a DATA frame or alone
+    # (9 bytes: a frame header is walked).
     expect_unknown(clf, data(b"x") + full[:9])
+    expect_unknown(clf, full[:9])
 
 
 def test_short_segments(clf):
-    """10 to 12 bytes: below an HTTP/1.x status line, still a frame and a field."""
+    """9 to 12 bytes: below an HTTP/1.x status line, still a frame (and a field)."""
     expect_status(clf, headers(b"\x8e"), 500)                 # 10 bytes
     expect_status(clf, headers(literal(502, huffman=True)), 502)  # 13 bytes
     expect_status(clf, headers(b"\x8e\x5c\x01\x30"), 500)    # 13 with content-length 0
