@@ -66,6 +66,18 @@ def unique_name(tag: str) -> str:
     return f"m{os.getpid():06x}{next(_seq) % 256:02x}{tag}"
 
 
+def _free_subnet(start: int) -> int:
+    """The first N in 1..250, from start + 1 on, whose 198.18.N.1 no root-namespace link
+    holds."""
+    out = sh("ip", "-o", "-4", "addr", "show", check=False).stdout
+    used = {int(m) for m in re.findall(r"inet 198\.18\.(\d+)\.1/", out)}
+    for i in range(250):
+        n = (start + i) % 250 + 1
+        if n not in used:
+            return n
+    return start % 250 + 1
+
+
 @dataclass
 class Host:
     """One namespace with `eth0` inside and `host_if` (its peer) in the root namespace."""
@@ -91,11 +103,14 @@ class Host:
 
     @classmethod
     def create(cls) -> "Host":
+        """A new host. Its subnet is derived from the pid and a sequence, then moved past
+        any 198.18.N.0/24 already on a link of the root namespace: two test runs on one
+        machine would otherwise route each other's traffic now and then."""
         n = next(_seq)
         pid = os.getpid()
         ns = f"{PREFIX}-{pid}-{n}"
         host_if = f"m{pid:06x}{n % 256:02x}h"    # the form unique_name() makes
-        subnet = (pid * 7 + n) % 250 + 1
+        subnet = _free_subnet((pid * 7 + n) % 250)
         host = cls(ns, host_if, subnet)
         try:
             host._build()
