@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 import reference as R
-from helpers import controller_ask, same_packets, signature
+from helpers import assert_mirrored_from, controller_ask
 from test_integration import Session
 from mirror.lab.netns import stop_process
 
@@ -299,7 +299,8 @@ def test_grpc_error_connections_mirrored(host, grpc_server, tmp_path, family):
         if first is None:
             assert k not in mirrored, name
             continue
-        assert same_packets(mirrored[k].packets, packets[first:]), (
-            f"{name}: mirrored {[signature(p) for p in mirrored[k].packets]}\n"
-            f"expected {[signature(p) for p in packets[first:]]}")
+        # A client frame that crossed the error in flight (a WINDOW_UPDATE or PING ack
+        # sent before the client received it) may be classified on another CPU before
+        # the mark: allowed, never required (helpers.crossed_trigger).
+        assert_mirrored_from(mirrored[k].packets, packets, first)
         assert {p.sport for p in mirrored[k].packets} == {k.port_lo, k.port_hi}
