@@ -15,7 +15,7 @@ from . import __version__
 from .abi import (DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
                   MAX_CONN_SLOTS, MAX_REQUEST_BYTES)
 from .capture.command import add_parser as add_capture
-from .cliutil import (count, env, parse_metrics_addr, positive_seconds, serve_metrics,
+from .cliutil import (add_workload_selectors, count, env, parse_metrics_addr, positive_seconds, serve_metrics,
                       text_checked)
 from .debugif import check_name as check_debug_name
 from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT
@@ -242,13 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--file", metavar="PATH",
                     help="read an events file (what `mirror run --events-file PATH` writes; "
                     "PATH.1 first), not the running controllers; '-': standard input")
-    ev.add_argument("-n", "--namespace", action="append", metavar="PATTERN",
-                    help="events of pods in a Kubernetes namespace matching this")
-    ev.add_argument("--pod", action="append", metavar="PATTERN",
-                    help="events of a pod whose name matches this ('checkout-*')")
-    ev.add_argument("--container", action="append", metavar="PATTERN",
-                    help="events of a pod with a container, or of a container, whose name "
-                         "matches this")
+    add_workload_selectors(ev, "", "events")
     ev.add_argument("--iface", action="append", metavar="PATTERN",
                     help="events seen on an interface matching this")
     ev.add_argument("--status", metavar="CODES",

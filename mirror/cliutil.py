@@ -76,6 +76,21 @@ def text_checked(check):
     return checked(check_text)
 
 
+def add_workload_selectors(parser, prefix: str, what: str) -> None:
+    """-n/--namespace, --pod and --container, shell patterns on the workload
+    (mirror.filters.WorkloadPatterns), worded the same for `mirror events` and
+    `mirror capture --extract`: `prefix` starts each help ("" or "with --extract: "),
+    `what` names what is selected ("events", "connections")."""
+    parser.add_argument("-n", "--namespace", action="append", metavar="PATTERN",
+                        help=f"{prefix}{what} of pods in a Kubernetes namespace matching "
+                        "this (shell pattern)")
+    parser.add_argument("--pod", action="append", metavar="PATTERN",
+                        help=f"{prefix}{what} of a pod whose name matches this ('checkout-*')")
+    parser.add_argument("--container", action="append", metavar="PATTERN",
+                        help=f"{prefix}{what} of a pod with a container, or of a container, "
+                        "whose name matches this")
+
+
 def parse_metrics_addr(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:

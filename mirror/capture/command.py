@@ -17,7 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..cliutil import count, env, positive_seconds, printable, serve_metrics
+from ..cliutil import (add_workload_selectors, count, env, positive_seconds, printable,
+                       serve_metrics)
 from ..errors import UsageError
 from ..filters import WorkloadPatterns
 
@@ -184,14 +185,7 @@ def add_parser(sub) -> None:
                    "(RFC 3339, e.g. 2025-01-01T12:00:00Z, or epoch seconds)")
     p.add_argument("--until", metavar="TIME",
                    help="with --extract: connections with a packet at or before TIME")
-    p.add_argument("-n", "--namespace", action="append", metavar="PATTERN",
-                   help="with --extract: connections of pods in a Kubernetes namespace "
-                   "matching this (shell pattern, as `mirror events`)")
-    p.add_argument("--pod", action="append", metavar="PATTERN",
-                   help="with --extract: connections of a pod whose name matches this")
-    p.add_argument("--container", action="append", metavar="PATTERN",
-                   help="with --extract: connections of a pod with a container, or of a "
-                   "container, whose name matches this")
+    add_workload_selectors(p, "with --extract: ", "connections")
     p.add_argument("--events-file", metavar="PATH",
                    help="the controller's events file (`mirror run --events-file`), joined "
                    "by Community ID: the sidecar's index rows and an extract then name each "
