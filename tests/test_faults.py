@@ -134,6 +134,17 @@ def _load_runs(host, client: subprocess.Popen, seconds: float) -> None:
     wait_until(check, f"{want} datagrams of load")
 
 
+def _kill_running(*procs) -> None:
+    """On the way out of a test that failed midway: controllers and loads still running
+    are killed and reaped before the debug interface is dropped, which a live controller
+    would otherwise recreate (and leave behind when the test process exits)."""
+    for p in procs:
+        proc = getattr(p, "proc", p)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _no_loss(stdout: bytes) -> None:
     end = json.loads(stdout)["end"]["sum"]
     assert end["packets"] > 1000
@@ -150,6 +161,7 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
     env = env_with(MIRROR_STATE_DIR=state_dir)
     dbg = unique_name("d")
     server = _udp_server(host)
+    m = m2 = client = None
     try:
         m = MirrorProcess("--iface", host.host_if, "--hook", hook, "--debug-iface", dbg,
                           env=env).start()
@@ -167,6 +179,7 @@ def test_sigkill_and_restart_under_load_lose_nothing(host, state_dir, hook):
         out = run_cli("detach", "--iface", host.host_if, env=env)
         assert out.returncode == 0, out.stderr
     finally:
+        _kill_running(m, m2, client)
         server.kill()
         drop_link(dbg)
     _no_loss(stdout)
@@ -180,6 +193,7 @@ def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
     env = env_with(MIRROR_STATE_DIR=state_dir)
     dbg = unique_name("d")
     server = _udp_server(host)
+    m = m2 = client = None
     try:
         client = _iperf_udp(host, LOAD_SECONDS)
         _load_runs(host, client, 1)
@@ -197,6 +211,7 @@ def test_tcx_attach_detach_under_load_lose_nothing(host, state_dir):
         stdout, _ = client.communicate(timeout=60)
         assert tcx.links(idx) == []     # the kernel released the killed one's links
     finally:
+        _kill_running(m, m2, client)
         server.kill()
         drop_link(dbg)
     _no_loss(stdout)
