@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import run_cli
+from mirror.cli import build_parser
 
 pytestmark = pytest.mark.unit
 
@@ -197,3 +199,47 @@ def test_a_foreign_file_under_the_plugins_name_is_left_alone(node, tmp_path):
     assert r.returncode == 2 and "not a plugin mirror installed" in r.stderr, r.stderr
     assert (bin_dir / "tc-mirror").is_symlink()
     assert "tc-mirror" not in (conf_dir / "10-podnet.conflist").read_text()
+
+
+# --- the manifests ---------------------------------------------------------------------
+
+K8S = Path(__file__).resolve().parent.parent / "container" / "k8s"
+
+
+def pod_spec(path: Path) -> dict:
+    doc = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "DaemonSet")
+    return doc["spec"]["template"]["spec"]
+
+
+def host_dirs(spec: dict, container: dict) -> dict:
+    """mount path -> the node's directory, for a container of `spec`."""
+    volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    return {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+
+
+def test_the_daemonset_installs_and_the_uninstall_manifest_removes_the_same():
+    install_spec = pod_spec(K8S / "daemonset.yaml")
+    uninstall_spec = pod_spec(K8S / "uninstall" / "cni-uninstall.yaml")
+    installer = next(c for c in install_spec["initContainers"] if c["name"] == "cni-install")
+    remover = uninstall_spec["initContainers"][0]
+    assert installer["args"][:2] == ["cni", "install"]
+    assert remover["args"][:2] == ["cni", "uninstall"]
+    assert installer["args"][2:] == remover["args"][2:]          # the same directories...
+    assert host_dirs(install_spec, installer) == host_dirs(uninstall_spec, remover) == {
+        "/host/opt/cni/bin": "/opt/cni/bin", "/host/etc/cni/net.d": "/etc/cni/net.d"}
+    assert installer["image"] == remover["image"]                # ...by the same build
+    for c in (installer, remover):
+        args = build_parser().parse_args(c["args"])              # options that exist
+        assert (args.bin_dir, args.conf_dir) == ("/host/opt/cni/bin", "/host/etc/cni/net.d")
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # Only the init container writes the node's CNI directories, not the controller.
+    for c in install_spec["containers"]:
+        assert not set(host_dirs(install_spec, c).values()) & {"/opt/cni/bin", "/etc/cni/net.d"}
+
+
+@pytest.mark.parametrize("version", ["1.28.0", "1.33.0"])
+def test_the_uninstall_manifest_validates_strictly(version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    path = K8S / "uninstall" / "cni-uninstall.yaml"
+    for doc in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(doc, version, strict=True)
