@@ -314,10 +314,10 @@ def entry_of(args) -> dict:
 
 def cmd_install(args) -> int:
     conf_dir = safe_directory(args.conf_dir, "--conf-dir")
-    bin_dir = safe_directory(args.bin_dir, "--bin-dir", create=True)
-    # The list is checked before the binary is copied: a refused list leaves the node as
-    # it was.
+    # The list is checked before anything is made or copied: a refused list leaves the
+    # node as it was.
     cl = choose(conf_dir, args.network)
+    bin_dir = safe_directory(args.bin_dir, "--bin-dir", create=True)
     entry = entry_of(args)
     source = Path(args.plugin) if args.plugin else default_plugin()
     copied = install_binary(source, bin_dir)
