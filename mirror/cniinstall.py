@@ -34,6 +34,7 @@ CONF_SUFFIXES = (".conf", ".conflist", ".json")
 ATTEMPTS = 5
 # The plugin takes timeoutSeconds in (0, 60] and falls back to its default otherwise.
 MAX_TIMEOUT = 60.0
+RAW = argparse.RawDescriptionHelpFormatter     # the epilog's examples keep their lines
 
 EPILOG = """\
 examples:
@@ -55,10 +56,10 @@ def add_parser(sub) -> None:
                        description="Put the chained CNI plugin (tc-mirror: the hooks are in "
                        "place before a new container's first packet) into a node's CNI "
                        "binary directory and a network's configuration list, or take it out.",
-                       epilog=EPILOG, formatter_class=_formatter())
+                       epilog=EPILOG, formatter_class=RAW)
     actions = p.add_subparsers(dest="cni_action", metavar="ACTION", required=True)
     ins = actions.add_parser("install", help="copy the plugin and chain it (idempotent)",
-                             epilog=EPILOG, formatter_class=_formatter())
+                             epilog=EPILOG, formatter_class=RAW)
     _common(ins)
     ins.add_argument("--plugin", metavar="FILE",
                      help="the plugin binary to copy (default: MIRROR_CNI_PLUGIN, which the "
@@ -72,13 +73,9 @@ def add_parser(sub) -> None:
                      "timeoutSeconds, at most 60 (default: left to the plugin's 3)")
     ins.set_defaults(func=cmd_install)
     un = actions.add_parser("uninstall", help="remove the plugin's entries, then its binary",
-                            epilog=EPILOG, formatter_class=_formatter())
+                            epilog=EPILOG, formatter_class=RAW)
     _common(un)
     un.set_defaults(func=cmd_uninstall)
-
-
-def _formatter():
-    return argparse.RawDescriptionHelpFormatter
 
 
 def _timeout(text: str) -> float:
@@ -137,8 +134,9 @@ def safe_directory(path: str, option: str, create: bool = False) -> Path:
 
 @dataclass
 class ConfList:
-    """A configuration file as read: its text, and what it was when read, to notice a
-    writer that replaced it before our rename."""
+    """A configuration file as read: its JSON (None when it is not JSON, `error` saying
+    why), its mode, and its identity when read, to notice a writer that replaced it
+    before our rename."""
     path: Path
     conf: dict | None
     error: str
