@@ -1,4 +1,4 @@
-"""Command line: `mirror run|status|flows|events|detach|lab|capture`."""
+"""Command line: `mirror run|status|flows|events|detach|lab|capture|cni`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from . import __version__
 from .abi import (DEFAULT_MAX_EVENTS_PER_CONN, DEFAULT_MAX_FLOWS, DEFAULT_REQUEST_BYTES,
                   MAX_CONN_SLOTS, MAX_REQUEST_BYTES)
 from .capture.command import add_parser as add_capture
+from .cniinstall import add_parser as add_cni
 from .cliutil import (add_workload_selectors, count, env, parse_metrics_addr, positive_seconds, serve_metrics,
                       text_checked)
 from .debugif import check_name as check_debug_name
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab(sub)
     add_capture(sub)
+    add_cni(sub)
     return p
 
 

@@ -174,17 +174,28 @@ def open_append(path: str, mode: int = 0o600) -> int:
     return fd
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = False) -> None:
     """Writes `data` to a new temporary file beside `path` (O_EXCL|O_NOFOLLOW, as mkstemp
     makes it), then renames it over `path`: a reader never sees half a file, and nothing
-    planted at a predictable temporary name is followed or overwritten."""
+    planted at a predictable temporary name is followed or overwritten. `durable`: the
+    data and the rename are on disk before it returns (a file that must survive a power
+    cut whole, not a tmpfs record)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if mode != 0o600:
                 os.fchmod(f.fileno(), mode)
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -1,9 +1,9 @@
 """The chained CNI plugin (cni/tc-mirror) against a real controller: the runtime's side of
 the contract (CNI_COMMAND, the network configuration with its prevResult on stdin, the
 result passed on), the controller's answer on its control socket, and everything that
-may go wrong on a node: no controller, a controller that never answers, an interface
-gone before the attach. Then real podman containers on a CNI network whose
-configuration chains the plugin after the bridge."""
+may go wrong on a node: no controller, a controller that never answers or restarts, an
+interface gone before the attach. Then real podman containers on a CNI network whose
+configuration `mirror cni install` chains the plugin into, after the bridge."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 
 from mirror import ownership
 from mirror.lab.netns import unique_name
-from tests.helpers import MirrorProcess, controller_ask, drop_link, env_with
+from tests.helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
 
 TOP = Path(__file__).resolve().parent.parent
 
@@ -44,16 +44,23 @@ def prev_result(*host_names: str, sandbox_name: str = "eth0") -> dict:
             "ips": [{"address": "198.18.99.2/24", "gateway": "198.18.99.1", "interface": 1}]}
 
 
-def run_plugin(plugin: Path, command: str, state_dir, prev: dict | None = None,
-               timeout_seconds: float = 3, **extra) -> subprocess.CompletedProcess:
+def plugin_call(command: str, state_dir, prev: dict | None = None,
+                timeout_seconds: float = 3, **extra) -> tuple[str, dict]:
+    """What the runtime gives the plugin: the network configuration and the environment."""
     conf = {"cniVersion": "1.0.0", "name": "test", "type": "tc-mirror",
             "stateDir": str(state_dir), "timeoutSeconds": timeout_seconds, **extra}
     if prev is not None:
         conf["prevResult"] = prev
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/var/run/netns/test",
            "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "PATH": os.environ["PATH"]}
-    return subprocess.run([plugin], input=json.dumps(conf), env=env, capture_output=True,
-                          text=True, timeout=60)
+    return json.dumps(conf), env
+
+
+def run_plugin(plugin: Path, command: str, state_dir, prev: dict | None = None,
+               timeout_seconds: float = 3, **extra) -> subprocess.CompletedProcess:
+    conf, env = plugin_call(command, state_dir, prev, timeout_seconds, **extra)
+    return subprocess.run([plugin], input=conf, env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def passed_on(r: subprocess.CompletedProcess, prev: dict) -> None:
@@ -179,6 +186,57 @@ def test_a_controller_that_never_answers_costs_a_bounded_wait(plugin, state_dir,
 
 
 @pytest.mark.kernel
+def test_an_add_while_the_controller_restarts(plugin, state_dir, veth, tmp_path):
+    """An ADD that arrives while the controller is stopped and being started again (its
+    socket absent, then present): the plugin looks for sockets once, so it either found
+    the new controller's socket and returned with the hooks in place, or found none and
+    passed the result on at once, said so and counted it. Either way the new controller's
+    pattern watcher has the interface hooked once it is up: the pod is mirrored, at worst
+    without its first packets."""
+    def controller() -> MirrorProcess:
+        return MirrorProcess("--iface", veth[:-3] + "*c", "--debug-iface", unique_name("d"),
+                             env=env_with(MIRROR_STATE_DIR=state_dir))
+    first = controller().start()
+    assert first.stop() == 0, first.output
+    d = ownership.netns_dir()
+    assert not list(d.glob("controller-*.sock")), first.output     # stopped: no socket
+    assert not hooked(veth)                     # detached by the stop
+    prev = prev_result(veth)
+    conf, env = plugin_call("ADD", state_dir, prev, timeout_seconds=30)
+    (tmp_path / "add.json").write_text(conf)
+    with open(tmp_path / "add.json") as stdin:
+        add = subprocess.Popen([plugin], stdin=stdin, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, text=True)
+    second = controller()
+    try:
+        second.start()                          # the ADD in flight; the controller starts
+        out, err = add.communicate(timeout=60)
+        r = subprocess.CompletedProcess(add.args, add.returncode, out, err)
+        passed_on(r, prev)                      # the pod starts either way
+        unanswered = "no mirror controller runs" in err
+        if unanswered:
+            assert ownership.cni_unanswered() == 1, err
+        else:
+            assert err == "", err               # answered: attached, or already by the
+            counts = controller_ask(state_dir)  # new controller's first pass
+            assert counts["cni_attached"] + counts["cni_already"] == 1, counts
+            assert ownership.cni_unanswered() == 0
+        # The new controller's first pass over the links attached it before it was ready.
+        assert hooked(veth), second.output
+        # A later ADD of the same interface (the runtime's retry) finds it hooked.
+        passed_on(run_plugin(plugin, "ADD", state_dir, prev), prev)
+        counts = controller_ask(state_dir)
+        assert counts["cni_already"] >= 1, counts
+        assert counts["cni_attached"] + counts["cni_already"] == (1 if unanswered else 2)
+    finally:
+        if add.poll() is None:
+            add.kill()
+            add.wait()
+        if second.proc is not None:
+            assert second.stop() == 0, second.output
+
+
+@pytest.mark.kernel
 def test_not_chained_is_a_configuration_error(plugin, state_dir):
     r = run_plugin(plugin, "ADD", state_dir)
     assert r.returncode == 1
@@ -206,9 +264,9 @@ def podman(*args, check=True, env=None, timeout=180) -> subprocess.CompletedProc
 
 @pytest.mark.container
 def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
-    """A CNI network made by podman, its configuration list given the plugin after the
-    bridge: each container's veth is hooked by the plugin before the container runs, and
-    detached at its removal."""
+    """A CNI network made by podman, the plugin chained after its bridge by `mirror cni
+    install`: each container's veth is hooked by the plugin before the container runs,
+    and detached at its removal; `mirror cni uninstall` takes the plugin out again."""
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed: run scripts/setup")
     if podman("info", "--format", "{{.Host.NetworkBackend}}").stdout.strip() != "cni":
@@ -218,8 +276,6 @@ def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
         pytest.skip(f"{image} is missing: container/build makes it")
     net, confdir, bindir = f"mcni{os.getpid() % 10000}", tmp_path / "net.d", tmp_path / "bin"
     confdir.mkdir()
-    bindir.mkdir()
-    shutil.copy(plugin, bindir / "tc-mirror")
     conf = tmp_path / "containers.conf"
     conf.write_text(Path("/etc/containers/containers.conf").read_text() +
                     f'\n[network]\ncni_plugin_dirs = ["{bindir}", "/usr/lib/cni"]\n'
@@ -227,10 +283,14 @@ def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
     env = env_with(CONTAINERS_CONF=conf)
     podman("network", "create", "--subnet", "198.18.230.0/24", net, env=env)
     listfile = confdir / f"{net}.conflist"
-    chain = json.loads(listfile.read_text())
-    bridge = chain["plugins"][0]["bridge"]
-    chain["plugins"].append({"type": "tc-mirror", "stateDir": str(state_dir)})
-    listfile.write_text(json.dumps(chain))
+    bridge = json.loads(listfile.read_text())["plugins"][0]["bridge"]
+    # The documented command, with this test's directories (MIRROR_STATE_DIR, set by the
+    # state_dir fixture, becomes the entry's stateDir).
+    r = run_cli("cni", "install", "--conf-dir", str(confdir), "--network", net,
+                "--bin-dir", str(bindir), "--plugin", str(plugin))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(listfile.read_text())["plugins"][-1] == {"type": "tc-mirror",
+                                                               "stateDir": str(state_dir)}
     m = MirrorProcess("--iface", "veth*", "--exclude", bridge, "--debug-iface",
                       unique_name("d"), env=env_with(MIRROR_STATE_DIR=state_dir)).start()
     try:
@@ -240,6 +300,12 @@ def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
         counts = controller_ask(state_dir)
         assert counts["cni_attached"] + counts["cni_already"] == 2, m.output
         assert counts["cni_detached"] == 2, m.output
+        r = run_cli("cni", "uninstall", "--conf-dir", str(confdir), "--network", net,
+                    "--bin-dir", str(bindir))
+        assert r.returncode == 0, r.stderr
+        assert "tc-mirror" not in listfile.read_text()
+        assert not (bindir / "tc-mirror").exists()
+        podman("run", "--rm", "--network", net, image, "true", env=env)   # runs without it
     finally:
         assert m.stop() == 0, m.output
         podman("network", "rm", "--force", net, env=env, check=False)
