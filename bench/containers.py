@@ -33,12 +33,17 @@ The plugin (build/cni/tc-mirror) is built with cni/build when missing or older t
 source.
 
 What the plugin costs a container's start: podman run -> first send with the plugin
-(cni) against the same without it (link-event). The link-event run is the baseline, not
-a run without a controller: both runs have the same controller, the same watcher and the
-same attach work on the same CPUs; the chain differs by the plugin alone: its exec, its
-request and its wait for the hooks. bench/runner.py runs both modes, one after the
-other, and bench/report.py shows the difference of their p50 and p99 (two runs, not a
-paired comparison: run-to-run drift is in that difference).
+against the same without it. With --attach-by cni the bench makes two bridge networks
+that differ only in the plugin at the end of the chain, and starts --count containers on
+each, interleaved (plugin, none, none, plugin, ...: drift on a shared machine falls on
+both alike; two separate runs differed by far more than the plugin costs). The
+containers without the plugin are the link-event mode's, not containers on a node
+without a controller: the same controller, the same watcher and the same attach work on
+the same CPUs, so the difference is the plugin alone: its exec, its request and its wait
+for the hooks. Reported as plugin_adds_ms_p50/p99 (p50 with the plugin less p50
+without, the same for p99) with the arm without the plugin under without_plugin; every
+other figure of a cni run is the containers' with the plugin. bench/runner.py runs both
+modes.
 
 For each of N containers, one after the other (each alone: the next starts once the
 controller has forgotten the previous one's veth):
@@ -234,7 +239,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.containers",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=positive_int, default=20,
-                   help="containers started one after the other (default 20)")
+                   help="containers started one after the other (default 20); with "
+                        "--attach-by cni, that many with the plugin and as many without")
     p.add_argument("--rate", type=float, default=1000.0,
                    help="each container's datagrams per second (default 1000)")
     p.add_argument("--packets", type=positive_int, default=100,
@@ -283,13 +289,17 @@ class Bench:
         pid = os.getpid()
         self.args = args
         self.ns = f"{PREFIX}-{pid}-251"
-        self.net = f"mbench{pid}"
-        self.subnet = f"198.19.{150 + pid % 50}"
+        # The networks by arm: with the plugin at the end of the chain or without (the
+        # link-event mode's). Named after the pid, so that a test can look for leftovers.
+        self.networks = {"none": (f"mbench{pid}", f"198.19.{150 + pid % 50}")}
+        if args.attach_by == "cni":
+            self.networks["plugin"] = (f"mbench{pid}p", f"198.19.{100 + pid % 50}")
         self.state = tempfile.mkdtemp(prefix="mirror-containers-")
         self.podman_dir = Path(tempfile.mkdtemp(prefix="mirror-containers-podman-"))
         self.podman_env = dict(os.environ, CONTAINERS_CONF=str(self.podman_dir / "containers.conf"))
         self.mirror = self.agent = self.running = None
-        self.made_ns = self.made_net = False
+        self.made_ns = False
+        self.made_nets: list[str] = []
         self.names: list[str] = []
 
     # --- set-up -------------------------------------------------------------------------
@@ -301,11 +311,11 @@ class Bench:
         # IGMP reports, flooded to its ports, would be IPv4 on a container's veth.
         self._in_ns("sysctl", "-qw", "net.ipv4.igmp_link_local_mcast_reports=0")
         self._configure_podman()
-        podman("network", "create", "--subnet", f"{self.subnet}.0/24", self.net,
-               env=self.podman_env)
-        self.made_net = True
-        if self.args.attach_by == "cni":
-            self._chain_plugin()
+        for arm, (net, subnet) in self.networks.items():
+            podman("network", "create", "--subnet", f"{subnet}.0/24", net, env=self.podman_env)
+            self.made_nets.append(net)
+            if arm == "plugin":
+                self._chain_plugin(net)
         self._start_controller()
         self._start_agent()
         if self.args.anchor:
@@ -325,11 +335,11 @@ class Bench:
             f'\n[network]\ncni_plugin_dirs = ["{self.podman_dir / "bin"}", "/usr/lib/cni"]\n'
             f'network_config_dir = "{self.podman_dir / "net.d"}"\n')
 
-    def _chain_plugin(self) -> None:
+    def _chain_plugin(self, net: str) -> None:
         """cni/tc-mirror appended to the network's chain, as docs/deployment.md has an
         operator do it, pointed at the controller's state directory."""
         shutil.copy(PLUGIN, self.podman_dir / "bin" / "tc-mirror")
-        listfile = self.podman_dir / "net.d" / f"{self.net}.conflist"
+        listfile = self.podman_dir / "net.d" / f"{net}.conflist"
         chain = json.loads(listfile.read_text())
         chain["plugins"].append({"type": "tc-mirror", "stateDir": self.state})
         listfile.write_text(json.dumps(chain, indent=2))
@@ -378,15 +388,16 @@ class Bench:
             time.sleep(0.005)
 
     # --- one container --------------------------------------------------------------------
-    def _command(self, tag: str) -> list[str]:
-        sender_args = [tag, f"{self.subnet}.1", str(SINK_PORT), str(self.args.rate),
+    def _command(self, tag: str, subnet: str) -> list[str]:
+        sender_args = [tag, f"{subnet}.1", str(SINK_PORT), str(self.args.rate),
                        str(self.args.packets)]
         if self.args.sender == "static":
             return [SENDER_IMAGE, *sender_args]
         return ["--entrypoint", "python3", self.args.image, "-c", SENDER, *sender_args]
 
-    def one(self, i: int) -> dict:
-        name = f"{self.net}-c{i}"
+    def one(self, i: int, arm: str) -> dict:
+        net, subnet = self.networks[arm]
+        name = f"{net}-c{i}"
         tag = f"c{i}"
         self.names.append(name)
         before = self.request("ask counters")
@@ -394,7 +405,7 @@ class Bench:
         t_run = time.monotonic()
         self.running = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.ns}", "podman", "run", "--rm", "-i",
-             "--network", self.net, "--name", name, *self._command(tag)],
+             "--network", net, "--name", name, *self._command(tag, subnet)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=self.podman_env)
         line = self.running.stdout.readline().split()
@@ -408,14 +419,14 @@ class Bench:
         attach = self._attach_times(veth)
         cni = {k[len("cni_"):]: after[k] - before.get(k, 0) for k in after
                if k.startswith("cni_") and after[k] != before.get(k, 0)}
-        row = {"container": name, "veth": self.request(f"ifname {veth}"), "ifindex": veth,
+        row = {"container": name, "plugin": arm == "plugin", "veth": self.request(f"ifname {veth}"), "ifindex": veth,
                "t_run": t_run, "first_send": first or None, **attach,
                "sent": sent, "arrived": arrived, "seen": after["ipv4"] - before["ipv4"],
                "other_packets": (after["packets"] - before["packets"]
                                  - (after["ipv4"] - before["ipv4"])),
                "cni": cni, "cni_unanswered": self.request("unanswered") - unanswered_before}
         row["missed"] = row["sent"] - row["seen"]
-        row["attached_by"] = attached_by(row, self.args.attach_by)
+        row["attached_by"] = attached_by(row)
         self._finish(name, veth)
         return row
 
@@ -476,10 +487,10 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        if self.made_net:
-            podman("network", "rm", "--force", self.net, check=False, env=self.podman_env)
+        for net in self.made_nets:
+            podman("network", "rm", "--force", net, check=False, env=self.podman_env)
             # CNI's address bookkeeping of the network outlives `network rm`.
-            shutil.rmtree(f"/var/lib/cni/networks/{self.net}", ignore_errors=True)
+            shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
         if self.made_ns:
             subprocess.run(["ip", "netns", "del", self.ns], check=False)
         shutil.rmtree(self.state, ignore_errors=True)
@@ -487,12 +498,12 @@ class Bench:
 
 
 # --- the figures ----------------------------------------------------------------------------
-def attached_by(row: dict, mode: str) -> str | None:
+def attached_by(row: dict) -> str | None:
     """Which path attached the container's veth: with the plugin, its request's outcome
     says it ("already": the link event had attached it first); otherwise the link event."""
     if row["attached_at"] is None:
         return None
-    if mode == "cni":
+    if row["plugin"]:
         if row["cni"].get("attached"):
             return "cni"
         if row["cni"].get("already"):
@@ -517,12 +528,9 @@ def _pct(rows: list[dict], key: str, q: float) -> float | None:
     return percentile(values, q) if values else None
 
 
-def summarize(rows: list[dict], args) -> dict:
-    rows = [derive(r) for r in rows]
-    out = {"containers": len(rows), "attach_by": args.attach_by, "sender": args.sender,
-           "hook": args.hook, "rate_pps": args.rate,
-           "packets_per_container": args.packets, "anchor": args.anchor,
-           "image": SENDER_IMAGE if args.sender == "static" else args.image,
+def figures(rows: list[dict]) -> dict:
+    """The figures of some derived rows (one arm's)."""
+    out = {"containers": len(rows),
            "attached": sum(1 for r in rows if r["attached_at"] is not None)}
     for key in ("attach_ms", "event_to_attached_ms", "first_packet_ms", "margin_ms"):
         out[f"{key}_p50"] = _pct(rows, key, 50)
@@ -536,6 +544,22 @@ def summarize(rows: list[dict], args) -> dict:
     out["attached_by"] = {path: sum(1 for r in rows if r["attached_by"] == path)
                           for path in ("cni", "link-event")}
     out["cni_unanswered"] = sum(r["cni_unanswered"] for r in rows)
+    return out
+
+
+def summarize(rows: list[dict], args) -> dict:
+    rows = [derive(r) for r in rows]
+    cni = args.attach_by == "cni"
+    out = {"attach_by": args.attach_by, "sender": args.sender, "hook": args.hook,
+           "rate_pps": args.rate, "packets_per_container": args.packets,
+           "anchor": args.anchor,
+           "image": SENDER_IMAGE if args.sender == "static" else args.image,
+           **figures([r for r in rows if r["plugin"] == cni])}
+    if cni:
+        out["without_plugin"] = without = figures([r for r in rows if not r["plugin"]])
+        for q in ("p50", "p99"):
+            a, b = out[f"first_packet_ms_{q}"], without[f"first_packet_ms_{q}"]
+            out[f"plugin_adds_ms_{q}"] = None if a is None or b is None else round(a - b, 3)
     out["per_container"] = rows
     return out
 
@@ -548,7 +572,7 @@ def render(s: dict) -> str:
            "the chained CNI plugin (and the link-event watcher): attached by the plugin in "
            f"{by['cni']}, by the link event first in {by['link-event']}; "
            f"{s['cni_unanswered']} ADDs unanswered")
-    return "\n".join([
+    lines = [
         f"{s['containers']} podman containers, --hook {s['hook']}, each sending "
         f"{s['packets_per_container']} UDP datagrams at {s['rate_pps']:g}/s from its first "
         f"instruction (--sender {s['sender']}); "
@@ -567,7 +591,27 @@ def render(s: dict) -> str:
         f"{s['packets_seen']} seen by the classifier: {s['packets_missed']} missed "
         f"({s['containers_with_misses']} containers with misses)",
         "ConMon (the thesis' reference): 79 ms to attach, 76 packets missed at 1000/s",
-    ])
+    ]
+    if "without_plugin" in s:
+        w = s["without_plugin"]
+        lines.insert(-1, (
+            f"without the plugin ({w['containers']} containers interleaved): podman run -> "
+            f"first datagram sent p50 {ms(w['first_packet_ms_p50'])}, p99 "
+            f"{ms(w['first_packet_ms_p99'])}; the plugin adds p50 "
+            f"{ms(s['plugin_adds_ms_p50'])}, p99 {ms(s['plugin_adds_ms_p99'])}; "
+            f"{w['packets_missed']} of {w['packets_sent']} missed"))
+    return "\n".join(lines)
+
+
+def arm_order(args) -> list[str]:
+    """Which network each container starts on, in order: with --attach-by cni, --count on
+    each, as plugin, none, none, plugin, ... (each arm first in every other pair, so that
+    neither is always the one after the other)."""
+    if args.attach_by != "cni":
+        return ["none"] * args.count
+    pairs = (("plugin", "none") if k % 2 == 0 else ("none", "plugin")
+             for k in range(args.count))
+    return [arm for pair in pairs for arm in pair]
 
 
 def run(args) -> dict:
@@ -575,14 +619,16 @@ def run(args) -> dict:
     bench = Bench(args)
     rows = []
     try:
-        progress(f"namespace {bench.ns}, podman network {bench.net} "
-                 f"({bench.subnet}.0/24), --hook {args.hook}, --attach-by {args.attach_by}, "
-                 f"--sender {args.sender}")
+        nets = ", ".join(f"{net} ({subnet}.0/24, {arm})"
+                         for arm, (net, subnet) in bench.networks.items())
+        progress(f"namespace {bench.ns}, podman networks {nets}, --hook {args.hook}, "
+                 f"--attach-by {args.attach_by}, --sender {args.sender}")
         bench.setup()
-        for i in range(args.count):
-            rows.append(bench.one(i))
+        arms = arm_order(args)
+        for i, arm in enumerate(arms):
+            rows.append(bench.one(i, arm))
             row = derive(rows[-1])
-            progress(f"[{i + 1}/{args.count}] {row['veth']}: attached "
+            progress(f"[{i + 1}/{len(arms)}] {row['veth']} ({arm}): attached "
                      f"{row['attach_ms']} ms after podman run (by {row['attached_by']}), "
                      f"first datagram {row['first_packet_ms']} ms, {row['missed']} of "
                      f"{row['sent']} missed")
