@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import stats
+from .containers import ATTACH_MODES
 
 BASE = "untraced"
 CLSACT = "mirror-clsact"
@@ -399,29 +400,65 @@ def _attach_section(summary) -> list[str]:
                  f" | {r['packets_missed']} / {r['packets_sent']} | "
                  f"{r['interfaces_with_misses']} |")
     if "containers" in att:
-        L += ["", _containers_line(att["containers"])]
+        L += [""] + _containers_section(att["containers"])
     return L
 
 
-def _containers_line(r: dict) -> str:
-    """The operator's case (python -m bench.containers), next to ConMon's figure."""
+CONTAINER_PATHS = {"link-event": "link-event watcher", "cni": "chained CNI plugin"}
+
+
+def _containers_section(c: dict) -> list[str]:
+    """The operator's case (python -m bench.containers) per attach mode, next to ConMon's
+    figure, and what the plugin adds to a container's start (measured within the cni run,
+    against containers without the plugin interleaved with its own). A result of the
+    bench before the modes holds one summary (the link-event watcher's), not one per mode."""
+    modes = c if set(c) <= set(ATTACH_MODES) else {"link-event": c}
     head = "Real podman containers (`python -m bench.containers`, clsact)"
-    if "skipped" in r or "error" in r:
-        why = r.get("skipped") or f"failed: {r['error'][:200]}"
-        return f"{head}: not measured ({why})."
-    return (f"{head}, {r['containers']} containers on a bridge network, each sending UDP "
-            f"at {r['rate_pps']:g} packets/s from its first instruction: `podman run` to both "
-            f"hooks attached p50 {_num(r['attach_ms_p50'], '{:.1f}')} / p99 "
-            f"{_num(r['attach_ms_p99'], '{:.1f}')} ms (link event to attached "
-            f"{_num(r['event_to_attached_ms_p50'], '{:.1f}')} / "
-            f"{_num(r['event_to_attached_ms_p99'], '{:.1f}')} ms); first packet sent p50 "
-            f"{_num(r['first_packet_ms_p50'], '{:.1f}')} ms after `podman run`, "
-            f"{_num(r['margin_ms_p50'], '{:.1f}')} ms after the attach (smallest margin "
-            f"{_num(r['margin_ms_min'], '{:.1f}')} ms; first packet before the attach in "
-            f"{r['first_packet_before_attach']} of {r['containers']}); "
-            f"{r['packets_missed']} of {r['packets_sent']} packets missed. ConMon: attached "
-            f"{CONMON_ATTACH_MS} ms after the container started, {CONMON_MISSED} packets "
-            f"missed.")
+    done = {m: r for m, r in modes.items() if "skipped" not in r and "error" not in r}
+    L = []
+    for m, r in modes.items():
+        if m not in done:
+            why = r.get("skipped") or f"failed: {r['error'][:200]}"
+            L.append(f"{head}, attached by the {CONTAINER_PATHS[m]}: not measured ({why}).")
+    if not done:
+        return L
+    any_r = next(iter(done.values()))
+    sender = ("a static binary" if any_r.get("sender", "python3") == "static"
+              else "python3")
+    per = " per attach mode" if len(modes) > 1 else ""
+    L += [f"{head}: {any_r['containers']} containers{per} on a bridge network, "
+          f"each sending UDP at {any_r['rate_pps']:g} packets/s from its first instruction "
+          f"({sender}). ConMon: attached {CONMON_ATTACH_MS} ms after the container started, "
+          f"{CONMON_MISSED} packets missed.", "",
+          "| attached by | podman run -> attached p50 / p99 (ms) | request -> attached p50 / "
+          "p99 (ms) | podman run -> first packet p50 / p99 (ms) | margin p50, min (ms) | "
+          "first packet before the attach | packets missed / sent |",
+          "|---|---|---|---|---|---|---|"]
+
+    def pair(r, key):
+        return f"{_num(r[key + '_p50'], '{:.1f}')} / {_num(r[key + '_p99'], '{:.1f}')}"
+    for m, r in done.items():
+        label = CONTAINER_PATHS[m]
+        if m == "cni":
+            by = r["attached_by"]
+            label += (f" ({by['cni']} by the plugin, {by['link-event']} by the link event "
+                      f"first; {r['cni_unanswered']} ADDs unanswered)")
+        L.append(f"| {label} | {pair(r, 'attach_ms')} | {pair(r, 'event_to_attached_ms')} | "
+                 f"{pair(r, 'first_packet_ms')} | {_num(r['margin_ms_p50'], '{:.1f}')}, "
+                 f"{_num(r['margin_ms_min'], '{:.1f}')} | {r['first_packet_before_attach']} "
+                 f"of {r['containers']} | {r['packets_missed']} / {r['packets_sent']} |")
+    cni = done.get("cni")
+    if cni and "without_plugin" in cni:
+        w = cni["without_plugin"]
+        L += ["", f"What the plugin adds to a container's start: `podman run` to first packet "
+              f"p50 {_num(cni['first_packet_ms_p50'], '{:.1f}')} / p99 "
+              f"{_num(cni['first_packet_ms_p99'], '{:.1f}')} ms with it, "
+              f"{_num(w['first_packet_ms_p50'], '{:.1f}')} / "
+              f"{_num(w['first_packet_ms_p99'], '{:.1f}')} ms without it ({w['containers']} "
+              f"containers on the same chain less the plugin, interleaved in the same run): "
+              f"{_num(cni['plugin_adds_ms_p50'], '{:+.1f}')} ms at p50, "
+              f"{_num(cni['plugin_adds_ms_p99'], '{:+.1f}')} ms at p99."]
+    return L
 
 
 PER_PACKET_SUBJECTS = ("thesis", "mirror", "mirror+clone")

@@ -99,6 +99,46 @@ def test_one_writer_for_result_files(tmp_path):
     assert (tmp_path / "run" / "latest.md").read_text() == "# run\n"
 
 
+def _containers_summary(**kw) -> dict:
+    """The shape of one python -m bench.containers --json summary, per_container left out."""
+    figures = {"containers": 2, "attached": 2, "attach_ms_p50": 100.0, "attach_ms_p99": 120.0,
+               "event_to_attached_ms_p50": 5.0, "event_to_attached_ms_p99": 9.0,
+               "first_packet_ms_p50": 300.0, "first_packet_ms_p99": 400.0,
+               "margin_ms_p50": 200.0, "margin_ms_p99": 250.0, "margin_ms_min": 150.0,
+               "first_packet_before_attach": 0, "packets_sent": 200, "packets_arrived": 200,
+               "packets_seen": 200, "packets_missed": 0, "containers_with_misses": 0,
+               "attached_by": {"cni": 0, "link-event": 2}, "cni_unanswered": 0}
+    return {"attach_by": "link-event", "sender": "static", "hook": "clsact",
+            "rate_pps": 1000.0, **figures, **kw}
+
+
+@pytest.mark.unit
+def test_the_report_shows_both_attach_modes_and_the_plugins_cost():
+    """A row per attach mode, what the plugin adds (from the cni run's own arms), a mode
+    that could not run said so; and a result from before the modes (one summary, the
+    python3 sender) still renders."""
+    from bench import report
+    without = _containers_summary(first_packet_ms_p50=280.0, first_packet_ms_p99=390.0)
+    cni = _containers_summary(attach_by="cni", without_plugin=without,
+                              attached_by={"cni": 1, "link-event": 1},
+                              plugin_adds_ms_p50=20.0, plugin_adds_ms_p99=10.0)
+    text = "\n".join(report._containers_section(
+        {"link-event": _containers_summary(), "cni": cni}))
+    assert "| link-event watcher | 100.0 / 120.0 |" in text
+    assert "| chained CNI plugin (1 by the plugin, 1 by the link event first;" in text
+    assert "p50 300.0 / p99 400.0 ms with it, 280.0 / 390.0 ms without it" in text
+    assert "+20.0 ms at p50, +10.0 ms at p99" in text
+    assert "2 containers per attach mode" in text and "(a static binary)" in text
+    skipped = "\n".join(report._containers_section(
+        {"link-event": _containers_summary(), "cni": {"skipped": "go is not installed"}}))
+    assert "chained CNI plugin: not measured (go is not installed)" in skipped
+    assert "plugin adds" not in skipped
+    old = _containers_summary()
+    del old["sender"], old["attach_by"]
+    old_text = "\n".join(report._containers_section(old))
+    assert "| link-event watcher |" in old_text and "(python3)" in old_text
+    assert "per attach mode" not in old_text
+
 @pytest.mark.unit
 def test_both_modes_fail_preflight_alike():
     """One preflight: a machine the bench cannot use (here: none of its tools on PATH, or
