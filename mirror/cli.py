@@ -209,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                      type=text_checked(path_text),
                      help="append one JSON line per error response to PATH (mode 0600, 0640 "
                      "with --events-group; rotated to PATH.1 past --events-file-mb); '-': "
-                     "standard output "
-                     "(default: off; `mirror events` works either way)")
+                     "standard output (default: off; `mirror events` works either way)")
     run.add_argument("--events-group", default=env("MIRROR_EVENTS_GROUP"), metavar="GROUP",
                      help="share the events file with this group (a name or a gid): mode "
                      "0640 and that group's, so that the capture sidecar, running as another "

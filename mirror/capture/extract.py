@@ -1,12 +1,12 @@
 """`mirror capture --extract`: the packets of the connections of the sidecar's ring that
-match (a Community ID, statuses, a time window, a workload: all the criteria given) into one pcapng
-file, each request before its response, annotated like a recording
+match (a Community ID, statuses, a time window, a workload: all the criteria given) into
+one pcapng file, each request before its response, annotated like a recording
 (mirror.capture.annotate) with what the index says of each connection.
 
 Two passes over the ring's files, oldest first, one file in memory at a time: the first
 sums up every connection (its Community ID, the HTTP/1.x statuses its server sent, its
-first and last packet time), the second writes the packets of those that match, through the
-reorder's Holder (size-bounded, no time bound), so that a request still after its
+first and last packet time), the second writes the packets of those that match, through
+the reorder's Holder (size-bounded, no time bound), so that a request still after its
 response (in the file tcpdump is writing, not yet reordered, or in the next ring file)
 is put before it. A file the ring overwrites between the passes gives what it holds by
 then.
@@ -47,6 +47,7 @@ from .ring import list_pcaps
 from .sidecar import INDEX_NAME, STATUS_NAME
 
 log = logging.getLogger("mirror")
+
 
 @dataclass
 class Summary:
