@@ -208,9 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "unlimited (default %(default)s)")
     run.add_argument("--events-file", default=env("MIRROR_EVENTS_FILE"), metavar="PATH",
                      type=text_checked(path_text),
-                     help="append one JSON line per error response to PATH (mode 0600, "
-                     "rotated to PATH.1 past --events-file-mb); '-': standard output "
-                     "(default: off; `mirror events` works either way)")
+                     help="append one JSON line per error response to PATH (mode 0600, 0640 "
+                     "with --events-group; rotated to PATH.1 past --events-file-mb); '-': "
+                     "standard output (default: off; `mirror events` works either way)")
+    run.add_argument("--events-group", default=env("MIRROR_EVENTS_GROUP"), metavar="GROUP",
+                     help="share the events file with this group (a name or a gid): mode "
+                     "0640 and that group's, so that the capture sidecar, running as another "
+                     "user in it, can read it (`mirror capture --events-file`); the "
+                     "controller must be a member of the group, or have CAP_CHOWN "
+                     "(default: none, mode 0600)")
     run.add_argument("--events-file-mb", type=count(1, 1 << 20),
                      default=env("MIRROR_EVENTS_FILE_MB", "16"), metavar="MB",
                      help="rotate the events file past this size (default %(default)s)")
@@ -285,6 +291,7 @@ def cmd_run(args) -> int:
                    config=args.config, request_bytes=int(args.request_bytes),
                    events_file=args.events_file,
                    events_file_bytes=int(args.events_file_mb) << 20,
+                   events_group=args.events_group,
                    exclude=args.exclude or args.env_exclude, max_ifaces=args.max_ifaces,
                    max_packets_per_flow=int(args.max_packets_per_flow),
                    max_bytes_per_flow=int(args.max_bytes_per_flow),

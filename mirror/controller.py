@@ -222,7 +222,8 @@ class Controller:
         out = None
         if self.opts.events_file:
             out = EventsFile(self.opts.events_file, self.opts.events_file_bytes,
-                             on_error=lambda: self._count_error("events"))
+                             on_error=lambda: self._count_error("events"),
+                             group=self.opts.events_gid)
         self.events = EventStream(self.classifier, self.attachments.name_of,
                                   lambda: self.debug.target_ifindex if self.debug else 0,
                                   out, self.opts.budget(), self.workload_of).start()

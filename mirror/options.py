@@ -2,6 +2,7 @@
 before anything touches the kernel, and the one rule for which source wins."""
 from __future__ import annotations
 
+import grp
 from dataclasses import dataclass, field, replace
 
 from . import debugif, hooks
@@ -11,6 +12,7 @@ from .cliutil import parse_metrics_addr
 from .config import MAX_SECONDS, read_config
 from .discovery import DEFAULT_MAX_IFACES, MAX_IFACES_LIMIT, Selector
 from .errors import UsageError
+from .privileges import can_give_group
 from .safepath import UnsafePath, check_writable_file
 from .trigger import parse_trigger
 
@@ -33,6 +35,9 @@ class Options:
     request_bytes: int = DEFAULT_REQUEST_BYTES
     events_file: str | None = None
     events_file_bytes: int = 16 << 20
+    # A group name or gid: the events file is shared with it, mode 0640 (the capture
+    # sidecar, another user, reads it to name the workload and h2c/gRPC statuses).
+    events_group: str | None = None
     exclude: list[str] = field(default_factory=list)
     max_ifaces: int = DEFAULT_MAX_IFACES
     # Budgets (0: unlimited); the defaults and why: README, "Budgets".
@@ -45,6 +50,12 @@ class Options:
     max_events_per_connection: int = DEFAULT_MAX_EVENTS_PER_CONN
     # The trigger, parsed (resolve() fills it in).
     codes: frozenset[int] = frozenset()
+
+    @property
+    def events_gid(self) -> int | None:
+        """The gid of --events-group (None when not given); UsageError for a name that
+        is no group here."""
+        return None if self.events_group is None else group_id(self.events_group)
 
     def budget(self) -> dict[str, int]:
         return {"max_packets_per_flow": self.max_packets_per_flow,
@@ -94,9 +105,38 @@ class Options:
                                  f"{getattr(exc, 'strerror', None) or exc}; give a new or "
                                  "regular file of root's in a directory only root can "
                                  "change") from None
+        if self.events_group is not None:
+            self._check_events_group()
         if self.metrics_addr:
             parse_metrics_addr(self.metrics_addr)
         return selector
+
+    def _check_events_group(self) -> None:
+        if not self.events_file or self.events_file == "-":
+            raise UsageError("--events-group shares the events file with a group: give "
+                             "--events-file PATH too")
+        gid = self.events_gid
+        if not can_give_group(gid):
+            raise UsageError(f"--events-group {self.events_group}: the controller can give "
+                             f"its events file to group {gid} only as a member of it or with "
+                             "CAP_CHOWN; run it with that group as a supplementary one "
+                             "(Kubernetes: the pod's securityContext.supplementalGroups; "
+                             "Docker: --group-add / group_add) or grant CHOWN")
+
+
+def group_id(text: str) -> int:
+    """A group's gid from its name or number (as chgrp takes it); UsageError otherwise."""
+    name = text.strip()
+    if name.isdigit():
+        gid = int(name)
+        if gid >= (1 << 32) - 1:        # (gid_t)-1 means "no change" to chown(2)
+            raise UsageError(f"--events-group {text!r}: a gid is below {(1 << 32) - 1}")
+        return gid
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise UsageError(f"--events-group {text!r}: no such group here (give its name or "
+                         "its number, e.g. 10001)") from None
 
 
 def resolve(flags: Options) -> Options:

@@ -50,6 +50,13 @@ def effective_caps(status_path: str = "/proc/self/status") -> set[str]:
     raise OSError(f"no CapEff line in {status_path}")
 
 
+def can_give_group(gid: int) -> bool:
+    """Whether this process may give a file it owns to group `gid` (`mirror run
+    --events-group`): chown(2) lets an owner give its files to a group it is a member of,
+    and CAP_CHOWN to any group."""
+    return gid == os.getegid() or gid in os.getgroups() or "CAP_CHOWN" in effective_caps()
+
+
 def kernel_has_cap_bpf(release: str | None = None) -> bool:
     """Whether the kernel (release string as in `uname -r`) knows CAP_BPF: 5.8 or newer."""
     release = release or os.uname().release

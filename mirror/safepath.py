@@ -12,7 +12,11 @@ writes where another user has a say can be made to write anywhere:
   regular file owned by root or the running user that nobody else may write, on a real
   file system: in /proc or /sys a write is a command to the kernel, not a log line;
 - a file this module creates is new (O_EXCL: a temporary file, renamed over the old one
-  when done), mode 0600.
+  when done), mode 0600;
+- a file shared with a group (open_append's `group`: the events file, which the capture
+  sidecar reads as another user) is mode 0640 and that group's, from the moment its name
+  exists: it is made complete under a temporary name and linked into place, so that a
+  reader never finds it unreadable, and nobody but its owner may write it.
 
 What fails the policy raises UnsafePath, whose message says which path and why; the
 caller adds what it was for (an option, an environment variable) and the fix."""
@@ -147,15 +151,25 @@ def check_writable_file(path: str) -> None:
         raise UnsafePath(f"{target} is in {fs}, a kernel file system, not a file")
 
 
-def open_append(path: str, mode: int = 0o600) -> int:
+SHARED_MODE = 0o640         # a file shared with a group: it reads, only the owner writes
+
+
+def open_append(path: str, mode: int = 0o600, group: int | None = None) -> int:
     """A descriptor to append to `path`, created with `mode` if missing, under the policy
     above. The file is looked at (lstat) before it is opened, so that a device or a pipe
-    is never opened at all (opening some devices does something)."""
+    is never opened at all (opening some devices does something). With `group` (a gid),
+    the file is shared with that group: created mode SHARED_MODE and that group's
+    (_create_shared), and an existing one given both; changing the group needs the
+    process to be a member of it, or CAP_CHOWN (EPERM otherwise)."""
     check_directory(os.path.dirname(os.path.abspath(path)))
     try:
         before = os.lstat(path)
     except FileNotFoundError:
         before = None
+        if group is not None:
+            _create_shared(path, group)
+            before = os.lstat(path)
+            check_file(before, path)
     else:
         check_file(before, path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
@@ -168,10 +182,34 @@ def open_append(path: str, mode: int = 0o600) -> int:
         fs = pseudo_fs(fd)
         if fs:
             raise UnsafePath(f"{path} is in {fs}, a kernel file system, not a file")
+        if group is not None:
+            if st.st_gid != group:
+                os.fchown(fd, -1, group)
+            if stat.S_IMODE(st.st_mode) != SHARED_MODE:
+                os.fchmod(fd, SHARED_MODE)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _create_shared(path: str, group: int) -> None:
+    """Creates `path` empty, mode SHARED_MODE, owned by `group`, all at once: made under a
+    new temporary name (O_EXCL|O_NOFOLLOW, as mkstemp makes it), given its group and mode,
+    then hard-linked to `path`, which fails rather than replace a file created meanwhile
+    (that one is then opened and checked as any existing file)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchown(fd, -1, group)
+        os.fchmod(fd, SHARED_MODE)
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            pass
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = False) -> None:

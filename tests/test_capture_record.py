@@ -20,11 +20,11 @@ from helpers import (MirrorProcess, counted_from_now, env_with, mirror_cmd, mirr
                      run_cli, wait_closed, wait_until)
 from test_capture import (C4, C6, S4, S6, capture_proc, injected_basic,  # noqa: F401
                           injected_keepalive)
-from mirror.capture.extract import Selector, Summary, parse_statuses
+from mirror.capture.extract import Selector, Summary
 from mirror.capture.pcap import PcapngWriter
 from mirror.capture.reorder import Frame, Holder
 from mirror.communityid import of_flow
-from mirror.filters import parse_time
+from mirror.filters import Statuses, parse_time
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send, send_h2
 from mirror.lab.netns import unique_name
@@ -121,9 +121,13 @@ def test_pcapng_writer_read_by_dpkt_and_tshark(tmp_path):
 @pytest.mark.unit
 def test_extract_selectors():
     key = FlowKey.from_endpoints(C4, 40000, S4, 80)
-    s = Summary(key, of_flow(key), {500, 200}, 100.0, 110.0)
-    assert Selector(community_id=of_flow(key), statuses=parse_statuses("5xx")).matches(s)
-    assert not Selector(statuses=parse_statuses("502-504,404")).matches(s)
+    s = Summary(key, of_flow(key), {500, 200}, {14}, 100.0, 110.0)
+    assert Selector(community_id=of_flow(key), statuses=Statuses.parse("5xx")).matches(s)
+    assert not Selector(statuses=Statuses.parse("502-504,404")).matches(s)
+    # gRPC codes apart from HTTP ones: grpc:14 is the gRPC status, never an HTTP one.
+    assert Selector(statuses=Statuses.parse("grpc:unavailable")).matches(s)
+    assert not Selector(statuses=Statuses.parse("grpc:13")).matches(
+        Summary(key, of_flow(key), {200, 500}))
     assert Selector(since=105, until=105).matches(s) and not Selector(since=111).matches(s)
     assert not Selector(extra=(lambda summary: False,)).matches(s)     # the workload hook
     assert parse_time("1970-01-01T00:01:40Z", "--since") == 100.0

@@ -12,7 +12,7 @@ import pytest
 from test_capture import C4, C6, S4, S6, injected_basic  # noqa: F401
 from test_capture_record import pcapng_packets, tshark
 from helpers import run_cli
-from mirror.capture.eventjoin import EventJoin, where_seen
+from mirror.capture.eventjoin import EventJoin, add_statuses, statuses_of, where_seen
 from mirror.capture.flow import Packet
 from mirror.capture.index import Indexer, read_index
 from mirror.communityid import of_flow
@@ -42,6 +42,25 @@ def test_where_seen_names_the_interface_and_a_known_workload():
     assert where_seen({"iface": "veth1", "mirror.workload.state": "pending"}) == {
         "iface": "veth1"}
     assert where_seen({"iface": 7}) == {}
+
+
+def test_statuses_from_the_events_where_the_capture_read_none():
+    """An h2c or gRPC row takes its statuses from the events, gRPC codes apart; an HTTP/1.x
+    row keeps the status lines the capture read; a status outside its protocol's codes,
+    or not a number, is no status."""
+    h2 = [{"proto": "h2", "status": 503}, {"proto": "h2", "status": 500}]
+    grpc = [{"proto": "grpc", "status": 14}, {"proto": "grpc", "status": 13},
+            {"proto": "grpc", "status": 99}, {"proto": "h2", "status": True}]
+    blank = {"status": None, "proto": None, "statuses": [], "grpc_statuses": []}
+    assert add_statuses(dict(blank), h2) == {"status": 503, "proto": "h2",
+                                             "statuses": [503, 500], "grpc_statuses": []}
+    assert add_statuses(dict(blank), grpc) == {
+        "status": 14, "proto": "grpc", "grpc_status": "UNAVAILABLE", "statuses": [],
+        "grpc_statuses": [14, 13]}
+    h1 = {"status": 500, "proto": "h1", "statuses": [500, 200], "grpc_statuses": []}
+    assert add_statuses(dict(h1), [{"proto": "h1", "status": 500}]) == h1
+    assert add_statuses(dict(blank), [{"status": "500"}]) == blank
+    assert statuses_of(h2 + grpc + [h1]) == ({200, 500, 503}, {13, 14})
 
 
 def test_the_join_reads_the_rotated_file_and_what_is_appended(tmp_path):

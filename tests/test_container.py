@@ -137,6 +137,54 @@ def test_manifests_scrape_both_metrics_ports_and_name_no_moving_tag():
     assert compose["services"]["mirror"]["read_only"] is True
 
 
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name,template", list(pod_specs()),
+                         ids=[name for name, _ in pod_specs()])
+def test_kubernetes_capture_reads_the_events_file_through_its_group(name, template):
+    """The controller writes its events file into a volume the capture sidecar mounts
+    read-only at the same path, shared with the capture's group (mode 0640): the pod makes
+    the controller a member of that group (supplementalGroups), not CAP_CHOWN; the init
+    container makes the directory root's, readable by that group only."""
+    spec = template["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    mirror, capture = containers["mirror"], containers["capture"]
+    path = env_of(mirror)["MIRROR_EVENTS_FILE"]
+    assert env_of(capture)["MIRROR_CAPTURE_EVENTS_FILE"] == path
+    group = capture["securityContext"]["runAsGroup"]
+    assert env_of(mirror)["MIRROR_EVENTS_GROUP"] == str(group) == str(CAPTURE_UID)
+    assert spec["securityContext"]["supplementalGroups"] == [group]
+    assert "CHOWN" not in mirror["securityContext"]["capabilities"]["add"]
+    directory = path.rsplit("/", 1)[0]
+    mounted = {c: {m["mountPath"]: m for m in containers[c]["volumeMounts"]}[directory]
+               for c in ("mirror", "capture")}
+    assert mounted["mirror"]["name"] == mounted["capture"]["name"]
+    assert not mounted["mirror"].get("readOnly") and mounted["capture"]["readOnly"] is True
+    [init] = spec["initContainers"]
+    at = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}[mounted["mirror"]["name"]]
+    assert f"chown 0:{group} {at} && chmod 0750 {at}" in " ".join(init["command"])
+
+
+@pytest.mark.unit
+def test_compose_capture_reads_the_events_file_through_its_group():
+    services = yaml.safe_load((CONTAINER / "compose.yaml").read_text())["services"]
+    mirror, capture = services["mirror"], services["capture"]
+    path = mirror["environment"]["MIRROR_EVENTS_FILE"]
+    assert capture["environment"]["MIRROR_CAPTURE_EVENTS_FILE"] == path
+    group = capture["user"].split(":")[1]
+    assert mirror["environment"]["MIRROR_EVENTS_GROUP"] == group == str(CAPTURE_UID)
+    assert mirror["group_add"] == [group] and "CHOWN" not in mirror["cap_add"]
+    directory = path.rsplit("/", 1)[0]
+    assert f"events:{directory}" in mirror["volumes"]
+    assert f"events:{directory}:ro" in capture["volumes"]
+    # A new volume takes the image's directory: root's, readable by the group only.
+    assert f"install -d -o 0 -g {group} -m 0750 {directory}" in \
+        (CONTAINER / "Containerfile").read_text()
+
+
 @pytest.mark.unit
 def test_compose_sidecars_share_the_app_network():
     compose = yaml.safe_load((CONTAINER / "compose.yaml").read_text())

@@ -48,10 +48,13 @@ def assert_namespace_clean(host: Host) -> None:
 
 
 def assert_one_error_flow(captures: Path) -> dict:
+    """The index holds the error connection only, named after the application's eth0: the
+    capture sidecar (uid 10001) read the controller's events file, shared with its group."""
     records = read_index(captures / "index.jsonl")
     assert len(records) == 1, records
     rec = records[0]
     assert rec["statuses"] == [500] and parse_endpoint(rec["server"])[1] == 80, rec
+    assert rec["iface"] == "eth0", rec
     flows = {}
     for pcap in sorted(captures.glob("mirror-*.pcap*")):
         flows.update(dpkt_flows(pcap))

@@ -136,14 +136,15 @@ def test_containerd_spec_says_where_the_network_namespace_is():
 def test_daemonset_gains_two_read_only_mounts_and_nothing_else():
     """The node-wide controller reads containerd's socket and the node's /run/netns
     (docs/deployment.md says why both), read-only, without a capability or the host's
-    PID namespace."""
+    PID namespace. (Its other mounts: the kernel headers, its state, and the events
+    directory it shares with the capture sidecar: tests/test_container.py.)"""
     doc = next(d for d in yaml.safe_load_all((ROOT / "container/k8s/daemonset.yaml").read_text())
                if d and d.get("kind") == "DaemonSet")
     spec = doc["spec"]["template"]["spec"]
     mirror = next(c for c in spec["containers"] if c["name"] == "mirror")
     mounts = {m["mountPath"]: m for m in mirror["volumeMounts"]}
     assert set(mounts) == {"/lib/modules", "/usr/src", "/run/tc-mirror",
-                           "/run/containerd/containerd.sock", "/run/netns"}
+                           "/run/containerd/containerd.sock", "/run/netns", "/var/log/mirror"}
     sock, netns = mounts["/run/containerd/containerd.sock"], mounts["/run/netns"]
     assert sock["readOnly"] and netns["readOnly"]
     assert netns["mountPropagation"] == "HostToContainer"

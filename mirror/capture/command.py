@@ -179,7 +179,9 @@ def add_parser(sub) -> None:
                    help="with --extract: the connection of this Community ID (1:...)")
     p.add_argument("--status", metavar="CODES",
                    help="with --extract: connections that got one of these statuses "
-                   "(500, 5xx, 500-504, comma-separated)")
+                   "(the trigger's syntax: 500, 5xx, 500-504, grpc:14, comma-separated); "
+                   "h2c and gRPC statuses are known from the controller's events "
+                   "(--events-file, or the index rows of a sidecar that reads them)")
     p.add_argument("--since", metavar="TIME",
                    help="with --extract: connections with a packet at or after TIME "
                    "(RFC 3339, e.g. 2025-01-01T12:00:00Z, or epoch seconds)")
@@ -296,7 +298,7 @@ def render_index(records: list[dict], status: dict | None, directory: Path) -> s
     if not records:
         lines = [f"no flows indexed in {printable(directory / INDEX_NAME)}"]
     else:
-        lines = [f"{'first packet (UTC)':26} {'client':24} {'server':24} {'status':6} "
+        lines = [f"{'first packet (UTC)':26} {'client':24} {'server':24} {'status':7} "
                  f"{'resp ms':>9}  {'request':32} {'host':20} {'later':8} {'pkts':>5} "
                  f"{'bytes':>8}  {'files':8} {'community id':30} requests after the trigger"]
         lines += [_row(r, directory) for r in records]
@@ -328,14 +330,21 @@ def _row(r: dict, directory: Path) -> str:
     files = r.get("files", [])
     present = sum((directory / Path(f).name).exists() for f in files)
     file_note = f"{present}/{len(files)}" if present < len(files) else str(len(files))
-    statuses = r.get("statuses", [])
-    status = r.get("status") or (statuses[0] if statuses else "-")
+    # gRPC codes as the events write them (grpc:14): grpc-status 14 is no HTTP status.
+    codes = ([str(c) for c in r.get("statuses", [])]
+             + [f"grpc:{c}" for c in r.get("grpc_statuses", [])])
+    if r.get("status") is not None:
+        status = f"grpc:{r['status']}" if r.get("proto") == "grpc" else str(r["status"])
+    else:
+        status = codes[0] if codes else "-"
+    if status in codes:
+        codes.remove(status)
     seconds = r.get("response_seconds")
     request = printable(f"{r['method']} {r['target']}") if r.get("method") else "-"
-    later = ",".join(map(str, statuses[1:])) or "-"
+    later = ",".join(codes) or "-"
     requests = printable("; ".join(r.get("requests", []))) or "-"
     client, server = printable(r["client"]), printable(r["server"])
-    return (f"{printable(r['time'][:26]):26} {client:24} {server:24} {status!s:6} "
+    return (f"{printable(r['time'][:26]):26} {client:24} {server:24} {status!s:7} "
             f"{'-' if seconds is None else f'{seconds * 1e3:.3f}':>9}  {_cut(request, 32):32} "
             f"{_cut(printable(r.get('host') or '-'), 20):20} {_cut(later, 8):8} "
             f"{r['packets']:>5} {r['bytes']:>8}  {file_note:8} "

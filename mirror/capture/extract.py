@@ -1,12 +1,12 @@
 """`mirror capture --extract`: the packets of the connections of the sidecar's ring that
-match (a Community ID, statuses, a time window: all the criteria given) into one pcapng
-file, each request before its response, annotated like a recording
+match (a Community ID, statuses, a time window, a workload: all the criteria given) into
+one pcapng file, each request before its response, annotated like a recording
 (mirror.capture.annotate) with what the index says of each connection.
 
 Two passes over the ring's files, oldest first, one file in memory at a time: the first
-sums up every connection (its Community ID, the statuses its server sent, its first and
-last packet time), the second writes the packets of those that match, through the
-reorder's Holder (size-bounded, no time bound), so that a request still after its
+sums up every connection (its Community ID, the HTTP/1.x statuses its server sent, its
+first and last packet time), the second writes the packets of those that match, through
+the reorder's Holder (size-bounded, no time bound), so that a request still after its
 response (in the file tcpdump is writing, not yet reordered, or in the next ring file)
 is put before it. A file the ring overwrites between the passes gives what it holds by
 then.
@@ -15,25 +15,30 @@ Selector.extra holds further criteria, predicates on a connection's Summary that
 all hold: the workload (--namespace/--pod/--container, mirror.filters.WorkloadPatterns),
 matched on what is known of the connection's interface and workload: its index rows
 (named when the sidecar joined the controller's events file) and, with --events-file,
-the controller's events of its Community ID (mirror.capture.eventjoin)."""
+the controller's events of its Community ID (mirror.capture.eventjoin).
+
+Statuses (--status, the trigger's syntax: 5xx, grpc:14) match what the ring's HTTP/1.x
+status lines say and what is known of the connection as for the workload: the statuses
+of its controller's events, or of its index rows (which the sidecar took from those
+events). An h2c :status and a gRPC grpc-status are HPACK-coded, which the capture does
+not follow: those connections are selected by status only through the events."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..communityid import of_flow
 from ..errors import UsageError
-from ..filters import WorkloadPatterns, check_community_id, time_window
+from ..filters import Statuses, WorkloadPatterns, check_community_id, time_window
 from ..flowkey import FlowKey, key_of
 from ..http1 import status_line
 from .annotate import AnnotatedWriter, open_output
-from .eventjoin import EventJoin, where_seen
+from .eventjoin import EventJoin, statuses_of, where_seen
 from .flow import Packet
 from .index import CorruptIndex, read_index
 from .pcap import read_file, timestamp_ns
@@ -43,15 +48,14 @@ from .sidecar import INDEX_NAME, STATUS_NAME
 
 log = logging.getLogger("mirror")
 
-_STATUS_ITEM = re.compile(r"^([1-5])xx$|^(\d{3})(?:-(\d{3}))?$")
-
 
 @dataclass
 class Summary:
     """A connection of the ring, as the first pass saw it."""
     key: FlowKey
     community_id: str
-    statuses: set = field(default_factory=set)
+    statuses: set = field(default_factory=set)         # HTTP codes
+    grpc_statuses: set = field(default_factory=set)
     first_ts: float = math.inf
     last_ts: float = -math.inf
 
@@ -59,43 +63,25 @@ class Summary:
 @dataclass(frozen=True)
 class Selector:
     community_id: str | None = None
-    statuses: frozenset | None = None
+    statuses: Statuses | None = None
     since: float | None = None
     until: float | None = None
     extra: tuple[Callable[[Summary], bool], ...] = ()
 
     def matches(self, s: Summary) -> bool:
         return ((self.community_id is None or s.community_id == self.community_id)
-                and (self.statuses is None or bool(s.statuses & self.statuses))
+                and (self.statuses is None or bool(s.statuses & self.statuses.http)
+                     or bool(s.grpc_statuses & self.statuses.grpc))
                 and (self.since is None or s.last_ts >= self.since)
                 and (self.until is None or s.first_ts <= self.until)
                 and all(check(s) for check in self.extra))
 
 
-def parse_statuses(spec: str) -> frozenset:
-    """"500", "5xx", "500-504", comma-separated; UsageError otherwise."""
-    codes: set[int] = set()
-    for item in spec.split(","):
-        m = _STATUS_ITEM.match(item.strip().lower())
-        if not m:
-            raise UsageError(f"--status {spec!r}: cannot read {item.strip()!r}; use codes "
-                             "(500), classes (5xx) or ranges (500-504), comma-separated")
-        if m.group(1):
-            base = int(m.group(1)) * 100
-            codes.update(range(base, base + 100))
-            continue
-        lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
-        if not 100 <= lo <= hi <= 599:
-            raise UsageError(f"--status {spec!r}: {item.strip()} is not a range of status "
-                             "codes (100-599, low to high)")
-        codes.update(range(lo, hi + 1))
-    return frozenset(codes)
-
-
 def selector_of(community_id, status, since, until) -> Selector:
     lo, hi = time_window(since, until)
     return Selector(community_id=check_community_id(community_id) if community_id else None,
-                    statuses=parse_statuses(status) if status else None, since=lo, until=hi)
+                    statuses=Statuses.parse(status) if status is not None else None,
+                    since=lo, until=hi)
 
 
 def summarise(files) -> dict[FlowKey, Summary]:
@@ -142,7 +128,10 @@ def index_events(directory: Path) -> dict[FlowKey, list[dict]]:
             key = key_of(r["client"], r["server"])
         except ValueError:
             continue
-        out.setdefault(key, []).append({"status": r.get("status"), "method": r.get("method"),
+        out.setdefault(key, []).append({"status": r.get("status"), "proto": r.get("proto"),
+                                        "statuses": r.get("statuses"),
+                                        "grpc_statuses": r.get("grpc_statuses"),
+                                        "method": r.get("method"),
                                         "target": r.get("target"), "host": r.get("host"),
                                         "time": r.get("time"), **where_seen(r)})
     return out
@@ -172,6 +161,11 @@ def extract_command(directory: Path, out_path: str, community_id, status, since,
             lambda s: any(workload.matches(e, e.get("iface")) for e in events_of(s.key)),))
     files = list_pcaps(directory)
     summaries = summarise(files)
+    if selector.statuses is not None:
+        for s in summaries.values():
+            http, grpc = statuses_of(events_of(s.key))
+            s.statuses |= http
+            s.grpc_statuses |= grpc
     keys = {k for k, s in summaries.items() if selector.matches(s)}
     if not keys:
         named = any(where_seen(e) for k in summaries for e in events_of(k))

@@ -31,6 +31,10 @@ the file's cursor to the new file's signature and first record, so the file is n
 again: no packet is counted twice and no flow indexed twice, and what the index holds is
 what the file held before the reorder.
 
+`statuses` are HTTP status codes, `grpc_statuses` gRPC ones; `proto` says which protocol
+carried `status` (h1, h2, grpc), null when nothing says: an h2c or gRPC connection's come
+from the controller's events (mirror.capture.eventjoin), where the sidecar reads them.
+
 Status and request lines are read by sequence number, as a retransmission or reordering
 cannot fool (mirror.capture.flow); packets and bytes count every captured frame. Each
 record carries the connection's `community_id` (mirror.communityid), the string that
@@ -93,9 +97,12 @@ def index_record(flow: Flow, reason: str) -> dict:
         "client": endpoint(*client), "server": endpoint(*server), "iface": None,
         "community_id": of_flow(flow.key), "family": flow.key.family,
         **error, "response_seconds": None if ms is None else round(ms / 1000, 6),
+        # What the capture reads is HTTP/1.x; an h2c or gRPC connection's protocol and
+        # statuses come from the controller's events, when joined (eventjoin.add_statuses).
+        "proto": "h1" if error["status"] is not None or statuses else None,
         "packets": flow.packet_count, "bytes": flow.bytes,
         "retransmissions": flow.retransmissions,
-        "statuses": statuses, "requests": requests[:MAX_REQUESTS],
+        "statuses": statuses, "grpc_statuses": [], "requests": requests[:MAX_REQUESTS],
         "requests_dropped": max(0, len(requests) - MAX_REQUESTS),
         "segments_dropped": flow.segments_dropped, "segments_cut": flow.segments_cut,
         "files": list(flow.files), "end": reason,
@@ -268,7 +275,8 @@ REQUIRED = {"client": str, "server": str, "time": str, "time_unix": (int, float)
 OPTIONAL = {"files": list, "statuses": list, "requests": list, "method": (str, type(None)),
             "target": (str, type(None)), "host": (str, type(None)),
             "status": (int, type(None)), "response_seconds": (int, float, type(None)),
-            "community_id": str, "end": str}
+            "community_id": str, "end": str, "proto": (str, type(None)),
+            "grpc_statuses": list}
 
 
 def check_record(record, where: str) -> dict:
@@ -282,7 +290,8 @@ def check_record(record, where: str) -> dict:
         if name in record and (not isinstance(record[name], kind)
                                or isinstance(record[name], bool)):
             raise CorruptIndex(f"{where}: field {name!r} of the wrong type")
-    for name, kind in (("files", str), ("statuses", int), ("requests", str)):
+    for name, kind in (("files", str), ("statuses", int), ("grpc_statuses", int),
+                       ("requests", str)):
         if not all(isinstance(v, kind) and not isinstance(v, bool)
                    for v in record.get(name, [])):
             raise CorruptIndex(f"{where}: field {name!r} holds a value of the wrong type")

@@ -25,7 +25,10 @@ class EventsFile:
     """JSON lines appended to PATH (mode 0600, opened under mirror.safepath's rules: no
     symbolic link, a regular file of root's in directories nobody else can change),
     moved to PATH.1 once PATH passes `max_bytes` (one rotated file: at most about twice
-    max_bytes on disk); "-" writes to standard output instead.
+    max_bytes on disk); "-" writes to standard output instead. With `group` (a gid:
+    `mirror run --events-group`), PATH is mode 0640 and that group's, from its creation
+    on (safepath.open_append), so that the capture sidecar, another user in that group,
+    can read it and join it (mirror.capture.eventjoin); PATH.1 keeps both.
 
     A write that fails never loses the line silently and never raises (the events
     reader must go on): the line is kept, with the ones after it, in memory (up to
@@ -36,8 +39,8 @@ class EventsFile:
     so that no new event is needed), and once more at close."""
 
     def __init__(self, path: str, max_bytes: int = 16 << 20,
-                 on_error: Callable[[], None] = lambda: None):
-        self.path, self.max_bytes = path, max_bytes
+                 on_error: Callable[[], None] = lambda: None, group: int | None = None):
+        self.path, self.max_bytes, self.group = path, max_bytes, group
         self.on_error = on_error
         self.pending: collections.deque[bytes] = collections.deque()
         self.failures = 0           # write attempts that failed
@@ -91,7 +94,7 @@ class EventsFile:
             self.pending.popleft()
             return
         if self._fd is None:
-            self._fd = open_append(self.path)
+            self._fd = open_append(self.path, group=self.group)
             self._size = os.fstat(self._fd).st_size
         written = os.write(self._fd, data)
         self._size += written
