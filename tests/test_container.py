@@ -163,7 +163,8 @@ def test_kubernetes_capture_reads_the_events_file_through_its_group(name, templa
                for c in ("mirror", "capture")}
     assert mounted["mirror"]["name"] == mounted["capture"]["name"]
     assert not mounted["mirror"].get("readOnly") and mounted["capture"]["readOnly"] is True
-    [init] = spec["initContainers"]
+    [init] = [c for c in spec["initContainers"]
+              if any(m["name"] == mounted["mirror"]["name"] for m in c["volumeMounts"])]
     at = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}[mounted["mirror"]["name"]]
     assert f"chown 0:{group} {at} && chmod 0750 {at}" in " ".join(init["command"])
 
