@@ -255,12 +255,18 @@ static __always_inline __u32 conn_bucket(const struct conn_key *k, __u32 seed)
     return h & (CONN_SLOTS - 1) & ~(CONN_WAYS - 1);
 }
 
+/* Whether two keys are the same: for IPv4 (the family word is compared first) only the
+ * words the hash reads can differ. */
 static __always_inline int conn_key_eq(const struct conn_key *a, const struct conn_key *b)
 {
     const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    if (x[9] != y[9] || x[8] != y[8] || x[10] != y[10] || x[0] != y[0] || x[4] != y[4])
+        return 0;
+    if (a->flow.family == 4)
+        return 1;
     int same = 1;
 #pragma unroll
-    for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+    for (int i = 1; i < 8; i++)
         same &= x[i] == y[i];
     return same;
 }
