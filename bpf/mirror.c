@@ -810,6 +810,10 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     char head[STATUS_LINE_LEN];
     int code = -1, request = 0, preface = 0, try_h2 = 0;
     __u32 payload_len = seg.payload_end - seg.payload_off;
+    /* A bare ACK tells the state nothing: it looks it up only while a connection may be
+     * marked (enum marks_index), and before the join below, which it need not pay. */
+    if (payload_len == 0 && !seg.syn && !maybe_marked())
+        return PASS;
     if (payload_len >= STATUS_LINE_LEN) {
         if (http1_load(skb, seg.payload_off, head) == 0) {
             code = http1_status(head);
@@ -824,11 +828,6 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     }
     try_h2 = MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head);
 
-    /* The hot path: the packets that tell a connection's state something look it up;
-     * the others only to learn whether it is marked, and not at all while no connection
-     * is (enum marks_index). Before the join below: a bare ACK pays nothing more. */
-    if (!seg.syn && code < 0 && !request && !preface && !try_h2 && !maybe_marked())
-        return PASS;
     /* From here on the packet's facts and its status code are one word, through opaque():
      * the paths that computed them join in one verifier state before the connection's
      * lookup, whose branches would otherwise multiply with theirs. code + 1 fits 10 bits
@@ -843,6 +842,12 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     seen_before = facts >> 5 & 1;
     on_lo = facts >> 6 & 1;
     code = (int)(facts >> 8 & 0x3ff) - 1;
+
+    /* The hot path: the packets that tell a connection's state something look it up;
+     * the others only to learn whether it is marked, and not at all while no connection
+     * is (enum marks_index). */
+    if (!syn && code < 0 && !request && !preface && !try_h2 && !maybe_marked())
+        return PASS;
 
     struct mirror_config *cfg = config.lookup(&zero);
     if (!cfg)
