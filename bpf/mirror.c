@@ -218,19 +218,34 @@ static __always_inline __u32 rotl32(__u32 x, __u32 r)
     return (x << r) | (x >> (32 - r));
 }
 
+/* One round of murmur3 x86_32: mixes word x into h. */
+static __always_inline __u32 murmur_round(__u32 h, __u32 x)
+{
+    x *= 0xcc9e2d51;
+    x = rotl32(x, 15) * 0x1b873593;
+    h ^= x;
+    return rotl32(h, 13) * 5 + 0xe6546b64;
+}
+
 /* The first slot of the key's bucket: a seeded hash (murmur3's rounds and finalizer) of
- * the key's eleven words. The seed, random per load, keeps a sender from choosing 4-tuples
- * that land in a victim's bucket. */
+ * the key's words: all eleven for IPv6, and for IPv4 the five that can be other than zero
+ * (the two addresses, the ports, the family word, the ifindex), which halves what every
+ * lookup of the common case pays. The seed, random per load, keeps a sender from choosing
+ * 4-tuples that land in a victim's bucket. */
 static __always_inline __u32 conn_bucket(const struct conn_key *k, __u32 seed)
 {
     const __u32 *w = (const __u32 *)k;
     __u32 h = seed;
+    if (k->flow.family == 4) {
+        h = murmur_round(h, w[0]);
+        h = murmur_round(h, w[4]);
+        h = murmur_round(h, w[8]);
+        h = murmur_round(h, w[9]);
+        h = murmur_round(h, w[10]);
+    } else {
 #pragma unroll
-    for (int i = 0; i < (int)(sizeof(*k) / 4); i++) {
-        __u32 x = w[i] * 0xcc9e2d51;
-        x = rotl32(x, 15) * 0x1b873593;
-        h ^= x;
-        h = rotl32(h, 13) * 5 + 0xe6546b64;
+        for (int i = 0; i < (int)(sizeof(*k) / 4); i++)
+            h = murmur_round(h, w[i]);
     }
     h ^= h >> 16;
     h *= 0x85ebca6b;
@@ -240,12 +255,18 @@ static __always_inline __u32 conn_bucket(const struct conn_key *k, __u32 seed)
     return h & (CONN_SLOTS - 1) & ~(CONN_WAYS - 1);
 }
 
+/* Whether two keys are the same: for IPv4 (the family word is compared first) only the
+ * words the hash reads can differ. */
 static __always_inline int conn_key_eq(const struct conn_key *a, const struct conn_key *b)
 {
     const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+    if (x[9] != y[9] || x[8] != y[8] || x[10] != y[10] || x[0] != y[0] || x[4] != y[4])
+        return 0;
+    if (a->flow.family == 4)
+        return 1;
     int same = 1;
 #pragma unroll
-    for (int i = 0; i < (int)(sizeof(*a) / 4); i++)
+    for (int i = 1; i < 8; i++)
         same &= x[i] == y[i];
     return same;
 }
@@ -300,6 +321,16 @@ static __always_inline struct conn *conn_find(const struct conn_key *k, __u32 se
     count(C_CONNS_STARTED, 1);
     *slot = victim;
     return c;
+}
+
+/* Notes that a packet touched the connection. The state is shared by every CPU and the
+ * coarse clock moves once a tick, so most packets find last_ns already current: writing
+ * it anyway made the request's CPU and the response's CPU take the line from each other
+ * on every packet (in traffic the largest single cost of the classifier). */
+static __always_inline void touch(struct conn *c, __u64 now)
+{
+    if (c->last_ns != now)
+        c->last_ns = now;
 }
 
 /* The connection starts (afresh) with its client side known: `client_lo` says whether the
@@ -490,7 +521,8 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
     r->direction = direction;
     r->slot = slot;
     r->gen = c->gen;
-    c->flags |= CONN_REQUEST;
+    if (!(c->flags & CONN_REQUEST))
+        c->flags |= CONN_REQUEST;
     count(C_REQUESTS, 1);
 }
 
@@ -715,7 +747,7 @@ int mirror_h2(struct __sk_buff *skb)
     if (!c)
         return PASS;
     int marked = conn_marked(c, cfg, now);
-    c->last_ns = now;
+    touch(c, now);
     if (status >= 0)
         on_trigger(skb, cfg, c, slot, 0, status, direction,
                    status < MIN_HTTP_STATUS ? PROTO_GRPC : PROTO_HTTP2, p->mode, now);
@@ -778,6 +810,10 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     char head[STATUS_LINE_LEN];
     int code = -1, request = 0, preface = 0, try_h2 = 0;
     __u32 payload_len = seg.payload_end - seg.payload_off;
+    /* A bare ACK tells the state nothing: it looks it up only while a connection may be
+     * marked (enum marks_index), and before the join below, which it need not pay. */
+    if (payload_len == 0 && !seg.syn && !maybe_marked())
+        return PASS;
     if (payload_len >= STATUS_LINE_LEN) {
         if (http1_load(skb, seg.payload_off, head) == 0) {
             code = http1_status(head);
@@ -791,24 +827,28 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         try_h2 = bpf_skb_load_bytes(skb, seg.payload_off, head, H2_FRAME_HEADER_LEN) == 0;
     }
     try_h2 = MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head);
-    /* From here on the packet's facts are one word and the status code, each through
-     * opaque(): the paths that computed them join in one verifier state before the
-     * connection's lookup, whose branches would otherwise multiply with theirs. */
+
+    /* From here on the packet's facts and its status code are one word, through opaque():
+     * the paths that computed them join in one verifier state before the connection's
+     * lookup, whose branches would otherwise multiply with theirs. code + 1 fits 10 bits
+     * (-1 for none, else at most 999). */
     __u32 facts = opaque(seg.syn | seg.ack << 1 | request << 2 | preface << 3 | try_h2 << 4 |
-                         seen_before << 5 | on_lo << 6 | seg.src_is_lo << 7);
-    code = opaque(code);
+                         seen_before << 5 | on_lo << 6 | seg.src_is_lo << 7 |
+                         (__u32)(code + 1) << 8);
     int syn = facts & 1, ack = facts >> 1 & 1;
     request = facts >> 2 & 1;
     preface = facts >> 3 & 1;
     try_h2 = facts >> 4 & 1;
     seen_before = facts >> 5 & 1;
     on_lo = facts >> 6 & 1;
+    code = (int)(facts >> 8 & 0x3ff) - 1;
 
     /* The hot path: the packets that tell a connection's state something look it up;
      * the others only to learn whether it is marked, and not at all while no connection
      * is (enum marks_index). */
     if (!syn && code < 0 && !request && !preface && !try_h2 && !maybe_marked())
         return PASS;
+
     struct mirror_config *cfg = config.lookup(&zero);
     if (!cfg)
         return PASS;
@@ -845,7 +885,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
      * do depends on the marks pre-filter, which says nothing about this connection.) */
     int marked = conn_marked(c, cfg, now);
     if (c && (marked || syn || code >= 0 || request || preface || try_h2))
-        c->last_ns = now;
+        touch(c, now);
 
     if (try_h2) {
         if (mode == STATUS_FROM_CLIENT) {

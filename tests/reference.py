@@ -101,8 +101,8 @@ for it; and a generation number, which tells its incarnations apart.
 States live in an array of slots grouped in buckets of four (CONN_WAYS). A key's bucket
 is a seeded 32-bit hash of the 44-byte key read as 11 little-endian words (the flow key
 as stored: lo address, hi address, the two ports in network byte order, the family and
-three zero bytes; then the ifindex): MurmurHash3 x86_32's rounds over the words, no
-length mixed in, then its finalizer, masked to the slot count and rounded down to a
+three zero bytes; then the ifindex): MurmurHash3 x86_32's rounds over the words (for
+IPv4 only the words 0, 4, 8, 9 and 10, the others being zero), no length mixed in, then its finalizer, masked to the slot count and rounded down to a
 multiple of four. The seed is the classifier's config.hash_seed. A key's state is in one
 of its bucket's four slots, or nowhere. Only a SYN, a request start or the preface (and
 an HTTP/2 request header block, below) make a state for a connection that has none. It
@@ -1245,9 +1245,13 @@ def _rotl32(x: int, r: int) -> int:
 
 def conn_hash(key: FlowKey, ifindex: int, seed: int) -> int:
     """The seeded 32-bit hash of a (flow key, ifindex): MurmurHash3 x86_32's rounds over
-    the 44-byte key's 11 little-endian words, then its finalizer (no length mixed in)."""
+    the 44-byte key's 11 little-endian words (for IPv4 only words 0, 4, 8, 9 and 10: the
+    others are zero), then its finalizer (no length mixed in)."""
     h = seed & _M32
-    for w in _KEY_WORDS.unpack(key.to_bytes() + ifindex.to_bytes(4, "little")):
+    words = _KEY_WORDS.unpack(key.to_bytes() + ifindex.to_bytes(4, "little"))
+    if key.family == 4:
+        words = tuple(words[i] for i in (0, 4, 8, 9, 10))
+    for w in words:
         k = (w * 0xCC9E2D51) & _M32
         k = (_rotl32(k, 15) * 0x1B873593) & _M32
         h = (_rotl32(h ^ k, 13) * 5 + 0xE6546B64) & _M32
