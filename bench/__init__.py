@@ -25,8 +25,8 @@ bench/results/<timestamp>.{json,md,png} and latest.{json,md}.
 The scale mode (python -m bench.scale, bench/scale.py): every CPU of a bigger machine,
 through the same pipeline: the same preflight and machine record (bench/machine.py),
 runner (bench/runner.py), h2load runner (bench/workloads.py) and result writer
-(bench/report.py). Apart: bench/profile.py (where the per-packet time goes),
-bench/snapshot_cost.py (the request snapshot by length).
+(bench/report.py). Apart: bench/profile.py (where the classifier's time goes in
+traffic, by source line), bench/snapshot_cost.py (the request snapshot by length).
 
 OVERHEAD: the bench keeps both CPUs busy for its whole run (about 45 minutes in full mode,
 about 3 with --quick) and measures the whole machine's CPU time: run it on a machine with

@@ -1,283 +1,210 @@
-"""python -m bench.profile: where the mirror's per-packet time goes.
+"""python -m bench.profile: where the classifier's time goes in real traffic, by source line.
 
-Two views of the classifier on crafted IPv4 frames, both through BPF_PROG_TEST_RUN on
-one pinned CPU, next to the thesis reproduction:
+BPF_PROG_TEST_RUN times a crafted frame in a warm loop; in traffic the same program runs
+between the TCP stack, nginx and h2load, which take its cache lines and TLB entries away,
+and costs two to three times as much per invocation (docs/bench.md). This profiles it
+there: the bench's lab (bench/lab.py: nginx in a namespace behind the monitored veth,
+h2load from the root namespace), one configuration at a time (bench/configs.py; by
+default the mirror with clsact and the thesis monitor), h2load at --errors percent error
+requests for --seconds, while `perf record -e cpu-clock -a -g` samples every CPU.
 
-  ablation  copies of bpf/mirror.c compiled with one piece of work taken out (counters,
-            clock reads, per-interface stats) by macros placed before the parse; the
-            difference from the unchanged program is what that piece costs. A variant
-            whose anchor text is no longer in the source is reported as skipped.
-  perf      (when `perf` is installed) kernel symbols sampled while one frame class runs
-            in a loop, grouped: the program's own instructions, key hashing, the rest of
-            the hash lookup, clock reads, payload copies, the clone, the test harness.
+A sample whose call chain passes through one of the configuration's programs is the
+program's: its own instructions when the program is the innermost frame, else the
+kernel function it called (a helper: bpf_skb_load_bytes, the clock, ...). Either way the
+sample is put on the source line of the program that was running or calling, from the
+program's BTF line info and where the JIT put each line (mirror.bpfsys.jited_source_lines;
+bcc names the main file main.c: bpf/mirror.c, or bench/bpf/thesis.c for the thesis). Shown per configuration: the share of all samples
+under its programs, ns per invocation from the kernel's run-time statistics over the
+same run (perf's own sampling inflates them: compare configurations within one profile,
+never with the bench's in-traffic figures), and the source lines with the largest share
+of the program's samples.
 
+cpu-clock is a timer, not a hardware counter (this kind of guest exposes none): a sample
+lands on the instruction that was executing when the timer fired, so a load that misses
+the cache shows on itself or on the instruction after it. Needs perf (Debian: linux-perf).
 Writes bench/results/profile-<timestamp>.md (or --out) and prints it."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirror.abi import bpf_dir
+from mirror.bpfsys import SourceLine, jited_source_lines
 
-from . import frames as fr
+from . import workloads
+from .configs import KEYS, Shared, all_configs
+from .lab import Lab
+from .progs import EnabledStats, run_stats
 
-ANCHOR = "#include \"parse.h\""      # before the parse and the decision
-VARIANTS = {
-    "as built": "",
-    "no counters": "#define count(idx, n) ((void)0)\n",
-    "no clock reads": "#define bpf_ktime_get_coarse_ns() 0ULL\n",
-    "no per-interface stats": "#define stats_of(ifindex, dir) ((struct iface_stats *)0)\n",
-}
-VARIANTS["none of these"] = "".join(v for k, v in VARIANTS.items() if k != "as built")
-
-FRAMES = ("ipv4 TCP data (request), no flow marked",
-          "ipv4 TCP data (request), other flows marked",
-          "ipv4 HTTP 200 response, other flows marked", "ipv4 HTTP 500 response, flow marked",
-          "ipv4 packet of a marked flow (request)")
-
-PERF_CASES = (
-    ("mirror", "ipv4 TCP data (request), other flows marked"),
-    ("thesis", "ipv4 TCP data (request), other flows marked"),
-    ("mirror", "ipv4 HTTP 500 response, flow marked"),
-    ("thesis", "ipv4 HTTP 500 response, flow marked"),
-    ("mirror+clone", "ipv4 HTTP 500 response, flow marked"),
-)
-
-GROUPS = (
-    ("key hashing", ("htab_map_hash", "jhash")),
-    ("rest of the hash lookup", ("lookup_nulls_elem_raw", "memcmp", "htab_lru", "__htab_map",
-                                 "htab_percpu", "bpf_lru")),
-    ("clock reads", ("read_tsc", "ktime_get", "kvm_clock", "pvclock")),
-    ("payload copy", ("bpf_skb_load_bytes", "memcpy", "skb_copy_bits")),
-    ("clone, transmit and sink", ("skb_clone", "clone_redirect", "dev_queue_xmit", "veth",
-                                  "netif_rx", "kmem_cache", "skb_release", "__bpf_redirect",
-                                  "dev_hard_start_xmit", "validate_xmit", "skb_free",
-                                  "kfree_skb", "napi", "net_rx_action", "__netif_receive",
-                                  "process_backlog", "tcx", "tc_run", "sch_handle",
-                                  "enqueue_to_backlog", "netdev_core_pick", "eth_type_trans",
-                                  "__dev_forward_skb", "skb_scrub", "consume_skb",
-                                  "slab", "__alloc_skb", "skb_clone_tx", "bpf_prog_run",
-                                  "tcf_classify", "dev_xmit", "__copy_skb_header",
-                                  "sock_wfree", "__build_skb", "ip_rcv", "nf_hook",
-                                  "_raw_spin", "softirq", "pskb_expand_head",
-                                  "skb_ensure_writable", "kfree", "kmalloc", "memcg",
-                                  "skb_defer", "cls_bpf", "_find_next_bit",
-                                  "netif_skb_features", "skb_release")),
-    ("test harness", ("bpf_test_run", "bpf_test_timer", "local_bh_enable", "copy_to_user",
-                      "bpf_prog_test_run", "migrate")),
-)
-
-
-class Variant:
-    """A copy of the classifier compiled with `extra` inserted before the parse, with the
-    little of mirror.bpfprog.Classifier the measurements need."""
-
-    def __init__(self, extra: str):
-        from bcc import BPF
-        src = (bpf_dir() / "mirror.c").read_text()
-        with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-            for f in bpf_dir().glob("*.h"):
-                shutil.copy(f, tmp)
-            path = Path(tmp) / "mirror.c"
-            path.write_text(src.replace(ANCHOR, extra + ANCHOR, 1))
-            self.bpf = BPF(src_file=str(path).encode(),
-                           cflags=[f"-I{tmp}", "-Wno-unused-function", "-Wno-macro-redefined"])
-        self.progs = {d: self.bpf.load_func(f"mirror_{d}".encode(), BPF.SCHED_CLS)
-                      for d in ("ingress", "egress")}
-        self.flows = self.bpf.get_table(b"flows")
-        trigger = self.bpf.get_table(b"trigger")
-        for code in range(500, 600):
-            trigger[trigger.Key(code)] = ctypes.c_uint8(1)
-        try:
-            self.marks = self.bpf.get_table(b"marks")      # the empty-map pre-filter
-        except KeyError:
-            self.marks = None
-
-    def fd(self, direction: str) -> int:
-        return self.progs[direction].fd
-
-    def clear(self) -> None:
-        """Empties the flow map and, if the classifier has the empty-map pre-filter,
-        publishes that it is empty (as Classifier.note_if_empty does)."""
-        self.flows.clear()
-        if self.marks is not None:
-            self.marks[self.marks.Key(1)] = self.marks[self.marks.Key(0)]
-
-    def delete_flow(self, key) -> None:
-        try:
-            del self.flows[self.flows.Key.from_buffer_copy(key.to_bytes())]
-        except KeyError:
-            pass
-
-
-def ablation(rounds: int, repeat: int) -> tuple[dict, list[str]]:
-    from . import microbench as mb
-    from .progs import EmptyProgram, ThesisProgram
-    classes = [fc for fc in fr.frame_classes() if fc.key in FRAMES]
-    src = (bpf_dir() / "mirror.c").read_text()
-    subjects, skipped, keep = [], [], []
-    for name, extra in VARIANTS.items():
-        if extra and ANCHOR not in src:
-            skipped.append(name)
-            continue
-        v = Variant(extra)
-        keep.append(v)
-        subjects.append(mb.Subject(name, v.fd, lambda fc: True,
-                                   lambda fc, v=v: v.delete_flow(mb._flow_key(fc)), v.clear))
-    thesis, empty = ThesisProgram(), EmptyProgram()
-    subjects += mb.baseline_subjects(thesis, empty)
-    ns = {s.name: {fc.key: [] for fc in classes} for s in subjects}
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {0})
-    try:
-        for _ in range(rounds):
-            for fc in classes:
-                for s in subjects:
-                    ns[s.name][fc.key].append(mb._measure(s, fc, repeat, 200))
-    finally:
-        os.sched_setaffinity(0, old)
-    return {s: {k: statistics.median(v) for k, v in per.items()} for s, per in ns.items()}, \
-        skipped
-
-
-LOOP = """
-import os, sys, time
-sys.path.insert(0, {root!r})
-from mirror.bpfprog import Classifier
-from mirror.bpfsys import test_run
-from bench import frames as fr
-from bench.progs import ThesisProgram
-which, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-fc = [f for f in fr.frame_classes() if f.key == key][0]
-os.sched_setaffinity(0, {{0}})
-dbg = None
-if which.startswith("mirror"):
-    clf = Classifier()
-    clf.set_trigger(frozenset(range(500, 600)))
-    fd, mark = clf.fd(fc.direction), clf.fd("ingress")
-    if which == "mirror+clone":
-        from pyroute2 import IPRoute
-        from mirror import debugif
-        from mirror.bpfprog import Sink
-        from mirror.lab.netns import unique_name
-        sink, ipr = Sink(), IPRoute()
-        dbg = debugif.ensure(ipr, unique_name("d"), lambda: sink.fd)
-        clf.set_debug_ifindex(dbg.ifindex)
-else:
-    t = ThesisProgram()
-    fd = mark = t.fd
-try:
-    if fc.others_marked:
-        test_run(mark, fr.other_marking_frame(fc.family), 1)
-    if fc.marked:
-        test_run(mark, fr.marking_frame(fc.family), 1)
-    print("ready", flush=True)
-    end = time.time() + seconds
-    while time.time() < end:
-        test_run(fd, fc.frame, 20000)
-finally:
-    if dbg:
-        debugif.remove(ipr, dbg.name)
+EPILOG = """examples:
+  python -m bench.profile                          # mirror (clsact) and thesis, 0 % errors
+  python -m bench.profile --errors 100 --top 30    # an error storm, more lines
+  python -m bench.profile --configs mirror-clsact,mirror-nosnap --proto h2c
 """
 
 
-def perf_breakdown(which: str, key: str, seconds: float) -> dict | None:
-    """Kernel samples on CPU 0 while `which` runs frame class `key` in a loop there."""
-    if not shutil.which("perf"):
-        return None
-    root = str(Path(__file__).resolve().parent.parent)
-    loop = subprocess.Popen([sys.executable, "-c", LOOP.format(root=root), which, key,
-                             str(seconds + 1)], stdout=subprocess.PIPE, text=True)
-    try:
-        loop.stdout.readline()
-        with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
-            data = f"{tmp}/perf.data"
-            subprocess.run(["perf", "record", "-q", "-C", "0", "-o", data, "--", "sleep",
-                            str(seconds)], capture_output=True, check=True)
-            rep = subprocess.run(["perf", "report", "-i", data, "--sort", "sym", "--stdio",
-                                  "--percent-limit", "0.05"], capture_output=True,
-                                 text=True).stdout
-    finally:
-        try:
-            loop.wait(30)       # it removes its debug interface on the way out
-        except subprocess.TimeoutExpired:
-            loop.kill()
-            loop.wait()
-    shares = {}
-    for line in rep.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].endswith("%") and parts[1] == "[k]":
-            shares[parts[2]] = shares.get(parts[2], 0.0) + float(parts[0][:-1])
-    total = sum(shares.values())
-    if not total:
-        return None
-    groups = {"program's own instructions": 0.0}
-    for sym, pct in shares.items():
-        if sym.startswith("bpf_prog_"):
-            groups["program's own instructions"] += pct
+@dataclass
+class Program:
+    """One loaded program of a configuration: its perf symbol and source lines."""
+    symbol: str
+    lines: list[SourceLine]
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.offsets = [sl.offset for sl in self.lines]
+
+    def where(self, offset: int) -> str:
+        i = bisect_right(self.offsets, offset) - 1
+        if i < 0:
+            return "(before the first line)"
+        sl = self.lines[i]
+        return f"{sl.file.rsplit('/', 1)[-1]}:{sl.line}: {sl.text[:100]}"
+
+
+def attribute(script: str, programs: list[Program]) -> tuple[int, int, Counter]:
+    """From `perf script -F ip,sym,symoff` output: all samples, those under the programs,
+    and their count by (source line, callee or None)."""
+    by_symbol = {p.symbol: p for p in programs}
+    total = under = 0
+    where: Counter = Counter()
+    for block in script.split("\n\n"):
+        frames = [line.split() for line in block.strip().splitlines() if line.strip()]
+        if not frames:
             continue
-        for name, needles in GROUPS:
-            if any(n in sym for n in needles):
-                groups[name] = groups.get(name, 0.0) + pct
-                break
-        else:
-            groups["other kernel"] = groups.get("other kernel", 0.0) + pct
-    top = sorted(shares.items(), key=lambda kv: -kv[1])[:8]
-    return {"groups": {k: round(100 * v / total, 1) for k, v in groups.items()},
-            "top": [(s, round(100 * p / total, 1)) for s, p in top]}
-
-
-def markdown(abl: dict, skipped: list[str], perf: dict, started: float) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
-    L = [f"# Where the classifier's per-packet time goes ({when})", "",
-         "BPF_PROG_TEST_RUN, ns per packet on CPU 0, median of rounds; each variant is "
-         "bpf/mirror.c as checked out, with one piece of work compiled out.", ""]
-    subjects = list(abl)
-    L += ["| frame | " + " | ".join(subjects) + " |", "|---" * (len(subjects) + 1) + "|"]
-    for key in FRAMES:
-        L.append(f"| {key} | " + " | ".join(f"{abl[s][key]:.0f}" for s in subjects) + " |")
-    if skipped:
-        L += ["", f"Skipped (anchor not found in bpf/mirror.c): {', '.join(skipped)}."]
-    if perf:
-        L += ["", "## perf: share of kernel samples", ""]
-        for (which, key), res in perf.items():
-            if not res:
+        total += 1
+        for depth, frame in enumerate(frames):
+            sym, _, off = (frame[1] if len(frame) > 1 else "").partition("+")
+            prog = by_symbol.get(sym)
+            if prog is None:
                 continue
-            L.append(f"**{which}, {key}**: " + ", ".join(
-                f"{k} {v:.0f} %" for k, v in sorted(res["groups"].items(),
-                                                    key=lambda kv: -kv[1]) if v >= 0.5))
-            L.append("")
-            L.append("top symbols: " + ", ".join(f"`{s}` {p:.0f} %" for s, p in res["top"]))
-            L.append("")
+            under += 1
+            callee = None
+            if depth:
+                callee = (frames[0][1] if len(frames[0]) > 1 else "?").partition("+")[0]
+            where[(prog.where(int(off, 16) if off else 0), callee)] += 1
+            break
+    return total, under, where
+
+
+def profile(cfg, lab: Lab, args) -> dict:
+    """One configuration: set up, h2load under perf and run-time statistics, torn down."""
+    cfg.setup(lab)
+    try:
+        fds = cfg.prog_fds()
+        programs = [Program(*jited_source_lines(fd)) for fd in fds.values()]
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp, EnabledStats():
+            data = f"{tmp}/perf.data"
+            before = [run_stats(fd) for fd in fds.values()]
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock",
+                                     "-F", str(args.frequency), "-a", "-g", "-o", data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                time.sleep(0.5)             # perf is sampling before the first request
+                out = workloads.h2load(lab, args.errors, args.seconds, proto=args.proto)
+            finally:
+                perf.send_signal(signal.SIGINT)
+                _, err = perf.communicate(timeout=120)
+            after = [run_stats(fd) for fd in fds.values()]
+            if perf.returncode not in (0, -signal.SIGINT):
+                raise RuntimeError(f"perf record failed: {err.decode().strip()[-300:]}")
+            script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,symoff"],
+                                    capture_output=True, text=True, check=True).stdout
+    finally:
+        cfg.teardown()
+    runs = sum(a.run_cnt - b.run_cnt for a, b in zip(after, before))
+    run_ns = sum(a.run_time_ns - b.run_time_ns for a, b in zip(after, before))
+    total, under, where = attribute(script, programs)
+    return {"label": cfg.label, "req_per_s": out["req_per_s"], "status": out["status"],
+            "samples": total, "under": under, "ns_per_run": run_ns / runs if runs else None,
+            "missing_lines": [p.symbol for p in programs if not p.lines],
+            "where": where}
+
+
+def markdown(results: dict, args, started: float) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    L = [f"# Where the classifier's time goes in traffic ({when})", "",
+         f"h2load {args.proto}, {args.errors} % error requests, {args.seconds:g} s per "
+         f"configuration; perf cpu-clock at {args.frequency} Hz on every CPU, with call "
+         "chains. Shares of the samples under each configuration's programs; ns per "
+         "invocation with perf running (inflated by it: compare within this table).", "",
+         "| configuration | req/s | samples under its programs | ns per invocation |",
+         "|---|---|---|---|"]
+    for r in results.values():
+        share = 100 * r["under"] / r["samples"] if r["samples"] else 0
+        ns = f"{r['ns_per_run']:.0f}" if r["ns_per_run"] else "-"
+        L.append(f"| {r['label']} | {r['req_per_s']:,.0f} | {r['under']} of {r['samples']} "
+                 f"({share:.2f} %) | {ns} |")
+    for r in results.values():
+        L += ["", f"## {r['label']}", ""]
+        if r["missing_lines"]:
+            L += [f"No BTF line info for {', '.join(r['missing_lines'])}.", ""]
+        if not r["under"]:
+            L.append("No sample under its programs.")
+            continue
+        own = sum(n for (_, callee), n in r["where"].items() if callee is None)
+        L += [f"Own instructions {100 * own / r['under']:.1f} %, calls into the kernel "
+              f"{100 * (r['under'] - own) / r['under']:.1f} %.", "",
+              "| share | source line | in |", "|---|---|---|"]
+        for (line, callee), n in r["where"].most_common(args.top):
+            text = line.replace("|", "\\|")
+            L.append(f"| {100 * n / r['under']:.1f} % | `{text}` | "
+                     f"{callee or 'its own instructions'} |")
     return "\n".join(L) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=300000)
-    p.add_argument("--perf-seconds", type=float, default=3.0)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.profile",
+                                description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="mirror-clsact,thesis",
+                   help="comma-separated configurations that run a BPF program "
+                   "(bench/configs.py: mirror-*, thesis; default: mirror-clsact,thesis)")
+    p.add_argument("--errors", type=int, default=0, choices=(0, 100),
+                   help="percent of h2load's instances asking for errors (default 0)")
+    p.add_argument("--proto", default="h1", choices=workloads.PROTOCOLS)
+    p.add_argument("--seconds", type=float, default=5.0, help="per configuration")
+    p.add_argument("--frequency", type=int, default=10000, help="perf samples/s per CPU")
+    p.add_argument("--top", type=int, default=20, help="source lines shown per configuration")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if os.geteuid() != 0:
-        sys.exit("bench.profile: run as root (it loads BPF programs)")
+        sys.exit("bench.profile: run as root (it loads BPF programs and runs perf -a)")
+    if not shutil.which("perf"):
+        sys.exit("bench.profile: perf not found; install it (Debian: apt-get install linux-perf)")
+    keys = [k for k in args.configs.split(",") if k]
+    bad = [k for k in keys if k not in KEYS]
+    if bad:
+        sys.exit(f"bench.profile: unknown configuration {', '.join(bad)} (see --help)")
     started = time.time()
-    print("bench.profile: compiling variants and timing them", file=sys.stderr)
-    abl, skipped = ablation(args.rounds, args.repeat)
-    perf = {}
-    if shutil.which("perf"):
-        for which, key in PERF_CASES:
-            print(f"bench.profile: perf, {which}, {key}", file=sys.stderr)
-            perf[(which, key)] = perf_breakdown(which, key, args.perf_seconds)
-    md = markdown(abl, skipped, perf, started)
+    shared = Shared()
+    configs = all_configs(shared)
+    no_program = [k for k in keys if not configs[k].bpf]
+    if no_program:
+        sys.exit(f"bench.profile: {', '.join(no_program)} runs no BPF program: nothing to "
+                 "profile (see --help)")
+    lab = Lab().start()
+    results = {}
+    try:
+        for key in keys:
+            print(f"bench.profile: {key}: {args.seconds:g} s of h2load under perf",
+                  file=sys.stderr)
+            results[key] = profile(configs[key], lab, args)
+    finally:
+        lab.stop()
+    md = markdown(results, args, started)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.md"
     path.write_text(md)

@@ -4,7 +4,8 @@ possible-CPU count that sizes every per-CPU map value.
 
 bcc covers loading and most map access; what it lacks or makes slow goes through here:
 BPF_PROG_TEST_RUN, batched and atomic map operations, tcx links (BPF_LINK_CREATE, and
-BPF_PROG_QUERY behind `mirror status`), and BPF_ENABLE_STATS for the bench. The
+BPF_PROG_QUERY behind `mirror status`), and for the bench BPF_ENABLE_STATS and a
+program's source lines by JIT offset (its profile in traffic). The
 loader (mirror.bpfprog), the tcx hook (mirror.tcx), the bench and the tests all call it
 from here."""
 from __future__ import annotations
@@ -72,6 +73,7 @@ BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_BTF_GET_FD_BY_ID = 19
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
@@ -153,6 +155,31 @@ class ProgInfo(ctypes.Structure):
     """struct bpf_prog_info up to and around its name."""
     _fields_ = [("_head", ctypes.c_uint8 * 64), ("name", ctypes.c_char * 16),
                 ("_rest", ctypes.c_uint8 * 160)]
+
+
+class ProgLineInfo(ctypes.Structure):
+    """struct bpf_prog_info up to its line info: where each source line's code starts in
+    the JIT image (the bench's profile reads it)."""
+    _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", _u32), ("xlated_prog_len", _u32),
+                ("jited_prog_insns", _u64), ("xlated_prog_insns", _u64), ("load_time", _u64),
+                ("created_by_uid", _u32), ("nr_map_ids", _u32), ("map_ids", _u64),
+                ("name", ctypes.c_char * 16), ("ifindex", _u32), ("gpl_compatible", _u32),
+                ("netns_dev", _u64), ("netns_ino", _u64),
+                ("nr_jited_ksyms", _u32), ("nr_jited_func_lens", _u32),
+                ("jited_ksyms", _u64), ("jited_func_lens", _u64),
+                ("btf_id", _u32), ("func_info_rec_size", _u32), ("func_info", _u64),
+                ("nr_func_info", _u32), ("nr_line_info", _u32), ("line_info", _u64),
+                ("jited_line_info", _u64), ("nr_jited_line_info", _u32),
+                ("line_info_rec_size", _u32), ("jited_line_info_rec_size", _u32)]
+
+
+class BtfInfo(ctypes.Structure):
+    """struct bpf_btf_info."""
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32),
+                ("id", ctypes.c_uint32), ("name", ctypes.c_uint64),
+                ("name_len", ctypes.c_uint32), ("kernel_btf", ctypes.c_uint32)]
 
 
 # --- the call -------------------------------------------------------------------------------
@@ -305,3 +332,60 @@ def obj_info(fd: int, info: ctypes.Structure) -> None:
     check(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
                                            info=ctypes.addressof(info)),
           "BPF_OBJ_GET_INFO_BY_FD")
+
+
+@dataclass
+class SourceLine:
+    offset: int     # where the line's code starts, in bytes into the program's JIT image
+    file: str       # as the compiler named it (bcc names the main file main.c)
+    line: int
+    text: str       # the source line, as kept in the program's BTF
+
+
+def jited_source_lines(prog_fd: int) -> tuple[str, list[SourceLine]]:
+    """The program's symbol as perf and /proc/kallsyms name it (bpf_prog_<tag>_<name>) and
+    its source lines by JIT offset, sorted: what a sampled instruction pointer inside the
+    program was running. Empty when the program was loaded without BTF line info."""
+    info = ProgLineInfo()
+    obj_info(prog_fd, info)
+    symbol = f"bpf_prog_{bytes(info.tag).hex()}_{info.name.decode()}"
+    n, rec, jrec = info.nr_line_info, info.line_info_rec_size, info.jited_line_info_rec_size
+    if not n or info.nr_jited_line_info != n or not info.nr_jited_ksyms:
+        return symbol, []
+    lines = ctypes.create_string_buffer(n * rec)
+    addrs = ctypes.create_string_buffer(info.nr_jited_line_info * jrec)
+    ksyms = (ctypes.c_uint64 * info.nr_jited_ksyms)()
+    want = ProgLineInfo(nr_line_info=n, line_info=ctypes.addressof(lines),
+                        line_info_rec_size=rec, jited_line_info=ctypes.addressof(addrs),
+                        nr_jited_line_info=n, jited_line_info_rec_size=jrec,
+                        nr_jited_ksyms=info.nr_jited_ksyms, jited_ksyms=ctypes.addressof(ksyms))
+    obj_info(prog_fd, want)
+    strings = _btf_strings(info.btf_id)
+    start = ksyms[0]        # the main function's address: line info covers it first
+
+    def text(off: int) -> str:
+        end = strings.find(b"\0", off)
+        return strings[off:end].decode(errors="replace")
+
+    out = []
+    for i in range(n):
+        _insn, file_off, line_off, line_col = struct.unpack_from("IIII", lines, i * rec)
+        (addr,) = struct.unpack_from("Q", addrs, i * jrec)
+        out.append(SourceLine(addr - start, text(file_off), line_col >> 10,
+                              text(line_off).strip()))
+    out.sort(key=lambda sl: sl.offset)
+    return symbol, out
+
+
+def _btf_strings(btf_id: int) -> bytes:
+    """The string section of a loaded BTF object (struct btf_header, include/uapi/linux/btf.h)."""
+    fd = check(BPF_BTF_GET_FD_BY_ID, IdAttr(start_id=btf_id), "BPF_BTF_GET_FD_BY_ID")
+    try:
+        probe = BtfInfo()
+        obj_info(fd, probe)
+        raw = ctypes.create_string_buffer(probe.btf_size)
+        obj_info(fd, BtfInfo(btf=ctypes.addressof(raw), btf_size=probe.btf_size))
+    finally:
+        os.close(fd)
+    hdr_len, str_off, str_len = struct.unpack_from("=I8xII", raw, 4)
+    return raw.raw[hdr_len + str_off:hdr_len + str_off + str_len]

@@ -546,3 +546,49 @@ def test_scale_sigterm_mid_run_cleans_up():
     assert proc.returncode == 130, rest[-2000:]
     assert "interrupted" in rest
     _kernel_clean(proc.pid)
+
+
+PERF_SCRIPT = """\
+\tffffffffc0012345 bpf_prog_0123456789abcdef_mirror_egress+0x40
+\tffffffff81000000 cls_bpf_classify+0x10
+
+\tffffffff81234567 skb_copy_bits+0x22
+\tffffffff81234000 bpf_skb_load_bytes+0x1c
+\tffffffffc0012345 bpf_prog_0123456789abcdef_mirror_egress+0x90
+\tffffffff81000000 cls_bpf_classify+0x10
+
+\tffffffff81999999 tcp_ack+0x5
+\tffffffff81000000 tcp_rcv_established+0x10
+"""
+
+
+@pytest.mark.unit
+def test_profile_puts_each_sample_on_the_programs_source_line():
+    """A sample in the program is its own instruction's line; one in a kernel function
+    it called goes on the calling line, with the callee; one outside is only counted."""
+    from bench.profile import Program, attribute
+    from mirror.bpfsys import SourceLine
+    prog = Program("bpf_prog_0123456789abcdef_mirror_egress",
+                   [SourceLine(0x0, "main.c", 10, "start"),
+                    SourceLine(0x30, "main.c", 20, "the parse"),
+                    SourceLine(0x80, "http1.h", 17, "the load")])
+    total, under, where = attribute(PERF_SCRIPT, [prog])
+    assert (total, under) == (3, 2)
+    assert where == {("main.c:20: the parse", None): 1,
+                     ("http1.h:17: the load", "skb_copy_bits"): 1}
+
+
+@pytest.mark.testrun
+def test_profile_reads_the_classifiers_source_lines_from_the_kernel():
+    """The loaded classifier's line info, as the profile reads it: its perf symbol, and
+    lines of bpf/mirror.c (bcc's main.c) and its headers, in JIT order."""
+    from mirror.bpfprog import Classifier
+    from mirror.bpfsys import jited_source_lines
+    clf = Classifier()
+    symbol, lines = jited_source_lines(clf.fd("ingress"))
+    assert symbol.startswith("bpf_prog_") and symbol.endswith("_mirror_ingress")
+    assert lines and lines[0].offset == 0
+    assert [sl.offset for sl in lines] == sorted(sl.offset for sl in lines)
+    files = {sl.file.rsplit("/", 1)[-1] for sl in lines}
+    assert {"main.c", "parse.h", "http1.h"} <= files, files
+    assert any("conn_key_eq" in sl.text for sl in lines)

@@ -186,6 +186,25 @@ def test_a_controller_that_never_answers_costs_a_bounded_wait(plugin, state_dir,
 
 
 @pytest.mark.kernel
+def test_a_socket_that_refuses_is_said_and_counted(plugin, state_dir, veth):
+    """A control socket left behind by a controller that was killed: the file is there,
+    nothing listens, connect() is refused at once. The pod starts without a wait."""
+    d = ownership.netns_dir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(d / "controller-stale.sock"))
+    stale.close()                               # bound, never listening: refused
+    try:
+        prev = prev_result(veth)
+        r = run_plugin(plugin, "ADD", state_dir, prev)
+        passed_on(r, prev)
+        assert "controller-stale.sock did not answer" in r.stderr
+        assert "refused" in r.stderr
+        assert ownership.cni_unanswered() == 1
+    finally:
+        (d / "controller-stale.sock").unlink(missing_ok=True)
+
+
+@pytest.mark.kernel
 def test_an_add_while_the_controller_restarts(plugin, state_dir, veth, tmp_path):
     """An ADD that arrives while the controller is stopped and being started again (its
     socket absent, then present): the plugin looks for sockets once, so it either found
