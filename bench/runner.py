@@ -386,22 +386,28 @@ def run_group(pass_, cfgs, lab, wl: Workload, st, app, rnd, progress) -> list[di
     return group
 
 
+def run_child(module: str, args: list[str], timeout: float) -> dict:
+    """python -m bench.<module> ARGS --json in a child process of its own, from the
+    repository's top: its JSON result, or {"error": the end of what it said} when it
+    failed."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", f"bench.{module}", *args, "--json"],
+                          cwd=top, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+    return json.loads(proc.stdout)
+
+
 def attach_pass(st: Settings, progress: Progress) -> dict:
     """python -m bench.attach per hook layout, in a child process of its own: it runs a
     `mirror run` and creates the interfaces itself."""
     out = {}
     for hook in ("clsact", "tcx"):
-        cmd = [sys.executable, "-m", "bench.attach", "--count", str(st.attach_count),
-               "--hook", hook, "--json"]
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True,
-                              timeout=600 + 3 * st.attach_count)
-        if proc.returncode != 0:
-            out[hook] = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+        out[hook] = r = run_child("attach", ["--count", str(st.attach_count), "--hook", hook],
+                                  timeout=600 + 3 * st.attach_count)
+        if "error" in r:
             progress.step(f"attach {hook}: FAILED")
             continue
-        out[hook] = json.loads(proc.stdout)
-        r = out[hook]
         progress.step(f"attach {hook}: p50 {r.get('attach_ms_p50') or 0:.1f} ms, p99 "
                       f"{r.get('attach_ms_p99') or 0:.1f} ms, {r.get('packets_missed')} "
                       f"packets missed of {r.get('packets_sent')}")
@@ -419,14 +425,10 @@ def state_pass(st: Settings, progress: Progress) -> dict:
                                       "--repeat", str(st.state_repeat)]),
                        ("eventcost", ["--rounds", str(st.state_rounds),
                                       "--events", str(st.event_count)])):
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--json"],
-                              cwd=top, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            out[name] = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
+        out[name] = r = run_child(name, args, timeout=1800)
+        if "error" in r:
             progress.step(f"{name}: FAILED")
             continue
-        out[name] = r = json.loads(proc.stdout)
         if name == "statecost":
             ns = r["median_ns"]
             progress.step("state per packet, ns above base: " + ", ".join(
@@ -451,16 +453,12 @@ def containers_pass(st: Settings, progress: Progress) -> dict:
             progress.step(f"{what}: skipped ({reason})")
             out[mode] = {"skipped": reason}
             continue
-        cmd = [sys.executable, "-m", "bench.containers", "--count", str(st.container_count),
-               "--attach-by", mode, "--json"]
-        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True,
-                              timeout=900 + 10 * st.container_count)
-        if proc.returncode != 0:
+        out[mode] = r = run_child("containers", ["--count", str(st.container_count),
+                                                 "--attach-by", mode],
+                                  timeout=900 + 10 * st.container_count)
+        if "error" in r:
             progress.step(f"{what}: FAILED")
-            out[mode] = {"error": (proc.stderr or proc.stdout).strip()[-500:]}
             continue
-        out[mode] = r = json.loads(proc.stdout)
         progress.step(f"{what}: podman run -> attached p50 {r.get('attach_ms_p50') or 0:.1f} "
                       f"ms, -> first packet p50 {r.get('first_packet_ms_p50') or 0:.1f} ms, "
                       f"{r.get('packets_missed')} packets missed of {r.get('packets_sent')}")
