@@ -60,7 +60,8 @@ BPF_PERCPU_ARRAY(counters, __u64, NR_COUNTERS);
 BPF_PERCPU_ARRAY(iface_stats, struct iface_stats, IFACE_SLOTS * 2);
 BPF_PERCPU_HASH(errors, struct error_count_key, __u64, ERROR_COUNT_KEYS);
 BPF_PERCPU_ARRAY(response_time, __u64, RESPONSE_BUCKETS + 2);
-/* Where an event is put together: too large for the stack. */
+/* Never written: it gives user space the compiled layout of struct error_event to check
+ * its own against (mirror/abi.py), as the ring buffer carries no type. */
 BPF_PERCPU_ARRAY(event_scratch, struct error_event, 1);
 BPF_RINGBUF_OUTPUT(events, EVENT_PAGES);
 /* When this CPU last woke the events reader (ns): see report_error. */
@@ -266,8 +267,10 @@ static __always_inline int conn_key_eq(const struct conn_key *a, const struct co
         return 1;
     int same = 1;
 #pragma unroll
-    for (int i = 1; i < 8; i++)
-        same &= x[i] == y[i];
+    for (int i = 1; i < 8; i++) {
+        if (i != 4)             /* compared above */
+            same &= x[i] == y[i];
+    }
     return same;
 }
 
@@ -593,9 +596,17 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
         return;
     }
     __sync_fetch_and_add(&c->events, 1);
-    struct error_event *ev = event_scratch.lookup(&zero);
-    if (!ev)
+    /* Written in place in the ring (one copy of the request, not two): the size reserved
+     * is a constant for the verifier, the whole event with a request, its head without. */
+    struct error_event *ev;
+    if (r)
+        ev = events.ringbuf_reserve(sizeof(*ev));
+    else
+        ev = events.ringbuf_reserve(__builtin_offsetof(struct error_event, data));
+    if (!ev) {
+        count(C_EVENTS_LOST, 1);    /* the ring is full: never wait for the reader */
         return;
+    }
     ev->response_ns = now_ns;
     __builtin_memcpy(&ev->key, &c->key.flow, sizeof(ev->key));
     ev->ifindex = skb->ifindex;
@@ -606,8 +617,10 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
     ev->server_is_lo = !(c->flags & CONN_CLIENT_LO);
     ev->cut = c->cut;
     ev->request_ns = 0;
-    ev->request_len = 0;
+    ev->request_direction = 0;
     ev->request_frame_len = 0;
+    ev->request_len = 0;
+    ev->pad = 0;
     if (r) {
         ev->request_ns = r->request_ns;
         ev->request_direction = r->direction;
@@ -625,12 +638,8 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
         *woke = now_ns;
         flags = BPF_RB_FORCE_WAKEUP;
     }
-    int err;
-    if (r)
-        err = events.ringbuf_output(ev, sizeof(*ev), flags);
-    else
-        err = events.ringbuf_output(ev, __builtin_offsetof(struct error_event, data), flags);
-    count(err ? C_EVENTS_LOST : C_EVENTS, 1);
+    events.ringbuf_submit(ev, flags);
+    count(C_EVENTS, 1);
 }
 
 /* A counted trigger status (`mode` STATUS_COUNTS) or one seen before (STATUS_SILENT):
@@ -835,7 +844,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
      * (-1 for none, else at most 999). */
     __u32 facts = opaque(seg.syn | seg.ack << 1 | request << 2 | preface << 3 | try_h2 << 4 |
                          seen_before << 5 | on_lo << 6 | seg.src_is_lo << 7 |
-                         (__u32)(code + 1) << 8);
+                         (__u32)(code + 1) << 8 | (__u32)(payload_len == 0) << 18);
     int syn = facts & 1, ack = facts >> 1 & 1;
     request = facts >> 2 & 1;
     preface = facts >> 3 & 1;
@@ -846,8 +855,9 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 
     /* The hot path: the packets that tell a connection's state something look it up;
      * the others only to learn whether it is marked, and not at all while no connection
-     * is (enum marks_index). */
-    if (!syn && code < 0 && !request && !preface && !try_h2 && !maybe_marked())
+     * is (enum marks_index). A payload-less one got here only because one may be. */
+    int empty = facts >> 18 & 1;
+    if (!syn && code < 0 && !request && !preface && !try_h2 && !empty && !maybe_marked())
         return PASS;
 
     struct mirror_config *cfg = config.lookup(&zero);
