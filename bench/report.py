@@ -231,12 +231,23 @@ def _ci(ci, fmt="{:.3f}") -> str:
     return f"{fmt.format(ci['mean'])} [{fmt.format(ci['lo'])}, {fmt.format(ci['hi'])}]"
 
 
+def run_title(result: dict) -> str:
+    """'full run', 'quick run', or, when the run left passes or configurations out, which
+    ones it had: a subset's targets say "no data" for what it skipped, and its title must
+    not call it full."""
+    mode, subset = result["settings"]["mode"], result.get("subset")
+    if not subset:
+        return f"{mode} run"
+    return (f"partial run ({mode} settings; passes: {', '.join(subset['passes'])}; "
+            f"configurations: {', '.join(subset['configs'])})")
+
+
 def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     st, m = result["settings"], result["machine"]
     labels = {c["key"]: c["label"] for c in result["configs"]}
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result["started"]))
     mins = (result["finished"] - result["started"]) / 60
-    L = [f"# mirror bench: {st['mode']} run of {when}", ""]
+    L = [f"# mirror bench: {run_title(result)} of {when}", ""]
     L += [f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average "
           f"{' '.join(m['loadavg'])} before, {' '.join(m.get('loadavg_after', []))} after; "
           f"{mins:.0f} minutes. {m['h2load']}, {m['iperf3']}, {m['nginx']}. "

@@ -465,8 +465,10 @@ def containers_pass(st: Settings, progress: Progress) -> dict:
     return out
 
 
-def run(st: Settings, only: list[str] | None = None,
-        passes=("micro", "state", "cost", "saturation", "in_traffic", "attach")) -> dict:
+ALL_PASSES = ("micro", "state", "cost", "saturation", "in_traffic", "attach")
+
+
+def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES) -> dict:
     progress = Progress("bench")
     session = Session(progress, TOOLS, 2, st.seed or None)
     info = {**session.machine, "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
@@ -495,6 +497,11 @@ def run(st: Settings, only: list[str] | None = None,
                   "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
                   "workloads": workloads_meta(st), "runs": [], "microbench": [],
                   "state": {}, "attach": {}}
+        left_out = [p for p in ALL_PASSES if p not in passes]
+        if left_out or only:
+            # What the report's title names, so that a subset is never read as a full run.
+            result["subset"] = {"passes": [p for p in ALL_PASSES if p in passes],
+                                "configs": sorted(configs)}
         retries = [st.retry_budget]
         if "micro" in passes:
             result["microbench"] = microbench_pass(shared, st, progress)

@@ -113,6 +113,19 @@ def _containers_summary(**kw) -> dict:
 
 
 @pytest.mark.unit
+def test_a_run_of_some_passes_is_titled_partial_with_what_it_ran():
+    """A run of a subset names its passes and configurations; a whole run, and a result
+    written before runs recorded their subset, keep their plain title."""
+    from bench import report
+    whole = {"settings": {"mode": "full"}}
+    assert report.run_title(whole) == "full run"
+    subset = dict(whole, subset={"passes": ["in_traffic"],
+                                 "configs": ["mirror-decide", "thesis", "untraced"]})
+    assert report.run_title(subset) == ("partial run (full settings; passes: in_traffic; "
+                                        "configurations: mirror-decide, thesis, untraced)")
+
+
+@pytest.mark.unit
 def test_the_report_shows_both_attach_modes_and_the_plugins_cost():
     """A row per attach mode, what the plugin adds (from the cni run's own arms), a mode
     that could not run said so; and a result from before the modes (one summary, the
