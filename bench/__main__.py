@@ -25,7 +25,7 @@ examples:
   python -m bench.containers --help   # the same with real podman containers
   python -m bench.scale --help     # every CPU of a bigger machine
 """
-PASSES = ("micro", "state", "cost", "saturation", "in_traffic", "attach")
+PASSES = runner.ALL_PASSES
 
 
 def parse_args(argv=None):
