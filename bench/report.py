@@ -575,14 +575,16 @@ def _large_map_table(rows: list[dict]) -> list[str]:
         return []
     held = pairs[0][0]["large_map"]["entries"]
     mirror, thesis = held.get("mirror", {}), held.get("thesis", {})
+    # Results before the connection state (b77bf4a) name the mirror's flow map "flows".
+    held_conns = mirror.get("conns", mirror.get("flows"))
     L = ["", "### With the maps 90 % full", "",
-         f"The same packets with the mirror's flow map holding {_num(mirror.get('flows'))} "
-         f"other flows and its request map {_num(mirror.get('requests'))} requests, and "
-         f"the thesis's connection map {_num(thesis.get('connections'))} connections "
-         "(the fewest any round held), against the rows with one other flow marked: a "
-         "lookup that misses, the insert that marks a flow, a lookup that hits. The "
-         "caches stay hot, so this is the cost of fuller buckets and of LRU bookkeeping, "
-         "not of the cache misses a large map adds in traffic.", "",
+         f"The same packets with the mirror's connection states holding {_num(held_conns)} "
+         f"other connections and its request slots {_num(mirror.get('requests'))} kept "
+         f"requests, and the thesis's connection map {_num(thesis.get('connections'))} "
+         "connections (the fewest any round held), against the rows with one other flow "
+         "marked: a lookup that misses, the insert that marks a flow, a lookup that hits. "
+         "The caches stay hot, so this is the cost of fuller buckets and of slot or LRU "
+         "bookkeeping, not of the cache misses a large map adds in traffic.", "",
          "| frame | " + " | ".join(f"{s}: one flow -> 90 % full" for s in
                                    PER_PACKET_SUBJECTS) + " |",
          "|---" * (len(PER_PACKET_SUBJECTS) + 1) + "|"]

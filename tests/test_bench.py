@@ -301,7 +301,7 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
     """The large-map rows time what they claim: both programs find the filler connections
     (the mirror holds each one's state and its request, the thesis mirrors it), the maps
     are about 90 % full during those rows, and the run leaves them as it found them."""
-    from bench import bigmaps, microbench
+    from bench import bigmaps, microbench, report
     from bench.progs import EmptyProgram, ThesisProgram
     from mirror.bpfsys import test_run
     from mirror.flowkey import FlowKey
@@ -344,6 +344,12 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
         assert entries["mirror"]["conns"] > 0.7 * clf.conn_slots
         assert entries["mirror"]["requests"] > 0.5 * clf.max_requests
     assert clf.flow_count() == 0 and thesis.connection_count() == 0
+    # The report names what the maps held (it once printed "-" for a renamed key).
+    held = large[0]["large_map"]["entries"]
+    text = "\n".join(report.per_packet_section(rows, 1))
+    assert (f"connection states holding {held['mirror']['conns']:,} other connections"
+            in text)
+    assert f"request slots {held['mirror']['requests']:,} kept requests" in text
 
 
 
