@@ -9,7 +9,7 @@ test:
 demo:
 	scripts/demo
 
-# Full bench (about 45 minutes, both CPUs busy): bench/results/<timestamp>.* and latest.*
+# Full bench (about 50 minutes, both CPUs busy): bench/results/<timestamp>.* and latest.*
 bench:
 	scripts/setup
 	$(PYTHON) -m bench
