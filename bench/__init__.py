@@ -28,7 +28,7 @@ runner (bench/runner.py), h2load runner (bench/workloads.py) and result writer
 (bench/report.py). Apart: bench/profile.py (where the classifier's time goes in
 traffic, by source line), bench/snapshot_cost.py (the request snapshot by length).
 
-OVERHEAD: the bench keeps both CPUs busy for its whole run (about 45 minutes in full mode,
+OVERHEAD: the bench keeps both CPUs busy for its whole run (about 50 minutes in full mode,
 about 3 with --quick) and measures the whole machine's CPU time: run it on a machine with
 nothing else to do. It only sends traffic between the namespaces it makes
 (198.18.0.0/15), and removes everything it adds, on failure and Ctrl-C too.

@@ -16,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 EPILOG = """\
 examples:
-  python -m bench                  # full run (about 45 minutes): bench/results/
+  python -m bench                  # full run (about 50 minutes): bench/results/
   python -m bench --quick          # a few minutes, one round: bench/results/quick/
   python -m bench --rounds 40      # narrower intervals on a quiet machine
   python -m bench --passes cost --configs mirror-clsact,thesis   # one question only
