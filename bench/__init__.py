@@ -6,9 +6,10 @@ Topology (bench/lab.py): nginx (one worker, /ok 200 and /error 500 of equal leng
 HTTP/1.1 and h2c) and `iperf3 -s` in a server network namespace; clients in the root
 namespace; the host-side veth is monitored. Client and server pinned to one CPU each.
 
-Configurations (bench/configs.py): untraced, qdiscs only, tcpdump -w, the mirror in its
-three hook layouts and with each feature of this round switched off (request snapshot,
-HTTP/2 parser, budgets, clone), the thesis monitor reproduced (bench/bpf/thesis.c).
+Configurations (bench/configs.py): untraced, qdiscs only, an empty classifier on clsact
+(the hook's floor), tcpdump -w, the mirror in its three hook layouts and with each feature
+of this round switched off (request snapshot, HTTP/2 parser, budgets, clone), the thesis
+monitor reproduced (bench/bpf/thesis.c).
 
 Passes (bench/runner.py), in rounds, every round in a random order:
   - cost: fixed offered load (h2load --rps, iperf3 -b), CPU time of all CPUs per request

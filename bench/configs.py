@@ -3,6 +3,9 @@ run and removed after it:
 
   untraced       nothing attached
   qdiscs         the thesis's qdiscs only: `ingress` + `htb` root 1:, no filter
+  empty-clsact   the mirror's default layout with nothing in it: `clsact`, a classifier
+                 that returns at once (bench/bpf/empty.c) at ingress and egress, as the
+                 mirror's filters sit: the floor any classifier on this hook costs
   tcpdump-w      `tcpdump -w` of the whole monitored interface: what an operator does
                  without this tool
   mirror-clsact  the mirror as an operator runs it by default: clsact layout, request
@@ -92,6 +95,31 @@ class QdiscsOnly(Config):
         with IPRoute() as ipr:
             tc.del_qdisc(ipr, self.ifindex, "htb")
             tc.del_qdisc(ipr, self.ifindex, "ingress")
+        self.ifindex = None
+
+
+class EmptyClsact(Config):
+    """What the hook itself costs before the classifier does anything: the mirror's
+    clsact layout (its filter's handle, priority and direct action, mirror.hooks.tc) with
+    the empty program at both hooks. A target on the mirror's cost over untraced can be
+    met only above this floor."""
+    key, label = "empty-clsact", "empty classifier (clsact)"
+
+    def setup(self, lab) -> None:
+        self.ifindex = None
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=lab.host_if)[0]
+            tc.add_qdisc(ipr, idx, "clsact")
+            self.ifindex = idx      # from here teardown removes the qdisc, filters with it
+            for parent, direction in ((tc.CLSACT_INGRESS, "ingress"),
+                                      (tc.CLSACT_EGRESS, "egress")):
+                tc.replace_filter(ipr, idx, parent, self.shared.empty.fd, direction)
+
+    def teardown(self) -> None:
+        if self.ifindex is None:
+            return
+        with IPRoute() as ipr:
+            tc.del_qdisc(ipr, self.ifindex, "clsact")
         self.ifindex = None
 
 
@@ -248,12 +276,12 @@ class Shared:
         return self._noh2
 
 
-KEYS = ("untraced", "qdiscs", "tcpdump-w", "mirror-clsact", "mirror-tcx", "mirror-htb",
-        "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide", "thesis")
+KEYS = ("untraced", "qdiscs", "empty-clsact", "tcpdump-w", "mirror-clsact", "mirror-tcx",
+        "mirror-htb", "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide", "thesis")
 
 
 def all_configs(shared) -> dict[str, Config]:
-    cfgs = [Untraced(shared), QdiscsOnly(shared), TcpdumpWrite(shared),
+    cfgs = [Untraced(shared), QdiscsOnly(shared), EmptyClsact(shared), TcpdumpWrite(shared),
             Mirror(shared, "clsact"), Mirror(shared, "tcx"), Mirror(shared, "htb"),
             Mirror(shared, variant="nosnap"), Mirror(shared, variant="noh2"),
             Mirror(shared, variant="nobudget"), Mirror(shared, variant="decide"),

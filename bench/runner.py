@@ -88,8 +88,8 @@ MIRRORS = ("mirror-clsact", "mirror-tcx", "mirror-htb")
 # (workload, configurations) per pass. The features of this round are switched off one
 # at a time where they can matter; the thesis cannot read h2c, so it sits out h2c.
 COST_PLAN = (
-    (H1_0, ("untraced", "qdiscs", "tcpdump-w", "thesis", *MIRRORS, "mirror-nosnap",
-            "mirror-noh2")),
+    (H1_0, ("untraced", "qdiscs", "empty-clsact", "tcpdump-w", "thesis", *MIRRORS,
+            "mirror-nosnap", "mirror-noh2")),
     (H1_100, ("untraced", "tcpdump-w", "thesis", *MIRRORS, "mirror-nosnap", "mirror-noh2",
               "mirror-nobudget")),
     (H2C_0, ("untraced", "mirror-clsact", "mirror-noh2")),

@@ -355,6 +355,34 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
 
 
 @pytest.mark.kernel
+def test_empty_clsact_is_the_mirrors_layout_with_nothing_in_it(host):
+    """The floor configuration: clsact with the empty program where the mirror's filters
+    go (both hooks, the mirror's handle and priority), and the interface as found after."""
+    from types import SimpleNamespace
+
+    from pyroute2 import IPRoute
+
+    from bench.configs import EmptyClsact
+    from bench.progs import EmptyProgram
+    from conftest import tc_show
+    from mirror.hooks import tc
+    before = tc_show(host.host_if)
+    empty = EmptyProgram()
+    cfg = EmptyClsact(SimpleNamespace(empty=empty))
+    try:
+        cfg.setup(SimpleNamespace(host_if=host.host_if))
+        assert "clsact" in tc_show(host.host_if)
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=host.host_if)[0]
+            for parent in (tc.CLSACT_INGRESS, tc.CLSACT_EGRESS):
+                [f] = tc.list_filters(ipr, idx, parent)
+                assert f.ours and f.prio == tc.FILTER_PRIO, f
+    finally:
+        cfg.teardown()
+    assert tc_show(host.host_if) == before
+
+
+@pytest.mark.kernel
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
