@@ -158,6 +158,9 @@ def targets(result: dict, summary: dict) -> list[dict]:
     out.append(_target("cpu-0", "CPU per request, HTTP/1.1 at 0 % errors: mirror (clsact, "
                        "snapshot on) / untraced, at most 1.02", 1.02,
                        compare(cost, "http1-0", CLSACT, BASE, metric)))
+    out.append(_reported("cpu-0-floor", "the floor under it: an empty classifier on clsact "
+                         "(the hook alone) / untraced",
+                         compare(cost, "http1-0", "empty-clsact", BASE, metric)))
     out.append(_target("cpu-100", "CPU per request, HTTP/1.1 at 100 % errors: mirror "
                        "(clsact, default budgets) / thesis, at most 1", 1.0,
                        compare(cost, "http1-100", CLSACT, THESIS, metric)))

@@ -425,7 +425,7 @@ def test_quick_bench_end_to_end(tmp_path):
 
     summary = data["summary"]
     assert {t["id"] for t in summary["targets"]} >= \
-        {"completeness", "cpu-0", "cpu-100", "cpu-100-nobudget", "ns-0", "h2-parser",
+        {"completeness", "cpu-0", "cpu-0-floor", "cpu-100", "cpu-100-nobudget", "ns-0", "h2-parser",
          "attach-p99"}
     assert all(t["verdict"] in ("met", "not met", "inconclusive", "no data", "reported")
                for t in summary["targets"])
