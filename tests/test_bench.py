@@ -355,9 +355,22 @@ def test_large_map_rows_fill_the_maps_the_programs_read_and_empty_them(clf, debu
 
 
 @pytest.mark.kernel
-def test_empty_clsact_is_the_mirrors_layout_with_nothing_in_it(host):
+def test_empty_clsact_is_the_mirrors_layout_with_nothing_in_it(monkeypatch):
     """The floor configuration: clsact with the empty program where the mirror's filters
     go (both hooks, the mirror's handle and priority), and the interface as found after."""
+    import itertools
+
+    from mirror.lab import netns
+    # A sequence of its own: the session's names stay those of a run without this test.
+    monkeypatch.setattr(netns, "_seq", itertools.count(0xF0))
+    host = netns.Host.create()
+    try:
+        _empty_clsact_on(host)
+    finally:
+        host.destroy()
+
+
+def _empty_clsact_on(host) -> None:
     from types import SimpleNamespace
 
     from pyroute2 import IPRoute
