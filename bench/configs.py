@@ -78,49 +78,50 @@ class Untraced(Config):
     key, label = "untraced", "untraced"
 
 
-class QdiscsOnly(Config):
-    key, label = "qdiscs", "qdiscs only (ingress + htb)"
+class _OnQdiscs(Config):
+    """Qdiscs of `kinds` added to the monitored interface in order (then whatever
+    `fill` puts in them), removed in reverse after the run; their filters go with them.
+    Only the qdiscs this setup created are removed."""
+    kinds: tuple[str, ...] = ()
 
     def setup(self, lab) -> None:
-        self.ifindex = None
+        self.ifindex, self.created = None, []
         with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=lab.host_if)[0]
-            tc.add_qdisc(ipr, idx, "ingress")
-            self.ifindex = idx
-            tc.add_qdisc(ipr, idx, "htb")
+            self.ifindex = ipr.link_lookup(ifname=lab.host_if)[0]
+            for kind in self.kinds:
+                tc.add_qdisc(ipr, self.ifindex, kind)
+                self.created.append(kind)
+            self.fill(ipr, self.ifindex)
+
+    def fill(self, ipr, ifindex: int) -> None:
+        pass
 
     def teardown(self) -> None:
         if self.ifindex is None:
             return
         with IPRoute() as ipr:
-            tc.del_qdisc(ipr, self.ifindex, "htb")
-            tc.del_qdisc(ipr, self.ifindex, "ingress")
-        self.ifindex = None
+            for kind in reversed(self.created):
+                tc.del_qdisc(ipr, self.ifindex, kind)
+        self.ifindex, self.created = None, []
 
 
-class EmptyClsact(Config):
+class QdiscsOnly(_OnQdiscs):
+    key, label = "qdiscs", "qdiscs only (ingress + htb)"
+    kinds = ("ingress", "htb")
+
+
+class EmptyClsact(_OnQdiscs):
     """What the hook itself costs before the classifier does anything: the mirror's
     clsact layout (its filter's handle, priority and direct action, mirror.hooks.tc) with
     the empty program at both hooks. A target on the mirror's cost over untraced can be
     met only above this floor."""
     key, label = "empty-clsact", "empty classifier (clsact)"
+    kinds = ("clsact",)
 
-    def setup(self, lab) -> None:
-        self.ifindex = None
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=lab.host_if)[0]
-            tc.add_qdisc(ipr, idx, "clsact")
-            self.ifindex = idx      # from here teardown removes the qdisc, filters with it
-            for parent, direction in ((tc.CLSACT_INGRESS, "ingress"),
-                                      (tc.CLSACT_EGRESS, "egress")):
-                tc.replace_filter(ipr, idx, parent, self.shared.empty.fd, direction)
-
-    def teardown(self) -> None:
-        if self.ifindex is None:
-            return
-        with IPRoute() as ipr:
-            tc.del_qdisc(ipr, self.ifindex, "clsact")
-        self.ifindex = None
+    def fill(self, ipr, ifindex: int) -> None:
+        for parent, direction in ((tc.CLSACT_INGRESS, "ingress"),
+                                  (tc.CLSACT_EGRESS, "egress")):
+            tc.replace_filter(ipr, ifindex, parent, self.shared.empty.fd, direction)
 
 
 class TcpdumpWrite(Config):
