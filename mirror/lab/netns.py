@@ -63,20 +63,26 @@ def _link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
 
 
-def unique_name(tag: str) -> str:
-    """An interface name unique to this process and call, that cleanup_stale() removes
-    once this process is gone: m + pid (6 hex) + sequence (2 hex) + a one-letter tag.
-    The sequence wraps after 256 names (the name must leave room for a "-sink" peer
-    within 15 characters), so a name whose link still exists is skipped: a long test
-    session once got its session-wide debug interface's name again, and the test that
-    got it deleted it."""
+def _free_name(tag: str) -> tuple[int, str]:
+    """The next sequence number whose name (m + pid (6 hex) + sequence (2 hex) + a
+    one-letter tag) no link holds, and that name. The sequence wraps after 256 names (the
+    name must leave room for a "-sink" peer within 15 characters), so a name whose link
+    still exists is skipped: a long test session once got its session-wide debug
+    interface's name again, and the test that got it deleted it."""
     assert len(tag) == 1 and tag.isalpha() and tag.islower()
     for _ in range(256):
-        name = f"m{os.getpid():06x}{next(_seq) % 256:02x}{tag}"
+        n = next(_seq)
+        name = f"m{os.getpid():06x}{n % 256:02x}{tag}"
         if not _link_exists(name):
-            return name
+            return n, name
     raise RuntimeError(f"no free interface name with tag {tag!r}: 256 links of this "
                        "process exist; delete some")
+
+
+def unique_name(tag: str) -> str:
+    """An interface name unique to this process and call, that cleanup_stale() removes
+    once this process is gone (_free_name says its form)."""
+    return _free_name(tag)[1]
 
 
 def _free_subnet(start: int) -> int:
@@ -120,12 +126,8 @@ class Host:
         any 198.18.N.0/24 already on a link of the root namespace: two test runs on one
         machine would otherwise route each other's traffic now and then."""
         pid = os.getpid()
-        for _ in range(256):    # a name whose link exists is skipped: see unique_name()
-            n = next(_seq)
-            if not _link_exists(f"m{pid:06x}{n % 256:02x}h"):
-                break
+        n, host_if = _free_name("h")
         ns = f"{PREFIX}-{pid}-{n}"
-        host_if = f"m{pid:06x}{n % 256:02x}h"    # the form unique_name() makes
         subnet = _free_subnet((pid * 7 + n) % 250)
         host = cls(ns, host_if, subnet)
         try:
