@@ -577,6 +577,94 @@ static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
         *slot += took;
 }
 
+/* Copies n bytes of a kept request, n a constant. clang's BPF backend expands a
+ * __builtin_memcpy inline up to 1024 bytes only; beyond, it emits a call to memcpy, which
+ * BPF has not, and bcc's compile ends the process ("A call to built-in function 'memcpy'
+ * is not supported"): --request-bytes above 1024 did exactly that until the copy was cut
+ * in chunks. */
+#define COPY_CHUNK 1024
+static __always_inline void copy_request(__u8 *dst, const __u8 *src, const __u32 n)
+{
+#pragma unroll
+    for (__u32 off = 0; off + COPY_CHUNK <= n; off += COPY_CHUNK)
+        __builtin_memcpy(dst + off, src + off, COPY_CHUNK);
+    if (n % COPY_CHUNK)
+        __builtin_memcpy(dst + n - n % COPY_CHUNK, src + n - n % COPY_CHUNK, n % COPY_CHUNK);
+}
+
+/* Reserves an error event in the ring, written in place (one copy of the request, not
+ * two), with the kept request `r` copied in, or its head alone without one; 0 when the
+ * ring is full. The verifier takes only a constant size for the reservation and the copy,
+ * so the request travels in the smallest of a few steps that holds its `len` bytes rather
+ * than in the whole REQUEST_BYTES: an error event whose request is 200 bytes copies 256,
+ * not 512 (the event is the one piece of the decision path that the ablation of
+ * 2026-12-04 in docs/bench.md showed). `len` is r->len read once by the caller, which
+ * reports it as request_len: the entry may take another request meanwhile, and the event
+ * never claims more bytes than it holds. The bytes between `len` and the step are
+ * whatever that requests entry held before; user space reads request_len bytes only.
+ * One block per step, not a macro: bcc refuses a map call inside a macro's expansion
+ * ("cannot use map function inside a macro"). */
+#define EVENT_HEAD_BYTES __builtin_offsetof(struct error_event, data)
+static __always_inline struct error_event *reserve_event(const struct kept_request *r,
+                                                         __u32 len)
+{
+    struct error_event *ev;
+    if (!r)
+        return events.ringbuf_reserve(EVENT_HEAD_BYTES);
+#if REQUEST_BYTES > 128
+    if (len <= 128) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 128);
+        if (ev)
+            copy_request(ev->data, r->data, 128);
+        return ev;
+    }
+#endif
+#if REQUEST_BYTES > 256
+    if (len <= 256) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 256);
+        if (ev)
+            copy_request(ev->data, r->data, 256);
+        return ev;
+    }
+#endif
+#if REQUEST_BYTES > 384
+    if (len <= 384) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 384);
+        if (ev)
+            copy_request(ev->data, r->data, 384);
+        return ev;
+    }
+#endif
+#if REQUEST_BYTES > 512
+    if (len <= 512) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 512);
+        if (ev)
+            copy_request(ev->data, r->data, 512);
+        return ev;
+    }
+#endif
+#if REQUEST_BYTES > 1024
+    if (len <= 1024) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 1024);
+        if (ev)
+            copy_request(ev->data, r->data, 1024);
+        return ev;
+    }
+#endif
+#if REQUEST_BYTES > 2048
+    if (len <= 2048) {
+        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 2048);
+        if (ev)
+            copy_request(ev->data, r->data, 2048);
+        return ev;
+    }
+#endif
+    ev = events.ringbuf_reserve(sizeof(*ev));
+    if (ev)
+        copy_request(ev->data, r->data, sizeof(ev->data));
+    return ev;
+}
+
 /* Hands an error event to user space: the response's facts and the request kept for it,
  * within the bounds (max_events_per_conn, max_events_per_window per CPU). Never waits: a
  * full ring buffer loses the event, counted. */
@@ -596,13 +684,14 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
         return;
     }
     __sync_fetch_and_add(&c->events, 1);
-    /* Written in place in the ring (one copy of the request, not two): the size reserved
-     * is a constant for the verifier, the whole event with a request, its head without. */
-    struct error_event *ev;
-    if (r)
-        ev = events.ringbuf_reserve(sizeof(*ev));
-    else
-        ev = events.ringbuf_reserve(__builtin_offsetof(struct error_event, data));
+    __u32 request_len = 0;
+    if (r) {
+        /* once: the step and request_len must agree (see reserve_event) */
+        request_len = *(volatile __u32 *)&r->len;
+        if (request_len > REQUEST_BYTES)
+            request_len = REQUEST_BYTES;
+    }
+    struct error_event *ev = reserve_event(r, request_len);
     if (!ev) {
         count(C_EVENTS_LOST, 1);    /* the ring is full: never wait for the reader */
         return;
@@ -625,8 +714,7 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
         ev->request_ns = r->request_ns;
         ev->request_direction = r->direction;
         ev->request_frame_len = r->frame_len;
-        ev->request_len = r->len;
-        __builtin_memcpy(ev->data, r->data, sizeof(ev->data));
+        ev->request_len = request_len;
     }
     /* Wake the reader for the first event after a quiet spell, then at most once per
      * EVENT_WAKEUP_NS on this CPU: in an error storm a wakeup per event (a context switch

@@ -19,7 +19,7 @@ from hyperframe.frame import HeadersFrame
 from frames import TCP_ACK, TCP_FIN, TCP_SYN, tcp4, tcp6
 from helpers import next_coarse_tick
 from mirror.abi import COUNTERS, TC_ACT_UNSPEC
-from mirror.events.record import Event, describe_request
+from mirror.events.record import HEAD_SIZE, Event, describe_request
 from mirror.flowkey import FlowKey
 
 pytestmark = pytest.mark.testrun
@@ -262,6 +262,65 @@ def test_cut_request_is_described(snap, ring):
     assert ev.request == req[:100] and ev.request_frame_len == len(req)
     method, target, host = describe_request(ev.request)
     assert method == "GET" and target.startswith("/xxx") and host is None
+
+
+def padded_request(c: Conn, frame_len: int) -> bytes:
+    """A request frame of exactly `frame_len` bytes (an extra header pads it)."""
+    short = c.c2s(request(target="/", host="a", extra="X-Pad: \r\n"))
+    assert frame_len >= len(short)
+    pad = "p" * (frame_len - len(short))
+    return c.c2s(request(target="/", host="a", extra=f"X-Pad: {pad}\r\n"))
+
+
+def event_request_room(clf, c: Conn, req: bytes, ring: Ring) -> tuple[int, bytes]:
+    """Opens `c`, runs `req` and a 500; returns the room the event's record
+    gave the request (its size past the head) and the request it carried."""
+    open_conn(clf, c)
+    run(clf, req, "ingress")
+    run(clf, c.s2c(ERR500), "egress")
+    ring.drain()
+    (raw,) = ring.records
+    return len(raw) - HEAD_SIZE, Event.from_record(raw).request
+
+
+@pytest.mark.parametrize("frame_len,room", [
+    (121, 128), (128, 128), (129, 256), (256, 256), (300, 384), (385, 512), (512, 512),
+    (900, 512)])
+def test_an_event_carries_its_request_in_the_smallest_step_that_holds_it(
+        snap, ring, frame_len, room):
+    """The request travels in a step of 128, 256, 384 or the whole REQUEST_BYTES (512
+    here), not always in the whole: an event copies what its request needs. The same
+    4-tuple (the same requests entry) kept a longer request before: no byte of it past
+    this request's length is reported."""
+    c = Conn()
+    event_request_room(snap, c, padded_request(c, 512), ring)
+    req = padded_request(c, frame_len)
+    assert event_request_room(snap, c, req, ring) == (room, req[:512])
+
+
+@pytest.mark.parametrize("capacity", [8, 64, 4096])
+def test_every_compiled_request_size_loads_and_reports_whole_requests(capacity):
+    """--request-bytes sets REQUEST_BYTES at compile time, and with it which steps exist
+    (none at 64, all at 4096): each program passes the verifier and reports a request of
+    each size whole, up to the capacity, in the smallest step that holds it (frames up
+    to 3500 bytes: BPF_PROG_TEST_RUN takes no more than a page, less its head and tail
+    room)."""
+    from mirror.bpfprog import Classifier
+    clf = Classifier(max_flows=64, request_bytes=capacity)
+    try:
+        clf.set_trigger(frozenset(range(500, 600)))
+        ring = Ring(clf)
+        steps = [n for n in (128, 256, 384, 512, 1024, 2048) if n < capacity] + [capacity]
+        for i, frame_len in enumerate((125, 200, 300, 500, 1000, 1500, 3500)):
+            c = Conn(cport=CPORT + i)
+            req = padded_request(c, frame_len)
+            room, carried = event_request_room(clf, c, req, ring)
+            want = min(frame_len, capacity)
+            assert carried == req[:want]
+            assert room == min(n for n in steps if n >= want), (frame_len, room)
+        clf.on_events(None)
+    finally:
+        clf.bpf.cleanup()        # bcc closes the programs and maps
 
 
 def test_events_per_connection_are_bounded(snap, ring):
