@@ -20,6 +20,7 @@ from pyroute2 import IPRoute
 from mirror import ownership
 from mirror.lab.netns import unique_name
 from tests.helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
+from test_container import images  # noqa: F401  (the session fixture: the images built)
 
 TOP = Path(__file__).resolve().parent.parent
 
@@ -282,17 +283,18 @@ def podman(*args, check=True, env=None, timeout=180) -> subprocess.CompletedProc
 
 
 @pytest.mark.container
-def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path):
+def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path, images):
     """A CNI network made by podman, the plugin chained after its bridge by `mirror cni
     install`: each container's veth is hooked by the plugin before the container runs,
-    and detached at its removal; `mirror cni uninstall` takes the plugin out again."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: run scripts/setup")
+    and detached at its removal; `mirror cni uninstall` takes the plugin out again. The
+    container is the Debian base image, which container/build (the `images` fixture)
+    makes when missing: on a fresh machine this test ran before test_container built it
+    and skipped, so CI never ran it."""
     if podman("info", "--format", "{{.Host.NetworkBackend}}").stdout.strip() != "cni":
         pytest.skip("podman's network backend is not CNI")
     image = "localhost/debian:bookworm"
-    if podman("image", "exists", image, check=False).returncode != 0:
-        pytest.skip(f"{image} is missing: container/build makes it")
+    assert podman("image", "exists", image, check=False).returncode == 0, \
+        f"container/build made no {image}"
     net, confdir, bindir = f"mcni{os.getpid() % 10000}", tmp_path / "net.d", tmp_path / "bin"
     confdir.mkdir()
     conf = tmp_path / "containers.conf"
