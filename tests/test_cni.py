@@ -288,13 +288,15 @@ def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path, ima
     install`: each container's veth is hooked by the plugin before the container runs,
     and detached at its removal; `mirror cni uninstall` takes the plugin out again. The
     container is the Debian base image, which container/build (the `images` fixture)
-    makes when missing: on a fresh machine this test ran before test_container built it
-    and skipped, so CI never ran it."""
+    leaves as docker.io/library/debian:SUITE, making it when missing: on a fresh machine
+    this test ran before test_container built it and skipped, so CI never ran it."""
     if podman("info", "--format", "{{.Host.NetworkBackend}}").stdout.strip() != "cni":
         pytest.skip("podman's network backend is not CNI")
-    image = "localhost/debian:bookworm"
-    assert podman("image", "exists", image, check=False).returncode == 0, \
-        f"container/build made no {image}"
+    names = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter",
+                   "reference=docker.io/library/debian").stdout.split()
+    bases = [n for n in names if n.startswith("docker.io/library/debian:")]
+    assert bases, "container/build left no docker.io/library/debian base image"
+    image = bases[0]
     net, confdir, bindir = f"mcni{os.getpid() % 10000}", tmp_path / "net.d", tmp_path / "bin"
     confdir.mkdir()
     conf = tmp_path / "containers.conf"

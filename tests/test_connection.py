@@ -284,14 +284,15 @@ def event_request_room(clf, c: Conn, req: bytes, ring: Ring) -> tuple[int, bytes
 
 
 @pytest.mark.parametrize("frame_len,room", [
-    (121, 128), (128, 128), (129, 256), (256, 256), (300, 384), (385, 512), (512, 512),
-    (900, 512)])
+    (121, 128), (128, 128), (129, 256), (256, 256), (257, 384), (384, 384), (385, 512),
+    (512, 512), (900, 512)])
 def test_an_event_carries_its_request_in_the_smallest_step_that_holds_it(
         snap, ring, frame_len, room):
     """The request travels in a step of 128, 256, 384 or the whole REQUEST_BYTES (512
     here), not always in the whole: an event copies what its request needs. The same
-    4-tuple (the same requests entry) kept a longer request before: no byte of it past
-    this request's length is reported."""
+    4-tuple (the same requests entry) kept a longer request before, whose bytes lie past
+    this one's length within the step: the event's request_len is this request's, so
+    the decoded request is exactly it."""
     c = Conn()
     event_request_room(snap, c, padded_request(c, 512), ring)
     req = padded_request(c, frame_len)
@@ -311,7 +312,8 @@ def test_every_compiled_request_size_loads_and_reports_whole_requests(capacity):
         clf.set_trigger(frozenset(range(500, 600)))
         ring = Ring(clf)
         steps = [n for n in (128, 256, 384, 512, 1024, 2048) if n < capacity] + [capacity]
-        for i, frame_len in enumerate((125, 200, 300, 500, 1000, 1500, 3500)):
+        for i, frame_len in enumerate((125, 200, 300, 500, 1000, 1024, 1025, 1500, 2048,
+                                       2049, 3500)):
             c = Conn(cport=CPORT + i)
             req = padded_request(c, frame_len)
             room, carried = event_request_room(clf, c, req, ring)
