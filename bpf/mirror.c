@@ -592,77 +592,61 @@ static __always_inline void copy_request(__u8 *dst, const __u8 *src, const __u32
         __builtin_memcpy(dst + n - n % COPY_CHUNK, src + n - n % COPY_CHUNK, n % COPY_CHUNK);
 }
 
+/* An error event reserved in the ring with room for n bytes of the kept request `r`,
+ * copied in; 0 when the ring is full. n is a constant once inlined, as the verifier
+ * needs for the reservation and the copy. A function, not a macro: bcc refuses a map
+ * call inside a macro's expansion ("cannot use map function inside a macro"). */
+#define EVENT_HEAD_BYTES __builtin_offsetof(struct error_event, data)
+static __always_inline struct error_event *reserve_with_request(const struct kept_request *r,
+                                                                const __u32 n)
+{
+    struct error_event *ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + n);
+    if (ev)
+        copy_request(ev->data, r->data, n);
+    return ev;
+}
+
 /* Reserves an error event in the ring, written in place (one copy of the request, not
  * two), with the kept request `r` copied in, or its head alone without one; 0 when the
- * ring is full. The verifier takes only a constant size for the reservation and the copy,
- * so the request travels in the smallest of a few steps that holds its `len` bytes rather
- * than in the whole REQUEST_BYTES: an error event whose request is 200 bytes copies 256,
- * not 512 (the event is the one piece of the decision path that the ablation of
- * 2026-12-04 in docs/bench.md showed). `len` is r->len read once by the caller, which
- * reports it as request_len: the entry may take another request meanwhile, and the event
- * never claims more bytes than it holds. The bytes between `len` and the step are
- * whatever that requests entry held before; user space reads request_len bytes only.
- * One block per step, not a macro: bcc refuses a map call inside a macro's expansion
- * ("cannot use map function inside a macro"). */
-#define EVENT_HEAD_BYTES __builtin_offsetof(struct error_event, data)
+ * ring is full. The request travels in the smallest of a few constant steps that holds
+ * its `len` bytes rather than in the whole REQUEST_BYTES: an error event whose request is
+ * 200 bytes copies 256, not 512 (the event was the one piece of the decision path the
+ * ablation of 2026-12-04 showed; the smaller copy itself did not show in traffic, section
+ * "Partial runs of 2026-12-04 17:00 UTC" of docs/bench.md). `len` is r->len read once by
+ * the caller, which reports it as request_len: the entry may take another request
+ * meanwhile, and the event never claims more bytes than it holds. The bytes between
+ * `len` and the step are whatever that requests entry held before; user space reads
+ * request_len bytes only. */
 static __always_inline struct error_event *reserve_event(const struct kept_request *r,
                                                          __u32 len)
 {
-    struct error_event *ev;
     if (!r)
         return events.ringbuf_reserve(EVENT_HEAD_BYTES);
 #if REQUEST_BYTES > 128
-    if (len <= 128) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 128);
-        if (ev)
-            copy_request(ev->data, r->data, 128);
-        return ev;
-    }
+    if (len <= 128)
+        return reserve_with_request(r, 128);
 #endif
 #if REQUEST_BYTES > 256
-    if (len <= 256) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 256);
-        if (ev)
-            copy_request(ev->data, r->data, 256);
-        return ev;
-    }
+    if (len <= 256)
+        return reserve_with_request(r, 256);
 #endif
 #if REQUEST_BYTES > 384
-    if (len <= 384) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 384);
-        if (ev)
-            copy_request(ev->data, r->data, 384);
-        return ev;
-    }
+    if (len <= 384)
+        return reserve_with_request(r, 384);
 #endif
 #if REQUEST_BYTES > 512
-    if (len <= 512) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 512);
-        if (ev)
-            copy_request(ev->data, r->data, 512);
-        return ev;
-    }
+    if (len <= 512)
+        return reserve_with_request(r, 512);
 #endif
 #if REQUEST_BYTES > 1024
-    if (len <= 1024) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 1024);
-        if (ev)
-            copy_request(ev->data, r->data, 1024);
-        return ev;
-    }
+    if (len <= 1024)
+        return reserve_with_request(r, 1024);
 #endif
 #if REQUEST_BYTES > 2048
-    if (len <= 2048) {
-        ev = events.ringbuf_reserve(EVENT_HEAD_BYTES + 2048);
-        if (ev)
-            copy_request(ev->data, r->data, 2048);
-        return ev;
-    }
+    if (len <= 2048)
+        return reserve_with_request(r, 2048);
 #endif
-    ev = events.ringbuf_reserve(sizeof(*ev));
-    if (ev)
-        copy_request(ev->data, r->data, sizeof(ev->data));
-    return ev;
+    return reserve_with_request(r, REQUEST_BYTES);
 }
 
 /* Hands an error event to user space: the response's facts and the request kept for it,
