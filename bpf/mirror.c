@@ -616,7 +616,9 @@ static __always_inline struct error_event *reserve_with_request(const struct kep
  * the caller, which reports it as request_len: the entry may take another request
  * meanwhile, and the event never claims more bytes than it holds. The bytes between
  * `len` and the step are whatever that requests entry held before; user space reads
- * request_len bytes only. */
+ * request_len bytes only. One #if per step, not an unrolled loop over a table of steps:
+ * clang does not fold the table's sizes into constants before it lowers the copy, and
+ * emits a call to memcpy again. */
 static __always_inline struct error_event *reserve_event(const struct kept_request *r,
                                                          __u32 len)
 {
