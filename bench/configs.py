@@ -19,6 +19,9 @@ run and removed after it:
                  response an event (the error storm without bounds)
   mirror-decide  mirror-nobudget with its debug interface unset: it decides and marks
                  but never clones (in-traffic pass only: the clone's share, apart)
+  mirror-decide-bounded  mirror-clsact with its debug interface unset: the decision path
+                 as shipped, where the default event bounds, not every error response,
+                 decide how many events the kernel writes (in-traffic pass only)
   thesis         the thesis monitor reproduced (bench/bpf/thesis.c): ingress + htb
                  qdiscs, classic cls_bpf filters whose match runs an act_mirred
                  "egress mirror" action to a debug interface
@@ -160,10 +163,11 @@ class Mirror(Config):
         self.label = {"": f"mirror ({hook})", "nosnap": "mirror, request snapshot off",
                       "noh2": "mirror, HTTP/2 parser off",
                       "nobudget": "mirror, no budgets",
-                      "decide": "mirror, no budgets, clone off"}[variant]
+                      "decide": "mirror, no budgets, clone off",
+                      "decide-bounded": "mirror, defaults, clone off"}[variant]
         self.budgeted = variant not in ("nobudget", "decide")
         self.reads_h2 = variant != "noh2"
-        self.mirrors = variant != "decide"
+        self.mirrors = variant not in ("decide", "decide-bounded")
         self.ctl: Controller | None = None
         self.thread: threading.Thread | None = None
 
@@ -186,7 +190,7 @@ class Mirror(Config):
                               sink_factory=lambda: self.shared.sink)
         logging.getLogger("mirror").setLevel(logging.WARNING)
         self.ctl.start()
-        if self.variant == "decide":
+        if not self.mirrors:
             clf.set_debug_ifindex(0)        # marks flows, clones nothing
         self.thread = threading.Thread(target=self.ctl.run, name="mirror-controller",
                                        daemon=True)
@@ -278,7 +282,8 @@ class Shared:
 
 
 KEYS = ("untraced", "qdiscs", "empty-clsact", "tcpdump-w", "mirror-clsact", "mirror-tcx",
-        "mirror-htb", "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide", "thesis")
+        "mirror-htb", "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide",
+        "mirror-decide-bounded", "thesis")
 
 
 def all_configs(shared) -> dict[str, Config]:
@@ -286,6 +291,6 @@ def all_configs(shared) -> dict[str, Config]:
             Mirror(shared, "clsact"), Mirror(shared, "tcx"), Mirror(shared, "htb"),
             Mirror(shared, variant="nosnap"), Mirror(shared, variant="noh2"),
             Mirror(shared, variant="nobudget"), Mirror(shared, variant="decide"),
-            Thesis(shared)]
+            Mirror(shared, variant="decide-bounded"), Thesis(shared)]
     assert tuple(c.key for c in cfgs) == KEYS
     return {c.key: c for c in cfgs}

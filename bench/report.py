@@ -188,6 +188,10 @@ def targets(result: dict, summary: dict) -> list[dict]:
                        "errors, every connection marked, clone off (the decision path): "
                        "mirror / thesis, at most 2", 2.0,
                        compare(it, "http1-100", "mirror-decide", THESIS, "ns_per_run")))
+    out.append(_reported("ns-decide-bounded", "the same with the mirror's default event "
+                         "bounds (the decision path as shipped): mirror / thesis",
+                         compare(it, "http1-100", "mirror-decide-bounded", THESIS,
+                                 "ns_per_run")))
     out.append(_target("h2-parser", "in-traffic ns per invocation on HTTP/1.1 traffic "
                        "(0 % errors): HTTP/2 parser on / off, at most 1.10", 1.10,
                        compare(it, "http1-0", CLSACT, "mirror-noh2", "ns_per_run")))

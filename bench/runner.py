@@ -104,7 +104,8 @@ SATURATION_PLAN = (
 )
 IN_TRAFFIC_PLAN = (
     (H1_0, ("thesis", "mirror-clsact", "mirror-noh2", "mirror-nosnap")),
-    (H1_100, ("thesis", "mirror-clsact", "mirror-nobudget", "mirror-decide", "mirror-noh2")),
+    (H1_100, ("thesis", "mirror-clsact", "mirror-nobudget", "mirror-decide",
+              "mirror-decide-bounded", "mirror-noh2")),
     (H2C_0, ("mirror-clsact", "mirror-noh2")),
     (H2C_100, ("mirror-clsact", "mirror-nobudget")),
 )
