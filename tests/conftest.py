@@ -8,6 +8,7 @@ reason."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import APP_IMAGE, CONTAINER, IMAGE, remove_stale_pods  # noqa: E402
 from mirror import debugif  # noqa: E402
 from mirror.lab.netns import Host, cleanup_stale, unique_name  # noqa: E402
 from mirror.lab.nginx import Nginx  # noqa: E402
@@ -146,3 +148,19 @@ def pinned():
         yield cpu
     finally:
         os.sched_setaffinity(0, original)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """The mirror's image and the demo app's, built (or found up to date) by
+    container/build once per session: here, not in a test module, so that every module of
+    real containers shares one build."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: run scripts/setup (it installs podman, runc "
+                    "and debootstrap)")
+    r = subprocess.run([str(CONTAINER / "build")], capture_output=True, text=True,
+                       timeout=1800)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, f"container/build failed:\n{r.stdout}\n{r.stderr}"
+    remove_stale_pods()
+    return IMAGE, APP_IMAGE

@@ -2,6 +2,7 @@
 (never on fixed sleeps) until a capture holds everything that was sent."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -341,3 +342,47 @@ def wait_closed(*servers: str, port: int = 80) -> None:
                 and line.split()[4].rsplit(":", 1)[0].strip("[]") in servers]
         return not busy, busy
     wait_until(check, f"the connections to {', '.join(servers)} to close")
+
+
+# --- podman: one helper for every test of real containers ------------------------------
+
+CONTAINER = ROOT / "container"
+IMAGE = "localhost/mirror:latest"
+APP_IMAGE = "localhost/mirror-demo-app:latest"
+TEST_LABEL = "io.mirror.test-pid"       # on every pod a test makes: the pid that made it
+
+
+def podman(*args: str, netns: str | None = None, env: dict | None = None, check: bool = True,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """podman, with `netns` as its host network when given: the network's bridge and its
+    containers' host-side veths are made there. nsenter, not `ip netns exec`: the latter
+    remounts /sys, hiding the cgroup mount runc needs."""
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    r = subprocess.run([*prefix, "podman", *args], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}):\n"
+                             f"{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_pods() -> None:
+    """Removes the pods of earlier test processes that died before cleaning up."""
+    out = podman("pod", "ps", "--filter", f"label={TEST_LABEL}", "--format", "{{.Name}}",
+                 check=False).stdout
+    for name in out.split():
+        labels = json.loads(podman("pod", "inspect", name, "--format", "{{json .Labels}}",
+                                   check=False).stdout or "{}")
+        pid = int(labels.get(TEST_LABEL, "0") or 0)
+        if pid and not _pid_alive(pid):
+            podman("pod", "rm", "--force", name, check=False)

@@ -19,8 +19,8 @@ from pyroute2 import IPRoute
 
 from mirror import ownership
 from mirror.lab.netns import unique_name
-from tests.helpers import MirrorProcess, controller_ask, drop_link, env_with, run_cli
-from test_container import images  # noqa: F401  (the session fixture: the images built)
+from tests.helpers import (MirrorProcess, controller_ask, drop_link, env_with, podman,
+                           run_cli)
 
 TOP = Path(__file__).resolve().parent.parent
 
@@ -273,14 +273,6 @@ def test_a_bad_request_on_the_socket_is_answered_not_fatal(state_dir, controller
 
 
 # --- real containers ------------------------------------------------------------------
-
-def podman(*args, check=True, env=None, timeout=180) -> subprocess.CompletedProcess:
-    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                       env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    return r
-
 
 @pytest.mark.container
 def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path, images):

@@ -24,19 +24,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import dpkt_flows
+from helpers import CONTAINER, TEST_LABEL, dpkt_flows, podman
 from mirror.flowkey import FlowKey, key_of
 from mirror.lab.client import send
 from mirror.lab.netns import Host
 from mirror.capture.index import read_index
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTAINER = ROOT / "container"
-IMAGE = "localhost/mirror:latest"
-APP_IMAGE = "localhost/mirror-demo-app:latest"
 CAPTURE_UID = 10001
 K8S_VERSIONS = ["1.28.0", "1.33.0"]
-TEST_LABEL = "io.mirror.test-pid"
 
 
 # --- offline checks of the manifests ---------------------------------------------------
@@ -232,50 +228,6 @@ def test_build_takes_the_archive_from_apt_sources_only(tmp_path):
 
 
 # --- the real thing with podman --------------------------------------------------------
-
-def podman(*args, check=True, timeout=120) -> subprocess.CompletedProcess:
-    r = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({r.returncode}):\n"
-                             f"{r.stdout}\n{r.stderr}")
-    return r
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def remove_stale_pods() -> None:
-    """Removes the pods of earlier test processes that died before cleaning up."""
-    out = podman("pod", "ps", "--filter", f"label={TEST_LABEL}", "--format", "{{.Name}}",
-                 check=False).stdout
-    for name in out.split():
-        labels = json.loads(podman("pod", "inspect", name, "--format", "{{json .Labels}}",
-                                   check=False).stdout or "{}")
-        pid = int(labels.get(TEST_LABEL, "0") or 0)
-        if pid and not _pid_alive(pid):
-            podman("pod", "rm", "--force", name, check=False)
-
-
-@pytest.fixture(scope="session")
-def images():
-    """Both images, built (or found up to date) by container/build."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: run scripts/setup (it installs podman, runc "
-                    "and debootstrap)")
-    r = subprocess.run([str(CONTAINER / "build")], capture_output=True, text=True,
-                       timeout=1800)
-    print(r.stdout, r.stderr)
-    assert r.returncode == 0, f"container/build failed:\n{r.stdout}\n{r.stderr}"
-    remove_stale_pods()
-    return IMAGE, APP_IMAGE
-
 
 class Pod:
     """A podman pod in an existing network namespace: `pod create --network ns:PATH`.

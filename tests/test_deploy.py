@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 import dockerengine
-from helpers import dpkt_flows
+from helpers import CONTAINER, dpkt_flows, podman
 from mirror.lab.netns import Host
 from mirror.capture.index import read_index
 from mirror.flowkey import endpoint, parse_endpoint
-from test_container import CONTAINER, images, podman, port_open, scrape, wait_for  # noqa: F401
+from test_container import port_open, scrape, wait_for
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 from conftest import tc_show
 import helpers
 from helpers import (HOOKS, ROOT, MirrorProcess, drop_link, env_with, from_first_status,
-                     request_of, same_packets, signature, wait_captured)
+                     podman, request_of, same_packets, signature, wait_captured)
 from mirror import hooks as mirror_hooks
 from mirror import ownership
 from mirror.capture.flow import read_flows
@@ -37,7 +37,6 @@ from mirror.errors import UsageError
 from mirror.flowkey import FlowKey
 from mirror.lab.client import send
 from mirror.lab.netns import PREFIX, sh, unique_name
-from test_container import images  # noqa: F401  (the session fixture: both images built)
 
 PATTERN = f"m{os.getpid():06x}??x"      # unique_name("x") of this process, nothing else
 _ns_seq = itertools.count(200)           # namespace numbers clear of Host.create()'s
@@ -435,19 +434,7 @@ def test_bridge_packets_cloned_once(tmp_path, namespaces):
     assert counters["request_frames_written"] == 1
 
 
-
 # --- real containers -------------------------------------------------------------------
-def podman(*args: str, netns: str | None = None, check: bool = True):
-    # nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup mount runc
-    # needs. Podman then runs with the namespace as its host network: the network's
-    # bridge and each container's host-side veth are made there, and nowhere else.
-    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
-    r = subprocess.run([*prefix, "podman", *args], capture_output=True, text=True,
-                       timeout=300)
-    if check and r.returncode:
-        raise AssertionError(f"podman {' '.join(args)} failed: {r.stderr}")
-    return r
-
 
 def controller_record_anywhere(state_dir) -> dict:
     """The controller record of a controller running in another namespace (its records

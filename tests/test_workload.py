@@ -31,7 +31,7 @@ from pyroute2 import IPRoute
 
 import containerdengine
 import dockerengine
-from helpers import ROOT, MirrorProcess, env_with, run_cli, wait_until
+from helpers import ROOT, MirrorProcess, env_with, podman, run_cli, wait_until
 from mirror.lab.netns import PREFIX, sh, stop_process, unique_name
 from mirror.workload import PENDING, Container, Workload, Workloads, resolve
 from mirror.workload import protowire as pw
@@ -404,16 +404,6 @@ def test_stop_does_not_wait_for_a_hung_runtime(made, tmp_path, broken):
 
 
 # --- container: real runtimes -------------------------------------------------------------
-def podman(*args: str, netns: str | None = None, check: bool = True, timeout: float = 300):
-    """podman, with `netns` as its host network (nsenter, as tests/test_discovery.py
-    explains: the bridge and the veths of its containers are made there)."""
-    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
-    r = subprocess.run([*prefix, "podman", *args], capture_output=True, text=True,
-                       timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"podman {' '.join(args)} failed: {r.stderr}")
-    return r
-
 
 @pytest.fixture(scope="session")
 def pause_image() -> str:
