@@ -333,8 +333,10 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
           "invocations per request, and the debug sink's ns per clone. The mirror clones "
           "inside its program (bpf_clone_redirect), so its figure includes the clone when "
           "it clones; the thesis clones in act_mirred, after its program, outside its "
-          "figure. 'clone off' decides and marks exactly as 'no budgets' but clones "
-          "nothing: the difference is the clone's share.", "",
+          "figure. 'no budgets, clone off' decides and marks exactly as 'no budgets' but "
+          "clones nothing: the difference is the clone's share; 'defaults, clone off' does "
+          "the same beside 'mirror (clsact)' (its sink figure is the request frames user "
+          "space writes, not clones).", "",
           "| workload | configuration | ns per invocation | per request | sink ns/clone |",
           "|---|---|---|---|---|"]
     for wl, rows in summary["in_traffic"].items():

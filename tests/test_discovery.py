@@ -466,7 +466,7 @@ def test_podman_containers_attached_as_they_start(images, tmp_path, namespaces):
     """Containers of a podman bridge network, started while `mirror run --iface 'veth*'`
     runs: each container's error flow is mirrored, and removing the containers leaves
     nothing. Podman runs with a namespace of the test's own as its host network (see
-    podman() above), so 'veth*' there matches only these containers' veths."""
+    podman() in helpers.py), so 'veth*' there matches only these containers' veths."""
     _image, app_image = images
     host = namespaces()
     net = f"mdisc{os.getpid()}"
