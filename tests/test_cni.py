@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from helpers import MirrorProcess, controller_ask, drop_link, env_with, podman, run_cli
 from mirror import ownership
 from mirror.lab.netns import unique_name
-from tests.helpers import (MirrorProcess, controller_ask, drop_link, env_with, podman,
-                           run_cli)
 
 TOP = Path(__file__).resolve().parent.parent
 
