@@ -278,13 +278,14 @@ def test_podman_containers_on_a_chained_network(plugin, state_dir, tmp_path, ima
     """A CNI network made by podman, the plugin chained after its bridge by `mirror cni
     install`: each container's veth is hooked by the plugin before the container runs,
     and detached at its removal; `mirror cni uninstall` takes the plugin out again. The
-    container is the Debian base image, which container/build (the `images` fixture)
-    leaves as docker.io/library/debian:SUITE, making it when missing: on a fresh machine
-    this test ran before test_container built it and skipped, so CI never ran it."""
+    container is the Debian base image that container/build (the `images` fixture, so
+    that a fresh machine has it) always leaves as docker.io/library/debian:SUITE."""
     if podman("info", "--format", "{{.Host.NetworkBackend}}").stdout.strip() != "cni":
         pytest.skip("podman's network backend is not CNI")
     names = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter",
                    "reference=docker.io/library/debian").stdout.split()
+    # podman's reference filter also matches localhost/debian:SUITE (a name that exists
+    # only where debootstrap made the image on this host): keep the base's own name.
     bases = [n for n in names if n.startswith("docker.io/library/debian:")]
     assert bases, "container/build left no docker.io/library/debian base image"
     image = bases[0]
