@@ -138,8 +138,11 @@ class Inventories:
             self.stats.runtime_seconds[rt.name].observe(time.monotonic() - t0)
 
     def _note(self, rt, failure: RuntimeFailure | None) -> None:
-        """Counts a failure; warns when a runtime starts failing (or fails another way),
-        and says when it answers again."""
+        """Counts a failure; logs once when a runtime starts failing (or fails another
+        way), and says when it answers again. A runtime whose socket is absent is not
+        installed here, which a node with one runtime of three sees at every start: an
+        info line, as `mirror status` leaves it out; a socket that is there and does not
+        answer is a warning."""
         if failure is None:
             if self.failing.pop(rt.name, None) and self.warn:
                 log.info("workloads: %s answers again on %s", rt.name, rt.socket_path)
@@ -148,9 +151,10 @@ class Inventories:
         if self.failing.get(rt.name) != failure.reason:
             self.failing[rt.name] = failure.reason
             if self.warn:
-                log.warning("workloads: %s on %s gives no containers (%s); interfaces in "
-                            "its containers are named by their network namespace until it "
-                            "answers", rt.name, rt.socket_path, failure)
+                level = logging.INFO if failure.reason == "absent" else logging.WARNING
+                log.log(level, "workloads: %s on %s gives no containers (%s); interfaces "
+                        "in its containers are named by their network namespace until it "
+                        "answers", rt.name, rt.socket_path, failure)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
