@@ -15,6 +15,7 @@ pod of a monitored veth."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import select
@@ -259,6 +260,9 @@ def test_absent_runtimes_cost_a_counter_and_one_info_line_each(made, tmp_path, c
         said = [r for r in caplog.records if "gives no containers" in r.getMessage()]
         assert sorted(r.getMessage().split()[1] for r in said) == sorted(CLIENTS), said
         assert {r.levelname for r in said} == {"INFO"}, said
+        # Nor does following their events (which fails at once, the same way) warn.
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+            [r.getMessage() for r in caplog.records]
     finally:
         w.stop()
 

@@ -383,9 +383,11 @@ class Workloads:
                 self.stats.fail(rt.name, exc.reason)
                 if self._events_failing.get(rt.name) != exc.reason:
                     self._events_failing[rt.name] = exc.reason
-                    log.warning("workloads: cannot follow %s's events (%s); retrying, and "
-                                "answering again every %g s meanwhile", rt.name, exc,
-                                self.resync_seconds)
+                    # Absent: not installed here (see Inventories._note), no warning.
+                    level = logging.INFO if exc.reason == "absent" else logging.WARNING
+                    log.log(level, "workloads: cannot follow %s's events (%s); retrying, "
+                            "and answering again every %g s meanwhile", rt.name, exc,
+                            self.resync_seconds)
             except Exception:
                 log.exception("workloads: following %s's events failed", rt.name)
             if self._stop.wait(delay):
