@@ -21,6 +21,8 @@ examples:
   python -m bench --rounds 40      # narrower intervals on a quiet machine
   python -m bench --passes cost --configs mirror-clsact,thesis   # one question only
   python -m bench --report bench/results/latest.json   # redo table and plots from a JSON
+  python -m bench --passes in_traffic --configs mirror-decide,thesis \
+      --candidate ../wt/bpf       # a patched classifier against this one, paired by round
   python -m bench.attach --help    # the attach experiment alone
   python -m bench.containers --help   # the same with real podman containers
   python -m bench.scale --help     # every CPU of a bigger machine
@@ -48,6 +50,10 @@ def parse_args(argv=None):
                    help="at most this many such re-runs in the whole bench (default: 6 full)")
     p.add_argument("--configs", help="comma-separated subset of the configurations "
                    "(bench/configs.py; untraced is always included)")
+    p.add_argument("--candidate", type=Path, metavar="DIR",
+                   help="a directory of classifier sources (a patched copy of bpf/): every "
+                   "mirror configuration of the run also runs compiled from DIR, in the same "
+                   "rounds, and the report gives candidate / this checkout paired by round")
     p.add_argument("--out", type=Path,
                    help="results directory (default bench/results, quick: bench/results/quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -106,6 +112,10 @@ def main(argv=None) -> int:
             print(f"bench: unknown configuration {', '.join(unknown)}; choose from "
                   f"{', '.join(KEYS)}", file=sys.stderr)
             return 2
+    if args.candidate and not (args.candidate / "mirror.c").is_file():
+        print(f"bench: no mirror.c in {args.candidate}: --candidate wants a directory of "
+              "classifier sources, like bpf/", file=sys.stderr)
+        return 2
     passes = [x.strip() for x in args.passes.split(",") if x.strip()]
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     result, status = runner.guarded("bench", runner.run, st, sorted(only) if only else None,
-                                    passes)
+                                    passes, args.candidate and args.candidate.resolve())
     if result is None:
         return status
     outdir = args.out or (RESULTS / "quick" if st.mode == "quick" else RESULTS)

@@ -26,6 +26,12 @@ run and removed after it:
                  qdiscs, classic cls_bpf filters whose match runs an act_mirred
                  "egress mirror" action to a debug interface
 
+With --candidate DIR each mirror configuration of the run but mirror-noh2 has a twin,
+KEY@candidate, the same configuration with the classifier compiled from DIR's sources (a
+patched copy of bpf/): both run in every round, in random order among the others, so a
+change to the classifier is judged by ratios paired by round rather than between two runs
+(whose thesis figures alone moved by 10 % in the runs of docs/bench.md).
+
 The mirror and the thesis each get a debug interface built the same way
 (mirror.debugif.ensure with the mirror's Sink: a veth pair whose far end drops at tc
 ingress), so the clone's journey costs both the same."""
@@ -38,6 +44,7 @@ from pyroute2 import IPRoute
 
 from mirror import debugif
 from mirror.abi import DEFAULT_REQUEST_BYTES
+from mirror.errors import UsageError
 from mirror.hooks import tc
 from mirror.controller import Controller, Options
 from mirror.lab.netns import unique_name
@@ -156,15 +163,17 @@ class Mirror(Config):
     classifier compiled without it), the budgets, the clone."""
     mirrors = bpf = True
 
-    def __init__(self, shared, hook: str = "clsact", variant: str = ""):
+    def __init__(self, shared, hook: str = "clsact", variant: str = "",
+                 candidate: bool = False):
         super().__init__(shared)
-        self.hook, self.variant = hook, variant
-        self.key = f"mirror-{variant or hook}"
+        self.hook, self.variant, self.candidate = hook, variant, candidate
+        self.key = f"mirror-{variant or hook}" + (CANDIDATE if candidate else "")
         self.label = {"": f"mirror ({hook})", "nosnap": "mirror, request snapshot off",
                       "noh2": "mirror, HTTP/2 parser off",
                       "nobudget": "mirror, no budgets",
                       "decide": "mirror, no budgets, clone off",
-                      "decide-bounded": "mirror, defaults, clone off"}[variant]
+                      "decide-bounded": "mirror, defaults, clone off"}[variant] + \
+            (" [candidate]" if candidate else "")
         self.budgeted = variant not in ("nobudget", "decide")
         self.reads_h2 = variant != "noh2"
         self.mirrors = variant not in ("decide", "decide-bounded")
@@ -172,6 +181,8 @@ class Mirror(Config):
         self.thread: threading.Thread | None = None
 
     def classifier(self):
+        if self.candidate:
+            return self.shared.classifier_candidate
         return self.shared.classifier_noh2 if self.variant == "noh2" else \
             self.shared.classifier
 
@@ -261,13 +272,24 @@ class Thesis(Config):
 
 
 class Shared:
-    """Programs compiled once per bench run."""
+    """Programs compiled once per bench run; `candidate_dir`: the candidate classifier's
+    sources (--candidate), compiled at once so that a candidate that does not compile or
+    breaks the contract of mirror.abi stops the bench before its first run."""
 
-    def __init__(self):
+    def __init__(self, candidate_dir=None):
         from mirror.bpfprog import Classifier, Sink
 
         from .progs import EmptyProgram, ThesisProgram
         self.classifier = Classifier()
+        self.classifier_candidate = None
+        if candidate_dir:
+            try:
+                self.classifier_candidate = Classifier(src_dir=candidate_dir)
+            except UsageError:
+                raise
+            except Exception as exc:    # bcc's compile error: its output went to stderr
+                raise UsageError(f"the candidate classifier in {candidate_dir} did not "
+                                 f"compile ({exc}); see the compiler's messages above")
         self._noh2 = None
         self.sink = Sink()
         self.thesis = ThesisProgram()
@@ -284,6 +306,23 @@ class Shared:
 KEYS = ("untraced", "qdiscs", "empty-clsact", "tcpdump-w", "mirror-clsact", "mirror-tcx",
         "mirror-htb", "mirror-nosnap", "mirror-noh2", "mirror-nobudget", "mirror-decide",
         "mirror-decide-bounded", "thesis")
+
+
+CANDIDATE = "@candidate"
+
+
+def with_candidates(shared, configs: dict[str, Config]) -> dict[str, Config]:
+    """`configs` and, when the bench has a candidate classifier, each mirror
+    configuration's twin compiled from it (KEY@candidate; none for mirror-noh2, compiled
+    without the parser: its twin would need a third classifier)."""
+    out = dict(configs)
+    if shared.classifier_candidate is None:
+        return out
+    for key, cfg in configs.items():
+        if isinstance(cfg, Mirror) and cfg.variant != "noh2":
+            twin = Mirror(shared, cfg.hook, cfg.variant, candidate=True)
+            out[twin.key] = twin
+    return out
 
 
 def all_configs(shared) -> dict[str, Config]:

@@ -54,6 +54,15 @@ def _first_line(cmd: list[str], stderr: bool = False) -> str:
     return ((proc.stderr if stderr else proc.stdout).strip().splitlines() or [""])[0]
 
 
+def tree_commit(path, *pathspec: str) -> str:
+    """The commit checked out where `path` lies, marked when the files of `pathspec`
+    (default: `path`'s own) differ from it; "" outside a git checkout."""
+    commit = _first_line(["git", "-C", str(path), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(path), "status", "--porcelain", "--",
+                         *(pathspec or ["."])])
+    return commit + ("+uncommitted changes" if commit and dirty else "")
+
+
 def machine_info() -> dict:
     """What a result needs to be read against: the CPUs, the kernel, the commit (marked
     when the code measured differs from it) and the tools' versions, and the load
@@ -64,14 +73,11 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = _first_line(["git", "-C", str(ROOT), "status", "--porcelain", "--", "bpf",
-                         "mirror", "bench", ":!bench/results"])
     with open("/proc/loadavg") as f:
         loadavg = f.read().split()[:3]
     return {"kernel": platform.release(), "cpus": os.cpu_count(),
             "usable_cpus": len(usable_cpus()), "cpu_model": model,
-            "git_commit": commit + ("+uncommitted changes" if commit and dirty else ""),
+            "git_commit": tree_commit(ROOT, "bpf", "mirror", "bench", ":!bench/results"),
             "loadavg": loadavg,
             "h2load": _first_line(["h2load", "--version"]),
             "iperf3": _first_line(["iperf3", "--version"]),

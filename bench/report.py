@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import stats
+from .configs import CANDIDATE
 from .containers import ATTACH_MODES
 
 BASE = "untraced"
@@ -348,6 +349,7 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
             L.append(f"| {wl} | the clone (no budgets - clone off) | "
                      f"{_ci(summary['clone_ns'][wl], '{:.1f}')} | | |")
     L += [""]
+    L += candidate_section(result, labels)
     L += _storm_table(result, labels)
     L += _completeness_table(summary, labels)
     L += per_packet_section(summary["microbench"], st["micro_rounds"])
@@ -359,6 +361,38 @@ def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
     if summary["failed_runs"]:
         L += ["", f"{summary['failed_runs']} run(s) failed; see `runs` in the JSON."]
     return "\n".join(L) + "\n"
+
+
+def candidate_section(result: dict, labels: dict) -> list[str]:
+    """Each mirror configuration against its twin compiled from the candidate's sources
+    (--candidate, bench/configs.py), per pass and workload: candidate / this checkout,
+    paired by round, on the pass's own figure."""
+    cand = result.get("candidate")
+    if not cand:
+        return []
+    L = ["## The candidate classifier against this checkout's", "",
+         f"Candidate: the classifier sources in `{cand['dir']}` (commit "
+         f"{cand.get('git_commit') or 'unknown'}). Each mirror configuration below ran "
+         "twice in every round, compiled from this checkout's bpf/ and from the "
+         "candidate's, each in a random place among the round's runs; the ratio is "
+         "candidate / this checkout, paired by round, mean [95 %]. Below 1: the candidate "
+         "costs less (less throughput, for saturation).", "",
+         "| pass | workload | configuration | figure | candidate / this checkout |",
+         "|---|---|---|---|---|"]
+    figures = {"cost": _metric, "saturation": _throughput,
+               "in_traffic": lambda wl: "ns_per_run"}
+    for pass_, figure in figures.items():
+        runs = _kept(result, pass_)
+        for wl, cfgs in result.get("plans", {}).get(pass_, []):
+            for twin in cfgs:
+                base = twin[:-len(CANDIDATE)]
+                if not twin.endswith(CANDIDATE) or base not in cfgs:
+                    continue
+                ratio = compare(runs, wl, twin, base, figure(wl))
+                if ratio:
+                    L.append(f"| {pass_} | {wl} | {labels.get(base, base)} | {figure(wl)} | "
+                             f"{_ci(ratio)} ({ratio.get('n', '?')}) |")
+    return L + [""]
 
 
 def _storm_table(result, labels) -> list[str]:

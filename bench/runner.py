@@ -50,11 +50,11 @@ from mirror.lab.netns import cleanup_stale, unique_name
 
 from . import microbench, workloads
 from .completeness import Watch, counters_check
-from .configs import Shared, all_configs
+from .configs import CANDIDATE, Shared, all_configs, with_candidates
 from .containers import ATTACH_MODES, missing_prerequisite
 from .lab import CLIENT_CPU, H2_PORT, OFFLOADS, SERVER_CPU, Lab, link_stats
 from .machine import (LAB_TOOLS, TOOLS, machine_info, preflight, raise_interrupt,
-                      usable_cpus)
+                      tree_commit, usable_cpus)
 from .noise import CpuMeter, Sample
 from .progs import EnabledStats, run_stats
 
@@ -115,6 +115,14 @@ CLASSIFIER_COUNTERS = ("flows_marked", "mirrored_packets", "mirrored_bytes", "er
                        "events_conn_limited", "skip_flow_packets", "skip_flow_bytes",
                        "skip_cpu_rate", "conns_started", "conns_replaced")
 PLANS = {"cost": COST_PLAN, "saturation": SATURATION_PLAN, "in_traffic": IN_TRAFFIC_PLAN}
+
+
+def plans_for(configs: dict) -> dict:
+    """PLANS with each configuration's candidate twin (bench/configs.py, --candidate)
+    beside it, where the run has one: a twin runs for every workload its configuration
+    runs for."""
+    return {p: [(wl, [k for c in cfgs for k in (c, c + CANDIDATE) if k == c or k in configs])
+                for wl, cfgs in plan] for p, plan in PLANS.items()}
 
 
 @dataclass
@@ -335,12 +343,13 @@ def describe(rec: dict) -> str:
     return text + busy
 
 
-def run_pass(pass_: str, rounds: int, configs: dict, lab, st: Settings, app: Apparatus,
-             rng: random.Random, progress: Progress, retries: list[int]) -> list[dict]:
-    """`rounds` rounds of a plan; workloads and configurations shuffled in each round; a
+def run_pass(pass_: str, plan: list, rounds: int, configs: dict, lab, st: Settings,
+             app: Apparatus, rng: random.Random, progress: Progress,
+             retries: list[int]) -> list[dict]:
+    """`rounds` rounds of a plan (plans_for); workloads and configurations shuffled in each round; a
     workload's group run again (budget permitting) when another tenant took more than
     max_foreign of the CPUs during one of its runs."""
-    plan = [(wl, [configs[c] for c in cfgs if c in configs]) for wl, cfgs in PLANS[pass_]]
+    plan = [(wl, [configs[c] for c in cfgs if c in configs]) for wl, cfgs in plan]
     out = []
     for rnd in range(1, rounds + 1):
         order = plan[:]
@@ -469,7 +478,8 @@ def containers_pass(st: Settings, progress: Progress) -> dict:
 ALL_PASSES = ("micro", "state", "cost", "saturation", "in_traffic", "attach")
 
 
-def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES) -> dict:
+def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES,
+        candidate_dir: str | None = None) -> dict:
     progress = Progress("bench")
     session = Session(progress, TOOLS, 2, st.seed or None)
     info = {**session.machine, "client_cpu": CLIENT_CPU, "server_cpu": SERVER_CPU}
@@ -479,14 +489,15 @@ def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES) -> dict:
         progress.note(f"{st.mode} mode: {st.rounds} cost round(s), {st.saturation_rounds} "
                       f"saturation, {st.stats_rounds} in-traffic; seed {session.seed}; load "
                       f"average {' '.join(info['loadavg'])}; compiling the classifiers")
-        shared = Shared()
-        configs = {k: c for k, c in all_configs(shared).items()
-                   if not only or k in only or k == "untraced"}
+        shared = Shared(candidate_dir)
+        configs = with_candidates(shared, {k: c for k, c in all_configs(shared).items()
+                                           if not only or k in only or k == "untraced"})
+        plans = plans_for(configs)
         rounds = {"cost": st.rounds, "saturation": st.saturation_rounds,
                   "in_traffic": st.stats_rounds}
         total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs])
-                                    for _, cfgs in PLANS[p])
-                    for p in PLANS if p in passes)
+                                    for _, cfgs in plans[p])
+                    for p in plans if p in passes)
         # bench.attach once per hook (clsact, tcx), then bench.containers once per mode.
         total += (("micro" in passes) + 2 * ("state" in passes)
                   + (2 + len(ATTACH_MODES)) * ("attach" in passes))
@@ -495,13 +506,16 @@ def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES) -> dict:
                   "started": session.started,
                   "configs": [{"key": c.key, "label": c.label, "mirrors": c.mirrors}
                               for c in configs.values()],
-                  "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in PLANS[p]] for p in PLANS},
+                  "plans": {p: [[wl.id, list(cfgs)] for wl, cfgs in plans[p]] for p in plans},
                   "workloads": workloads_meta(st), "runs": [], "microbench": [],
                   "state": {}, "attach": {}}
         ran = [p for p in ALL_PASSES if p in passes]
         if len(ran) < len(ALL_PASSES) or only:
             # What the report's title names, so that a subset is never read as a full run.
             result["subset"] = {"passes": ran, "configs": sorted(configs)}
+        if candidate_dir:
+            result["candidate"] = {"dir": str(candidate_dir),
+                                   "git_commit": tree_commit(candidate_dir)}
         retries = [st.retry_budget]
         if "micro" in passes:
             result["microbench"] = microbench_pass(shared, st, progress)
@@ -512,12 +526,13 @@ def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES) -> dict:
         progress.note(f"lab up: server namespace {lab.host.ns}, monitored veth {lab.host_if}")
         for p in ("cost", "saturation"):
             if p in passes:
-                result["runs"] += run_pass(p, rounds[p], configs, lab, st, app, session.rng,
-                                           progress, retries)
+                result["runs"] += run_pass(p, plans[p], rounds[p], configs, lab, st, app,
+                                           session.rng, progress, retries)
         if "in_traffic" in passes:
             with EnabledStats():
-                result["runs"] += run_pass("in_traffic", st.stats_rounds, configs, lab, st,
-                                           app, session.rng, progress, retries)
+                result["runs"] += run_pass("in_traffic", plans["in_traffic"], st.stats_rounds,
+                                           configs, lab, st, app, session.rng, progress,
+                                           retries)
     finally:
         if app:
             app.close()

@@ -54,18 +54,21 @@ class Classifier:
     PROG_NAMES = {"ingress": "mirror_ingress", "egress": "mirror_egress"}
 
     def __init__(self, max_flows: int = DEFAULT_MAX_FLOWS,
-                 request_bytes: int = DEFAULT_REQUEST_BYTES, http2: bool = True):
+                 request_bytes: int = DEFAULT_REQUEST_BYTES, http2: bool = True,
+                 src_dir: Path | None = None):
         """`max_flows`: connection slots (rounded up to a power of two); `http2=False`
-        compiles the HTTP/2 parser out (what the bench compares against). Raises
-        abi.ContractMismatch (a UsageError) when the compiled layouts are not the ones
-        mirror.abi states; nothing is attached yet then."""
+        compiles the HTTP/2 parser out (what the bench compares against); `src_dir`: the
+        sources to compile instead of bpf_dir()'s (the bench's candidate classifier).
+        Raises abi.ContractMismatch (a UsageError) when the compiled layouts are not the
+        ones mirror.abi states; nothing is attached yet then."""
         from bcc import BPF
-        src = bpf_dir() / "mirror.c"
+        src_dir = Path(src_dir) if src_dir else bpf_dir()
+        src = src_dir / "mirror.c"
         self.request_capacity = request_capacity(request_bytes)
         self.conn_slots = conn_slots(max_flows)
         self.max_requests = request_slots(self.conn_slots)
         self.bpf = BPF(src_file=str(src).encode(),
-                       cflags=[f"-I{bpf_dir()}", f"-DCONN_SLOTS={self.conn_slots}",
+                       cflags=[f"-I{src_dir}", f"-DCONN_SLOTS={self.conn_slots}",
                                f"-DREQUEST_BYTES={self.request_capacity}",
                                f"-DREQUEST_SLOTS={self.max_requests}",
                                f"-DMIRROR_HTTP2={int(http2)}",

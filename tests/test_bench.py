@@ -484,6 +484,50 @@ def test_quick_bench_end_to_end(tmp_path):
     assert f"m{pid:06x}" not in links
 
 
+@pytest.mark.kernel
+def test_a_candidate_classifier_runs_beside_this_one_in_every_round(tmp_path):
+    """--candidate DIR: each mirror configuration (but the one compiled without HTTP/2)
+    also runs compiled from DIR's sources, for the same workloads in the same rounds, and
+    the report gives their paired ratio; a candidate that does not compile ends the bench
+    with one line and exit status 2, before the lab is made."""
+    import shutil
+    from helpers import run_module
+    candidate, out = tmp_path / "bpf", tmp_path / "out"
+    shutil.copytree(ROOT / "bpf", candidate)
+    args = ("bench", "--quick", "--passes", "in_traffic", "--configs",
+            "mirror-decide,mirror-noh2", "--candidate", str(candidate), "--out", str(out),
+            "--no-plots")
+    proc, stdout, stderr = run_module(*args, timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    data = json.loads((out / "latest.json").read_text())
+    assert data["candidate"]["dir"] == str(candidate)
+    assert sorted(c["key"] for c in data["configs"]) == \
+        ["mirror-decide", "mirror-decide@candidate", "mirror-noh2", "untraced"]
+    runs = [r for r in data["runs"] if r["pass"] == "in_traffic" and not r.get("discarded")]
+    assert not [r for r in runs if "error" in r]
+    planned = [(wl, cfgs) for wl, cfgs in data["plans"]["in_traffic"] if "mirror-decide" in cfgs]
+    assert planned
+    for wl, cfgs in planned:
+        assert "mirror-decide@candidate" in cfgs and "mirror-noh2@candidate" not in cfgs
+        [twin] = [r for r in runs if r["workload"] == wl
+                  and r["config"] == "mirror-decide@candidate"]
+        assert twin["ns_per_run"] > 0 and twin["round"] == 1
+    md = (out / "latest.md").read_text()
+    section = md.split("## The candidate classifier against this checkout's")[1]
+    rows = [line for line in section.split("\n## ")[0].splitlines()
+            if line.startswith("| in_traffic |")]
+    assert [row.split(" | ")[1] for row in rows] == [wl for wl, _ in planned]
+    assert all("| mirror, no budgets, clone off | ns_per_run |" in row for row in rows)
+
+    (candidate / "mirror.c").write_text("this is not C\n")
+    proc, stdout, stderr = run_module(*args, timeout=300)
+    assert proc.returncode == 2, stderr[-4000:]
+    assert stderr.splitlines()[-1].startswith(
+        f"bench: the candidate classifier in {candidate} did not compile"), stderr[-2000:]
+    assert f"mlab-{proc.pid}-" not in subprocess.run(["ip", "netns", "list"],
+                                                     capture_output=True, text=True).stdout
+
+
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
