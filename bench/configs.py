@@ -30,7 +30,7 @@ With --candidate DIR each mirror configuration of the run but mirror-noh2 has a 
 KEY@candidate, the same configuration with the classifier compiled from DIR's sources (a
 patched copy of bpf/): both run in every round, in random order among the others, so a
 change to the classifier is judged by ratios paired by round rather than between two runs
-(whose thesis figures alone moved by 10 % in the runs of docs/bench.md).
+(the unchanged thesis's figure moved by up to 21 % between such runs, docs/bench.md).
 
 The mirror and the thesis each get a debug interface built the same way
 (mirror.debugif.ensure with the mirror's Sink: a veth pair whose far end drops at tc
