@@ -79,6 +79,13 @@ class Stats:
                 "runtime_seconds_sum": {r: h.sum for r, h in self.runtime_seconds.items()}}
 
 
+def failure_level(failure: RuntimeFailure) -> int:
+    """How loud a runtime's failure is logged: a socket that is absent is a runtime not
+    installed here, which a node with one runtime of three meets at every start (and
+    `mirror status` leaves out): info; a socket that is there and fails: a warning."""
+    return logging.INFO if failure.reason == "absent" else logging.WARNING
+
+
 class Inventories:
     """Each runtime's containers, asked of all runtimes at once with one deadline; a
     runtime that fails is reported and its last good list used."""
@@ -138,11 +145,8 @@ class Inventories:
             self.stats.runtime_seconds[rt.name].observe(time.monotonic() - t0)
 
     def _note(self, rt, failure: RuntimeFailure | None) -> None:
-        """Counts a failure; logs once when a runtime starts failing (or fails another
-        way), and says when it answers again. A runtime whose socket is absent is not
-        installed here, which a node with one runtime of three sees at every start: an
-        info line, as `mirror status` leaves it out; a socket that is there and does not
-        answer is a warning."""
+        """Counts a failure; logs once (failure_level) when a runtime starts failing (or
+        fails another way), and says when it answers again."""
         if failure is None:
             if self.failing.pop(rt.name, None) and self.warn:
                 log.info("workloads: %s answers again on %s", rt.name, rt.socket_path)
@@ -151,10 +155,9 @@ class Inventories:
         if self.failing.get(rt.name) != failure.reason:
             self.failing[rt.name] = failure.reason
             if self.warn:
-                level = logging.INFO if failure.reason == "absent" else logging.WARNING
-                log.log(level, "workloads: %s on %s gives no containers (%s); interfaces "
-                        "in its containers are named by their network namespace until it "
-                        "answers", rt.name, rt.socket_path, failure)
+                log.log(failure_level(failure), "workloads: %s on %s gives no containers "
+                        "(%s); interfaces in its containers are named by their network "
+                        "namespace until it answers", rt.name, rt.socket_path, failure)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -383,11 +386,9 @@ class Workloads:
                 self.stats.fail(rt.name, exc.reason)
                 if self._events_failing.get(rt.name) != exc.reason:
                     self._events_failing[rt.name] = exc.reason
-                    # Absent: not installed here (see Inventories._note), no warning.
-                    level = logging.INFO if exc.reason == "absent" else logging.WARNING
-                    log.log(level, "workloads: cannot follow %s's events (%s); retrying, "
-                            "and answering again every %g s meanwhile", rt.name, exc,
-                            self.resync_seconds)
+                    log.log(failure_level(exc), "workloads: cannot follow %s's events "
+                            "(%s); retrying, and answering again every %g s meanwhile",
+                            rt.name, exc, self.resync_seconds)
             except Exception:
                 log.exception("workloads: following %s's events failed", rt.name)
             if self._stop.wait(delay):
