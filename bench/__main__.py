@@ -52,8 +52,9 @@ def parse_args(argv=None):
                    "(bench/configs.py; untraced is always included)")
     p.add_argument("--candidate", type=Path, metavar="DIR",
                    help="a directory of classifier sources (a patched copy of bpf/): every "
-                   "mirror configuration of the run also runs compiled from DIR, in the same "
-                   "rounds, and the report gives candidate / this checkout paired by round")
+                   "mirror configuration of the run but mirror-noh2 also runs compiled from "
+                   "DIR, in the same rounds of the cost, saturation and in-traffic passes, "
+                   "and the report gives candidate / this checkout paired by round")
     p.add_argument("--out", type=Path,
                    help="results directory (default bench/results, quick: bench/results/quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -120,6 +121,12 @@ def main(argv=None) -> int:
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:
         print(f"bench: unknown pass {', '.join(unknown)}; choose from {', '.join(PASSES)}",
+              file=sys.stderr)
+        return 2
+    if args.candidate and not (set(passes) & set(runner.PLANS) and any(
+            k.startswith("mirror-") and k != "mirror-noh2" for k in only or KEYS)):
+        print("bench: --candidate compares mirror configurations (but mirror-noh2) in the "
+              f"{', '.join(runner.PLANS)} passes: this run has none of them",
               file=sys.stderr)
         return 2
     result, status = runner.guarded("bench", runner.run, st, sorted(only) if only else None,

@@ -30,7 +30,8 @@ With --candidate DIR each mirror configuration of the run but mirror-noh2 has a 
 KEY@candidate, the same configuration with the classifier compiled from DIR's sources (a
 patched copy of bpf/): both run in every round, in random order among the others, so a
 change to the classifier is judged by ratios paired by round rather than between two runs
-(the unchanged thesis's figure moved by up to 21 % between such runs, docs/bench.md).
+(the unchanged thesis's figure at 100 % errors was 232, 259 and 213 ns in three such runs
+minutes apart, docs/bench.md).
 
 The mirror and the thesis each get a debug interface built the same way
 (mirror.debugif.ensure with the mirror's Sink: a veth pair whose far end drops at tc
@@ -285,11 +286,12 @@ class Shared:
         if candidate_dir:
             try:
                 self.classifier_candidate = Classifier(src_dir=candidate_dir)
-            except UsageError:
-                raise
-            except Exception as exc:    # bcc's compile error: its output went to stderr
+            except UsageError as exc:   # its layouts are not mirror.abi's
+                raise UsageError(f"the candidate classifier in {candidate_dir}: {exc}") \
+                    from exc
+            except Exception as exc:    # bcc's compile or load error: its output went to stderr
                 raise UsageError(f"the candidate classifier in {candidate_dir} did not "
-                                 f"compile ({exc}); see the compiler's messages above")
+                                 f"compile or load ({exc}); see the messages above") from exc
         self._noh2 = None
         self.sink = Sink()
         self.thesis = ThesisProgram()

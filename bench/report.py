@@ -244,10 +244,12 @@ def run_title(result: dict) -> str:
     ones it had: a subset's targets say "no data" for what it skipped, and its title must
     not call it full."""
     mode, subset = result["settings"]["mode"], result.get("subset")
+    cand = result.get("candidate")
+    with_candidate = f" with a candidate classifier ({cand['dir']})" if cand else ""
     if not subset:
-        return f"{mode} run"
-    return (f"partial run ({mode} settings; passes: {', '.join(subset['passes'])}; "
-            f"configurations: {', '.join(subset['configs'])})")
+        return f"{mode} run{with_candidate}"
+    return (f"partial run{with_candidate} ({mode} settings; passes: "
+            f"{', '.join(subset['passes'])}; configurations: {', '.join(subset['configs'])})")
 
 
 def markdown(result: dict, summary: dict, plots: dict[str, str]) -> str:
@@ -375,8 +377,9 @@ def candidate_section(result: dict, labels: dict) -> list[str]:
          f"{cand.get('git_commit') or 'unknown'}). Each mirror configuration below ran "
          "twice in every round, compiled from this checkout's bpf/ and from the "
          "candidate's, each in a random place among the round's runs; the ratio is "
-         "candidate / this checkout, paired by round, mean [95 %]. Below 1: the candidate "
-         "costs less (less throughput, for saturation).", "",
+         "candidate / this checkout, paired by round, mean [95 %]. Cost and in-traffic: "
+         "below 1, the candidate costs less; saturation: below 1, it gets less "
+         "throughput.", "",
          "| pass | workload | configuration | figure | candidate / this checkout |",
          "|---|---|---|---|---|"]
     figures = {"cost": _metric, "saturation": _throughput,

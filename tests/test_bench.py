@@ -477,11 +477,7 @@ def test_quick_bench_end_to_end(tmp_path):
 
     # the kernel is left as found
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before
-    pid = proc.pid
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"mlab-{pid}-" not in netns
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    assert f"m{pid:06x}" not in links
+    _kernel_clean(proc.pid)
 
 
 @pytest.mark.kernel
@@ -497,8 +493,11 @@ def test_a_candidate_classifier_runs_beside_this_one_in_every_round(tmp_path):
     args = ("bench", "--quick", "--passes", "in_traffic", "--configs",
             "mirror-decide,mirror-noh2", "--candidate", str(candidate), "--out", str(out),
             "--no-plots")
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
     proc, stdout, stderr = run_module(*args, timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
+    _kernel_clean(proc.pid)
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before
     data = json.loads((out / "latest.json").read_text())
     assert data["candidate"]["dir"] == str(candidate)
     assert sorted(c["key"] for c in data["configs"]) == \
@@ -513,6 +512,7 @@ def test_a_candidate_classifier_runs_beside_this_one_in_every_round(tmp_path):
                   and r["config"] == "mirror-decide@candidate"]
         assert twin["ns_per_run"] > 0 and twin["round"] == 1
     md = (out / "latest.md").read_text()
+    assert f"with a candidate classifier ({candidate})" in md.splitlines()[0]
     section = md.split("## The candidate classifier against this checkout's")[1]
     rows = [line for line in section.split("\n## ")[0].splitlines()
             if line.startswith("| in_traffic |")]
@@ -524,8 +524,40 @@ def test_a_candidate_classifier_runs_beside_this_one_in_every_round(tmp_path):
     assert proc.returncode == 2, stderr[-4000:]
     assert stderr.splitlines()[-1].startswith(
         f"bench: the candidate classifier in {candidate} did not compile"), stderr[-2000:]
-    assert f"mlab-{proc.pid}-" not in subprocess.run(["ip", "netns", "list"],
-                                                     capture_output=True, text=True).stdout
+    assert "lab up" not in stderr
+    _kernel_clean(proc.pid)
+
+
+@pytest.mark.unit
+def test_a_candidate_twin_runs_the_candidate_classifier_and_only_mirrors_have_twins():
+    """What the end-to-end test cannot see (its candidate is a copy of bpf/): a twin runs
+    the candidate's program, its configuration the checkout's; and --candidate with no
+    configuration to compare is refused before anything is compiled."""
+    from types import SimpleNamespace
+
+    from bench import configs
+    shared = SimpleNamespace(classifier="checkout", classifier_noh2="noh2",
+                             classifier_candidate="candidate")
+    base = {c.key: c for c in (configs.Untraced(shared), configs.Mirror(shared, "tcx"),
+                               configs.Mirror(shared, variant="decide-bounded"),
+                               configs.Mirror(shared, variant="noh2"), configs.Thesis(shared))}
+    both = configs.with_candidates(shared, base)
+    assert sorted(set(both) - set(base)) == ["mirror-decide-bounded@candidate",
+                                             "mirror-tcx@candidate"]
+    for key in ("mirror-tcx", "mirror-decide-bounded"):
+        twin = both[key + configs.CANDIDATE]
+        assert (twin.hook, twin.variant, twin.mirrors) == \
+            (base[key].hook, base[key].variant, base[key].mirrors)
+        assert (base[key].classifier(), twin.classifier()) == ("checkout", "candidate")
+        assert twin.label.endswith(" [candidate]")
+    shared.classifier_candidate = None
+    assert configs.with_candidates(shared, base) == base
+    for extra in (["--configs", "thesis,mirror-noh2"], ["--passes", "micro,attach"]):
+        proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--candidate",
+                               str(ROOT / "bpf"), *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("bench: --candidate compares mirror configurations")
 
 
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
