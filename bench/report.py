@@ -388,8 +388,8 @@ def candidate_section(result: dict, labels: dict) -> list[str]:
         runs = _kept(result, pass_)
         for wl, cfgs in result.get("plans", {}).get(pass_, []):
             for twin in cfgs:
-                base = twin[:-len(CANDIDATE)]
-                if not twin.endswith(CANDIDATE) or base not in cfgs:
+                base = twin.removesuffix(CANDIDATE)
+                if base == twin or base not in cfgs:
                     continue
                 ratio = compare(runs, wl, twin, base, figure(wl))
                 if ratio:

@@ -346,9 +346,9 @@ def describe(rec: dict) -> str:
 def run_pass(pass_: str, plan: list, rounds: int, configs: dict, lab, st: Settings,
              app: Apparatus, rng: random.Random, progress: Progress,
              retries: list[int]) -> list[dict]:
-    """`rounds` rounds of a plan (plans_for); workloads and configurations shuffled in each round; a
-    workload's group run again (budget permitting) when another tenant took more than
-    max_foreign of the CPUs during one of its runs."""
+    """`rounds` rounds of a plan (plans_for); workloads and configurations shuffled in each
+    round; a workload's group run again (budget permitting) when another tenant took more
+    than max_foreign of the CPUs during one of its runs."""
     plan = [(wl, [configs[c] for c in cfgs if c in configs]) for wl, cfgs in plan]
     out = []
     for rnd in range(1, rounds + 1):
