@@ -30,14 +30,29 @@ examples:
 PASSES = runner.ALL_PASSES
 
 
+def rounds(text: str) -> int:
+    """A count of rounds: a whole number, at least 1 (0 or less would run nothing and
+    report it as a result)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1 round")
+    return n
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="one round, about a second per run (CI uses it so the bench never rots)")
-    p.add_argument("--rounds", type=int,
+    p.add_argument("--rounds", type=rounds,
                    help=f"cost rounds (default: {runner.FULL.rounds} full, 1 quick)")
+    p.add_argument("--in-traffic-rounds", type=rounds, metavar="N",
+                   help=f"in-traffic rounds (default: {runner.FULL.stats_rounds} full, 1 quick; "
+                   "more narrow a --candidate's intervals)")
     p.add_argument("--seconds", type=float,
                    help=f"seconds per cost run (default: {runner.FULL.seconds:g} full, 1 quick)")
     p.add_argument("--passes", default=",".join(PASSES),
@@ -67,6 +82,8 @@ def settings_from(args) -> runner.Settings:
     st = runner.QUICK if args.quick else runner.FULL
     if args.rounds:
         st = replace(st, rounds=args.rounds)
+    if args.in_traffic_rounds:
+        st = replace(st, stats_rounds=args.in_traffic_rounds)
     if args.max_foreign is not None:
         st = replace(st, max_foreign=args.max_foreign,
                      retry_budget=st.retry_budget if st.retry_budget else 6)

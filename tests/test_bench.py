@@ -560,6 +560,18 @@ def test_a_candidate_twin_runs_the_candidate_classifier_and_only_mirrors_have_tw
         assert proc.stderr.startswith("bench: --candidate compares mirror configurations")
 
 
+@pytest.mark.unit
+def test_round_counts_set_their_pass_and_are_whole_numbers_of_at_least_one():
+    from bench.__main__ import parse_args, settings_from
+    st = settings_from(parse_args(["--in-traffic-rounds", "20", "--rounds", "3"]))
+    assert (st.stats_rounds, st.rounds, st.saturation_rounds) == (20, 3, 5)
+    for bad in ("0", "-2", "nan", "1.5"):
+        for option in ("--rounds", "--in-traffic-rounds"):
+            proc = subprocess.run([sys.executable, "-m", "bench", option, bad], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 2 and "error: argument" in proc.stderr, (option, bad)
+
+
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
