@@ -55,6 +55,14 @@ def _throughput(workload_id: str) -> str:
     return "bits_per_second" if workload_id.startswith("iperf3") else "req_per_s"
 
 
+def _figure(pass_: str, workload_id: str) -> str:
+    """The figure a pass compares configurations by: CPU per request (or per GB), the
+    throughput at saturation, ns per invocation in traffic."""
+    if pass_ == "cost":
+        return _metric(workload_id)
+    return _throughput(workload_id) if pass_ == "saturation" else "ns_per_run"
+
+
 def summarize(result: dict) -> dict:
     plans = result.get("plans", {})
     cost_runs, sat_runs = _kept(result, "cost"), _kept(result, "saturation")
@@ -66,7 +74,7 @@ def summarize(result: dict) -> dict:
                "microbench": result.get("microbench", []),
                "attach": result.get("attach", {})}
     for wl, cfgs in plans.get("cost", []):
-        metric = _metric(wl)
+        metric = _figure("cost", wl)
         rows = {}
         for c in cfgs:
             s = _series(cost_runs, wl, c, metric)
@@ -83,7 +91,7 @@ def summarize(result: dict) -> dict:
                                                  if r["workload"] == wl and r["config"] == c])}
         summary["cost"][wl] = rows
     for wl, cfgs in plans.get("saturation", []):
-        metric = _throughput(wl)
+        metric = _figure("saturation", wl)
         summary["saturation"][wl] = {
             c: {"median": _median(_series(sat_runs, wl, c, metric).values()),
                 "vs_untraced": compare(sat_runs, wl, c, BASE, metric) if c != BASE else None}
@@ -382,18 +390,17 @@ def candidate_section(result: dict, labels: dict) -> list[str]:
          "throughput.", "",
          "| pass | workload | configuration | figure | candidate / this checkout |",
          "|---|---|---|---|---|"]
-    figures = {"cost": _metric, "saturation": _throughput,
-               "in_traffic": lambda wl: "ns_per_run"}
-    for pass_, figure in figures.items():
+    for pass_ in ("cost", "saturation", "in_traffic"):
         runs = _kept(result, pass_)
         for wl, cfgs in result.get("plans", {}).get(pass_, []):
             for twin in cfgs:
                 base = twin.removesuffix(CANDIDATE)
                 if base == twin or base not in cfgs:
                     continue
-                ratio = compare(runs, wl, twin, base, figure(wl))
+                figure = _figure(pass_, wl)
+                ratio = compare(runs, wl, twin, base, figure)
                 if ratio:
-                    L.append(f"| {pass_} | {wl} | {labels.get(base, base)} | {figure(wl)} | "
+                    L.append(f"| {pass_} | {wl} | {labels.get(base, base)} | {figure} | "
                              f"{_ci(ratio)} ({ratio.get('n', '?')}) |")
     return L + [""]
 
