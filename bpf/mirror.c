@@ -8,7 +8,7 @@
  * socket's data usually sits in page fragments that direct packet access cannot see.
  *
  * One state per connection and interface (struct conn, in the `conns` array) says which
- * side is the client (from the SYN, the SYN-ACK, or a request when the start went unseen),
+ * side is the client (from the SYN, or from a request when the SYN went unseen),
  * holds the mark and the budgets, and tags the request kept for it. A status (an HTTP/1.x
  * status line, an HTTP/2 :status, a gRPC grpc-status) counts only when it comes from the
  * server side of a connection whose client is known, in the server's direction on this
@@ -943,19 +943,24 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     __u64 now = bpf_ktime_get_coarse_ns();
     __u32 slot = 0;
     int sender_lo = facts >> 7 & 1;
-    struct conn *c = conn_find(&ck, cfg->hash_seed, syn || request || preface, now, &slot);
+    /* Only a SYN starts a state or restarts one, never a SYN-ACK: a SYN-ACK names as the
+     * client the host it is sent to, so a client that sends one of its own (a raw socket,
+     * or a spoofed segment) would make itself the server of its connection and its next
+     * bytes a status that counts. A connection whose SYN went unseen learns its sides from
+     * its next request instead. */
+    struct conn *c = conn_find(&ck, cfg->hash_seed, (syn && !ack) || request || preface, now,
+                               &slot);
 
-    if (syn && c) {
-        /* A new connection: the SYN's sender is the client, a SYN-ACK's receiver. */
-        int client_lo = ack ? !sender_lo : sender_lo;
-        int client_egress = ack ? direction == DIR_INGRESS : direction == DIR_EGRESS;
-        if (!ack || !(c->flags & CONN_CLIENT_KNOWN) ||
-            !!(c->flags & CONN_CLIENT_LO) != client_lo || (c->flags & CONN_MARKED))
-            conn_restart(c, client_lo, client_egress, now);
-        if (ack)
-            hpack_start(c, seg.seq);
+    if (syn && !ack && c) {
+        /* A new connection (perhaps on the 4-tuple of an old one): the SYN's sender is the
+         * client, and its direction on this interface is the client's. */
+        conn_restart(c, sender_lo, direction == DIR_EGRESS, now);
     }
     int mode = conn_status_mode(c, sender_lo, direction, on_lo, seen_before);
+    /* A SYN-ACK is believed as a status is: only from the server side of a connection
+     * whose client is known. It says where the server's data starts. */
+    if (syn && ack && c && (mode == STATUS_COUNTS || mode == STATUS_SILENT))
+        hpack_start(c, seg.seq);
     if ((request || preface) && c) {
         if (!(c->flags & CONN_CLIENT_KNOWN)) {
             conn_learn_client(c, sender_lo, direction);

@@ -76,8 +76,8 @@ enum counter {
     C_GRPC_STATUS_UNKNOWN, /* a stream-ending HEADERS block with no readable grpc-status but
                             * a dynamic table reference that may be one, or a grpc-status
                             * whose value is cut or not 0-16 */
-    C_CONNS_STARTED,    /* connection states started: a SYN, a SYN-ACK whose SYN was not
-                         * seen, or the client side learned from a request */
+    C_CONNS_STARTED,    /* connection states started: by a SYN, or by a request (or the
+                         * HTTP/2 preface) of a connection whose SYN was not seen */
     C_CONNS_REPLACED,   /* a connection's state gave its slot to a new one (the least
                          * recently active of its bucket) */
     C_SIDE_FROM_REQUEST,/* connections whose start was not seen, their client side learned

@@ -52,8 +52,8 @@ _SIMPLE = {
     "lo_second_pass": ("mirror_loopback_second_pass",
                        "Packets at a monitored lo's ingress, already handled at its egress"),
     "conns_started": ("mirror_connections_started",
-                      "Connection states started (SYN, SYN-ACK, or a request when the start "
-                      "went unseen)"),
+                      "Connection states started (a SYN, or a request when the SYN went "
+                      "unseen)"),
     "conns_replaced": ("mirror_connections_replaced",
                        "Connection states whose slot a new connection took (the least "
                        "recently active of its bucket)"),

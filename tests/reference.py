@@ -104,7 +104,7 @@ as stored: lo address, hi address, the two ports in network byte order, the fami
 three zero bytes; then the ifindex): MurmurHash3 x86_32's rounds over the words (for
 IPv4 only the words 0, 4, 8, 9 and 10, the others being zero), no length mixed in, then its finalizer, masked to the slot count and rounded down to a
 multiple of four. The seed is the classifier's config.hash_seed. A key's state is in one
-of its bucket's four slots, or nowhere. Only a SYN, a request start or the preface (and
+of its bucket's four slots, or nowhere. Only a SYN without ACK, a request start or the preface (and
 an HTTP/2 request header block, below) make a state for a connection that has none. It
 takes the bucket's first empty slot, else the slot touched longest ago (the earliest in
 the bucket when several were touched in the same tick of the classifier's coarse clock):
@@ -116,13 +116,14 @@ or that finds it marked (an HTTP/2 segment that marks it included).
 
 SYN and SYN-ACK (RFC 9293 section 3.5). A segment with SYN and without ACK opens a
 connection: its sender is the client and the hook it was seen on is the client's
-direction. A segment with SYN and ACK is the server's answer: its receiver is the client
-and the client's direction is the other hook. Either restarts the state (makes one when
-there is none): client side known as it says, not marked, no request kept, budgets and
-events back to zero, the generation up by one, `syn_unmarked` when it was marked (a new
-connection reusing the 4-tuple). A SYN-ACK restarts it only when it says something new:
-the client side was not known, or was known as the other endpoint, or the state is
-marked. A SYN-ACK that agrees with the SYN before it leaves the state as it is.
+direction. It restarts the state (makes one when there is none): client side known as it
+says, not marked, no request kept, budgets and events back to zero, the generation up by
+one, `syn_unmarked` when it was marked (a new connection reusing the 4-tuple). A segment
+with SYN and ACK is the server's answer, but anyone can send one, a client included: it
+never makes, restarts or names the sides of a state. It is judged like a status (the
+modes below): from the server side of a state whose client is known (counts or silent),
+it starts following the server's HPACK state at its sequence number + 1; otherwise it
+does nothing but what any packet of the state does (touch, mirror when marked).
 
 Whose status it is. What a status (an HTTP/1.x status line, an HTTP/2 :status, a
 grpc-status) does depends on the packet's mode:
@@ -1513,22 +1514,21 @@ class Model:
 
         slot = self.find(key)
         out.before = self.slots[slot].copy() if slot is not None else None
-        if slot is None and (p.syn or request or preface):
+        if slot is None and ((p.syn and not p.ack) or request or preface):
             slot = self._start(key, seen, victim)
             out.path, out.reason = "tcp", "new state"
         c = self.slots[slot] if slot is not None else None
-        if p.syn:
-            client_lo = not sender_lo if p.ack else sender_lo
-            client_egress = (direction == "ingress") if p.ack else (direction == "egress")
-            if not p.ack or not c.client_known or c.marked or \
-                    bool(c.flags & CLIENT_LO) != client_lo:
-                self._restart(slot, client_lo, client_egress, seen)
-                c = self.slots[slot]
-                out.reason = "SYN-ACK: a new connection" if p.ack else "SYN: a new connection"
-            if p.ack and c.hpack.state == HPACK_NONE:
-                c.hpack.state = HPACK_FOLLOWING     # the server's data starts after its SYN
-                c.hpack.next_seq = (p.seq + 1) & 0xFFFFFFFF
+        if p.syn and not p.ack:
+            # RFC 9293 3.5: the SYN's sender opens the connection. A SYN-ACK names no side:
+            # its receiver is the client only if the SYN said so, and a client may send one.
+            self._restart(slot, sender_lo, direction == "egress", seen)
+            c = self.slots[slot]
+            out.reason = "SYN: a new connection"
         mode = self._mode(c, sender_lo, direction, on_lo, seen_before)
+        if p.syn and p.ack and mode in (COUNTS, SILENT) and c.hpack.state == HPACK_NONE:
+            c.hpack.state = HPACK_FOLLOWING     # the server's data starts after its SYN-ACK
+            c.hpack.next_seq = (p.seq + 1) & 0xFFFFFFFF
+            out.reason = "SYN-ACK: the server's side confirmed"
         if (request or preface) and c is not None:
             if not c.client_known:
                 self._learn(c, sender_lo, direction, seen)

@@ -425,12 +425,50 @@ def test_a_spoofed_server_segment_the_clients_way_does_not_count(snap, ring):
     assert snap.flows() == {} and ring.drain() == []
 
 
-def test_syn_ack_alone_tells_the_client(snap, ring):
-    """The SYN went unseen: the SYN-ACK's receiver is the client."""
+def test_a_syn_ack_alone_names_no_side(snap, ring):
+    """The SYN went unseen: the SYN-ACK makes no state (anyone may send one); the
+    connection's next request tells the client, as for one open before the attach."""
     c = Conn()
-    assert run(snap, c.s2c(flags=TCP_SYN | TCP_ACK), "egress") == c.moved(conns_started=1)
-    assert run(snap, c.c2s(ERR500), "ingress") == c.moved(status_from_client=1)
+    assert run(snap, c.s2c(flags=TCP_SYN | TCP_ACK), "egress") == c.moved()
+    assert snap.conn_count() == 0
+    assert run(snap, c.s2c(ERR500), "egress") == c.moved(status_side_unknown=1)
+    run(snap, c.c2s(request()), "ingress")
     assert run(snap, c.s2c(ERR500), "egress")["flows_marked"] == 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("payload", [ERR500, H2_500], ids=["h1", "h2"])
+def test_a_clients_own_syn_ack_does_not_make_it_the_server(snap, ring, family, payload):
+    """A client sends a SYN-ACK of its own on its connection (a raw socket), then a
+    status: it would name the server as the client. Nothing counts, marks or reports,
+    and the server's own statuses still do."""
+    c = Conn(family, sport=8080 if payload is H2_500 else SPORT)
+    open_conn(snap, c)
+    if payload is H2_500:
+        run(snap, c.c2s(PREFACE), "ingress")
+    assert run(snap, c.c2s(flags=TCP_SYN | TCP_ACK), "ingress") == c.moved()
+    apart = {} if payload is H2_500 else {"status_from_client": 1}
+    assert run(snap, c.c2s(payload), "ingress") == c.moved(**apart)
+    # The same SYN-ACK with the server's addresses, travelling the client's way.
+    assert run(snap, c.s2c(flags=TCP_SYN | TCP_ACK), "ingress") == c.moved()
+    assert run(snap, c.c2s(payload), "ingress") == c.moved(**apart)
+    assert snap.flows() == {} and ring.drain() == [] and snap.errors() == {}
+    moved = run(snap, c.s2c(payload), "egress")
+    assert moved["flows_marked"] == 1 and moved["events"] == 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_a_spoofed_syn_ack_then_a_status_never_counts(snap, ring, family, direction):
+    """Two spoofed segments on a 4-tuple never seen, no handshake: a SYN-ACK, then a
+    status line from its sender. The SYN-ACK makes no state; the status counts apart."""
+    c = Conn(family)
+    for syn_ack, status in ((c.c2s(flags=TCP_SYN | TCP_ACK), c.c2s(ERR500)),
+                            (c.s2c(flags=TCP_SYN | TCP_ACK), c.s2c(ERR500))):
+        assert run(snap, syn_ack, direction) == c.moved()
+        assert run(snap, status, direction) == c.moved(status_side_unknown=1)
+    assert snap.conn_count() == 0 and snap.flows() == {} and ring.drain() == []
+    assert snap.errors() == {}
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -2,7 +2,8 @@
 hook layout and both IP versions: a client that lies (an HTTP/1.x status line, an h2c
 HEADERS frame carrying :status 500) never marks, counts or reports; a keep-alive
 connection opened before the mirror started is mirrored with its request from its next
-error on; on lo, each error is one event and one count."""
+error on; SYN-ACKs written onto the wire by a client, or spoofed either way, never make a
+status count; on lo, each error is one event and one count."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame, SettingsFrame
 
+from frames import TCP_ACK, TCP_PSH, TCP_SYN, tcp4, tcp6
 from helpers import HOOKS, ROOT, MirrorProcess, controller_ask, env_with, wait_until
 from mirror.lab.netns import unique_name
 from mirror.lab.nginx import Nginx
@@ -21,6 +23,7 @@ from mirror.lab.nginx import Nginx
 pytestmark = pytest.mark.kernel
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ERR500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 
 
 class Mirror:
@@ -116,6 +119,48 @@ def test_a_lying_h2c_client_never_marks(host, tmp_path, hook, family):
     # response; nothing marks, nothing is an error.
     assert (c["flows_marked"], c["errors"], c["events"]) == (0, 0, 0)
     assert c["side_from_request"] == 0 and c["mirrored_packets"] == 0 and m.events() == []
+
+
+def spoofed_pair(family, src, sport, dst, dport, payload) -> list[bytes]:
+    """A SYN-ACK, then a status line, both from src (frames from tests/frames.py)."""
+    tcp = tcp4 if family == 4 else tcp6
+    return [tcp(src, sport, dst, dport, flags=TCP_SYN | TCP_ACK),
+            tcp(src, sport, dst, dport, payload, flags=TCP_PSH | TCP_ACK)]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("family", [4, 6])
+def test_spoofed_syn_acks_never_make_a_status_count(host, nginx, tmp_path, hook, family):
+    """Segments written straight onto the wire (AF_PACKET), each a SYN-ACK and then a
+    "HTTP/1.1 500" from the same sender: from a real client on its own open connection,
+    from the client side on a 4-tuple never seen, and from the server's side (inside the
+    server's namespace) on one never seen. A SYN-ACK names no side: the first status is a
+    client's, the other two have no known side, and nothing marks, counts or reports."""
+    server, source = addresses(host, family)
+    with Mirror(host.host_if, tmp_path, hook) as m:
+        with socket.create_connection((server, 80), timeout=10,
+                                      source_address=(source, 0)) as s:
+            s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            cport = s.getsockname()[1]
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind((host.host_if, 0))
+                for frame in (spoofed_pair(family, source, cport, server, 80, ERR500) +
+                              spoofed_pair(family, source, 41999, server, 80, ERR500)):
+                    raw.send(frame)
+            in_netns(host, "import socket, sys; sys.path.insert(0, 'tests'); "
+                     "from test_connection_live import spoofed_pair, ERR500; "
+                     "raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
+                     "raw.bind(('eth0', 0)); "
+                     f"[raw.send(f) for f in spoofed_pair({family}, {server!r}, 80, "
+                     f"{source!r}, 41998, ERR500)]")
+            c = wait_until(lambda: ((c := m.counters())["status_from_client"] +
+                                    c["status_side_unknown"] >= 3, c),
+                           "the three spoofed status lines seen")
+        c = m.wait_read()
+    assert (c["status_from_client"], c["status_side_unknown"]) == (1, 2)
+    assert (c["flows_marked"], c["errors"], c["events"], c["mirrored_packets"]) == (0, 0, 0, 0)
+    assert m.events() == []
 
 
 @pytest.mark.parametrize("hook", HOOKS)

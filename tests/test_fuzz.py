@@ -260,6 +260,11 @@ def _semantics():
         (r4(), "s"), (ack4(), "c"))
     add("synack-from-the-client-side", (ack4(flags=TCP_SYN), "c"),
         (ack4(flags=TCP_SYN | TCP_ACK), "c"), (r4(), "s"), (ack4(ERR500), "c"))
+    # A client's own SYN-ACK (issue 21): it names no side, so its status line never counts.
+    add("client-synack-then-status", *START4, REQ4, (ack4(b"", flags=TCP_SYN | TCP_ACK), "c"),
+        (ack4(ERR500), "c"), (r4(), "s"))
+    add("spoofed-synack-then-status", (ack4(b"", flags=TCP_SYN | TCP_ACK), "c"),
+        (ack4(ERR500), "c"), (r6(b"", flags=TCP_SYN | TCP_ACK), "s!"), (r6(), "s!"))
     add("synack-twice-then-marked-synack", *START4, (r4(b"", flags=TCP_SYN | TCP_ACK), "s"),
         REQ4, (r4(), "s"), (r4(b"", flags=TCP_SYN | TCP_ACK), "s"), (ack4(), "c"),
         (r4(), "s"))
