@@ -238,7 +238,7 @@ class Thesis(Config):
     def setup(self, lab) -> None:
         prog = self.shared.thesis
         prog.clear()
-        self.ifindex = None
+        self.ifindex = self.debug_iface = None
         self.created = []
         self.ipr = IPRoute()
         self.debug_iface = unique_name("d")

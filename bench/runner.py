@@ -251,9 +251,9 @@ def run_one(cfg, lab, wl: Workload, st: Settings, pass_: str, app: Apparatus) ->
     rec = {"pass": pass_, "workload": wl.id, "config": cfg.key}
     fixed = pass_ in ("cost", "in_traffic")
     seconds = st.seconds if fixed else st.saturation_seconds
-    cfg.setup(lab)
     watch = None
     try:
+        cfg.setup(lab)              # inside: teardown also undoes a half-done setup
         dbg = cfg.debug_iface or app.name
         time.sleep(st.settle_seconds)
         watch = Watch(lab, dbg, wl.port, wl.proto, cfg.budgeted).start()

@@ -572,6 +572,29 @@ def test_round_counts_set_their_pass_and_are_whole_numbers_of_at_least_one():
             assert proc.returncode == 2 and "error: argument" in proc.stderr, (option, bad)
 
 
+@pytest.mark.unit
+def test_a_setup_interrupted_halfway_is_torn_down():
+    """SIGTERM arrives as KeyboardInterrupt, anywhere: in a configuration's setup too. A
+    full run stopped that way once left the thesis's debug interface behind, made
+    before the interrupt, because run_one() called setup outside its try."""
+    from bench.runner import FULL, H1_0, run_one
+
+    class HalfSetUp:
+        key, debug_iface, budgeted, mirrors = "half", None, True, True
+        torn_down = False
+
+        def setup(self, lab):
+            raise KeyboardInterrupt
+
+        def teardown(self):
+            self.torn_down = True
+
+    cfg = HalfSetUp()
+    with pytest.raises(KeyboardInterrupt):
+        run_one(cfg, None, H1_0, FULL, "cost", None)
+    assert cfg.torn_down
+
+
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
