@@ -499,10 +499,19 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, const struct mi
 
 /* Keeps the first bytes of a request frame (the whole frame from its Ethernet header, up
  * to config.request_bytes) for the connection in `slot`, replacing what its requests
- * entry held. Only a client's request starts pay this: a copy and the clock. A response
- * being reported on another CPU at that moment could copy a mix of two requests: only when
- * a client sends its next request before the previous response (pipelining), where the
- * README already says which request is reported. */
+ * entry held. Only a client's request starts pay this: a copy, the clock and two atomic
+ * operations on a line this CPU mostly holds already.
+ *
+ * A requests entry is shared by the four connections of a bucket, and read by an error's
+ * event on whatever CPU its response passes; so it is written under a sequence lock. The
+ * writer takes the entry by moving seq from even to odd with a compare-and-swap (one
+ * writer at a time: a second finds it odd, or loses the swap, and keeps nothing), writes,
+ * and makes seq even again with an exchange. Both are BPF atomics that return a value,
+ * which every JIT makes fully ordered (x86 lock cmpxchg and xchg; arm64 casal and swpal),
+ * so the writes fall between them on any CPU. A reader (request_read_begin/_end) trusts
+ * what it read only when seq was even and the same before and after. A request not kept
+ * takes the connection's kept request with it: its next error is reported without one,
+ * never with the request before. */
 static __always_inline void keep_request(struct __sk_buff *skb, const struct mirror_config *cfg,
                                          struct conn *c, __u32 slot, __u32 direction)
 {
@@ -517,36 +526,67 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         len = REQUEST_BYTES;
     if (len == 0)
         return;
-    if (bpf_skb_load_bytes(skb, 0, r->data, len) < 0)
+    __u64 seq = *(volatile __u64 *)&r->seq;
+    if ((seq & 1) || __sync_val_compare_and_swap(&r->seq, seq, seq + 1) != seq) {
+        c->flags &= ~CONN_REQUEST;
+        count(C_REQUEST_BUSY, 1);
         return;
-    r->request_ns = bpf_ktime_get_ns();
-    r->frame_len = skb->len;
-    r->len = len;
-    r->direction = direction;
-    r->slot = slot;
-    r->gen = c->gen;
+    }
+    int kept = bpf_skb_load_bytes(skb, 0, r->data, len) == 0;
+    if (kept) {
+        r->request_ns = bpf_ktime_get_ns();
+        r->frame_len = skb->len;
+        r->len = len;
+        r->direction = direction;
+        r->slot = slot;
+        r->gen = c->gen;
+    } else {
+        /* The helper zeroed data[]: whichever connection the entry held has lost it. */
+        r->request_ns = 0;
+        r->slot = REQUEST_NO_SLOT;
+    }
+    __sync_lock_test_and_set(&r->seq, seq + 2);
+    if (!kept) {
+        c->flags &= ~CONN_REQUEST;
+        return;
+    }
     if (!(c->flags & CONN_REQUEST))
         c->flags |= CONN_REQUEST;
     count(C_REQUESTS, 1);
 }
 
-/* The request kept for the connection in `slot`, or 0 (none kept, or its entry was taken
- * by another connection's since). */
-static __always_inline struct kept_request *kept_request_of(const struct conn *c, __u32 slot)
+/* Starts reading the request kept for the connection in `slot` (keep_request's sequence
+ * lock): the entry, its seq in *seq, or 0 when there is none to read (none kept, taken by
+ * another connection's since, or being written this instant). The fetch-and-add of 0 is
+ * the read of seq: an atomic that returns a value, fully ordered, so the entry's reads
+ * that follow come after it on any CPU. */
+static __always_inline struct kept_request *request_read_begin(const struct conn *c,
+                                                               __u32 slot, __u64 *seq)
 {
     if (!(c->flags & CONN_REQUEST))
         return 0;
     __u32 ri = slot & (REQUEST_SLOTS - 1);
     struct kept_request *r = requests.lookup(&ri);
-    if (!r || r->slot != slot || r->gen != c->gen)
+    if (!r)
         return 0;
+    __u64 s = __sync_fetch_and_add(&r->seq, 0);
+    if ((s & 1) || r->slot != slot || r->gen != c->gen)
+        return 0;
+    *seq = s;
     return r;
+}
+
+/* Whether what was read of `r` since request_read_begin() returned `seq` is whole and
+ * still the connection's: no writer took the entry meanwhile. */
+static __always_inline int request_read_end(struct kept_request *r, __u64 seq)
+{
+    return __sync_fetch_and_add(&r->seq, 0) == seq;
 }
 
 /* Counts an error response by (interface, status, protocol), and the time since its
  * request in the response-time buckets: exact whatever the events' bounds drop. */
 static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
-                                        const struct kept_request *r, __u64 now_ns)
+                                        __u64 request_ns, __u64 now_ns)
 {
     struct error_count_key k = {.ifindex = ifindex, .status = status, .proto = proto};
     __u64 *n = errors.lookup(&k);
@@ -558,9 +598,9 @@ static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
             count(C_ERRORS_UNCOUNTED, 1);
     }
     count(C_ERRORS, 1);
-    if (!r || !r->request_ns || now_ns < r->request_ns)
+    if (!request_ns || now_ns < request_ns)
         return;
-    __u64 took = now_ns - r->request_ns;
+    __u64 took = now_ns - request_ns;
     const __u64 bounds[RESPONSE_BUCKETS] = RESPONSE_BOUNDS_NS;
     __u32 b = RESPONSE_BUCKETS;
 #pragma unroll
@@ -653,34 +693,52 @@ static __always_inline struct error_event *reserve_event(const struct kept_reque
 
 /* Hands an error event to user space: the response's facts and the request kept for it,
  * within the bounds (max_events_per_conn, max_events_per_window per CPU). Never waits: a
- * full ring buffer loses the event, counted. */
-static __always_inline void report_error(struct __sk_buff *skb, const struct mirror_config *cfg,
-                                         struct conn *c, const struct kept_request *r,
-                                         __u32 status, __u32 direction, __u8 new_flow,
-                                         __u8 proto, __u64 now_ns)
+ * full ring buffer loses the event, counted. `r` and `seq` come from request_read_begin();
+ * returns the request's time when what was read of it proved whole and the connection's
+ * (request_read_end), else 0: an event whose request changed while it was copied goes
+ * without one (C_REQUEST_CHANGED), its record reserved afresh so that no byte of another
+ * connection's request reaches the ring. */
+static __always_inline __u64 report_error(struct __sk_buff *skb, const struct mirror_config *cfg,
+                                          struct conn *c, struct kept_request *r, __u64 seq,
+                                          __u32 status, __u32 direction, __u8 new_flow,
+                                          __u8 proto, __u64 now_ns)
 {
     __u32 zero = 0;
-    if (cfg->max_events_per_conn && c->events >= cfg->max_events_per_conn) {
-        count(C_EVENTS_CONN_LIMITED, 1);
-        return;
-    }
-    if (cfg->max_events_per_window &&
-        !take_token(event_rate.lookup(&zero), cfg->max_events_per_window, cfg->rate_window_ns)) {
-        count(C_EVENTS_RATE_LIMITED, 1);
-        return;
-    }
-    __sync_fetch_and_add(&c->events, 1);
-    __u32 request_len = 0;
+    __u64 request_ns = 0;
+    __u32 request_len = 0, request_frame_len = 0, request_direction = 0;
     if (r) {
+        request_ns = r->request_ns;
+        request_frame_len = r->frame_len;
+        request_direction = r->direction;
         /* once: the step and request_len must agree (see reserve_event) */
         request_len = *(volatile __u32 *)&r->len;
         if (request_len > REQUEST_BYTES)
             request_len = REQUEST_BYTES;
     }
+    if (cfg->max_events_per_conn && c->events >= cfg->max_events_per_conn) {
+        count(C_EVENTS_CONN_LIMITED, 1);
+        return r && request_read_end(r, seq) ? request_ns : 0;
+    }
+    if (cfg->max_events_per_window &&
+        !take_token(event_rate.lookup(&zero), cfg->max_events_per_window, cfg->rate_window_ns)) {
+        count(C_EVENTS_RATE_LIMITED, 1);
+        return r && request_read_end(r, seq) ? request_ns : 0;
+    }
+    __sync_fetch_and_add(&c->events, 1);
     struct error_event *ev = reserve_event(r, request_len);
+    int whole = !r || request_read_end(r, seq);
+    if (ev && !whole) {
+        events.ringbuf_discard(ev, BPF_RB_NO_WAKEUP);
+        ev = reserve_event(0, 0);
+    }
+    if (!whole) {
+        count(C_REQUEST_CHANGED, 1);
+        r = 0;
+        request_ns = 0;
+    }
     if (!ev) {
         count(C_EVENTS_LOST, 1);    /* the ring is full: never wait for the reader */
-        return;
+        return request_ns;
     }
     ev->response_ns = now_ns;
     __builtin_memcpy(&ev->key, &c->key.flow, sizeof(ev->key));
@@ -697,9 +755,9 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
     ev->request_len = 0;
     ev->pad = 0;
     if (r) {
-        ev->request_ns = r->request_ns;
-        ev->request_direction = r->direction;
-        ev->request_frame_len = r->frame_len;
+        ev->request_ns = request_ns;
+        ev->request_direction = request_direction;
+        ev->request_frame_len = request_frame_len;
         ev->request_len = request_len;
     }
     /* Wake the reader for the first event after a quiet spell, then at most once per
@@ -714,6 +772,7 @@ static __always_inline void report_error(struct __sk_buff *skb, const struct mir
     }
     events.ringbuf_submit(ev, flags);
     count(C_EVENTS, 1);
+    return request_ns;
 }
 
 /* A counted trigger status (`mode` STATUS_COUNTS) or one seen before (STATUS_SILENT):
@@ -733,12 +792,51 @@ static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirro
     mirror_packet(skb, cfg, c, st, direction);
     /* After the clone: the request frame user space writes for this event follows the
      * response on the debug interface, never precedes it. */
-    struct kept_request *r = kept_request_of(c, slot);
+    __u64 seq = 0;
+    struct kept_request *r = request_read_begin(c, slot, &seq);
     if (!r)
         count(C_RESP_NO_REQUEST, 1);
     __u64 now_ns = bpf_ktime_get_ns();
-    count_error(skb->ifindex, status, proto, r, now_ns);
-    report_error(skb, cfg, c, r, status, direction, new_flow, proto, now_ns);
+    __u64 request_ns = report_error(skb, cfg, c, r, seq, status, direction, new_flow, proto,
+                                    now_ns);
+    /* After the event: the response time counts only a request read whole. */
+    count_error(skb->ifindex, status, proto, request_ns, now_ns);
+}
+
+/* Forgets the request kept for the connection in `slot`, bytes and all, when its entry
+ * still holds it: a SYN on its 4-tuple starts another connection, and the old one's
+ * request (a token in its target, an Authorization header) must not outlive it in the
+ * kernel, even where no event could reach it any more. Taken as keep_request() takes the
+ * entry; when another CPU holds it, that writer is replacing the request anyway. Only a
+ * SYN of a state that kept a request pays this. */
+#define ZERO_CHUNK 512      /* clang expands a __builtin_memset inline up to here (as for
+                             * COPY_CHUNK: beyond, a call to memset that BPF has not) */
+static __always_inline void request_forget(const struct conn *c, __u32 slot)
+{
+    if (!(c->flags & CONN_REQUEST))
+        return;
+    __u32 ri = slot & (REQUEST_SLOTS - 1);
+    struct kept_request *r = requests.lookup(&ri);
+    if (!r)
+        return;
+    __u64 seq = *(volatile __u64 *)&r->seq;
+    if ((seq & 1) || __sync_val_compare_and_swap(&r->seq, seq, seq + 1) != seq)
+        return;
+    if (r->slot == slot && r->gen == c->gen) {
+#pragma unroll
+        for (__u32 off = 0; off + ZERO_CHUNK <= REQUEST_BYTES; off += ZERO_CHUNK) {
+            __builtin_memset(r->data + off, 0, ZERO_CHUNK);
+            asm volatile("" ::: "memory");  /* or clang merges the chunks into one memset */
+        }
+        if (REQUEST_BYTES % ZERO_CHUNK)
+            __builtin_memset(r->data + REQUEST_BYTES - REQUEST_BYTES % ZERO_CHUNK, 0,
+                             REQUEST_BYTES % ZERO_CHUNK);
+        r->request_ns = 0;
+        r->len = 0;
+        r->frame_len = 0;
+        r->slot = REQUEST_NO_SLOT;
+    }
+    __sync_lock_test_and_set(&r->seq, seq + 2);
 }
 
 /* --- the server's HPACK state ------------------------------------------------------------ */
@@ -954,6 +1052,7 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
     if (syn && !ack && c) {
         /* A new connection (perhaps on the 4-tuple of an old one): the SYN's sender is the
          * client, and its direction on this interface is the client's. */
+        request_forget(c, slot);
         conn_restart(c, sender_lo, direction == DIR_EGRESS, now);
     }
     int mode = conn_status_mode(c, sender_lo, direction, on_lo, seen_before);

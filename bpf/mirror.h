@@ -94,7 +94,8 @@ enum counter {
     C_FLOWS_EVICTED,    /* marked connections whose slot a new connection took */
     /* Connections whose server's HPACK encoder stopped being followed (struct conn_hpack;
      * each counted once, when it happens), by why: */
-    C_HPACK_START_UNSEEN,  /*   an HTTP/2 segment of the server's before any SYN-ACK */
+    C_HPACK_START_UNSEEN,  /*   an HTTP/2 segment of the server's on a connection whose
+                            * SYN and SYN-ACK were not both seen */
     C_HPACK_GAP,        /*   a server segment that does not start where the last walked one
                          * left off: bytes in between were not walked as frames */
     C_HPACK_BOUNDS,     /*   a server segment not walked to its end: the walk's bounds
@@ -103,6 +104,11 @@ enum counter {
                          * followed state cannot explain */
     C_HPACK_FORGOTTEN,  /* dynamic table references to an insertion whose record the
                          * connection had dropped for a newer one: unknown */
+    C_REQUEST_BUSY,     /* request starts not kept: another CPU was writing their requests
+                         * entry (shared by a bucket's connections) at that instant; the
+                         * connection's next error is reported without a request */
+    C_REQUEST_CHANGED,  /* error events sent without their request: its requests entry was
+                         * rewritten while the event read it */
     NR_COUNTERS,
 };
 
@@ -206,8 +212,12 @@ struct kept_request {
     __u32 len;              /* of which data[] holds this many bytes */
     __u8 direction;         /* enum direction */
     __u8 pad[7];
+    __u64 seq;              /* even while the entry is whole, odd while one CPU writes it
+                             * (a sequence lock: keep_request() in mirror.c says how) */
     __u8 data[REQUEST_BYTES];
 };
+
+#define REQUEST_NO_SLOT 0xffffffffu  /* kept_request.slot of an entry that holds none */
 
 /* Why a clone was skipped (bits of conn.cut and error_event.cut). */
 enum cut_reason {

@@ -239,7 +239,7 @@ IFACE_STATS = Layout("iface_stats", "=", (
 # struct kept_request up to data[] (REQUEST_BYTES as compiled follow).
 KEPT_REQUEST_HEAD = Layout("kept_request", "=", (
     ("request_ns", "Q"), ("slot", "I"), ("gen", "I"), ("frame_len", "I"), ("len", "I"),
-    ("direction", "B"), (None, "7x")))
+    ("direction", "B"), (None, "7x"), ("seq", "Q")))
 
 # struct error_event up to data[]: the response, the key, the request.
 EVENT_HEAD = Layout("error_event", "=", (

@@ -35,6 +35,13 @@ _SIMPLE = {
                      "Marked connections unmarked by a SYN: a new connection reusing the "
                      "4-tuple"),
     "requests": ("mirror_requests_kept", "HTTP/1.x request starts from clients kept"),
+    "request_busy": ("mirror_requests_not_kept_busy",
+                     "HTTP/1.x request starts not kept: another CPU was writing the entry "
+                     "they share at that instant (the connection's next error is reported "
+                     "without a request)"),
+    "request_changed": ("mirror_events_request_changed",
+                        "Error events sent without their request: it was rewritten while "
+                        "the event read it"),
     "status_from_client": ("mirror_statuses_from_client",
                            "Statuses sent by a connection's client side, or travelling in "
                            "its direction: never counted as responses"),
@@ -109,7 +116,7 @@ class MapCollector:
                                     "Why dynamic table references of HTTP/2 servers could "
                                     "not be resolved (they count as unknown statuses): a "
                                     "connection's HPACK state stopped being followed, once "
-                                    "per connection (start_unseen: its SYN-ACK went unseen; "
+                                    "per connection (start_unseen: its handshake went unseen; "
                                     "gap: a server segment not walked; bounds: a segment not "
                                     "walked to its end), or a reference named an insertion "
                                     "whose record the connection had dropped (forgotten)",
@@ -188,14 +195,16 @@ class MapCollector:
         errors = CounterMetricFamily("mirror_error_responses",
                                      "Error responses (trigger statuses from the server "
                                      "side), by interface, its workload (namespace, pod, "
-                                     "container) and status (grpc:N for a grpc-status)",
-                                     labels=[*IFACE_LABELS, "status"])
+                                     "container), protocol (h1: HTTP/1.x, h2: HTTP/2 "
+                                     ":status, grpc: grpc-status) and status (grpc:N for "
+                                     "a grpc-status)",
+                                     labels=[*IFACE_LABELS, "proto", "status"])
         by_label: dict[tuple[str, ...], int] = {}
         for (ifindex, status, proto), n in ctl.classifier.errors().items():
             if ifindex not in who:
                 continue            # an interface forgotten since the scrape began
             label = f"grpc:{status}" if proto == "grpc" else str(status)
-            key = (*who[ifindex], label)
+            key = (*who[ifindex], proto, label)
             by_label[key] = by_label.get(key, 0) + n
         for labels, n in sorted(by_label.items()):
             errors.add_metric(list(labels), n)

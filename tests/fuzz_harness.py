@@ -247,7 +247,7 @@ class Harness:
         return self._request(raw)
 
     def _request(self, raw: bytes, at: int = 0) -> R.KeptRequest | None:
-        request_ns, slot, gen, frame_len, length, direction = \
+        request_ns, slot, gen, frame_len, length, direction, _seq = \
             KEPT_REQUEST_HEAD.struct.unpack_from(raw, at)
         if not request_ns:
             return None
