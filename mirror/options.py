@@ -17,8 +17,9 @@ from .safepath import UnsafePath, check_writable_file
 from .trigger import parse_trigger
 
 
-# Events per CPU and second by default (README, "Events"): the reader keeps up with it on
-# one core with room to spare (bench/eventcost.py measures the cost per event).
+# Events per CPU and second by default (docs/connection-state.md, "Bounded in the kernel"):
+# the reader keeps up with it on one core with room to spare (bench/eventcost.py measures
+# the cost per event).
 DEFAULT_MAX_EVENTS_PER_SECOND = 1000
 
 

@@ -79,7 +79,7 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
     # The host's test namespace is no container runtime's: no namespace, pod, container.
     assert metrics[("mirror_error_responses_total", (
         ("container", ""), ("iface", host.host_if), ("namespace", ""), ("pod", ""),
-        ("status", "500")))] == 4
+        ("proto", "h1"), ("status", "500")))] == 4
     assert metrics[("mirror_error_response_seconds_count", ())] == 4
     assert metrics[("mirror_clone_failures_total", ())] == 0
     assert metrics[("mirror_flows_active", ())] == 4

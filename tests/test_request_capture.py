@@ -191,7 +191,7 @@ def test_events_command_and_metrics(host, nginx, tmp_path):
     errors = [line for line in metrics.splitlines()
               if line.startswith("mirror_error_responses_total{")]
     assert errors == [f'mirror_error_responses_total{{container="",iface="{iface}",'
-                      f'namespace="",pod="",status="500"}} 3.0'], errors
+                      f'namespace="",pod="",proto="h1",status="500"}} 3.0'], errors
     assert "mirror_error_response_seconds_count 3.0" in metrics
     assert 'mirror_error_response_seconds_bucket{le="+Inf"} 3.0' in metrics
     assert "mirror_events_total 3.0" in metrics and "mirror_events_lost_total 0.0" in metrics
