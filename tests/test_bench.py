@@ -595,6 +595,21 @@ def test_a_setup_interrupted_halfway_is_torn_down():
     assert cfg.torn_down
 
 
+@pytest.mark.kernel
+def test_eventcost_keep_up_reads_every_event_the_bound_lets_through():
+    """bench.eventcost --keep-up end to end, short and slow: producers on every CPU above
+    the per-CPU bound for a second, the real reader. Counts only: what the kernel made
+    is what the reader handled, nothing lost, and the bound held some back."""
+    proc = subprocess.run([sys.executable, "-m", "bench.eventcost", "--keep-up", "1",
+                           "--offered", "2000", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["producers_failed"] == 0 and r["events_lost"] == 0
+    assert r["handled"] == r["events"] > 0 and r["events_rate_limited"] > 0
+    assert r["errors"] == r["events"] + r["events_rate_limited"]
+
+
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
