@@ -399,8 +399,9 @@ def test_a_clients_status_line_never_counts(snap, ring, family):
     assert moved["flows_marked"] == 1 and moved["events"] == 1
 
 
-def test_a_clients_first_bytes_as_a_status_line_do_not_count(snap, ring):
-    c = Conn()
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_clients_first_bytes_as_a_status_line_do_not_count(snap, ring, family):
+    c = Conn(family)
     run(snap, c.c2s(flags=TCP_SYN), "ingress")
     assert run(snap, c.c2s(ERR500), "ingress") == c.moved(status_from_client=1)
     assert snap.flows() == {} and ring.drain() == []
@@ -545,11 +546,12 @@ def test_a_request_not_kept_takes_the_one_before_with_it(snap, ring):
     assert describe_request(ev.request)[1] == "/third"
 
 
-def test_a_reused_four_tuple_never_shows_the_old_request(snap, ring):
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_reused_four_tuple_never_shows_the_old_request(snap, ring, family):
     """A connection sent a request with a secret and closed; the same 4-tuple connects
     again and the server answers 503 at once: the event carries no request, and the
     secret's bytes are gone from the kernel: the new SYN cleared them."""
-    c = Conn()
+    c = Conn(family)
     open_conn(snap, c)
     secret = c.c2s(request(target="/private?token=s3cr3t", extra="Authorization: Bearer s3cr3t\r\n"))
     run(snap, secret, "ingress")
@@ -564,8 +566,9 @@ def test_a_reused_four_tuple_never_shows_the_old_request(snap, ring):
     assert b"s3cr3t" not in raw_requests(snap)
 
 
-def test_syn_unmarks_a_reused_four_tuple(snap, ring):
-    c = Conn()
+@pytest.mark.parametrize("family", [4, 6])
+def test_syn_unmarks_a_reused_four_tuple(snap, ring, family):
+    c = Conn(family)
     open_conn(snap, c)
     run(snap, c.c2s(request()), "ingress")
     run(snap, c.s2c(ERR500), "egress")
@@ -577,10 +580,11 @@ def test_syn_unmarks_a_reused_four_tuple(snap, ring):
 
 # --- HTTP/2 ------------------------------------------------------------------------------
 
-def test_a_clients_h2_headers_with_status_never_count(snap, ring):
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_clients_h2_headers_with_status_never_count(snap, ring, family):
     """After the preface (which tells the client), a client's HEADERS frame whose block is
     :status 500 is not even walked: nothing counts, nothing marks."""
-    c = Conn(sport=8080)
+    c = Conn(family, sport=8080)
     open_conn(snap, c)
     assert run(snap, c.c2s(PREFACE), "ingress") == c.moved()
     assert run(snap, c.c2s(H2_500), "ingress") == c.moved()
@@ -590,8 +594,10 @@ def test_a_clients_h2_headers_with_status_never_count(snap, ring):
     assert snap.errors() == {(LO, 500, "h2"): 1}
 
 
-def test_h2_status_on_a_connection_of_unknown_side_counts_apart(snap, ring):
-    c = Conn(sport=8080)
+@pytest.mark.parametrize("family", [4, 6])
+def test_h2_status_on_a_connection_of_unknown_side_counts_apart(snap, ring, family):
+    """A lone spoofed HEADERS frame with :status 500, either way: counted apart."""
+    c = Conn(family, sport=8080)
     assert run(snap, c.s2c(H2_500), "egress") == c.moved(status_side_unknown=1)
     assert run(snap, c.c2s(H2_500), "ingress") == c.moved(status_side_unknown=1)
     assert snap.flows() == {} and ring.drain() == []

@@ -128,14 +128,27 @@ def spoofed_pair(family, src, sport, dst, dport, payload) -> list[bytes]:
             tcp(src, sport, dst, dport, payload, flags=TCP_PSH | TCP_ACK)]
 
 
+def spoofed_h2_status(family, src, sport, dst, dport) -> bytes:
+    """A lone segment from src: an HTTP/2 HEADERS frame whose block is :status 500 (the
+    independent hpack encoder's)."""
+    headers = HeadersFrame(1)
+    headers.data = Encoder().encode([(":status", "500"), ("server", "spoofed")])
+    headers.flags.add("END_HEADERS")
+    headers.flags.add("END_STREAM")
+    tcp = tcp4 if family == 4 else tcp6
+    return tcp(src, sport, dst, dport, headers.serialize(), flags=TCP_PSH | TCP_ACK)
+
+
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("family", [4, 6])
 def test_spoofed_syn_acks_never_make_a_status_count(host, nginx, tmp_path, hook, family):
     """Segments written straight onto the wire (AF_PACKET), each a SYN-ACK and then a
     "HTTP/1.1 500" from the same sender: from a real client on its own open connection,
     from the client side on a 4-tuple never seen, and from the server's side (inside the
-    server's namespace) on one never seen. A SYN-ACK names no side: the first status is a
-    client's, the other two have no known side, and nothing marks, counts or reports."""
+    server's namespace) on one never seen; then a lone HTTP/2 HEADERS frame carrying
+    :status 500 from each side on 4-tuples never seen. A SYN-ACK names no side: the
+    first status is a client's, the other four have no known side, and nothing marks,
+    counts or reports."""
     server, source = addresses(host, family)
     with Mirror(host.host_if, tmp_path, hook) as m:
         with socket.create_connection((server, 80), timeout=10,
@@ -146,19 +159,23 @@ def test_spoofed_syn_acks_never_make_a_status_count(host, nginx, tmp_path, hook,
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
                 raw.bind((host.host_if, 0))
                 for frame in (spoofed_pair(family, source, cport, server, 80, ERR500) +
-                              spoofed_pair(family, source, 41999, server, 80, ERR500)):
+                              spoofed_pair(family, source, 41999, server, 80, ERR500) +
+                              [spoofed_h2_status(family, source, 41997, server, 8080)]):
                     raw.send(frame)
             in_netns(host, "import socket, sys; sys.path.insert(0, 'tests'); "
-                     "from test_connection_live import spoofed_pair, ERR500; "
-                     "raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
+                     "from test_connection_live import spoofed_pair, spoofed_h2_status, "
+                     "ERR500; raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
                      "raw.bind(('eth0', 0)); "
                      f"[raw.send(f) for f in spoofed_pair({family}, {server!r}, 80, "
-                     f"{source!r}, 41998, ERR500)]")
+                     f"{source!r}, 41998, ERR500)]; "
+                     f"raw.send(spoofed_h2_status({family}, {server!r}, 8080, {source!r}, "
+                     "41996))")
             c = wait_until(lambda: ((c := m.counters())["status_from_client"] +
-                                    c["status_side_unknown"] >= 3, c),
-                           "the three spoofed status lines seen")
+                                    c["status_side_unknown"] >= 5, c),
+                           "the five spoofed statuses seen")
         c = m.wait_read()
-    assert (c["status_from_client"], c["status_side_unknown"]) == (1, 2)
+    assert (c["status_from_client"], c["status_side_unknown"]) == (1, 4)
+    assert c["h2_responses"] == 0
     assert (c["flows_marked"], c["errors"], c["events"], c["mirrored_packets"]) == (0, 0, 0, 0)
     assert m.events() == []
 
