@@ -415,6 +415,29 @@ def _record(cut: int, new_flow: bool = True) -> bytes:
 
 
 @pytest.mark.testrun
+def test_the_request_frames_of_one_poll_go_out_in_batches(debug_iface):
+    """Events read in one poll queue their request frames, sent together when the poll
+    returns: one sendmmsg(2) per BATCH frames, not one write per event."""
+    from mirror.events.frames import BATCH
+    from mirror.events.stream import EventStream
+    stream = EventStream(None, lambda i: "eth0", lambda: debug_iface.ifindex, None, {})
+    n = BATCH + 44
+    try:
+        tx = tx_packets(debug_iface)
+        stream._polling = True          # as inside classifier.poll_events()
+        for _ in range(n):
+            stream.handle(_record(0))
+        # A full batch went as soon as it filled; the rest waits for the poll's end.
+        assert (stream.writer.written, stream.writer.calls) == (BATCH, 1)
+        stream._polling = False
+        stream.writer.flush()           # what _poll() does when the poll returns
+        assert tx_packets(debug_iface) == tx + n
+    finally:
+        stream.writer.close()
+    assert (stream.writer.written, stream.writer.calls, stream.seq) == (n, 2, n)
+
+
+@pytest.mark.testrun
 @pytest.mark.parametrize("cut,written", [(0, 1), (4, 0), (2, 0)])
 def test_event_json_and_request_frame_of_a_cut_response(debug_iface, cut, written):
     """The event names the cut and the budgets in force; the request frame goes to the
