@@ -502,8 +502,9 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, const struct mi
  * entry held. Only a client's request starts pay this: a copy, the clock and two atomic
  * operations on a line this CPU mostly holds already.
  *
- * A requests entry is shared by the four connections of a bucket, and read by an error's
- * event on whatever CPU its response passes; so it is written under a sequence lock. The
+ * A requests entry is shared by four connection slots (slot modulo REQUEST_SLOTS: four
+ * buckets apart), and read by an error's event on whatever CPU its response passes; so
+ * it is written under a sequence lock. The
  * writer takes the entry by moving seq from even to odd with a compare-and-swap (one
  * writer at a time: a second finds it odd, or loses the swap, and keeps nothing), writes,
  * and makes seq even again with an exchange. Both are BPF atomics that return a value,
@@ -541,11 +542,12 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         r->slot = slot;
         r->gen = c->gen;
     } else {
-        /* The helper zeroed data[]: whichever connection the entry held has lost it. */
+        /* The helper zeroed the bytes it was to fill: whichever connection the entry held
+         * has lost its request. */
         r->request_ns = 0;
         r->slot = REQUEST_NO_SLOT;
     }
-    __sync_lock_test_and_set(&r->seq, seq + 2);
+    __atomic_exchange_n(&r->seq, seq + 2, __ATOMIC_SEQ_CST);
     if (!kept) {
         c->flags &= ~CONN_REQUEST;
         return;
@@ -805,10 +807,11 @@ static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirro
 
 /* Forgets the request kept for the connection in `slot`, bytes and all, when its entry
  * still holds it: a SYN on its 4-tuple starts another connection, and the old one's
- * request (a token in its target, an Authorization header) must not outlive it in the
- * kernel, even where no event could reach it any more. Taken as keep_request() takes the
- * entry; when another CPU holds it, that writer is replacing the request anyway. Only a
- * SYN of a state that kept a request pays this. */
+ * request (a token in its target, an Authorization header) should not outlive it in the
+ * kernel, where no event can reach it any more (the new generation sees to that). Taken
+ * as keep_request() takes the entry; when another CPU holds it at that instant, the bytes
+ * stay until a later request overwrites them. Only a SYN of a state that kept a request
+ * pays this. */
 #define ZERO_CHUNK 512      /* clang expands a __builtin_memset inline up to here (as for
                              * COPY_CHUNK: beyond, a call to memset that BPF has not) */
 static __always_inline void request_forget(const struct conn *c, __u32 slot)
@@ -836,7 +839,7 @@ static __always_inline void request_forget(const struct conn *c, __u32 slot)
         r->frame_len = 0;
         r->slot = REQUEST_NO_SLOT;
     }
-    __sync_lock_test_and_set(&r->seq, seq + 2);
+    __atomic_exchange_n(&r->seq, seq + 2, __ATOMIC_SEQ_CST);
 }
 
 /* --- the server's HPACK state ------------------------------------------------------------ */

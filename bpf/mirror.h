@@ -59,7 +59,8 @@ enum counter {
     C_STATUS_FROM_CLIENT,  /* statuses sent by a connection's client side, or travelling
                             * in the client's direction: not responses, never counted */
     C_RESP_NO_REQUEST,  /* error responses with no request kept for them (the request went
-                         * by before the attach, was replaced, or the snapshot is off) */
+                         * by before the attach, was replaced, was being written on another
+                         * CPU at that instant, or the snapshot is off) */
     C_EVENTS,           /* error events handed to user space */
     C_EVENTS_LOST,      /* error events lost: the ring buffer was full */
     C_H2_RESPONSES,     /* HTTP/2 :status decoded (bpf/http2.h); by class in iface_stats */
@@ -105,10 +106,10 @@ enum counter {
     C_HPACK_FORGOTTEN,  /* dynamic table references to an insertion whose record the
                          * connection had dropped for a newer one: unknown */
     C_REQUEST_BUSY,     /* request starts not kept: another CPU was writing their requests
-                         * entry (shared by a bucket's connections) at that instant; the
+                         * entry (shared by four connection slots) at that instant; the
                          * connection's next error is reported without a request */
-    C_REQUEST_CHANGED,  /* error events sent without their request: its requests entry was
-                         * rewritten while the event read it */
+    C_REQUEST_CHANGED,  /* error events whose request was rewritten while the event read
+                         * it: sent without it (or lost, the ring being full) */
     NR_COUNTERS,
 };
 

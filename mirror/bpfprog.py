@@ -358,7 +358,9 @@ class Classifier:
 
     def kept_requests(self) -> dict[int, dict]:
         """slot -> the request kept for the connection in that slot (what it holds, with
-        the bytes), for every kept request whose connection still has it."""
+        the bytes), for every kept request whose connection still has it. A map lookup
+        copies each entry without the classifier's sequence lock, so what it reads is
+        whole only while no packet is being classified (tests; a diagnostic)."""
         conns = dict(self.conns())
         size = KEPT_REQUEST_HEAD.size + self.request_capacity
         out = {}

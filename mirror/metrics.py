@@ -40,8 +40,8 @@ _SIMPLE = {
                      "they share at that instant (the connection's next error is reported "
                      "without a request)"),
     "request_changed": ("mirror_events_request_changed",
-                        "Error events sent without their request: it was rewritten while "
-                        "the event read it"),
+                        "Error events whose request was rewritten while the event read it: "
+                        "sent without it (or lost, the ring buffer being full)"),
     "status_from_client": ("mirror_statuses_from_client",
                            "Statuses sent by a connection's client side, or travelling in "
                            "its direction: never counted as responses"),

@@ -343,7 +343,8 @@ def h2_payload(rng: random.Random) -> bytes:
 # --- conversations ---------------------------------------------------------------------
 
 # How a conversation's start was seen: the whole handshake, only the SYN-ACK (the SYN went
-# by before the capture), or nothing of it (the connection was under way already).
+# by before the capture: since a SYN-ACK names no side, the same as unseen but for the
+# SYN-ACK's own packet), or nothing of it (the connection was under way already).
 HANDSHAKE, SYNACK_ONLY, UNSEEN = "handshake", "synack-only", "unseen"
 STARTS = [(HANDSHAKE, 80), (SYNACK_ONLY, 8), (UNSEEN, 12)]
 
@@ -899,7 +900,8 @@ class Generator:
                 second = [x for x in second if not request_start_spec(x[0])]
             talk = talk + second
         elif kind == "synack-from-client":
-            # A SYN, then a SYN-ACK from the same side: it says the other one is the client.
+            # A SYN, then a SYN-ACK from the same side (a client's own, or spoofed): it
+            # names no side, and the SYN's stands.
             talk.insert(at, (tcp_spec(conn, True, b"", TCP_SYN | TCP_ACK, options=SYN_OPTS),
                              True))
         else:  # server-request: a request start, or a request's HEADERS, from the server

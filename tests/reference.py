@@ -141,7 +141,7 @@ frame with :status in its body) and a server's address on a segment travelling t
 client's way never count, mark or report.
 
 Requests. A request start or the preface on a state whose client side is not known (its
-SYN and SYN-ACK went unseen) teaches it: the sender is the client, this hook its
+SYN went unseen) teaches it: the sender is the client, this hook its
 direction (`side_from_request`); the packet is then the client's. A request start from
 the client (mode FROM_CLIENT), with the request snapshot on (config.request_bytes > 0),
 is kept for the connection (`requests`): the frame's first min(frame length,
@@ -266,8 +266,8 @@ and reported). In COUNTS:
 
 Mirroring (the marked connection). Every packet of a marked connection is mirrored,
 unless it is seen before: an ACK, a request, a client's HTTP/2 frames, a status of
-either side, a trigger again (the first packet being the one that marked it). A SYN or a
-SYN-ACK restarts a marked state first: it is not mirrored. Mirroring counts the packet
+either side, a trigger again (the first packet being the one that marked it), a SYN-ACK
+too. A SYN restarts a marked state first: it is not mirrored. Mirroring counts the packet
 in the connection's packets and bytes (the whole frame). Then: no debug interface (none
 configured, or the packet's own interface) -> `no_debug_if`; else the budgets
 (bpf/mirror.h struct mirror_config; per connection, and per CPU: the tests run pinned):

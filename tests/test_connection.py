@@ -566,6 +566,24 @@ def test_a_reused_four_tuple_never_shows_the_old_request(snap, ring, family):
     assert b"s3cr3t" not in raw_requests(snap)
 
 
+def test_a_syn_while_another_cpu_holds_the_entry_leaves_bytes_no_event_can_reach(snap, ring):
+    """The zeroing's documented limit: another CPU holds the requests entry when the new
+    SYN comes, so the old request's bytes stay in the map until a later request
+    overwrites them; the new connection's generation still keeps them from every event."""
+    c = Conn()
+    open_conn(snap, c)
+    run(snap, c.c2s(request(target="/private?token=s3cr3t")), "ingress")
+    (slot,) = snap.kept_requests()
+    set_request_seq(snap, slot, 11)
+    open_conn(snap, c)
+    set_request_seq(snap, slot, 12)
+    assert b"s3cr3t" in raw_requests(snap)
+    moved = run(snap, c.s2c(ERR503), "egress")
+    assert moved["events"] == 1 and moved["resp_no_request"] == 1
+    (ev,) = ring.drain()
+    assert ev.request == b"" and b"s3cr3t" not in ring.records[0]
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_syn_unmarks_a_reused_four_tuple(snap, ring, family):
     c = Conn(family)

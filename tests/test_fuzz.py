@@ -236,7 +236,7 @@ def _sequences():
     # A status line with SYN alone: its sender opens a connection, as the client.
     add("trigger-with-syn-flag", *START4, (r4(flags=TCP_SYN), "s"), (ack4(), "c"),
         (r4(), "s"))
-    # With SYN and ACK from the server: it agrees with the SYN, the status counts.
+    # With SYN and ACK from the server's side of a known connection: the status counts.
     add("trigger-with-synack-flags", *START4, (r4(flags=TCP_SYN | TCP_ACK), "s"),
         (ack4(), "c"), (r4(flags=TCP_SYN | TCP_ACK), "s"), (ack4(), "c"))
     add("trigger-with-no-flags", *START4, (r4(flags=0), "s"), (ack4(), "c"))
