@@ -94,6 +94,7 @@ class _OnQdiscs(Config):
     `fill` puts in them), removed in reverse after the run; their filters go with them.
     Only the qdiscs this setup created are removed."""
     kinds: tuple[str, ...] = ()
+    ifindex: int | None = None  # teardown may follow a setup interrupted before it starts
 
     def setup(self, lab) -> None:
         self.ifindex, self.created = None, []
@@ -144,16 +145,21 @@ class TcpdumpWrite(Config):
         import tempfile
 
         from mirror.capture.tcpdump import Tcpdump
+        self.dir = self.tcpdump = None      # this run's, whatever a previous one left
         self.dir = tempfile.TemporaryDirectory(prefix="bench-tcpdump-w-", dir="/var/tmp")
         self.tcpdump = Tcpdump(lab.host_if, f"{self.dir.name}/all.pcap")
         self.tcpdump.cmd = ["tcpdump", "-n", "-i", lab.host_if, "-w", self.tcpdump.path]
         self.tcpdump.start()
 
     def teardown(self) -> None:
+        # Either may be missing: a SIGTERM can interrupt setup anywhere.
         try:
-            self.tcpdump.stop()
+            if getattr(self, "tcpdump", None) is not None:
+                self.tcpdump.stop()
         finally:
-            self.dir.cleanup()
+            if getattr(self, "dir", None) is not None:
+                self.dir.cleanup()
+            self.dir = self.tcpdump = None
 
 
 class Mirror(Config):

@@ -83,11 +83,12 @@ def measure_once(clf: Classifier, way: str, n: int, debug_ifindex: int, tmp: str
     return spent / n * 1e6
 
 
-def _produce(clf: Classifier, cpu: int, first_port: int, offered: int, seconds: float,
-             go: int) -> None:
+def _produce(clf: Classifier, cpu: int, first_port: int, ports: int, offered: int,
+             seconds: float, go: int) -> None:
     """A producer process: pinned to `cpu`, it waits for a byte on `go`, then offers
-    error responses (each a new connection: SYN, request, 500) at `offered` a second
-    for `seconds`, paced in steps of 10 ms. Never returns."""
+    error responses (each a new connection from a client port of first_port + 0..ports-1,
+    in turn: SYN, request, 500) at `offered` a second for `seconds`, paced in steps of
+    10 ms. Never returns."""
     try:
         os.sched_setaffinity(0, {cpu})
         os.read(go, 1)
@@ -97,7 +98,7 @@ def _produce(clf: Classifier, cpu: int, first_port: int, offered: int, seconds: 
         n = 0
         while time.monotonic() - start < seconds:
             for _ in range(per_step):
-                port = first_port + n % 20000
+                port = first_port + n % ports
                 n += 1
                 clf.test_run("egress", to_server_from(4, client, port, b"", 0x02))
                 clf.test_run("egress", to_server_from(4, client, port, REQUEST))
@@ -122,10 +123,11 @@ def keep_up(clf: Classifier, seconds: float, offered: int, debug_ifindex: int,
     clf.set_event_limits(DEFAULT_MAX_EVENTS_PER_SECOND, DEFAULT_MAX_EVENTS_PER_CONN)
     go_r, go_w = os.pipe()
     pids = []
+    ports = 40000 // len(cpus)          # client ports 20000-59999, a share for each CPU
     for i, cpu in enumerate(cpus):
         pid = os.fork()                 # before any thread of ours exists
         if pid == 0:
-            _produce(clf, cpu, 20000 * (i + 1), offered, seconds, go_r)
+            _produce(clf, cpu, 20000 + i * ports, ports, offered, seconds, go_r)
         pids.append(pid)
     os.close(go_r)
     out = EventsFile(os.path.join(tmp, "keepup.jsonl"), 1 << 30)
