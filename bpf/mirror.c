@@ -504,12 +504,12 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, const struct mi
  *
  * A requests entry is shared by four connection slots (slot modulo REQUEST_SLOTS: four
  * buckets apart), and read by an error's event on whatever CPU its response passes; so
- * it is written under a sequence lock. The
- * writer takes the entry by moving seq from even to odd with a compare-and-swap (one
- * writer at a time: a second finds it odd, or loses the swap, and keeps nothing), writes,
- * and makes seq even again with an exchange. Both are BPF atomics that return a value,
- * which every JIT makes fully ordered (x86 lock cmpxchg and xchg; arm64 casal and swpal),
- * so the writes fall between them on any CPU. A reader (request_read_begin/_end) trusts
+ * it is written under a sequence lock. The writer takes the entry by moving seq from even
+ * to odd with a compare-and-swap (one writer at a time: a second finds it odd, or loses
+ * the swap, and keeps nothing), writes, and makes seq even again with an exchange. Both
+ * are BPF atomics that return a value, fully ordered as the kernel's value-returning
+ * atomics are (x86 lock cmpxchg and xchg; arm64 with LSE casal and swpal), so the writes
+ * fall between them on any CPU. A reader (request_read_begin/_end) trusts
  * what it read only when seq was even and the same before and after. A request not kept
  * takes the connection's kept request with it: its next error is reported without one,
  * never with the request before. */
@@ -585,10 +585,9 @@ static __always_inline int request_read_end(struct kept_request *r, __u64 seq)
     return __sync_fetch_and_add(&r->seq, 0) == seq;
 }
 
-/* Counts an error response by (interface, status, protocol), and the time since its
- * request in the response-time buckets: exact whatever the events' bounds drop. */
-static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
-                                        __u64 request_ns, __u64 now_ns)
+/* Counts an error response by (interface, status, protocol): exact whatever the events'
+ * bounds drop. */
+static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto)
 {
     struct error_count_key k = {.ifindex = ifindex, .status = status, .proto = proto};
     __u64 *n = errors.lookup(&k);
@@ -600,6 +599,12 @@ static __always_inline void count_error(__u32 ifindex, __u32 status, __u8 proto,
             count(C_ERRORS_UNCOUNTED, 1);
     }
     count(C_ERRORS, 1);
+}
+
+/* Counts the time from a request (read whole: request_read_end) to its error response in
+ * the response-time buckets; nothing when no request was. */
+static __always_inline void count_response_time(__u64 request_ns, __u64 now_ns)
+{
     if (!request_ns || now_ns < request_ns)
         return;
     __u64 took = now_ns - request_ns;
@@ -698,8 +703,9 @@ static __always_inline struct error_event *reserve_event(const struct kept_reque
  * full ring buffer loses the event, counted. `r` and `seq` come from request_read_begin();
  * returns the request's time when what was read of it proved whole and the connection's
  * (request_read_end), else 0: an event whose request changed while it was copied goes
- * without one (C_REQUEST_CHANGED), its record reserved afresh so that no byte of another
- * connection's request reaches the ring. */
+ * without one (C_REQUEST_CHANGED), its record reserved afresh without the bytes copied
+ * (the discarded record's stay in the ring's memory until overwritten; user space never
+ * reads them). */
 static __always_inline __u64 report_error(struct __sk_buff *skb, const struct mirror_config *cfg,
                                           struct conn *c, struct kept_request *r, __u64 seq,
                                           __u32 status, __u32 direction, __u8 new_flow,
@@ -799,10 +805,12 @@ static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirro
     if (!r)
         count(C_RESP_NO_REQUEST, 1);
     __u64 now_ns = bpf_ktime_get_ns();
+    /* Before the event: a reader that has its event finds the error counted. */
+    count_error(skb->ifindex, status, proto);
     __u64 request_ns = report_error(skb, cfg, c, r, seq, status, direction, new_flow, proto,
                                     now_ns);
-    /* After the event: the response time counts only a request read whole. */
-    count_error(skb->ifindex, status, proto, request_ns, now_ns);
+    /* After it: the response time counts only a request read whole. */
+    count_response_time(request_ns, now_ns);
 }
 
 /* Forgets the request kept for the connection in `slot`, bytes and all, when its entry

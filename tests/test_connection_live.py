@@ -71,15 +71,24 @@ def recv_all(s: socket.socket) -> bytes:
     return out
 
 
+def answered_ok(server: str, source: str) -> socket.socket:
+    """A keep-alive connection to nginx whose `GET /ok` was answered 200."""
+    s = socket.create_connection((server, 80), timeout=10, source_address=(source, 0))
+    try:
+        s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_lying_http1_client_never_marks(host, nginx, tmp_path, hook, family):
     server, source = addresses(host, family)
     with Mirror(host.host_if, tmp_path, hook) as m:
-        with socket.create_connection((server, 80), timeout=10,
-                                      source_address=(source, 0)) as s:
-            s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with answered_ok(server, source) as s:
             s.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
             answer = recv_all(s)            # nginx: 400 Bad Request, then it closes
         assert answer.startswith(b"HTTP/1.1 400 ")
@@ -151,10 +160,7 @@ def test_spoofed_syn_acks_never_make_a_status_count(host, nginx, tmp_path, hook,
     counts or reports."""
     server, source = addresses(host, family)
     with Mirror(host.host_if, tmp_path, hook) as m:
-        with socket.create_connection((server, 80), timeout=10,
-                                      source_address=(source, 0)) as s:
-            s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with answered_ok(server, source) as s:
             cport = s.getsockname()[1]
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
                 raw.bind((host.host_if, 0))
