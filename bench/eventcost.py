@@ -46,14 +46,18 @@ from .frames import CLIENT, REQUEST, RESPONSE_500, to_client, to_server_from
 WAYS = ("keep", "file", "file+frame")
 
 
+def one_error(clf: Classifier, port: int) -> None:
+    """An error response on a connection from client port `port`, opened by its SYN,
+    with its request: one event."""
+    clf.test_run("egress", to_server_from(4, CLIENT[4], port, b"", 0x02))
+    clf.test_run("egress", to_server_from(4, CLIENT[4], port, REQUEST))
+    clf.test_run("ingress", to_client(4, RESPONSE_500, port=port))
+
+
 def burst(clf: Classifier, n: int) -> None:
     """n error responses, each of a connection opened by its SYN, with its request."""
     for i in range(n):
-        port = 20000 + i % 40000
-        client = CLIENT[4]
-        clf.test_run("egress", to_server_from(4, client, port, b"", 0x02))
-        clf.test_run("egress", to_server_from(4, client, port, REQUEST))
-        clf.test_run("ingress", to_client(4, RESPONSE_500, port=port))
+        one_error(clf, 20000 + i % 40000)
 
 
 def measure_once(clf: Classifier, way: str, n: int, debug_ifindex: int, tmp: str) -> float:
@@ -92,17 +96,13 @@ def _produce(clf: Classifier, cpu: int, first_port: int, ports: int, offered: in
     try:
         os.sched_setaffinity(0, {cpu})
         os.read(go, 1)
-        client = CLIENT[4]
         per_step = max(1, offered // 100)
         start = time.monotonic()
         n = 0
         while time.monotonic() - start < seconds:
             for _ in range(per_step):
-                port = first_port + n % ports
+                one_error(clf, first_port + n % ports)
                 n += 1
-                clf.test_run("egress", to_server_from(4, client, port, b"", 0x02))
-                clf.test_run("egress", to_server_from(4, client, port, REQUEST))
-                clf.test_run("ingress", to_client(4, RESPONSE_500, port=port))
             time.sleep(max(0.0, start + n / offered - time.monotonic()))
         os._exit(0)
     except BaseException:
@@ -184,29 +184,27 @@ def main(argv=None) -> int:
     name = unique_name("d")
     with IPRoute() as ipr:
         dbg = debugif.ensure(ipr, name, lambda: sink.fd)
-    if args.keep_up:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                result = keep_up(clf, args.keep_up, args.offered, dbg.ifindex, tmp)
-        finally:
-            with IPRoute() as ipr:
-                debugif.remove(ipr, name, dbg.ifindex)
-        if args.json:
-            json.dump(result, sys.stdout, indent=1)
-            print()
-        else:
-            print(" ".join(f"{k}={v}" for k, v in result.items()))
-        return 0
     us: dict[str, list[float]] = {w: [] for w in WAYS}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(args.rounds):
-                for way in WAYS:
-                    clf.clear()
-                    us[way].append(measure_once(clf, way, args.events, dbg.ifindex, tmp))
+            if args.keep_up:
+                kept_up = keep_up(clf, args.keep_up, args.offered, dbg.ifindex, tmp)
+            else:
+                for _ in range(args.rounds):
+                    for way in WAYS:
+                        clf.clear()
+                        us[way].append(measure_once(clf, way, args.events, dbg.ifindex,
+                                                    tmp))
     finally:
         with IPRoute() as ipr:
             debugif.remove(ipr, name, dbg.ifindex)
+    if args.keep_up:
+        if args.json:
+            json.dump(kept_up, sys.stdout, indent=1)
+            print()
+        else:
+            print(" ".join(f"{k}={v}" for k, v in kept_up.items()))
+        return 0
     result = {"events": args.events, "rounds": args.rounds,
               "us_per_event": {w: statistics.median(v) for w, v in us.items()},
               "per_round_us": us}

@@ -497,6 +497,23 @@ static __always_inline void mirror_packet(struct __sk_buff *skb, const struct mi
 
 /* --- the request, the error, the event -------------------------------------------------- */
 
+/* Takes a requests entry for writing (keep_request's sequence lock, below): its seq,
+ * even, in *seq, or 0 when another CPU holds it (its seq odd, or the swap lost). */
+static __always_inline int request_lock(struct kept_request *r, __u64 *seq)
+{
+    __u64 s = *(volatile __u64 *)&r->seq;
+    if ((s & 1) || __sync_val_compare_and_swap(&r->seq, s, s + 1) != s)
+        return 0;
+    *seq = s;
+    return 1;
+}
+
+/* Leaves an entry taken with request_lock() at `seq`: even again, one write later. */
+static __always_inline void request_unlock(struct kept_request *r, __u64 seq)
+{
+    __atomic_exchange_n(&r->seq, seq + 2, __ATOMIC_SEQ_CST);
+}
+
 /* Keeps the first bytes of a request frame (the whole frame from its Ethernet header, up
  * to config.request_bytes) for the connection in `slot`, replacing what its requests
  * entry held. Only a client's request starts pay this: a copy, the clock and two atomic
@@ -527,8 +544,8 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         len = REQUEST_BYTES;
     if (len == 0)
         return;
-    __u64 seq = *(volatile __u64 *)&r->seq;
-    if ((seq & 1) || __sync_val_compare_and_swap(&r->seq, seq, seq + 1) != seq) {
+    __u64 seq = 0;
+    if (!request_lock(r, &seq)) {
         c->flags &= ~CONN_REQUEST;
         count(C_REQUEST_BUSY, 1);
         return;
@@ -547,7 +564,7 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         r->request_ns = 0;
         r->slot = REQUEST_NO_SLOT;
     }
-    __atomic_exchange_n(&r->seq, seq + 2, __ATOMIC_SEQ_CST);
+    request_unlock(r, seq);
     if (!kept) {
         c->flags &= ~CONN_REQUEST;
         return;
@@ -830,8 +847,8 @@ static __always_inline void request_forget(const struct conn *c, __u32 slot)
     struct kept_request *r = requests.lookup(&ri);
     if (!r)
         return;
-    __u64 seq = *(volatile __u64 *)&r->seq;
-    if ((seq & 1) || __sync_val_compare_and_swap(&r->seq, seq, seq + 1) != seq)
+    __u64 seq = 0;
+    if (!request_lock(r, &seq))
         return;
     if (r->slot == slot && r->gen == c->gen) {
 #pragma unroll
@@ -847,7 +864,7 @@ static __always_inline void request_forget(const struct conn *c, __u32 slot)
         r->frame_len = 0;
         r->slot = REQUEST_NO_SLOT;
     }
-    __atomic_exchange_n(&r->seq, seq + 2, __ATOMIC_SEQ_CST);
+    request_unlock(r, seq);
 }
 
 /* --- the server's HPACK state ------------------------------------------------------------ */
