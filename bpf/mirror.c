@@ -527,9 +527,10 @@ static __always_inline void request_unlock(struct kept_request *r, __u64 seq)
  * are BPF atomics that return a value, fully ordered as the kernel's value-returning
  * atomics are (x86 lock cmpxchg and xchg; arm64 with LSE casal and swpal), so the writes
  * fall between them on any CPU. A reader (request_read_begin/_end) trusts
- * what it read only when seq was even and the same before and after. A request not kept
- * takes the connection's kept request with it: its next error is reported without one,
- * never with the request before. */
+ * what it read only when seq was even and the same before and after. The entry's tag
+ * (slot, gen) alone says whose request it holds. A request not kept leaves the connection
+ * none: its entry untagged (the copy failed) or its gen moved on (the entry was busy),
+ * so its next error is reported without a request, never with the one before. */
 static __always_inline void keep_request(struct __sk_buff *skb, const struct mirror_config *cfg,
                                          struct conn *c, __u32 slot, __u32 direction)
 {
@@ -546,7 +547,9 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         return;
     __u64 seq = 0;
     if (!request_lock(r, &seq)) {
-        c->flags &= ~CONN_REQUEST;
+        /* A new gen unties the entry from the connection, whatever it holds when the
+         * other writer is done (an atomic add: the connection's other CPU may touch it). */
+        __sync_fetch_and_add(&c->gen, 1);
         count(C_REQUEST_BUSY, 1);
         return;
     }
@@ -565,13 +568,8 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
         r->slot = REQUEST_NO_SLOT;
     }
     request_unlock(r, seq);
-    if (!kept) {
-        c->flags &= ~CONN_REQUEST;
-        return;
-    }
-    if (!(c->flags & CONN_REQUEST))
-        c->flags |= CONN_REQUEST;
-    count(C_REQUESTS, 1);
+    if (kept)
+        count(C_REQUESTS, 1);
 }
 
 /* Starts reading the request kept for the connection in `slot` (keep_request's sequence
@@ -582,8 +580,6 @@ static __always_inline void keep_request(struct __sk_buff *skb, const struct mir
 static __always_inline struct kept_request *request_read_begin(const struct conn *c,
                                                                __u32 slot, __u64 *seq)
 {
-    if (!(c->flags & CONN_REQUEST))
-        return 0;
     __u32 ri = slot & (REQUEST_SLOTS - 1);
     struct kept_request *r = requests.lookup(&ri);
     if (!r)
@@ -835,18 +831,16 @@ static __always_inline void on_trigger(struct __sk_buff *skb, const struct mirro
  * request (a token in its target, an Authorization header) should not outlive it in the
  * kernel, where no event can reach it any more (the new generation sees to that). Taken
  * as keep_request() takes the entry; when another CPU holds it at that instant, the bytes
- * stay until a later request overwrites them. Only a SYN of a state that kept a request
- * pays this. */
+ * stay until a later request overwrites them. Only a SYN of a state whose request the
+ * entry still holds pays more than a look at the entry's tag. */
 #define ZERO_CHUNK 512      /* clang expands a __builtin_memset inline up to here (as for
                              * COPY_CHUNK: beyond, a call to memset that BPF has not) */
 static __always_inline void request_forget(const struct conn *c, __u32 slot)
 {
-    if (!(c->flags & CONN_REQUEST))
-        return;
     __u32 ri = slot & (REQUEST_SLOTS - 1);
     struct kept_request *r = requests.lookup(&ri);
-    if (!r)
-        return;
+    if (!r || r->slot != slot || r->gen != c->gen)
+        return;     /* not its request: most SYNs end here, without the lock */
     __u64 seq = 0;
     if (!request_lock(r, &seq))
         return;

@@ -139,8 +139,10 @@ enum conn_flag {
     CONN_CLIENT_LO = 2,     /*   the client is the key's lo endpoint */
     CONN_CLIENT_EGRESS = 4, /*   the client's packets pass this interface's egress hook */
     CONN_MARKED = 8,        /* a trigger status marked it: every packet is mirrored */
-    CONN_REQUEST = 16,      /* a request is kept for it (kept_request with its gen) */
 };
+/* (Whether a request is kept for a connection is no flag here: its requests entry's tag,
+ * the slot and gen, says it. The request's CPU and the response's would otherwise both
+ * read-modify-write this byte, and one could undo the other's bit: a mark lost.) */
 
 /* How far the classifier follows the HPACK encoder of a connection's server (RFC 7541:
  * the dynamic table of the header blocks it sends), in struct conn_hpack's state. */
@@ -191,8 +193,10 @@ struct conn {
     __u8 flags;             /* 44: enum conn_flag */
     __u8 cut;               /* 45: enum cut_reason bits: clones skipped since marked */
     __u16 status;           /* 46: the trigger status that marked it, 0 if none */
-    __u32 gen;              /* 48: bumped whenever the slot starts a connection: tags the
-                             * kept request, so that it never goes with another one */
+    __u32 gen;              /* 48: bumped whenever the slot starts a connection, and when
+                             * a request of its finds its requests entry busy: tags the
+                             * kept request, so that it never goes with another connection,
+                             * nor with a later request of its own */
     __u32 events;           /* 52: error events emitted for it */
     __u64 last_ns;          /* 56: bpf_ktime_get_coarse_ns() of the last packet that
                              * touched it (idle expiry, and which slot a new one takes) */

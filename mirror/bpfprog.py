@@ -369,8 +369,7 @@ class Classifier:
             for i in range(count):
                 r = KEPT_REQUEST_HEAD.decode(values, i * size)
                 c = conns.get(r["slot"])
-                if not r["request_ns"] or r["seq"] & 1 or not c or c["gen"] != r["gen"] or \
-                        not c["flags"] & abi.CONN_FLAGS["request"]:
+                if not r["request_ns"] or r["seq"] & 1 or not c or c["gen"] != r["gen"]:
                     continue
                 start = i * size + KEPT_REQUEST_HEAD.size
                 r["data"] = values[start:start + r["len"]]

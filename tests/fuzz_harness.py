@@ -211,10 +211,10 @@ class Harness:
 
     def kernel_kept(self, slots, requests) -> dict[int, R.KeptRequest]:
         """slot -> the request kept for its state (bpf/mirror.h struct kept_request: the
-        entry must carry the state's slot and gen, and the state its REQUEST flag)."""
+        entry must carry the state's slot and gen)."""
         out = {}
         for slot, (conn, _, _) in enumerate(slots):
-            if conn is not None and conn.flags & R.REQUEST:
+            if conn is not None:
                 r = requests.get(slot % self.model.request_entries)
                 if r is not None and r.slot == slot and r.gen == conn.gen:
                     out[slot] = r

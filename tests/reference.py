@@ -384,7 +384,6 @@ CLIENT_KNOWN = CONN_FLAGS["client_known"]
 CLIENT_LO = CONN_FLAGS["client_lo"]
 CLIENT_EGRESS = CONN_FLAGS["client_egress"]
 MARKED = CONN_FLAGS["marked"]
-REQUEST = CONN_FLAGS["request"]
 CUT_BITS = {name: bit for bit, name in CUT_REASONS.items()}
 LOOPBACK_IFINDEX = 1        # every network namespace's loopback device
 # The app protocols of the `errors` map's keys, as Classifier.errors() names them.
@@ -420,7 +419,7 @@ class Hpack:
 @dataclass
 class Conn:
     """One connection's state on one interface (struct conn without its clocks).
-    flags: CLIENT_KNOWN | CLIENT_LO | CLIENT_EGRESS | MARKED | REQUEST bits; cut: the
+    flags: CLIENT_KNOWN | CLIENT_LO | CLIENT_EGRESS | MARKED bits; cut: the
     cut reason bits; status: the trigger that marked it (0: none); hpack: the server's
     HPACK encoder as followed."""
     key: FlowKey
@@ -1339,7 +1338,7 @@ class Model:
     def kept_request(self, slot: int) -> KeptRequest | None:
         """The request kept for the state in `slot`, if it still has one."""
         c = self.slots[slot]
-        if c is None or not c.flags & REQUEST:
+        if c is None:
             return None
         r = self.requests.get(slot % self.request_entries)
         if r is None or r.slot != slot or r.gen != c.gen:
@@ -1412,7 +1411,6 @@ class Model:
         n = min(len(frame), self.request_bytes, self.capacity)
         self.requests[slot % self.request_entries] = KeptRequest(
             slot, c.gen, len(frame), n, direction, frame[:n])
-        c.flags |= REQUEST
         seen["requests"] += 1
 
     def _mirror(self, c: Conn, frame: bytes, seen: Counter, iface: Counter) -> None:
