@@ -119,6 +119,33 @@ static __always_inline int h2_static_status(__u32 index)
     return H2_NOT_STATUS;
 }
 
+/* Where the header block of a HEADERS frame starts, from its frame header's flags: after
+ * the pad length (PADDED) and the stream dependency and weight (PRIORITY). */
+static __always_inline __u32 h2_headers_block_off(__u8 flags)
+{
+    return H2_FRAME_HEADER_LEN + ((flags & H2_F_PADDED) ? 1 : 0) +
+           ((flags & H2_F_PRIORITY) ? 5 : 0);
+}
+
+/* Whether a header block's first byte is a :status field by its static-table index (8-14:
+ * the field indexed, or a literal of any of the three forms with its name indexed): how
+ * every encoder starts a response's block (pseudo-header fields come first, RFC 9113
+ * 8.3). What a client's HEADERS frame is checked for; a :status behind other fields, a
+ * size update or a new name is not looked for. */
+static __always_inline int h2_first_byte_is_status(__u8 f)
+{
+    __u32 index;
+    if (f & 0x80)
+        index = f & 0x7f;           /* indexed field */
+    else if (f & 0x40)
+        index = f & 0x3f;           /* literal with incremental indexing */
+    else if ((f & 0xe0) == 0x20)
+        return 0;                   /* a dynamic table size update */
+    else
+        index = f & 0x0f;           /* literal without indexing, or never indexed */
+    return h2_static_status(index) != H2_NOT_STATUS;
+}
+
 /* Whether a frame header could be a real one (see the comment at the top). */
 static __always_inline int h2_frame_ok(__u32 len, __u8 type, __u8 flags, __u32 sid)
 {

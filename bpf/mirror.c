@@ -1031,6 +1031,16 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
         try_h2 = bpf_skb_load_bytes(skb, seg.payload_off, head, H2_FRAME_HEADER_LEN) == 0;
     }
     try_h2 = MIRROR_HTTP2 && try_h2 && h2_header_ok((const unsigned char *)head);
+    /* Where the header block starts when the first frame is HEADERS with a block (0
+     * otherwise): a client's own block is looked at for a :status (below). */
+    __u32 headers_block = 0;
+    if (try_h2 && head[3] == H2_HEADERS) {
+        __u32 frame_len = ((__u32)(__u8)head[0] << 16) | ((__u32)(__u8)head[1] << 8) |
+                          (__u8)head[2];
+        __u32 off = h2_headers_block_off(head[4]);
+        if (frame_len > off - H2_FRAME_HEADER_LEN)
+            headers_block = off;
+    }
 
     /* From here on the packet's facts and its status code are one word, through opaque():
      * the paths that computed them join in one verifier state before the connection's
@@ -1038,7 +1048,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
      * (-1 for none, else at most 999). */
     __u32 facts = opaque(seg.syn | seg.ack << 1 | request << 2 | preface << 3 | try_h2 << 4 |
                          seen_before << 5 | on_lo << 6 | seg.src_is_lo << 7 |
-                         (__u32)(code + 1) << 8 | (__u32)(payload_len == 0) << 18);
+                         (__u32)(code + 1) << 8 | (__u32)(payload_len == 0) << 18 |
+                         headers_block << 19);
     int syn = facts & 1, ack = facts >> 1 & 1;
     request = facts >> 2 & 1;
     preface = facts >> 3 & 1;
@@ -1100,7 +1111,15 @@ static __always_inline int classify(struct __sk_buff *skb, __u32 direction)
 
     if (try_h2) {
         if (mode == STATUS_FROM_CLIENT) {
-            /* The client's frames: requests, never statuses (not even walked). */
+            /* The client's frames: requests, never statuses, and not walked. A HEADERS
+             * frame whose block starts with :status (a client posing as a server) counts
+             * apart, as a client's status line does. */
+            __u32 block_off = facts >> 19 & 0xf;
+            __u8 first = 0;
+            if (block_off && block_off < payload_len &&
+                bpf_skb_load_bytes(skb, seg.payload_off + block_off, &first, 1) == 0 &&
+                h2_first_byte_is_status(first))
+                count(C_STATUS_FROM_CLIENT, 1);
             if (marked && !seen_before)
                 mirror_packet(skb, cfg, c, 0, direction);
             return PASS;

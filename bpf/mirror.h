@@ -57,7 +57,9 @@ enum counter {
                          * 4-tuple, which starts unmarked */
     C_REQUESTS,         /* HTTP/1.x request starts from the client kept (snapshot on) */
     C_STATUS_FROM_CLIENT,  /* statuses sent by a connection's client side, or travelling
-                            * in the client's direction: not responses, never counted */
+                            * in the client's direction (a status line, or an HTTP/2
+                            * HEADERS block that starts with :status): not responses,
+                            * never counted */
     C_RESP_NO_REQUEST,  /* error responses with no request kept for them (the request went
                          * by before the attach, was replaced, was being written on another
                          * CPU at that instant, or the snapshot is off) */

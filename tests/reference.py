@@ -159,7 +159,10 @@ interface and hook. In SILENT nothing is counted. A code of 100 or more in the t
 set, in COUNTS or SILENT, is a trigger (below).
 
 HTTP/2 (RFC 9113 frames, RFC 7541 HPACK; bpf/http2.h's contract). An HTTP/2 candidate
-in mode FROM_CLIENT is not read: a client's frames carry requests, never statuses. In
+in mode FROM_CLIENT is not read: a client's frames carry requests, never statuses. Only
+when its first frame is HEADERS with a header block whose first byte is a :status field
+by static index (an indexed field, or a literal of any form with its name indexed, 8-14)
+is `status_from_client` counted, once for the segment. In
 any other mode the payload is read as a sequence of frames from its first byte, at most
 16 of them. Every frame header must lie wholly in the payload and be plausible, or the
 walk ends there: type 0-9; only that type's defined flags; length <= 16384; reserved bit
@@ -812,6 +815,29 @@ def h2_frames(payload: bytes):
         length = int.from_bytes(header[:3], "big")
         yield header[3], header[4], pos + 9, length
         pos += 9 + length
+
+
+def h2_client_poses_as_server(payload: bytes) -> bool:
+    """Whether an HTTP/2 candidate's first frame is HEADERS whose header block (RFC 9113
+    6.2: after the Pad Length, then the priority fields, as its flags say) starts with a
+    :status field named by static-table index (RFC 7541 6.1 and 6.2, Appendix A: 8-14),
+    read from the representation's first byte alone."""
+    length, kind, flags = int.from_bytes(payload[:3], "big"), payload[3], payload[4]
+    if kind != 1:
+        return False
+    skip = (1 if flags & 0x08 else 0) + (5 if flags & 0x20 else 0)
+    if length <= skip or 9 + skip >= len(payload):
+        return False
+    first = payload[9 + skip]
+    if first & 0x80:
+        index = first & 0x7F                    # 1xxxxxxx indexed
+    elif first & 0x40:
+        index = first & 0x3F                    # 01xxxxxx literal, incremental indexing
+    elif first & 0x20:
+        return False                            # 001xxxxx dynamic table size update
+    else:
+        index = first & 0x0F                    # 0000xxxx / 0001xxxx literal
+    return index in H2_STATIC_STATUS
 
 
 def h2_candidate(payload: bytes) -> bool:
@@ -1547,6 +1573,9 @@ class Model:
                          marked, seen_before, out, victim)
                 return out.decision(self)
             out.reason = "a client's HTTP/2 frames"
+            if h2_client_poses_as_server(p.payload):
+                seen["status_from_client"] += 1
+                out.reason = "a client's HEADERS starting with :status"
             code = None
         elif code is not None and mode in (UNKNOWN_SIDE, FROM_CLIENT):
             seen["status_side_unknown" if mode == UNKNOWN_SIDE else "status_from_client"] += 1

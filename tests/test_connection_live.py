@@ -105,7 +105,7 @@ def test_a_lying_h2c_client_never_marks(host, tmp_path, hook, family):
     """An h2c client (prior knowledge) whose HEADERS frame is a response's block
     (:status 500, from the independent hpack encoder): nginx refuses it, and the mirror,
     which knows the client from its SYN and preface, never reads a client's frames as
-    statuses."""
+    statuses; the block starting with :status is counted apart."""
     srv = Nginx(host, h2_port=8080).start()
     try:
         server, source = addresses(host, family)
@@ -125,8 +125,9 @@ def test_a_lying_h2c_client_never_marks(host, tmp_path, hook, family):
     finally:
         srv.stop()
     # nginx's own answer (a 400 on the stream, or nothing but a GOAWAY) may count as a
-    # response; nothing marks, nothing is an error.
+    # response; nothing marks, nothing is an error; the client's :status counts apart.
     assert (c["flows_marked"], c["errors"], c["events"]) == (0, 0, 0)
+    assert c["status_from_client"] == 1
     assert c["side_from_request"] == 0 and c["mirrored_packets"] == 0 and m.events() == []
 
 

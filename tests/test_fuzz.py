@@ -274,6 +274,15 @@ def _semantics():
         (ack4(h2_frame(1, 0x04, 1, b"\x8e")), "c"))
     add("client-h2-status", *START4, (ack4(h2_frame(1, 0x04, 1, b"\x8e")), "c"),
         (ack4(h2_frame(1, 0x04, 1, b"\x48\x03503")), "c"), (r4(h2_frame(1, 0x04, 1, b"\x8e")), "s"))
+    add("client-h2-status-forms", *START4,
+        (ack4(h2_frame(1, 0x0C, 1, b"\x02\x8e\0\0")), "c"),               # padded
+        (ack4(h2_frame(1, 0x24, 1, b"\0\0\0\0\x10\x0e\x03500")), "c"),  # priority
+        (ack4(h2_frame(1, 0x04, 1, b"\x18\x03500")), "c"),                  # never indexed
+        (ack4(h2_frame(1, 0x04, 1, b"\x20\x8e")), "c"),                     # size update first
+        (ack4(h2_frame(1, 0x04, 1, b"\xff\x00")), "c"),                     # index 127
+        (ack4(h2_frame(1, 0x04, 1, b"") + h2_frame(1, 0x04, 3, b"\x8e")), "c"),  # empty block
+        (ack4(h2_frame(1, 0x0C, 1, b"\x00")), "c"),                          # padded, no block
+        (ack4(H2_REQUEST), "c"), (r4(h2_frame(1, 0x04, 1, b"\x8e")), "s"))
     add("server-status-in-client-direction", *START4, REQ4, (r4(), "s!"), (r4(response(200)), "s"),
         (r4(), "s!"), (r4(), "s"))
     add("client-request-in-server-direction", *START4, (REQ4[0], "c!"), (r4(), "s"))
