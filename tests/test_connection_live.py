@@ -212,18 +212,21 @@ def test_connection_open_before_the_mirror_is_mirrored_from_its_next_error(
     assert [f["client"] for f in flows] == [ev["client"]]
 
 
-def test_loopback_counts_each_error_once(tmp_path):
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("family", [4, 6])
+def test_loopback_counts_each_error_once(tmp_path, hook, family):
     """nginx and its client in one network namespace, over lo, with `mirror run --iface
     lo` there: three errors are three events and three counts, though every packet passes
     lo twice (egress, then ingress)."""
     from mirror.lab.netns import Host
+    loopback = "127.0.0.1" if family == 4 else "::1"
     host = Host.create()
     srv = None
     try:
         srv = Nginx(host).start()
-        with Mirror("lo", tmp_path, netns=host.ns) as m:
+        with Mirror("lo", tmp_path, hook, netns=host.ns) as m:
             out = in_netns(host, "import json; from mirror.lab.client import send; "
-                           "print(json.dumps(send('127.0.0.1', '127.0.0.1', "
+                           f"print(json.dumps(send({loopback!r}, {loopback!r}, "
                            "['/error', '/ok', '/error', '/error'])))")
             _, statuses = json.loads(out)
             assert statuses == [500, 200, 500, 500]

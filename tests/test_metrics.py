@@ -2,14 +2,16 @@
 marked and packets mirrored, matching the requests sent and the capture."""
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import (MirrorProcess, counted_from_now, env_with, mirrored_packets, wait_captured,
-                     wait_closed)
+from helpers import (MirrorProcess, controller_ask, counted_from_now, env_with, mirrored_packets,
+                     wait_captured, wait_closed, wait_until)
 from mirror.lab.client import send
 from mirror.lab.netns import unique_name
 from mirror.capture.flow import read_packets
@@ -84,3 +86,36 @@ def test_metrics_match_traffic(host, nginx, state_dir, tmp_path):
     assert metrics[("mirror_clone_failures_total", ())] == 0
     assert metrics[("mirror_flows_active", ())] == 4
     assert metrics[("mirror_interfaces_attached", ())] == 1
+
+
+def test_an_error_burst_is_counted_exactly(host, nginx, state_dir, tmp_path):
+    """50,000 error responses from a real nginx, as fast as h2load asks for them: the
+    scraped mirror_error_responses_total says 50,000, and every one of them is an event
+    delivered, held back by a bound, or counted lost (the kernel counts each)."""
+    total = 50_000
+    port = free_port()
+    m = MirrorProcess("--iface", host.host_if, "--debug-iface", unique_name("d"),
+                      "--metrics-addr", f"127.0.0.1:{port}",
+                      "--events-file", str(tmp_path / "events.jsonl"),
+                      env=env_with(MIRROR_STATE_DIR=state_dir)).start()
+    try:
+        out = subprocess.run(["h2load", "--h1", "-n", str(total), "-c", "8", "-m", "1",
+                              f"http://{host.ns_v4}/error"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-800:] + out.stderr
+        assert re.search(rf"status codes: 0 2xx, 0 3xx, 0 4xx, {total} 5xx", out.stdout), \
+            out.stdout[-800:]
+        wait_closed(host.ns_v4)
+        c = wait_until(lambda: ((c := controller_ask(state_dir))["events_read"]
+                                >= c["events"], c), "every event read")
+        metrics = scrape(port)
+    finally:
+        assert m.stop() == 0, m.output
+    assert metrics[("mirror_error_responses_total", (
+        ("container", ""), ("iface", host.host_if), ("namespace", ""), ("pod", ""),
+        ("proto", "h1"), ("status", "500")))] == total
+    assert c["errors"] == total
+    assert (c["events"] + c["events_rate_limited"] + c["events_conn_limited"] +
+            c["events_lost"]) == total
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert len(lines) == c["events"] > 0
