@@ -615,6 +615,21 @@ def state_section(state: dict) -> list[str]:
                          f"{max(us):.1f}] | {ec['events_per_cpu_second'][way]:,} |")
     elif ec:
         L += ["", f"bench.eventcost failed: {one_line(ec['error'])}"]
+    ku = state.get("keepup")
+    if ku and "error" not in ku:
+        L += ["", "## Keeping up at the bound (python -m bench.eventcost --keep-up)", "",
+              f"One producer process per CPU ({ku['cpus']}) offers "
+              f"{ku['offered_per_cpu']:,} error responses a second for {ku['seconds']:g} s "
+              "through the classifier (BPF_PROG_TEST_RUN, the default event bounds); the "
+              "controller's own reader writes each event's JSON line and request frame.", "",
+              "| errors | events | held by the bound | lost | read | events/s | "
+              "last read after the end | reader's CPU |", "|---|---|---|---|---|---|---|---|",
+              f"| {ku['errors']:,} | {ku['events']:,} | {ku['events_rate_limited']:,} | "
+              f"{ku['events_lost']:,} | {ku['handled']:,} | {ku['events_per_second']:,} | "
+              f"{ku['last_read_ms_after_the_end']:g} ms | {ku['reader_cpu_share']:.0%} of a "
+              "core |"]
+    elif ku:
+        L += ["", f"bench.eventcost --keep-up failed: {one_line(ku['error'])}"]
     return L
 
 

@@ -144,7 +144,8 @@ class Settings:
     attach_count: int                # new interfaces per hook layout in the attach pass
     state_rounds: int = 7            # the state pass: rounds of bench.statecost and...
     state_repeat: int = 200_000      # ...its repetitions per figure; ...
-    event_count: int = 1000          # ...events per bench.eventcost measurement
+    event_count: int = 1000          # ...events per bench.eventcost measurement, and...
+    keep_up_seconds: float = 10      # ...how long bench.eventcost --keep-up offers errors
     container_count: int = 20        # podman containers per attach mode (bench.containers)
     seed: int = 0
     max_foreign: float = 1.0         # a group of runs with more foreign CPU is run again...
@@ -156,7 +157,7 @@ QUICK = Settings("quick", rounds=1, seconds=1, http_rate=10000, h2c_rate=5000,
                  saturation_rounds=1, saturation_seconds=1, iperf_omit=0, stats_rounds=1,
                  micro_rounds=2, micro_repeat=20000, micro_singles=100, settle_seconds=0.1,
                  attach_count=5, state_rounds=1, state_repeat=20000, event_count=200,
-                 container_count=2)
+                 keep_up_seconds=1, container_count=2)
 FULL = Settings("full", rounds=20, seconds=2.5, http_rate=25000, h2c_rate=12000,
                 iperf_bitrate=2e9,
                 saturation_rounds=5, saturation_seconds=3, iperf_omit=1, stats_rounds=8,
@@ -429,13 +430,16 @@ def state_pass(st: Settings, progress: Progress) -> dict:
     """python -m bench.statecost (what one connection state costs per packet, by kind of
     map: the measurements behind the classifier's choice) and python -m bench.eventcost
     (user space's CPU per error event: what --max-events-per-second's default is chosen
-    from), each in a child process of its own, before the lab's traffic."""
+    from; then --keep-up: whether the reader keeps up at that default), each in a child
+    process of its own, before the lab's traffic."""
     out = {}
-    for name, args in (("statecost", ["--rounds", str(st.state_rounds),
-                                      "--repeat", str(st.state_repeat)]),
-                       ("eventcost", ["--rounds", str(st.state_rounds),
-                                      "--events", str(st.event_count)])):
-        out[name] = r = run_child(name, args, timeout=1800)
+    for name, module, args in (
+            ("statecost", "statecost", ["--rounds", str(st.state_rounds),
+                                        "--repeat", str(st.state_repeat)]),
+            ("eventcost", "eventcost", ["--rounds", str(st.state_rounds),
+                                        "--events", str(st.event_count)]),
+            ("keepup", "eventcost", ["--keep-up", f"{st.keep_up_seconds:g}"])):
+        out[name] = r = run_child(module, args, timeout=1800)
         if "error" in r:
             progress.step(f"{name}: FAILED")
             continue
@@ -444,9 +448,13 @@ def state_pass(st: Settings, progress: Progress) -> dict:
             progress.step("state per packet, ns above base: " + ", ".join(
                 f"{k} {ns[k + '_hit']:.0f}/{ns[k + '_new']:.0f}" for k in
                 ("lru", "hash", "way4")) + " (hit/new)")
-        else:
+        elif name == "eventcost":
             progress.step("user space per event: " + ", ".join(
                 f"{w} {v:.1f} us" for w, v in r["us_per_event"].items()))
+        else:
+            progress.step(f"at the bound: {r['events_per_second']:,} events/s read, "
+                          f"{r['events_lost']} lost, reader at {r['reader_cpu_share']:.0%} "
+                          "of a core")
     return out
 
 
@@ -498,8 +506,9 @@ def run(st: Settings, only: list[str] | None = None, passes=ALL_PASSES,
         total = sum(rounds[p] * sum(len([c for c in cfgs if c in configs])
                                     for _, cfgs in plans[p])
                     for p in plans if p in passes)
-        # bench.attach once per hook (clsact, tcx), then bench.containers once per mode.
-        total += (("micro" in passes) + 2 * ("state" in passes)
+        # bench.statecost, bench.eventcost twice; bench.attach once per hook (clsact,
+        # tcx), then bench.containers once per mode.
+        total += (("micro" in passes) + 3 * ("state" in passes)
                   + (2 + len(ATTACH_MODES)) * ("attach" in passes))
         progress.start(total)
         result = {"settings": asdict(st), "seed": session.seed, "machine": info,

@@ -610,6 +610,21 @@ def test_eventcost_keep_up_reads_every_event_the_bound_lets_through():
     assert r["errors"] == r["events"] + r["events_rate_limited"]
 
 
+@pytest.mark.unit
+def test_keep_up_is_reported_from_the_state_pass():
+    """The full bench runs --keep-up in its state pass: the report's table says what the
+    child said, and a failed child is named, not dropped."""
+    from bench import report
+    ku = {"cpus": 2, "seconds": 10.01, "offered_per_cpu": 2000, "producers_failed": 0,
+          "errors": 40000, "events": 20000, "events_rate_limited": 20000, "events_lost": 0,
+          "handled": 20000, "events_per_second": 1998, "last_read_ms_after_the_end": 3.5,
+          "reader_cpu_share": 0.14}
+    text = "\n".join(report.state_section({"keepup": ku}))
+    assert "| 40,000 | 20,000 | 20,000 | 0 | 20,000 | 1,998 | 3.5 ms | 14% of a core |" in text
+    failed = "\n".join(report.state_section({"keepup": {"error": "boom\nat the end"}}))
+    assert "bench.eventcost --keep-up failed: " in failed and "boom" in failed
+
+
 # --- bench.scale: throughput by CPU count (issue 13 item 5) ---------------------------
 import os  # noqa: E402
 
