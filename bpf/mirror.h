@@ -197,8 +197,8 @@ struct conn {
     __u16 status;           /* 46: the trigger status that marked it, 0 if none */
     __u32 gen;              /* 48: bumped whenever the slot starts a connection, and when
                              * a request of its finds its requests entry busy: tags the
-                             * kept request, so that it never goes with another connection,
-                             * nor with a later request of its own */
+                             * kept request, so that it never goes with another connection's
+                             * error, nor with the error of a later request of its own */
     __u32 events;           /* 52: error events emitted for it */
     __u64 last_ns;          /* 56: bpf_ktime_get_coarse_ns() of the last packet that
                              * touched it (idle expiry, and which slot a new one takes) */
