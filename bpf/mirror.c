@@ -13,7 +13,7 @@
  * status line, an HTTP/2 :status, a gRPC grpc-status) counts only when it comes from the
  * server side of a connection whose client is known, in the server's direction on this
  * interface: a client's bytes, a lone spoofed segment and a client's HTTP/2 HEADERS never
- * mark, count or report. A counted status in the trigger set marks the connection; that
+ * mark, count as a response or report (a client's status is only counted apart). A counted status in the trigger set marks the connection; that
  * packet and every later one of the connection, both directions, is cloned to the debug
  * interface within the budgets, the error is counted by (interface, status, protocol) and,
  * within the event bounds, reported with its request through a ring buffer.
@@ -918,7 +918,10 @@ int mirror_h2(struct __sk_buff *skb)
     if (p->has_conn) {
         c = conns.lookup(&slot);
         if (c && c->gen != p->gen)
-            c = 0;      /* taken by another connection meanwhile */
+            c = 0;      /* taken by another connection meanwhile (or, on a connection
+                         * that also carries HTTP/1.x requests, an h2c upgrade, one of
+                         * them found its requests entry busy: the segment is then
+                         * judged without its connection, and its HPACK state is lost) */
     }
     w->n = 0;
     w->lost = 0;

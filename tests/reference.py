@@ -131,8 +131,8 @@ grpc-status) does depends on the packet's mode:
   `status_side_unknown`, nothing else;
 - FROM_CLIENT: the client endpoint sent it, or (except on a monitored loopback, where
   both sides pass the egress hook) it travels in the client's direction. A client does
-  not send responses: a status line counts `status_from_client`, HTTP/2 frames are not
-  read at all;
+  not send responses: a status line counts `status_from_client`; of HTTP/2 frames only
+  a first HEADERS frame's first block byte is looked at (below);
 - SILENT: from the server side in the server's direction, and seen before: counts
   nothing, but a trigger marks this interface's state;
 - COUNTS: from the server side in the server's direction: a response.
@@ -162,7 +162,9 @@ HTTP/2 (RFC 9113 frames, RFC 7541 HPACK; bpf/http2.h's contract). An HTTP/2 cand
 in mode FROM_CLIENT is not read: a client's frames carry requests, never statuses. Only
 when its first frame is HEADERS with a header block whose first byte is a :status field
 by static index (an indexed field, or a literal of any form with its name indexed, 8-14)
-is `status_from_client` counted, once for the segment. In
+is `status_from_client` counted, once for the segment. The block starts after the pad
+length and priority fields; the padding's own length is not subtracted (a frame of
+padding only is read as its first padding byte). In
 any other mode the payload is read as a sequence of frames from its first byte, at most
 16 of them. Every frame header must lie wholly in the payload and be plausible, or the
 walk ends there: type 0-9; only that type's defined flags; length <= 16384; reserved bit

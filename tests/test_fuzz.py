@@ -139,6 +139,42 @@ def test_reference_reads_realistic_frames_like_dpkt():
 
 
 @pytest.mark.unit
+def test_reference_client_headers_posing_as_a_server():
+    """What the model counts apart for a client's HEADERS frame (frames from hyperframe,
+    blocks from hpack): a block whose first field is :status by static index, wherever
+    padding and priority fields put it; not a request's block, an empty one, or a :status
+    behind a size update or another field."""
+    from hyperframe.frame import HeadersFrame
+
+    def headers(block: bytes, pad: int = 0, priority: bool = False) -> bytes:
+        f = HeadersFrame(1, data=block)
+        f.flags.add("END_HEADERS")
+        if pad:
+            f.flags.add("PADDED")
+            f.pad_length = pad
+        if priority:
+            f.flags.add("PRIORITY")
+            f.depends_on, f.stream_weight = 3, 16
+        return f.serialize()
+
+    status = Encoder().encode([(":status", "500")])
+    assert all(R.h2_client_poses_as_server(headers(status, pad, prio))
+               for pad in (0, 4) for prio in (False, True))
+    assert R.h2_client_poses_as_server(headers(Encoder().encode([(":status", "599")])))
+    resized = Encoder()
+    resized.header_table_size = 256     # its next block starts with a size update
+    for block in (Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                    (":authority", "s")]),
+                  b"", resized.encode([(":status", "500")]),
+                  Encoder().encode([("server", "x"), (":status", "500")])):
+        assert not R.h2_client_poses_as_server(headers(block))
+    # The documented limit: the pad length is not subtracted, so an empty block whose
+    # padding byte reads as a :status counts (a diagnostic counter only).
+    over_padded = (2).to_bytes(3, "big") + bytes([1, 0x0C]) + (1).to_bytes(4, "big") + b"\x01\x88"
+    assert R.h2_client_poses_as_server(over_padded)
+
+
+@pytest.mark.unit
 def test_reference_hpack_request_blocks():
     """hpack's encoding of a request starts with a request pseudo-header, which the
     model reads as a request's block; a response's never does."""
