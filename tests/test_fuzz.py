@@ -144,21 +144,9 @@ def test_reference_client_headers_posing_as_a_server():
     blocks from hpack): a block whose first field is :status by static index, wherever
     padding and priority fields put it; not a request's block, an empty one, or a :status
     behind a size update or another field."""
-    from hyperframe.frame import HeadersFrame
-
-    def headers(block: bytes, pad: int = 0, priority: bool = False) -> bytes:
-        f = HeadersFrame(1, data=block)
-        f.flags.add("END_HEADERS")
-        if pad:
-            f.flags.add("PADDED")
-            f.pad_length = pad
-        if priority:
-            f.flags.add("PRIORITY")
-            f.depends_on, f.stream_weight = 3, 16
-        return f.serialize()
-
+    from test_http2 import headers
     status = Encoder().encode([(":status", "500")])
-    assert all(R.h2_client_poses_as_server(headers(status, pad, prio))
+    assert all(R.h2_client_poses_as_server(headers(status, pad=pad, priority=prio))
                for pad in (0, 4) for prio in (False, True))
     assert R.h2_client_poses_as_server(headers(Encoder().encode([(":status", "599")])))
     resized = Encoder()
